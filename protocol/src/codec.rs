@@ -1,0 +1,436 @@
+//! Encoding messages into frames and decoding frames into validated, archived messages.
+//!
+//! Encoding appends to a buffer the caller owns and reuses ([`FrameBuffer`]), so the hot path
+//! allocates nothing once buffers have grown. Decoding never copies: [`decode_frame`] checks
+//! the header and the body checksum, then [`access_request`] / [`access_response`] validate
+//! the archived body in place with bytecheck. Unvalidated access is never used on these bytes.
+//!
+//! **Precondition:** buffers handed to the decoder start at a 16-byte aligned address and
+//! frames are removed from their front only whole, which keeps every body aligned.
+
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+
+use crate::error::{ProtocolError, RequestError};
+use crate::frame::{frame_size_for_body, FrameHeader, FrameKind, PROTOCOL_VERSION};
+use crate::limits::{
+    BATCH_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE, KEY_SIZE_MAX,
+    TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
+};
+use crate::message::{ArchivedRequest, ArchivedResponse, Request, Response};
+
+/// A byte buffer whose start is 16-byte aligned, as frames and archived bodies need.
+pub type FrameBuffer = AlignedVec<FRAME_ALIGNMENT>;
+
+const PADDING: [u8; FRAME_ALIGNMENT] = [0; FRAME_ALIGNMENT];
+
+/// One complete frame found at the front of a buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<'a> {
+    /// The validated header.
+    pub header: FrameHeader,
+    /// The body bytes, exactly `header.body_size` long, checksum verified.
+    pub body: &'a [u8],
+    /// Bytes the whole frame occupies, padding included; remove this many from the buffer.
+    pub frame_size: usize,
+}
+
+/// A frame that cannot be accepted, with the request id when the header was intact enough to
+/// read it (so the refusal can be addressed to the request).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct FrameError {
+    /// The request id from an intact header, if any.
+    pub request_id: Option<u64>,
+    /// What is wrong.
+    pub error: ProtocolError,
+}
+
+/// Looks for one complete frame at the front of `bytes`.
+///
+/// Returns `Ok(None)` when more bytes are needed; use [`frame_size_needed`] to learn how many.
+/// A header announcing a body over the limit is refused here, before the body arrives, so a
+/// receiver never allocates for it.
+///
+/// # Errors
+/// The frame is invalid; the connection it came from cannot be trusted any more.
+pub fn decode_frame(bytes: &[u8]) -> Result<Option<Frame<'_>>, FrameError> {
+    let Some(header_bytes) = bytes.first_chunk::<FRAME_HEADER_SIZE>() else {
+        return Ok(None);
+    };
+    let header = FrameHeader::from_bytes(header_bytes).map_err(|reason| FrameError {
+        request_id: None,
+        error: ProtocolError::BadHeader { reason },
+    })?;
+    let refuse = |error| {
+        Err(FrameError {
+            request_id: Some(header.request_id),
+            error,
+        })
+    };
+    if header.version != PROTOCOL_VERSION {
+        return refuse(ProtocolError::UnsupportedVersion {
+            version: header.version,
+            supported: PROTOCOL_VERSION,
+        });
+    }
+    if header.body_size as usize > FRAME_BODY_SIZE_MAX {
+        return refuse(ProtocolError::BodyTooLarge {
+            body_size: header.body_size as usize,
+            body_size_max: FRAME_BODY_SIZE_MAX,
+        });
+    }
+    if let Some(reason) = header.invalid() {
+        return refuse(ProtocolError::BadHeader { reason });
+    }
+    let frame_size = header.frame_size();
+    if bytes.len() < frame_size {
+        return Ok(None);
+    }
+    let body = &bytes[FRAME_HEADER_SIZE..FRAME_HEADER_SIZE + header.body_size as usize];
+    let actual = crc32fast::hash(body);
+    if actual != header.body_checksum {
+        return refuse(ProtocolError::BodyChecksum {
+            expected: header.body_checksum,
+            actual,
+        });
+    }
+    Ok(Some(Frame {
+        header,
+        body,
+        frame_size,
+    }))
+}
+
+/// How many bytes the frame at the front of `bytes` occupies in total, once its header has
+/// arrived; `None` before that or if the header is invalid.
+#[must_use]
+pub fn frame_size_needed(bytes: &[u8]) -> Option<usize> {
+    let header = FrameHeader::from_bytes(bytes.first_chunk::<FRAME_HEADER_SIZE>()?).ok()?;
+    if header.invalid().is_some() {
+        return None;
+    }
+    Some(header.frame_size())
+}
+
+/// Validates a request body in place and returns a view of it.
+///
+/// # Errors
+/// The body is not a valid archived [`Request`] (or is misaligned).
+pub fn access_request(body: &[u8]) -> Result<&ArchivedRequest, ProtocolError> {
+    rkyv::access::<ArchivedRequest, rancor::BoxedError>(body).map_err(|error| {
+        ProtocolError::InvalidBody {
+            reason: error.to_string(),
+        }
+    })
+}
+
+/// Validates a response body in place and returns a view of it.
+///
+/// # Errors
+/// The body is not a valid archived [`Response`] (or is misaligned).
+pub fn access_response(body: &[u8]) -> Result<&ArchivedResponse, ProtocolError> {
+    rkyv::access::<ArchivedResponse, rancor::BoxedError>(body).map_err(|error| {
+        ProtocolError::InvalidBody {
+            reason: error.to_string(),
+        }
+    })
+}
+
+/// Validates and deserializes a response body into an owned [`Response`].
+///
+/// # Errors
+/// The body is not a valid archived [`Response`].
+pub fn decode_response(body: &[u8]) -> Result<Response, ProtocolError> {
+    let archived = access_response(body)?;
+    rkyv::deserialize::<Response, rancor::BoxedError>(archived).map_err(|error| {
+        ProtocolError::InvalidBody {
+            reason: error.to_string(),
+        }
+    })
+}
+
+/// Validates and deserializes a request body into an owned [`Request`].
+///
+/// # Errors
+/// The body is not a valid archived [`Request`].
+pub fn decode_request(body: &[u8]) -> Result<Request, ProtocolError> {
+    let archived = access_request(body)?;
+    rkyv::deserialize::<Request, rancor::BoxedError>(archived).map_err(|error| {
+        ProtocolError::InvalidBody {
+            reason: error.to_string(),
+        }
+    })
+}
+
+/// Appends one request frame to `out`.
+///
+/// # Errors
+/// The archived request is over [`FRAME_BODY_SIZE_MAX`]; `out` is left as it was.
+pub fn encode_request(
+    out: &mut FrameBuffer,
+    request_id: u64,
+    request: &Request,
+) -> Result<(), ProtocolError> {
+    encode_frame(out, FrameKind::Request, request_id, |out| {
+        serialize(request, out)
+    })
+}
+
+/// Appends one response frame to `out`.
+///
+/// # Errors
+/// The archived response is over [`FRAME_BODY_SIZE_MAX`]; `out` is left as it was.
+pub fn encode_response(
+    out: &mut FrameBuffer,
+    request_id: u64,
+    response: &Response,
+) -> Result<(), ProtocolError> {
+    encode_frame(out, FrameKind::Response, request_id, |out| {
+        serialize(response, out)
+    })
+}
+
+/// Appends one frame of `kind` around an already archived `body` (a reply computed on another
+/// core, or a request from an in-process caller).
+///
+/// # Errors
+/// `body` is over [`FRAME_BODY_SIZE_MAX`]; `out` is left as it was.
+pub fn encode_frame_with_body(
+    out: &mut FrameBuffer,
+    kind: FrameKind,
+    request_id: u64,
+    body: &[u8],
+) -> Result<(), ProtocolError> {
+    encode_frame(out, kind, request_id, |out| {
+        out.extend_from_slice(body);
+        Ok(())
+    })
+}
+
+/// Archives a request alone, without a frame, into `out` (which must be empty so the root
+/// lands aligned). Used where no network is involved: embedded calls and cross-core forwards.
+///
+/// # Errors
+/// The archived request is over [`FRAME_BODY_SIZE_MAX`].
+pub fn encode_request_body(out: &mut FrameBuffer, request: &Request) -> Result<(), ProtocolError> {
+    encode_body(out, |out| serialize(request, out))
+}
+
+/// Archives a response alone, without a frame, into `out` (which must be empty).
+///
+/// # Errors
+/// The archived response is over [`FRAME_BODY_SIZE_MAX`].
+pub fn encode_response_body(
+    out: &mut FrameBuffer,
+    response: &Response,
+) -> Result<(), ProtocolError> {
+    encode_body(out, |out| serialize(response, out))
+}
+
+fn encode_body(
+    out: &mut FrameBuffer,
+    write: impl FnOnce(&mut FrameBuffer) -> Result<(), ProtocolError>,
+) -> Result<(), ProtocolError> {
+    assert!(
+        out.is_empty(),
+        "body buffer must start empty, len={}",
+        out.len()
+    );
+    write(out)?;
+    if out.len() > FRAME_BODY_SIZE_MAX {
+        let body_size = out.len();
+        out.clear();
+        return Err(ProtocolError::BodyTooLarge {
+            body_size,
+            body_size_max: FRAME_BODY_SIZE_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Serializes `value` at the end of `out`. rkyv writes children first and the root last;
+/// relative pointers make the result independent of where in `out` it starts, as long as the
+/// start is aligned.
+fn serialize<T>(value: &T, out: &mut FrameBuffer) -> Result<(), ProtocolError>
+where
+    T: for<'a> rkyv::Serialize<
+        rkyv::api::high::HighSerializer<
+            FrameBuffer,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::BoxedError,
+        >,
+    >,
+{
+    // The serializer takes its writer by value; lend it the buffer and take it back, so the
+    // caller's allocation is reused.
+    let buffer = std::mem::take(out);
+    match rkyv::api::high::to_bytes_in::<_, rancor::BoxedError>(value, buffer) {
+        Ok(buffer) => {
+            *out = buffer;
+            Ok(())
+        }
+        Err(error) => Err(ProtocolError::Encode {
+            reason: error.to_string(),
+        }),
+    }
+}
+
+fn encode_frame(
+    out: &mut FrameBuffer,
+    kind: FrameKind,
+    request_id: u64,
+    write_body: impl FnOnce(&mut FrameBuffer) -> Result<(), ProtocolError>,
+) -> Result<(), ProtocolError> {
+    let frame_start = out.len();
+    assert!(
+        frame_start % FRAME_ALIGNMENT == 0,
+        "frame must start aligned, at={frame_start}"
+    );
+    out.extend_from_slice(&[0; FRAME_HEADER_SIZE]);
+    let body_start = out.len();
+    if let Err(error) = write_body(out) {
+        out.resize(frame_start, 0);
+        return Err(error);
+    }
+    let body_size = out.len() - body_start;
+    if body_size > FRAME_BODY_SIZE_MAX {
+        out.resize(frame_start, 0);
+        return Err(ProtocolError::BodyTooLarge {
+            body_size,
+            body_size_max: FRAME_BODY_SIZE_MAX,
+        });
+    }
+    let body_checksum = crc32fast::hash(&out[body_start..]);
+    let padding_size = body_size.next_multiple_of(FRAME_ALIGNMENT) - body_size;
+    out.extend_from_slice(&PADDING[..padding_size]);
+    // body_size <= FRAME_BODY_SIZE_MAX, which a const assertion keeps within u32.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "body_size <= FRAME_BODY_SIZE_MAX"
+    )]
+    let header = FrameHeader::new(kind, request_id, body_size as u32, body_checksum);
+    out[frame_start..body_start].copy_from_slice(&header.to_bytes());
+    debug_assert_eq!(out.len() - frame_start, frame_size_for_body(body_size));
+    Ok(())
+}
+
+/// Checks a key's size.
+///
+/// # Errors
+/// The key is empty or over [`KEY_SIZE_MAX`].
+pub fn check_key(key: &[u8]) -> Result<(), RequestError> {
+    if key.is_empty() {
+        return Err(RequestError::EmptyKey);
+    }
+    if key.len() > KEY_SIZE_MAX {
+        return Err(RequestError::KeyTooLarge {
+            size: key.len(),
+            size_max: KEY_SIZE_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a value's size.
+///
+/// # Errors
+/// The value is over [`VALUE_SIZE_MAX`].
+pub fn check_value(value: &[u8]) -> Result<(), RequestError> {
+    if value.len() > VALUE_SIZE_MAX {
+        return Err(RequestError::ValueTooLarge {
+            size: value.len(),
+            size_max: VALUE_SIZE_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a TTL.
+///
+/// # Errors
+/// The TTL is zero or over [`TTL_MS_MAX`].
+pub fn check_ttl(ttl_ms: u64) -> Result<(), RequestError> {
+    if ttl_ms == 0 || ttl_ms > TTL_MS_MAX {
+        return Err(RequestError::TtlOutOfRange {
+            ttl_ms,
+            ttl_ms_max: TTL_MS_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a batch's item count.
+///
+/// # Errors
+/// The batch is over [`BATCH_COUNT_MAX`].
+pub fn check_batch(count: usize) -> Result<(), RequestError> {
+    if count > BATCH_COUNT_MAX {
+        return Err(RequestError::BatchTooLarge {
+            count,
+            count_max: BATCH_COUNT_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a text field's size.
+///
+/// # Errors
+/// The text is over [`TEXT_SIZE_MAX`].
+pub fn check_text(text: &str) -> Result<(), RequestError> {
+    if text.len() > TEXT_SIZE_MAX {
+        return Err(RequestError::TextTooLarge {
+            size: text.len(),
+            size_max: TEXT_SIZE_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Checks every argument of a validated request against the protocol's limits.
+///
+/// The structure was already validated by [`access_request`]; this checks the meaning: sizes
+/// and ranges a well-formed message may still get wrong. Both the server (on arrival) and the
+/// client (before sending) apply it.
+///
+/// # Errors
+/// The first argument out of bounds.
+pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
+    match request {
+        ArchivedRequest::Hello { client_name, .. } => check_text(client_name.as_str()),
+        ArchivedRequest::Ping => Ok(()),
+        ArchivedRequest::Get { key }
+        | ArchivedRequest::Delete { key, .. }
+        | ArchivedRequest::Exists { key }
+        | ArchivedRequest::Persist { key }
+        | ArchivedRequest::Ttl { key } => check_key(key.as_slice()),
+        ArchivedRequest::Put(put) => {
+            check_key(put.key.as_slice())?;
+            check_value(put.value.as_slice())?;
+            match put.ttl_ms.as_ref() {
+                Some(ttl_ms) => check_ttl(ttl_ms.to_native()),
+                None => Ok(()),
+            }
+        }
+        ArchivedRequest::Expire { key, ttl_ms } => {
+            check_key(key.as_slice())?;
+            check_ttl(ttl_ms.to_native())
+        }
+        ArchivedRequest::MultiGet { keys } | ArchivedRequest::MultiDelete { keys } => {
+            check_batch(keys.len())?;
+            keys.iter().try_for_each(|key| check_key(key.as_slice()))
+        }
+        ArchivedRequest::MultiPut { entries } => {
+            check_batch(entries.len())?;
+            entries.iter().try_for_each(|entry| {
+                check_key(entry.key.as_slice())?;
+                check_value(entry.value.as_slice())?;
+                match entry.ttl_ms.as_ref() {
+                    Some(ttl_ms) => check_ttl(ttl_ms.to_native()),
+                    None => Ok(()),
+                }
+            })
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Errors: [`ErrorCode`], which travels on the wire in error responses, and [`ProtocolError`],
+//! the reasons bytes cannot be turned into a frame or a message.
+//!
+//! "Not found" is not an error anywhere in this protocol: a missing key is a normal answer.
+
+/// What went wrong, as the server tells the client. Clients branch on this, never on message
+/// text. See [`ErrorCode::is_retryable`] for which codes guarantee nothing was applied.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The key's slot is owned by another node; the reply says which and under what epoch.
+    /// Nothing was applied.
+    WrongShard,
+    /// A key, value, batch, frame or reply is over its limit. Nothing was applied.
+    TooLarge,
+    /// The frame or its body could not be decoded; the connection is closed after this reply.
+    BadFrame,
+    /// The peer speaks a protocol version this server does not; the connection is closed.
+    UnsupportedVersion,
+    /// The server is shutting down and did not apply the request.
+    ShuttingDown,
+    /// A queue or connection limit was hit; nothing was applied, try again later.
+    Overloaded,
+    /// A request is well-formed but its arguments are not allowed (an empty key, a zero TTL).
+    InvalidArgument,
+    /// The shard's memory budget is used up; the write was not applied. Reads still work.
+    StoreFull,
+    /// A bug or an unexpected condition in the server. The request may or may not have applied.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether the request certainly had no effect and may be sent again unchanged (after a
+    /// topology refresh for `WrongShard`, after a pause for `Overloaded` and `StoreFull`).
+    #[must_use]
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::WrongShard | Self::ShuttingDown | Self::Overloaded | Self::StoreFull
+        )
+    }
+
+    /// A stable, lowercase name for logs and JSON output.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WrongShard => "wrong_shard",
+            Self::TooLarge => "too_large",
+            Self::BadFrame => "bad_frame",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::ShuttingDown => "shutting_down",
+            Self::Overloaded => "overloaded",
+            Self::InvalidArgument => "invalid_argument",
+            Self::StoreFull => "store_full",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// Why bytes could not be turned into a frame or a message, or a message into bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The 32 header bytes are not a header (bad magic, checksum, kind, flags).
+    #[error("bad frame header: {reason}")]
+    BadHeader {
+        /// The first rule the header breaks.
+        reason: &'static str,
+    },
+    /// The header is intact but announces a version this crate does not speak.
+    #[error("unsupported protocol version {version} (this side speaks {supported})")]
+    UnsupportedVersion {
+        /// Version the peer announced.
+        version: u16,
+        /// Version this side speaks.
+        supported: u16,
+    },
+    /// The body is larger than the protocol allows.
+    #[error("frame body of {body_size} bytes is over the limit of {body_size_max} bytes")]
+    BodyTooLarge {
+        /// Size announced or produced.
+        body_size: usize,
+        /// The limit.
+        body_size_max: usize,
+    },
+    /// The body does not match the checksum in its header.
+    #[error("frame body checksum mismatch (header {expected:#010x}, body {actual:#010x})")]
+    BodyChecksum {
+        /// Checksum carried in the header.
+        expected: u32,
+        /// Checksum of the bytes received.
+        actual: u32,
+    },
+    /// The frame is of the wrong kind for where it arrived (a response sent to a server).
+    #[error("unexpected frame kind {kind}")]
+    UnexpectedKind {
+        /// The kind byte received.
+        kind: u8,
+    },
+    /// The body failed validation as an archived message.
+    #[error("invalid message body: {reason}")]
+    InvalidBody {
+        /// What validation reported.
+        reason: String,
+    },
+    /// A message could not be serialized.
+    #[error("cannot encode message: {reason}")]
+    Encode {
+        /// What serialization reported.
+        reason: String,
+    },
+}
+
+impl ProtocolError {
+    /// The wire code a server answers this error with.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+            Self::BodyTooLarge { .. } => ErrorCode::TooLarge,
+            Self::Encode { .. } => ErrorCode::Internal,
+            Self::BadHeader { .. }
+            | Self::BodyChecksum { .. }
+            | Self::UnexpectedKind { .. }
+            | Self::InvalidBody { .. } => ErrorCode::BadFrame,
+        }
+    }
+}
+
+/// Why a well-formed request is refused before it reaches a shard.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// A key is empty.
+    #[error("key is empty")]
+    EmptyKey,
+    /// A key is over [`crate::limits::KEY_SIZE_MAX`].
+    #[error("key of {size} bytes is over the limit of {size_max} bytes")]
+    KeyTooLarge {
+        /// Key length.
+        size: usize,
+        /// The limit.
+        size_max: usize,
+    },
+    /// A value is over [`crate::limits::VALUE_SIZE_MAX`].
+    #[error("value of {size} bytes is over the limit of {size_max} bytes")]
+    ValueTooLarge {
+        /// Value length.
+        size: usize,
+        /// The limit.
+        size_max: usize,
+    },
+    /// A batch holds more than [`crate::limits::BATCH_COUNT_MAX`] items.
+    #[error("batch of {count} items is over the limit of {count_max}")]
+    BatchTooLarge {
+        /// Items in the batch.
+        count: usize,
+        /// The limit.
+        count_max: usize,
+    },
+    /// A TTL is zero or over [`crate::limits::TTL_MS_MAX`].
+    #[error("ttl of {ttl_ms} ms is outside 1..={ttl_ms_max}")]
+    TtlOutOfRange {
+        /// TTL asked for.
+        ttl_ms: u64,
+        /// The limit.
+        ttl_ms_max: u64,
+    },
+    /// A name or other text field is over [`crate::limits::TEXT_SIZE_MAX`].
+    #[error("text of {size} bytes is over the limit of {size_max} bytes")]
+    TextTooLarge {
+        /// Text length.
+        size: usize,
+        /// The limit.
+        size_max: usize,
+    },
+}
+
+impl RequestError {
+    /// The wire code a server answers this error with.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::EmptyKey | Self::TtlOutOfRange { .. } => ErrorCode::InvalidArgument,
+            Self::KeyTooLarge { .. }
+            | Self::ValueTooLarge { .. }
+            | Self::BatchTooLarge { .. }
+            | Self::TextTooLarge { .. } => ErrorCode::TooLarge,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_carry_the_numbers() {
+        let error = ProtocolError::BodyTooLarge {
+            body_size: 10,
+            body_size_max: 8,
+        };
+        assert_eq!(
+            error.to_string(),
+            "frame body of 10 bytes is over the limit of 8 bytes"
+        );
+        assert_eq!(error.code(), ErrorCode::TooLarge);
+        let error = RequestError::TtlOutOfRange {
+            ttl_ms: 0,
+            ttl_ms_max: 5,
+        };
+        assert_eq!(error.to_string(), "ttl of 0 ms is outside 1..=5");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+
+    #[test]
+    fn only_unapplied_errors_are_retryable() {
+        assert!(ErrorCode::WrongShard.is_retryable());
+        assert!(ErrorCode::Overloaded.is_retryable());
+        assert!(!ErrorCode::Internal.is_retryable());
+        assert!(!ErrorCode::BadFrame.is_retryable());
+        assert_eq!(ErrorCode::StoreFull.to_string(), "store_full");
+    }
+}

@@ -1,0 +1,62 @@
+//! Named limits of the wire protocol, shared by client and server.
+//!
+//! Every size a peer can send is bounded here, and the constants are related to each other by
+//! compile-time assertions so that a change to one cannot silently make another unreachable.
+//! A frame whose header announces a body over [`FRAME_BODY_SIZE_MAX`] is rejected before any
+//! buffer of that size is allocated.
+
+/// Largest key, in bytes. Keys are also hashed for routing, so they are kept small.
+pub const KEY_SIZE_MAX: usize = 4 * 1024;
+
+/// Largest value, in bytes.
+pub const VALUE_SIZE_MAX: usize = 1024 * 1024;
+
+/// Most keys (or entries) in one `MultiGet`, `MultiPut` or `MultiDelete`.
+pub const BATCH_COUNT_MAX: usize = 1024;
+
+/// Largest frame body (the archived message, without header or padding), in bytes.
+///
+/// A batch is bounded by both [`BATCH_COUNT_MAX`] and this size; a reply that would exceed it
+/// is answered with `TooLarge` instead.
+pub const FRAME_BODY_SIZE_MAX: usize = 8 * 1024 * 1024;
+
+/// Size of the fixed frame header, in bytes.
+pub const FRAME_HEADER_SIZE: usize = 32;
+
+/// Frames (header and body) are padded to a multiple of this, so every body starts aligned.
+pub const FRAME_ALIGNMENT: usize = 16;
+
+/// Largest whole frame: header plus the largest body rounded up to [`FRAME_ALIGNMENT`].
+pub const FRAME_SIZE_MAX: usize = FRAME_HEADER_SIZE + FRAME_BODY_SIZE_MAX;
+
+/// Bytes of archive structure an envelope may add around one key and value (enum tags,
+/// relative pointers, lengths, options). Measured at well under 128; kept generous.
+pub const ENVELOPE_OVERHEAD_MAX: usize = 512;
+
+/// Longest TTL a request may ask for: 100 years. Deadlines are `now + ttl`, so this also keeps
+/// every deadline far from `u64::MAX`.
+pub const TTL_MS_MAX: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+
+/// Longest string the server or client puts in names and error messages, in bytes.
+pub const TEXT_SIZE_MAX: usize = 1024;
+
+/// Most nodes in one topology.
+pub const NODE_COUNT_MAX: usize = 1024;
+
+/// Most cores (shards) on one node.
+pub const CORE_COUNT_MAX: usize = 1024;
+
+const _: () = assert!(FRAME_HEADER_SIZE % FRAME_ALIGNMENT == 0);
+const _: () = assert!(FRAME_BODY_SIZE_MAX % FRAME_ALIGNMENT == 0);
+const _: () = assert!(FRAME_ALIGNMENT.is_power_of_two());
+// One maximal put (and its reply carrying the previous value) fits in one frame.
+const _: () =
+    assert!(KEY_SIZE_MAX + 2 * VALUE_SIZE_MAX + ENVELOPE_OVERHEAD_MAX <= FRAME_BODY_SIZE_MAX);
+// A batch of maximal keys fits in one frame, so a MultiGet is never rejected for its keys alone.
+const _: () =
+    assert!(BATCH_COUNT_MAX * (KEY_SIZE_MAX + ENVELOPE_OVERHEAD_MAX) <= FRAME_BODY_SIZE_MAX);
+// Body sizes travel as u32.
+const _: () = assert!(FRAME_BODY_SIZE_MAX <= u32::MAX as usize);
+// A node's cores are numbered with u16.
+const _: () = assert!(CORE_COUNT_MAX <= u16::MAX as usize);
+const _: () = assert!(TTL_MS_MAX < u64::MAX / 2);

@@ -1,0 +1,280 @@
+//! The messages: one [`Request`] variant per command and one [`Response`] variant per kind of
+//! answer. Plain data with no behaviour; the server reads requests in place as
+//! `ArchivedRequest` after validation, and the client deserializes responses.
+//!
+//! Every change to these types is a wire change: it updates `docs/protocol.md` in the same
+//! commit and, once released, bumps [`crate::PROTOCOL_VERSION`]. The enums are deliberately
+//! exhaustive: a new command must be handled everywhere it is matched, not fall into a `_` arm.
+
+// The rkyv derive generates resolver and archived types for struct-like enum variants whose
+// fields carry no docs; every type written here is documented.
+#![allow(missing_docs)]
+
+use crate::error::ErrorCode;
+use crate::topology::Topology;
+
+/// A request from client to server.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub enum Request {
+    /// Handshake: returns the server's protocol version and the topology.
+    Hello {
+        /// Version the client speaks.
+        protocol_version: u16,
+        /// Free-form client name for the server's logs (at most `TEXT_SIZE_MAX` bytes).
+        client_name: String,
+    },
+    /// Liveness check; answered by whichever core receives it.
+    Ping,
+    /// Reads one key.
+    Get {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Writes one key.
+    Put(Put),
+    /// Removes one key.
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+        /// Return the removed entry.
+        return_previous: bool,
+    },
+    /// Whether a key exists (and has not expired).
+    Exists {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Sets a key's time to live, counted from when the server applies it.
+    Expire {
+        /// The key.
+        key: Vec<u8>,
+        /// Time to live in milliseconds, `1..=TTL_MS_MAX`.
+        ttl_ms: u64,
+    },
+    /// Removes a key's time to live.
+    Persist {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Reads a key's remaining time to live.
+    Ttl {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Reads many keys. The smart client sends one per owning core.
+    MultiGet {
+        /// The keys, at most `BATCH_COUNT_MAX`.
+        keys: Vec<Vec<u8>>,
+    },
+    /// Writes many keys. Entries that land on one shard are applied at one revision.
+    MultiPut {
+        /// The entries, at most `BATCH_COUNT_MAX`.
+        entries: Vec<PutEntry>,
+    },
+    /// Removes many keys.
+    MultiDelete {
+        /// The keys, at most `BATCH_COUNT_MAX`.
+        keys: Vec<Vec<u8>>,
+    },
+}
+
+/// When a put applies.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum PutCondition {
+    /// Always.
+    #[default]
+    Always,
+    /// Only if the key does not exist (or has expired).
+    IfAbsent,
+    /// Only if the key exists.
+    IfPresent,
+}
+
+/// The arguments of [`Request::Put`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Put {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The new value.
+    pub value: Vec<u8>,
+    /// Time to live in milliseconds; `None` means no expiry (unless `keep_ttl`).
+    pub ttl_ms: Option<u64>,
+    /// Keep the key's current expiry when `ttl_ms` is `None` (like Redis `KEEPTTL`).
+    pub keep_ttl: bool,
+    /// When the put applies.
+    pub condition: PutCondition,
+    /// Return the entry the put replaced (or found, when the condition failed).
+    pub return_previous: bool,
+}
+
+impl Put {
+    /// An unconditional put with no TTL.
+    #[must_use]
+    pub fn new(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Self {
+            key: key.into(),
+            value: value.into(),
+            ttl_ms: None,
+            keep_ttl: false,
+            condition: PutCondition::Always,
+            return_previous: false,
+        }
+    }
+}
+
+/// One entry of [`Request::MultiPut`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct PutEntry {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The new value.
+    pub value: Vec<u8>,
+    /// Time to live in milliseconds; `None` means no expiry.
+    pub ttl_ms: Option<u64>,
+}
+
+/// A stored value as returned to clients.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Entry {
+    /// The value bytes.
+    pub value: Vec<u8>,
+    /// The shard revision at which the key was last modified.
+    pub version: u64,
+    /// Absolute expiry in Unix milliseconds, if the key has a TTL.
+    pub expires_at_ms: Option<u64>,
+}
+
+/// A key's time to live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum TtlState {
+    /// The key does not exist.
+    Missing,
+    /// The key exists and never expires.
+    Persistent,
+    /// The key expires.
+    Expiring {
+        /// Milliseconds left at the time the server answered.
+        remaining_ms: u64,
+        /// Absolute expiry in Unix milliseconds.
+        expires_at_ms: u64,
+    },
+}
+
+/// A response from server to client, matched to its request by the frame's request id.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub enum Response {
+    /// Answer to [`Request::Hello`].
+    Hello {
+        /// Version the server speaks.
+        protocol_version: u16,
+        /// The answering node's id.
+        node_id: u32,
+        /// The answering node's name.
+        server_name: String,
+        /// The whole cluster.
+        topology: Topology,
+    },
+    /// Answer to [`Request::Ping`].
+    Pong {
+        /// The answering node.
+        node_id: u32,
+        /// The answering core.
+        core_id: u16,
+    },
+    /// Answer to [`Request::Get`]: the entry, or `None` if the key does not exist.
+    Value(Option<Entry>),
+    /// Answer to [`Request::Put`].
+    Put {
+        /// Whether the put's condition held and the value was written.
+        applied: bool,
+        /// The key's version after the request: the new version if applied, else the current
+        /// version (0 if the key does not exist).
+        version: u64,
+        /// The previous entry, if asked for and the key existed.
+        previous: Option<Entry>,
+    },
+    /// Answer to [`Request::Delete`].
+    Delete {
+        /// Whether a key was removed.
+        deleted: bool,
+        /// The removed entry, if asked for and the key existed.
+        previous: Option<Entry>,
+    },
+    /// Answer to [`Request::Exists`].
+    Exists {
+        /// Whether the key exists.
+        exists: bool,
+    },
+    /// Answer to [`Request::Expire`] and [`Request::Persist`].
+    Expiry {
+        /// Whether the key existed (for persist: and had a TTL) and was changed.
+        applied: bool,
+        /// The key's version after the request (0 if the key does not exist).
+        version: u64,
+    },
+    /// Answer to [`Request::Ttl`].
+    Ttl(TtlState),
+    /// Answer to [`Request::MultiGet`], in request order.
+    Values(Vec<Option<Entry>>),
+    /// Answer to [`Request::MultiPut`]: each entry's new version, in request order.
+    MultiPut {
+        /// Versions, one per entry.
+        versions: Vec<u64>,
+    },
+    /// Answer to [`Request::MultiDelete`]: whether each key was removed, in request order.
+    MultiDelete {
+        /// One flag per key.
+        deleted: Vec<bool>,
+    },
+    /// The request failed; see [`ErrorCode`].
+    Error(ErrorReply),
+}
+
+/// The body of an error response.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct ErrorReply {
+    /// What went wrong; clients branch on this.
+    pub code: ErrorCode,
+    /// Human-readable detail with the numbers involved (at most `TEXT_SIZE_MAX` bytes).
+    pub message: String,
+    /// Where the key lives, for [`ErrorCode::WrongShard`].
+    pub wrong_shard: Option<WrongShard>,
+}
+
+impl ErrorReply {
+    /// An error reply with no routing detail.
+    #[must_use]
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            wrong_shard: None,
+        }
+    }
+}
+
+/// Routing detail of a [`ErrorCode::WrongShard`] reply.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct WrongShard {
+    /// Epoch of the answering server's topology.
+    pub epoch: u64,
+    /// The key's slot.
+    pub slot: u16,
+    /// Node that owns the slot.
+    pub owner_node_id: u32,
+    /// Core on that node that owns the slot.
+    pub owner_core_id: u16,
+    /// Address of that core.
+    pub owner_address: String,
+}
