@@ -399,7 +399,7 @@ pub fn check_text(text: &str) -> Result<(), RequestError> {
 pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
     match request {
         ArchivedRequest::Hello { client_name, .. } => check_text(client_name.as_str()),
-        ArchivedRequest::Ping => Ok(()),
+        ArchivedRequest::Ping | ArchivedRequest::Stats => Ok(()),
         ArchivedRequest::Get { key }
         | ArchivedRequest::Delete { key, .. }
         | ArchivedRequest::Exists { key }

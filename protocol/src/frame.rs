@@ -133,7 +133,7 @@ impl FrameHeader {
 
     /// The reason this header must be refused, or `None` if it is valid for this version.
     ///
-    /// Like TigerBeetle's `Header.invalid()`, this names the first broken rule so that the
+    /// Like `TigerBeetle`'s `Header.invalid()`, this names the first broken rule so that the
     /// refusal can be logged and sent back.
     #[must_use]
     pub fn invalid(&self) -> Option<&'static str> {

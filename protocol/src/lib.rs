@@ -28,6 +28,8 @@
 //! assert!(codec::check_request(request).is_ok());
 //! ```
 
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 pub mod codec;
 pub mod error;
 pub mod frame;
@@ -39,8 +41,8 @@ pub mod topology;
 pub use error::{ErrorCode, ProtocolError, RequestError};
 pub use frame::{FrameHeader, FrameKind, MAGIC, PROTOCOL_VERSION};
 pub use message::{
-    ArchivedPut, ArchivedPutCondition, ArchivedRequest, ArchivedResponse, Entry, ErrorReply, Put,
-    PutCondition, PutEntry, Request, Response, TtlState, WrongShard,
+    ArchivedPut, ArchivedPutCondition, ArchivedRequest, ArchivedResponse, CoreStats, Entry,
+    ErrorReply, Put, PutCondition, PutEntry, Request, Response, TtlState, WrongShard,
 };
 pub use routing::{hash_tag, slot_for_key, split_slots, Slot, SlotRange, SLOT_COUNT};
 pub use topology::{CoreInfo, NodeInfo, RouteTable, ShardLocation, Topology, TopologyError};

@@ -26,6 +26,8 @@ pub enum Request {
     },
     /// Liveness check; answered by whichever core receives it.
     Ping,
+    /// Counters of the core that receives it (never forwarded).
+    Stats,
     /// Reads one key.
     Get {
         /// The key.
@@ -190,6 +192,8 @@ pub enum Response {
         /// The answering core.
         core_id: u16,
     },
+    /// Answer to [`Request::Stats`].
+    Stats(CoreStats),
     /// Answer to [`Request::Get`]: the entry, or `None` if the key does not exist.
     Value(Option<Entry>),
     /// Answer to [`Request::Put`].
@@ -237,6 +241,32 @@ pub enum Response {
     },
     /// The request failed; see [`ErrorCode`].
     Error(ErrorReply),
+}
+
+/// One core's counters, as reported by [`Request::Stats`].
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+#[rkyv(derive(Debug))]
+pub struct CoreStats {
+    /// The answering node.
+    pub node_id: u32,
+    /// The answering core.
+    pub core_id: u16,
+    /// Entries held, including expired ones not yet reclaimed.
+    pub key_count: u64,
+    /// The shard's revision (mutations applied so far).
+    pub revision: u64,
+    /// Bytes charged against the shard's memory budget.
+    pub memory_bytes: u64,
+    /// The shard's memory budget.
+    pub memory_bytes_max: u64,
+    /// Requests the shard applied.
+    pub request_count: u64,
+    /// Keys removed because their TTL passed.
+    pub expired_count: u64,
+    /// Open client connections across the whole node.
+    pub connection_count: u64,
 }
 
 /// The body of an error response.
