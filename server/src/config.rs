@@ -1,0 +1,542 @@
+//! The server's configuration: read once at startup from flags, `TESSERA_*` environment
+//! variables and an optional TOML file (flags win over the environment, which wins over the
+//! file, which wins over defaults), validated, and never changed afterwards.
+//!
+//! Every limit the server enforces is a field here, so an operator can see all of them with
+//! `tessera-server --print-config`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use tessera_protocol::limits::{CORE_COUNT_MAX, TEXT_SIZE_MAX};
+
+use crate::error::ConfigError;
+
+/// The effective configuration of one server instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Instance name, reported in the topology and logs.
+    pub name: String,
+    /// This node's id in the cluster topology.
+    pub node_id: u32,
+    /// Address the listeners bind to.
+    pub host: String,
+    /// Port of core 0; core `i` listens on `port + i`. 0 lets the OS pick a free port per core.
+    pub port: u16,
+    /// Host clients are told to connect to; defaults to `host`.
+    pub advertise_host: Option<String>,
+    /// Number of cores (shards). Each runs one pinned executor.
+    pub cores: usize,
+    /// CPUs to pin core `i` to (`cpus[i % len]`); defaults to the online CPUs in order.
+    pub cpus: Option<Vec<usize>>,
+    /// Open connections allowed across all cores; more are refused with `Overloaded`.
+    pub connection_count_max: usize,
+    /// Requests one connection may have in flight (read but not answered).
+    pub connection_inflight_max: usize,
+    /// Reply bytes a connection buffers before it stops reading and flushes.
+    pub connection_write_buffer_bytes_max: usize,
+    /// Memory budget for stored entries across all cores, split evenly between them.
+    pub memory_bytes_max: u64,
+    /// Requests a core's inbox (forwards and embedded calls) holds before refusing more.
+    pub inbox_capacity: usize,
+    /// How often each core reclaims expired keys, in milliseconds.
+    pub tick_ms: u64,
+    /// Most keys one core reclaims per tick, so a mass expiry cannot stall it.
+    pub expired_per_tick_max: usize,
+    /// Locked memory each executor registers for `io_uring`, in bytes.
+    pub io_memory_bytes: usize,
+    /// Longest a graceful shutdown waits for connections to finish, in milliseconds.
+    pub shutdown_timeout_ms: u64,
+    /// Log filter (`tracing_subscriber::EnvFilter` syntax), e.g. `info` or `tessera_server=debug`.
+    pub log: String,
+}
+
+/// Command-line flags. Every flag may also come from its `TESSERA_*` environment variable.
+#[derive(Debug, Clone, Default, Parser)]
+#[command(
+    name = "tessera-server",
+    version,
+    about = "Tessera key-value and coordination server"
+)]
+#[allow(clippy::struct_field_names, reason = "flag names mirror Config fields")]
+pub struct Flags {
+    /// TOML file with any of the settings below (flags and environment win over it).
+    #[arg(long, env = "TESSERA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Instance name.
+    #[arg(long, env = "TESSERA_NAME")]
+    pub name: Option<String>,
+    /// Node id in the cluster.
+    #[arg(long, env = "TESSERA_NODE_ID")]
+    pub node_id: Option<u32>,
+    /// Address to bind (default 127.0.0.1).
+    #[arg(long, env = "TESSERA_HOST")]
+    pub host: Option<String>,
+    /// Port of core 0; core i listens on port + i (default 7000; 0 = any free port).
+    #[arg(long, env = "TESSERA_PORT")]
+    pub port: Option<u16>,
+    /// Host advertised to clients in the topology (default: --host).
+    #[arg(long, env = "TESSERA_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+    /// Number of cores/shards (default: all online CPUs, or the length of --cpus).
+    #[arg(long, env = "TESSERA_CORES")]
+    pub cores: Option<usize>,
+    /// CPUs to pin to, e.g. "0-3,6" (default: online CPUs).
+    #[arg(long, env = "TESSERA_CPUS", value_parser = parse_cpu_list)]
+    pub cpus: Option<CpuList>,
+    /// Open connections allowed across all cores.
+    #[arg(long, env = "TESSERA_CONNECTION_COUNT_MAX")]
+    pub connection_count_max: Option<usize>,
+    /// Requests in flight per connection.
+    #[arg(long, env = "TESSERA_CONNECTION_INFLIGHT_MAX")]
+    pub connection_inflight_max: Option<usize>,
+    /// Reply bytes buffered per connection before flushing (accepts KiB/MiB/GiB).
+    #[arg(long, env = "TESSERA_CONNECTION_WRITE_BUFFER_BYTES_MAX", value_parser = parse_size)]
+    pub connection_write_buffer_bytes_max: Option<u64>,
+    /// Memory budget for entries across all cores (accepts KiB/MiB/GiB; default half of RAM).
+    #[arg(long, env = "TESSERA_MEMORY_BYTES_MAX", value_parser = parse_size)]
+    pub memory_bytes_max: Option<u64>,
+    /// Capacity of each core's cross-thread inbox.
+    #[arg(long, env = "TESSERA_INBOX_CAPACITY")]
+    pub inbox_capacity: Option<usize>,
+    /// Expiry tick interval in milliseconds.
+    #[arg(long, env = "TESSERA_TICK_MS")]
+    pub tick_ms: Option<u64>,
+    /// Keys reclaimed per core per tick at most.
+    #[arg(long, env = "TESSERA_EXPIRED_PER_TICK_MAX")]
+    pub expired_per_tick_max: Option<usize>,
+    /// `io_uring` registered memory per core (accepts KiB/MiB).
+    #[arg(long, env = "TESSERA_IO_MEMORY_BYTES", value_parser = parse_size)]
+    pub io_memory_bytes: Option<u64>,
+    /// Graceful shutdown limit in milliseconds.
+    #[arg(long, env = "TESSERA_SHUTDOWN_TIMEOUT_MS")]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// Log filter, e.g. `info` or `tessera_server=debug`.
+    #[arg(long, env = "TESSERA_LOG")]
+    pub log: Option<String>,
+}
+
+/// A parsed CPU list such as `0-3,6`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuList(pub Vec<usize>);
+
+/// The settings a TOML file may hold: the same names as [`Config`], all optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    node_id: Option<u32>,
+    host: Option<String>,
+    port: Option<u16>,
+    advertise_host: Option<String>,
+    cores: Option<usize>,
+    cpus: Option<Vec<usize>>,
+    connection_count_max: Option<usize>,
+    connection_inflight_max: Option<usize>,
+    connection_write_buffer_bytes_max: Option<usize>,
+    memory_bytes_max: Option<u64>,
+    inbox_capacity: Option<usize>,
+    tick_ms: Option<u64>,
+    expired_per_tick_max: Option<usize>,
+    io_memory_bytes: Option<usize>,
+    shutdown_timeout_ms: Option<u64>,
+    log: Option<String>,
+}
+
+/// Default base port.
+pub const PORT_DEFAULT: u16 = 7000;
+
+impl Default for Config {
+    fn default() -> Self {
+        let online_cpus = online_cpu_count();
+        Self {
+            name: "tessera".to_owned(),
+            node_id: 1,
+            host: "127.0.0.1".to_owned(),
+            port: PORT_DEFAULT,
+            advertise_host: None,
+            cores: online_cpus,
+            cpus: None,
+            connection_count_max: 10_000,
+            connection_inflight_max: 1024,
+            connection_write_buffer_bytes_max: 4 * 1024 * 1024,
+            memory_bytes_max: physical_memory_bytes().map_or(1 << 30, |bytes| bytes / 2),
+            inbox_capacity: 4096,
+            tick_ms: 10,
+            expired_per_tick_max: 10_000,
+            io_memory_bytes: 1024 * 1024,
+            shutdown_timeout_ms: 5_000,
+            log: "info".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads flags (and their environment variables) from the process arguments, then the
+    /// TOML file they name, and returns the validated result.
+    ///
+    /// # Errors
+    /// The file cannot be read or parsed, or a setting is invalid.
+    pub fn from_flags(flags: &Flags) -> Result<Self, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let file_sets_cores = file.cores.is_some();
+        let mut config = Self::default();
+        config.overlay_file(file);
+        config.overlay_flags(flags)?;
+        // A CPU list without an explicit core count means one core per listed CPU.
+        if flags.cores.is_none() && !file_sets_cores {
+            if let Some(cpus) = &config.cpus {
+                config.cores = cpus.len();
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn overlay_file(&mut self, file: FileConfig) {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(value) = file.$field { self.$field = value; } )* };
+        }
+        take!(
+            name,
+            node_id,
+            host,
+            port,
+            cores,
+            connection_count_max,
+            connection_inflight_max,
+            connection_write_buffer_bytes_max,
+            memory_bytes_max,
+            inbox_capacity,
+            tick_ms,
+            expired_per_tick_max,
+            io_memory_bytes,
+            shutdown_timeout_ms,
+            log
+        );
+        if file.advertise_host.is_some() {
+            self.advertise_host = file.advertise_host;
+        }
+        if file.cpus.is_some() {
+            self.cpus = file.cpus;
+        }
+    }
+
+    fn overlay_flags(&mut self, flags: &Flags) -> Result<(), ConfigError> {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(value) = &flags.$field { self.$field = value.clone(); } )* };
+        }
+        take!(
+            name,
+            node_id,
+            host,
+            port,
+            cores,
+            connection_count_max,
+            connection_inflight_max,
+            inbox_capacity,
+            tick_ms,
+            expired_per_tick_max,
+            shutdown_timeout_ms,
+            log
+        );
+        if let Some(bytes) = flags.memory_bytes_max {
+            self.memory_bytes_max = bytes;
+        }
+        if let Some(bytes) = flags.connection_write_buffer_bytes_max {
+            self.connection_write_buffer_bytes_max =
+                to_usize("connection_write_buffer_bytes_max", bytes)?;
+        }
+        if let Some(bytes) = flags.io_memory_bytes {
+            self.io_memory_bytes = to_usize("io_memory_bytes", bytes)?;
+        }
+        if flags.advertise_host.is_some() {
+            self.advertise_host.clone_from(&flags.advertise_host);
+        }
+        if let Some(cpus) = &flags.cpus {
+            self.cpus = Some(cpus.0.clone());
+        }
+        Ok(())
+    }
+
+    /// Checks every setting against its allowed range.
+    ///
+    /// # Errors
+    /// The first invalid setting, with the reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.name.is_empty() || self.name.len() > TEXT_SIZE_MAX {
+            return invalid("name", format!("must be 1..={TEXT_SIZE_MAX} bytes"));
+        }
+        if self.cores == 0 || self.cores > CORE_COUNT_MAX {
+            return invalid(
+                "cores",
+                format!("{} is outside 1..={CORE_COUNT_MAX}", self.cores),
+            );
+        }
+        if self.port != 0 && usize::from(self.port) + self.cores - 1 > usize::from(u16::MAX) {
+            return invalid(
+                "port",
+                format!("port {} + {} cores runs past 65535", self.port, self.cores),
+            );
+        }
+        if let Some(cpus) = &self.cpus {
+            if cpus.is_empty() {
+                return invalid("cpus", "the CPU list is empty".to_owned());
+            }
+        }
+        if self.connection_count_max == 0 {
+            return invalid("connection_count_max", "must be at least 1".to_owned());
+        }
+        if self.connection_inflight_max == 0 {
+            return invalid("connection_inflight_max", "must be at least 1".to_owned());
+        }
+        if self.connection_write_buffer_bytes_max < 64 * 1024 {
+            return invalid(
+                "connection_write_buffer_bytes_max",
+                format!(
+                    "{} is below the minimum of 65536",
+                    self.connection_write_buffer_bytes_max
+                ),
+            );
+        }
+        let per_core = self.memory_bytes_max / self.cores as u64;
+        if per_core < 1024 * 1024 {
+            return invalid(
+                "memory_bytes_max",
+                format!(
+                    "{} bytes over {} cores leaves under 1 MiB per core",
+                    self.memory_bytes_max, self.cores
+                ),
+            );
+        }
+        if self.inbox_capacity == 0 {
+            return invalid("inbox_capacity", "must be at least 1".to_owned());
+        }
+        if self.tick_ms == 0 || self.tick_ms > 1000 {
+            return invalid("tick_ms", format!("{} is outside 1..=1000", self.tick_ms));
+        }
+        if self.expired_per_tick_max == 0 {
+            return invalid("expired_per_tick_max", "must be at least 1".to_owned());
+        }
+        if self.io_memory_bytes < 512 * 1024 {
+            return invalid(
+                "io_memory_bytes",
+                format!(
+                    "{} is below glommio's minimum of 524288",
+                    self.io_memory_bytes
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Memory budget of each core's shard.
+    pub fn memory_bytes_max_per_core(&self) -> u64 {
+        self.memory_bytes_max / self.cores as u64
+    }
+
+    /// The CPU that core `core_index` is pinned to.
+    pub fn cpu_for_core(&self, core_index: usize) -> Option<usize> {
+        self.cpus.as_ref().map(|cpus| cpus[core_index % cpus.len()])
+    }
+
+    /// The host written into the topology for clients.
+    pub fn advertised_host(&self) -> &str {
+        self.advertise_host.as_deref().unwrap_or(&self.host)
+    }
+
+    /// The configuration as TOML, as `--print-config` shows it.
+    ///
+    /// # Errors
+    /// Serialization failed (a bug).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|error| ConfigError::Invalid {
+            field: "config",
+            reason: format!("cannot render as TOML: {error}"),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|error| ConfigError::Parse {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })
+}
+
+fn to_usize(field: &'static str, value: u64) -> Result<usize, ConfigError> {
+    usize::try_from(value).map_err(|_| ConfigError::Invalid {
+        field,
+        reason: format!("{value} does not fit this platform"),
+    })
+}
+
+/// Parses a byte size: a plain number or one with a `KiB`, `MiB`, `GiB` or `TiB` suffix (also
+/// `K`, `M`, `G`, `T`, powers of 1024).
+///
+/// # Errors
+/// The text is not a size.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, suffix) = text.split_at(digits_end);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size suffix '{other}' in '{text}'")),
+    };
+    number
+        .checked_shl(shift)
+        .filter(|bytes| bytes >> shift == number)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// Parses a CPU list such as `0-3,6`.
+///
+/// # Errors
+/// The text is not a CPU list.
+pub fn parse_cpu_list(text: &str) -> Result<CpuList, String> {
+    let mut cpus = Vec::new();
+    for part in text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+    {
+        let parse = |value: &str| {
+            value
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| format!("'{value}' is not a CPU number"))
+        };
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last) = (parse(first)?, parse(last)?);
+                if first > last || last - first >= 4096 {
+                    return Err(format!("bad CPU range '{part}'"));
+                }
+                cpus.extend(first..=last);
+            }
+            None => cpus.push(parse(part)?),
+        }
+    }
+    if cpus.is_empty() {
+        return Err("the CPU list is empty".to_owned());
+    }
+    Ok(CpuList(cpus))
+}
+
+/// CPUs this process may run on.
+pub fn online_cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Total physical memory from `/proc/meminfo`, if readable.
+fn physical_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|line| line.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(arguments: &[&str]) -> Result<Config, ConfigError> {
+        let flags = Flags::try_parse_from(
+            std::iter::once("tessera-server").chain(arguments.iter().copied()),
+        )
+        .unwrap();
+        Config::from_flags(&flags)
+    }
+
+    #[test]
+    fn defaults_bind_loopback() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.port, 7000);
+        assert!(config.cores >= 1);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let directory = std::env::temp_dir().join(format!("tessera-config-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let path = directory.join("a.toml");
+        std::fs::write(&path, "port = 9000\ncores = 3\nname = \"from-file\"\n").unwrap();
+        let path_text = path.to_str().unwrap();
+        let config = parse(&["--config", path_text, "--port", "9100"]).unwrap();
+        assert_eq!(config.port, 9100);
+        assert_eq!(config.cores, 3);
+        assert_eq!(config.name, "from-file");
+        std::fs::write(&path, "bogus = 1\n").unwrap();
+        assert!(matches!(
+            parse(&["--config", path_text]),
+            Err(ConfigError::Parse { .. })
+        ));
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[test]
+    fn invalid_settings_name_the_field() {
+        let error = parse(&["--cores", "0"]).unwrap_err();
+        assert!(
+            matches!(error, ConfigError::Invalid { field: "cores", .. }),
+            "{error}"
+        );
+        let error = parse(&["--port", "65535", "--cores", "2"]).unwrap_err();
+        assert!(
+            matches!(error, ConfigError::Invalid { field: "port", .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn cpu_list_sets_the_core_count() {
+        let config = parse(&["--cpus", "0-1"]).unwrap();
+        assert_eq!(config.cpus, Some(vec![0, 1]));
+        assert_eq!(config.cores, 2);
+        assert_eq!(config.cpu_for_core(3), Some(1));
+    }
+
+    #[test]
+    fn sizes_and_cpu_lists_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+        assert_eq!(parse_cpu_list("0-2,5").unwrap().0, vec![0, 1, 2, 5]);
+        assert!(parse_cpu_list("3-1").is_err());
+    }
+
+    #[test]
+    fn printed_config_reads_back() {
+        let config = parse(&["--cores", "2", "--port", "7100"]).unwrap();
+        let text = config.to_toml().unwrap();
+        let read_back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(read_back, config);
+    }
+}

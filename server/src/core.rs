@@ -1,0 +1,569 @@
+//! One core's runtime state and the decisions made for every request that reaches it:
+//! answer here, forward to the owning core of this node, refuse with `WrongShard` for a key
+//! another node owns, or split a batch whose keys live on several cores.
+//!
+//! **Architecture Invariant:** a key is only ever touched by the shard the route table names.
+//! Requests for another core of this node cross over through that core's [`Inbox`]; the shard
+//! itself is reachable only from its own thread (`Rc<RefCell<Shard>>`, never shared).
+//!
+//! Forwarding is the slow path for simple clients; the smart client routes to the owner and
+//! never needs it (a cross-core round trip costs tens of microseconds on this runtime).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use tessera_protocol::codec::{self, FrameBuffer};
+use tessera_protocol::message::ArchivedRequest;
+use tessera_protocol::{
+    CoreStats, ErrorCode, ErrorReply, PutEntry, Request, Response, RouteTable, ShardLocation, Slot,
+    Topology, WrongShard, PROTOCOL_VERSION,
+};
+
+use crate::config::Config;
+use crate::inbox::{Inbox, PushError};
+use crate::runtime::LocalSignal;
+use crate::shard::Shard;
+
+/// Work handed to a core from another thread: an archived request body and where to send
+/// the archived response body.
+#[derive(Debug)]
+pub struct CoreRequest {
+    /// The archived request, validated again on arrival.
+    pub body: FrameBuffer,
+    /// Receives the archived response. Dropped unanswered only if the core dies.
+    pub reply: oneshot::Sender<FrameBuffer>,
+}
+
+/// Every core's inbox on this node, indexed by core id.
+pub type CoreInboxes = Arc<[Arc<Inbox<CoreRequest>>]>;
+
+/// Where a request must be executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// On this core.
+    Here,
+    /// On another core of this node.
+    Core(u16),
+    /// On another node: the client must be told `WrongShard`.
+    Elsewhere(ShardLocation, Slot),
+    /// A batch whose keys live on several cores of this node.
+    Split,
+}
+
+/// A reply that will arrive from other cores.
+pub type PendingReply = Pin<Box<dyn Future<Output = Reply>>>;
+
+/// A reply ready to be framed: either an archived body computed elsewhere or a response.
+#[derive(Debug)]
+pub enum Reply {
+    /// An archived response body, from another core.
+    Body(FrameBuffer),
+    /// A response computed here.
+    Response(Response),
+}
+
+/// One core's state, owned by that core's thread.
+#[derive(Debug)]
+pub struct CoreContext {
+    /// This node's id.
+    pub node_id: u32,
+    /// This node's index in `topology.nodes`.
+    pub node_index: u16,
+    /// This core's id within the node.
+    pub core_id: u16,
+    /// The cluster topology, immutable for the life of the process.
+    pub topology: Arc<Topology>,
+    /// This core's own copy of the slot route table.
+    pub routes: RouteTable,
+    /// This core's shard. Borrowed only in synchronous code, never across an await.
+    pub shard: RefCell<Shard>,
+    /// Every core's inbox on this node.
+    pub inboxes: CoreInboxes,
+    /// Settings and limits.
+    pub config: Arc<Config>,
+    /// Open connections across all cores (the server-wide limit is checked at accept).
+    pub connection_count: Arc<AtomicUsize>,
+    /// Fired when this core must stop.
+    pub stop: LocalSignal,
+}
+
+impl CoreContext {
+    /// Decides where `request` runs.
+    pub fn route(&self, request: &ArchivedRequest) -> Route {
+        match request {
+            ArchivedRequest::Hello { .. } | ArchivedRequest::Ping | ArchivedRequest::Stats => {
+                Route::Here
+            }
+            ArchivedRequest::Get { key }
+            | ArchivedRequest::Delete { key, .. }
+            | ArchivedRequest::Exists { key }
+            | ArchivedRequest::Expire { key, .. }
+            | ArchivedRequest::Persist { key }
+            | ArchivedRequest::Ttl { key } => self.route_key(key),
+            ArchivedRequest::Put(put) => self.route_key(&put.key),
+            ArchivedRequest::MultiGet { keys } | ArchivedRequest::MultiDelete { keys } => {
+                self.route_keys(keys.iter().map(rkyv::vec::ArchivedVec::as_slice))
+            }
+            ArchivedRequest::MultiPut { entries } => {
+                self.route_keys(entries.iter().map(|entry| entry.key.as_slice()))
+            }
+        }
+    }
+
+    fn route_key(&self, key: &[u8]) -> Route {
+        let slot = tessera_protocol::slot_for_key(key);
+        let location = self.routes.owner_of_slot(slot);
+        if location.node_index != self.node_index {
+            Route::Elsewhere(location, slot)
+        } else if location.core_index == self.core_id {
+            Route::Here
+        } else {
+            Route::Core(location.core_index)
+        }
+    }
+
+    fn route_keys<'a>(&self, mut keys: impl Iterator<Item = &'a [u8]>) -> Route {
+        let Some(first) = keys.next() else {
+            return Route::Here;
+        };
+        let first_route = self.route_key(first);
+        let mut route = first_route;
+        for key in keys {
+            match self.route_key(key) {
+                elsewhere @ Route::Elsewhere(..) => return elsewhere,
+                other if other != first_route => route = Route::Split,
+                _ => {}
+            }
+        }
+        route
+    }
+
+    /// Answers a request that routes here.
+    pub fn respond_here(&self, now_ms: u64, request: &ArchivedRequest) -> Response {
+        match request {
+            ArchivedRequest::Hello {
+                protocol_version, ..
+            } => {
+                if protocol_version.to_native() != PROTOCOL_VERSION {
+                    return error(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "client speaks protocol {}, server speaks {PROTOCOL_VERSION}",
+                            protocol_version.to_native()
+                        ),
+                    );
+                }
+                let node_name = self
+                    .topology
+                    .nodes
+                    .get(usize::from(self.node_index))
+                    .map(|node| node.name.clone());
+                Response::Hello {
+                    protocol_version: PROTOCOL_VERSION,
+                    node_id: self.node_id,
+                    server_name: node_name.unwrap_or_default(),
+                    topology: (*self.topology).clone(),
+                }
+            }
+            ArchivedRequest::Stats => {
+                let shard = self.shard.borrow();
+                let stats = shard.stats();
+                Response::Stats(CoreStats {
+                    node_id: self.node_id,
+                    core_id: self.core_id,
+                    key_count: shard.key_count() as u64,
+                    revision: shard.revision(),
+                    memory_bytes: shard.memory_bytes(),
+                    memory_bytes_max: shard.config().memory_bytes_max,
+                    request_count: stats.request_count,
+                    expired_count: stats.expired_count,
+                    connection_count: self.connection_count.load(Ordering::Relaxed) as u64,
+                })
+            }
+            _ => self.shard.borrow_mut().apply(now_ms, request),
+        }
+    }
+
+    /// The `WrongShard` answer for a key another node owns.
+    pub fn wrong_shard(&self, location: ShardLocation, slot: Slot) -> Response {
+        let owner_node = self.topology.node(location);
+        let owner_core = self.topology.core(location);
+        Response::Error(ErrorReply {
+            code: ErrorCode::WrongShard,
+            message: format!(
+                "slot {slot} is owned by node {} core {} (epoch {})",
+                owner_node.map_or(0, |node| node.node_id),
+                location.core_index,
+                self.topology.epoch
+            ),
+            wrong_shard: Some(WrongShard {
+                epoch: self.topology.epoch,
+                slot,
+                owner_node_id: owner_node.map_or(0, |node| node.node_id),
+                owner_core_id: location.core_index,
+                owner_address: owner_core
+                    .map(|core| core.address.clone())
+                    .unwrap_or_default(),
+            }),
+        })
+    }
+
+    /// Validates an archived request body that arrived from another thread and answers it.
+    /// Only requests that route to this core are executed; anything else is refused, since a
+    /// forward or an embedded caller has already routed.
+    pub fn respond_to_body(&self, now_ms: u64, body: &[u8]) -> Response {
+        let request = match codec::access_request(body) {
+            Ok(request) => request,
+            Err(protocol_error) => return error(protocol_error.code(), protocol_error.to_string()),
+        };
+        if let Err(request_error) = codec::check_request(request) {
+            return error(request_error.code(), request_error.to_string());
+        }
+        match self.route(request) {
+            Route::Here => self.respond_here(now_ms, request),
+            Route::Elsewhere(location, slot) => self.wrong_shard(location, slot),
+            Route::Core(core_id) => error(
+                ErrorCode::WrongShard,
+                format!(
+                    "request routed to core {} belongs to core {core_id}",
+                    self.core_id
+                ),
+            ),
+            Route::Split => error(
+                ErrorCode::WrongShard,
+                format!("batch sent to core {} spans several cores", self.core_id),
+            ),
+        }
+    }
+
+    /// Sends an archived request body to another core of this node and returns its reply.
+    /// The push happens now, before the returned future is first polled.
+    pub fn forward(&self, core_id: u16, body: &[u8]) -> PendingReply {
+        match self.dispatch(core_id, body) {
+            Ok(receiver) => Box::pin(async move {
+                match receiver.await {
+                    Ok(body) => Reply::Body(body),
+                    Err(oneshot::Canceled) => Reply::Response(shutting_down(core_id)),
+                }
+            }),
+            Err(response) => Box::pin(std::future::ready(Reply::Response(response))),
+        }
+    }
+
+    fn dispatch(
+        &self,
+        core_id: u16,
+        body: &[u8],
+    ) -> Result<oneshot::Receiver<FrameBuffer>, Response> {
+        let Some(inbox) = self.inboxes.get(usize::from(core_id)) else {
+            return Err(error(
+                ErrorCode::Internal,
+                format!("no core {core_id} on this node"),
+            ));
+        };
+        let mut copy = FrameBuffer::with_capacity(body.len());
+        copy.extend_from_slice(body);
+        let (reply, receiver) = oneshot::channel();
+        match inbox.push(CoreRequest { body: copy, reply }) {
+            Ok(()) => Ok(receiver),
+            Err(PushError::Full(_)) => Err(error(
+                ErrorCode::Overloaded,
+                format!(
+                    "core {core_id} inbox is full ({} requests)",
+                    inbox.capacity()
+                ),
+            )),
+            Err(PushError::Closed(_)) => Err(shutting_down(core_id)),
+        }
+    }
+
+    /// Splits a batch by owning core, runs this core's part now, forwards the others, and
+    /// returns a future that merges the parts back in request order.
+    pub fn split(&self, now_ms: u64, request: &ArchivedRequest) -> PendingReply {
+        let (kind, parts) = match self.split_parts(request) {
+            Ok(split) => split,
+            Err(response) => return Box::pin(std::future::ready(Reply::Response(response))),
+        };
+        let mut waiting = Vec::with_capacity(parts.len());
+        let mut total = 0;
+        for (core_id, indices, sub_request) in parts {
+            total += indices.len();
+            let mut body = FrameBuffer::new();
+            let part = match codec::encode_request_body(&mut body, &sub_request) {
+                Err(protocol_error) => {
+                    PartReply::Ready(error(protocol_error.code(), protocol_error.to_string()))
+                }
+                Ok(()) if core_id == self.core_id => {
+                    PartReply::Ready(self.respond_to_body(now_ms, &body))
+                }
+                Ok(()) => match self.dispatch(core_id, &body) {
+                    Ok(receiver) => PartReply::Waiting(core_id, receiver),
+                    Err(response) => PartReply::Ready(response),
+                },
+            };
+            waiting.push((indices, part));
+        }
+        Box::pin(async move { Reply::Response(merge_parts(kind, total, waiting).await) })
+    }
+
+    #[allow(clippy::type_complexity, reason = "private helper")]
+    fn split_parts(
+        &self,
+        request: &ArchivedRequest,
+    ) -> Result<(BatchKind, Vec<(u16, Vec<usize>, Request)>), Response> {
+        let keys: Vec<&[u8]> = match request {
+            ArchivedRequest::MultiGet { keys } | ArchivedRequest::MultiDelete { keys } => {
+                keys.iter().map(rkyv::vec::ArchivedVec::as_slice).collect()
+            }
+            ArchivedRequest::MultiPut { entries } => {
+                entries.iter().map(|entry| entry.key.as_slice()).collect()
+            }
+            _ => return Err(error(ErrorCode::Internal, "only batches can be split")),
+        };
+        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
+            let core_id = match self.route_key(key) {
+                Route::Here => self.core_id,
+                Route::Core(core_id) => core_id,
+                Route::Elsewhere(location, slot) => return Err(self.wrong_shard(location, slot)),
+                Route::Split => return Err(error(ErrorCode::Internal, "a key cannot split")),
+            };
+            match groups
+                .iter_mut()
+                .find(|(group_core, _)| *group_core == core_id)
+            {
+                Some((_, indices)) => indices.push(index),
+                None => groups.push((core_id, vec![index])),
+            }
+        }
+        let owned_keys =
+            |indices: &[usize]| indices.iter().map(|&index| keys[index].to_vec()).collect();
+        let (kind, parts) = match request {
+            ArchivedRequest::MultiGet { .. } => (
+                BatchKind::Get,
+                groups
+                    .into_iter()
+                    .map(|(core_id, indices)| {
+                        let sub_request = Request::MultiGet {
+                            keys: owned_keys(&indices),
+                        };
+                        (core_id, indices, sub_request)
+                    })
+                    .collect(),
+            ),
+            ArchivedRequest::MultiDelete { .. } => (
+                BatchKind::Delete,
+                groups
+                    .into_iter()
+                    .map(|(core_id, indices)| {
+                        let sub_request = Request::MultiDelete {
+                            keys: owned_keys(&indices),
+                        };
+                        (core_id, indices, sub_request)
+                    })
+                    .collect(),
+            ),
+            ArchivedRequest::MultiPut { entries } => (
+                BatchKind::Put,
+                groups
+                    .into_iter()
+                    .map(|(core_id, indices)| {
+                        let sub_entries = indices
+                            .iter()
+                            .map(|&index| {
+                                let entry = &entries[index];
+                                PutEntry {
+                                    key: entry.key.to_vec(),
+                                    value: entry.value.to_vec(),
+                                    ttl_ms: entry.ttl_ms.as_ref().map(|ttl_ms| ttl_ms.to_native()),
+                                }
+                            })
+                            .collect();
+                        (
+                            core_id,
+                            indices,
+                            Request::MultiPut {
+                                entries: sub_entries,
+                            },
+                        )
+                    })
+                    .collect(),
+            ),
+            _ => return Err(error(ErrorCode::Internal, "only batches can be split")),
+        };
+        Ok((kind, parts))
+    }
+}
+
+/// Which batch a split belongs to, so the parts merge into the right answer.
+#[derive(Debug, Clone, Copy)]
+enum BatchKind {
+    Get,
+    Put,
+    Delete,
+}
+
+enum PartReply {
+    Ready(Response),
+    Waiting(u16, oneshot::Receiver<FrameBuffer>),
+}
+
+async fn merge_parts(
+    kind: BatchKind,
+    total: usize,
+    parts: Vec<(Vec<usize>, PartReply)>,
+) -> Response {
+    let mut values = vec![
+        None;
+        if matches!(kind, BatchKind::Get) {
+            total
+        } else {
+            0
+        }
+    ];
+    let mut versions = vec![
+        0;
+        if matches!(kind, BatchKind::Put) {
+            total
+        } else {
+            0
+        }
+    ];
+    let mut deleted = vec![
+        false;
+        if matches!(kind, BatchKind::Delete) {
+            total
+        } else {
+            0
+        }
+    ];
+    // Every part is awaited, even after one fails, so no reply is left unread; the first
+    // failure is reported. Parts that succeeded stay applied: a batch spanning cores is not
+    // atomic, which is why the smart client splits batches itself.
+    let mut failure = None;
+    for (indices, part) in parts {
+        let response = match part {
+            PartReply::Ready(response) => response,
+            PartReply::Waiting(core_id, receiver) => match receiver.await {
+                Ok(body) => codec::decode_response(&body).unwrap_or_else(|protocol_error| {
+                    error(ErrorCode::Internal, protocol_error.to_string())
+                }),
+                Err(oneshot::Canceled) => shutting_down(core_id),
+            },
+        };
+        match (kind, response) {
+            (BatchKind::Get, Response::Values(part_values))
+                if part_values.len() == indices.len() =>
+            {
+                for (index, value) in indices.into_iter().zip(part_values) {
+                    values[index] = value;
+                }
+            }
+            (
+                BatchKind::Put,
+                Response::MultiPut {
+                    versions: part_versions,
+                },
+            ) if part_versions.len() == indices.len() => {
+                for (index, version) in indices.into_iter().zip(part_versions) {
+                    versions[index] = version;
+                }
+            }
+            (
+                BatchKind::Delete,
+                Response::MultiDelete {
+                    deleted: part_deleted,
+                },
+            ) if part_deleted.len() == indices.len() => {
+                for (index, was_deleted) in indices.into_iter().zip(part_deleted) {
+                    deleted[index] = was_deleted;
+                }
+            }
+            (_, failed @ Response::Error(_)) => {
+                failure.get_or_insert(failed);
+            }
+            (_, other) => {
+                failure.get_or_insert(error(
+                    ErrorCode::Internal,
+                    format!("unexpected reply to a split batch part: {other:?}"),
+                ));
+            }
+        }
+    }
+    if let Some(failure) = failure {
+        return failure;
+    }
+    match kind {
+        BatchKind::Get => Response::Values(values),
+        BatchKind::Put => Response::MultiPut { versions },
+        BatchKind::Delete => Response::MultiDelete { deleted },
+    }
+}
+
+/// An error response with no routing detail.
+pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error(ErrorReply::new(code, message))
+}
+
+fn shutting_down(core_id: u16) -> Response {
+    error(
+        ErrorCode::ShuttingDown,
+        format!("core {core_id} is shutting down"),
+    )
+}
+
+/// Archives `response` as a body; a response over the frame limit becomes a `TooLarge` error.
+pub fn encode_reply_body(response: &Response) -> FrameBuffer {
+    let mut body = FrameBuffer::new();
+    if let Err(protocol_error) = codec::encode_response_body(&mut body, response) {
+        body.clear();
+        let refusal = error(
+            protocol_error.code(),
+            format!("reply refused: {protocol_error}"),
+        );
+        // An error reply is a few hundred bytes; it always fits.
+        let encoded = codec::encode_response_body(&mut body, &refusal);
+        debug_assert!(encoded.is_ok());
+    }
+    body
+}
+
+/// Answers requests from other threads until the inbox closes, then fires the core's stop.
+/// Requests already queued when the inbox closes are still answered.
+pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<CoreRequest>>) {
+    let mut batch = VecDeque::new();
+    while inbox.receive_batch(&mut batch).await {
+        let now_ms = crate::clock::now_unix_ms();
+        for (position, request) in batch.drain(..).enumerate() {
+            let response = context.respond_to_body(now_ms, &request.body);
+            // The caller may have given up (a dropped embedded future); that is not an error.
+            let _ = request.reply.send(encode_reply_body(&response));
+            if position % 64 == 63 {
+                glommio::executor().yield_if_needed().await;
+            }
+        }
+    }
+    context.stop.fire();
+}
+
+/// Reclaims expired keys every `tick_ms` until the core stops.
+pub async fn run_ticks(context: std::rc::Rc<CoreContext>) {
+    let tick = Duration::from_millis(context.config.tick_ms);
+    while context
+        .stop
+        .unless_fired(glommio::timer::sleep(tick))
+        .await
+        .is_some()
+    {
+        let expired_count = context.shard.borrow_mut().tick(crate::clock::now_unix_ms());
+        if expired_count > 0 {
+            tracing::trace!(expired_count, "reclaimed expired keys");
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Operating errors of the server: configuration, startup and run time. Programmer errors are
+//! assertions, not variants here. Messages carry the values involved.
+
+use std::path::PathBuf;
+
+/// The configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML for this schema.
+    #[error("cannot parse config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid setting {field}: {reason}")]
+    Invalid {
+        /// The setting's name, as in the TOML file.
+        field: &'static str,
+        /// Why it is refused.
+        reason: String,
+    },
+}
+
+/// The server could not start. Nothing is left running when this is returned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A core's listener could not bind.
+    #[error("core {core_id} cannot listen on {address}: {source}")]
+    Bind {
+        /// The core.
+        core_id: u16,
+        /// The address it tried.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A core's thread or executor could not start.
+    #[error("core {core_id} failed to start: {reason}")]
+    Core {
+        /// The core.
+        core_id: u16,
+        /// Why.
+        reason: String,
+    },
+    /// The topology built from the configuration is invalid (a bug or impossible settings).
+    #[error("invalid topology: {0}")]
+    Topology(#[from] tessera_protocol::TopologyError),
+}
+
+/// A core stopped abnormally while the server ran.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A core's executor returned an error.
+    #[error("core {core_id} failed: {reason}")]
+    CoreFailed {
+        /// The core.
+        core_id: u16,
+        /// Why.
+        reason: String,
+    },
+    /// A core's thread panicked (a broken invariant).
+    #[error("core {core_id} panicked")]
+    CorePanicked {
+        /// The core.
+        core_id: u16,
+    },
+}

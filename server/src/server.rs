@@ -1,0 +1,454 @@
+//! Starting and stopping a server: bind one listener per core, build the topology, start one
+//! pinned glommio executor per core, report readiness, and stop gracefully.
+//!
+//! Startup binds every listener on the calling thread first, so a taken port fails fast and
+//! port 0 (any free port, for tests) yields a topology with the real ports before any core
+//! serves. Each core then builds its executor itself and reports success or the reason it
+//! could not start; [`Server::start`] returns only when all cores are serving, or fails with
+//! nothing left running.
+//!
+//! Stopping closes every core's inbox. A core whose inbox closes answers what was queued,
+//! stops accepting, lets each connection answer what it read, and exits.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use glommio::sync::Gate;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+use tessera_protocol::{split_slots, CoreInfo, NodeInfo, RouteTable, Topology};
+
+use crate::config::Config;
+use crate::core::{run_ticks, serve_inbox, CoreContext, CoreInboxes};
+use crate::error::{ServerError, StartError};
+use crate::inbox::Inbox;
+use crate::runtime::LocalSignal;
+use crate::shard::{Shard, ShardConfig};
+
+/// Backlog of each core's listening socket.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// Longest a core may take to start before startup is abandoned.
+const CORE_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether cores listen on the network or only serve in-process callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One TCP listener per core.
+    Network,
+    /// No listeners: requests arrive only through the cores' inboxes (embedded mode).
+    Embedded,
+}
+
+/// Something the process owning the server should react to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerEvent {
+    /// A core's executor returned; unless shutdown was requested, the server is broken.
+    CoreExited {
+        /// The core.
+        core_id: u16,
+    },
+    /// A termination signal arrived (posted by the binary's signal thread).
+    Signal(i32),
+}
+
+/// What a core had done when it stopped, as reported by [`Server::shutdown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreSummary {
+    /// The core.
+    pub core_id: u16,
+    /// Mutations the core's shard applied (its final revision).
+    pub revision: u64,
+    /// Entries held when it stopped.
+    pub key_count: usize,
+    /// Requests the shard applied.
+    pub request_count: u64,
+}
+
+/// A running server. Dropping it stops it.
+#[derive(Debug)]
+pub struct Server {
+    topology: Arc<Topology>,
+    inboxes: CoreInboxes,
+    threads: Vec<(u16, JoinHandle<Result<CoreSummary, String>>)>,
+    events: mpsc::Receiver<ServerEvent>,
+    events_sender: mpsc::Sender<ServerEvent>,
+}
+
+struct CoreStart {
+    core_id: u16,
+    cpu: Option<usize>,
+    listener: Option<OwnedFd>,
+    shard_config: ShardConfig,
+    topology: Arc<Topology>,
+    inboxes: CoreInboxes,
+    config: Arc<Config>,
+    connection_count: Arc<AtomicUsize>,
+    ready: mpsc::Sender<(u16, Result<(), String>)>,
+    events: mpsc::Sender<ServerEvent>,
+}
+
+impl Server {
+    /// Starts a server that listens on the network.
+    ///
+    /// # Errors
+    /// Invalid configuration, a port that cannot be bound, or a core that cannot start.
+    pub fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_with_mode(config, Mode::Network)
+    }
+
+    /// Starts a server in `mode`.
+    ///
+    /// # Errors
+    /// Invalid configuration, a port that cannot be bound, or a core that cannot start.
+    pub fn start_with_mode(config: Config, mode: Mode) -> Result<Self, StartError> {
+        config.validate()?;
+        let config = Arc::new(config);
+        let core_count = config.cores;
+        let listeners = match mode {
+            Mode::Network => bind_listeners(&config)?,
+            Mode::Embedded => Vec::new(),
+        };
+        let topology = Arc::new(build_topology(&config, &listeners)?);
+        RouteTable::new(&topology)?;
+        let online_cpus = online_cpus();
+        let inboxes: CoreInboxes = (0..core_count)
+            .map(|_| Arc::new(Inbox::new(config.inbox_capacity)))
+            .collect::<Vec<_>>()
+            .into();
+        let connection_count = Arc::new(AtomicUsize::new(0));
+        let (ready_sender, ready) = mpsc::channel();
+        let (events_sender, events) = mpsc::channel();
+        let mut server = Self {
+            topology: topology.clone(),
+            inboxes: inboxes.clone(),
+            threads: Vec::with_capacity(core_count),
+            events,
+            events_sender: events_sender.clone(),
+        };
+        let mut listeners = listeners
+            .into_iter()
+            .map(|(_, socket)| OwnedFd::from(socket));
+        for core_index in 0..core_count {
+            // core_count <= CORE_COUNT_MAX, which fits u16 (validated).
+            let core_id = u16::try_from(core_index).map_err(|_| StartError::Core {
+                core_id: u16::MAX,
+                reason: format!("core index {core_index} does not fit"),
+            })?;
+            let cpu = config.cpu_for_core(core_index).or_else(|| {
+                online_cpus
+                    .get(core_index % online_cpus.len().max(1))
+                    .copied()
+            });
+            let start = CoreStart {
+                core_id,
+                cpu,
+                listener: listeners.next(),
+                shard_config: ShardConfig {
+                    node_id: config.node_id,
+                    shard_id: core_id,
+                    slots: topology.nodes[0].cores[core_index].slots,
+                    memory_bytes_max: config.memory_bytes_max_per_core(),
+                    expired_per_tick_max: config.expired_per_tick_max,
+                },
+                topology: topology.clone(),
+                inboxes: inboxes.clone(),
+                config: config.clone(),
+                connection_count: connection_count.clone(),
+                ready: ready_sender.clone(),
+                events: events_sender.clone(),
+            };
+            let thread = std::thread::Builder::new()
+                .name(format!("tessera-core-{core_id}"))
+                .spawn(move || run_core_thread(start))
+                .map_err(|spawn_error| StartError::Core {
+                    core_id,
+                    reason: format!("cannot spawn thread: {spawn_error}"),
+                })?;
+            server.threads.push((core_id, thread));
+        }
+        drop(ready_sender);
+        for _ in 0..core_count {
+            match ready.recv_timeout(CORE_START_TIMEOUT) {
+                Ok((_, Ok(()))) => {}
+                Ok((core_id, Err(reason))) => return Err(StartError::Core { core_id, reason }),
+                Err(_) => {
+                    return Err(StartError::Core {
+                        core_id: u16::MAX,
+                        reason: format!("cores did not start within {CORE_START_TIMEOUT:?}"),
+                    })
+                }
+            }
+        }
+        tracing::info!(
+            cores = core_count,
+            addresses = ?server.addresses(),
+            "server ready"
+        );
+        Ok(server)
+    }
+
+    /// The topology this server serves.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Each core's advertised address, in core order.
+    pub fn addresses(&self) -> Vec<String> {
+        self.topology.nodes[0]
+            .cores
+            .iter()
+            .map(|core| core.address.clone())
+            .collect()
+    }
+
+    /// Every core's inbox, for in-process callers (embedded mode).
+    pub fn inboxes(&self) -> CoreInboxes {
+        self.inboxes.clone()
+    }
+
+    /// A sender the owning process uses to post events (signals) to [`Server::next_event`].
+    pub fn event_sender(&self) -> mpsc::Sender<ServerEvent> {
+        self.events_sender.clone()
+    }
+
+    /// Blocks until a core exits or an event is posted.
+    pub fn next_event(&self) -> Option<ServerEvent> {
+        self.events.recv().ok()
+    }
+
+    /// Stops every core gracefully, waits for them, and returns what each had done.
+    ///
+    /// # Errors
+    /// A core failed or panicked while running or stopping.
+    pub fn shutdown(mut self) -> Result<Vec<CoreSummary>, ServerError> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Result<Vec<CoreSummary>, ServerError> {
+        for inbox in self.inboxes.iter() {
+            inbox.close();
+        }
+        let mut first_error = None;
+        let mut summaries = Vec::with_capacity(self.threads.len());
+        for (core_id, thread) in self.threads.drain(..) {
+            let outcome = match thread.join() {
+                Ok(Ok(summary)) => {
+                    summaries.push(summary);
+                    continue;
+                }
+                Ok(Err(reason)) => ServerError::CoreFailed { core_id, reason },
+                Err(_) => ServerError::CorePanicked { core_id },
+            };
+            tracing::error!(%outcome, "core stopped abnormally");
+            first_error.get_or_insert(outcome);
+        }
+        first_error.map_or(Ok(summaries), Err)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            let _ = self.stop_and_join();
+        }
+    }
+}
+
+fn bind_listeners(config: &Config) -> Result<Vec<(SocketAddr, Socket)>, StartError> {
+    (0..config.cores)
+        .map(|core_index| {
+            let core_id = u16::try_from(core_index).unwrap_or(u16::MAX);
+            let port = if config.port == 0 {
+                0
+            } else {
+                // validate() checked that port + cores - 1 <= 65535.
+                config.port + core_id
+            };
+            let address_text = format!("{}:{port}", config.host);
+            let bind_error = |source| StartError::Bind {
+                core_id,
+                address: address_text.clone(),
+                source,
+            };
+            let address = address_text
+                .to_socket_addrs()
+                .map_err(bind_error)?
+                .next()
+                .ok_or_else(|| bind_error(std::io::Error::other("address resolves to nothing")))?;
+            let socket = Socket::new(
+                Domain::for_address(address),
+                Type::STREAM,
+                Some(Protocol::TCP),
+            )
+            .map_err(bind_error)?;
+            socket.set_reuse_address(true).map_err(bind_error)?;
+            socket.set_tcp_nodelay(true).map_err(bind_error)?;
+            socket.bind(&address.into()).map_err(bind_error)?;
+            socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
+            socket.set_nonblocking(true).map_err(bind_error)?;
+            let local = socket
+                .local_addr()
+                .map_err(bind_error)?
+                .as_socket()
+                .ok_or_else(|| bind_error(std::io::Error::other("not an IP socket")))?;
+            Ok((local, socket))
+        })
+        .collect()
+}
+
+fn build_topology(
+    config: &Config,
+    listeners: &[(SocketAddr, Socket)],
+) -> Result<Topology, StartError> {
+    let ranges = split_slots(config.cores);
+    let cores = ranges
+        .into_iter()
+        .enumerate()
+        .map(|(core_index, slots)| {
+            let address = match listeners.get(core_index) {
+                Some((local, _)) => format_address(config.advertised_host(), local.port()),
+                None => format!("embedded:{core_index}"),
+            };
+            CoreInfo {
+                core_id: u16::try_from(core_index).unwrap_or(u16::MAX),
+                address,
+                slots,
+            }
+        })
+        .collect();
+    let topology = Topology {
+        epoch: 1,
+        nodes: vec![NodeInfo {
+            node_id: config.node_id,
+            name: config.name.clone(),
+            cores,
+        }],
+    };
+    topology.check()?;
+    Ok(topology)
+}
+
+fn format_address(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn online_cpus() -> Vec<usize> {
+    let mut cpus: Vec<usize> = glommio::CpuSet::online()
+        .map(|set| set.iter().map(|location| location.cpu).collect())
+        .unwrap_or_default();
+    cpus.sort_unstable();
+    cpus
+}
+
+fn run_core_thread(start: CoreStart) -> Result<CoreSummary, String> {
+    let span = tracing::info_span!("core", id = start.core_id);
+    let _entered = span.enter();
+    let placement = start.cpu.map_or(Placement::Unbound, Placement::Fixed);
+    let executor = LocalExecutorBuilder::new(placement)
+        .name(&format!("tessera-core-{}", start.core_id))
+        .io_memory(start.config.io_memory_bytes)
+        .make();
+    let executor = match executor {
+        Ok(executor) => executor,
+        Err(executor_error) => {
+            let cpu = start
+                .cpu
+                .map_or_else(|| "any cpu".to_owned(), |cpu| format!("cpu {cpu}"));
+            let reason = format!("cannot create an executor on {cpu}: {executor_error}");
+            let _ = start.ready.send((start.core_id, Err(reason.clone())));
+            let _ = start.events.send(ServerEvent::CoreExited {
+                core_id: start.core_id,
+            });
+            return Err(reason);
+        }
+    };
+    let core_id = start.core_id;
+    let events = start.events.clone();
+    let summary = executor.run(run_core(start));
+    let _ = events.send(ServerEvent::CoreExited { core_id });
+    let summary = summary.ok_or_else(|| "core did not finish starting".to_owned())?;
+    tracing::info!(
+        revision = summary.revision,
+        key_count = summary.key_count,
+        request_count = summary.request_count,
+        "core stopped"
+    );
+    Ok(summary)
+}
+
+async fn run_core(start: CoreStart) -> Option<CoreSummary> {
+    let listener = start.listener.map(|fd| {
+        // SAFETY: the descriptor is a listening TCP socket this process owns; ownership moves
+        // from the OwnedFd into the glommio listener, which closes it.
+        unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
+    });
+    let routes = match RouteTable::new(&start.topology) {
+        Ok(routes) => routes,
+        Err(topology_error) => {
+            let _ = start
+                .ready
+                .send((start.core_id, Err(topology_error.to_string())));
+            return None;
+        }
+    };
+    let inbox = start.inboxes[usize::from(start.core_id)].clone();
+    let context = Rc::new(CoreContext {
+        node_id: start.config.node_id,
+        node_index: 0,
+        core_id: start.core_id,
+        topology: start.topology,
+        routes,
+        shard: std::cell::RefCell::new(Shard::new(start.shard_config, crate::clock::now_unix_ms())),
+        inboxes: start.inboxes,
+        config: start.config.clone(),
+        connection_count: start.connection_count,
+        stop: LocalSignal::new(),
+    });
+    let inbox_task = glommio::spawn_local(serve_inbox(context.clone(), inbox));
+    let tick_task = glommio::spawn_local(run_ticks(context.clone()));
+    let _ = start.ready.send((start.core_id, Ok(())));
+    let gate = Rc::new(Gate::new());
+    match listener {
+        Some(listener) => {
+            crate::net::listener::accept_loop(context.clone(), listener, gate.clone()).await;
+        }
+        None => context.stop.wait().await,
+    }
+    let timeout = Duration::from_millis(start.config.shutdown_timeout_ms);
+    let finished = futures_lite::future::or(
+        async {
+            let _ = gate.close().await;
+            true
+        },
+        async {
+            glommio::timer::sleep(timeout).await;
+            false
+        },
+    )
+    .await;
+    if !finished {
+        tracing::warn!(
+            ?timeout,
+            "connections still open after the shutdown timeout; closing"
+        );
+    }
+    inbox_task.await;
+    tick_task.await;
+    let shard = context.shard.borrow();
+    Some(CoreSummary {
+        core_id: context.core_id,
+        revision: shard.revision(),
+        key_count: shard.key_count(),
+        request_count: shard.stats().request_count,
+    })
+}

@@ -1,0 +1,508 @@
+//! One core's shard: every key whose slot falls in the shard's range, their TTL timers and the
+//! shard's revision counter.
+//!
+//! The shard is sans-I/O, in the style of raft-rs's `RawNode`: [`Shard::apply`] takes the
+//! current time and a validated request and returns the response, synchronously and to
+//! completion; [`Shard::tick`] reclaims expired keys. It never reads a clock, never awaits and
+//! never touches another shard, so tests drive it with an explicit `now_ms`.
+//!
+//! **Invariants**
+//! - Every mutation (put, delete, expire, persist, reclaiming an expired key, a batch on this
+//!   shard) increments `revision` exactly once, and entries it writes carry that revision as
+//!   their version.
+//! - An entry has a pending wheel timer if and only if it has an expiry, and the timer's id is
+//!   the one stored in the entry.
+//! - An expired entry is never returned, whether or not its timer has fired yet.
+//! - The caller only hands the shard keys whose slot is in `slots` (checked in debug builds).
+
+pub mod store;
+pub mod timer_wheel;
+
+use ahash::AHashSet;
+use tessera_protocol::message::{ArchivedPutEntry, ArchivedRequest};
+use tessera_protocol::{
+    ArchivedPutCondition, Entry, ErrorCode, ErrorReply, PutCondition, Response, SlotRange, TtlState,
+};
+
+use self::store::{entry_cost, Expiry, Store, StoredEntry};
+use self::timer_wheel::{TimerId, TimerWheel};
+
+/// Index of a shard (core) within its node.
+pub type ShardId = u16;
+
+/// What a shard is told when it is created.
+#[derive(Debug, Clone)]
+pub struct ShardConfig {
+    /// The node this shard belongs to, reported in pings.
+    pub node_id: u32,
+    /// This shard's index within the node.
+    pub shard_id: ShardId,
+    /// The slots this shard owns.
+    pub slots: SlotRange,
+    /// Budget for stored entries, in bytes (see [`store::entry_cost`]).
+    pub memory_bytes_max: u64,
+    /// Most keys one [`Shard::tick`] reclaims, so a mass expiry cannot stall the core.
+    pub expired_per_tick_max: usize,
+}
+
+/// Counters a shard keeps about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardStats {
+    /// Requests applied.
+    pub request_count: u64,
+    /// Keys removed because their TTL passed.
+    pub expired_count: u64,
+    /// Writes refused because the memory budget was used up.
+    pub refused_full_count: u64,
+}
+
+/// One core's keys, timers and revision.
+#[derive(Debug)]
+pub struct Shard {
+    config: ShardConfig,
+    store: Store,
+    wheel: TimerWheel<Box<[u8]>>,
+    revision: u64,
+    /// Reused by `tick` so reclaiming keys allocates nothing once warm.
+    expired_buffer: Vec<(TimerId, u64, Box<[u8]>)>,
+    stats: ShardStats,
+}
+
+impl Shard {
+    /// An empty shard whose clock starts at `now_ms`.
+    pub fn new(config: ShardConfig, now_ms: u64) -> Self {
+        assert!(
+            !config.slots.is_empty(),
+            "shard {} owns no slot",
+            config.shard_id
+        );
+        assert!(
+            config.expired_per_tick_max > 0,
+            "expired_per_tick_max must be positive"
+        );
+        Self {
+            store: Store::new(config.memory_bytes_max),
+            wheel: TimerWheel::new(now_ms),
+            revision: 0,
+            expired_buffer: Vec::new(),
+            stats: ShardStats::default(),
+            config,
+        }
+    }
+
+    /// Applies one validated request at time `now_ms` and returns its response.
+    ///
+    /// The request must have passed `codec::check_request`; sizes are not checked again.
+    /// `Hello` is answered by the node, not the shard, and is refused here.
+    pub fn apply(&mut self, now_ms: u64, request: &ArchivedRequest) -> Response {
+        self.stats.request_count += 1;
+        match request {
+            ArchivedRequest::Hello { .. } | ArchivedRequest::Stats => {
+                Response::Error(ErrorReply::new(
+                    ErrorCode::Internal,
+                    "hello and stats are answered by the core",
+                ))
+            }
+            ArchivedRequest::Ping => Response::Pong {
+                node_id: self.config.node_id,
+                core_id: self.config.shard_id,
+            },
+            ArchivedRequest::Get { key } => Response::Value(self.get(now_ms, key)),
+            ArchivedRequest::Put(put) => {
+                let condition = match put.condition {
+                    ArchivedPutCondition::Always => PutCondition::Always,
+                    ArchivedPutCondition::IfAbsent => PutCondition::IfAbsent,
+                    ArchivedPutCondition::IfPresent => PutCondition::IfPresent,
+                };
+                self.put(
+                    now_ms,
+                    &put.key,
+                    &put.value,
+                    put.ttl_ms.as_ref().map(|ttl_ms| ttl_ms.to_native()),
+                    put.keep_ttl,
+                    condition,
+                    put.return_previous,
+                )
+            }
+            ArchivedRequest::Delete {
+                key,
+                return_previous,
+            } => self.delete(now_ms, key, *return_previous),
+            ArchivedRequest::Exists { key } => Response::Exists {
+                exists: self.live_entry(now_ms, key).is_some(),
+            },
+            ArchivedRequest::Expire { key, ttl_ms } => {
+                self.set_ttl(now_ms, key, Some(now_ms.saturating_add(ttl_ms.to_native())))
+            }
+            ArchivedRequest::Persist { key } => self.set_ttl(now_ms, key, None),
+            ArchivedRequest::Ttl { key } => Response::Ttl(self.ttl(now_ms, key)),
+            ArchivedRequest::MultiGet { keys } => {
+                Response::Values(keys.iter().map(|key| self.get(now_ms, key)).collect())
+            }
+            ArchivedRequest::MultiPut { entries } => self.multi_put(now_ms, entries),
+            ArchivedRequest::MultiDelete { keys } => {
+                let mut deleted = Vec::with_capacity(keys.len());
+                for key in keys.iter() {
+                    self.reclaim_if_expired(now_ms, key);
+                    deleted.push(self.remove_entry(key).is_some());
+                }
+                // A batch on one shard is one revision, however many keys it removed.
+                if deleted.contains(&true) {
+                    self.revision += 1;
+                }
+                Response::MultiDelete { deleted }
+            }
+        }
+    }
+
+    /// Reclaims keys whose TTL passed by `now_ms`, at most `expired_per_tick_max` per call, and
+    /// returns how many it removed. Keys left over are reclaimed by later ticks; until then
+    /// reads already treat them as absent.
+    pub fn tick(&mut self, now_ms: u64) -> usize {
+        let mut expired = std::mem::take(&mut self.expired_buffer);
+        self.wheel
+            .advance(now_ms, self.config.expired_per_tick_max, &mut expired);
+        let expired_count = expired.len();
+        for (timer, deadline_ms, key) in expired.drain(..) {
+            let entry = self.store.get(&key);
+            let stored_timer = entry
+                .and_then(|entry| entry.expiry)
+                .map(|expiry| expiry.timer);
+            assert!(
+                stored_timer == Some(timer),
+                "fired timer {timer:?} (deadline_ms={deadline_ms}) does not match the entry's \
+                 timer {stored_timer:?}"
+            );
+            self.store.remove(&key);
+            self.revision += 1;
+        }
+        self.stats.expired_count += expired_count as u64;
+        self.expired_buffer = expired;
+        expired_count
+    }
+
+    /// The shard's revision: the number of mutations applied so far.
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// Entries held, including expired ones not yet reclaimed.
+    pub fn key_count(&self) -> usize {
+        self.store.len()
+    }
+
+    /// Pending TTL timers.
+    pub fn timer_count(&self) -> usize {
+        self.wheel.len()
+    }
+
+    /// Bytes charged against the memory budget.
+    pub fn memory_bytes(&self) -> u64 {
+        self.store.memory_bytes()
+    }
+
+    /// The shard's counters.
+    pub fn stats(&self) -> ShardStats {
+        self.stats
+    }
+
+    /// The shard's configuration.
+    pub fn config(&self) -> &ShardConfig {
+        &self.config
+    }
+
+    /// Checks the invariants that cost O(n): the memory charge and the timer count. For tests.
+    pub fn check_invariants(&self) {
+        assert_eq!(
+            self.store.memory_bytes(),
+            self.store.memory_bytes_recomputed()
+        );
+    }
+
+    fn debug_check_owned(&self, key: &[u8]) {
+        debug_assert!(
+            self.config
+                .slots
+                .contains(tessera_protocol::slot_for_key(key)),
+            "shard {} (slots {}) handed a key of slot {}",
+            self.config.shard_id,
+            self.config.slots,
+            tessera_protocol::slot_for_key(key)
+        );
+    }
+
+    /// The entry for `key` if it exists and has not expired.
+    fn live_entry(&self, now_ms: u64, key: &[u8]) -> Option<&StoredEntry> {
+        self.debug_check_owned(key);
+        self.store
+            .get(key)
+            .filter(|entry| !entry.is_expired(now_ms))
+    }
+
+    fn get(&self, now_ms: u64, key: &[u8]) -> Option<Entry> {
+        self.live_entry(now_ms, key).map(to_entry)
+    }
+
+    /// Removes `key` now if it has expired but its timer has not fired yet, so a write finds
+    /// the same state a reader sees. Reclaiming is a mutation like the timer's.
+    fn reclaim_if_expired(&mut self, now_ms: u64, key: &[u8]) {
+        if self
+            .store
+            .get(key)
+            .is_some_and(|entry| entry.is_expired(now_ms))
+        {
+            self.remove_entry(key);
+            self.revision += 1;
+            self.stats.expired_count += 1;
+        }
+    }
+
+    /// Removes an entry and its timer without touching the revision.
+    fn remove_entry(&mut self, key: &[u8]) -> Option<StoredEntry> {
+        let entry = self.store.remove(key)?;
+        if let Some(expiry) = entry.expiry {
+            let cancelled = self.wheel.cancel(expiry.timer);
+            assert!(
+                cancelled.is_some(),
+                "entry's timer {:?} was not pending",
+                expiry.timer
+            );
+        }
+        Some(entry)
+    }
+
+    /// Stores `value` under `key` at `version`, replacing any entry and its timer.
+    fn write_entry(&mut self, key: &[u8], value: &[u8], deadline_ms: Option<u64>, version: u64) {
+        if let Some(expiry) = self.store.get(key).and_then(|entry| entry.expiry) {
+            let cancelled = self.wheel.cancel(expiry.timer);
+            assert!(
+                cancelled.is_some(),
+                "entry's timer {:?} was not pending",
+                expiry.timer
+            );
+        }
+        let expiry = deadline_ms.map(|deadline_ms| Expiry {
+            deadline_ms,
+            timer: self.wheel.insert(deadline_ms, Box::from(key)),
+        });
+        self.store.insert(
+            key,
+            StoredEntry {
+                value: Box::from(value),
+                version,
+                expiry,
+            },
+        );
+    }
+
+    fn store_full(&mut self, needed_bytes: u64) -> Response {
+        self.stats.refused_full_count += 1;
+        Response::Error(ErrorReply::new(
+            ErrorCode::StoreFull,
+            format!(
+                "shard {} memory budget exhausted: {} of {} bytes used, write needs {needed_bytes} more",
+                self.config.shard_id,
+                self.store.memory_bytes(),
+                self.store.memory_bytes_max()
+            ),
+        ))
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "mirrors the fields of a Put request"
+    )]
+    fn put(
+        &mut self,
+        now_ms: u64,
+        key: &[u8],
+        value: &[u8],
+        ttl_ms: Option<u64>,
+        keep_ttl: bool,
+        condition: PutCondition,
+        return_previous: bool,
+    ) -> Response {
+        self.reclaim_if_expired(now_ms, key);
+        let current = self.live_entry(now_ms, key);
+        let previous = if return_previous {
+            current.map(to_entry)
+        } else {
+            None
+        };
+        let condition_holds = match condition {
+            PutCondition::Always => true,
+            PutCondition::IfAbsent => current.is_none(),
+            PutCondition::IfPresent => current.is_some(),
+        };
+        if !condition_holds {
+            let version = current.map_or(0, |entry| entry.version);
+            return Response::Put {
+                applied: false,
+                version,
+                previous,
+            };
+        }
+        let deadline_ms = match ttl_ms {
+            Some(ttl_ms) => Some(now_ms.saturating_add(ttl_ms)),
+            None if keep_ttl => current.and_then(StoredEntry::deadline_ms),
+            None => None,
+        };
+        let cost_new = entry_cost(key.len(), value.len(), deadline_ms.is_some());
+        let cost_old = self.store.cost_of(key);
+        if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
+            return self.store_full(cost_new - cost_old);
+        }
+        self.revision += 1;
+        let version = self.revision;
+        self.write_entry(key, value, deadline_ms, version);
+        Response::Put {
+            applied: true,
+            version,
+            previous,
+        }
+    }
+
+    fn delete(&mut self, now_ms: u64, key: &[u8], return_previous: bool) -> Response {
+        self.reclaim_if_expired(now_ms, key);
+        match self.remove_entry(key) {
+            Some(entry) => {
+                self.revision += 1;
+                let previous = if return_previous {
+                    Some(into_entry(entry))
+                } else {
+                    None
+                };
+                Response::Delete {
+                    deleted: true,
+                    previous,
+                }
+            }
+            None => Response::Delete {
+                deleted: false,
+                previous: None,
+            },
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) a live key's deadline.
+    fn set_ttl(&mut self, now_ms: u64, key: &[u8], deadline_ms: Option<u64>) -> Response {
+        self.reclaim_if_expired(now_ms, key);
+        let Some(entry) = self.live_entry(now_ms, key) else {
+            return Response::Expiry {
+                applied: false,
+                version: 0,
+            };
+        };
+        let current_expiry = entry.expiry;
+        if deadline_ms.is_none() && current_expiry.is_none() {
+            // Persisting a key that never expires changes nothing, so it is not a mutation.
+            return Response::Expiry {
+                applied: false,
+                version: entry.version,
+            };
+        }
+        if current_expiry.is_none() {
+            let timer_cost = entry_cost(key.len(), 0, true) - entry_cost(key.len(), 0, false);
+            if !self.store.has_room_for(timer_cost) {
+                return self.store_full(timer_cost);
+            }
+        }
+        if let Some(expiry) = current_expiry {
+            let cancelled = self.wheel.cancel(expiry.timer);
+            assert!(
+                cancelled.is_some(),
+                "entry's timer {:?} was not pending",
+                expiry.timer
+            );
+        }
+        let expiry = deadline_ms.map(|deadline_ms| Expiry {
+            deadline_ms,
+            timer: self.wheel.insert(deadline_ms, Box::from(key)),
+        });
+        self.store.set_expiry(key, expiry);
+        self.revision += 1;
+        let version = self.revision;
+        if let Some(entry) = self.store.get_mut(key) {
+            entry.version = version;
+        }
+        Response::Expiry {
+            applied: true,
+            version,
+        }
+    }
+
+    fn ttl(&self, now_ms: u64, key: &[u8]) -> TtlState {
+        match self.live_entry(now_ms, key) {
+            None => TtlState::Missing,
+            Some(entry) => match entry.deadline_ms() {
+                None => TtlState::Persistent,
+                Some(expires_at_ms) => TtlState::Expiring {
+                    remaining_ms: expires_at_ms.saturating_sub(now_ms),
+                    expires_at_ms,
+                },
+            },
+        }
+    }
+
+    /// Writes every entry at one new revision, or none if the budget cannot hold them all.
+    fn multi_put(
+        &mut self,
+        now_ms: u64,
+        entries: &rkyv::vec::ArchivedVec<ArchivedPutEntry>,
+    ) -> Response {
+        if entries.is_empty() {
+            return Response::MultiPut {
+                versions: Vec::new(),
+            };
+        }
+        for entry in entries.iter() {
+            self.reclaim_if_expired(now_ms, &entry.key);
+        }
+        // The budget check counts each distinct key's old cost once and its last write's cost,
+        // since a later entry for the same key replaces an earlier one.
+        let mut seen: AHashSet<&[u8]> = AHashSet::with_capacity(entries.len());
+        let mut cost_new = 0_u64;
+        let mut cost_old = 0_u64;
+        for entry in entries.iter().rev() {
+            if seen.insert(entry.key.as_slice()) {
+                let has_expiry = entry.ttl_ms.is_some();
+                cost_new += entry_cost(entry.key.len(), entry.value.len(), has_expiry);
+                cost_old += self.store.cost_of(&entry.key);
+            }
+        }
+        if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
+            return self.store_full(cost_new - cost_old);
+        }
+        self.revision += 1;
+        let version = self.revision;
+        for entry in entries.iter() {
+            let deadline_ms = entry
+                .ttl_ms
+                .as_ref()
+                .map(|ttl_ms| now_ms.saturating_add(ttl_ms.to_native()));
+            self.write_entry(&entry.key, &entry.value, deadline_ms, version);
+        }
+        Response::MultiPut {
+            versions: vec![version; entries.len()],
+        }
+    }
+}
+
+fn to_entry(entry: &StoredEntry) -> Entry {
+    Entry {
+        value: entry.value.to_vec(),
+        version: entry.version,
+        expires_at_ms: entry.deadline_ms(),
+    }
+}
+
+fn into_entry(entry: StoredEntry) -> Entry {
+    Entry {
+        expires_at_ms: entry.deadline_ms(),
+        value: entry.value.into_vec(),
+        version: entry.version,
+    }
+}
+
+#[cfg(test)]
+mod tests;
