@@ -1,0 +1,96 @@
+//! The client's error type. Every error says whether the request certainly did not apply
+//! (retryable), may or may not have applied (indeterminate), or will fail again (fatal).
+
+use std::time::Duration;
+
+use tessera_protocol::{ErrorCode, ProtocolError, RequestError};
+
+/// What went wrong with a request.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("server error {code}: {message}")]
+    Server {
+        /// The wire code; branch on this.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The request was refused before sending: an argument is out of the protocol's limits.
+    #[error("invalid request: {0}")]
+    InvalidRequest(#[from] RequestError),
+    /// No connection could be made; nothing was sent.
+    #[error("cannot connect to {address}: {reason}")]
+    Connect {
+        /// The address tried.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// The connection broke after the request was sent: it may or may not have applied.
+    #[error("connection to {address} lost before the reply")]
+    Disconnected {
+        /// The server's address.
+        address: String,
+    },
+    /// No reply arrived in time: the request may or may not have applied.
+    #[error("no reply from {address} within {timeout:?}")]
+    Timeout {
+        /// The server's address.
+        address: String,
+        /// The limit that passed.
+        timeout: Duration,
+    },
+    /// The server sent bytes that are not a valid frame or message.
+    #[error("protocol error from {address}: {error}")]
+    Protocol {
+        /// The server's address.
+        address: String,
+        /// What was wrong.
+        error: ProtocolError,
+    },
+    /// The server's reply does not fit the request (a server bug).
+    #[error("unexpected reply: {0}")]
+    UnexpectedReply(String),
+    /// The cluster topology could not be obtained or is unusable.
+    #[error("topology unavailable: {0}")]
+    Topology(String),
+    /// The client (or its embedded server) has been shut down.
+    #[error("client is shut down")]
+    ShutDown,
+}
+
+impl ClientError {
+    /// Whether the request certainly had no effect and may be sent again.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Server { code, .. } => code.is_retryable(),
+            Self::Connect { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the request was sent but its outcome is unknown.
+    #[must_use]
+    pub fn is_indeterminate(&self) -> bool {
+        match self {
+            Self::Disconnected { .. } | Self::Timeout { .. } => true,
+            Self::Server { code, .. } => *code == ErrorCode::Internal,
+            _ => false,
+        }
+    }
+
+    /// The server's error code, if the server answered with an error.
+    #[must_use]
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Result of a client call.
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;

@@ -1,0 +1,779 @@
+//! The Tessera smart client.
+//!
+//! A [`Client`] fetches the cluster topology on connect, hashes each key to its slot
+//! (`crc32(hash_tag(key)) mod 16384`, shared with the server through `tessera-protocol`) and
+//! sends the request straight to the node and core that owns it, over one multiplexed,
+//! pipelined connection per core. When a server answers `WrongShard` the client refreshes the
+//! topology and retries, a bounded number of times. Batches are split per owning core.
+//!
+//! The async API runs on tokio and does not pull glommio into your process. [`BlockingClient`]
+//! wraps it for scripts and the CLI. With the `embedded` feature, [`Client::embedded`] runs
+//! the server's shards inside your process with the same API and semantics, and no server.
+//!
+//! Errors tell apart requests that certainly did not apply ([`ClientError::is_retryable`]),
+//! requests whose outcome is unknown ([`ClientError::is_indeterminate`]) and fatal ones.
+//!
+//! # Layout
+//! - `connection`: one pipelined TCP connection per core, replies matched by request id.
+//! - `routing`: the topology, its route table, and a transport per core.
+//! - `transport`: network or in-process path to one core.
+//! - `embedded`: shards in this process (feature `embedded`).
+//! - [`blocking`]: a synchronous wrapper.
+//! - [`error`]: the [`ClientError`] type.
+//!
+//! # Example
+//! ```no_run
+//! # async fn example() -> tessera_client::Result<()> {
+//! use std::time::Duration;
+//! use tessera_client::{Client, PutOptions};
+//!
+//! let client = Client::connect(["127.0.0.1:7000"]).await?;
+//! client.put("user:1", "ada").await?;
+//! client.put_with("session:9", "x", PutOptions::new().ttl(Duration::from_secs(30))).await?;
+//! let entry = client.get("user:1").await?.expect("just written");
+//! assert_eq!(entry.value, b"ada");
+//! # Ok(()) }
+//! ```
+
+pub mod blocking;
+mod connection;
+#[cfg(feature = "embedded")]
+mod embedded;
+pub mod error;
+mod routing;
+mod transport;
+
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tessera_protocol::codec::{check_batch, check_key, check_ttl, check_value};
+use tessera_protocol::limits::BATCH_COUNT_MAX;
+use tessera_protocol::{
+    Put, PutCondition, PutEntry, Request, Response, ShardLocation, PROTOCOL_VERSION,
+};
+
+pub use blocking::BlockingClient;
+pub use error::{ClientError, Result};
+pub use tessera_protocol::{CoreStats, Entry, ErrorCode, Topology, TtlState};
+#[cfg(feature = "embedded")]
+pub use tessera_server::Config as EmbeddedConfig;
+
+use crate::connection::{server_error, Connection, ConnectionSettings};
+use crate::routing::ClusterView;
+use crate::transport::Transport;
+
+/// How a [`Client`] connects and behaves.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` addresses tried in order to fetch the topology.
+    pub endpoints: Vec<String>,
+    /// Longest a connection attempt may take.
+    pub connect_timeout: Duration,
+    /// Longest a request may wait for its reply.
+    pub request_timeout: Duration,
+    /// Requests in flight per core connection; callers beyond it wait.
+    pub inflight_max: usize,
+    /// Topology refreshes and retries after `WrongShard` before giving up.
+    pub wrong_shard_retry_max: usize,
+    /// Name sent in the handshake, for the server's logs.
+    pub client_name: String,
+}
+
+impl ClientConfig {
+    /// Defaults for the given endpoints.
+    pub fn new<I, S>(endpoints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            inflight_max: 1024,
+            wrong_shard_retry_max: 3,
+            client_name: "tessera-client".to_owned(),
+        }
+    }
+
+    fn connection_settings(&self) -> ConnectionSettings {
+        ConnectionSettings {
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
+            inflight_max: self.inflight_max.max(1),
+        }
+    }
+}
+
+/// Options of a put beyond key and value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PutOptions {
+    ttl: Option<Duration>,
+    keep_ttl: bool,
+    condition: PutCondition,
+    return_previous: bool,
+}
+
+impl PutOptions {
+    /// An unconditional put with no TTL.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Expire the key after `ttl` (at least 1 ms).
+    #[must_use]
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// Keep the key's current expiry (ignored when a TTL is given).
+    #[must_use]
+    pub fn keep_ttl(mut self) -> Self {
+        self.keep_ttl = true;
+        self
+    }
+
+    /// Only write if the key does not exist.
+    #[must_use]
+    pub fn if_absent(mut self) -> Self {
+        self.condition = PutCondition::IfAbsent;
+        self
+    }
+
+    /// Only write if the key exists.
+    #[must_use]
+    pub fn if_present(mut self) -> Self {
+        self.condition = PutCondition::IfPresent;
+        self
+    }
+
+    /// Return the entry the put replaced (or found, if the condition failed).
+    #[must_use]
+    pub fn return_previous(mut self) -> Self {
+        self.return_previous = true;
+        self
+    }
+}
+
+/// What a put did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PutOutcome {
+    /// Whether the condition held and the value was written.
+    pub applied: bool,
+    /// The key's version after the put (the current one if not applied; 0 if absent).
+    pub version: u64,
+    /// The previous entry, if asked for and it existed.
+    pub previous: Option<Entry>,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    /// Whether a key was removed.
+    pub deleted: bool,
+    /// The removed entry, if asked for.
+    pub previous: Option<Entry>,
+}
+
+/// One core's answer to a ping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pong {
+    /// The answering node.
+    pub node_id: u32,
+    /// The answering core.
+    pub core_id: u16,
+    /// The address pinged.
+    pub address: String,
+    /// Time from send to reply.
+    pub round_trip: Duration,
+}
+
+/// A handle to a Tessera cluster (or an embedded one). Cheap to clone; clones share
+/// connections.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    view: RwLock<Arc<ClusterView>>,
+    /// Serializes topology refreshes so a burst of `WrongShard` replies fetches once.
+    refresh: tokio::sync::Mutex<()>,
+    #[cfg(feature = "embedded")]
+    embedded: Option<(
+        Arc<embedded::EmbeddedHost>,
+        tessera_server::core::CoreInboxes,
+    )>,
+}
+
+impl Client {
+    /// Connects to a cluster through the first reachable endpoint.
+    ///
+    /// # Errors
+    /// No endpoint answered the handshake, or its topology is invalid.
+    pub async fn connect<I, S>(endpoints: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::connect_with(ClientConfig::new(endpoints)).await
+    }
+
+    /// Connects with explicit settings.
+    ///
+    /// # Errors
+    /// No endpoint answered the handshake, or its topology is invalid.
+    pub async fn connect_with(config: ClientConfig) -> Result<Self> {
+        if config.endpoints.is_empty() {
+            return Err(ClientError::Topology("no endpoints given".to_owned()));
+        }
+        let settings = config.connection_settings();
+        let topology = fetch_topology(&config, &config.endpoints, &settings, None).await?;
+        let view = ClusterView::new(topology, None, |address, _| {
+            Transport::Remote(Connection::new(address.to_owned(), settings.clone()))
+        })
+        .map_err(|error| ClientError::Topology(error.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                view: RwLock::new(Arc::new(view)),
+                refresh: tokio::sync::Mutex::new(()),
+                #[cfg(feature = "embedded")]
+                embedded: None,
+            }),
+        })
+    }
+
+    /// Starts the server's shards inside this process and returns a client for them. The
+    /// shards stop when the last clone of the client is dropped (or on [`Client::shutdown`]).
+    ///
+    /// # Errors
+    /// The configuration is invalid or a core cannot start.
+    #[cfg(feature = "embedded")]
+    pub fn embedded(config: EmbeddedConfig) -> Result<Self> {
+        let (host, topology, inboxes) = embedded::start(config)?;
+        let view = ClusterView::new(topology, None, |address, core_id| {
+            Transport::Embedded(embedded::EmbeddedCore::new(
+                address.to_owned(),
+                core_id,
+                inboxes.clone(),
+            ))
+        })
+        .map_err(|error| ClientError::Topology(error.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config: ClientConfig::new(Vec::<String>::new()),
+                view: RwLock::new(Arc::new(view)),
+                refresh: tokio::sync::Mutex::new(()),
+                embedded: Some((host, inboxes)),
+            }),
+        })
+    }
+
+    /// Stops an embedded server now (waiting for its cores); later calls fail with
+    /// [`ClientError::ShutDown`]. Does nothing for a remote client.
+    pub fn shutdown(&self) {
+        #[cfg(feature = "embedded")]
+        if let Some((host, _)) = &self.inner.embedded {
+            host.shutdown();
+        }
+    }
+
+    /// The topology the client currently routes by.
+    #[must_use]
+    pub fn topology(&self) -> Topology {
+        self.view().topology.clone()
+    }
+
+    fn view(&self) -> Arc<ClusterView> {
+        self.inner
+            .view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Fetches the topology again and routes by it if it is at least as new.
+    ///
+    /// # Errors
+    /// No server answered the handshake.
+    pub async fn refresh_topology(&self) -> Result<()> {
+        #[cfg(feature = "embedded")]
+        if self.inner.embedded.is_some() {
+            // An embedded topology never changes.
+            return Ok(());
+        }
+        let epoch_before = self.view().topology.epoch;
+        let _guard = self.inner.refresh.lock().await;
+        let current = self.view();
+        if current.topology.epoch > epoch_before {
+            // Another caller refreshed while we waited.
+            return Ok(());
+        }
+        let settings = self.inner.config.connection_settings();
+        let mut candidates: Vec<String> = current
+            .all_transports()
+            .map(|(_, transport)| transport.address().to_owned())
+            .collect();
+        candidates.extend(self.inner.config.endpoints.iter().cloned());
+        let topology =
+            fetch_topology(&self.inner.config, &candidates, &settings, Some(&current)).await?;
+        if topology.epoch < current.topology.epoch {
+            return Ok(());
+        }
+        let view = ClusterView::new(topology, Some(&current), |address, _| {
+            Transport::Remote(Connection::new(address.to_owned(), settings.clone()))
+        })
+        .map_err(|error| ClientError::Topology(error.to_string()))?;
+        *self
+            .inner
+            .view
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(view);
+        Ok(())
+    }
+
+    /// Reads a key; `None` if it does not exist.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Entry>> {
+        let key = key.as_ref();
+        check_key(key)?;
+        match self
+            .call_for_key(key, &Request::Get { key: key.to_vec() })
+            .await?
+        {
+            Response::Value(entry) => Ok(entry),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Writes a key unconditionally, with no TTL.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn put(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Result<PutOutcome> {
+        self.put_with(key, value, PutOptions::new()).await
+    }
+
+    /// Writes a key with options (TTL, condition, return previous).
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn put_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        options: PutOptions,
+    ) -> Result<PutOutcome> {
+        let (key, value) = (key.as_ref(), value.as_ref());
+        check_key(key)?;
+        check_value(value)?;
+        let ttl_ms = options.ttl.map(duration_ms).transpose()?;
+        let request = Request::Put(Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            ttl_ms,
+            keep_ttl: options.keep_ttl,
+            condition: options.condition,
+            return_previous: options.return_previous,
+        });
+        match self.call_for_key(key, &request).await? {
+            Response::Put {
+                applied,
+                version,
+                previous,
+            } => Ok(PutOutcome {
+                applied,
+                version,
+                previous,
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes a key; `true` if it existed.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        Ok(self.delete_with(key, false).await?.deleted)
+    }
+
+    /// Removes a key, optionally returning the removed entry.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn delete_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        return_previous: bool,
+    ) -> Result<DeleteOutcome> {
+        let key = key.as_ref();
+        check_key(key)?;
+        let request = Request::Delete {
+            key: key.to_vec(),
+            return_previous,
+        };
+        match self.call_for_key(key, &request).await? {
+            Response::Delete { deleted, previous } => Ok(DeleteOutcome { deleted, previous }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Whether a key exists.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn exists(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        let key = key.as_ref();
+        check_key(key)?;
+        match self
+            .call_for_key(key, &Request::Exists { key: key.to_vec() })
+            .await?
+        {
+            Response::Exists { exists } => Ok(exists),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Sets a key's TTL; `true` if the key existed.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn expire(&self, key: impl AsRef<[u8]>, ttl: Duration) -> Result<bool> {
+        let key = key.as_ref();
+        check_key(key)?;
+        let ttl_ms = duration_ms(ttl)?;
+        match self
+            .call_for_key(
+                key,
+                &Request::Expire {
+                    key: key.to_vec(),
+                    ttl_ms,
+                },
+            )
+            .await?
+        {
+            Response::Expiry { applied, .. } => Ok(applied),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Removes a key's TTL; `true` if the key existed and had one.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn persist(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        let key = key.as_ref();
+        check_key(key)?;
+        match self
+            .call_for_key(key, &Request::Persist { key: key.to_vec() })
+            .await?
+        {
+            Response::Expiry { applied, .. } => Ok(applied),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A key's remaining time to live.
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub async fn ttl(&self, key: impl AsRef<[u8]>) -> Result<TtlState> {
+        let key = key.as_ref();
+        check_key(key)?;
+        match self
+            .call_for_key(key, &Request::Ttl { key: key.to_vec() })
+            .await?
+        {
+            Response::Ttl(state) => Ok(state),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Reads many keys, one request per owning core, in parallel. Results are in key order.
+    ///
+    /// # Errors
+    /// See [`ClientError`]; the first failing part fails the call.
+    pub async fn mget<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Entry>>> {
+        let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
+        keys.iter().try_for_each(|key| check_key(key))?;
+        let parts = self
+            .call_batch(&keys, |indices| Request::MultiGet {
+                keys: indices.iter().map(|&index| keys[index].to_vec()).collect(),
+            })
+            .await?;
+        let mut values = vec![None; keys.len()];
+        for (indices, response) in parts {
+            let Response::Values(part) = response else {
+                return Err(unexpected(&response));
+            };
+            scatter(&indices, part, &mut values)?;
+        }
+        Ok(values)
+    }
+
+    /// Writes many keys, one request per owning core, in parallel; returns each new version.
+    /// Entries on one core are applied at one revision; the batch is not atomic across cores.
+    ///
+    /// # Errors
+    /// See [`ClientError`]; parts on other cores may have applied.
+    pub async fn mput<K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        &self,
+        entries: &[(K, V)],
+    ) -> Result<Vec<u64>> {
+        let keys: Vec<&[u8]> = entries.iter().map(|(key, _)| key.as_ref()).collect();
+        for (key, value) in entries {
+            check_key(key.as_ref())?;
+            check_value(value.as_ref())?;
+        }
+        let parts = self
+            .call_batch(&keys, |indices| Request::MultiPut {
+                entries: indices
+                    .iter()
+                    .map(|&index| PutEntry {
+                        key: entries[index].0.as_ref().to_vec(),
+                        value: entries[index].1.as_ref().to_vec(),
+                        ttl_ms: None,
+                    })
+                    .collect(),
+            })
+            .await?;
+        let mut versions = vec![0; entries.len()];
+        for (indices, response) in parts {
+            let Response::MultiPut { versions: part } = response else {
+                return Err(unexpected(&response));
+            };
+            scatter(&indices, part, &mut versions)?;
+        }
+        Ok(versions)
+    }
+
+    /// Removes many keys, one request per owning core, in parallel; returns which existed.
+    ///
+    /// # Errors
+    /// See [`ClientError`]; parts on other cores may have applied.
+    pub async fn mdelete<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<bool>> {
+        let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
+        keys.iter().try_for_each(|key| check_key(key))?;
+        let parts = self
+            .call_batch(&keys, |indices| Request::MultiDelete {
+                keys: indices.iter().map(|&index| keys[index].to_vec()).collect(),
+            })
+            .await?;
+        let mut deleted = vec![false; keys.len()];
+        for (indices, response) in parts {
+            let Response::MultiDelete { deleted: part } = response else {
+                return Err(unexpected(&response));
+            };
+            scatter(&indices, part, &mut deleted)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Pings every core of every node and returns their answers in topology order.
+    ///
+    /// # Errors
+    /// The first core that does not answer.
+    pub async fn ping(&self) -> Result<Vec<Pong>> {
+        let view = self.view();
+        let pings = view.all_transports().map(|(_, transport)| async move {
+            let started = Instant::now();
+            match transport.call(&Request::Ping).await? {
+                Response::Pong { node_id, core_id } => Ok(Pong {
+                    node_id,
+                    core_id,
+                    address: transport.address().to_owned(),
+                    round_trip: started.elapsed(),
+                }),
+                Response::Error(reply) => Err(server_error(reply.code, reply.message)),
+                other => Err(unexpected(&other)),
+            }
+        });
+        join_all(pings).await.into_iter().collect()
+    }
+
+    /// Every core's counters, in topology order.
+    ///
+    /// # Errors
+    /// The first core that does not answer.
+    pub async fn stats(&self) -> Result<Vec<CoreStats>> {
+        let view = self.view();
+        let calls = view.all_transports().map(|(_, transport)| async move {
+            match transport.call(&Request::Stats).await? {
+                Response::Stats(stats) => Ok(stats),
+                other => Err(unexpected(&other)),
+            }
+        });
+        join_all(calls).await.into_iter().collect()
+    }
+
+    /// Sends a single-key request to the key's owner, refreshing the topology and retrying
+    /// (bounded) when the server says the key lives elsewhere.
+    async fn call_for_key(&self, key: &[u8], request: &Request) -> Result<Response> {
+        let mut attempt = 0;
+        loop {
+            let view = self.view();
+            let transport = view
+                .transport(view.routes.owner_of_key(key))
+                .ok_or_else(|| {
+                    ClientError::Topology("route table names a missing core".to_owned())
+                })?;
+            match transport.call(request).await? {
+                Response::Error(reply)
+                    if reply.code == ErrorCode::WrongShard
+                        && attempt < self.inner.config.wrong_shard_retry_max =>
+                {
+                    attempt += 1;
+                    tracing::debug!(attempt, message = %reply.message, "wrong shard; refreshing topology");
+                    self.refresh_topology().await?;
+                }
+                Response::Error(reply) => return Err(server_error(reply.code, reply.message)),
+                response => return Ok(response),
+            }
+        }
+    }
+
+    /// Splits a batch by owning core (and into chunks of `BATCH_COUNT_MAX`), sends the parts
+    /// in parallel, and returns each part's key indices with its response. Parts answered
+    /// `WrongShard` are re-routed after a topology refresh, a bounded number of times.
+    async fn call_batch(
+        &self,
+        keys: &[&[u8]],
+        build: impl Fn(&[usize]) -> Request,
+    ) -> Result<Vec<(Vec<usize>, Response)>> {
+        let mut done = Vec::new();
+        let mut remaining: Vec<usize> = (0..keys.len()).collect();
+        let mut attempt = 0;
+        while !remaining.is_empty() {
+            let view = self.view();
+            let mut groups: Vec<(ShardLocation, Vec<usize>)> = Vec::new();
+            for index in remaining.drain(..) {
+                let location = view.routes.owner_of_key(keys[index]);
+                match groups
+                    .iter_mut()
+                    .find(|(group, indices)| *group == location && indices.len() < BATCH_COUNT_MAX)
+                {
+                    Some((_, indices)) => indices.push(index),
+                    None => groups.push((location, vec![index])),
+                }
+            }
+            let calls = groups.into_iter().map(|(location, indices)| {
+                let request = build(&indices);
+                let transport = view.transport(location);
+                async move {
+                    check_batch(indices.len())?;
+                    let transport = transport.ok_or_else(|| {
+                        ClientError::Topology("route table names a missing core".to_owned())
+                    })?;
+                    Ok::<_, ClientError>((indices, transport.call(&request).await?))
+                }
+            });
+            let mut wrong_shard = false;
+            for result in join_all(calls).await {
+                let (indices, response) = result?;
+                match response {
+                    Response::Error(reply)
+                        if reply.code == ErrorCode::WrongShard
+                            && attempt < self.inner.config.wrong_shard_retry_max =>
+                    {
+                        wrong_shard = true;
+                        remaining.extend(indices);
+                    }
+                    Response::Error(reply) => return Err(server_error(reply.code, reply.message)),
+                    response => done.push((indices, response)),
+                }
+            }
+            if wrong_shard {
+                attempt += 1;
+                self.refresh_topology().await?;
+            }
+        }
+        Ok(done)
+    }
+}
+
+async fn fetch_topology(
+    config: &ClientConfig,
+    candidates: &[String],
+    settings: &ConnectionSettings,
+    current: Option<&ClusterView>,
+) -> Result<Topology> {
+    let hello = Request::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_name: config.client_name.clone(),
+    };
+    let mut last_error = ClientError::Topology("no endpoint to ask".to_owned());
+    for address in candidates {
+        // Reuse a live connection of the current view when the address is one of its cores.
+        let reused = current.and_then(|view| {
+            view.all_transports()
+                .find(|(_, transport)| transport.address() == address)
+                .map(|(_, t)| t.clone())
+        });
+        let answer = match reused {
+            Some(transport) => transport.call(&hello).await,
+            None => {
+                Connection::new(address.clone(), settings.clone())
+                    .call(&hello)
+                    .await
+            }
+        };
+        match answer {
+            Ok(Response::Hello {
+                topology,
+                protocol_version,
+                ..
+            }) if protocol_version == PROTOCOL_VERSION => {
+                return Ok(topology);
+            }
+            Ok(Response::Hello {
+                protocol_version, ..
+            }) => {
+                last_error = ClientError::Server {
+                    code: ErrorCode::UnsupportedVersion,
+                    message: format!("{address} speaks protocol {protocol_version}, client speaks {PROTOCOL_VERSION}"),
+                };
+            }
+            Ok(Response::Error(reply)) => last_error = server_error(reply.code, reply.message),
+            Ok(other) => last_error = unexpected(&other),
+            Err(error) => last_error = error,
+        }
+        tracing::debug!(%address, error = %last_error, "handshake failed");
+    }
+    Err(last_error)
+}
+
+fn duration_ms(duration: Duration) -> Result<u64> {
+    let ttl_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
+    check_ttl(ttl_ms)?;
+    Ok(ttl_ms)
+}
+
+fn scatter<T>(indices: &[usize], part: Vec<T>, out: &mut [T]) -> Result<()> {
+    if part.len() != indices.len() {
+        return Err(ClientError::UnexpectedReply(format!(
+            "batch part has {} results for {} keys",
+            part.len(),
+            indices.len()
+        )));
+    }
+    for (&index, value) in indices.iter().zip(part) {
+        out[index] = value;
+    }
+    Ok(())
+}
+
+fn unexpected(response: &Response) -> ClientError {
+    match response {
+        Response::Error(reply) => server_error(reply.code, reply.message.clone()),
+        other => ClientError::UnexpectedReply(format!("{other:?}")),
+    }
+}

@@ -1,0 +1,83 @@
+//! The client's view of the cluster: the topology, its route table, and one transport per
+//! (node, core). A view is immutable; a topology refresh builds a new one, reusing the
+//! connections of cores whose address did not change.
+
+use std::sync::Arc;
+
+use tessera_protocol::{RouteTable, ShardLocation, Topology};
+
+use crate::transport::Transport;
+
+/// One topology epoch as the client uses it.
+#[derive(Debug)]
+pub(crate) struct ClusterView {
+    pub topology: Topology,
+    pub routes: RouteTable,
+    /// `transports[node_index][core_index]`.
+    pub transports: Vec<Vec<Arc<Transport>>>,
+}
+
+impl ClusterView {
+    /// Builds a view, taking existing transports from `previous` where the address matches.
+    pub(crate) fn new(
+        topology: Topology,
+        previous: Option<&ClusterView>,
+        mut make: impl FnMut(&str, u16) -> Transport,
+    ) -> Result<Self, tessera_protocol::TopologyError> {
+        let routes = RouteTable::new(&topology)?;
+        let transports = topology
+            .nodes
+            .iter()
+            .map(|node| {
+                node.cores
+                    .iter()
+                    .map(|core| {
+                        previous
+                            .and_then(|view| view.transport_by_address(&core.address))
+                            .unwrap_or_else(|| Arc::new(make(&core.address, core.core_id)))
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(Self {
+            topology,
+            routes,
+            transports,
+        })
+    }
+
+    fn transport_by_address(&self, address: &str) -> Option<Arc<Transport>> {
+        self.transports
+            .iter()
+            .flatten()
+            .find(|transport| transport.address() == address)
+            .cloned()
+    }
+
+    /// The transport to the core that owns `location`.
+    pub(crate) fn transport(&self, location: ShardLocation) -> Option<Arc<Transport>> {
+        self.transports
+            .get(usize::from(location.node_index))?
+            .get(usize::from(location.core_index))
+            .cloned()
+    }
+
+    /// Every transport, in node and core order.
+    pub(crate) fn all_transports(&self) -> impl Iterator<Item = (ShardLocation, &Arc<Transport>)> {
+        self.transports
+            .iter()
+            .enumerate()
+            .flat_map(|(node_index, cores)| {
+                cores
+                    .iter()
+                    .enumerate()
+                    .map(move |(core_index, transport)| {
+                        let location = ShardLocation {
+                            node_index: u16::try_from(node_index).unwrap_or(u16::MAX),
+                            core_index: u16::try_from(core_index).unwrap_or(u16::MAX),
+                        };
+                        (location, transport)
+                    })
+            })
+    }
+}
