@@ -1,0 +1,1324 @@
+//! Property tests of the wire codec, the request checks and slot routing.
+//!
+//! The codec is the one place where bytes from an untrusted peer become values, so these tests
+//! hold it to four promises, each for arbitrary input rather than for a few hand-picked frames:
+//!
+//! - **Round trip.** Every `Request` and `Response` variant, encoded and decoded again, comes back
+//!   equal, with its request id and kind, whether it travels alone, back to back with others in
+//!   one buffer, or split into arbitrary chunks by the network. Every body lands 16-aligned.
+//! - **Incomplete is not invalid.** Every strict prefix of a frame asks for more bytes; none is an
+//!   error, so a slow peer is never mistaken for a broken one.
+//! - **Damage is refused.** Any single flipped bit in the header or body is an error. Padding is
+//!   covered by no checksum, and a flip there leaves the frame exactly as it was.
+//! - **Nothing panics.** Garbage frames, garbage bodies and mutated archives may be refused but
+//!   never crash the receiver, because a bad frame must close only its own connection.
+//!
+//! Generated messages are kept small (keys up to 64 bytes, values up to 256, batches up to 8) so
+//! the file runs in seconds in a debug build; the limits themselves are tested at their edges by
+//! the `check_request` properties.
+
+use std::collections::BTreeSet;
+
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::sample::Index;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::TestRunner;
+use tessera_protocol::codec::{self, FrameBuffer, FrameError};
+use tessera_protocol::limits::{
+    BATCH_COUNT_MAX, CORE_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE,
+    KEY_SIZE_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
+};
+use tessera_protocol::{
+    hash_tag, slot_for_key, split_slots, CoreInfo, CoreStats, Entry, ErrorCode, ErrorReply,
+    FrameHeader, FrameKind, NodeInfo, ProtocolError, Put, PutCondition, PutEntry, Request,
+    RequestError, Response, RouteTable, Topology, TtlState, WrongShard, PROTOCOL_VERSION,
+    SLOT_COUNT,
+};
+
+/// Longest generated key. Real keys may be up to `KEY_SIZE_MAX`; small ones keep cases fast.
+const KEY_SIZE_GENERATED_MAX: usize = 64;
+/// Longest generated value.
+const VALUE_SIZE_GENERATED_MAX: usize = 256;
+/// Most items in a generated batch.
+const BATCH_COUNT_GENERATED_MAX: usize = 8;
+/// Most characters in a generated name or message (each up to 4 bytes of UTF-8).
+const TEXT_CHAR_COUNT_GENERATED_MAX: usize = 16;
+/// Most nodes in a generated topology.
+const NODE_COUNT_GENERATED_MAX: usize = 3;
+/// Most cores per node in a generated topology.
+const CORE_COUNT_GENERATED_MAX: usize = 4;
+/// Most frames in one generated stream.
+const FRAME_COUNT_GENERATED_MAX: usize = 8;
+/// Number of `Request` variants; `request_variant` fails to compile when one is added.
+const REQUEST_VARIANT_COUNT: usize = 13;
+/// Number of `Response` variants; `response_variant` fails to compile when one is added.
+const RESPONSE_VARIANT_COUNT: usize = 13;
+
+// ---------------------------------------------------------------------------------------------
+// Strategies.
+
+fn key() -> impl Strategy<Value = Vec<u8>> {
+    vec(any::<u8>(), 1..=KEY_SIZE_GENERATED_MAX)
+}
+
+fn keys() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    vec(key(), 0..=BATCH_COUNT_GENERATED_MAX)
+}
+
+fn value() -> impl Strategy<Value = Vec<u8>> {
+    vec(any::<u8>(), 0..=VALUE_SIZE_GENERATED_MAX)
+}
+
+fn text() -> impl Strategy<Value = String> {
+    vec(any::<char>(), 0..=TEXT_CHAR_COUNT_GENERATED_MAX)
+        .prop_map(|characters| characters.into_iter().collect())
+}
+
+/// A TTL that `check_request` accepts.
+fn ttl_ms() -> impl Strategy<Value = u64> {
+    1..=TTL_MS_MAX
+}
+
+fn put_condition() -> impl Strategy<Value = PutCondition> {
+    prop_oneof![
+        Just(PutCondition::Always),
+        Just(PutCondition::IfAbsent),
+        Just(PutCondition::IfPresent),
+    ]
+}
+
+fn put() -> impl Strategy<Value = Put> {
+    (
+        key(),
+        value(),
+        proptest::option::of(ttl_ms()),
+        any::<bool>(),
+        put_condition(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(key, value, ttl_ms, keep_ttl, condition, return_previous)| Put {
+                key,
+                value,
+                ttl_ms,
+                keep_ttl,
+                condition,
+                return_previous,
+            },
+        )
+}
+
+fn put_entry() -> impl Strategy<Value = PutEntry> {
+    (key(), value(), proptest::option::of(ttl_ms())).prop_map(|(key, value, ttl_ms)| PutEntry {
+        key,
+        value,
+        ttl_ms,
+    })
+}
+
+/// Every request variant, with arguments that `check_request` accepts.
+fn request() -> impl Strategy<Value = Request> {
+    prop_oneof![
+        (any::<u16>(), text()).prop_map(|(protocol_version, client_name)| Request::Hello {
+            protocol_version,
+            client_name,
+        }),
+        Just(Request::Ping),
+        Just(Request::Stats),
+        key().prop_map(|key| Request::Get { key }),
+        put().prop_map(Request::Put),
+        (key(), any::<bool>()).prop_map(|(key, return_previous)| Request::Delete {
+            key,
+            return_previous,
+        }),
+        key().prop_map(|key| Request::Exists { key }),
+        (key(), ttl_ms()).prop_map(|(key, ttl_ms)| Request::Expire { key, ttl_ms }),
+        key().prop_map(|key| Request::Persist { key }),
+        key().prop_map(|key| Request::Ttl { key }),
+        keys().prop_map(|keys| Request::MultiGet { keys }),
+        vec(put_entry(), 0..=BATCH_COUNT_GENERATED_MAX)
+            .prop_map(|entries| Request::MultiPut { entries }),
+        keys().prop_map(|keys| Request::MultiDelete { keys }),
+    ]
+}
+
+fn entry() -> impl Strategy<Value = Entry> {
+    (value(), any::<u64>(), any::<Option<u64>>()).prop_map(|(value, version, expires_at_ms)| {
+        Entry {
+            value,
+            version,
+            expires_at_ms,
+        }
+    })
+}
+
+fn ttl_state() -> impl Strategy<Value = TtlState> {
+    prop_oneof![
+        Just(TtlState::Missing),
+        Just(TtlState::Persistent),
+        (any::<u64>(), any::<u64>()).prop_map(|(remaining_ms, expires_at_ms)| {
+            TtlState::Expiring {
+                remaining_ms,
+                expires_at_ms,
+            }
+        }),
+    ]
+}
+
+fn core_stats() -> impl Strategy<Value = CoreStats> {
+    (any::<u32>(), any::<u16>(), any::<[u64; 7]>()).prop_map(|(node_id, core_id, counters)| {
+        CoreStats {
+            node_id,
+            core_id,
+            key_count: counters[0],
+            revision: counters[1],
+            memory_bytes: counters[2],
+            memory_bytes_max: counters[3],
+            request_count: counters[4],
+            expired_count: counters[5],
+            connection_count: counters[6],
+        }
+    })
+}
+
+fn error_code() -> impl Strategy<Value = ErrorCode> {
+    prop_oneof![
+        Just(ErrorCode::WrongShard),
+        Just(ErrorCode::TooLarge),
+        Just(ErrorCode::BadFrame),
+        Just(ErrorCode::UnsupportedVersion),
+        Just(ErrorCode::ShuttingDown),
+        Just(ErrorCode::Overloaded),
+        Just(ErrorCode::InvalidArgument),
+        Just(ErrorCode::StoreFull),
+        Just(ErrorCode::Internal),
+    ]
+}
+
+fn wrong_shard() -> impl Strategy<Value = WrongShard> {
+    (
+        any::<u64>(),
+        0..SLOT_COUNT,
+        any::<u32>(),
+        any::<u16>(),
+        text(),
+    )
+        .prop_map(
+            |(epoch, slot, owner_node_id, owner_core_id, owner_address)| WrongShard {
+                epoch,
+                slot,
+                owner_node_id,
+                owner_core_id,
+                owner_address,
+            },
+        )
+}
+
+fn error_reply() -> impl Strategy<Value = ErrorReply> {
+    (error_code(), text(), proptest::option::of(wrong_shard())).prop_map(
+        |(code, message, wrong_shard)| ErrorReply {
+            code,
+            message,
+            wrong_shard,
+        },
+    )
+}
+
+/// Assembles a valid topology: nodes with the given names, core counts and hosts, whose cores
+/// own the ranges of `split_slots(total core count)` in order.
+fn build_topology(epoch: u64, node_id_base: u32, nodes: &[(String, usize, String)]) -> Topology {
+    let core_count_total = nodes.iter().map(|(_, core_count, _)| core_count).sum();
+    let mut ranges = split_slots(core_count_total).into_iter();
+    let nodes = nodes
+        .iter()
+        .enumerate()
+        .map(|(node_index, (name, core_count, host))| NodeInfo {
+            node_id: node_id_base.wrapping_add(u32::try_from(node_index).unwrap()),
+            name: name.clone(),
+            cores: (0..*core_count)
+                .map(|core_index| {
+                    let core_id = u16::try_from(core_index).unwrap();
+                    CoreInfo {
+                        core_id,
+                        address: format!("{host}:{}", 7000 + u32::from(core_id)),
+                        slots: ranges.next().unwrap(),
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    assert!(ranges.next().is_none(), "every range is assigned");
+    Topology { epoch, nodes }
+}
+
+/// A topology of 1..=3 nodes with 1..=4 cores each, valid by construction.
+fn topology() -> impl Strategy<Value = Topology> {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        vec(
+            (text(), 1..=CORE_COUNT_GENERATED_MAX, text()),
+            1..=NODE_COUNT_GENERATED_MAX,
+        ),
+    )
+        .prop_map(|(epoch, node_id_base, nodes)| build_topology(epoch, node_id_base, &nodes))
+}
+
+/// Every response variant.
+fn response() -> impl Strategy<Value = Response> {
+    prop_oneof![
+        (any::<u16>(), any::<u32>(), text(), topology()).prop_map(
+            |(protocol_version, node_id, server_name, topology)| Response::Hello {
+                protocol_version,
+                node_id,
+                server_name,
+                topology,
+            }
+        ),
+        (any::<u32>(), any::<u16>())
+            .prop_map(|(node_id, core_id)| Response::Pong { node_id, core_id }),
+        core_stats().prop_map(Response::Stats),
+        proptest::option::of(entry()).prop_map(Response::Value),
+        (any::<bool>(), any::<u64>(), proptest::option::of(entry())).prop_map(
+            |(applied, version, previous)| Response::Put {
+                applied,
+                version,
+                previous,
+            }
+        ),
+        (any::<bool>(), proptest::option::of(entry()))
+            .prop_map(|(deleted, previous)| Response::Delete { deleted, previous }),
+        any::<bool>().prop_map(|exists| Response::Exists { exists }),
+        (any::<bool>(), any::<u64>())
+            .prop_map(|(applied, version)| Response::Expiry { applied, version }),
+        ttl_state().prop_map(Response::Ttl),
+        vec(proptest::option::of(entry()), 0..=BATCH_COUNT_GENERATED_MAX)
+            .prop_map(Response::Values),
+        vec(any::<u64>(), 0..=BATCH_COUNT_GENERATED_MAX)
+            .prop_map(|versions| Response::MultiPut { versions }),
+        vec(any::<bool>(), 0..=BATCH_COUNT_GENERATED_MAX)
+            .prop_map(|deleted| Response::MultiDelete { deleted }),
+        error_reply().prop_map(Response::Error),
+    ]
+}
+
+/// Either kind of message, so streams can mix them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Message {
+    Request(Request),
+    Response(Response),
+}
+
+impl Message {
+    fn kind(&self) -> FrameKind {
+        match self {
+            Self::Request(_) => FrameKind::Request,
+            Self::Response(_) => FrameKind::Response,
+        }
+    }
+
+    /// Appends this message's frame to `out`.
+    fn encode(&self, out: &mut FrameBuffer, request_id: u64) {
+        match self {
+            Self::Request(request) => codec::encode_request(out, request_id, request),
+            Self::Response(response) => codec::encode_response(out, request_id, response),
+        }
+        .expect("a generated message fits in a frame");
+    }
+
+    /// Decodes a body as the message `kind` says it holds.
+    fn decode(kind: Option<FrameKind>, body: &[u8]) -> Result<Self, ProtocolError> {
+        match kind.expect("decode_frame accepts only known kinds") {
+            FrameKind::Request => codec::decode_request(body).map(Self::Request),
+            FrameKind::Response => codec::decode_response(body).map(Self::Response),
+        }
+    }
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        request().prop_map(Message::Request),
+        response().prop_map(Message::Response),
+    ]
+}
+
+fn frame_kind() -> impl Strategy<Value = FrameKind> {
+    prop_oneof![Just(FrameKind::Request), Just(FrameKind::Response)]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+fn request_variant(request: &Request) -> usize {
+    match request {
+        Request::Hello { .. } => 0,
+        Request::Ping => 1,
+        Request::Stats => 2,
+        Request::Get { .. } => 3,
+        Request::Put(_) => 4,
+        Request::Delete { .. } => 5,
+        Request::Exists { .. } => 6,
+        Request::Expire { .. } => 7,
+        Request::Persist { .. } => 8,
+        Request::Ttl { .. } => 9,
+        Request::MultiGet { .. } => 10,
+        Request::MultiPut { .. } => 11,
+        Request::MultiDelete { .. } => 12,
+    }
+}
+
+fn response_variant(response: &Response) -> usize {
+    match response {
+        Response::Hello { .. } => 0,
+        Response::Pong { .. } => 1,
+        Response::Stats(_) => 2,
+        Response::Value(_) => 3,
+        Response::Put { .. } => 4,
+        Response::Delete { .. } => 5,
+        Response::Exists { .. } => 6,
+        Response::Expiry { .. } => 7,
+        Response::Ttl(_) => 8,
+        Response::Values(_) => 9,
+        Response::MultiPut { .. } => 10,
+        Response::MultiDelete { .. } => 11,
+        Response::Error(_) => 12,
+    }
+}
+
+fn encode(request_id: u64, message: &Message) -> FrameBuffer {
+    let mut buffer = FrameBuffer::new();
+    message.encode(&mut buffer, request_id);
+    buffer
+}
+
+fn aligned_copy(bytes: &[u8]) -> FrameBuffer {
+    let mut buffer = FrameBuffer::new();
+    buffer.extend_from_slice(bytes);
+    buffer
+}
+
+/// Whether a body may be handed to rkyv: an empty slice has no address worth checking (an empty
+/// `FrameBuffer` hands out a dangling pointer), any other must start 16-aligned.
+fn is_aligned(bytes: &[u8]) -> bool {
+    bytes.is_empty() || bytes.as_ptr().addr() % FRAME_ALIGNMENT == 0
+}
+
+/// Removes the first `size` bytes, the way a connection compacts its read buffer: only whole
+/// frames, so whatever follows stays aligned.
+fn remove_front(buffer: &mut FrameBuffer, size: usize) {
+    let rest = buffer[size..].to_vec();
+    buffer.clear();
+    buffer.extend_from_slice(&rest);
+}
+
+/// Archives `request` alone and runs `check_request` on the validated archive, as a server does
+/// with a request that arrived.
+fn check(request: &Request) -> Result<(), RequestError> {
+    let mut body = FrameBuffer::new();
+    codec::encode_request_body(&mut body, request).expect("the request fits in a frame");
+    let archived = codec::access_request(&body).expect("an encoded request validates");
+    let result = codec::check_request(archived);
+    // The archive must also come back unchanged: refusal is about meaning, not about encoding.
+    assert_eq!(&codec::decode_request(&body).unwrap(), request);
+    result
+}
+
+/// Feeds an arbitrary body to every body decoder. Each may refuse it; none may panic. A body
+/// that validates must deserialize, and the value must survive its own round trip.
+fn exercise_body(body: &[u8]) {
+    assert!(is_aligned(body), "bodies are handed over aligned");
+    match codec::access_request(body) {
+        Ok(archived) => {
+            let checked = codec::check_request(archived);
+            let request = codec::decode_request(body).expect("a validated request deserializes");
+            let mut again = FrameBuffer::new();
+            codec::encode_request_body(&mut again, &request).unwrap();
+            assert_eq!(codec::decode_request(&again).unwrap(), request);
+            assert_eq!(
+                codec::check_request(codec::access_request(&again).unwrap()),
+                checked
+            );
+        }
+        Err(error) => {
+            assert_eq!(error.code(), ErrorCode::BadFrame);
+            assert!(codec::decode_request(body).is_err());
+        }
+    }
+    match codec::access_response(body) {
+        Ok(_) => {
+            let response = codec::decode_response(body).expect("a validated response deserializes");
+            let mut again = FrameBuffer::new();
+            codec::encode_response_body(&mut again, &response).unwrap();
+            assert_eq!(codec::decode_response(&again).unwrap(), response);
+        }
+        Err(error) => {
+            assert_eq!(error.code(), ErrorCode::BadFrame);
+            assert!(codec::decode_response(body).is_err());
+        }
+    }
+}
+
+/// Decodes frame after frame from the front of `bytes` (copied into an aligned buffer) until
+/// one is incomplete or invalid, exercising every body found. Returns the bytes consumed.
+fn exercise_stream(bytes: &[u8]) -> usize {
+    let buffer = aligned_copy(bytes);
+    let mut offset = 0;
+    while let Ok(Some(frame)) = codec::decode_frame(&buffer[offset..]) {
+        assert_eq!(frame.frame_size % FRAME_ALIGNMENT, 0);
+        assert!(frame.frame_size <= buffer.len() - offset);
+        assert_eq!(frame.body.len(), frame.header.body_size as usize);
+        exercise_body(frame.body);
+        offset += frame.frame_size;
+    }
+    offset
+}
+
+/// A frame around `body` whose header and body checksums are both right.
+fn frame_around(kind: FrameKind, request_id: u64, body: &[u8]) -> FrameBuffer {
+    let mut buffer = FrameBuffer::new();
+    codec::encode_frame_with_body(&mut buffer, kind, request_id, body).unwrap();
+    buffer
+}
+
+fn flip_bit(bytes: &[u8], bit: usize) -> FrameBuffer {
+    let mut corrupt = aligned_copy(bytes);
+    corrupt[bit / 8] ^= 1 << (bit % 8);
+    corrupt
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round trips.
+
+proptest! {
+    #[test]
+    fn requests_round_trip(request_id in any::<u64>(), request in request()) {
+        let mut buffer = FrameBuffer::new();
+        codec::encode_request(&mut buffer, request_id, &request).unwrap();
+        prop_assert_eq!(buffer.len() % FRAME_ALIGNMENT, 0);
+        prop_assert_eq!(codec::frame_size_needed(&buffer), Some(buffer.len()));
+
+        let frame = codec::decode_frame(&buffer).unwrap().expect("the frame is complete");
+        prop_assert_eq!(frame.frame_size, buffer.len());
+        prop_assert_eq!(frame.header.request_id, request_id);
+        prop_assert_eq!(frame.header.version, PROTOCOL_VERSION);
+        prop_assert_eq!(frame.header.frame_kind(), Some(FrameKind::Request));
+        prop_assert_eq!(frame.body.len(), frame.header.body_size as usize);
+        prop_assert!(is_aligned(frame.body));
+        // Padding is zero on the way out, even though receivers do not check it.
+        prop_assert!(buffer[FRAME_HEADER_SIZE + frame.body.len()..].iter().all(|&byte| byte == 0));
+
+        let archived = codec::access_request(frame.body).unwrap();
+        prop_assert_eq!(codec::check_request(archived), Ok(()));
+        prop_assert_eq!(codec::decode_request(frame.body).unwrap(), request.clone());
+
+        // Framing an already archived body yields the very same bytes.
+        let mut body = FrameBuffer::new();
+        codec::encode_request_body(&mut body, &request).unwrap();
+        prop_assert_eq!(&body[..], frame.body);
+        prop_assert_eq!(
+            &frame_around(FrameKind::Request, request_id, &body)[..],
+            &buffer[..]
+        );
+    }
+
+    #[test]
+    fn responses_round_trip(request_id in any::<u64>(), response in response()) {
+        if let Response::Hello { topology, .. } = &response {
+            prop_assert_eq!(topology.check(), Ok(()));
+        }
+        let mut buffer = FrameBuffer::new();
+        codec::encode_response(&mut buffer, request_id, &response).unwrap();
+        prop_assert_eq!(buffer.len() % FRAME_ALIGNMENT, 0);
+        prop_assert_eq!(codec::frame_size_needed(&buffer), Some(buffer.len()));
+
+        let frame = codec::decode_frame(&buffer).unwrap().expect("the frame is complete");
+        prop_assert_eq!(frame.frame_size, buffer.len());
+        prop_assert_eq!(frame.header.request_id, request_id);
+        prop_assert_eq!(frame.header.frame_kind(), Some(FrameKind::Response));
+        prop_assert_eq!(frame.body.len(), frame.header.body_size as usize);
+        prop_assert!(is_aligned(frame.body));
+        prop_assert!(buffer[FRAME_HEADER_SIZE + frame.body.len()..].iter().all(|&byte| byte == 0));
+
+        prop_assert!(codec::access_response(frame.body).is_ok());
+        prop_assert_eq!(codec::decode_response(frame.body).unwrap(), response.clone());
+
+        let mut body = FrameBuffer::new();
+        codec::encode_response_body(&mut body, &response).unwrap();
+        prop_assert_eq!(&body[..], frame.body);
+        prop_assert_eq!(
+            &frame_around(FrameKind::Response, request_id, &body)[..],
+            &buffer[..]
+        );
+    }
+
+    #[test]
+    fn frames_back_to_back_decode_in_order(
+        frames in vec((any::<u64>(), message()), 1..=FRAME_COUNT_GENERATED_MAX),
+    ) {
+        let mut buffer = FrameBuffer::new();
+        for (request_id, message) in &frames {
+            message.encode(&mut buffer, *request_id);
+        }
+        let mut offset = 0;
+        for (request_id, message) in &frames {
+            prop_assert_eq!(offset % FRAME_ALIGNMENT, 0);
+            let frame = codec::decode_frame(&buffer[offset..])
+                .unwrap()
+                .expect("the frame is complete");
+            prop_assert!(is_aligned(frame.body), "offset={}", offset);
+            prop_assert_eq!(frame.header.request_id, *request_id);
+            prop_assert_eq!(frame.header.frame_kind(), Some(message.kind()));
+            let decoded = Message::decode(frame.header.frame_kind(), frame.body).unwrap();
+            prop_assert_eq!(&decoded, message);
+            offset += frame.frame_size;
+        }
+        prop_assert_eq!(offset, buffer.len());
+        prop_assert!(matches!(codec::decode_frame(&buffer[offset..]), Ok(None)));
+    }
+
+    #[test]
+    fn a_stream_split_anywhere_decodes_the_same(
+        frames in vec((any::<u64>(), message()), 1..=FRAME_COUNT_GENERATED_MAX),
+        chunk_sizes in vec(1..=256_usize, 1..=16),
+    ) {
+        let mut stream = FrameBuffer::new();
+        for (request_id, message) in &frames {
+            message.encode(&mut stream, *request_id);
+        }
+        // A receiver that reads whatever arrived and removes only whole frames from the front.
+        let mut receive = FrameBuffer::new();
+        let mut decoded = Vec::new();
+        let mut sent = 0;
+        for chunk_size in chunk_sizes.iter().cycle() {
+            if sent == stream.len() {
+                break;
+            }
+            let chunk_size = (*chunk_size).min(stream.len() - sent);
+            receive.extend_from_slice(&stream[sent..sent + chunk_size]);
+            sent += chunk_size;
+            loop {
+                let frame_size = match codec::decode_frame(&receive).unwrap() {
+                    None => break,
+                    Some(frame) => {
+                        prop_assert!(is_aligned(frame.body));
+                        let message =
+                            Message::decode(frame.header.frame_kind(), frame.body).unwrap();
+                        decoded.push((frame.header.request_id, message));
+                        frame.frame_size
+                    }
+                };
+                remove_front(&mut receive, frame_size);
+            }
+        }
+        prop_assert!(receive.is_empty());
+        prop_assert_eq!(decoded, frames);
+    }
+}
+
+/// The frame drawn byte by byte in `docs/protocol.md` ("Example"): `Get { key: b"user:1" }` with
+/// request id 7.
+#[rustfmt::skip]
+const DOCUMENTED_EXAMPLE_FRAME: [u8; 96] = [
+    0x54, 0x53, 0x52, 0x41, 0x01, 0x00, 0x01, 0x00, 0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x38, 0x00, 0x00, 0x00, 0x9e, 0x86, 0x1f, 0x41, 0x00, 0x00, 0x00, 0x00, 0x7f, 0x1b, 0x13, 0xf9,
+    0x75, 0x73, 0x65, 0x72, 0x3a, 0x31, 0x00, 0x00, 0x03, 0x00, 0x00, 0x00, 0xf4, 0xff, 0xff, 0xff,
+    0x06, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,
+];
+
+/// If this fails, the bytes on the wire changed (an edit to the messages, or an rkyv upgrade that
+/// changed its format), and the document and `PROTOCOL_VERSION` must follow.
+#[test]
+fn the_documented_example_frame_is_exact() {
+    let request = Request::Get {
+        key: b"user:1".to_vec(),
+    };
+    let buffer = encode(7, &Message::Request(request.clone()));
+    assert_eq!(&buffer[..], &DOCUMENTED_EXAMPLE_FRAME[..]);
+
+    let frame = codec::decode_frame(&buffer).unwrap().unwrap();
+    assert_eq!(frame.header.body_size, 56);
+    assert_eq!(frame.header.body_checksum, 0x411F_869E);
+    assert_eq!(frame.frame_size, 96);
+    let header_checksum = u32::from_le_bytes([
+        DOCUMENTED_EXAMPLE_FRAME[28],
+        DOCUMENTED_EXAMPLE_FRAME[29],
+        DOCUMENTED_EXAMPLE_FRAME[30],
+        DOCUMENTED_EXAMPLE_FRAME[31],
+    ]);
+    assert_eq!(header_checksum, 0xF913_1B7F);
+    assert_eq!(codec::decode_request(frame.body).unwrap(), request);
+}
+
+#[test]
+fn strategies_cover_every_variant() {
+    let mut runner = TestRunner::deterministic();
+    let mut requests_seen = BTreeSet::new();
+    let mut responses_seen = BTreeSet::new();
+    for _ in 0..1024 {
+        let request = request().new_tree(&mut runner).unwrap().current();
+        requests_seen.insert(request_variant(&request));
+        let response = response().new_tree(&mut runner).unwrap().current();
+        responses_seen.insert(response_variant(&response));
+    }
+    assert_eq!(requests_seen.len(), REQUEST_VARIANT_COUNT);
+    assert_eq!(responses_seen.len(), RESPONSE_VARIANT_COUNT);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Truncation and corruption.
+
+proptest! {
+    #[test]
+    fn every_strict_prefix_is_incomplete(request_id in any::<u64>(), message in message()) {
+        let buffer = encode(request_id, &message);
+        for length in 0..buffer.len() {
+            let result = codec::decode_frame(&buffer[..length]);
+            prop_assert!(matches!(result, Ok(None)), "length={} result={:?}", length, result);
+            let needed = codec::frame_size_needed(&buffer[..length]);
+            let expected = (length >= FRAME_HEADER_SIZE).then_some(buffer.len());
+            prop_assert_eq!(needed, expected, "length={}", length);
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_is_refused_unless_it_is_padding(
+        request_id in any::<u64>(),
+        message in message(),
+        body_bits in vec(any::<Index>(), 32),
+    ) {
+        let buffer = encode(request_id, &message);
+        let original = codec::decode_frame(&buffer).unwrap().unwrap();
+        let body_end = FRAME_HEADER_SIZE + original.body.len();
+
+        // Every header bit: the header checksum (or the magic) catches it, and since nothing
+        // in a damaged header can be trusted, no request id is reported.
+        for bit in 0..FRAME_HEADER_SIZE * 8 {
+            let corrupt = flip_bit(&buffer, bit);
+            let error = codec::decode_frame(&corrupt).unwrap_err();
+            prop_assert_eq!(error.request_id, None, "bit={}", bit);
+            prop_assert!(
+                matches!(error.error, ProtocolError::BadHeader { .. }),
+                "bit={} error={:?}", bit, error
+            );
+            prop_assert_eq!(error.error.code(), ErrorCode::BadFrame);
+        }
+
+        // Sampled body bits: the body checksum catches them; the intact header names the request.
+        if !original.body.is_empty() {
+            for index in &body_bits {
+                let bit = FRAME_HEADER_SIZE * 8 + index.index(original.body.len() * 8);
+                let corrupt = flip_bit(&buffer, bit);
+                let error = codec::decode_frame(&corrupt).unwrap_err();
+                prop_assert_eq!(error.request_id, Some(request_id), "bit={}", bit);
+                prop_assert!(
+                    matches!(
+                        error.error,
+                        ProtocolError::BodyChecksum { expected, .. }
+                            if expected == original.header.body_checksum
+                    ),
+                    "bit={} error={:?}", bit, error
+                );
+                prop_assert_eq!(error.error.code(), ErrorCode::BadFrame);
+            }
+        }
+
+        // Every padding bit: covered by no checksum and never read, so the frame decodes exactly
+        // as before.
+        for bit in body_end * 8..buffer.len() * 8 {
+            let corrupt = flip_bit(&buffer, bit);
+            let frame = codec::decode_frame(&corrupt).unwrap().expect("the frame is complete");
+            prop_assert_eq!(frame.header, original.header, "bit={}", bit);
+            prop_assert_eq!(frame.body, original.body, "bit={}", bit);
+            prop_assert_eq!(frame.frame_size, original.frame_size);
+            prop_assert_eq!(
+                &Message::decode(frame.header.frame_kind(), frame.body).unwrap(),
+                &message
+            );
+        }
+    }
+}
+
+/// The exhaustive version of the sampled property above, for two small frames: every single bit.
+#[test]
+fn every_bit_of_small_frames_is_checked() {
+    let frames = [
+        Message::Request(Request::Get {
+            key: b"user:1".to_vec(),
+        }),
+        Message::Response(Response::Exists { exists: true }),
+    ];
+    for message in &frames {
+        let buffer = encode(0x0123_4567_89AB_CDEF, message);
+        let original = codec::decode_frame(&buffer).unwrap().unwrap();
+        let body_end = FRAME_HEADER_SIZE + original.body.len();
+        assert!(body_end < buffer.len(), "these frames have padding");
+        for bit in 0..buffer.len() * 8 {
+            let corrupt = flip_bit(&buffer, bit);
+            let result = codec::decode_frame(&corrupt);
+            if bit < body_end * 8 {
+                assert!(result.is_err(), "bit={bit}");
+            } else {
+                let frame = result.unwrap().unwrap();
+                assert_eq!(frame.body, original.body, "bit={bit}");
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header refusals.
+
+proptest! {
+    #[test]
+    fn an_oversized_body_is_refused_from_the_header_alone(
+        request_id in any::<u64>(),
+        kind in frame_kind(),
+        body_size in u32::try_from(FRAME_BODY_SIZE_MAX).unwrap() + 1..=u32::MAX,
+        body_checksum in any::<u32>(),
+        body_prefix in vec(any::<u8>(), 0..64),
+    ) {
+        let header = FrameHeader::new(kind, request_id, body_size, body_checksum);
+        let mut bytes = aligned_copy(&header.to_bytes());
+        let expected = FrameError {
+            request_id: Some(request_id),
+            error: ProtocolError::BodyTooLarge {
+                body_size: body_size as usize,
+                body_size_max: FRAME_BODY_SIZE_MAX,
+            },
+        };
+        // The 32 header bytes alone are enough to refuse; bytes of the body change nothing.
+        prop_assert_eq!(codec::decode_frame(&bytes).unwrap_err(), expected.clone());
+        bytes.extend_from_slice(&body_prefix);
+        prop_assert_eq!(codec::decode_frame(&bytes).unwrap_err(), expected.clone());
+        prop_assert_eq!(codec::frame_size_needed(&bytes), None);
+        prop_assert_eq!(expected.error.code(), ErrorCode::TooLarge);
+    }
+
+    #[test]
+    fn another_version_is_refused_with_the_request_id(
+        request_id in any::<u64>(),
+        version in any::<u16>().prop_filter("another version", |v| *v != PROTOCOL_VERSION),
+        kind in any::<u8>(),
+        body_size in any::<u32>(),
+    ) {
+        // Version is checked before every other field, so a future header with fields this
+        // version does not understand is still answered "unsupported version".
+        let mut header = FrameHeader::new(FrameKind::Request, request_id, body_size, 0);
+        header.version = version;
+        header.kind = kind;
+        let error = codec::decode_frame(&header.to_bytes()).unwrap_err();
+        prop_assert_eq!(error.error.code(), ErrorCode::UnsupportedVersion);
+        prop_assert_eq!(
+            error,
+            FrameError {
+                request_id: Some(request_id),
+                error: ProtocolError::UnsupportedVersion { version, supported: PROTOCOL_VERSION },
+            }
+        );
+    }
+
+    #[test]
+    fn an_intact_header_breaking_a_rule_is_refused_with_the_request_id(
+        request_id in any::<u64>(),
+        rule in 0..3_usize,
+        kind in 3..=u8::MAX,
+        flags in 1..=u8::MAX,
+        reserved in 1..=u32::MAX,
+    ) {
+        let mut header = FrameHeader::new(FrameKind::Request, request_id, 0, 0);
+        let reason = match rule {
+            0 => {
+                header.kind = kind;
+                "unknown frame kind"
+            }
+            1 => {
+                header.flags = flags;
+                "unknown flags"
+            }
+            _ => {
+                header.reserved = reserved;
+                "reserved field is not zero"
+            }
+        };
+        let error = codec::decode_frame(&header.to_bytes()).unwrap_err();
+        prop_assert_eq!(
+            &error,
+            &FrameError { request_id: Some(request_id), error: ProtocolError::BadHeader { reason } }
+        );
+        prop_assert_eq!(error.error.code(), ErrorCode::BadFrame);
+    }
+}
+
+#[test]
+fn version_two_is_unsupported() {
+    let mut header = FrameHeader::new(FrameKind::Request, 42, 0, 0);
+    header.version = 2;
+    let error = codec::decode_frame(&header.to_bytes()).unwrap_err();
+    assert_eq!(error.request_id, Some(42));
+    assert_eq!(
+        error.error,
+        ProtocolError::UnsupportedVersion {
+            version: 2,
+            supported: 1
+        }
+    );
+    assert_eq!(error.error.code(), ErrorCode::UnsupportedVersion);
+    assert!(!error.error.code().is_retryable());
+}
+
+/// The order in which header rules are applied is part of the protocol (`docs/protocol.md`):
+/// it decides which error a peer gets back.
+#[test]
+fn header_rules_apply_in_the_documented_order() {
+    let body_size_over = u32::try_from(FRAME_BODY_SIZE_MAX).unwrap() + 1;
+    let decode = |header: FrameHeader| codec::decode_frame(&header.to_bytes()).unwrap_err().error;
+
+    // Version before size.
+    let mut header = FrameHeader::new(FrameKind::Request, 1, body_size_over, 0);
+    header.version = 2;
+    assert!(matches!(
+        decode(header),
+        ProtocolError::UnsupportedVersion { .. }
+    ));
+    // Size before kind, flags and reserved.
+    let mut header = FrameHeader::new(FrameKind::Request, 1, body_size_over, 0);
+    header.kind = 0;
+    header.flags = 1;
+    header.reserved = 1;
+    assert!(matches!(decode(header), ProtocolError::BodyTooLarge { .. }));
+    // Kind, then flags, then reserved.
+    let mut header = FrameHeader::new(FrameKind::Request, 1, 0, 0);
+    header.kind = 0;
+    header.flags = 1;
+    header.reserved = 1;
+    assert_eq!(
+        decode(header),
+        ProtocolError::BadHeader {
+            reason: "unknown frame kind"
+        }
+    );
+    header.kind = 1;
+    assert_eq!(
+        decode(header),
+        ProtocolError::BadHeader {
+            reason: "unknown flags"
+        }
+    );
+    header.flags = 0;
+    assert_eq!(
+        decode(header),
+        ProtocolError::BadHeader {
+            reason: "reserved field is not zero"
+        }
+    );
+
+    // The largest body allowed is only waited for, not refused.
+    let header = FrameHeader::new(
+        FrameKind::Request,
+        1,
+        u32::try_from(FRAME_BODY_SIZE_MAX).unwrap(),
+        0,
+    );
+    assert!(matches!(codec::decode_frame(&header.to_bytes()), Ok(None)));
+    assert_eq!(
+        codec::frame_size_needed(&header.to_bytes()),
+        Some(FRAME_HEADER_SIZE + FRAME_BODY_SIZE_MAX)
+    );
+
+    // Bad magic is reported before the header checksum.
+    let mut bytes = FrameHeader::new(FrameKind::Request, 1, 0, 0).to_bytes();
+    bytes[0] = b'X';
+    assert_eq!(
+        codec::decode_frame(&bytes).unwrap_err().error,
+        ProtocolError::BadHeader {
+            reason: "bad magic"
+        }
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Garbage.
+
+proptest! {
+    #[test]
+    fn garbage_streams_never_panic(bytes in vec(any::<u8>(), 0..2048)) {
+        exercise_stream(&bytes);
+    }
+
+    #[test]
+    fn garbage_bodies_never_panic(bytes in vec(any::<u8>(), 0..2048)) {
+        exercise_body(&aligned_copy(&bytes));
+    }
+
+    /// Random bytes almost never pass the header checksum; these do, so the garbage reaches the
+    /// body decoders through `decode_frame` exactly as it would from a peer.
+    #[test]
+    fn garbage_behind_a_valid_header_never_panics(
+        request_id in any::<u64>(),
+        kind in frame_kind(),
+        body in vec(any::<u8>(), 0..2048),
+    ) {
+        let buffer = frame_around(kind, request_id, &body);
+        let frame = codec::decode_frame(&buffer).unwrap().expect("the frame is complete");
+        prop_assert_eq!(frame.body, &body[..]);
+        prop_assert_eq!(exercise_stream(&buffer), buffer.len());
+    }
+
+    /// A real archive with a few bytes overwritten gets much further through validation than
+    /// random bytes do, and reaches `check_request` with strange but well-formed values.
+    #[test]
+    fn mutated_archives_never_panic(
+        message in message(),
+        mutations in vec((any::<Index>(), any::<u8>()), 1..=4),
+    ) {
+        let mut body = FrameBuffer::new();
+        match &message {
+            Message::Request(request) => codec::encode_request_body(&mut body, request),
+            Message::Response(response) => codec::encode_response_body(&mut body, response),
+        }
+        .unwrap();
+        for (index, byte) in &mutations {
+            let position = index.index(body.len());
+            body[position] = *byte;
+        }
+        exercise_body(&body);
+    }
+}
+
+#[test]
+fn empty_and_tiny_bodies_are_refused() {
+    for size in 0..=FRAME_ALIGNMENT {
+        let body = aligned_copy(&vec![0xA5; size]);
+        assert!(codec::access_request(&body).is_err(), "size={size}");
+        assert!(codec::access_response(&body).is_err(), "size={size}");
+    }
+    exercise_body(&FrameBuffer::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// check_request.
+
+/// One request of every variant that carries keys, with `key` in it.
+fn requests_with_key(key: &[u8]) -> Vec<Request> {
+    let key = key.to_vec();
+    vec![
+        Request::Get { key: key.clone() },
+        Request::Put(Put::new(key.clone(), "v")),
+        Request::Delete {
+            key: key.clone(),
+            return_previous: true,
+        },
+        Request::Exists { key: key.clone() },
+        Request::Expire {
+            key: key.clone(),
+            ttl_ms: 1000,
+        },
+        Request::Persist { key: key.clone() },
+        Request::Ttl { key: key.clone() },
+        Request::MultiGet {
+            keys: vec![b"fine".to_vec(), key.clone()],
+        },
+        Request::MultiPut {
+            entries: vec![PutEntry {
+                key: key.clone(),
+                value: b"v".to_vec(),
+                ttl_ms: None,
+            }],
+        },
+        Request::MultiDelete {
+            keys: vec![b"fine".to_vec(), key],
+        },
+    ]
+}
+
+/// One request of every variant that carries values, with `value` in it.
+fn requests_with_value(value: &[u8]) -> Vec<Request> {
+    vec![
+        Request::Put(Put::new("k", value)),
+        Request::MultiPut {
+            entries: vec![
+                PutEntry {
+                    key: b"fine".to_vec(),
+                    value: Vec::new(),
+                    ttl_ms: None,
+                },
+                PutEntry {
+                    key: b"k".to_vec(),
+                    value: value.to_vec(),
+                    ttl_ms: None,
+                },
+            ],
+        },
+    ]
+}
+
+/// One request of every variant that carries a TTL, with `ttl_ms` in it.
+fn requests_with_ttl(ttl_ms: u64) -> Vec<Request> {
+    let mut put = Put::new("k", "v");
+    put.ttl_ms = Some(ttl_ms);
+    vec![
+        Request::Put(put),
+        Request::Expire {
+            key: b"k".to_vec(),
+            ttl_ms,
+        },
+        Request::MultiPut {
+            entries: vec![PutEntry {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ttl_ms: Some(ttl_ms),
+            }],
+        },
+    ]
+}
+
+/// One request of every batch variant, with `count` items.
+fn batches_of(count: usize) -> Vec<Request> {
+    let keys = vec![b"k".to_vec(); count];
+    vec![
+        Request::MultiGet { keys: keys.clone() },
+        Request::MultiDelete { keys },
+        Request::MultiPut {
+            entries: vec![
+                PutEntry {
+                    key: b"k".to_vec(),
+                    value: Vec::new(),
+                    ttl_ms: None,
+                };
+                count
+            ],
+        },
+    ]
+}
+
+#[test]
+fn empty_keys_are_refused() {
+    for request in requests_with_key(b"") {
+        let error = check(&request).unwrap_err();
+        assert_eq!(error, RequestError::EmptyKey, "{request:?}");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+}
+
+#[test]
+fn limits_themselves_are_accepted() {
+    for request in requests_with_key(&vec![b'k'; KEY_SIZE_MAX]) {
+        assert_eq!(check(&request), Ok(()));
+    }
+    for request in requests_with_value(&vec![b'v'; VALUE_SIZE_MAX]) {
+        assert_eq!(check(&request), Ok(()));
+    }
+    for ttl_ms in [1, TTL_MS_MAX] {
+        for request in requests_with_ttl(ttl_ms) {
+            assert_eq!(check(&request), Ok(()));
+        }
+    }
+    for count in [0, BATCH_COUNT_MAX] {
+        for request in batches_of(count) {
+            assert_eq!(check(&request), Ok(()));
+        }
+    }
+    let hello = Request::Hello {
+        protocol_version: PROTOCOL_VERSION,
+        client_name: "n".repeat(TEXT_SIZE_MAX),
+    };
+    assert_eq!(check(&hello), Ok(()));
+    assert_eq!(check(&Request::Ping), Ok(()));
+    assert_eq!(check(&Request::Stats), Ok(()));
+}
+
+#[test]
+fn a_batch_is_counted_before_its_items_are_checked() {
+    let request = Request::MultiGet {
+        keys: vec![Vec::new(); BATCH_COUNT_MAX + 1],
+    };
+    assert_eq!(
+        check(&request),
+        Err(RequestError::BatchTooLarge {
+            count: BATCH_COUNT_MAX + 1,
+            count_max: BATCH_COUNT_MAX
+        })
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    #[test]
+    fn oversized_keys_are_refused(size_over in 1..=64_usize, fill in any::<u8>()) {
+        let key = vec![fill; KEY_SIZE_MAX + size_over];
+        for request in requests_with_key(&key) {
+            let error = check(&request).unwrap_err();
+            prop_assert_eq!(
+                &error,
+                &RequestError::KeyTooLarge { size: key.len(), size_max: KEY_SIZE_MAX }
+            );
+            prop_assert_eq!(error.code(), ErrorCode::TooLarge);
+        }
+    }
+
+    #[test]
+    fn oversized_values_are_refused(size_over in 1..=64_usize, fill in any::<u8>()) {
+        let value = vec![fill; VALUE_SIZE_MAX + size_over];
+        for request in requests_with_value(&value) {
+            let error = check(&request).unwrap_err();
+            prop_assert_eq!(
+                &error,
+                &RequestError::ValueTooLarge { size: value.len(), size_max: VALUE_SIZE_MAX }
+            );
+            prop_assert_eq!(error.code(), ErrorCode::TooLarge);
+        }
+    }
+
+    #[test]
+    fn oversized_batches_are_refused(count_over in 1..=8_usize) {
+        let count = BATCH_COUNT_MAX + count_over;
+        for request in batches_of(count) {
+            let error = check(&request).unwrap_err();
+            prop_assert_eq!(
+                &error,
+                &RequestError::BatchTooLarge { count, count_max: BATCH_COUNT_MAX }
+            );
+            prop_assert_eq!(error.code(), ErrorCode::TooLarge);
+        }
+    }
+
+    #[test]
+    fn oversized_client_names_are_refused(size_over in 1..=64_usize) {
+        let client_name = "n".repeat(TEXT_SIZE_MAX + size_over);
+        let size = client_name.len();
+        let hello = Request::Hello { protocol_version: PROTOCOL_VERSION, client_name };
+        let error = check(&hello).unwrap_err();
+        prop_assert_eq!(&error, &RequestError::TextTooLarge { size, size_max: TEXT_SIZE_MAX });
+        prop_assert_eq!(error.code(), ErrorCode::TooLarge);
+    }
+}
+
+proptest! {
+    #[test]
+    fn ttls_outside_the_range_are_refused(
+        ttl_ms in prop_oneof![Just(0), TTL_MS_MAX + 1..=u64::MAX],
+    ) {
+        for request in requests_with_ttl(ttl_ms) {
+            let error = check(&request).unwrap_err();
+            prop_assert_eq!(
+                &error,
+                &RequestError::TtlOutOfRange { ttl_ms, ttl_ms_max: TTL_MS_MAX }
+            );
+            prop_assert_eq!(error.code(), ErrorCode::InvalidArgument);
+        }
+    }
+
+    #[test]
+    fn ttls_inside_the_range_are_accepted(ttl_ms in ttl_ms()) {
+        for request in requests_with_ttl(ttl_ms) {
+            prop_assert_eq!(check(&request), Ok(()));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing.
+
+#[test]
+fn slots_are_stable_and_tags_follow_the_documented_rules() {
+    // crc32("123456789") = 0xCBF43926, and 0xCBF43926 mod 16384 = 0x3926 = 14630.
+    assert_eq!(slot_for_key(b"123456789"), 14630);
+    assert_eq!(slot_for_key(b"{123456789}.anything"), 14630);
+    assert_eq!(slot_for_key(b"user:1000"), 6115);
+    assert_eq!(slot_for_key(b"{user:1000}.following"), 6115);
+    // The examples given in docs/protocol.md.
+    assert_eq!(hash_tag(b"user:1000"), b"user:1000");
+    assert_eq!(hash_tag(b"{user:1000}.following"), b"user:1000");
+    assert_eq!(hash_tag(b"foo{bar}{zap}"), b"bar");
+    assert_eq!(hash_tag(b"foo{}{bar}"), b"foo{}{bar}");
+    assert_eq!(hash_tag(b"foo{{bar}}zap"), b"{bar");
+    assert_eq!(hash_tag(b"foo{bar"), b"foo{bar");
+}
+
+proptest! {
+    #[test]
+    fn every_key_has_a_slot_in_range(key in vec(any::<u8>(), 0..=KEY_SIZE_GENERATED_MAX * 2)) {
+        prop_assert!(slot_for_key(&key) < SLOT_COUNT);
+    }
+
+    #[test]
+    fn keys_sharing_a_tag_share_a_slot(
+        tag in vec(any::<u8>().prop_filter("no closing brace", |byte| *byte != b'}'), 1..=16),
+        prefixes in vec(
+            vec(any::<u8>().prop_filter("no opening brace", |byte| *byte != b'{'), 0..=16),
+            2,
+        ),
+        suffixes in vec(vec(any::<u8>(), 0..=16), 2),
+    ) {
+        let keys: Vec<Vec<u8>> = prefixes
+            .iter()
+            .zip(&suffixes)
+            .map(|(prefix, suffix)| [&prefix[..], b"{", &tag, b"}", suffix].concat())
+            .collect();
+        for key in &keys {
+            prop_assert_eq!(hash_tag(key), &tag[..]);
+            prop_assert_eq!(slot_for_key(key), slot_for_key(&tag));
+        }
+        prop_assert_eq!(slot_for_key(&keys[0]), slot_for_key(&keys[1]));
+    }
+
+    #[test]
+    fn split_slots_covers_every_slot_once(part_count in 1..=usize::from(SLOT_COUNT)) {
+        let ranges = split_slots(part_count);
+        prop_assert_eq!(ranges.len(), part_count);
+        prop_assert_eq!(ranges[0].start, 0);
+        prop_assert_eq!(ranges[part_count - 1].end, SLOT_COUNT);
+        for pair in ranges.windows(2) {
+            prop_assert_eq!(pair[0].end, pair[1].start);
+        }
+        let smallest = ranges.iter().map(tessera_protocol::SlotRange::len).min().unwrap();
+        let largest = ranges.iter().map(tessera_protocol::SlotRange::len).max().unwrap();
+        prop_assert!(smallest >= 1);
+        prop_assert!(largest - smallest <= 1, "smallest={} largest={}", smallest, largest);
+    }
+
+    #[test]
+    fn a_single_node_route_table_agrees_with_its_ranges(
+        core_count in 1..=CORE_COUNT_MAX,
+        keys in vec(vec(any::<u8>(), 0..=KEY_SIZE_GENERATED_MAX), 1..=32),
+    ) {
+        let topology =
+            build_topology(1, 1, &[("node".to_string(), core_count, "127.0.0.1".to_string())]);
+        let ranges = split_slots(core_count);
+        let table = RouteTable::new(&topology).unwrap();
+        for key in &keys {
+            let slot = slot_for_key(key);
+            let location = table.owner_of_key(key);
+            prop_assert_eq!(location.node_index, 0);
+            prop_assert!(ranges[usize::from(location.core_index)].contains(slot));
+            prop_assert_eq!(ranges.iter().filter(|range| range.contains(slot)).count(), 1);
+        }
+    }
+
+    #[test]
+    fn a_cluster_route_table_agrees_with_its_ranges(
+        topology in topology(),
+        keys in vec(vec(any::<u8>(), 0..=KEY_SIZE_GENERATED_MAX), 1..=32),
+    ) {
+        let table = RouteTable::new(&topology).unwrap();
+        prop_assert_eq!(table.epoch(), topology.epoch);
+        for key in &keys {
+            let slot = slot_for_key(key);
+            let location = table.owner_of_key(key);
+            prop_assert_eq!(table.owner_of_slot(slot), location);
+            let core = topology.core(location).expect("the table names a core of the topology");
+            prop_assert!(core.slots.contains(slot), "slot={} owner={}", slot, core.slots);
+            let owner_count = topology
+                .nodes
+                .iter()
+                .flat_map(|node| &node.cores)
+                .filter(|core| core.slots.contains(slot))
+                .count();
+            prop_assert_eq!(owner_count, 1);
+        }
+    }
+}
