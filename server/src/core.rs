@@ -89,8 +89,11 @@ pub struct CoreContext {
     pub config: Arc<Config>,
     /// Open connections across all cores (the server-wide limit is checked at accept).
     pub connection_count: Arc<AtomicUsize>,
-    /// Fired when this core must stop.
+    /// Fired when this core must stop: stop accepting, answer what was read, close.
     pub stop: LocalSignal,
+    /// Fired when a graceful stop has taken longer than `shutdown_timeout_ms`: connections
+    /// abandon writes to clients that do not read and close at once.
+    pub abort: LocalSignal,
 }
 
 impl CoreContext {

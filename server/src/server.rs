@@ -387,6 +387,12 @@ fn run_core_thread(start: CoreStart) -> Result<CoreSummary, String> {
 }
 
 async fn run_core(start: CoreStart) -> Option<CoreSummary> {
+    // A second descriptor for the listening socket, to take it out of LISTEN at stop (below).
+    let listener_control = start
+        .listener
+        .as_ref()
+        .and_then(|fd| fd.try_clone().ok())
+        .map(Socket::from);
     let listener = start.listener.map(|fd| {
         // SAFETY: the descriptor is a listening TCP socket this process owns; ownership moves
         // from the OwnedFd into the glommio listener, which closes it.
@@ -413,6 +419,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         config: start.config.clone(),
         connection_count: start.connection_count,
         stop: LocalSignal::new(),
+        abort: LocalSignal::new(),
     });
     let inbox_task = glommio::spawn_local(serve_inbox(context.clone(), inbox));
     let tick_task = glommio::spawn_local(run_ticks(context.clone()));
@@ -421,27 +428,40 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     match listener {
         Some(listener) => {
             crate::net::listener::accept_loop(context.clone(), listener, gate.clone()).await;
+            // The abandoned accept's io_uring request keeps a reference to the socket until
+            // the ring is torn down, after this thread exits; until then the kernel would
+            // still accept connections nobody serves, and the port could not be bound again.
+            // shutdown(2) takes the socket out of LISTEN at once, whatever holds references.
+            // See server/tests/listener_release.rs.
+            if let Some(control) = listener_control {
+                if let Err(shutdown_error) = control.shutdown(std::net::Shutdown::Both) {
+                    tracing::debug!(%shutdown_error, "cannot shut the listening socket down");
+                }
+            }
         }
         None => context.stop.wait().await,
     }
     let timeout = Duration::from_millis(start.config.shutdown_timeout_ms);
-    let finished = futures_lite::future::or(
+    // `gate.close()` is awaited once, to completion: dropping it midway leaves glommio's gate
+    // closing with nobody to notify, and the last connection's exit then panics. The timeout
+    // runs beside it and fires `abort`, which makes every connection drop what it is writing
+    // (to clients that stopped reading) and end, so the close completes promptly after it.
+    // See server/tests/shutdown_timeout.rs.
+    futures_lite::future::or(
         async {
             let _ = gate.close().await;
-            true
         },
         async {
             glommio::timer::sleep(timeout).await;
-            false
+            tracing::warn!(
+                ?timeout,
+                "connections still open after the shutdown timeout; closing"
+            );
+            context.abort.fire();
+            std::future::pending::<()>().await;
         },
     )
     .await;
-    if !finished {
-        tracing::warn!(
-            ?timeout,
-            "connections still open after the shutdown timeout; closing"
-        );
-    }
     inbox_task.await;
     tick_task.await;
     let shard = context.shard.borrow();

@@ -87,12 +87,13 @@ impl Connection {
         loop {
             let next = self.process(context);
             for (request_id, pending) in std::mem::take(&mut self.pending) {
-                let reply = pending.await;
+                let Some(reply) = context.abort.unless_fired(pending).await else {
+                    return Ok("aborted");
+                };
                 self.encode_reply(request_id, &reply);
             }
-            if !self.write_buffer.is_empty() {
-                stream.write_all(&self.write_buffer).await?;
-                self.write_buffer.clear();
+            if !self.flush(context, stream).await? {
+                return Ok("aborted");
             }
             match next {
                 Next::Close(reason) => return Ok(reason),
@@ -114,6 +115,30 @@ impl Connection {
                 Some(Ok(0)) => return Ok("peer closed"),
                 Some(Ok(read_size)) => self.filled += read_size,
                 Some(Err(io_error)) => return Err(io_error),
+            }
+        }
+    }
+
+    /// Writes the buffered replies; `false` if the core aborted first (a client that stopped
+    /// reading while the server shut down).
+    async fn flush(
+        &mut self,
+        context: &CoreContext,
+        stream: &mut TcpStream,
+    ) -> std::io::Result<bool> {
+        if self.write_buffer.is_empty() {
+            return Ok(true);
+        }
+        let written = context
+            .abort
+            .unless_fired(stream.write_all(&self.write_buffer))
+            .await;
+        match written {
+            None => Ok(false),
+            Some(written) => {
+                written?;
+                self.write_buffer.clear();
+                Ok(true)
             }
         }
     }
@@ -273,9 +298,8 @@ impl Connection {
                 self.pending.is_empty(),
                 "nothing is dispatched while stopping"
             );
-            if !self.write_buffer.is_empty() {
-                stream.write_all(&self.write_buffer).await?;
-                self.write_buffer.clear();
+            if !self.flush(context, stream).await? {
+                return Ok("aborted");
             }
             if let Next::Close(reason) = next {
                 return Ok(reason);

@@ -162,19 +162,28 @@ impl Shard {
         let mut expired = std::mem::take(&mut self.expired_buffer);
         self.wheel
             .advance(now_ms, self.config.expired_per_tick_max, &mut expired);
-        let expired_count = expired.len();
+        let mut expired_count = 0;
         for (timer, deadline_ms, key) in expired.drain(..) {
-            let entry = self.store.get(&key);
-            let stored_timer = entry
-                .and_then(|entry| entry.expiry)
-                .map(|expiry| expiry.timer);
+            let entry = self.store.get_mut(&key);
+            let stored_expiry = entry.and_then(|entry| entry.expiry.as_mut());
+            let stored_timer = stored_expiry.as_ref().map(|expiry| expiry.timer);
             assert!(
                 stored_timer == Some(timer),
                 "fired timer {timer:?} (deadline_ms={deadline_ms}) does not match the entry's \
                  timer {stored_timer:?}"
             );
+            if deadline_ms > now_ms {
+                // The wheel's time never goes back, so a deadline written after the wall clock
+                // stepped back fires early. The key still lives (reads agree): arm it again;
+                // it is looked at on each tick until the clock passes its deadline.
+                if let Some(expiry) = stored_expiry {
+                    expiry.timer = self.wheel.insert(deadline_ms, key);
+                }
+                continue;
+            }
             self.store.remove(&key);
             self.revision += 1;
+            expired_count += 1;
         }
         self.stats.expired_count += expired_count as u64;
         self.expired_buffer = expired;
@@ -246,6 +255,8 @@ impl Shard {
     /// Removes `key` now if it has expired but its timer has not fired yet, so a write finds
     /// the same state a reader sees. Reclaiming is a mutation like the timer's.
     fn reclaim_if_expired(&mut self, now_ms: u64, key: &[u8]) {
+        // Every mutation passes here first, so this is where a misrouted key is caught.
+        self.debug_check_owned(key);
         if self
             .store
             .get(key)
