@@ -53,6 +53,9 @@ struct Link {
     /// Becomes true once the link is dead; the reader and writer tasks watch it.
     closed: watch::Sender<bool>,
     next_request_id: AtomicU64,
+    /// Replies received so far; a request that times out with no reply received meanwhile
+    /// marks the connection silent.
+    reply_count: AtomicU64,
 }
 
 impl Link {
@@ -117,12 +120,7 @@ impl Connection {
         };
         let request_id = link.next_request_id.fetch_add(1, Ordering::Relaxed);
         let mut frame = FrameBuffer::new();
-        codec::encode_request(&mut frame, request_id, request).map_err(|error| {
-            ClientError::Protocol {
-                address: self.address.clone(),
-                error,
-            }
-        })?;
+        codec::encode_request(&mut frame, request_id, request).map_err(ClientError::Encode)?;
         let (reply_sender, reply) = oneshot::channel();
         {
             let mut pending = link.pending();
@@ -132,6 +130,7 @@ impl Connection {
             }
             pending.replies.insert(request_id, reply_sender);
         }
+        let replies_before = link.reply_count.load(Ordering::Relaxed);
         if link.outbound.send(frame).is_err() {
             link.pending().replies.remove(&request_id);
             return Err(self.not_sent("connection writer stopped before sending"));
@@ -141,10 +140,18 @@ impl Connection {
             Ok(Err(_)) => Err(self.disconnected()),
             Err(_) => {
                 link.pending().replies.remove(&request_id);
-                Err(ClientError::Timeout {
+                let timeout = ClientError::Timeout {
                     address: self.address.clone(),
                     timeout: self.settings.request_timeout,
-                })
+                };
+                if link.reply_count.load(Ordering::Relaxed) == replies_before {
+                    // Not one reply on this connection for a whole request timeout: the peer
+                    // is gone or stuck (a crashed host, a partition). TCP may take many
+                    // minutes to notice, so drop the link and let the next call reconnect.
+                    tracing::debug!(address = %self.address, "silent connection; closing");
+                    link.close(&timeout);
+                }
+                Err(timeout)
             }
         }
     }
@@ -196,6 +203,7 @@ impl Connection {
             closed: watch::Sender::new(false),
             // Request id 0 is reserved for replies about the connection itself.
             next_request_id: AtomicU64::new(1),
+            reply_count: AtomicU64::new(0),
         });
         tokio::spawn(write_loop(
             link.clone(),
@@ -283,6 +291,7 @@ async fn read_replies(link: &Link, reader: &mut OwnedReadHalf, address: &str) ->
                     error,
                 })?;
             let request_id = frame.header.request_id;
+            link.reply_count.fetch_add(1, Ordering::Relaxed);
             if request_id == 0 {
                 // A message about the connection itself (such as the connection limit).
                 return Err(match response {

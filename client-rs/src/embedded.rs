@@ -70,10 +70,7 @@ impl EmbeddedCore {
 
     pub(crate) async fn call(&self, request: &Request) -> Result<Response> {
         let mut body = FrameBuffer::new();
-        codec::encode_request_body(&mut body, request).map_err(|error| ClientError::Protocol {
-            address: self.address.clone(),
-            error,
-        })?;
+        codec::encode_request_body(&mut body, request).map_err(ClientError::Encode)?;
         let inbox = self
             .inboxes
             .get(usize::from(self.core_id))

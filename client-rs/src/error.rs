@@ -42,7 +42,11 @@ pub enum ClientError {
         /// The limit that passed.
         timeout: Duration,
     },
-    /// The server sent bytes that are not a valid frame or message.
+    /// The request could not be encoded (it is over a frame limit); nothing was sent.
+    #[error("cannot encode the request: {0}")]
+    Encode(ProtocolError),
+    /// The server sent bytes that are not a valid frame or message. The connection is closed;
+    /// every request in flight on it was sent and may or may not have applied.
     #[error("protocol error from {address}: {error}")]
     Protocol {
         /// The server's address.
@@ -76,7 +80,7 @@ impl ClientError {
     #[must_use]
     pub fn is_indeterminate(&self) -> bool {
         match self {
-            Self::Disconnected { .. } | Self::Timeout { .. } => true,
+            Self::Disconnected { .. } | Self::Timeout { .. } | Self::Protocol { .. } => true,
             Self::Server { code, .. } => *code == ErrorCode::Internal,
             _ => false,
         }

@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use tessera_protocol::codec::{check_batch, check_key, check_ttl, check_value};
-use tessera_protocol::limits::BATCH_COUNT_MAX;
+use tessera_protocol::limits::{BATCH_COUNT_MAX, ENVELOPE_OVERHEAD_MAX, FRAME_BODY_SIZE_MAX};
 use tessera_protocol::{
     Put, PutCondition, PutEntry, Request, Response, ShardLocation, PROTOCOL_VERSION,
 };
@@ -506,9 +506,14 @@ impl Client {
         let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
         keys.iter().try_for_each(|key| check_key(key))?;
         let parts = self
-            .call_batch(&keys, |indices| Request::MultiGet {
-                keys: indices.iter().map(|&index| keys[index].to_vec()).collect(),
-            })
+            .call_batch(
+                &keys,
+                |index| keys[index].len(),
+                true,
+                |indices| Request::MultiGet {
+                    keys: indices.iter().map(|&index| keys[index].to_vec()).collect(),
+                },
+            )
             .await?;
         let mut values = vec![None; keys.len()];
         for (indices, response) in parts {
@@ -535,16 +540,21 @@ impl Client {
             check_value(value.as_ref())?;
         }
         let parts = self
-            .call_batch(&keys, |indices| Request::MultiPut {
-                entries: indices
-                    .iter()
-                    .map(|&index| PutEntry {
-                        key: entries[index].0.as_ref().to_vec(),
-                        value: entries[index].1.as_ref().to_vec(),
-                        ttl_ms: None,
-                    })
-                    .collect(),
-            })
+            .call_batch(
+                &keys,
+                |index| keys[index].len() + entries[index].1.as_ref().len(),
+                false,
+                |indices| Request::MultiPut {
+                    entries: indices
+                        .iter()
+                        .map(|&index| PutEntry {
+                            key: entries[index].0.as_ref().to_vec(),
+                            value: entries[index].1.as_ref().to_vec(),
+                            ttl_ms: None,
+                        })
+                        .collect(),
+                },
+            )
             .await?;
         let mut versions = vec![0; entries.len()];
         for (indices, response) in parts {
@@ -564,9 +574,14 @@ impl Client {
         let keys: Vec<&[u8]> = keys.iter().map(AsRef::as_ref).collect();
         keys.iter().try_for_each(|key| check_key(key))?;
         let parts = self
-            .call_batch(&keys, |indices| Request::MultiDelete {
-                keys: indices.iter().map(|&index| keys[index].to_vec()).collect(),
-            })
+            .call_batch(
+                &keys,
+                |index| keys[index].len(),
+                false,
+                |indices| Request::MultiDelete {
+                    keys: indices.iter().map(|&index| keys[index].to_vec()).collect(),
+                },
+            )
             .await?;
         let mut deleted = vec![false; keys.len()];
         for (indices, response) in parts {
@@ -641,31 +656,26 @@ impl Client {
         }
     }
 
-    /// Splits a batch by owning core (and into chunks of `BATCH_COUNT_MAX`), sends the parts
-    /// in parallel, and returns each part's key indices with its response. Parts answered
-    /// `WrongShard` are re-routed after a topology refresh, a bounded number of times.
+    /// Splits a batch by owning core, into parts of at most `BATCH_COUNT_MAX` keys whose
+    /// request weighs at most `BATCH_BODY_SIZE_MAX` bytes (`weight(index)` is one item's share),
+    /// sends the parts in parallel, and returns each part's key indices with its response.
+    ///
+    /// Parts answered `WrongShard` are re-routed after a topology refresh, a bounded number of
+    /// times. When `split_if_too_large` is set (reads, which are idempotent), a part whose
+    /// reply is over the frame limit is halved and sent again, down to single keys.
     async fn call_batch(
         &self,
         keys: &[&[u8]],
+        weight: impl Fn(usize) -> usize,
+        split_if_too_large: bool,
         build: impl Fn(&[usize]) -> Request,
     ) -> Result<Vec<(Vec<usize>, Response)>> {
         let mut done = Vec::new();
-        let mut remaining: Vec<usize> = (0..keys.len()).collect();
+        let mut parts = group_by_owner(&self.view(), keys, 0..keys.len(), &weight);
         let mut attempt = 0;
-        while !remaining.is_empty() {
+        while !parts.is_empty() {
             let view = self.view();
-            let mut groups: Vec<(ShardLocation, Vec<usize>)> = Vec::new();
-            for index in remaining.drain(..) {
-                let location = view.routes.owner_of_key(keys[index]);
-                match groups
-                    .iter_mut()
-                    .find(|(group, indices)| *group == location && indices.len() < BATCH_COUNT_MAX)
-                {
-                    Some((_, indices)) => indices.push(index),
-                    None => groups.push((location, vec![index])),
-                }
-            }
-            let calls = groups.into_iter().map(|(location, indices)| {
+            let calls = parts.drain(..).map(|(location, indices)| {
                 let request = build(&indices);
                 let transport = view.transport(location);
                 async move {
@@ -673,31 +683,81 @@ impl Client {
                     let transport = transport.ok_or_else(|| {
                         ClientError::Topology("route table names a missing core".to_owned())
                     })?;
-                    Ok::<_, ClientError>((indices, transport.call(&request).await?))
+                    let response = transport.call(&request).await?;
+                    Ok::<_, ClientError>((location, indices, response))
                 }
             });
-            let mut wrong_shard = false;
+            let mut misrouted = Vec::new();
             for result in join_all(calls).await {
-                let (indices, response) = result?;
+                let (location, mut indices, response) = result?;
                 match response {
                     Response::Error(reply)
                         if reply.code == ErrorCode::WrongShard
                             && attempt < self.inner.config.wrong_shard_retry_max =>
                     {
-                        wrong_shard = true;
-                        remaining.extend(indices);
+                        misrouted.extend(indices);
+                    }
+                    Response::Error(reply)
+                        if reply.code == ErrorCode::TooLarge
+                            && split_if_too_large
+                            && indices.len() > 1 =>
+                    {
+                        let second_half = indices.split_off(indices.len() / 2);
+                        parts.push((location, indices));
+                        parts.push((location, second_half));
                     }
                     Response::Error(reply) => return Err(server_error(reply.code, reply.message)),
                     response => done.push((indices, response)),
                 }
             }
-            if wrong_shard {
+            if !misrouted.is_empty() {
                 attempt += 1;
                 self.refresh_topology().await?;
+                parts.extend(group_by_owner(&self.view(), keys, misrouted, &weight));
             }
         }
         Ok(done)
     }
+}
+
+/// Bytes of items one batch request may carry, leaving room for the envelope.
+const BATCH_BODY_SIZE_MAX: usize = FRAME_BODY_SIZE_MAX - ENVELOPE_OVERHEAD_MAX;
+
+/// Bytes of archive structure one batch item adds beyond its key and value (relative
+/// pointers, lengths, an optional TTL, alignment): see the test `batch_item_overhead_covers_the_archive`.
+const BATCH_ITEM_OVERHEAD: usize = 64;
+
+/// Groups `indices` by the core that owns their key, in parts within `BATCH_COUNT_MAX` items
+/// and `BATCH_BODY_SIZE_MAX` bytes. Every index lands in exactly one part, in order.
+fn group_by_owner(
+    view: &ClusterView,
+    keys: &[&[u8]],
+    indices: impl IntoIterator<Item = usize>,
+    weight: &impl Fn(usize) -> usize,
+) -> Vec<(ShardLocation, Vec<usize>)> {
+    // (owner, indices, bytes); only the last part of each owner is still open.
+    let mut parts: Vec<(ShardLocation, Vec<usize>, usize)> = Vec::new();
+    for index in indices {
+        let location = view.routes.owner_of_key(keys[index]);
+        let size = weight(index) + BATCH_ITEM_OVERHEAD;
+        let open = parts
+            .iter_mut()
+            .rev()
+            .find(|(owner, _, _)| *owner == location);
+        match open {
+            Some((_, part, bytes))
+                if part.len() < BATCH_COUNT_MAX && *bytes + size <= BATCH_BODY_SIZE_MAX =>
+            {
+                part.push(index);
+                *bytes += size;
+            }
+            _ => parts.push((location, vec![index], size)),
+        }
+    }
+    parts
+        .into_iter()
+        .map(|(location, part, _)| (location, part))
+        .collect()
 }
 
 async fn fetch_topology(
@@ -775,5 +835,39 @@ fn unexpected(response: &Response) -> ClientError {
     match response {
         Response::Error(reply) => server_error(reply.code, reply.message.clone()),
         other => ClientError::UnexpectedReply(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_protocol::codec::{encode_request_body, FrameBuffer};
+
+    use super::*;
+
+    fn multi_put_body_size(entry_count: usize, key_size: usize, value_size: usize) -> usize {
+        let entries = (0..entry_count)
+            .map(|index| PutEntry {
+                key: vec![u8::try_from(index % 256).unwrap(); key_size],
+                value: vec![7; value_size],
+                ttl_ms: Some(1),
+            })
+            .collect();
+        let mut body = FrameBuffer::new();
+        encode_request_body(&mut body, &Request::MultiPut { entries }).unwrap();
+        body.len()
+    }
+
+    #[test]
+    fn batch_item_overhead_covers_the_archive() {
+        for (key_size, value_size) in [(1, 0), (3, 5), (16, 32), (1000, 1), (4096, 65_536)] {
+            let one = multi_put_body_size(1, key_size, value_size);
+            let many = multi_put_body_size(101, key_size, value_size);
+            let per_item_overhead = (many - one) / 100 - key_size - value_size;
+            assert!(
+                per_item_overhead <= BATCH_ITEM_OVERHEAD,
+                "key_size={key_size} value_size={value_size} overhead={per_item_overhead}"
+            );
+            assert!(one - key_size - value_size <= ENVELOPE_OVERHEAD_MAX);
+        }
     }
 }

@@ -1,0 +1,1214 @@
+//! The client's behaviour, written once and run twice: against a server started in this
+//! process and reached over loopback TCP (`remote::*`), and against shards embedded in the
+//! test process (`embedded::*`, with the `embedded` feature). The two modes promise the same
+//! semantics, so a scenario that passes in one mode and fails in the other points at a
+//! transport, not at the scenario.
+//!
+//! Each test gets a fresh two-core cluster, so the counters in `stats()` belong to that test
+//! alone. Every scenario is bounded by `common::SCENARIO_TIMEOUT`: a hang fails the test.
+//!
+//! The expected values are computed independently of the client where possible: which core
+//! owns a key comes from `slot_for_key` and the slot ranges in the topology, not from the
+//! client's route table.
+//!
+//! `batch_writes_of_large_values` and `batch_reads_of_large_values` guard a bug found when
+//! they were first written: the client split batches by key count but not by size, so a
+//! batch of large values failed with a protocol error after part of it had been applied.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Debug;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::{core_of_key, core_slot_ranges, within, CALL_TIMEOUT, CORE_COUNT};
+use tessera_client::{Client, ClientError, Entry, PutOptions, TtlState};
+use tessera_protocol::limits::{
+    BATCH_COUNT_MAX, FRAME_BODY_SIZE_MAX, KEY_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
+};
+use tessera_protocol::Topology;
+use tessera_protocol::{slot_for_key, RequestError, SlotRange};
+
+/// Generates, for each scenario, a test against a remote client (`remote::<scenario>`) and,
+/// with the `embedded` feature, one against an embedded client (`embedded::<scenario>`).
+macro_rules! scenarios {
+    ($($scenario:ident),+ $(,)?) => {
+        /// Scenarios against a two-core server on loopback.
+        mod remote {
+            use super::common::{self, within, CALL_TIMEOUT, CORE_COUNT, SCENARIO_TIMEOUT};
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let server = common::start_server(CORE_COUNT);
+                    let connect = tessera_client::Client::connect(server.addresses());
+                    let client = within(CALL_TIMEOUT, "connect", connect)
+                        .await
+                        .expect("the test server accepts the handshake");
+                    let scenario = super::$scenario(&client);
+                    within(SCENARIO_TIMEOUT, stringify!($scenario), scenario).await;
+                    // Close the connections first, so the server has nothing to wait for.
+                    drop(client);
+                    common::stop_server(server);
+                }
+            )+
+        }
+
+        /// Scenarios against two cores embedded in the test process.
+        #[cfg(feature = "embedded")]
+        mod embedded {
+            use super::common::{self, within, CORE_COUNT, SCENARIO_TIMEOUT};
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let client = tessera_client::Client::embedded(common::test_config(CORE_COUNT))
+                        .expect("the embedded shards start");
+                    let scenario = super::$scenario(&client);
+                    within(SCENARIO_TIMEOUT, stringify!($scenario), scenario).await;
+                    client.shutdown();
+                }
+            )+
+        }
+    };
+}
+
+scenarios!(
+    round_trip,
+    conditional_puts,
+    conditional_puts_on_expired_keys,
+    delete_returns_previous,
+    ttl_expires_keys,
+    expire_and_persist,
+    keep_ttl,
+    batches_preserve_order,
+    large_batches_are_split,
+    batch_writes_of_large_values,
+    batch_reads_of_large_values,
+    hash_tags_share_a_core,
+    invalid_requests_stay_local,
+    limits_are_allowed,
+    ping_answers_from_every_core,
+    topology_covers_every_slot,
+    stats_count_keys,
+    concurrent_clones,
+);
+
+// ---------------------------------------------------------------------------------------
+// Helpers.
+
+/// Reads `key`, failing the test if it is missing.
+async fn entry_of(client: &Client, key: impl AsRef<[u8]>) -> Entry {
+    let key = key.as_ref();
+    client
+        .get(key)
+        .await
+        .expect("get succeeds")
+        .unwrap_or_else(|| panic!("key {:?} should exist", String::from_utf8_lossy(key)))
+}
+
+/// Checks that `result` is a refusal of the client's own input, and that the refusal is
+/// neither retryable nor indeterminate (nothing was sent, and sending it again cannot help).
+fn assert_invalid<T: Debug>(what: &str, result: Result<T, ClientError>, expected: &RequestError) {
+    let error = match result {
+        Ok(value) => panic!("{what}: expected InvalidRequest({expected:?}), got Ok({value:?})"),
+        Err(error) => error,
+    };
+    assert!(!error.is_retryable(), "{what}: {error:?}");
+    assert!(!error.is_indeterminate(), "{what}: {error:?}");
+    assert_eq!(error.code(), None, "{what}: {error:?}");
+    match error {
+        ClientError::InvalidRequest(request_error) => {
+            assert_eq!(&request_error, expected, "{what}");
+        }
+        other => panic!("{what}: expected InvalidRequest({expected:?}), got {other:?}"),
+    }
+}
+
+/// Requests the shards have applied, summed over every core. `stats()` itself is answered by
+/// the core and not counted, so reading this does not change it.
+async fn applied_request_count(client: &Client) -> u64 {
+    let stats = client.stats().await.expect("stats succeeds");
+    stats.iter().map(|core| core.request_count).sum()
+}
+
+/// Keys held, summed over every core.
+async fn total_key_count(client: &Client) -> u64 {
+    let stats = client.stats().await.expect("stats succeeds");
+    stats.iter().map(|core| core.key_count).sum()
+}
+
+/// The first key named `prefix:N` that core `core_index` owns.
+fn key_on_core(topology: &Topology, core_index: usize, prefix: &str) -> String {
+    // Each name lands on a given core of two with probability one half, so a search this
+    // long fails only if routing is broken.
+    const SEARCH_COUNT_MAX: usize = 1000;
+    (0..SEARCH_COUNT_MAX)
+        .map(|index| format!("{prefix}:{index}"))
+        .find(|key| core_of_key(topology, key.as_bytes()) == core_index)
+        .expect("some key hashes to each core")
+}
+
+fn unix_ms_now() -> u64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    u64::try_from(since_epoch.as_millis()).expect("milliseconds since 1970 fit in u64")
+}
+
+/// The remaining time and deadline of an expiring key, failing the test otherwise.
+fn expiring(what: &str, state: TtlState) -> (u64, u64) {
+    match state {
+        TtlState::Expiring {
+            remaining_ms,
+            expires_at_ms,
+        } => (remaining_ms, expires_at_ms),
+        other => panic!("{what}: expected an expiring key, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Scenarios.
+
+/// Put, get, exists and delete, with each write getting a higher version than the last.
+async fn round_trip(client: &Client) {
+    let key = "round-trip:alpha";
+    assert_eq!(client.get(key).await.unwrap(), None);
+    assert!(!client.exists(key).await.unwrap());
+    assert_eq!(client.ttl(key).await.unwrap(), TtlState::Missing);
+
+    let first = client.put(key, "one").await.unwrap();
+    assert!(first.applied);
+    assert!(first.version > 0, "first={first:?}");
+    assert_eq!(
+        first.previous, None,
+        "previous is only returned when asked for"
+    );
+    let entry = entry_of(client, key).await;
+    assert_eq!(
+        entry,
+        Entry {
+            value: b"one".to_vec(),
+            version: first.version,
+            expires_at_ms: None,
+        }
+    );
+    assert!(client.exists(key).await.unwrap());
+    assert_eq!(client.ttl(key).await.unwrap(), TtlState::Persistent);
+
+    let second = client.put(key, "two").await.unwrap();
+    assert!(second.applied);
+    assert!(
+        second.version > first.version,
+        "first={first:?} second={second:?}"
+    );
+    let entry = entry_of(client, key).await;
+    assert_eq!(entry.value, b"two");
+    assert_eq!(entry.version, second.version);
+
+    assert!(client.delete(key).await.unwrap());
+    assert_eq!(client.get(key).await.unwrap(), None);
+    assert!(!client.exists(key).await.unwrap());
+    assert_eq!(client.ttl(key).await.unwrap(), TtlState::Missing);
+    assert!(
+        !client.delete(key).await.unwrap(),
+        "a second delete finds nothing"
+    );
+
+    // A key written again after its delete continues from the shard's revision.
+    let third = client.put(key, "three").await.unwrap();
+    assert!(
+        third.version > second.version,
+        "second={second:?} third={third:?}"
+    );
+
+    // Keys and values are bytes, not text: non-UTF-8 bytes and the empty value round-trip.
+    let binary_key = [0xff_u8, 0x00, 0xfe, b'{', b'}'];
+    let binary_value = [0_u8, 159, 146, 150, 255];
+    client.put(binary_key, binary_value).await.unwrap();
+    assert_eq!(entry_of(client, binary_key).await.value, binary_value);
+    client.put("round-trip:empty", b"").await.unwrap();
+    assert_eq!(entry_of(client, "round-trip:empty").await.value, b"");
+    assert!(client.exists("round-trip:empty").await.unwrap());
+}
+
+/// `if_absent` and `if_present` apply only when their condition holds, report the current
+/// version when they do not, and return the entry they found when asked.
+async fn conditional_puts(client: &Client) {
+    let key = "conditional:beta";
+    let created = client
+        .put_with(
+            key,
+            "first",
+            PutOptions::new().if_absent().return_previous(),
+        )
+        .await
+        .unwrap();
+    assert!(created.applied, "created={created:?}");
+    assert_eq!(created.previous, None);
+    let first_entry = Entry {
+        value: b"first".to_vec(),
+        version: created.version,
+        expires_at_ms: None,
+    };
+
+    let refused = client
+        .put_with(
+            key,
+            "second",
+            PutOptions::new().if_absent().return_previous(),
+        )
+        .await
+        .unwrap();
+    assert!(!refused.applied, "refused={refused:?}");
+    assert_eq!(
+        refused.version, created.version,
+        "a refused put reports the current version"
+    );
+    assert_eq!(refused.previous.as_ref(), Some(&first_entry));
+    assert_eq!(entry_of(client, key).await, first_entry);
+
+    let replaced = client
+        .put_with(
+            key,
+            "third",
+            PutOptions::new().if_present().return_previous(),
+        )
+        .await
+        .unwrap();
+    assert!(replaced.applied, "replaced={replaced:?}");
+    assert!(replaced.version > created.version, "replaced={replaced:?}");
+    assert_eq!(replaced.previous.as_ref(), Some(&first_entry));
+    assert_eq!(entry_of(client, key).await.value, b"third");
+
+    let quiet = client
+        .put_with(key, "fourth", PutOptions::new().if_present())
+        .await
+        .unwrap();
+    assert!(quiet.applied);
+    assert_eq!(
+        quiet.previous, None,
+        "previous is only returned when asked for"
+    );
+
+    let plain = client
+        .put_with(key, "fifth", PutOptions::new().return_previous())
+        .await
+        .unwrap();
+    assert!(plain.applied);
+    assert_eq!(
+        plain.previous,
+        Some(Entry {
+            value: b"fourth".to_vec(),
+            version: quiet.version,
+            expires_at_ms: None,
+        })
+    );
+
+    let absent_key = "conditional:absent";
+    let skipped = client
+        .put_with(
+            absent_key,
+            "x",
+            PutOptions::new().if_present().return_previous(),
+        )
+        .await
+        .unwrap();
+    assert!(!skipped.applied, "skipped={skipped:?}");
+    assert_eq!(skipped.version, 0, "a missing key has version 0");
+    assert_eq!(skipped.previous, None);
+    assert_eq!(client.get(absent_key).await.unwrap(), None);
+    assert!(!client.exists(absent_key).await.unwrap());
+}
+
+/// For conditional puts, an expired key is absent, even before its timer has reclaimed it.
+async fn conditional_puts_on_expired_keys(client: &Client) {
+    let expired_key = "conditional:expired";
+    client
+        .put_with(
+            expired_key,
+            "old",
+            PutOptions::new().ttl(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let revived = client
+        .put_with(
+            expired_key,
+            "new",
+            PutOptions::new().if_absent().return_previous(),
+        )
+        .await
+        .unwrap();
+    assert!(revived.applied, "revived={revived:?}");
+    assert_eq!(revived.previous, None, "an expired entry is not returned");
+    let skipped_expired = client
+        .put_with(
+            "conditional:expired-present",
+            "x",
+            PutOptions::new().ttl(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    assert!(skipped_expired.applied);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let refused_expired = client
+        .put_with(
+            "conditional:expired-present",
+            "y",
+            PutOptions::new().if_present(),
+        )
+        .await
+        .unwrap();
+    assert!(!refused_expired.applied, "refused={refused_expired:?}");
+}
+
+/// `delete_with(key, true)` returns the removed entry, expiry included.
+async fn delete_returns_previous(client: &Client) {
+    let key = "delete:gamma";
+    let written = client.put(key, "doomed").await.unwrap();
+    let outcome = client.delete_with(key, true).await.unwrap();
+    assert!(outcome.deleted);
+    assert_eq!(
+        outcome.previous,
+        Some(Entry {
+            value: b"doomed".to_vec(),
+            version: written.version,
+            expires_at_ms: None,
+        })
+    );
+    let again = client.delete_with(key, true).await.unwrap();
+    assert!(!again.deleted);
+    assert_eq!(again.previous, None);
+
+    client.put(key, "quiet").await.unwrap();
+    let quiet = client.delete_with(key, false).await.unwrap();
+    assert!(quiet.deleted);
+    assert_eq!(
+        quiet.previous, None,
+        "previous is only returned when asked for"
+    );
+
+    client
+        .put_with(
+            key,
+            "expiring",
+            PutOptions::new().ttl(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let entry = entry_of(client, key).await;
+    assert!(entry.expires_at_ms.is_some(), "entry={entry:?}");
+    let outcome = client.delete_with(key, true).await.unwrap();
+    assert_eq!(outcome.previous, Some(entry));
+}
+
+/// A key written with a 300 ms TTL is visible with its deadline, then gone after 400 ms.
+async fn ttl_expires_keys(client: &Client) {
+    let key = "ttl:delta";
+    let ttl = Duration::from_millis(300);
+    let ttl_ms = 300;
+    let started = Instant::now();
+    let before_ms = unix_ms_now();
+    let written = client
+        .put_with(key, "brief", PutOptions::new().ttl(ttl))
+        .await
+        .unwrap();
+    let after_ms = unix_ms_now();
+    assert!(written.applied);
+
+    let entry = client.get(key).await.unwrap().unwrap_or_else(|| {
+        panic!(
+            "a key with a {ttl:?} TTL vanished {:?} after it was written",
+            started.elapsed()
+        )
+    });
+    assert_eq!(entry.value, b"brief");
+    assert_eq!(entry.version, written.version);
+    let expires_at_ms = entry
+        .expires_at_ms
+        .expect("a key written with a TTL expires");
+    // The deadline is absolute Unix time: the server's clock when it applied the put, plus
+    // the TTL. One millisecond of slack on each side absorbs clock rounding.
+    assert!(
+        expires_at_ms + 1 >= before_ms + ttl_ms && expires_at_ms <= after_ms + ttl_ms + 1,
+        "expires_at_ms={expires_at_ms} before_ms={before_ms} after_ms={after_ms}"
+    );
+    assert!(client.exists(key).await.unwrap());
+    let (remaining_ms, ttl_expires_at_ms) = expiring("ttl", client.ttl(key).await.unwrap());
+    assert!(remaining_ms <= ttl_ms, "remaining_ms={remaining_ms}");
+    assert!(remaining_ms > 0, "remaining_ms={remaining_ms}");
+    assert_eq!(ttl_expires_at_ms, expires_at_ms);
+    let persistent_key = "ttl:persistent";
+    client.put(persistent_key, "forever").await.unwrap();
+    assert_eq!(
+        client.ttl(persistent_key).await.unwrap(),
+        TtlState::Persistent
+    );
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(client.get(key).await.unwrap(), None);
+    assert!(!client.exists(key).await.unwrap());
+    assert_eq!(client.ttl(key).await.unwrap(), TtlState::Missing);
+    assert!(
+        !client.delete(key).await.unwrap(),
+        "an expired key is not deleted"
+    );
+    assert_eq!(
+        client.mget(&[key, persistent_key]).await.unwrap()[0],
+        None,
+        "batches see expiry too"
+    );
+    assert!(client.exists(persistent_key).await.unwrap());
+}
+
+/// `expire` adds a deadline to a live key and `persist` removes it; neither creates keys.
+async fn expire_and_persist(client: &Client) {
+    let key = "expire:epsilon";
+    assert!(!client.expire(key, Duration::from_secs(60)).await.unwrap());
+    assert!(!client.persist(key).await.unwrap());
+    assert_eq!(
+        client.get(key).await.unwrap(),
+        None,
+        "expire does not create"
+    );
+
+    let written = client.put(key, "value").await.unwrap();
+    assert!(
+        !client.persist(key).await.unwrap(),
+        "persisting a key with no TTL changes nothing"
+    );
+    assert!(client.expire(key, Duration::from_secs(60)).await.unwrap());
+    let (remaining_ms, expires_at_ms) = expiring("after expire", client.ttl(key).await.unwrap());
+    assert!(
+        remaining_ms <= 60_000 && remaining_ms > 50_000,
+        "remaining_ms={remaining_ms}"
+    );
+    let entry = entry_of(client, key).await;
+    assert_eq!(entry.value, b"value", "expire keeps the value");
+    assert_eq!(entry.expires_at_ms, Some(expires_at_ms));
+    assert!(entry.version >= written.version, "entry={entry:?}");
+
+    assert!(client.persist(key).await.unwrap());
+    assert_eq!(client.ttl(key).await.unwrap(), TtlState::Persistent);
+    let entry = entry_of(client, key).await;
+    assert_eq!(entry.expires_at_ms, None);
+    assert_eq!(entry.value, b"value");
+
+    // A short expire removes the key like a put's TTL does.
+    assert!(client
+        .expire(key, Duration::from_millis(200))
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.get(key).await.unwrap(), None);
+    assert!(!client.exists(key).await.unwrap());
+    assert!(
+        !client.persist(key).await.unwrap(),
+        "an expired key cannot be persisted"
+    );
+}
+
+/// `keep_ttl` carries the current deadline over a put; a plain put clears it; an explicit
+/// TTL wins over `keep_ttl`.
+async fn keep_ttl(client: &Client) {
+    let key = "keep-ttl:zeta";
+    client
+        .put_with(key, "v1", PutOptions::new().ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let deadline_ms = entry_of(client, key)
+        .await
+        .expires_at_ms
+        .expect("written with a TTL");
+
+    let kept = client
+        .put_with(key, "v2", PutOptions::new().keep_ttl())
+        .await
+        .unwrap();
+    assert!(kept.applied);
+    let entry = entry_of(client, key).await;
+    assert_eq!(entry.value, b"v2");
+    assert_eq!(entry.version, kept.version);
+    assert_eq!(
+        entry.expires_at_ms,
+        Some(deadline_ms),
+        "keep_ttl keeps the deadline"
+    );
+    let (_, ttl_deadline_ms) = expiring("after keep_ttl", client.ttl(key).await.unwrap());
+    assert_eq!(ttl_deadline_ms, deadline_ms);
+
+    client.put(key, "v3").await.unwrap();
+    assert_eq!(entry_of(client, key).await.expires_at_ms, None);
+    assert_eq!(client.ttl(key).await.unwrap(), TtlState::Persistent);
+
+    client
+        .put_with(key, "v4", PutOptions::new().keep_ttl())
+        .await
+        .unwrap();
+    assert_eq!(
+        client.ttl(key).await.unwrap(),
+        TtlState::Persistent,
+        "keep_ttl on a key without expiry keeps it persistent"
+    );
+
+    let fresh_key = "keep-ttl:fresh";
+    let fresh = client
+        .put_with(fresh_key, "v", PutOptions::new().keep_ttl())
+        .await
+        .unwrap();
+    assert!(fresh.applied);
+    assert_eq!(client.ttl(fresh_key).await.unwrap(), TtlState::Persistent);
+
+    client
+        .put_with(key, "v5", PutOptions::new().ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    client
+        .put_with(
+            key,
+            "v6",
+            PutOptions::new().ttl(Duration::from_secs(30)).keep_ttl(),
+        )
+        .await
+        .unwrap();
+    let (remaining_ms, _) = expiring("ttl with keep_ttl", client.ttl(key).await.unwrap());
+    assert!(
+        remaining_ms <= 30_000,
+        "an explicit TTL wins over keep_ttl: remaining_ms={remaining_ms}"
+    );
+
+    // keep_ttl on an expired key: the key is absent, so there is no deadline to keep.
+    let expired_key = "keep-ttl:expired";
+    client
+        .put_with(
+            expired_key,
+            "old",
+            PutOptions::new().ttl(Duration::from_millis(50)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    client
+        .put_with(expired_key, "new", PutOptions::new().keep_ttl())
+        .await
+        .unwrap();
+    let entry = entry_of(client, expired_key).await;
+    assert_eq!(entry.value, b"new");
+    assert_eq!(entry.expires_at_ms, None, "a past deadline is not kept");
+}
+
+/// mput, mget and mdelete over 500 keys on both cores answer in the caller's order, with
+/// missing keys and duplicates mixed in.
+async fn batches_preserve_order(client: &Client) {
+    const KEY_COUNT: usize = 500;
+    let topology = client.topology();
+    let keys: Vec<String> = (0..KEY_COUNT)
+        .map(|index| format!("batch:{index}"))
+        .collect();
+    let mut key_count_per_core = [0_usize; CORE_COUNT];
+    for key in &keys {
+        key_count_per_core[core_of_key(&topology, key.as_bytes())] += 1;
+    }
+    assert!(
+        key_count_per_core.iter().all(|&count| count > 0),
+        "the keys must span every core: {key_count_per_core:?}"
+    );
+
+    let entries: Vec<(String, String)> = keys
+        .iter()
+        .enumerate()
+        .map(|(index, key)| (key.clone(), format!("value:{index}")))
+        .collect();
+    let versions = client.mput(&entries).await.unwrap();
+    assert_eq!(versions.len(), KEY_COUNT);
+    // Entries on one core are applied at one revision (the batch is under BATCH_COUNT_MAX).
+    let mut version_of_core: [Option<u64>; CORE_COUNT] = [None; CORE_COUNT];
+    for (key, &version) in keys.iter().zip(&versions) {
+        assert!(version > 0, "key={key}");
+        let core_index = core_of_key(&topology, key.as_bytes());
+        let core_version = *version_of_core[core_index].get_or_insert(version);
+        assert_eq!(core_version, version, "key={key} core={core_index}");
+    }
+
+    // Read back in reverse, with a missing key after every seventh.
+    let mut asked: Vec<String> = Vec::new();
+    for index in (0..KEY_COUNT).rev() {
+        asked.push(keys[index].clone());
+        if index % 7 == 0 {
+            asked.push(format!("batch-missing:{index}"));
+        }
+    }
+    let values = client.mget(&asked).await.unwrap();
+    assert_eq!(values.len(), asked.len());
+    for (key, value) in asked.iter().zip(&values) {
+        match key.strip_prefix("batch:") {
+            None => assert_eq!(value, &None, "key={key}"),
+            Some(index) => {
+                let index: usize = index.parse().unwrap();
+                let expected = Entry {
+                    value: format!("value:{index}").into_bytes(),
+                    version: versions[index],
+                    expires_at_ms: None,
+                };
+                assert_eq!(value.as_ref(), Some(&expected), "key={key}");
+            }
+        }
+    }
+
+    // A key asked for twice is answered twice.
+    let repeated = client
+        .mget(&["batch:3", "batch:4", "batch:3"])
+        .await
+        .unwrap();
+    assert_eq!(repeated[0], repeated[2]);
+    assert_eq!(repeated[0].as_ref().unwrap().value, b"value:3");
+    assert_eq!(repeated[1].as_ref().unwrap().value, b"value:4");
+
+    // Delete every even key, with missing keys mixed in.
+    let mut doomed: Vec<String> = Vec::new();
+    for index in (0..KEY_COUNT).step_by(2) {
+        doomed.push(keys[index].clone());
+        if index % 10 == 0 {
+            doomed.push(format!("batch-missing:{index}"));
+        }
+    }
+    let deleted = client.mdelete(&doomed).await.unwrap();
+    assert_eq!(deleted.len(), doomed.len());
+    for (key, &was_deleted) in doomed.iter().zip(&deleted) {
+        assert_eq!(was_deleted, key.starts_with("batch:"), "key={key}");
+    }
+    let values = client.mget(&keys).await.unwrap();
+    for (index, value) in values.iter().enumerate() {
+        assert_eq!(value.is_some(), index % 2 == 1, "key={}", keys[index]);
+    }
+    let deleted = client.mdelete(&keys).await.unwrap();
+    for (index, &was_deleted) in deleted.iter().enumerate() {
+        assert_eq!(was_deleted, index % 2 == 1, "key={}", keys[index]);
+    }
+    assert_eq!(total_key_count(client).await, 0);
+
+    // Within one batch, a later entry for a key replaces an earlier one.
+    client
+        .mput(&[("batch:duplicate", "first"), ("batch:duplicate", "last")])
+        .await
+        .unwrap();
+    assert_eq!(entry_of(client, "batch:duplicate").await.value, b"last");
+
+    // Empty batches are answered without a request.
+    let no_keys: [&str; 0] = [];
+    let no_entries: [(&str, &str); 0] = [];
+    assert!(client.mget(&no_keys).await.unwrap().is_empty());
+    assert!(client.mput(&no_entries).await.unwrap().is_empty());
+    assert!(client.mdelete(&no_keys).await.unwrap().is_empty());
+}
+
+/// Batches with more keys per core than one request may carry are split, and still answer
+/// in order.
+async fn large_batches_are_split(client: &Client) {
+    // Enough keys that each core's part is over BATCH_COUNT_MAX.
+    let key_count = BATCH_COUNT_MAX * CORE_COUNT * 3 / 2;
+    let topology = client.topology();
+    let keys: Vec<String> = (0..key_count)
+        .map(|index| format!("large:{index}"))
+        .collect();
+    let mut key_count_per_core = [0_usize; CORE_COUNT];
+    for key in &keys {
+        key_count_per_core[core_of_key(&topology, key.as_bytes())] += 1;
+    }
+    assert!(
+        key_count_per_core
+            .iter()
+            .all(|&count| count > BATCH_COUNT_MAX),
+        "each core needs more than one part: {key_count_per_core:?}"
+    );
+    let entries: Vec<(String, String)> = keys
+        .iter()
+        .map(|key| (key.clone(), format!("{key}:value")))
+        .collect();
+    let versions = client.mput(&entries).await.unwrap();
+    assert_eq!(versions.len(), key_count);
+    assert!(versions.iter().all(|&version| version > 0));
+    assert_eq!(total_key_count(client).await, key_count as u64);
+
+    let values = client.mget(&keys).await.unwrap();
+    assert_eq!(values.len(), key_count);
+    for ((key, value), &version) in keys.iter().zip(&values).zip(&versions) {
+        let entry = value
+            .as_ref()
+            .unwrap_or_else(|| panic!("key={key} missing"));
+        assert_eq!(entry.value, format!("{key}:value").into_bytes());
+        assert_eq!(entry.version, version, "key={key}");
+    }
+
+    let deleted = client.mdelete(&keys).await.unwrap();
+    assert_eq!(deleted.len(), key_count);
+    assert!(deleted.iter().all(|&was_deleted| was_deleted));
+    assert_eq!(total_key_count(client).await, 0);
+}
+
+/// Entries of maximal values, all on core 0 (through a hash tag), that together are over the
+/// largest frame body, though each one alone is within every limit.
+fn large_entries(topology: &Topology) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let entry_count = FRAME_BODY_SIZE_MAX / VALUE_SIZE_MAX + 1;
+    let tag = key_on_core(topology, 0, "large-value-tag");
+    (0..entry_count)
+        .map(|index| {
+            let key = format!("{{{tag}}}:{index}").into_bytes();
+            let value = vec![u8::try_from(index).unwrap(); VALUE_SIZE_MAX];
+            (key, value)
+        })
+        .collect()
+}
+
+/// An mput whose entries are each within the limits, but whose part for one core is over the
+/// largest frame, either succeeds (the client splits parts by size as it does by count) or is
+/// refused whole with `InvalidRequest` before anything is sent. It must not write the part
+/// for the other core and then fail with an error that blames the server.
+///
+/// The bug this guards: `call_batch` grouped keys by core and into chunks of
+/// `BATCH_COUNT_MAX` keys, never by bytes. Encoding the 9.4 MB part failed in the client with
+/// `ClientError::Protocol { error: BodyTooLarge }`, after the other core's part had been sent
+/// and applied. Parts are now bounded by bytes as well.
+async fn batch_writes_of_large_values(client: &Client) {
+    let topology = client.topology();
+    let mut entries = large_entries(&topology);
+    entries.push((
+        key_on_core(&topology, 1, "large-value-small").into_bytes(),
+        b"small".to_vec(),
+    ));
+    match client.mput(&entries).await {
+        Ok(versions) => {
+            assert_eq!(versions.len(), entries.len());
+            let keys: Vec<&Vec<u8>> = entries.iter().map(|(key, _)| key).collect();
+            let values = client.mget(&keys).await.unwrap();
+            for ((key, value), found) in entries.iter().zip(values) {
+                let found = found.unwrap_or_else(|| panic!("key={key:?} missing"));
+                assert!(&found.value == value, "key={key:?}");
+            }
+        }
+        Err(ClientError::InvalidRequest(_)) => {
+            assert_eq!(
+                total_key_count(client).await,
+                0,
+                "a batch refused before sending writes nothing"
+            );
+        }
+        Err(other) => panic!(
+            "an mput of {} entries, each within the limits, failed with {other:?}; keys written \
+             anyway: {}",
+            entries.len(),
+            total_key_count(client).await
+        ),
+    }
+}
+
+/// Values written one by one can be read back in one mget, even when together they are over
+/// the largest frame: the client splits reads (which are idempotent) as needed.
+///
+/// The bug this guards: the client sent one `MultiGet` for the core's nine keys, and the
+/// server refused the 9.4 MB reply with `TooLarge`, so the keys could not be read in one call
+/// at all. A read part refused as too large is now halved and sent again.
+async fn batch_reads_of_large_values(client: &Client) {
+    let topology = client.topology();
+    let entries = large_entries(&topology);
+    for (key, value) in &entries {
+        client.put(key, value).await.unwrap();
+    }
+    let keys: Vec<&Vec<u8>> = entries.iter().map(|(key, _)| key).collect();
+    let values = client.mget(&keys).await.unwrap_or_else(|error| {
+        panic!(
+            "an mget of {} keys, each stored within the limits, failed: {error:?}",
+            keys.len()
+        )
+    });
+    for ((key, value), found) in entries.iter().zip(values) {
+        let found = found.unwrap_or_else(|| panic!("key={key:?} missing"));
+        assert!(&found.value == value, "key={key:?}");
+    }
+}
+
+/// Keys that share a `{tag}` hash to the tag's slot, so they all live on the tag's core.
+async fn hash_tags_share_a_core(client: &Client) {
+    let topology = client.topology();
+    // One tag owned by each core, found by search, and a different key count for each, so
+    // the per-core counts in stats() tell the tags apart.
+    let tags: Vec<String> = (0..CORE_COUNT)
+        .map(|core_index| key_on_core(&topology, core_index, "tag"))
+        .collect();
+    let key_counts: Vec<usize> = (0..CORE_COUNT)
+        .map(|core_index| 30 + 20 * core_index)
+        .collect();
+
+    for ((tag, &key_count), core_index) in tags.iter().zip(&key_counts).zip(0..) {
+        let keys: Vec<String> = (0..key_count)
+            .map(|index| format!("{{{tag}}}:member:{index}"))
+            .collect();
+        for key in &keys {
+            assert_eq!(slot_for_key(key.as_bytes()), slot_for_key(tag.as_bytes()));
+            assert_eq!(core_of_key(&topology, key.as_bytes()), core_index);
+        }
+        // Half through single puts, half through one batch.
+        let (single, batched) = keys.split_at(key_count / 2);
+        for key in single {
+            client.put(key, tag).await.unwrap();
+        }
+        let entries: Vec<(&String, &String)> = batched.iter().map(|key| (key, tag)).collect();
+        let versions = client.mput(&entries).await.unwrap();
+        let distinct: HashSet<u64> = versions.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            1,
+            "one core applies the whole batch at one revision: {versions:?}"
+        );
+    }
+
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats.len(), CORE_COUNT);
+    for (core_index, core_stats) in stats.iter().enumerate() {
+        assert_eq!(usize::from(core_stats.core_id), core_index);
+        assert_eq!(
+            core_stats.key_count, key_counts[core_index] as u64,
+            "core {core_index} holds exactly its tag's keys: {stats:?}"
+        );
+    }
+}
+
+/// Arguments outside the protocol's limits are refused by the client itself, before any
+/// request leaves it: the shards' request counters do not move.
+async fn invalid_requests_stay_local(client: &Client) {
+    let applied_before = applied_request_count(client).await;
+    refuse_empty_keys(client).await;
+    refuse_long_keys(client).await;
+    refuse_large_values(client).await;
+    refuse_ttls_out_of_range(client).await;
+    assert_eq!(
+        applied_request_count(client).await,
+        applied_before,
+        "a refused request must not reach a shard"
+    );
+    assert_eq!(
+        client.get("invalid:good").await.unwrap(),
+        None,
+        "a refused batch writes none of its entries"
+    );
+}
+
+async fn refuse_empty_keys(client: &Client) {
+    let empty = RequestError::EmptyKey;
+    let minute = Duration::from_secs(60);
+    assert_invalid("get", client.get("").await, &empty);
+    assert_invalid("put", client.put("", "v").await, &empty);
+    let options = PutOptions::new().if_absent();
+    assert_invalid("put_with", client.put_with("", "v", options).await, &empty);
+    assert_invalid("delete", client.delete("").await, &empty);
+    assert_invalid("delete_with", client.delete_with("", true).await, &empty);
+    assert_invalid("exists", client.exists("").await, &empty);
+    assert_invalid("expire", client.expire("", minute).await, &empty);
+    assert_invalid("persist", client.persist("").await, &empty);
+    assert_invalid("ttl", client.ttl("").await, &empty);
+    assert_invalid("mget", client.mget(&["a", ""]).await, &empty);
+    assert_invalid("mput", client.mput(&[("a", "v"), ("", "v")]).await, &empty);
+    assert_invalid("mdelete", client.mdelete(&["a", ""]).await, &empty);
+}
+
+async fn refuse_long_keys(client: &Client) {
+    let long_key = vec![b'k'; KEY_SIZE_MAX + 1];
+    let too_large = RequestError::KeyTooLarge {
+        size: KEY_SIZE_MAX + 1,
+        size_max: KEY_SIZE_MAX,
+    };
+    let minute = Duration::from_secs(60);
+    let keys = [b"a".to_vec(), long_key.clone()];
+    assert_invalid("get", client.get(&long_key).await, &too_large);
+    assert_invalid("put", client.put(&long_key, "v").await, &too_large);
+    assert_invalid("delete", client.delete(&long_key).await, &too_large);
+    assert_invalid("exists", client.exists(&long_key).await, &too_large);
+    assert_invalid("expire", client.expire(&long_key, minute).await, &too_large);
+    assert_invalid("persist", client.persist(&long_key).await, &too_large);
+    assert_invalid("ttl", client.ttl(&long_key).await, &too_large);
+    assert_invalid("mget", client.mget(&keys).await, &too_large);
+    assert_invalid("mdelete", client.mdelete(&keys).await, &too_large);
+}
+
+async fn refuse_large_values(client: &Client) {
+    let long_value = vec![b'v'; VALUE_SIZE_MAX + 1];
+    let too_large = RequestError::ValueTooLarge {
+        size: VALUE_SIZE_MAX + 1,
+        size_max: VALUE_SIZE_MAX,
+    };
+    let put = client.put("invalid:value", &long_value).await;
+    assert_invalid("put", put, &too_large);
+    // One bad entry refuses the whole batch, so the good entry before it is not written.
+    let entries = [
+        (b"invalid:good".to_vec(), b"v".to_vec()),
+        (b"invalid:bad".to_vec(), long_value),
+    ];
+    assert_invalid("mput", client.mput(&entries).await, &too_large);
+}
+
+async fn refuse_ttls_out_of_range(client: &Client) {
+    let zero = RequestError::TtlOutOfRange {
+        ttl_ms: 0,
+        ttl_ms_max: TTL_MS_MAX,
+    };
+    let too_long = RequestError::TtlOutOfRange {
+        ttl_ms: TTL_MS_MAX + 1,
+        ttl_ms_max: TTL_MS_MAX,
+    };
+    let key = "invalid:ttl";
+    let put = |ttl| client.put_with(key, "v", PutOptions::new().ttl(ttl));
+    assert_invalid("put zero", put(Duration::ZERO).await, &zero);
+    // TTLs count whole milliseconds, so less than one is zero.
+    assert_invalid("put sub-ms", put(Duration::from_micros(500)).await, &zero);
+    let over = Duration::from_millis(TTL_MS_MAX + 1);
+    assert_invalid("put over", put(over).await, &too_long);
+    assert_invalid(
+        "expire zero",
+        client.expire(key, Duration::ZERO).await,
+        &zero,
+    );
+    assert_invalid("expire over", client.expire(key, over).await, &too_long);
+}
+
+/// Keys, values and TTLs exactly at their limits are accepted and stored whole.
+async fn limits_are_allowed(client: &Client) {
+    let longest_key = vec![b'k'; KEY_SIZE_MAX];
+    let largest_value = vec![b'v'; VALUE_SIZE_MAX];
+    client.put(&longest_key, &largest_value).await.unwrap();
+    let entry = entry_of(client, &longest_key).await;
+    assert_eq!(entry.value.len(), VALUE_SIZE_MAX);
+    assert!(entry.value == largest_value);
+    let outcome = client.delete_with(&longest_key, true).await.unwrap();
+    assert_eq!(outcome.previous, Some(entry));
+
+    let key = "limits:longest-ttl";
+    let options = PutOptions::new().ttl(Duration::from_millis(TTL_MS_MAX));
+    client.put_with(key, "v", options).await.unwrap();
+    let (remaining_ms, _) = expiring("longest ttl", client.ttl(key).await.unwrap());
+    assert!(
+        remaining_ms > TTL_MS_MAX - 60_000,
+        "remaining_ms={remaining_ms}"
+    );
+}
+
+/// `ping` is answered by every core, in topology order.
+async fn ping_answers_from_every_core(client: &Client) {
+    let topology = client.topology();
+    let node = &topology.nodes[0];
+    let pongs = client.ping().await.unwrap();
+    assert_eq!(pongs.len(), CORE_COUNT, "pongs={pongs:?}");
+    for (core_index, (pong, core)) in pongs.iter().zip(&node.cores).enumerate() {
+        assert_eq!(usize::from(pong.core_id), core_index, "pong={pong:?}");
+        assert_eq!(pong.core_id, core.core_id);
+        assert_eq!(pong.node_id, node.node_id);
+        assert_eq!(pong.address, core.address);
+        assert!(pong.round_trip < CALL_TIMEOUT, "pong={pong:?}");
+    }
+}
+
+/// The topology is one node whose cores split the slots in half, and a refresh keeps it.
+async fn topology_covers_every_slot(client: &Client) {
+    let topology = client.topology();
+    assert!(topology.epoch >= 1, "topology={topology:?}");
+    assert_eq!(topology.nodes.len(), 1);
+    let ranges = core_slot_ranges(&topology);
+    assert_eq!(
+        ranges,
+        vec![
+            SlotRange {
+                start: 0,
+                end: 8192
+            },
+            SlotRange {
+                start: 8192,
+                end: 16384
+            },
+        ]
+    );
+    let addresses: HashSet<&str> = topology.nodes[0]
+        .cores
+        .iter()
+        .map(|core| core.address.as_str())
+        .collect();
+    assert_eq!(addresses.len(), CORE_COUNT, "each core has its own address");
+
+    client.refresh_topology().await.unwrap();
+    assert_eq!(client.topology(), topology);
+    client.put("topology:after-refresh", "v").await.unwrap();
+    assert_eq!(entry_of(client, "topology:after-refresh").await.value, b"v");
+}
+
+/// `stats()` reports one entry per core, and their key counts add up to the keys written.
+async fn stats_count_keys(client: &Client) {
+    let stats = client.stats().await.unwrap();
+    assert_eq!(stats.len(), CORE_COUNT);
+    assert_eq!(stats.iter().map(|core| core.key_count).sum::<u64>(), 0);
+    let node_id = client.topology().nodes[0].node_id;
+    for (core_index, core_stats) in stats.iter().enumerate() {
+        assert_eq!(usize::from(core_stats.core_id), core_index);
+        assert_eq!(core_stats.node_id, node_id);
+    }
+
+    let topology = client.topology();
+    let single_keys: Vec<String> = (0..300)
+        .map(|index| format!("stats:single:{index}"))
+        .collect();
+    let batch_keys: Vec<String> = (0..200)
+        .map(|index| format!("stats:batch:{index}"))
+        .collect();
+    for key in &single_keys {
+        client.put(key, "v").await.unwrap();
+    }
+    let entries: Vec<(&String, &str)> = batch_keys.iter().map(|key| (key, "v")).collect();
+    client.mput(&entries).await.unwrap();
+    // Writing a key again does not add one.
+    client.put(&single_keys[0], "again").await.unwrap();
+
+    let mut expected_per_core = [0_u64; CORE_COUNT];
+    for key in single_keys.iter().chain(&batch_keys) {
+        expected_per_core[core_of_key(&topology, key.as_bytes())] += 1;
+    }
+    let stats = client.stats().await.unwrap();
+    let key_counts: Vec<u64> = stats.iter().map(|core| core.key_count).collect();
+    assert_eq!(key_counts, expected_per_core, "stats={stats:?}");
+    assert_eq!(key_counts.iter().sum::<u64>(), 500);
+    for core_stats in &stats {
+        assert!(core_stats.revision > 0, "stats={core_stats:?}");
+        assert!(core_stats.memory_bytes > 0, "stats={core_stats:?}");
+        assert!(
+            core_stats.memory_bytes <= core_stats.memory_bytes_max,
+            "stats={core_stats:?}"
+        );
+    }
+
+    client.mdelete(&batch_keys[..100]).await.unwrap();
+    assert_eq!(total_key_count(client).await, 400);
+}
+
+/// Sixteen tasks share one client (cloned) and run 500 operations each on their own keys;
+/// every answer matches a per-task model. Then all tasks write one shared key, and every
+/// write gets a distinct version.
+async fn concurrent_clones(client: &Client) {
+    const TASK_COUNT: usize = 16;
+    const SHARED_PUT_COUNT: usize = 20;
+    let mut workers = Vec::with_capacity(TASK_COUNT);
+    for task_index in 0..TASK_COUNT {
+        let client = client.clone();
+        workers.push(tokio::spawn(concurrent_worker(client, task_index)));
+    }
+    let mut expected: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+    for worker in workers {
+        let model = within(CALL_TIMEOUT, "a concurrent worker", worker)
+            .await
+            .expect("a concurrent worker panicked");
+        expected.extend(
+            model
+                .into_iter()
+                .map(|(key, state)| (key, state.map(|(value, _)| value))),
+        );
+    }
+    let keys: Vec<&String> = expected.keys().collect();
+    let values = client.mget(&keys).await.unwrap();
+    for ((key, expected_value), value) in expected.iter().zip(values) {
+        assert_eq!(
+            value.map(|entry| entry.value).as_ref(),
+            expected_value.as_ref(),
+            "key={key}"
+        );
+    }
+
+    let shared_key = "concurrent:shared";
+    let mut writers = Vec::with_capacity(TASK_COUNT);
+    for task_index in 0..TASK_COUNT {
+        let client = client.clone();
+        writers.push(tokio::spawn(async move {
+            let mut versions = Vec::with_capacity(SHARED_PUT_COUNT);
+            for put_index in 0..SHARED_PUT_COUNT {
+                let value = format!("{task_index}:{put_index}");
+                let outcome = client.put(shared_key, value).await.unwrap();
+                assert!(outcome.applied);
+                versions.push(outcome.version);
+            }
+            versions
+        }));
+    }
+    let mut all_versions = Vec::with_capacity(TASK_COUNT * SHARED_PUT_COUNT);
+    for writer in writers {
+        let versions = within(CALL_TIMEOUT, "a shared-key writer", writer)
+            .await
+            .expect("a shared-key writer panicked");
+        assert!(
+            versions.windows(2).all(|pair| pair[0] < pair[1]),
+            "one task's writes get increasing versions: {versions:?}"
+        );
+        all_versions.extend(versions);
+    }
+    let distinct: HashSet<u64> = all_versions.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        TASK_COUNT * SHARED_PUT_COUNT,
+        "every write is distinct"
+    );
+    let last = entry_of(client, shared_key).await;
+    assert_eq!(Some(&last.version), all_versions.iter().max());
+}
+
+/// One task of [`concurrent_clones`]: 500 mixed operations on 25 keys of its own, each
+/// checked against a model of what the task wrote. Returns the model: each key's value and
+/// version, or `None` if deleted.
+async fn concurrent_worker(
+    client: Client,
+    task_index: usize,
+) -> BTreeMap<String, Option<(Vec<u8>, u64)>> {
+    const OPERATION_COUNT: usize = 500;
+    const KEY_COUNT: usize = 25;
+    let keys: Vec<String> = (0..KEY_COUNT)
+        .map(|key_index| format!("concurrent:{task_index}:{key_index}"))
+        .collect();
+    let mut model: BTreeMap<String, Option<(Vec<u8>, u64)>> =
+        keys.iter().map(|key| (key.clone(), None)).collect();
+    for operation_index in 0..OPERATION_COUNT {
+        // Stride 7 is coprime with 25, so every key sees every kind of operation.
+        let key = &keys[(operation_index * 7) % KEY_COUNT];
+        let current = model[key].clone();
+        let context = format!("task={task_index} operation={operation_index} key={key}");
+        match operation_index % 5 {
+            0 | 1 => {
+                let value = format!("{task_index}:{operation_index}").into_bytes();
+                let outcome = client.put(key, &value).await.unwrap();
+                assert!(outcome.applied, "{context}");
+                if let Some((_, version)) = &current {
+                    assert!(outcome.version > *version, "{context} outcome={outcome:?}");
+                }
+                model.insert(key.clone(), Some((value, outcome.version)));
+            }
+            2 => {
+                let entry = client.get(key).await.unwrap();
+                let found = entry.map(|entry| (entry.value, entry.version));
+                assert_eq!(found, current, "{context}");
+            }
+            3 => {
+                let deleted = client.delete(key).await.unwrap();
+                assert_eq!(deleted, current.is_some(), "{context}");
+                model.insert(key.clone(), None);
+            }
+            _ => {
+                let value = format!("absent:{task_index}:{operation_index}").into_bytes();
+                let outcome = client
+                    .put_with(key, &value, PutOptions::new().if_absent())
+                    .await
+                    .unwrap();
+                assert_eq!(outcome.applied, current.is_none(), "{context}");
+                match &current {
+                    Some((_, version)) => assert_eq!(outcome.version, *version, "{context}"),
+                    None => {
+                        model.insert(key.clone(), Some((value, outcome.version)));
+                    }
+                }
+            }
+        }
+    }
+    model
+}

@@ -1,0 +1,134 @@
+//! The synchronous [`BlockingClient`]: the same calls as the async client, each blocking the
+//! calling thread, against a remote server and (with the `embedded` feature) embedded shards.
+//!
+//! These are plain `#[test]`s: a blocking client drives its own runtime and cannot be used
+//! from inside another one. Each test runs its work on a thread with a deadline, so a hang
+//! fails the test instead of stalling the run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{
+    on_thread_within, start_server, stop_server, unused_address, CORE_COUNT, SCENARIO_TIMEOUT,
+};
+use tessera_client::{BlockingClient, ClientError, PutOptions, TtlState};
+
+/// Put, get, TTL, batches, ping and stats through a blocking client.
+fn short_scenario(client: &BlockingClient) {
+    assert_eq!(client.get("blocking:key").unwrap(), None);
+    let written = client.put("blocking:key", "value").unwrap();
+    assert!(written.applied);
+    let entry = client.get("blocking:key").unwrap().expect("just written");
+    assert_eq!(entry.value, b"value");
+    assert_eq!(entry.version, written.version);
+    assert!(client.exists("blocking:key").unwrap());
+    assert_eq!(client.ttl("blocking:key").unwrap(), TtlState::Persistent);
+
+    let refused = client
+        .put_with(
+            "blocking:key",
+            "other",
+            PutOptions::new().if_absent().return_previous(),
+        )
+        .unwrap();
+    assert!(!refused.applied);
+    assert_eq!(refused.previous, Some(entry));
+
+    client
+        .put_with(
+            "blocking:brief",
+            "v",
+            PutOptions::new().ttl(Duration::from_millis(300)),
+        )
+        .unwrap();
+    match client.ttl("blocking:brief").unwrap() {
+        TtlState::Expiring { remaining_ms, .. } => {
+            assert!(
+                remaining_ms > 0 && remaining_ms <= 300,
+                "remaining_ms={remaining_ms}"
+            );
+        }
+        other => panic!("expected an expiring key, got {other:?}"),
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(client.get("blocking:brief").unwrap(), None);
+    assert_eq!(client.ttl("blocking:brief").unwrap(), TtlState::Missing);
+
+    assert!(client
+        .expire("blocking:key", Duration::from_secs(60))
+        .unwrap());
+    assert!(client.persist("blocking:key").unwrap());
+
+    let keys: Vec<String> = (0..100)
+        .map(|index| format!("blocking:batch:{index}"))
+        .collect();
+    let entries: Vec<(&String, &String)> = keys.iter().map(|key| (key, key)).collect();
+    assert_eq!(client.mput(&entries).unwrap().len(), keys.len());
+    let values = client.mget(&keys).unwrap();
+    for (key, value) in keys.iter().zip(values) {
+        assert_eq!(value.expect("written by mput").value, key.as_bytes());
+    }
+    let key_count: u64 = client
+        .stats()
+        .unwrap()
+        .iter()
+        .map(|core| core.key_count)
+        .sum();
+    assert_eq!(key_count, 101, "100 batch keys and blocking:key");
+    assert!(client
+        .mdelete(&keys)
+        .unwrap()
+        .iter()
+        .all(|&deleted| deleted));
+
+    let outcome = client.delete_with("blocking:key", true).unwrap();
+    assert!(outcome.deleted);
+    assert!(!client.delete("blocking:key").unwrap());
+    assert_eq!(client.ping().unwrap().len(), CORE_COUNT);
+    assert_eq!(client.topology().nodes[0].cores.len(), CORE_COUNT);
+    client.refresh_topology().unwrap();
+}
+
+#[test]
+fn blocking_remote_client() {
+    let server = start_server(CORE_COUNT);
+    let addresses = server.addresses();
+    on_thread_within(
+        SCENARIO_TIMEOUT,
+        "the blocking remote scenario",
+        move || {
+            let client =
+                BlockingClient::connect(addresses).expect("the server accepts the handshake");
+            short_scenario(&client);
+        },
+    );
+    stop_server(server);
+}
+
+#[test]
+fn blocking_connect_to_nothing_is_retryable() {
+    let address = unused_address();
+    let result = on_thread_within(SCENARIO_TIMEOUT, "a blocking connect", move || {
+        BlockingClient::connect([address])
+    });
+    match result {
+        Err(error @ ClientError::Connect { .. }) => assert!(error.is_retryable()),
+        other => panic!("expected a Connect error, got {other:?}"),
+    }
+}
+
+#[cfg(feature = "embedded")]
+#[test]
+fn blocking_embedded_client() {
+    on_thread_within(SCENARIO_TIMEOUT, "the blocking embedded scenario", || {
+        let client = BlockingClient::embedded(common::test_config(CORE_COUNT))
+            .expect("the embedded shards start");
+        short_scenario(&client);
+        client.shutdown();
+        match client.get("blocking:key") {
+            Err(ClientError::ShutDown) => {}
+            other => panic!("expected ShutDown after shutdown(), got {other:?}"),
+        }
+    });
+}

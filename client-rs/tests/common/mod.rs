@@ -1,0 +1,129 @@
+//! What the client's integration tests share: servers started in-process on free loopback
+//! ports, the configuration of embedded clients, a scripted fake server ([`fake_server`]) for
+//! failures a real one never shows, and time limits that turn a hang into a failure.
+//!
+//! Every test server uses a small, fixed memory budget, so the tests do not depend on the
+//! host's RAM. Each test binary uses a different subset of these helpers.
+
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different subset of the helpers"
+)]
+
+pub mod fake_server;
+
+use std::future::Future;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tessera_protocol::{SlotRange, Topology};
+use tessera_server::{Config, Server};
+
+/// Cores of every test server and embedded client: enough that keys spread over two shards.
+pub const CORE_COUNT: usize = 2;
+
+/// Longest one client call (or one group of calls a test awaits together) may take before
+/// the test fails. Generous, because tests run in parallel on small machines.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Longest one whole scenario may take, sleeps and all.
+pub const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Memory budget of test servers: small and fixed.
+pub const TEST_MEMORY_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
+/// A server configuration with `core_count` cores, each on a free loopback port.
+pub fn test_config(core_count: usize) -> Config {
+    Config {
+        cores: core_count,
+        port: 0,
+        memory_bytes_max: TEST_MEMORY_BYTES_MAX,
+        ..Config::default()
+    }
+}
+
+/// Starts a server with `core_count` cores on free loopback ports.
+pub fn start_server(core_count: usize) -> Server {
+    Server::start(test_config(core_count))
+        .unwrap_or_else(|start_error| panic!("test server did not start: {start_error}"))
+}
+
+/// Stops `server` and checks that every core stopped cleanly.
+pub fn stop_server(server: Server) {
+    let summaries = server
+        .shutdown()
+        .unwrap_or_else(|server_error| panic!("test server stopped abnormally: {server_error}"));
+    assert_eq!(summaries.len(), CORE_COUNT, "summaries={summaries:?}");
+}
+
+/// Awaits `future`, failing the test with `what` if it takes longer than `limit`.
+pub async fn within<F: Future>(limit: Duration, what: &str, future: F) -> F::Output {
+    tokio::time::timeout(limit, future)
+        .await
+        .unwrap_or_else(|elapsed| panic!("{what} did not finish within {limit:?} ({elapsed})"))
+}
+
+/// A loopback address with nothing listening on it: a port the OS just handed out and took
+/// back. Another process could claim it in between, which is unlikely enough for a test.
+pub fn unused_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port");
+    let address = listener
+        .local_addr()
+        .expect("a bound listener has an address");
+    drop(listener);
+    address.to_string()
+}
+
+/// Runs the blocking `work` on its own thread, failing the test with `what` if it takes
+/// longer than `limit`. A hung thread is left behind; the failing test ends the process.
+pub fn on_thread_within<T, F>(limit: Duration, what: &str, work: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce() -> T + Send + 'static,
+{
+    let (sender, receiver) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let _ = sender.send(work());
+    });
+    match receiver.recv_timeout(limit) {
+        Ok(output) => {
+            thread
+                .join()
+                .expect("the thread sent its result, so it did not panic");
+            output
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what} did not finish within {limit:?}"),
+        Err(mpsc::RecvTimeoutError::Disconnected) => match thread.join() {
+            Ok(()) => unreachable!("the thread ended without sending its result"),
+            Err(panic) => std::panic::resume_unwind(panic),
+        },
+    }
+}
+
+/// The slot range of every core of a single-node topology, in core order.
+pub fn core_slot_ranges(topology: &Topology) -> Vec<SlotRange> {
+    assert_eq!(topology.nodes.len(), 1, "test clusters are one node");
+    topology.nodes[0]
+        .cores
+        .iter()
+        .map(|core| core.slots)
+        .collect()
+}
+
+/// The core (index in topology order) that owns `key` in a single-node topology.
+pub fn core_of_key(topology: &Topology, key: &[u8]) -> usize {
+    let slot = tessera_protocol::slot_for_key(key);
+    let ranges = core_slot_ranges(topology);
+    let owners: Vec<usize> = ranges
+        .iter()
+        .enumerate()
+        .filter(|(_, range)| range.contains(slot))
+        .map(|(core_index, _)| core_index)
+        .collect();
+    assert_eq!(
+        owners.len(),
+        1,
+        "slot {slot} owners={owners:?} ranges={ranges:?}"
+    );
+    owners[0]
+}

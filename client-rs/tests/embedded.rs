@@ -1,0 +1,110 @@
+//! What only an embedded client does: it owns its shards, so `shutdown()` stops them, after
+//! which every clone's calls fail with `ShutDown`, and calls in flight end without hanging.
+//! (Everything an embedded client shares with a remote one is in `behaviour.rs`.)
+
+#![cfg(feature = "embedded")]
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{test_config, within, CALL_TIMEOUT, CORE_COUNT};
+use tessera_client::{Client, ClientError, ErrorCode};
+
+fn start_embedded() -> Client {
+    Client::embedded(test_config(CORE_COUNT)).expect("the embedded shards start")
+}
+
+/// Checks that `result` failed because the client was shut down.
+fn assert_shut_down<T: std::fmt::Debug>(what: &str, result: Result<T, ClientError>) {
+    match result {
+        Err(error @ ClientError::ShutDown) => {
+            assert!(!error.is_retryable(), "{what}: {error:?}");
+            assert!(!error.is_indeterminate(), "{what}: {error:?}");
+        }
+        other => panic!("{what}: expected ShutDown, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_topology_names_in_process_cores() {
+    let client = start_embedded();
+    let topology = client.topology();
+    assert_eq!(topology.nodes.len(), 1);
+    let addresses: Vec<&str> = topology.nodes[0]
+        .cores
+        .iter()
+        .map(|core| core.address.as_str())
+        .collect();
+    assert_eq!(addresses, ["embedded:0", "embedded:1"]);
+    client.refresh_topology().await.unwrap();
+    assert_eq!(
+        client.topology(),
+        topology,
+        "an embedded topology never changes"
+    );
+    client.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_after_shutdown_fail_on_every_clone() {
+    let client = start_embedded();
+    let clone = client.clone();
+    client.put("shutdown:key", "v").await.unwrap();
+    client.shutdown();
+    assert_shut_down("get", client.get("shutdown:key").await);
+    assert_shut_down("put on a clone", clone.put("shutdown:key", "w").await);
+    assert_shut_down("mget on a clone", clone.mget(&["a", "b", "c"]).await);
+    assert_shut_down("ping", client.ping().await);
+    assert_shut_down("stats", client.stats().await);
+    // Shutting down twice is harmless.
+    clone.shutdown();
+    assert_shut_down(
+        "get after a second shutdown",
+        clone.get("shutdown:key").await,
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_in_flight_at_shutdown_end() {
+    const WRITER_COUNT: usize = 4;
+    let client = start_embedded();
+    let written_count = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::with_capacity(WRITER_COUNT);
+    for writer_index in 0..WRITER_COUNT {
+        let client = client.clone();
+        let written_count = written_count.clone();
+        writers.push(tokio::spawn(async move {
+            for operation_index in 0_u64.. {
+                let key = format!("stopping:{writer_index}:{operation_index}");
+                if let Err(error) = client.put(&key, "v").await {
+                    return error;
+                }
+                written_count.fetch_add(1, Ordering::Relaxed);
+            }
+            unreachable!("the loop ends only with an error")
+        }));
+    }
+    while written_count.load(Ordering::Relaxed) < 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopping = tokio::task::spawn_blocking(move || client.shutdown());
+    within(CALL_TIMEOUT, "the embedded shutdown", stopping)
+        .await
+        .unwrap();
+    for writer in writers {
+        let error = within(CALL_TIMEOUT, "a writer to see the shutdown", writer)
+            .await
+            .expect("the writer does not panic");
+        match &error {
+            ClientError::ShutDown
+            | ClientError::Server {
+                code: ErrorCode::ShuttingDown,
+                ..
+            } => {}
+            other => panic!("unexpected error at shutdown: {other:?}"),
+        }
+    }
+}
