@@ -77,3 +77,49 @@ impl LocalSignal {
         .await
     }
 }
+
+/// A core-local, re-armable wake-up: [`LocalNotify::notify`] makes the next (or current)
+/// [`LocalNotify::notified`] complete once. Notifications before anyone waits are not lost;
+/// several of them collapse into one.
+#[derive(Debug, Clone, Default)]
+pub struct LocalNotify {
+    state: Rc<RefCell<NotifyState>>,
+}
+
+#[derive(Debug, Default)]
+struct NotifyState {
+    is_notified: bool,
+    waker: Option<Waker>,
+}
+
+impl LocalNotify {
+    /// A notify with nothing pending.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Wakes the waiter, or the next one to wait.
+    pub fn notify(&self) {
+        let waker = {
+            let mut state = self.state.borrow_mut();
+            state.is_notified = true;
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Completes once a notification is pending, consuming it. Safe to drop midway.
+    pub fn notified(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|context| {
+            let mut state = self.state.borrow_mut();
+            if state.is_notified {
+                state.is_notified = false;
+                return Poll::Ready(());
+            }
+            state.waker = Some(context.waker().clone());
+            Poll::Pending
+        })
+    }
+}

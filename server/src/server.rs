@@ -423,11 +423,34 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     });
     let inbox_task = glommio::spawn_local(serve_inbox(context.clone(), inbox));
     let tick_task = glommio::spawn_local(run_ticks(context.clone()));
-    let _ = start.ready.send((start.core_id, Ok(())));
     let gate = Rc::new(Gate::new());
+    let handoff = crate::net::connection::Handoff::new();
+    if listener.is_some() {
+        let started = crate::net::connection::SocketRing::for_config(&start.config)
+            .map_err(|ring_error| format!("cannot create the socket ring: {ring_error}"))
+            .and_then(|ring| {
+                gate.spawn(crate::net::connection::serve(
+                    context.clone(),
+                    handoff.clone(),
+                    ring,
+                ))
+                .map_err(|spawn_error| format!("cannot start connections: {spawn_error}"))
+            });
+        match started {
+            Ok(task) => {
+                task.detach();
+            }
+            Err(reason) => {
+                let _ = start.ready.send((start.core_id, Err(reason)));
+                return None;
+            }
+        }
+    }
+    let _ = start.ready.send((start.core_id, Ok(())));
     match listener {
         Some(listener) => {
-            crate::net::listener::accept_loop(context.clone(), listener, gate.clone()).await;
+            crate::net::listener::accept_loop(context.clone(), listener, gate.clone(), handoff)
+                .await;
             // The abandoned accept's io_uring request keeps a reference to the socket until
             // the ring is torn down, after this thread exits; until then the kernel would
             // still accept connections nobody serves, and the port could not be bound again.

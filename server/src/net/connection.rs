@@ -1,163 +1,576 @@
-//! One client connection: pipelined requests read in batches, answered by request id, and
-//! written back once per batch.
+//! A core's client connections, served from one task over the core's [`SocketRing`].
 //!
-//! The loop is: decode every complete frame in the read buffer (up to the in-flight and
-//! write-buffer limits), answer local requests at once, dispatch requests owned by other cores
-//! and wait for their replies, write everything in one call, then read again. Replies may be
-//! out of request order; clients match them by request id.
+//! Each pass of the loop: adopt connections the accept loop handed over, frame the replies
+//! other cores sent back, then for every connection decode each complete frame in its read
+//! buffer (within the limits), answer local requests at once, forward the others, and queue
+//! one send of everything buffered and one receive. All queued operations go to the kernel in
+//! one submission; the completions that are ready come back from the same system call. The
+//! task parks in glommio only when a pass finds nothing to do. Replies may be out of request
+//! order; clients match them by request id.
 //!
 //! **Invariants**
-//! - The read buffer is 16-byte aligned and frames are removed from its front only whole, so
-//!   every body is aligned when validated in place.
-//! - It never grows beyond one maximal frame (`FRAME_SIZE_MAX`): a header announcing more is
-//!   refused before the body is read.
+//! - A read buffer is 16-byte aligned and frames leave its front only whole, so every body is
+//!   aligned when validated in place. It never grows beyond one maximal frame: a header
+//!   announcing more is refused before its body is read.
+//! - A buffer the kernel is reading from or writing into (one send and one receive per
+//!   connection at most) is neither moved nor freed until its completion has been taken: the
+//!   read buffer is compacted or resized only while no receive is in flight, `sending` is
+//!   separate from `write_buffer`, and a connection is dropped only with nothing in flight.
 //! - An invalid frame is answered (with its request id when the header was intact) and closes
 //!   this connection only.
 //! - Every request read from the socket is answered before the connection closes, including
-//!   during shutdown (requests read after the stop signal get `ShuttingDown`, unapplied).
+//!   during shutdown (requests read after the stop signal get `ShuttingDown`, unapplied),
+//!   unless the shutdown timeout fires first (`abort`), which drops what is left.
 
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::limits::{FRAME_HEADER_SIZE, FRAME_SIZE_MAX};
+use tessera_protocol::limits::{FRAME_ALIGNMENT, FRAME_HEADER_SIZE, FRAME_SIZE_MAX};
 use tessera_protocol::{ErrorCode, FrameKind, Response};
 
 use crate::core::{error, CoreContext, PendingReply, Reply, Route};
+use crate::net::ring::Completion;
+pub use crate::net::ring::SocketRing;
+use crate::runtime::LocalNotify;
 
-/// Bytes read per call when no large frame is being received.
+/// Bytes a read buffer holds when no large frame is being received.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
 
-/// Serves one connection until the peer closes it, it misbehaves, or the core stops.
-pub async fn serve(context: Rc<CoreContext>, mut stream: TcpStream) {
-    let peer = stream
-        .peer_addr()
-        .map(|address| address.to_string())
-        .unwrap_or_default();
-    if let Err(option_error) = stream.set_nodelay(true) {
-        tracing::debug!(%option_error, %peer, "cannot set TCP_NODELAY");
-    }
-    tracing::debug!(%peer, "connection opened");
-    let mut connection = Connection::new();
-    let outcome = connection.run(&context, &mut stream).await;
-    match outcome {
-        Ok(reason) => tracing::debug!(%peer, reason, "connection closed"),
-        Err(io_error) => tracing::debug!(%peer, %io_error, "connection failed"),
+/// Operations the ring holds at most; connections beyond what fits wait for room.
+const RING_ENTRIES_MAX: usize = 16 * 1024;
+
+/// Kinds of ring operations, in the low bits of a token.
+const KIND_SEND: u64 = 0;
+const KIND_RECEIVE: u64 = 1;
+const KIND_CANCEL: u64 = 2;
+const KIND_BITS: u32 = 2;
+const GENERATION_BITS: u32 = 30;
+
+/// A connection accepted by the listener, on its way to the connection task.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The socket.
+    pub fd: OwnedFd,
+    /// The peer's address, for logs.
+    pub peer: String,
+    /// Counts the connection against the server-wide limit until it is dropped.
+    pub slot: ConnectionSlot,
+}
+
+/// Decrements the server-wide connection count when a connection ends, however it ends.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    context: Rc<CoreContext>,
+}
+
+impl ConnectionSlot {
+    /// Counts one more open connection; returns the slot and the count including it.
+    pub fn acquire(context: &Rc<CoreContext>) -> (Self, usize) {
+        let count = context.connection_count.fetch_add(1, Ordering::Relaxed) + 1;
+        (
+            Self {
+                context: context.clone(),
+            },
+            count,
+        )
     }
 }
 
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.context
+            .connection_count
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where the accept loop hands connections over, and how it wakes the connection task.
+#[derive(Debug, Clone, Default)]
+pub struct Handoff {
+    accepted: Rc<RefCell<Vec<Accepted>>>,
+    notify: LocalNotify,
+}
+
+impl Handoff {
+    /// An empty handoff.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Passes a connection to the connection task.
+    pub fn push(&self, accepted: Accepted) {
+        self.accepted.borrow_mut().push(accepted);
+        self.notify.notify();
+    }
+}
+
+/// A reply computed on another core, on its way back to the connection that asked.
+struct Forwarded {
+    index: usize,
+    generation: u32,
+    request_id: u64,
+    reply: Reply,
+}
+
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent flags of one state machine, each documented"
+)]
 struct Connection {
-    /// Received bytes; `[0, filled)` is data. Its length is its usable capacity.
+    fd: OwnedFd,
+    peer: String,
+    _slot: ConnectionSlot,
+    generation: u32,
+    /// Received bytes; `[..filled]` is data. Its length is the space a receive may use.
     read_buffer: FrameBuffer,
     filled: usize,
-    /// Encoded replies waiting to be written.
+    /// Replies encoded and not yet handed to the kernel.
     write_buffer: FrameBuffer,
-    /// Replies from other cores for requests of the current batch.
-    pending: Vec<(u64, PendingReply)>,
+    /// Bytes handed to the kernel; `[sent..]` is still to go.
+    sending: FrameBuffer,
+    sent: usize,
+    is_receiving: bool,
+    is_sending: bool,
+    /// A cancel of the receive in flight has been queued.
+    is_cancelling: bool,
+    /// Replies other cores still owe this connection.
+    forwards_in_flight: usize,
+    /// Set once the connection must end: no more reads; close once flushed.
+    close_reason: Option<&'static str>,
+    /// Buffered bytes will never be written (the peer is gone or the core aborts).
+    is_discarding: bool,
+    /// Queued in the set's ready list.
+    is_ready: bool,
 }
 
-/// What processing the buffered frames decided.
-enum Next {
-    /// Read more bytes.
-    Read,
-    /// Complete frames remain (a limit paused processing); process again without reading.
-    Process,
-    /// Close after writing what is buffered.
-    Close(&'static str),
+/// Runs every connection of this core over `ring` until the core stops and they have all
+/// closed.
+pub async fn serve(context: Rc<CoreContext>, handoff: Handoff, ring: SocketRing) {
+    let mut set = ConnectionSet {
+        context,
+        ring,
+        slots: Vec::new(),
+        free_slots: Vec::new(),
+        handoff,
+        forwarded: Rc::default(),
+        completions: Vec::new(),
+        ready: Vec::new(),
+        is_stopping: false,
+        is_aborting: false,
+    };
+    set.run().await;
+}
+
+impl SocketRing {
+    /// A ring sized for `config`: a send, a receive and a cancel per connection, up to a cap;
+    /// connections beyond what fits wait for room.
+    ///
+    /// # Errors
+    /// The kernel refuses the ring.
+    pub fn for_config(config: &crate::config::Config) -> std::io::Result<Self> {
+        let entries = (3 * config.connection_count_max + 16).min(RING_ENTRIES_MAX);
+        Self::new(u32::try_from(entries).unwrap_or(u32::MAX))
+    }
+}
+
+struct ConnectionSet {
+    context: Rc<CoreContext>,
+    ring: SocketRing,
+    /// Connections by index, with the generation the index had last.
+    slots: Vec<(u32, Option<Connection>)>,
+    free_slots: Vec<usize>,
+    handoff: Handoff,
+    forwarded: Rc<RefCell<Vec<Forwarded>>>,
+    /// Reused for each pass's completions.
+    completions: Vec<Completion>,
+    /// Connections to look at in the next pass (each at most once, see `Connection::is_ready`).
+    ready: Vec<usize>,
+    is_stopping: bool,
+    is_aborting: bool,
+}
+
+impl ConnectionSet {
+    async fn run(&mut self) {
+        let mut stepping = Vec::new();
+        loop {
+            if self.context.abort.is_fired() && !self.is_aborting {
+                self.begin_abort();
+            }
+            if self.context.stop.is_fired() && !self.is_stopping {
+                self.begin_stop();
+            }
+            self.adopt_accepted();
+            self.deliver_forwarded();
+            std::mem::swap(&mut stepping, &mut self.ready);
+            let now_ms = crate::clock::now_unix_ms();
+            for &index in &stepping {
+                self.step(index, now_ms);
+            }
+            stepping.clear();
+            if let Err(ring_error) = self.ring.submit() {
+                tracing::error!(%ring_error, "socket ring submit failed; closing connections");
+                self.begin_abort();
+            }
+            self.completions.clear();
+            self.ring.take_completions(&mut self.completions);
+            let completions = std::mem::take(&mut self.completions);
+            for completion in &completions {
+                self.complete(*completion);
+            }
+            self.completions = completions;
+            if self.is_stopping && self.is_empty() && self.ring.in_flight_count() == 0 {
+                return;
+            }
+            if self.completions.is_empty() && self.ready.is_empty() {
+                self.park().await;
+            } else {
+                glommio::yield_if_needed().await;
+            }
+        }
+    }
+
+    /// Queues connection `index` for the next pass.
+    fn mark_ready(&mut self, index: usize) {
+        if let Some((_, Some(connection))) = self.slots.get_mut(index) {
+            if !connection.is_ready {
+                connection.is_ready = true;
+                self.ready.push(index);
+            }
+        }
+    }
+
+    fn mark_all_ready(&mut self) {
+        for index in 0..self.slots.len() {
+            self.mark_ready(index);
+        }
+    }
+
+    /// Waits for a completion, a handed-over connection, a forwarded reply, stop or abort.
+    async fn park(&mut self) {
+        let context = self.context.clone();
+        let notify = self.handoff.notify.clone();
+        let is_stopping = self.is_stopping;
+        let is_aborting = self.is_aborting;
+        let signals = async {
+            if is_aborting {
+                notify.notified().await;
+            } else if is_stopping {
+                futures_lite::future::or(notify.notified(), context.abort.wait()).await;
+            } else {
+                futures_lite::future::or(notify.notified(), context.stop.wait()).await;
+            }
+        };
+        futures_lite::future::or(self.ring.wait_signal(), signals).await;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|(_, connection)| connection.is_none())
+    }
+
+    fn adopt_accepted(&mut self) {
+        let accepted: Vec<Accepted> = self.handoff.accepted.borrow_mut().drain(..).collect();
+        for Accepted { fd, peer, slot } in accepted {
+            if self.is_stopping {
+                // Accepted just before the stop: close at once, nothing was read.
+                continue;
+            }
+            tracing::debug!(%peer, "connection opened");
+            let index = self.free_slots.pop().unwrap_or_else(|| {
+                self.slots.push((0, None));
+                self.slots.len() - 1
+            });
+            let generation = (self.slots[index].0 + 1) & ((1 << GENERATION_BITS) - 1);
+            let mut read_buffer = FrameBuffer::with_capacity(READ_BUFFER_SIZE);
+            read_buffer.resize(READ_BUFFER_SIZE, 0);
+            self.slots[index] = (
+                generation,
+                Some(Connection {
+                    fd,
+                    peer,
+                    _slot: slot,
+                    generation,
+                    read_buffer,
+                    filled: 0,
+                    write_buffer: FrameBuffer::new(),
+                    sending: FrameBuffer::new(),
+                    sent: 0,
+                    is_receiving: false,
+                    is_sending: false,
+                    is_cancelling: false,
+                    forwards_in_flight: 0,
+                    close_reason: None,
+                    is_discarding: false,
+                    is_ready: false,
+                }),
+            );
+            self.mark_ready(index);
+        }
+    }
+
+    /// Frames the replies other cores have sent back into their connections' write buffers.
+    fn deliver_forwarded(&mut self) {
+        let forwarded: Vec<Forwarded> = self.forwarded.borrow_mut().drain(..).collect();
+        for Forwarded {
+            index,
+            generation,
+            request_id,
+            reply,
+        } in forwarded
+        {
+            let Some((_, Some(connection))) = self.slots.get_mut(index) else {
+                continue;
+            };
+            if connection.generation != generation {
+                continue;
+            }
+            connection.forwards_in_flight -= 1;
+            if !connection.is_discarding {
+                connection.encode_reply(request_id, &reply);
+            }
+            self.mark_ready(index);
+        }
+    }
+
+    /// Everything one connection can do now: answer buffered frames, queue a send and a
+    /// receive, or close. A connection that still has work no completion will bring back
+    /// (frames held back for fairness) is queued for the next pass.
+    fn step(&mut self, index: usize, now_ms: u64) {
+        let Some(connection) = self.slots[index].1.as_mut() else {
+            return;
+        };
+        connection.is_ready = false;
+        let mut is_held_back = false;
+        if !connection.is_receiving {
+            is_held_back = if self.is_stopping {
+                connection.answer_for_shutdown(
+                    &self.context,
+                    now_ms,
+                    &self.forwarded,
+                    &self.handoff,
+                )
+            } else {
+                connection.process(&self.context, now_ms, &self.forwarded, &self.handoff, index)
+            };
+        }
+        let token_base = token(index, connection.generation, 0);
+        let fd = connection.fd.as_raw_fd();
+        if !connection.is_sending && !connection.is_discarding {
+            if connection.sent == connection.sending.len() && !connection.write_buffer.is_empty() {
+                std::mem::swap(&mut connection.write_buffer, &mut connection.sending);
+                connection.write_buffer.clear();
+                connection.sent = 0;
+            }
+            if connection.sent < connection.sending.len() && self.ring.has_room() {
+                let rest = &connection.sending[connection.sent..];
+                // SAFETY: `sending` is neither touched nor freed while `is_sending` (module
+                // invariants); the connection is dropped only with nothing in flight.
+                let pushed = unsafe {
+                    self.ring
+                        .push_send(fd, rest.as_ptr(), rest.len(), token_base | KIND_SEND)
+                };
+                connection.is_sending = pushed.is_ok();
+            }
+        }
+        let wants_receive = connection.close_reason.is_none()
+            && !self.is_stopping
+            && !connection.is_receiving
+            && !connection.has_complete_frame();
+        if wants_receive && self.ring.has_room() {
+            connection.make_room();
+            let space = &mut connection.read_buffer[connection.filled..];
+            if !space.is_empty() {
+                // SAFETY: the read buffer is compacted or resized only while no receive is in
+                // flight (module invariants).
+                let pushed = unsafe {
+                    self.ring.push_receive(
+                        fd,
+                        space.as_mut_ptr(),
+                        space.len(),
+                        token_base | KIND_RECEIVE,
+                    )
+                };
+                connection.is_receiving = pushed.is_ok();
+            }
+        }
+        if connection.is_receiving
+            && !connection.is_cancelling
+            && (connection.close_reason.is_some() || self.is_stopping)
+            && self.ring.has_room()
+        {
+            // The read waiting in the kernel must end before the connection can drain or
+            // close; it completes with what it has, or as cancelled.
+            let target = token_base | KIND_RECEIVE;
+            connection.is_cancelling = self
+                .ring
+                .push_cancel(target, token_base | KIND_CANCEL)
+                .is_ok();
+        }
+        if connection.is_finished() {
+            let reason = connection.close_reason.unwrap_or("server stopping");
+            tracing::debug!(peer = %connection.peer, reason, "connection closed");
+            self.slots[index].1 = None;
+            self.free_slots.push(index);
+            return;
+        }
+        // Work that no completion will bring back: held-back frames, a full ring.
+        let is_waiting_for_room = !self.ring.has_room()
+            && (wants_receive || (!connection.is_sending && connection.has_unwritten()));
+        if is_held_back || is_waiting_for_room {
+            self.mark_ready(index);
+        }
+    }
+
+    fn complete(&mut self, completion: Completion) {
+        let Completion { token, result } = completion;
+        let kind = token & ((1 << KIND_BITS) - 1);
+        let generation =
+            u32::try_from((token >> KIND_BITS) & ((1 << GENERATION_BITS) - 1)).unwrap_or(u32::MAX);
+        let index = usize::try_from(token >> (KIND_BITS + GENERATION_BITS)).unwrap_or(usize::MAX);
+        let Some((_, Some(connection))) = self.slots.get_mut(index) else {
+            assert!(
+                kind == KIND_CANCEL,
+                "completion {token:#x} for a connection that is gone"
+            );
+            return;
+        };
+        assert!(
+            connection.generation == generation || kind == KIND_CANCEL,
+            "completion {token:#x} of generation {generation}, connection has {}",
+            connection.generation
+        );
+        match kind {
+            KIND_SEND => {
+                connection.is_sending = false;
+                match usize::try_from(result) {
+                    Ok(size) => {
+                        connection.sent += size;
+                        if connection.sent == connection.sending.len() {
+                            connection.sending.clear();
+                            connection.sent = 0;
+                        }
+                    }
+                    Err(_) => connection.fail("write failed", result),
+                }
+            }
+            KIND_RECEIVE => {
+                connection.is_receiving = false;
+                connection.is_cancelling = false;
+                match usize::try_from(result) {
+                    Ok(0) => {
+                        connection.close_reason.get_or_insert("peer closed");
+                    }
+                    Ok(size) => connection.filled += size,
+                    Err(_) if -result == libc::ECANCELED => {}
+                    Err(_) => connection.fail("read failed", result),
+                }
+            }
+            _ => {}
+        }
+        self.mark_ready(index);
+    }
+
+    /// Stop: no more reads once what each socket already holds is answered.
+    fn begin_stop(&mut self) {
+        self.is_stopping = true;
+        self.mark_all_ready();
+    }
+
+    /// The shutdown timeout passed: end every connection now, whatever it still has to write.
+    fn begin_abort(&mut self) {
+        self.is_stopping = true;
+        self.is_aborting = true;
+        for (_, connection) in &mut self.slots {
+            if let Some(connection) = connection {
+                connection.close_reason.get_or_insert("aborted");
+                connection.is_discarding = true;
+                // Makes a send blocked on a client that stopped reading complete at once.
+                // SAFETY: shutdown has no memory-safety preconditions; the descriptor is open.
+                unsafe {
+                    libc::shutdown(connection.fd.as_raw_fd(), libc::SHUT_RDWR);
+                }
+            }
+        }
+        self.mark_all_ready();
+    }
+}
+
+fn token(index: usize, generation: u32, kind: u64) -> u64 {
+    ((index as u64) << (KIND_BITS + GENERATION_BITS)) | (u64::from(generation) << KIND_BITS) | kind
 }
 
 impl Connection {
-    fn new() -> Self {
-        let mut read_buffer = FrameBuffer::with_capacity(READ_BUFFER_SIZE);
-        read_buffer.resize(READ_BUFFER_SIZE, 0);
-        Self {
-            read_buffer,
-            filled: 0,
-            write_buffer: FrameBuffer::with_capacity(READ_BUFFER_SIZE),
-            pending: Vec::new(),
+    /// Whether nothing is in flight, owed or left to write, and the connection should end.
+    fn is_finished(&self) -> bool {
+        if self.is_receiving || self.is_sending {
+            return false;
         }
+        if self.is_discarding {
+            return true;
+        }
+        let is_closing = self.close_reason.is_some();
+        is_closing && !self.has_unwritten() && self.forwards_in_flight == 0
     }
 
-    async fn run(
-        &mut self,
-        context: &CoreContext,
-        stream: &mut TcpStream,
-    ) -> std::io::Result<&'static str> {
-        loop {
-            let next = self.process(context);
-            for (request_id, pending) in std::mem::take(&mut self.pending) {
-                let Some(reply) = context.abort.unless_fired(pending).await else {
-                    return Ok("aborted");
-                };
-                self.encode_reply(request_id, &reply);
-            }
-            if !self.flush(context, stream).await? {
-                return Ok("aborted");
-            }
-            match next {
-                Next::Close(reason) => return Ok(reason),
-                Next::Process => continue,
-                Next::Read => {}
-            }
-            if context.stop.is_fired() {
-                // Answer whatever already sits in the socket with ShuttingDown, so those
-                // clients learn their requests were not applied, then close.
-                return self.drain_for_shutdown(context, stream).await;
-            }
-            self.make_room();
-            let read = context
-                .stop
-                .unless_fired(stream.read(&mut self.read_buffer[self.filled..]));
-            match read.await {
-                // Stopped while waiting: the next pass reads nothing new and drains.
-                None => {}
-                Some(Ok(0)) => return Ok("peer closed"),
-                Some(Ok(read_size)) => self.filled += read_size,
-                Some(Err(io_error)) => return Err(io_error),
-            }
-        }
+    /// Whether encoded replies have not all been handed to the kernel yet.
+    fn has_unwritten(&self) -> bool {
+        !self.write_buffer.is_empty() || self.sent < self.sending.len()
     }
 
-    /// Writes the buffered replies; `false` if the core aborted first (a client that stopped
-    /// reading while the server shut down).
-    async fn flush(
-        &mut self,
-        context: &CoreContext,
-        stream: &mut TcpStream,
-    ) -> std::io::Result<bool> {
-        if self.write_buffer.is_empty() {
-            return Ok(true);
-        }
-        let written = context
-            .abort
-            .unless_fired(stream.write_all(&self.write_buffer))
-            .await;
-        match written {
-            None => Ok(false),
-            Some(written) => {
-                written?;
-                self.write_buffer.clear();
-                Ok(true)
-            }
-        }
+    fn fail(&mut self, reason: &'static str, result: i32) {
+        let io_error = std::io::Error::from_raw_os_error(-result);
+        tracing::debug!(peer = %self.peer, %io_error, reason, "connection failed");
+        self.close_reason.get_or_insert(reason);
+        self.is_discarding = true;
+    }
+
+    /// Whether a complete frame waits at the front of the read buffer.
+    fn has_complete_frame(&self) -> bool {
+        codec::frame_size_needed(&self.read_buffer[..self.filled])
+            .is_some_and(|frame_size| frame_size <= self.filled)
+    }
+
+    /// Whether a limit stops this connection from taking more requests for now.
+    fn is_paused(&self, context: &CoreContext) -> bool {
+        self.forwards_in_flight >= context.config.connection_inflight_max
+            || self.write_buffer.len() + self.sending.len()
+                >= context.config.connection_write_buffer_bytes_max
     }
 
     /// Answers or dispatches every complete frame in the read buffer, within the limits.
-    fn process(&mut self, context: &CoreContext) -> Next {
-        let now_ms = crate::clock::now_unix_ms();
+    /// Returns whether frames remain that a limit on this pass (not one a completion will
+    /// lift) held back.
+    fn process(
+        &mut self,
+        context: &CoreContext,
+        now_ms: u64,
+        forwarded: &Rc<RefCell<Vec<Forwarded>>>,
+        handoff: &Handoff,
+        index: usize,
+    ) -> bool {
+        if self.close_reason.is_some() {
+            return false;
+        }
         let is_stopping = context.stop.is_fired();
         let mut offset = 0;
         let mut handled_count = 0;
-        let next = loop {
-            if handled_count >= context.config.connection_inflight_max
-                || self.write_buffer.len() >= context.config.connection_write_buffer_bytes_max
-            {
-                break Next::Process;
+        let mut is_held_back = false;
+        loop {
+            if self.is_paused(context) {
+                break;
+            }
+            if handled_count >= context.config.connection_inflight_max {
+                // Fairness: other connections get a turn; this one continues next pass.
+                is_held_back = true;
+                break;
             }
             let frame = match codec::decode_frame(&self.read_buffer[offset..self.filled]) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break Next::Read,
+                Ok(None) => break,
                 Err(frame_error) => {
                     tracing::debug!(%frame_error, "closing connection on an invalid frame");
                     let response = error(frame_error.error.code(), frame_error.error.to_string());
@@ -165,17 +578,19 @@ impl Connection {
                         frame_error.request_id.unwrap_or(0),
                         &Reply::Response(response),
                     );
-                    break Next::Close("invalid frame");
+                    self.close_reason = Some("invalid frame");
+                    break;
                 }
             };
-            debug_assert_eq!(offset % tessera_protocol::limits::FRAME_ALIGNMENT, 0);
+            debug_assert_eq!(offset % FRAME_ALIGNMENT, 0);
             offset += frame.frame_size;
             handled_count += 1;
             let request_id = frame.header.request_id;
             if frame.header.frame_kind() != Some(FrameKind::Request) {
                 let response = error(ErrorCode::BadFrame, "clients may only send request frames");
                 self.encode_reply(request_id, &Reply::Response(response));
-                break Next::Close("response frame from a client");
+                self.close_reason = Some("response frame from a client");
+                break;
             }
             let request = match codec::access_request(frame.body) {
                 Ok(request) => request,
@@ -183,7 +598,8 @@ impl Connection {
                     tracing::debug!(%protocol_error, "closing connection on an invalid body");
                     let response = error(protocol_error.code(), protocol_error.to_string());
                     self.encode_reply(request_id, &Reply::Response(response));
-                    break Next::Close("invalid body");
+                    self.close_reason = Some("invalid body");
+                    break;
                 }
             };
             if let Err(request_error) = codec::check_request(request) {
@@ -202,21 +618,47 @@ impl Connection {
                     self.encode_reply(request_id, &Reply::Response(response));
                 }
                 Route::Core(core_id) => {
-                    self.pending
-                        .push((request_id, context.forward(core_id, frame.body)));
+                    let pending = context.forward(core_id, frame.body);
+                    self.await_forward(pending, request_id, index, forwarded, handoff);
                 }
                 Route::Split => {
-                    self.pending
-                        .push((request_id, context.split(now_ms, request)));
+                    let pending = context.split(now_ms, request);
+                    self.await_forward(pending, request_id, index, forwarded, handoff);
                 }
                 Route::Elsewhere(location, slot) => {
                     let response = context.wrong_shard(location, slot);
                     self.encode_reply(request_id, &Reply::Response(response));
                 }
             }
-        };
+        }
         self.consume(offset);
-        next
+        is_held_back
+    }
+
+    /// Waits for another core's reply in a task of its own and hands it back to the loop.
+    fn await_forward(
+        &mut self,
+        pending: PendingReply,
+        request_id: u64,
+        index: usize,
+        forwarded: &Rc<RefCell<Vec<Forwarded>>>,
+        handoff: &Handoff,
+    ) {
+        self.forwards_in_flight += 1;
+        let forwarded = forwarded.clone();
+        let notify = handoff.notify.clone();
+        let generation = self.generation;
+        glommio::spawn_local(async move {
+            let reply = pending.await;
+            forwarded.borrow_mut().push(Forwarded {
+                index,
+                generation,
+                request_id,
+                reply,
+            });
+            notify.notify();
+        })
+        .detach();
     }
 
     /// Frames one reply. A reply over the frame limit is replaced by a `TooLarge` error.
@@ -250,13 +692,15 @@ impl Connection {
             "consume {size} of {} bytes",
             self.filled
         );
+        assert!(!self.is_receiving, "compacting under a receive in flight");
         self.read_buffer.copy_within(size..self.filled, 0);
         self.filled -= size;
     }
 
-    /// Makes sure the next read has room: grows the buffer to hold the frame being received
-    /// (up to one maximal frame), and shrinks it back once a large frame is gone.
+    /// Makes sure the next receive has room: grows the buffer to hold the frame being
+    /// received (up to one maximal frame), and shrinks it back once a large frame is gone.
     fn make_room(&mut self) {
+        assert!(!self.is_receiving, "resizing under a receive in flight");
         let needed = match codec::frame_size_needed(&self.read_buffer[..self.filled]) {
             Some(frame_size) => frame_size.max(READ_BUFFER_SIZE),
             None => READ_BUFFER_SIZE,
@@ -274,36 +718,57 @@ impl Connection {
         debug_assert!(self.read_buffer.len() > self.filled || self.filled < FRAME_HEADER_SIZE);
     }
 
-    /// On shutdown: reads whatever is already available without waiting, answers those
-    /// requests with `ShuttingDown`, and closes.
-    async fn drain_for_shutdown(
+    /// On shutdown: answers the buffered frames and whatever the socket already holds with
+    /// `ShuttingDown` (reading without waiting), then marks the connection to close. Returns
+    /// whether a limit held frames back for the next pass.
+    fn answer_for_shutdown(
         &mut self,
         context: &CoreContext,
-        stream: &mut TcpStream,
-    ) -> std::io::Result<&'static str> {
+        now_ms: u64,
+        forwarded: &Rc<RefCell<Vec<Forwarded>>>,
+        handoff: &Handoff,
+    ) -> bool {
+        if self.close_reason.is_some() {
+            return false;
+        }
         loop {
-            self.make_room();
-            // Polled first, the read returns data already in the socket; otherwise the ready
-            // future wins and the read is dropped, which is safe for glommio sockets.
-            let read = futures_lite::future::or(
-                async { Some(stream.read(&mut self.read_buffer[self.filled..]).await) },
-                async { None },
-            );
-            match read.await {
-                Some(Ok(read_size)) if read_size > 0 => self.filled += read_size,
-                _ => return Ok("server stopping"),
+            // While stopping nothing is routed, so nothing is forwarded (index unused).
+            if self.process(context, now_ms, forwarded, handoff, usize::MAX)
+                || self.is_paused(context)
+            {
+                return true;
             }
-            let next = self.process(context);
-            debug_assert!(
-                self.pending.is_empty(),
-                "nothing is dispatched while stopping"
-            );
-            if !self.flush(context, stream).await? {
-                return Ok("aborted");
+            if self.close_reason.is_some() || !self.receive_available() {
+                break;
             }
-            if let Next::Close(reason) = next {
-                return Ok(reason);
+        }
+        self.close_reason.get_or_insert("server stopping");
+        false
+    }
+
+    /// Reads what the socket holds now, without waiting; whether anything arrived.
+    fn receive_available(&mut self) -> bool {
+        self.make_room();
+        let space = &mut self.read_buffer[self.filled..];
+        if space.is_empty() {
+            return false;
+        }
+        // SAFETY: a plain non-blocking recv into memory this connection owns; no ring receive
+        // is in flight (the caller checked).
+        let received = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                space.as_mut_ptr().cast(),
+                space.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        match usize::try_from(received) {
+            Ok(size) if size > 0 => {
+                self.filled += size;
+                true
             }
+            _ => false,
         }
     }
 }

@@ -4,13 +4,14 @@
 //! the cores start (so port 0 works and the topology is known up front), so the smart client
 //! chooses the core, not the kernel.
 //!
-//! Connections run as tasks entered through a [`Gate`]: on stop the accept loop returns, and
-//! the core waits at the gate until every connection has answered what it read and closed.
-//! Without the gate, tasks detached from a finished executor keep their sockets open and
-//! peers hang (see FINDINGS.md).
+//! Accepted sockets go to the core's connection task (`connection.rs`), which serves them all
+//! over the core's socket ring. Refusals run as tasks entered through a [`Gate`], like the
+//! connection task itself: on stop the accept loop returns, and the core waits at the gate
+//! until every connection has answered what it read and closed. Without the gate, tasks
+//! detached from a finished executor keep their sockets open and peers hang (FINDINGS.md).
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpListener;
@@ -19,23 +20,16 @@ use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::ErrorCode;
 
 use crate::core::{error, CoreContext};
-use crate::net::connection;
+use crate::net::connection::{Accepted, ConnectionSlot, Handoff};
 
-/// Decrements the server-wide connection count when a connection ends, however it ends.
-struct ConnectionSlot {
+/// Accepts connections until the core's stop signal fires and hands each to the core's
+/// connection task; refuses those over the server-wide limit.
+pub async fn accept_loop(
     context: Rc<CoreContext>,
-}
-
-impl Drop for ConnectionSlot {
-    fn drop(&mut self) {
-        self.context
-            .connection_count
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Accepts connections until the core's stop signal fires, serving each in its own task.
-pub async fn accept_loop(context: Rc<CoreContext>, listener: TcpListener, gate: Rc<Gate>) {
+    listener: TcpListener,
+    gate: Rc<Gate>,
+    handoff: Handoff,
+) {
     loop {
         let Some(accepted) = context.stop.unless_fired(listener.accept()).await else {
             return;
@@ -51,34 +45,42 @@ pub async fn accept_loop(context: Rc<CoreContext>, listener: TcpListener, gate: 
                 continue;
             }
         };
-        let count = context.connection_count.fetch_add(1, Ordering::Relaxed) + 1;
-        let slot = ConnectionSlot {
-            context: context.clone(),
-        };
-        let connection_context = context.clone();
-        let spawned = gate.spawn(async move {
-            let _slot = slot;
-            if count > connection_context.config.connection_count_max {
-                refuse(stream, connection_context.config.connection_count_max).await;
-                return;
+        let (slot, count) = ConnectionSlot::acquire(&context);
+        if count > context.config.connection_count_max {
+            let connection_count_max = context.config.connection_count_max;
+            let refusal = gate.spawn(async move {
+                let _slot = slot;
+                refuse(stream, connection_count_max).await;
+            });
+            // A glommio task is cancelled when its handle drops; the gate still tracks a
+            // detached task, which is what shutdown waits on.
+            match refusal {
+                Ok(task) => {
+                    task.detach();
+                }
+                Err(spawn_error) => {
+                    tracing::error!(%spawn_error, "cannot spawn a refusal task");
+                }
             }
-            connection::serve(connection_context, stream).await;
-        });
-        // A glommio task is cancelled when its handle drops; the gate still tracks a detached
-        // task, which is what shutdown waits on.
-        match spawned {
-            Ok(task) => {
-                task.detach();
-            }
-            Err(spawn_error) => {
-                // The gate closes only after this loop returns, so this is unexpected; the
-                // connection is dropped (closed) and the server carries on.
-                tracing::error!(%spawn_error, "cannot spawn a connection task");
-            }
+            continue;
+        }
+        if let Err(option_error) = stream.set_nodelay(true) {
+            tracing::debug!(%option_error, "cannot set TCP_NODELAY");
+        }
+        let peer = stream
+            .peer_addr()
+            .map(|address| address.to_string())
+            .unwrap_or_default();
+        // The connection task does its own I/O on the socket (net/ring.rs); it takes a
+        // descriptor of its own, and glommio's stream closes the original when dropped.
+        // SAFETY: the stream's descriptor stays open for the duration of this borrow.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        match borrowed.try_clone_to_owned() {
+            Ok(fd) => handoff.push(Accepted { fd, peer, slot }),
+            Err(dup_error) => tracing::warn!(%dup_error, %peer, "cannot take the socket over"),
         }
     }
 }
-
 /// Tells a client over the connection limit why it is refused, then closes.
 async fn refuse(mut stream: glommio::net::TcpStream, connection_count_max: usize) {
     let response = error(
