@@ -1,0 +1,212 @@
+//! Load through the public `tessera_client::Client` API, on tokio: the path an application
+//! takes. It drives the embedded mode (`--embedded`, shards in this process) and, with
+//! `--driver client`, a remote cluster through the full client library.
+//!
+//! Each session is a task keeping up to `pipeline` calls in flight; sessions are spread over
+//! the runtime's worker threads. Closed and open loop work as in the network driver: in the
+//! open loop latency counts from the intended send time.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tessera_client::Client;
+
+use crate::report::Recorder;
+use crate::workload::{KeyPlan, Op, OpStream, WorkloadSpec};
+
+/// How often a session hands its interval record to the progress reporter.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// What every session does.
+#[derive(Debug, Clone)]
+pub struct ClientLoad {
+    /// Sessions (tasks).
+    pub session_count: usize,
+    /// Calls in flight per session, at most.
+    pub pipeline: usize,
+    /// Intended operations per second per session (open loop).
+    pub rate_per_session: Option<f64>,
+    /// Operations per session at most.
+    pub operation_count_max: Option<u64>,
+    /// How long to run.
+    pub duration: Option<Duration>,
+}
+
+/// Runs `load` against `client` on `runtime` and returns the merged record and the window.
+///
+/// With `preload`, the sessions instead write every key once (keys dealt round-robin) and
+/// stop.
+///
+/// # Errors
+/// A session could not be set up.
+pub fn run(
+    runtime: &tokio::runtime::Runtime,
+    client: &Client,
+    spec: &WorkloadSpec,
+    load: &ClientLoad,
+    preload: bool,
+    progress: Option<&mpsc::Sender<Recorder>>,
+) -> Result<(Recorder, Duration), String> {
+    let started = Instant::now();
+    let deadline = load.duration.map(|duration| started + duration);
+    let mut sessions = Vec::with_capacity(load.session_count);
+    for session_index in 0..load.session_count {
+        let keys = if preload {
+            KeyPlan::Sequential {
+                next: session_index as u64,
+                step: load.session_count as u64,
+                end: spec.key_count,
+            }
+        } else {
+            KeyPlan::Random(OpStream::new(spec, 1_000 + session_index as u64)?)
+        };
+        let session = Session {
+            client: client.clone(),
+            spec: spec.clone(),
+            load: load.clone(),
+            keys,
+            deadline,
+            progress: progress.cloned(),
+            stagger: stagger(load, session_index),
+        };
+        sessions.push(runtime.spawn(session.run()));
+    }
+    let mut total = Recorder::new();
+    runtime.block_on(async {
+        for session in sessions {
+            match session.await {
+                Ok(record) => total.merge(&record),
+                Err(join_error) => return Err(format!("a load session failed: {join_error}")),
+            }
+        }
+        Ok(())
+    })?;
+    let elapsed = match deadline {
+        Some(deadline) => deadline.min(Instant::now()) - started,
+        None => started.elapsed(),
+    };
+    Ok((total, elapsed))
+}
+
+fn stagger(load: &ClientLoad, session_index: usize) -> Duration {
+    match load.rate_per_session {
+        #[allow(clippy::cast_precision_loss, reason = "small counts")]
+        Some(rate) => Duration::from_secs_f64(
+            session_index as f64 / (load.session_count as f64 * rate.max(1e-9)),
+        ),
+        None => Duration::ZERO,
+    }
+}
+
+struct Session {
+    client: Client,
+    spec: WorkloadSpec,
+    load: ClientLoad,
+    keys: KeyPlan,
+    deadline: Option<Instant>,
+    progress: Option<mpsc::Sender<Recorder>>,
+    stagger: Duration,
+}
+
+impl Session {
+    async fn run(mut self) -> Recorder {
+        let value = self.spec.value();
+        let interval = self
+            .load
+            .rate_per_session
+            .map(|rate| Duration::from_secs_f64(1.0 / rate.max(1e-9)));
+        let mut total = Recorder::new();
+        let mut recent = Recorder::new();
+        let mut in_flight = FuturesUnordered::new();
+        let mut issued_count = 0_u64;
+        let mut is_exhausted = false;
+        let mut next_due = Instant::now() + self.stagger;
+        let mut next_progress = Instant::now() + PROGRESS_INTERVAL;
+        loop {
+            let now = Instant::now();
+            if self.deadline.is_some_and(|deadline| now >= deadline) {
+                break;
+            }
+            if now >= next_progress {
+                if let Some(progress) = &self.progress {
+                    let _ = progress.send(recent.clone());
+                }
+                recent.reset();
+                next_progress += PROGRESS_INTERVAL;
+            }
+            while !is_exhausted
+                && in_flight.len() < self.load.pipeline
+                && (interval.is_none() || next_due <= now)
+            {
+                let next = if self
+                    .load
+                    .operation_count_max
+                    .is_some_and(|count_max| issued_count >= count_max)
+                {
+                    None
+                } else {
+                    self.keys.next()
+                };
+                let Some((op, key_index)) = next else {
+                    is_exhausted = true;
+                    break;
+                };
+                let mut key = Vec::with_capacity(self.spec.key_size);
+                self.spec.write_key(key_index, &mut key);
+                let started = match interval {
+                    Some(interval) => {
+                        let due = next_due;
+                        next_due += interval;
+                        due
+                    }
+                    None => now,
+                };
+                issued_count += 1;
+                let client = &self.client;
+                let value = &value;
+                in_flight.push(async move {
+                    let is_error = call(client, op, &key, value).await.is_err();
+                    (op, started, is_error)
+                });
+            }
+            if is_exhausted && in_flight.is_empty() {
+                break;
+            }
+            let mut wake_at = next_progress;
+            if let Some(deadline) = self.deadline {
+                wake_at = wake_at.min(deadline);
+            }
+            if interval.is_some() && !is_exhausted && in_flight.len() < self.load.pipeline {
+                wake_at = wake_at.min(next_due);
+            }
+            let sleep = tokio::time::sleep_until(wake_at.into());
+            tokio::select! {
+                done = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Some((op, started, is_error)) = done {
+                        let latency = started.elapsed();
+                        total.record(op, latency, is_error);
+                        recent.record(op, latency, is_error);
+                    }
+                }
+                () = sleep => {}
+            }
+        }
+        if let Some(progress) = &self.progress {
+            let _ = progress.send(recent);
+        }
+        total
+    }
+}
+
+/// One operation through the public API; an error reply and a failed call both count as
+/// errors.
+async fn call(client: &Client, op: Op, key: &[u8], value: &[u8]) -> Result<(), ()> {
+    let outcome = match op {
+        Op::Get => client.get(key).await.map(drop),
+        Op::Set => client.put(key, value).await.map(drop),
+        Op::Delete => client.delete(key).await.map(drop),
+        Op::Incr => return Err(()),
+    };
+    outcome.map_err(|error| tracing::debug!(%error, "call failed"))
+}

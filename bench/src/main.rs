@@ -1,0 +1,799 @@
+//! `tessera-bench`: one load generator for Tessera, its embedded mode, Redis and a loopback
+//! echo server, so their figures come from the same instrument in the same run.
+//!
+//! # Layout
+//! - `workload`: operations, keys (uniform or zipf), values and the read:write mix.
+//! - `wire`: encoding requests and recognising replies for Tessera, echo and Redis (RESP).
+//! - `uring`: the network driver, one `io_uring` per load thread, closed or open loop.
+//! - `client_load`: load through the public `Client` API on tokio (embedded mode, and
+//!   `--driver client` for a remote cluster).
+//! - `cpu`: CPU time of local processes from /proc, for server CPU per operation.
+//! - `report`: hdrhistogram records, the progress line, the text and JSON results.
+//!
+//! Every result carries the configuration, the machine and the git revision.
+
+// Rates and percentiles are computed in f64 from counts and nanoseconds far below 2^52.
+#![allow(
+    clippy::cast_precision_loss,
+    reason = "statistics over counts far below 2^52"
+)]
+
+mod client_load;
+mod cpu;
+mod report;
+mod uring;
+mod wire;
+mod workload;
+
+use std::process::ExitCode;
+use std::sync::{mpsc, Barrier};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde::Serialize;
+use tessera_protocol::{slot_for_key, RouteTable, Topology, SLOT_COUNT};
+
+use crate::report::{CpuUsage, Preload, Recorder, RunResult};
+use crate::uring::{Router, ThreadLoad};
+use crate::wire::{EchoWire, RedisWire, TesseraWire, Wire};
+use crate::workload::{
+    parse_ratio, KeyDistribution, KeyPlan, OpStream, WorkloadKind, WorkloadSpec,
+};
+
+/// Drive a Tessera cluster, an embedded Tessera, Redis or an echo server with one workload.
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(name = "tessera-bench", version, about)]
+struct Flags {
+    /// Tessera endpoints (host:port, comma separated); the topology is fetched from them.
+    #[arg(long, env = "TESSERA_ENDPOINTS", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// Run Tessera's shards inside this process (no server).
+    #[arg(long, conflicts_with_all = ["endpoints", "target"])]
+    embedded: bool,
+    /// Shards for `--embedded`.
+    #[arg(long, default_value_t = 2)]
+    embedded_cores: usize,
+    /// Another target: `redis://host:port`, `echo://host:port[,host:port...]` (one address per
+    /// echo core) or `tessera://host:port[,...]` (same as --endpoints).
+    #[arg(long)]
+    target: Option<String>,
+    /// For Tessera over the network: `raw` (the `io_uring` load generator, with the client's
+    /// routing and codec) or `client` (the full async client library on tokio).
+    #[arg(long, value_enum, default_value_t = Driver::Raw)]
+    driver: Driver,
+    /// What to run.
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Get)]
+    workload: WorkloadKind,
+    /// Reads to writes for `--workload mixed`, as `reads:writes`.
+    #[arg(long, default_value = "9:1")]
+    ratio: String,
+    /// Sessions (logical clients). Against Tessera each holds one connection per core.
+    #[arg(long, default_value_t = 50)]
+    connections: usize,
+    /// Requests in flight per session.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
+    /// Load threads (network drivers) or tokio workers (client driver).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Length of the measured window.
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    /// Stop after this many operations instead (or as well).
+    #[arg(long)]
+    operations: Option<u64>,
+    /// Open loop: intended operations per second over all sessions (latency counted from the
+    /// intended send time). Without it the loop is closed.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Bytes per key.
+    #[arg(long, default_value_t = 16)]
+    key_size: usize,
+    /// Bytes per value.
+    #[arg(long, default_value_t = 32)]
+    value_size: usize,
+    /// How keys are picked.
+    #[arg(long, value_enum, default_value_t = KeyDistribution::Uniform)]
+    distribution: KeyDistribution,
+    /// Exponent of the zipf distribution.
+    #[arg(long, default_value_t = 0.99)]
+    zipf_exponent: f64,
+    /// Write every key before the measured window: `auto` does so for get, mixed and delete.
+    #[arg(long, value_enum, default_value_t = PreloadMode::Auto)]
+    preload: PreloadMode,
+    /// Seed of the key sequence.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Server processes to measure CPU time of (repeatable). Default: the local processes
+    /// listening on the target's ports, if any.
+    #[arg(long = "server-pid")]
+    server_pids: Vec<u32>,
+    /// Print the result as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress lines.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Driver {
+    Raw,
+    Client,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum PreloadMode {
+    Auto,
+    Yes,
+    No,
+}
+
+/// What the flags point at.
+#[derive(Debug)]
+enum Target {
+    Tessera { endpoints: Vec<String> },
+    Embedded,
+    Redis { address: String },
+    Echo { addresses: Vec<String> },
+}
+
+impl Target {
+    fn from_flags(flags: &Flags) -> Result<Self, String> {
+        if flags.embedded {
+            return Ok(Self::Embedded);
+        }
+        let split = |rest: &str| -> Vec<String> {
+            rest.split(',')
+                .filter(|part| !part.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        match &flags.target {
+            None if flags.endpoints.is_empty() => {
+                Err("say what to drive: --endpoints, --embedded or --target".to_owned())
+            }
+            None => Ok(Self::Tessera {
+                endpoints: flags.endpoints.clone(),
+            }),
+            Some(target) => {
+                if let Some(rest) = target.strip_prefix("redis://") {
+                    Ok(Self::Redis {
+                        address: rest.trim_end_matches('/').to_owned(),
+                    })
+                } else if let Some(rest) = target.strip_prefix("echo://") {
+                    Ok(Self::Echo {
+                        addresses: split(rest),
+                    })
+                } else if let Some(rest) = target.strip_prefix("tessera://") {
+                    Ok(Self::Tessera {
+                        endpoints: split(rest),
+                    })
+                } else {
+                    Err(format!(
+                        "--target {target:?}: expected redis://, echo:// or tessera://"
+                    ))
+                }
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Tessera { .. } => "tessera",
+            Self::Embedded => "embedded",
+            Self::Redis { .. } => "redis",
+            Self::Echo { .. } => "echo",
+        }
+    }
+}
+
+/// Routes by the cluster topology, as the smart client does: slot → (node, core) → the
+/// session's connection to that core.
+struct TopologyRouter {
+    routes: RouteTable,
+    /// Index of each node's first core among all cores.
+    node_offsets: Vec<usize>,
+    route_count: usize,
+}
+
+impl TopologyRouter {
+    fn new(topology: &Topology) -> Result<Self, String> {
+        let routes = RouteTable::new(topology).map_err(|error| error.to_string())?;
+        let mut node_offsets = Vec::with_capacity(topology.nodes.len());
+        let mut route_count = 0;
+        for node in &topology.nodes {
+            node_offsets.push(route_count);
+            route_count += node.cores.len();
+        }
+        Ok(Self {
+            routes,
+            node_offsets,
+            route_count,
+        })
+    }
+}
+
+impl Router for TopologyRouter {
+    fn route_count(&self) -> usize {
+        self.route_count
+    }
+
+    fn route(&self, key: &[u8]) -> usize {
+        let location = self.routes.owner_of_key(key);
+        self.node_offsets[usize::from(location.node_index)] + usize::from(location.core_index)
+    }
+}
+
+/// Routes by slot over `route_count` equal parts (the echo server's cores), costing the same
+/// hash as Tessera's routing.
+struct EvenRouter {
+    route_count: usize,
+}
+
+impl Router for EvenRouter {
+    fn route_count(&self) -> usize {
+        self.route_count
+    }
+
+    fn route(&self, key: &[u8]) -> usize {
+        usize::from(slot_for_key(key)) * self.route_count / usize::from(SLOT_COUNT)
+    }
+}
+
+fn main() -> ExitCode {
+    let flags = Flags::parse();
+    match run(&flags) {
+        Ok(result) => {
+            if flags.json {
+                match serde_json::to_string(&result) {
+                    Ok(json) => println!("{json}"),
+                    Err(error) => {
+                        eprintln!("tessera-bench: cannot encode the result: {error}");
+                        return ExitCode::from(2);
+                    }
+                }
+                eprint!("{}", result.to_text());
+            } else {
+                print!("{}", result.to_text());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("tessera-bench: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(flags: &Flags) -> Result<RunResult, String> {
+    let spec = WorkloadSpec {
+        kind: flags.workload,
+        read_fraction: parse_ratio(&flags.ratio)?,
+        key_count: flags.keys,
+        key_size: flags.key_size,
+        value_size: flags.value_size,
+        distribution: flags.distribution,
+        zipf_exponent: flags.zipf_exponent,
+        seed: flags.seed,
+    };
+    spec.validate()?;
+    if flags.connections == 0 || flags.pipeline == 0 || flags.threads == 0 {
+        return Err("--connections, --pipeline and --threads must be at least 1".to_owned());
+    }
+    if !(flags.duration_secs > 0.0 && flags.duration_secs.is_finite()) {
+        return Err(format!(
+            "--duration-secs {} must be positive",
+            flags.duration_secs
+        ));
+    }
+    if flags
+        .rate
+        .is_some_and(|rate| !(rate > 0.0 && rate.is_finite()))
+    {
+        return Err("--rate must be a positive number of operations per second".to_owned());
+    }
+    let target = Target::from_flags(flags)?;
+    let is_tessera = matches!(target, Target::Tessera { .. } | Target::Embedded);
+    if is_tessera && flags.workload == WorkloadKind::Incr {
+        return Err(
+            "the incr workload needs counters, which Tessera does not have yet; run it against \
+             redis:// for now"
+                .to_owned(),
+        );
+    }
+    let preload = match flags.preload {
+        PreloadMode::Auto => spec.kind.wants_preload(),
+        PreloadMode::Yes => true,
+        PreloadMode::No => false,
+    };
+    let config = serde_json::to_value(flags).unwrap_or_default();
+    let duration = Duration::from_secs_f64(flags.duration_secs);
+    match &target {
+        Target::Embedded => run_client(flags, &target, &spec, preload, duration, config),
+        Target::Tessera { .. } if flags.driver == Driver::Client => {
+            run_client(flags, &target, &spec, preload, duration, config)
+        }
+        Target::Tessera { endpoints } => {
+            let client = tessera_client::BlockingClient::connect(endpoints.clone())
+                .map_err(|error| format!("cannot fetch the topology: {error}"))?;
+            let topology = client.topology();
+            drop(client);
+            let addresses: Vec<String> = topology
+                .nodes
+                .iter()
+                .flat_map(|node| node.cores.iter().map(|core| core.address.clone()))
+                .collect();
+            let router = TopologyRouter::new(&topology)?;
+            run_network(
+                flags, &target, &spec, preload, duration, config, &addresses, &router,
+            )
+        }
+        Target::Redis { address } => {
+            let addresses = vec![address.clone()];
+            let router = EvenRouter { route_count: 1 };
+            run_network(
+                flags, &target, &spec, preload, duration, config, &addresses, &router,
+            )
+        }
+        Target::Echo { addresses } => {
+            if addresses.is_empty() {
+                return Err("--target echo:// needs at least one address".to_owned());
+            }
+            let router = EvenRouter {
+                route_count: addresses.len(),
+            };
+            run_network(
+                flags, &target, &spec, preload, duration, config, addresses, &router,
+            )
+        }
+    }
+}
+
+fn new_wire(target: &Target) -> Box<dyn Wire> {
+    match target {
+        Target::Redis { .. } => Box::new(RedisWire),
+        Target::Echo { .. } => Box::new(EchoWire::new()),
+        Target::Tessera { .. } | Target::Embedded => Box::new(TesseraWire::new()),
+    }
+}
+
+/// Sessions of load thread `thread_index` out of `thread_count` (the first threads take the
+/// remainder).
+fn sessions_of_thread(session_count: usize, thread_count: usize, thread_index: usize) -> usize {
+    session_count / thread_count + usize::from(thread_index < session_count % thread_count)
+}
+
+fn ports_of(addresses: &[String]) -> Vec<u16> {
+    addresses
+        .iter()
+        .filter_map(|address| address.rsplit_once(':'))
+        .filter_map(|(_, port)| port.parse().ok())
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments, reason = "one call site per target")]
+fn run_network(
+    flags: &Flags,
+    target: &Target,
+    spec: &WorkloadSpec,
+    preload: bool,
+    duration: Duration,
+    config: serde_json::Value,
+    addresses: &[String],
+    router: &dyn Router,
+) -> Result<RunResult, String> {
+    let thread_count = flags.threads.min(flags.connections);
+    let preload_outcome = if preload && !matches!(target, Target::Echo { .. }) {
+        Some(run_preload_network(
+            flags,
+            target,
+            spec,
+            addresses,
+            router,
+            thread_count,
+        )?)
+    } else {
+        None
+    };
+    let server_pids = if flags.server_pids.is_empty() {
+        cpu::pids_listening_on(&ports_of(addresses))
+    } else {
+        flags.server_pids.clone()
+    };
+    let (progress_sender, progress) = mpsc::channel();
+    let barrier = Barrier::new(thread_count + 1);
+    let rate_per_session = flags.rate.map(|rate| rate / flags.connections as f64);
+    let operation_count_max = flags.operations;
+    let outcome = std::thread::scope(|scope| {
+        let mut threads = Vec::with_capacity(thread_count);
+        for thread_index in 0..thread_count {
+            let session_count = sessions_of_thread(flags.connections, thread_count, thread_index);
+            let progress_sender = progress_sender.clone();
+            let barrier = &barrier;
+            threads.push(scope.spawn(move || {
+                let connected = uring::connect_all(addresses, session_count);
+                barrier.wait();
+                let streams = connected?;
+                let load = ThreadLoad {
+                    session_count,
+                    pipeline: flags.pipeline,
+                    rate_per_session,
+                    keys: KeyPlan::Random(OpStream::new(spec, thread_index as u64)?),
+                    operation_count_max: operation_count_max
+                        .map(|count| share_of(count, thread_count, thread_index)),
+                    duration: Some(duration),
+                };
+                let mut wire = new_wire(target);
+                uring::run_thread(
+                    streams,
+                    router,
+                    wire.as_mut(),
+                    spec,
+                    load,
+                    Some(&progress_sender),
+                )
+            }));
+        }
+        drop(progress_sender);
+        barrier.wait();
+        let measured = Measured::start(&server_pids);
+        report_progress(&progress, flags.quiet);
+        let mut record = Recorder::new();
+        let mut elapsed = Duration::ZERO;
+        let mut first_error = None;
+        for thread in threads {
+            match thread.join() {
+                Ok(Ok(outcome)) => {
+                    record.merge(&outcome.record);
+                    elapsed = elapsed.max(outcome.elapsed);
+                }
+                Ok(Err(error)) => {
+                    first_error.get_or_insert(error);
+                }
+                Err(_) => {
+                    first_error.get_or_insert_with(|| "a load thread panicked".to_owned());
+                }
+            }
+        }
+        match first_error {
+            Some(error) => Err(error),
+            None => Ok((record, elapsed, measured.finish())),
+        }
+    });
+    let (record, elapsed, (server_cpu_time, client_cpu_time)) = outcome?;
+    let operations = record.count();
+    let server_cpu = server_cpu_time
+        .map(|cpu_time| CpuUsage::new(server_pids.clone(), cpu_time, operations, elapsed));
+    let client_cpu = CpuUsage::new(
+        vec![std::process::id()],
+        client_cpu_time,
+        operations,
+        elapsed,
+    );
+    Ok(RunResult::new(
+        target.name(),
+        config,
+        &record,
+        elapsed,
+        server_cpu,
+        client_cpu,
+        preload_outcome,
+    ))
+}
+
+/// Operations of thread `thread_index` when `count` are shared among `thread_count`.
+fn share_of(count: u64, thread_count: usize, thread_index: usize) -> u64 {
+    let thread_count = thread_count as u64;
+    let thread_index = thread_index as u64;
+    count / thread_count + u64::from(thread_index < count % thread_count)
+}
+
+/// CPU clocks read at the start of the measured window.
+struct Measured {
+    server_pids: Vec<u32>,
+    server_before: Option<Duration>,
+    client_before: Duration,
+}
+
+impl Measured {
+    fn start(server_pids: &[u32]) -> Self {
+        Self {
+            server_pids: server_pids.to_vec(),
+            server_before: if server_pids.is_empty() {
+                None
+            } else {
+                cpu::processes_cpu_time(server_pids).ok()
+            },
+            client_before: cpu::own_cpu_time(),
+        }
+    }
+
+    /// CPU spent since `start` by the servers (if measurable) and by this process.
+    fn finish(&self) -> (Option<Duration>, Duration) {
+        let server = self.server_before.and_then(|before| {
+            cpu::processes_cpu_time(&self.server_pids)
+                .ok()
+                .map(|after| after.saturating_sub(before))
+        });
+        let client = cpu::own_cpu_time().saturating_sub(self.client_before);
+        (server, client)
+    }
+}
+
+/// Prints one progress line per second until every sender is gone.
+fn report_progress(progress: &mpsc::Receiver<Recorder>, is_quiet: bool) {
+    let started = Instant::now();
+    let mut interval = Recorder::new();
+    let mut interval_started = started;
+    let mut total_count = 0_u64;
+    loop {
+        let next_line = interval_started + Duration::from_secs(1);
+        match progress.recv_timeout(next_line.saturating_duration_since(Instant::now())) {
+            Ok(part) => {
+                total_count += part.count();
+                interval.merge(&part);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+        let now = Instant::now();
+        if now >= next_line {
+            if !is_quiet {
+                eprintln!(
+                    "{}",
+                    report::progress_line(
+                        now - started,
+                        &interval,
+                        now - interval_started,
+                        total_count
+                    )
+                );
+            }
+            interval.reset();
+            interval_started = now;
+        }
+    }
+}
+
+/// Writes every key once over the network, before the measured window.
+fn run_preload_network(
+    flags: &Flags,
+    target: &Target,
+    spec: &WorkloadSpec,
+    addresses: &[String],
+    router: &dyn Router,
+    thread_count: usize,
+) -> Result<Preload, String> {
+    let started = Instant::now();
+    let thread_count_u64 = thread_count as u64;
+    let record = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..thread_count)
+            .map(|thread_index| {
+                scope.spawn(move || {
+                    let session_count =
+                        sessions_of_thread(flags.connections, thread_count, thread_index);
+                    let streams = uring::connect_all(addresses, session_count)?;
+                    let load = ThreadLoad {
+                        session_count,
+                        pipeline: flags.pipeline.max(PRELOAD_PIPELINE),
+                        rate_per_session: None,
+                        keys: KeyPlan::Sequential {
+                            next: thread_index as u64,
+                            step: thread_count_u64,
+                            end: spec.key_count,
+                        },
+                        operation_count_max: None,
+                        duration: None,
+                    };
+                    let mut wire = new_wire(target);
+                    uring::run_thread(streams, router, wire.as_mut(), spec, load, None)
+                })
+            })
+            .collect();
+        let mut record = Recorder::new();
+        for thread in threads {
+            let outcome = thread
+                .join()
+                .map_err(|_| "a preload thread panicked".to_owned())??;
+            record.merge(&outcome.record);
+        }
+        Ok::<_, String>(record)
+    })?;
+    finish_preload(spec, &record, started.elapsed())
+}
+
+/// Requests in flight per session while preloading.
+const PRELOAD_PIPELINE: usize = 32;
+
+fn finish_preload(
+    spec: &WorkloadSpec,
+    record: &Recorder,
+    elapsed: Duration,
+) -> Result<Preload, String> {
+    let preload = Preload {
+        keys: record.count(),
+        duration_secs: elapsed.as_secs_f64(),
+        errors: record.error_count(),
+    };
+    if preload.errors > 0 {
+        return Err(format!(
+            "preload: {} of {} writes failed",
+            preload.errors, preload.keys
+        ));
+    }
+    if preload.keys != spec.key_count {
+        return Err(format!(
+            "preload wrote {} keys, expected {}",
+            preload.keys, spec.key_count
+        ));
+    }
+    Ok(preload)
+}
+
+/// Runs the load through the public client API: embedded, or remote with `--driver client`.
+fn run_client(
+    flags: &Flags,
+    target: &Target,
+    spec: &WorkloadSpec,
+    preload: bool,
+    duration: Duration,
+    config: serde_json::Value,
+) -> Result<RunResult, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(flags.threads)
+        .enable_all()
+        .build()
+        .map_err(|error| format!("cannot start tokio: {error}"))?;
+    let (client, server_pids) = match target {
+        Target::Embedded => {
+            let config = tessera_client::EmbeddedConfig {
+                cores: flags.embedded_cores,
+                ..tessera_client::EmbeddedConfig::default()
+            };
+            let client = tessera_client::Client::embedded(config)
+                .map_err(|error| format!("cannot start the embedded shards: {error}"))?;
+            (client, Vec::new())
+        }
+        Target::Tessera { endpoints } => {
+            let client = runtime
+                .block_on(tessera_client::Client::connect(endpoints.clone()))
+                .map_err(|error| format!("cannot connect: {error}"))?;
+            let addresses: Vec<String> = client
+                .topology()
+                .nodes
+                .iter()
+                .flat_map(|node| node.cores.iter().map(|core| core.address.clone()))
+                .collect();
+            let pids = if flags.server_pids.is_empty() {
+                cpu::pids_listening_on(&ports_of(&addresses))
+            } else {
+                flags.server_pids.clone()
+            };
+            (client, pids)
+        }
+        _ => return Err("the client driver drives Tessera only".to_owned()),
+    };
+    let session_count = flags.connections;
+    let preload_outcome = if preload {
+        let started = Instant::now();
+        let load = client_load::ClientLoad {
+            session_count,
+            pipeline: flags.pipeline.max(PRELOAD_PIPELINE),
+            rate_per_session: None,
+            operation_count_max: None,
+            duration: None,
+        };
+        let (record, _) = client_load::run(&runtime, &client, spec, &load, true, None)?;
+        Some(finish_preload(spec, &record, started.elapsed())?)
+    } else {
+        None
+    };
+    let load = client_load::ClientLoad {
+        session_count,
+        pipeline: flags.pipeline,
+        rate_per_session: flags.rate.map(|rate| rate / session_count as f64),
+        operation_count_max: flags
+            .operations
+            .map(|count| count.div_ceil(session_count as u64)),
+        duration: Some(duration),
+    };
+    let (progress_sender, progress) = mpsc::channel();
+    let measured = Measured::start(&server_pids);
+    let outcome = std::thread::scope(|scope| {
+        let reporter = scope.spawn(move || report_progress(&progress, flags.quiet));
+        let outcome = client_load::run(
+            &runtime,
+            &client,
+            spec,
+            &load,
+            false,
+            Some(&progress_sender),
+        );
+        drop(progress_sender);
+        let _ = reporter.join();
+        outcome
+    });
+    let (record, elapsed) = outcome?;
+    let (server_cpu_time, client_cpu_time) = measured.finish();
+    client.shutdown();
+    let operations = record.count();
+    let server_cpu = server_cpu_time
+        .map(|cpu_time| CpuUsage::new(server_pids.clone(), cpu_time, operations, elapsed));
+    let client_cpu = CpuUsage::new(
+        vec![std::process::id()],
+        client_cpu_time,
+        operations,
+        elapsed,
+    );
+    Ok(RunResult::new(
+        target.name(),
+        config,
+        &record,
+        elapsed,
+        server_cpu,
+        client_cpu,
+        preload_outcome,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_and_operations_are_shared_exactly() {
+        let sessions: usize = (0..3).map(|index| sessions_of_thread(50, 3, index)).sum();
+        assert_eq!(sessions, 50);
+        let operations: u64 = (0..3).map(|index| share_of(1_000, 3, index)).sum();
+        assert_eq!(operations, 1_000);
+    }
+
+    #[test]
+    fn targets_parse_from_flags() {
+        let flags = Flags::parse_from(["tessera-bench", "--target", "redis://127.0.0.1:6379"]);
+        assert!(matches!(
+            Target::from_flags(&flags).unwrap(),
+            Target::Redis { address } if address == "127.0.0.1:6379"
+        ));
+        let flags = Flags::parse_from(["tessera-bench", "--target", "echo://a:1,a:2"]);
+        assert!(matches!(
+            Target::from_flags(&flags).unwrap(),
+            Target::Echo { addresses } if addresses.len() == 2
+        ));
+        let flags = Flags::parse_from(["tessera-bench", "--endpoints", "h:7000,h:7001"]);
+        assert!(matches!(
+            Target::from_flags(&flags).unwrap(),
+            Target::Tessera { endpoints } if endpoints.len() == 2
+        ));
+        let flags = Flags::parse_from(["tessera-bench"]);
+        assert!(Target::from_flags(&flags).is_err());
+    }
+
+    #[test]
+    fn even_routing_covers_every_route() {
+        let router = EvenRouter { route_count: 3 };
+        let mut seen = [false; 3];
+        let mut key = Vec::new();
+        let spec = WorkloadSpec {
+            kind: WorkloadKind::Get,
+            read_fraction: 1.0,
+            key_count: 1_000,
+            key_size: 16,
+            value_size: 1,
+            distribution: KeyDistribution::Uniform,
+            zipf_exponent: 1.0,
+            seed: 0,
+        };
+        for index in 0..1_000 {
+            spec.write_key(index, &mut key);
+            seen[router.route(&key)] = true;
+        }
+        assert_eq!(seen, [true; 3]);
+    }
+}

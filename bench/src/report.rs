@@ -1,0 +1,463 @@
+//! Latency histograms, the progress line and the final result (text or JSON).
+//!
+//! Every load thread records into its own [`Recorder`] (one hdrhistogram per operation, in
+//! nanoseconds, three significant digits) and hands the reporter a copy of the last interval
+//! now and then; the reporter merges them into one line per second. At the end the threads'
+//! whole-run recorders are merged into the [`RunResult`], which carries the configuration and
+//! the git revision so no figure travels without its context.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::workload::Op;
+
+/// Longest latency a histogram holds, in nanoseconds (one minute); longer ones are clamped.
+const LATENCY_NS_MAX: u64 = 60_000_000_000;
+
+/// Latencies and errors of one operation.
+#[derive(Debug, Clone)]
+pub struct OpRecord {
+    /// Latency of every successful and failed reply, in nanoseconds.
+    pub histogram: Histogram<u64>,
+    /// Replies that were errors.
+    pub error_count: u64,
+}
+
+impl OpRecord {
+    fn new() -> Self {
+        Self {
+            // Bounds 1 ns..=60 s with 3 significant digits are valid hdrhistogram arguments.
+            histogram: Histogram::new_with_bounds(1, LATENCY_NS_MAX, 3)
+                .unwrap_or_else(|_| unreachable!("constant histogram bounds are valid")),
+            error_count: 0,
+        }
+    }
+
+    /// Replies recorded, errors included.
+    pub fn count(&self) -> u64 {
+        self.histogram.len()
+    }
+}
+
+/// One thread's (or the merged) record of every operation.
+#[derive(Debug, Clone)]
+pub struct Recorder {
+    ops: Vec<OpRecord>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Recorder {
+    /// An empty record.
+    pub fn new() -> Self {
+        Self {
+            ops: Op::ALL.iter().map(|_| OpRecord::new()).collect(),
+        }
+    }
+
+    /// Records one reply that took `latency`.
+    pub fn record(&mut self, op: Op, latency: Duration, is_error: bool) {
+        let record = &mut self.ops[op.index()];
+        let latency_ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
+        record
+            .histogram
+            .saturating_record(latency_ns.clamp(1, LATENCY_NS_MAX));
+        record.error_count += u64::from(is_error);
+    }
+
+    /// Adds everything `other` recorded.
+    pub fn merge(&mut self, other: &Recorder) {
+        for (mine, theirs) in self.ops.iter_mut().zip(&other.ops) {
+            // Histograms with the same bounds always merge.
+            let _ = mine.histogram.add(&theirs.histogram);
+            mine.error_count += theirs.error_count;
+        }
+    }
+
+    /// Empties the record, keeping its allocations.
+    pub fn reset(&mut self) {
+        for record in &mut self.ops {
+            record.histogram.reset();
+            record.error_count = 0;
+        }
+    }
+
+    /// The record of one operation.
+    pub fn op(&self, op: Op) -> &OpRecord {
+        &self.ops[op.index()]
+    }
+
+    /// Replies recorded across all operations.
+    pub fn count(&self) -> u64 {
+        self.ops.iter().map(OpRecord::count).sum()
+    }
+
+    /// Error replies across all operations.
+    pub fn error_count(&self) -> u64 {
+        self.ops.iter().map(|record| record.error_count).sum()
+    }
+
+    /// All operations' latencies in one histogram.
+    pub fn combined(&self) -> Histogram<u64> {
+        let mut combined = OpRecord::new().histogram;
+        for record in &self.ops {
+            let _ = combined.add(&record.histogram);
+        }
+        combined
+    }
+}
+
+/// Percentiles and throughput of one operation (or of all of them).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Replies received within the measured window.
+    pub operations: u64,
+    /// Replies per second over the measured window.
+    pub ops_per_sec: f64,
+    /// Error replies.
+    pub errors: u64,
+    /// Median latency.
+    pub p50_us: f64,
+    /// 90th percentile latency.
+    pub p90_us: f64,
+    /// 99th percentile latency.
+    pub p99_us: f64,
+    /// 99.9th percentile latency.
+    pub p999_us: f64,
+    /// Largest latency.
+    pub max_us: f64,
+    /// Mean latency.
+    pub mean_us: f64,
+}
+
+impl Summary {
+    /// Summarises `histogram` over `elapsed`.
+    pub fn of(histogram: &Histogram<u64>, errors: u64, elapsed: Duration) -> Self {
+        let operations = histogram.len();
+        let microseconds = |nanoseconds: u64| nanoseconds as f64 / 1_000.0;
+        let percentile = |quantile: f64| {
+            if operations == 0 {
+                0.0
+            } else {
+                microseconds(histogram.value_at_quantile(quantile))
+            }
+        };
+        Self {
+            operations,
+            ops_per_sec: per_second(operations, elapsed),
+            errors,
+            p50_us: percentile(0.50),
+            p90_us: percentile(0.90),
+            p99_us: percentile(0.99),
+            p999_us: percentile(0.999),
+            max_us: if operations == 0 {
+                0.0
+            } else {
+                microseconds(histogram.max())
+            },
+            mean_us: if operations == 0 {
+                0.0
+            } else {
+                histogram.mean() / 1_000.0
+            },
+        }
+    }
+}
+
+/// `count / elapsed` in events per second; 0 for an empty window.
+#[allow(clippy::cast_precision_loss, reason = "counts far below 2^53")]
+pub fn per_second(count: u64, elapsed: Duration) -> f64 {
+    let seconds = elapsed.as_secs_f64();
+    if seconds <= 0.0 {
+        0.0
+    } else {
+        count as f64 / seconds
+    }
+}
+
+/// CPU time a process spent during the measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuUsage {
+    /// The processes measured.
+    pub pids: Vec<u32>,
+    /// CPU time (user + system, all threads) during the window, in milliseconds.
+    pub cpu_ms: f64,
+    /// CPU time per reply, in microseconds.
+    pub us_per_op: f64,
+    /// Average cores busy during the window.
+    pub cores_busy: f64,
+}
+
+impl CpuUsage {
+    /// The usage of `pids`, which spent `cpu` while `operations` replies arrived in `elapsed`.
+    #[allow(clippy::cast_precision_loss, reason = "counts far below 2^53")]
+    pub fn new(pids: Vec<u32>, cpu: Duration, operations: u64, elapsed: Duration) -> Self {
+        let cpu_us = cpu.as_secs_f64() * 1e6;
+        Self {
+            pids,
+            cpu_ms: cpu_us / 1_000.0,
+            us_per_op: if operations == 0 {
+                0.0
+            } else {
+                cpu_us / operations as f64
+            },
+            cores_busy: if elapsed.is_zero() {
+                0.0
+            } else {
+                cpu.as_secs_f64() / elapsed.as_secs_f64()
+            },
+        }
+    }
+}
+
+/// The machine the run happened on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// Online CPUs.
+    pub cpus: usize,
+    /// `uname -r`.
+    pub kernel: String,
+    /// The CPU model, from /proc/cpuinfo.
+    pub cpu_model: String,
+}
+
+impl Machine {
+    /// Reads the machine's description (best effort: unknown fields are empty).
+    pub fn describe() -> Self {
+        // Online CPUs, not this process's affinity (the benchmark is often pinned to one).
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let cpus = usize::try_from(online).unwrap_or(0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|text| text.trim().to_owned())
+            .unwrap_or_default();
+        let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|line| line.starts_with("model name"))
+                    .and_then(|line| line.split_once(':'))
+                    .map(|(_, model)| model.trim().to_owned())
+            })
+            .unwrap_or_default();
+        Self {
+            cpus,
+            kernel,
+            cpu_model,
+        }
+    }
+}
+
+/// Everything a run produced: the figures and their context.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// What was driven: `tessera`, `embedded`, `redis` or `echo`.
+    pub target: String,
+    /// The settings of the run.
+    pub config: serde_json::Value,
+    /// The benchmark's own git revision.
+    pub git_revision: &'static str,
+    /// Where it ran.
+    pub machine: Machine,
+    /// Length of the measured window, in seconds.
+    pub duration_secs: f64,
+    /// All operations together (the fields scripts read).
+    #[serde(flatten)]
+    pub total: Summary,
+    /// Each operation that occurred.
+    pub ops: std::collections::BTreeMap<&'static str, Summary>,
+    /// CPU time of the server processes, when they run on this host.
+    pub server_cpu: Option<CpuUsage>,
+    /// Server CPU per reply (a copy of `server_cpu.us_per_op`, for scripts).
+    pub server_cpu_us_per_op: Option<f64>,
+    /// CPU time of the benchmark process itself.
+    pub client_cpu: CpuUsage,
+    /// Keys written before the measured window, and how long that took.
+    pub preload: Option<Preload>,
+}
+
+/// The preload phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct Preload {
+    /// Keys written.
+    pub keys: u64,
+    /// Time it took, in seconds.
+    pub duration_secs: f64,
+    /// Error replies (the run is refused if any).
+    pub errors: u64,
+}
+
+/// The git revision this benchmark was built from.
+pub const GIT_REVISION: &str = env!("TESSERA_GIT_REVISION");
+
+impl RunResult {
+    /// Builds the result of a run from the merged record.
+    pub fn new(
+        target: &str,
+        config: serde_json::Value,
+        record: &Recorder,
+        elapsed: Duration,
+        server_cpu: Option<CpuUsage>,
+        client_cpu: CpuUsage,
+        preload: Option<Preload>,
+    ) -> Self {
+        let ops = Op::ALL
+            .iter()
+            .map(|&op| (op.name(), record.op(op)))
+            .filter(|(_, op_record)| op_record.count() > 0)
+            .map(|(name, op_record)| {
+                let summary = Summary::of(&op_record.histogram, op_record.error_count, elapsed);
+                (name, summary)
+            })
+            .collect();
+        Self {
+            target: target.to_owned(),
+            config,
+            git_revision: GIT_REVISION,
+            machine: Machine::describe(),
+            duration_secs: elapsed.as_secs_f64(),
+            total: Summary::of(&record.combined(), record.error_count(), elapsed),
+            ops,
+            server_cpu_us_per_op: server_cpu.as_ref().map(|usage| usage.us_per_op),
+            server_cpu,
+            client_cpu,
+            preload,
+        }
+    }
+
+    /// The human-readable summary: one line per operation, then CPU and context.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut text = String::new();
+        let _ = writeln!(
+            text,
+            "{:<8} {:>12} {:>12} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "op", "ops", "ops/s", "errors", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs"
+        );
+        let mut line = |name: &str, summary: &Summary| {
+            let _ = writeln!(
+                text,
+                "{name:<8} {:>12} {:>12.0} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                summary.operations,
+                summary.ops_per_sec,
+                summary.errors,
+                summary.p50_us,
+                summary.p90_us,
+                summary.p99_us,
+                summary.p999_us,
+                summary.max_us
+            );
+        };
+        for (name, summary) in &self.ops {
+            line(name, summary);
+        }
+        line("all", &self.total);
+        if let Some(server) = &self.server_cpu {
+            let _ = writeln!(
+                text,
+                "server cpu: {:.2} µs/op, {:.2} cores busy (pids {:?})",
+                server.us_per_op, server.cores_busy, server.pids
+            );
+        }
+        let _ = writeln!(
+            text,
+            "client cpu: {:.2} µs/op, {:.2} cores busy",
+            self.client_cpu.us_per_op, self.client_cpu.cores_busy
+        );
+        let _ = writeln!(
+            text,
+            "target {} over {:.1} s; tessera-bench {}; {} cpus, kernel {}",
+            self.target,
+            self.duration_secs,
+            self.git_revision,
+            self.machine.cpus,
+            self.machine.kernel
+        );
+        text
+    }
+}
+
+/// Formats one progress line: the last interval and the run so far.
+pub fn progress_line(
+    elapsed: Duration,
+    interval: &Recorder,
+    interval_length: Duration,
+    total_count: u64,
+) -> String {
+    let combined = interval.combined();
+    let summary = Summary::of(&combined, interval.error_count(), interval_length);
+    format!(
+        "[{:>5.1}s] {:>10.0} ops/s (overall {:>10.0})  p50 {:>8.1} µs  p99 {:>8.1} µs  errors {}",
+        elapsed.as_secs_f64(),
+        summary.ops_per_sec,
+        per_second(total_count, elapsed),
+        summary.p50_us,
+        summary.p99_us,
+        summary.errors
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_carry_percentiles_and_rates() {
+        let mut recorder = Recorder::new();
+        for latency_us in 1..=1_000_u64 {
+            recorder.record(Op::Get, Duration::from_micros(latency_us), latency_us > 990);
+        }
+        recorder.record(Op::Set, Duration::from_micros(5), false);
+        let result = RunResult::new(
+            "test",
+            serde_json::json!({}),
+            &recorder,
+            Duration::from_secs(2),
+            None,
+            CpuUsage::new(
+                vec![1],
+                Duration::from_millis(10),
+                1_001,
+                Duration::from_secs(2),
+            ),
+            None,
+        );
+        assert_eq!(result.total.operations, 1_001);
+        assert!((result.total.ops_per_sec - 500.5).abs() < 1e-9);
+        assert_eq!(result.total.errors, 10);
+        let get = &result.ops["get"];
+        assert!((get.p50_us - 500.0).abs() < 1.0, "{get:?}");
+        assert!((get.p99_us - 990.0).abs() < 1.0, "{get:?}");
+        let json = serde_json::to_value(&result).unwrap();
+        for field in [
+            "ops_per_sec",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+            "errors",
+            "git_revision",
+        ] {
+            assert!(json.get(field).is_some(), "missing {field}: {json}");
+        }
+        assert!(result.to_text().contains("get"));
+    }
+
+    #[test]
+    fn merging_adds_counts() {
+        let mut first = Recorder::new();
+        let mut second = Recorder::new();
+        first.record(Op::Get, Duration::from_micros(10), false);
+        second.record(Op::Get, Duration::from_micros(20), true);
+        first.merge(&second);
+        assert_eq!(first.count(), 2);
+        assert_eq!(first.error_count(), 1);
+        first.reset();
+        assert_eq!(first.count(), 0);
+    }
+}
