@@ -6,6 +6,7 @@
 # Settings come from the environment:
 #   DURATION_SECS (5)  CONNECTIONS (50)  KEYS (100000)  KEY_SIZE (16)  VALUE_SIZE (32)
 #   SERVER_CPU (1)     LOAD_CPU (0)      MEMORY_KEYS (1000000; 0 skips the memory figure)
+#   RATE_FRACTION (0.6: the fixed rate for the same-load latency, as a share of Redis's rate)
 #   RESULTS_DIR (target/bench-vs-redis)
 #
 # Every server (Redis without persistence, Tessera in memory with one core, tessera-echo with
@@ -119,6 +120,21 @@ for workload in get set; do
   done
 done
 
+# Latency at the same load: an open loop at RATE_FRACTION of Redis's closed-loop GET rate at
+# pipeline 1 (latency counted from each request's intended send time).
+RATE_FRACTION="${RATE_FRACTION:-0.6}"
+REDIS_GET_RATE=$(python3 -c "import json; print(json.load(open('$RESULTS_DIR/redis-get-p1.json'))['ops_per_sec'])")
+SAME_RATE=$(python3 -c "print(int($REDIS_GET_RATE * $RATE_FRACTION))")
+for target in redis tessera; do
+  say "$target get at a fixed $SAME_RATE ops/s"
+  # shellcheck disable=SC2086 # the target flags are words on purpose
+  taskset -c "$LOAD_CPU" "$BIN/tessera-bench" ${TARGETS[$target]} \
+    --workload get --pipeline 1 --connections "$CONNECTIONS" --rate "$SAME_RATE" \
+    --keys "$KEYS" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" \
+    --duration-secs "$DURATION_SECS" --json --quiet \
+    >"$RESULTS_DIR/$target-get-rate.json" 2>/dev/null
+done
+
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 redis_used_memory() {
   redis-cli -p "$REDIS_PORT" info memory | awk -F: '/^used_memory:/ { gsub("\r", ""); print $2 }'
@@ -191,6 +207,14 @@ for workload in ("get", "set"):
             print(f"{'':<13} server cpu per op: tessera/redis "
                   f"{tessera['server_cpu_us_per_op'] / redis['server_cpu_us_per_op']:.2f}x, "
                   f"tessera/echo {tessera['server_cpu_us_per_op'] / echo['server_cpu_us_per_op']:.2f}x")
+rate = {target: json.load(open(os.path.join(results, f"{target}-get-rate.json")))
+        for target in ("redis", "tessera")}
+print()
+print(f"same load, open loop at {rate['redis']['config']['rate']:.0f} ops/s (get, pipeline 1):")
+for target, row in rate.items():
+    print(f"  {target:<8} {row['ops_per_sec']:>8.0f} ops/s  p50 {row['p50_us']:>6.0f} us  "
+          f"p99 {row['p99_us']:>6.0f} us  p99.9 {row['p999_us']:>6.0f} us")
+print(f"  p99 tessera/redis {rate['tessera']['p99_us'] / rate['redis']['p99_us']:.2f}x")
 memory_path = os.path.join(results, "memory.json")
 if os.path.exists(memory_path):
     with open(memory_path) as handle:

@@ -60,3 +60,5 @@ const _: () = assert!(FRAME_BODY_SIZE_MAX <= u32::MAX as usize);
 // A node's cores are numbered with u16.
 const _: () = assert!(CORE_COUNT_MAX <= u16::MAX as usize);
 const _: () = assert!(TTL_MS_MAX < u64::MAX / 2);
+// A key's size travels and is stored as u16 (the store's entry header).
+const _: () = assert!(KEY_SIZE_MAX <= u16::MAX as usize);

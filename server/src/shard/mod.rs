@@ -24,7 +24,7 @@ use tessera_protocol::{
     ArchivedPutCondition, Entry, ErrorCode, ErrorReply, PutCondition, Response, SlotRange, TtlState,
 };
 
-use self::store::{entry_cost, Expiry, Store, StoredEntry};
+use self::store::{entry_cost, EntryRef, Expiry, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
 
 /// Index of a shard (core) within its node.
@@ -164,9 +164,11 @@ impl Shard {
             .advance(now_ms, self.config.expired_per_tick_max, &mut expired);
         let mut expired_count = 0;
         for (timer, deadline_ms, key) in expired.drain(..) {
-            let entry = self.store.get_mut(&key);
-            let stored_expiry = entry.and_then(|entry| entry.expiry.as_mut());
-            let stored_timer = stored_expiry.as_ref().map(|expiry| expiry.timer);
+            let stored_timer = self
+                .store
+                .get(&key)
+                .and_then(EntryRef::expiry)
+                .map(|expiry| expiry.timer);
             assert!(
                 stored_timer == Some(timer),
                 "fired timer {timer:?} (deadline_ms={deadline_ms}) does not match the entry's \
@@ -176,9 +178,8 @@ impl Shard {
                 // The wheel's time never goes back, so a deadline written after the wall clock
                 // stepped back fires early. The key still lives (reads agree): arm it again;
                 // it is looked at on each tick until the clock passes its deadline.
-                if let Some(expiry) = stored_expiry {
-                    expiry.timer = self.wheel.insert(deadline_ms, key);
-                }
+                let timer = self.wheel.insert(deadline_ms, key.clone());
+                self.store.set_timer(&key, timer);
                 continue;
             }
             self.store.remove(&key);
@@ -188,6 +189,12 @@ impl Shard {
         self.stats.expired_count += expired_count as u64;
         self.expired_buffer = expired;
         expired_count
+    }
+
+    /// Starts loading into cache the memory a request for `key` will touch (a hint; it
+    /// changes nothing and costs no miss of its own).
+    pub fn prefetch(&self, key: &[u8]) {
+        self.store.prefetch(key);
     }
 
     /// The shard's revision: the number of mutations applied so far.
@@ -241,7 +248,7 @@ impl Shard {
     }
 
     /// The entry for `key` if it exists and has not expired.
-    fn live_entry(&self, now_ms: u64, key: &[u8]) -> Option<&StoredEntry> {
+    fn live_entry(&self, now_ms: u64, key: &[u8]) -> Option<EntryRef<'_>> {
         self.debug_check_owned(key);
         self.store
             .get(key)
@@ -269,9 +276,9 @@ impl Shard {
     }
 
     /// Removes an entry and its timer without touching the revision.
-    fn remove_entry(&mut self, key: &[u8]) -> Option<StoredEntry> {
+    fn remove_entry(&mut self, key: &[u8]) -> Option<OwnedEntry> {
         let entry = self.store.remove(key)?;
-        if let Some(expiry) = entry.expiry {
+        if let Some(expiry) = entry.view().expiry() {
             let cancelled = self.wheel.cancel(expiry.timer);
             assert!(
                 cancelled.is_some(),
@@ -284,7 +291,21 @@ impl Shard {
 
     /// Stores `value` under `key` at `version`, replacing any entry and its timer.
     fn write_entry(&mut self, key: &[u8], value: &[u8], deadline_ms: Option<u64>, version: u64) {
-        if let Some(expiry) = self.store.get(key).and_then(|entry| entry.expiry) {
+        let expiry_before = self.store.get(key).and_then(EntryRef::expiry);
+        self.replace_entry(key, value, deadline_ms, version, expiry_before);
+    }
+
+    /// Stores `value` under `key` at `version`, replacing the entry whose expiry (looked up
+    /// by the caller) was `expiry_before`, and its timer.
+    fn replace_entry(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        deadline_ms: Option<u64>,
+        version: u64,
+        expiry_before: Option<Expiry>,
+    ) {
+        if let Some(expiry) = expiry_before {
             let cancelled = self.wheel.cancel(expiry.timer);
             assert!(
                 cancelled.is_some(),
@@ -296,14 +317,7 @@ impl Shard {
             deadline_ms,
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
-        self.store.insert(
-            key,
-            StoredEntry {
-                value: Box::from(value),
-                version,
-                expiry,
-            },
-        );
+        self.store.insert(key, value, version, expiry);
     }
 
     fn store_full(&mut self, needed_bytes: u64) -> Response {
@@ -333,39 +347,53 @@ impl Shard {
         condition: PutCondition,
         return_previous: bool,
     ) -> Response {
-        self.reclaim_if_expired(now_ms, key);
-        let current = self.live_entry(now_ms, key);
-        let previous = if return_previous {
-            current.map(to_entry)
-        } else {
-            None
-        };
+        // One lookup answers everything the put needs to know about the current entry; the
+        // write is the second (a put is on the hot path).
+        self.debug_check_owned(key);
+        let mut current = self.store.get(key).map(|entry| Current {
+            is_expired: entry.is_expired(now_ms),
+            version: entry.version(),
+            expiry: entry.expiry(),
+            cost: entry.cost(),
+            previous: return_previous.then(|| to_entry(entry)),
+        });
+        if current.as_ref().is_some_and(|current| current.is_expired) {
+            self.reclaim_if_expired(now_ms, key);
+            current = None;
+        }
         let condition_holds = match condition {
             PutCondition::Always => true,
             PutCondition::IfAbsent => current.is_none(),
             PutCondition::IfPresent => current.is_some(),
         };
+        let (version_before, expiry_before, cost_old, previous) = match current {
+            Some(current) => (
+                current.version,
+                current.expiry,
+                current.cost,
+                current.previous,
+            ),
+            None => (0, None, 0, None),
+        };
         if !condition_holds {
-            let version = current.map_or(0, |entry| entry.version);
             return Response::Put {
                 applied: false,
-                version,
+                version: version_before,
                 previous,
             };
         }
         let deadline_ms = match ttl_ms {
             Some(ttl_ms) => Some(now_ms.saturating_add(ttl_ms)),
-            None if keep_ttl => current.and_then(StoredEntry::deadline_ms),
+            None if keep_ttl => expiry_before.map(|expiry| expiry.deadline_ms),
             None => None,
         };
         let cost_new = entry_cost(key.len(), value.len(), deadline_ms.is_some());
-        let cost_old = self.store.cost_of(key);
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
         self.revision += 1;
         let version = self.revision;
-        self.write_entry(key, value, deadline_ms, version);
+        self.replace_entry(key, value, deadline_ms, version, expiry_before);
         Response::Put {
             applied: true,
             version,
@@ -379,7 +407,7 @@ impl Shard {
             Some(entry) => {
                 self.revision += 1;
                 let previous = if return_previous {
-                    Some(into_entry(entry))
+                    Some(into_entry(&entry))
                 } else {
                     None
                 };
@@ -404,12 +432,12 @@ impl Shard {
                 version: 0,
             };
         };
-        let current_expiry = entry.expiry;
+        let current_expiry = entry.expiry();
         if deadline_ms.is_none() && current_expiry.is_none() {
             // Persisting a key that never expires changes nothing, so it is not a mutation.
             return Response::Expiry {
                 applied: false,
-                version: entry.version,
+                version: entry.version(),
             };
         }
         if current_expiry.is_none() {
@@ -430,12 +458,10 @@ impl Shard {
             deadline_ms,
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
-        self.store.set_expiry(key, expiry);
         self.revision += 1;
         let version = self.revision;
-        if let Some(entry) = self.store.get_mut(key) {
-            entry.version = version;
-        }
+        let is_updated = self.store.update(key, version, expiry);
+        assert!(is_updated, "live entry vanished while its ttl was set");
         Response::Expiry {
             applied: true,
             version,
@@ -499,20 +525,25 @@ impl Shard {
     }
 }
 
-fn to_entry(entry: &StoredEntry) -> Entry {
+/// What a put needs to know of the entry it may replace.
+struct Current {
+    is_expired: bool,
+    version: u64,
+    expiry: Option<Expiry>,
+    cost: u64,
+    previous: Option<Entry>,
+}
+
+fn to_entry(entry: EntryRef<'_>) -> Entry {
     Entry {
-        value: entry.value.to_vec(),
-        version: entry.version,
+        value: entry.value().to_vec(),
+        version: entry.version(),
         expires_at_ms: entry.deadline_ms(),
     }
 }
 
-fn into_entry(entry: StoredEntry) -> Entry {
-    Entry {
-        expires_at_ms: entry.deadline_ms(),
-        value: entry.value.into_vec(),
-        version: entry.version,
-    }
+fn into_entry(entry: &OwnedEntry) -> Entry {
+    to_entry(entry.view())
 }
 
 #[cfg(test)]

@@ -50,6 +50,23 @@ pub struct TimerId {
     generation: u32,
 }
 
+impl TimerId {
+    /// The id as one integer, for storing it compactly (index in the low half).
+    pub fn to_raw(self) -> u64 {
+        u64::from(self.generation) << 32 | u64::from(self.index)
+    }
+
+    /// The id [`TimerId::to_raw`] encoded.
+    pub fn from_raw(raw: u64) -> Self {
+        Self {
+            // Each half is 32 bits by construction.
+            #[allow(clippy::cast_possible_truncation, reason = "the low 32 bits")]
+            index: raw as u32,
+            generation: u32::try_from(raw >> 32).unwrap_or(u32::MAX),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Node<T> {
     /// `Some` while the timer is pending; `None` on the free list.
