@@ -288,9 +288,12 @@ impl Store {
         {
             TableEntry::Occupied(mut occupied) => {
                 let stored = occupied.get_mut();
-                let released = EntryRef { bytes: stored }.cost();
-                if stored.len() == size {
-                    // Same size: the key is already in place; rewrite header and value.
+                let before = EntryRef { bytes: stored };
+                let released = before.cost();
+                // Same size and the same header layout (with or without an expiry): the key is
+                // already in place; rewrite header and value. Same size alone is not enough:
+                // a TTL dropped and a value 16 bytes longer would shift the key.
+                if stored.len() == size && before.has_expiry() == expiry.is_some() {
                     write_entry(stored, None, key.len(), Some(value), version, expiry);
                 } else {
                     *stored = new_entry(key, value, version, expiry);
@@ -434,6 +437,13 @@ mod tests {
         // Same size: in place.
         store.insert(b"k", b"bbbb", 2, None);
         assert_eq!(store.get(b"k").unwrap().value(), b"bbbb");
+        // The same total size with another layout: an expiry dropped, 16 more value bytes.
+        store.insert(b"t", b"v", 1, Some(expiry(5)));
+        store.insert(b"t", &[b'w'; 17], 2, None);
+        let replaced = store.get(b"t").unwrap();
+        assert_eq!(replaced.value(), [b'w'; 17]);
+        assert_eq!(replaced.expiry(), None);
+        store.remove(b"t");
         // Another size, then an expiry added and removed.
         store.insert(b"k", b"cc", 3, None);
         assert!(store.update(b"k", 4, Some(expiry(10))));
