@@ -206,7 +206,7 @@ async fn call(client: &Client, op: Op, key: &[u8], value: &[u8]) -> Result<(), (
         Op::Get => client.get(key).await.map(drop),
         Op::Set => client.put(key, value).await.map(drop),
         Op::Delete => client.delete(key).await.map(drop),
-        Op::Incr => return Err(()),
+        Op::Incr => client.add(key, 1).await.map(drop),
     };
     outcome.map_err(|error| tracing::debug!(%error, "call failed"))
 }

@@ -299,14 +299,6 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
         return Err("--rate must be a positive number of operations per second".to_owned());
     }
     let target = Target::from_flags(flags)?;
-    let is_tessera = matches!(target, Target::Tessera { .. } | Target::Embedded);
-    if is_tessera && flags.workload == WorkloadKind::Incr {
-        return Err(
-            "the incr workload needs counters, which Tessera does not have yet; run it against \
-             redis:// for now"
-                .to_owned(),
-        );
-    }
     let preload = match flags.preload {
         PreloadMode::Auto => spec.kind.wants_preload(),
         PreloadMode::Yes => true,

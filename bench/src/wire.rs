@@ -60,6 +60,7 @@ struct TesseraRequests {
     get: Request,
     put: Request,
     delete: Request,
+    add: Request,
 }
 
 impl TesseraRequests {
@@ -70,6 +71,10 @@ impl TesseraRequests {
             delete: Request::Delete {
                 key: Vec::new(),
                 return_previous: false,
+            },
+            add: Request::Add {
+                key: Vec::new(),
+                delta: 1,
             },
         }
     }
@@ -107,9 +112,11 @@ impl TesseraRequests {
                 &self.delete
             }
             Op::Incr => {
-                return Err(
-                    "the incr workload needs counters, which Tessera does not have yet".to_owned(),
-                )
+                if let Request::Add { key: stored, .. } = &mut self.add {
+                    stored.clear();
+                    stored.extend_from_slice(key);
+                }
+                &self.add
             }
         };
         codec::encode_request(out, request_id, request).map_err(|error| error.to_string())
@@ -394,8 +401,16 @@ mod tests {
         assert_eq!(reply.size, out.len());
         assert_eq!(reply.request_id, Some(9));
         let mut tessera = TesseraWire::new();
-        assert!(tessera
-            .encode(Op::Incr, b"k", b"", 1, &mut FrameBuffer::new())
-            .is_err());
+        let mut incr = FrameBuffer::new();
+        tessera.encode(Op::Incr, b"k", b"", 1, &mut incr).unwrap();
+        let frame = codec::decode_frame(&incr).unwrap().unwrap();
+        let request = codec::decode_request(frame.body).unwrap();
+        assert_eq!(
+            request,
+            Request::Add {
+                key: b"k".to_vec(),
+                delta: 1
+            }
+        );
     }
 }

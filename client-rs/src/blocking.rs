@@ -144,6 +144,14 @@ impl BlockingClient {
         self.runtime.block_on(self.client.persist(key))
     }
 
+    /// See [`Client::add`].
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn add(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64> {
+        self.runtime.block_on(self.client.add(key, delta))
+    }
+
     /// See [`Client::ttl`].
     ///
     /// # Errors

@@ -498,6 +498,25 @@ impl Client {
         }
     }
 
+    /// Adds `delta` to the counter under `key` and returns the new value. A missing key
+    /// counts as 0; the counter is stored as decimal text, and the key's TTL is kept.
+    ///
+    /// # Errors
+    /// `OutOfRange` if the result would overflow `i64` or the stored value is not a counter
+    /// (nothing is applied); otherwise see [`ClientError`].
+    pub async fn add(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64> {
+        let key = key.as_ref();
+        check_key(key)?;
+        let request = Request::Add {
+            key: key.to_vec(),
+            delta,
+        };
+        match self.call_for_key(key, &request).await? {
+            Response::Counter { value, .. } => Ok(value),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     /// Reads many keys, one request per owning core, in parallel. Results are in key order.
     ///
     /// # Errors

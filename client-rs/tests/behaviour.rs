@@ -92,6 +92,7 @@ scenarios!(
     topology_covers_every_slot,
     stats_count_keys,
     concurrent_clones,
+    counters_add_and_refuse_overflow,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1211,4 +1212,65 @@ async fn concurrent_worker(
         }
     }
     model
+}
+
+/// `add` counts from zero, returns the new value, is readable as decimal text, keeps a TTL,
+/// and refuses overflow and non-counters with `OutOfRange`, changing nothing. Concurrent adds
+/// from many tasks lose no increment (each core applies its adds one at a time).
+async fn counters_add_and_refuse_overflow(client: &Client) {
+    assert_eq!(client.add("visits", 1).await.unwrap(), 1);
+    assert_eq!(client.add("visits", 9).await.unwrap(), 10);
+    assert_eq!(client.add("visits", -15).await.unwrap(), -5);
+    assert_eq!(entry_of(client, "visits").await.value, b"-5");
+
+    client.put("name", "ada").await.unwrap();
+    let error = client.add("name", 1).await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(tessera_client::ErrorCode::OutOfRange),
+        "{error:?}"
+    );
+    assert!(
+        !error.is_retryable() && !error.is_indeterminate(),
+        "{error:?}"
+    );
+    assert_eq!(entry_of(client, "name").await.value, b"ada");
+
+    assert_eq!(client.add("edge", i64::MAX).await.unwrap(), i64::MAX);
+    let error = client.add("edge", 1).await.unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(tessera_client::ErrorCode::OutOfRange),
+        "{error:?}"
+    );
+    assert_eq!(client.add("edge", 0).await.unwrap(), i64::MAX);
+
+    client
+        .put_with(
+            "window",
+            "0",
+            PutOptions::new().ttl(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.add("window", 3).await.unwrap(), 3);
+    assert!(matches!(
+        client.ttl("window").await.unwrap(),
+        TtlState::Expiring { .. }
+    ));
+
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    client.add("shared", 1).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(client.add("shared", 0).await.unwrap(), 400);
 }

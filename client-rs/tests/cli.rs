@@ -330,3 +330,23 @@ fn endpoints_from_the_environment() {
     assert_eq!(run.stdout, "from-flag\n");
     fixture.stop();
 }
+
+#[test]
+fn add_prints_the_counter_and_refuses_text() {
+    let fixture = Fixture::start();
+    assert_eq!(fixture.run_expecting(0, &["add", "hits"]).stdout, "1\n");
+    assert_eq!(
+        fixture.run_expecting(0, &["add", "hits", "41"]).stdout,
+        "42\n"
+    );
+    assert_eq!(
+        fixture.run_expecting(0, &["add", "hits", "-2"]).stdout,
+        "40\n"
+    );
+    let json = parse_json(&fixture.run_expecting(0, &["-o", "json", "add", "hits", "2"]));
+    assert_eq!(json["value"], 42);
+    fixture.run_expecting(0, &["put", "name", "ada"]);
+    let refused = fixture.run_expecting(2, &["add", "name"]);
+    assert!(refused.stderr.contains("out_of_range"), "{refused:?}");
+    fixture.stop();
+}

@@ -404,7 +404,8 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
         | ArchivedRequest::Delete { key, .. }
         | ArchivedRequest::Exists { key }
         | ArchivedRequest::Persist { key }
-        | ArchivedRequest::Ttl { key } => check_key(key.as_slice()),
+        | ArchivedRequest::Ttl { key }
+        | ArchivedRequest::Add { key, .. } => check_key(key.as_slice()),
         ArchivedRequest::Put(put) => {
             check_key(put.key.as_slice())?;
             check_value(put.value.as_slice())?;

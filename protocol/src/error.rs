@@ -30,6 +30,9 @@ pub enum ErrorCode {
     StoreFull,
     /// A bug or an unexpected condition in the server. The request may or may not have applied.
     Internal,
+    /// A counter would leave its range (it would overflow `i64`), or the stored value is not a
+    /// counter. Nothing was applied.
+    OutOfRange,
 }
 
 impl ErrorCode {
@@ -56,6 +59,7 @@ impl ErrorCode {
             Self::InvalidArgument => "invalid_argument",
             Self::StoreFull => "store_full",
             Self::Internal => "internal",
+            Self::OutOfRange => "out_of_range",
         }
     }
 }

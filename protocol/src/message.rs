@@ -79,6 +79,14 @@ pub enum Request {
         /// The keys, at most `BATCH_COUNT_MAX`.
         keys: Vec<Vec<u8>>,
     },
+    /// Adds `delta` to the counter stored under `key` (a missing key counts as 0) and returns
+    /// the new value. The value is the counter in decimal text; the key's TTL is kept.
+    Add {
+        /// The key.
+        key: Vec<u8>,
+        /// The amount to add (negative to subtract).
+        delta: i64,
+    },
 }
 
 /// When a put applies.
@@ -241,6 +249,13 @@ pub enum Response {
     },
     /// The request failed; see [`ErrorCode`].
     Error(ErrorReply),
+    /// Answer to [`Request::Add`].
+    Counter {
+        /// The counter's value after the add.
+        value: i64,
+        /// The key's version after the add.
+        version: u64,
+    },
 }
 
 /// One core's counters, as reported by [`Request::Stats`].

@@ -51,9 +51,9 @@ const CORE_COUNT_GENERATED_MAX: usize = 4;
 /// Most frames in one generated stream.
 const FRAME_COUNT_GENERATED_MAX: usize = 8;
 /// Number of `Request` variants; `request_variant` fails to compile when one is added.
-const REQUEST_VARIANT_COUNT: usize = 13;
+const REQUEST_VARIANT_COUNT: usize = 14;
 /// Number of `Response` variants; `response_variant` fails to compile when one is added.
-const RESPONSE_VARIANT_COUNT: usize = 13;
+const RESPONSE_VARIANT_COUNT: usize = 14;
 
 // ---------------------------------------------------------------------------------------------
 // Strategies.
@@ -140,6 +140,7 @@ fn request() -> impl Strategy<Value = Request> {
         vec(put_entry(), 0..=BATCH_COUNT_GENERATED_MAX)
             .prop_map(|entries| Request::MultiPut { entries }),
         keys().prop_map(|keys| Request::MultiDelete { keys }),
+        (key(), any::<i64>()).prop_map(|(key, delta)| Request::Add { key, delta }),
     ]
 }
 
@@ -300,6 +301,8 @@ fn response() -> impl Strategy<Value = Response> {
         vec(any::<bool>(), 0..=BATCH_COUNT_GENERATED_MAX)
             .prop_map(|deleted| Response::MultiDelete { deleted }),
         error_reply().prop_map(Response::Error),
+        (any::<i64>(), any::<u64>())
+            .prop_map(|(value, version)| Response::Counter { value, version }),
     ]
 }
 
@@ -365,6 +368,7 @@ fn request_variant(request: &Request) -> usize {
         Request::MultiGet { .. } => 10,
         Request::MultiPut { .. } => 11,
         Request::MultiDelete { .. } => 12,
+        Request::Add { .. } => 13,
     }
 }
 
@@ -383,6 +387,7 @@ fn response_variant(response: &Response) -> usize {
         Response::MultiPut { .. } => 10,
         Response::MultiDelete { .. } => 11,
         Response::Error(_) => 12,
+        Response::Counter { .. } => 13,
     }
 }
 
@@ -1029,8 +1034,9 @@ fn requests_with_key(key: &[u8]) -> Vec<Request> {
             }],
         },
         Request::MultiDelete {
-            keys: vec![b"fine".to_vec(), key],
+            keys: vec![b"fine".to_vec(), key.clone()],
         },
+        Request::Add { key, delta: 1 },
     ]
 }
 

@@ -108,7 +108,8 @@ impl CoreContext {
             | ArchivedRequest::Exists { key }
             | ArchivedRequest::Expire { key, .. }
             | ArchivedRequest::Persist { key }
-            | ArchivedRequest::Ttl { key } => self.route_key(key),
+            | ArchivedRequest::Ttl { key }
+            | ArchivedRequest::Add { key, .. } => self.route_key(key),
             ArchivedRequest::Put(put) => self.route_key(&put.key),
             ArchivedRequest::MultiGet { keys } | ArchivedRequest::MultiDelete { keys } => {
                 self.route_keys(keys.iter().map(rkyv::vec::ArchivedVec::as_slice))
@@ -156,7 +157,8 @@ impl CoreContext {
             | ArchivedRequest::Exists { key }
             | ArchivedRequest::Expire { key, .. }
             | ArchivedRequest::Persist { key }
-            | ArchivedRequest::Ttl { key } => key.as_slice(),
+            | ArchivedRequest::Ttl { key }
+            | ArchivedRequest::Add { key, .. } => key.as_slice(),
             ArchivedRequest::Put(put) => put.key.as_slice(),
             _ => return,
         };

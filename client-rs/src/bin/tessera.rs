@@ -69,6 +69,13 @@ enum Command {
     Expire { key: String, ttl_ms: u64 },
     /// Remove a key's time to live.
     Persist { key: String },
+    /// Add to a counter (a missing key counts as 0) and print its new value.
+    Add {
+        key: String,
+        /// The amount to add; negative to subtract.
+        #[arg(default_value_t = 1, allow_negative_numbers = true)]
+        delta: i64,
+    },
     /// Ping every core of every node.
     Ping,
     /// Show nodes, cores, addresses and slot ranges.
@@ -89,6 +96,15 @@ fn main() -> ExitCode {
             eprintln!("tessera: {error}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Prints `value` as JSON, or `text` as a line.
+fn answer(json: bool, value: &serde_json::Value, text: impl std::fmt::Display) {
+    if json {
+        print_json(value);
+    } else {
+        println!("{text}");
     }
 }
 
@@ -137,19 +153,15 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
         }
         Command::Del { key } => {
             let deleted = client.delete(key)?;
-            if json {
-                print_json(&json!({ "deleted": deleted }));
-            } else {
-                println!("{}", if deleted { "deleted" } else { "not found" });
-            }
+            answer(
+                json,
+                &json!({ "deleted": deleted }),
+                if deleted { "deleted" } else { "not found" },
+            );
         }
         Command::Exists { key } => {
             let exists = client.exists(key)?;
-            if json {
-                print_json(&json!({ "exists": exists }));
-            } else {
-                println!("{exists}");
-            }
+            answer(json, &json!({ "exists": exists }), exists);
         }
         Command::Ttl { key } => {
             let state = client.ttl(key)?;
@@ -165,11 +177,11 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
         }
         Command::Expire { key, ttl_ms } => {
             let applied = client.expire(key, Duration::from_millis(*ttl_ms))?;
-            if json {
-                print_json(&json!({ "applied": applied }));
-            } else {
-                println!("{}", if applied { "OK" } else { "not found" });
-            }
+            answer(
+                json,
+                &json!({ "applied": applied }),
+                if applied { "OK" } else { "not found" },
+            );
         }
         Command::Persist { key } => {
             let applied = client.persist(key)?;
@@ -185,6 +197,10 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                     }
                 );
             }
+        }
+        Command::Add { key, delta } => {
+            let value = client.add(key, *delta)?;
+            answer(json, &json!({ "value": value }), value);
         }
         Command::Ping => print_pongs(&client.ping()?, json),
         Command::Topology => print_topology(&client.topology(), json),

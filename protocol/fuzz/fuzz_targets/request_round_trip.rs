@@ -68,7 +68,7 @@ fn batch_count(input: &mut Unstructured<'_>) -> Result<usize> {
 }
 
 fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
-    let request = match input.int_in_range(0_u8..=12)? {
+    let request = match input.int_in_range(0_u8..=13)? {
         0 => Request::Hello {
             protocol_version: input.arbitrary()?,
             client_name: String::from_utf8_lossy(&bytes(input, TEXT_SIZE_MAX + 1)?).into_owned(),
@@ -115,10 +115,14 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
                 })
                 .collect::<Result<_>>()?,
         },
-        _ => Request::MultiDelete {
+        12 => Request::MultiDelete {
             keys: (0..batch_count(input)?)
                 .map(|_| key(input))
                 .collect::<Result<_>>()?,
+        },
+        _ => Request::Add {
+            key: key(input)?,
+            delta: input.arbitrary()?,
         },
     };
     Ok(request)
@@ -135,7 +139,8 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
         | Request::Delete { key, .. }
         | Request::Exists { key }
         | Request::Persist { key }
-        | Request::Ttl { key } => codec::check_key(key),
+        | Request::Ttl { key }
+        | Request::Add { key, .. } => codec::check_key(key),
         Request::Put(put) => {
             codec::check_key(&put.key)?;
             codec::check_value(&put.value)?;

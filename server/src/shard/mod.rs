@@ -140,6 +140,7 @@ impl Shard {
                 Response::Values(keys.iter().map(|key| self.get(now_ms, key)).collect())
             }
             ArchivedRequest::MultiPut { entries } => self.multi_put(now_ms, entries),
+            ArchivedRequest::Add { key, delta } => self.add(now_ms, key, delta.to_native()),
             ArchivedRequest::MultiDelete { keys } => {
                 let mut deleted = Vec::with_capacity(keys.len());
                 for key in keys.iter() {
@@ -401,6 +402,47 @@ impl Shard {
         }
     }
 
+    /// Adds `delta` to the decimal counter under `key` (absent counts as 0), keeping its TTL.
+    fn add(&mut self, now_ms: u64, key: &[u8], delta: i64) -> Response {
+        self.reclaim_if_expired(now_ms, key);
+        let current = self
+            .store
+            .get(key)
+            .map(|entry| (entry.value(), entry.expiry()));
+        let (current_value, expiry_before) = match current {
+            None => (0, None),
+            Some((text, expiry)) => match parse_counter(text) {
+                Some(value) => (value, expiry),
+                None => {
+                    return Response::Error(ErrorReply::new(
+                        ErrorCode::OutOfRange,
+                        format!(
+                            "the value under the key ({} bytes) is not a decimal i64 counter",
+                            text.len()
+                        ),
+                    ))
+                }
+            },
+        };
+        let Some(value) = current_value.checked_add(delta) else {
+            return Response::Error(ErrorReply::new(
+                ErrorCode::OutOfRange,
+                format!("adding {delta} to {current_value} overflows i64"),
+            ));
+        };
+        let text = value.to_string();
+        let deadline_ms = expiry_before.map(|expiry| expiry.deadline_ms);
+        let cost_new = entry_cost(key.len(), text.len(), deadline_ms.is_some());
+        let cost_old = self.store.cost_of(key);
+        if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
+            return self.store_full(cost_new - cost_old);
+        }
+        self.revision += 1;
+        let version = self.revision;
+        self.replace_entry(key, text.as_bytes(), deadline_ms, version, expiry_before);
+        Response::Counter { value, version }
+    }
+
     fn delete(&mut self, now_ms: u64, key: &[u8], return_previous: bool) -> Response {
         self.reclaim_if_expired(now_ms, key);
         match self.remove_entry(key) {
@@ -523,6 +565,11 @@ impl Shard {
             versions: vec![version; entries.len()],
         }
     }
+}
+
+/// A counter's value: decimal text of an i64, optionally signed, nothing else.
+fn parse_counter(text: &[u8]) -> Option<i64> {
+    std::str::from_utf8(text).ok()?.parse().ok()
 }
 
 /// What a put needs to know of the entry it may replace.

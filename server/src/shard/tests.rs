@@ -1529,7 +1529,41 @@ impl Model {
                 }
                 Response::MultiDelete { deleted }
             }
+            Request::Add { key, delta } => self.add(now_ms, key, *delta),
         }
+    }
+
+    fn add(&mut self, now_ms: u64, key: &[u8], delta: i64) -> Response {
+        self.reclaim_if_expired(now_ms, key);
+        let current = self.entries.get(key).cloned();
+        let before = match &current {
+            None => 0,
+            Some(entry) => match std::str::from_utf8(&entry.value)
+                .ok()
+                .and_then(|text| text.parse::<i64>().ok())
+            {
+                Some(value) => value,
+                None => return out_of_range(),
+            },
+        };
+        let Some(value) = before.checked_add(delta) else {
+            return out_of_range();
+        };
+        let version = self.revision + 1;
+        let mut after = self.entries.clone();
+        after.insert(
+            key.to_vec(),
+            ModelEntry {
+                value: value.to_string().into_bytes(),
+                version,
+                deadline_ms: current.and_then(|entry| entry.deadline_ms),
+            },
+        );
+        if !self.commit(after) {
+            return store_full();
+        }
+        self.revision = version;
+        Response::Counter { value, version }
     }
 
     fn put(&mut self, now_ms: u64, put: &Put) -> Response {
@@ -1708,6 +1742,8 @@ fn request_strategy() -> impl Strategy<Value = Request> {
         2 => prop::collection::vec(put_entry_strategy(), 0..5)
             .prop_map(|entries| Request::MultiPut { entries }),
         1 => keys().prop_map(|keys| Request::MultiDelete { keys }),
+        2 => (key_strategy(), prop_oneof![-3..3_i64, Just(i64::MAX), Just(i64::MIN)])
+            .prop_map(|(key, delta)| Request::Add { key, delta }),
     ]
 }
 
@@ -1774,4 +1810,51 @@ proptest! {
             prop_assert_eq!(shard.stats(), model.stats, "stats after step {}", index);
         }
     }
+}
+
+// Counters.
+
+fn add(key: &str, delta: i64) -> Request {
+    Request::Add {
+        key: key.into(),
+        delta,
+    }
+}
+
+fn counter(value: i64, version: u64) -> Response {
+    Response::Counter { value, version }
+}
+
+fn out_of_range() -> Response {
+    Response::Error(ErrorReply::new(ErrorCode::OutOfRange, ""))
+}
+
+/// A counter is a key holding decimal text: a missing key counts as 0, every add is one
+/// revision, the TTL is kept, and a value that is not a counter or a sum that would overflow
+/// is refused with `OutOfRange` and changes nothing.
+#[test]
+fn add_creates_counts_keeps_the_ttl_and_refuses_overflow() {
+    let mut shard = new_shard();
+    run(
+        &mut shard,
+        &[
+            (1000, add("hits", 1), counter(1, 1), 1),
+            (1000, add("hits", 41), counter(42, 2), 2),
+            (1000, add("hits", -50), counter(-8, 3), 3),
+            (1000, get("hits"), found(entry("-8", 3)), 3),
+            (1000, put("text", "seven"), applied(4), 4),
+            (1000, add("text", 1), out_of_range(), 4),
+            (1000, get("text"), found(entry("seven", 4)), 4),
+            (1000, put("big", &i64::MAX.to_string()), applied(5), 5),
+            (1000, add("big", 1), out_of_range(), 5),
+            (1000, add("big", -1), counter(i64::MAX - 1, 6), 6),
+            (1000, put_ttl("window", "5", 100), applied(7), 7),
+            (1050, add("window", 1), counter(6, 8), 8),
+            (1050, get("window"), found(entry_until("6", 8, 1100)), 8),
+            // Expired: the counter starts again from zero (the reclaim is a revision too).
+            (1100, add("window", 1), counter(1, 10), 10),
+            (1100, ttl("window"), persistent(), 10),
+        ],
+    );
+    assert_eq!(shard.timer_count(), 0);
 }
