@@ -459,24 +459,43 @@ fn run_network(
         }
     });
     let (record, elapsed, (server_cpu_time, client_cpu_time)) = outcome?;
+    Ok(finish(
+        target,
+        config,
+        &record,
+        elapsed,
+        (&server_pids, server_cpu_time, client_cpu_time),
+        preload_outcome,
+    ))
+}
+
+/// The result of a run, with the CPU each side spent per reply.
+fn finish(
+    target: &Target,
+    config: serde_json::Value,
+    record: &Recorder,
+    elapsed: Duration,
+    (server_pids, server_cpu_time, client_cpu_time): (&[u32], Option<Duration>, Duration),
+    preload: Option<Preload>,
+) -> RunResult {
     let operations = record.count();
     let server_cpu = server_cpu_time
-        .map(|cpu_time| CpuUsage::new(server_pids.clone(), cpu_time, operations, elapsed));
+        .map(|cpu_time| CpuUsage::new(server_pids.to_vec(), cpu_time, operations, elapsed));
     let client_cpu = CpuUsage::new(
         vec![std::process::id()],
         client_cpu_time,
         operations,
         elapsed,
     );
-    Ok(RunResult::new(
+    RunResult::new(
         target.name(),
         config,
-        &record,
+        record,
         elapsed,
         server_cpu,
         client_cpu,
-        preload_outcome,
-    ))
+        preload,
+    )
 }
 
 /// Operations of thread `thread_index` when `count` are shared among `thread_count`.
@@ -714,22 +733,12 @@ fn run_client(
     let (record, elapsed) = outcome?;
     let (server_cpu_time, client_cpu_time) = measured.finish();
     client.shutdown();
-    let operations = record.count();
-    let server_cpu = server_cpu_time
-        .map(|cpu_time| CpuUsage::new(server_pids.clone(), cpu_time, operations, elapsed));
-    let client_cpu = CpuUsage::new(
-        vec![std::process::id()],
-        client_cpu_time,
-        operations,
-        elapsed,
-    );
-    Ok(RunResult::new(
-        target.name(),
+    Ok(finish(
+        target,
         config,
         &record,
         elapsed,
-        server_cpu,
-        client_cpu,
+        (&server_pids, server_cpu_time, client_cpu_time),
         preload_outcome,
     ))
 }

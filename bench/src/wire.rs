@@ -88,37 +88,26 @@ impl TesseraRequests {
         out: &mut FrameBuffer,
     ) -> Result<(), String> {
         let request = match op {
-            Op::Get => {
-                if let Request::Get { key: stored } = &mut self.get {
-                    stored.clear();
-                    stored.extend_from_slice(key);
-                }
-                &self.get
-            }
-            Op::Set => {
-                if let Request::Put(put) = &mut self.put {
-                    put.key.clear();
-                    put.key.extend_from_slice(key);
-                    put.value.clear();
-                    put.value.extend_from_slice(value);
-                }
-                &self.put
-            }
-            Op::Delete => {
-                if let Request::Delete { key: stored, .. } = &mut self.delete {
-                    stored.clear();
-                    stored.extend_from_slice(key);
-                }
-                &self.delete
-            }
-            Op::Incr => {
-                if let Request::Add { key: stored, .. } = &mut self.add {
-                    stored.clear();
-                    stored.extend_from_slice(key);
-                }
-                &self.add
-            }
+            Op::Get => &mut self.get,
+            Op::Set => &mut self.put,
+            Op::Delete => &mut self.delete,
+            Op::Incr => &mut self.add,
         };
+        match request {
+            Request::Get { key: stored }
+            | Request::Delete { key: stored, .. }
+            | Request::Add { key: stored, .. } => {
+                stored.clear();
+                stored.extend_from_slice(key);
+            }
+            Request::Put(put) => {
+                put.key.clear();
+                put.key.extend_from_slice(key);
+                put.value.clear();
+                put.value.extend_from_slice(value);
+            }
+            _ => {}
+        }
         codec::encode_request(out, request_id, request).map_err(|error| error.to_string())
     }
 }
