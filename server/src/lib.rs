@@ -30,6 +30,7 @@
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod durability;
 pub mod error;
 pub mod inbox;
 pub mod net;

@@ -26,6 +26,8 @@ use tessera_protocol::{
 
 use self::store::{entry_cost, EntryRef, Expiry, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
+use crate::durability::format::{Effect, Record, RecordWriter};
+use crate::durability::DurabilityError;
 
 /// Index of a shard (core) within its node.
 pub type ShardId = u16;
@@ -66,6 +68,9 @@ pub struct Shard {
     /// Reused by `tick` so reclaiming keys allocates nothing once warm.
     expired_buffer: Vec<(TimerId, u64, Box<[u8]>)>,
     stats: ShardStats,
+    /// Records of the revisions applied since the core last took them; `None` when nothing is
+    /// logged (durability `memory`, and while replaying).
+    journal: Option<RecordWriter>,
 }
 
 impl Shard {
@@ -86,7 +91,78 @@ impl Shard {
             revision: 0,
             expired_buffer: Vec::new(),
             stats: ShardStats::default(),
+            journal: None,
             config,
+        }
+    }
+
+    /// A shard that writes a record of every revision it applies, for the core to log.
+    pub fn with_journal(config: ShardConfig, now_ms: u64) -> Self {
+        let mut shard = Self::new(config, now_ms);
+        shard.journal = Some(RecordWriter::new());
+        shard
+    }
+
+    /// The records written since the last call, if the shard keeps a journal.
+    pub fn journal_mut(&mut self) -> Option<&mut RecordWriter> {
+        self.journal.as_mut()
+    }
+
+    /// Applies one logged record (recovery). Effects are applied as they were; a key whose
+    /// deadline has passed by `now_ms` is dropped rather than stored. Nothing is journaled.
+    ///
+    /// # Errors
+    /// The record goes back in revision, or its effects are malformed.
+    pub fn replay(&mut self, now_ms: u64, record: &Record<'_>) -> Result<(), DurabilityError> {
+        if record.revision <= self.revision {
+            return Err(DurabilityError::corrupt(format!(
+                "record of revision {} follows revision {}",
+                record.revision, self.revision
+            )));
+        }
+        let journal = self.journal.take();
+        let outcome = self.replay_effects(now_ms, record);
+        self.journal = journal;
+        outcome?;
+        self.revision = record.revision;
+        Ok(())
+    }
+
+    fn replay_effects(&mut self, now_ms: u64, record: &Record<'_>) -> Result<(), DurabilityError> {
+        for effect in record.effects() {
+            match effect? {
+                Effect::Set {
+                    key,
+                    value,
+                    deadline_ms,
+                } => {
+                    if deadline_ms.is_some_and(|deadline_ms| deadline_ms <= now_ms) {
+                        self.remove_entry(key);
+                    } else {
+                        self.write_entry(key, value, deadline_ms, record.revision);
+                    }
+                }
+                Effect::Remove { key } => {
+                    self.remove_entry(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the next revision and its record.
+    fn begin_revision(&mut self) -> u64 {
+        self.revision += 1;
+        if let Some(journal) = &mut self.journal {
+            journal.begin(self.revision);
+        }
+        self.revision
+    }
+
+    /// Closes the current revision's record.
+    fn finish_revision(&mut self) {
+        if let Some(journal) = &mut self.journal {
+            journal.finish();
         }
     }
 
@@ -141,18 +217,7 @@ impl Shard {
             }
             ArchivedRequest::MultiPut { entries } => self.multi_put(now_ms, entries),
             ArchivedRequest::Add { key, delta } => self.add(now_ms, key, delta.to_native()),
-            ArchivedRequest::MultiDelete { keys } => {
-                let mut deleted = Vec::with_capacity(keys.len());
-                for key in keys.iter() {
-                    self.reclaim_if_expired(now_ms, key);
-                    deleted.push(self.remove_entry(key).is_some());
-                }
-                // A batch on one shard is one revision, however many keys it removed.
-                if deleted.contains(&true) {
-                    self.revision += 1;
-                }
-                Response::MultiDelete { deleted }
-            }
+            ArchivedRequest::MultiDelete { keys } => self.multi_delete(now_ms, keys),
         }
     }
 
@@ -183,8 +248,13 @@ impl Shard {
                 self.store.set_timer(&key, timer);
                 continue;
             }
+            // The timer has fired already, so only the entry goes.
+            self.begin_revision();
             self.store.remove(&key);
-            self.revision += 1;
+            if let Some(journal) = &mut self.journal {
+                journal.push(Effect::Remove { key: &key });
+            }
+            self.finish_revision();
             expired_count += 1;
         }
         self.stats.expired_count += expired_count as u64;
@@ -270,15 +340,19 @@ impl Shard {
             .get(key)
             .is_some_and(|entry| entry.is_expired(now_ms))
         {
+            self.begin_revision();
             self.remove_entry(key);
-            self.revision += 1;
+            self.finish_revision();
             self.stats.expired_count += 1;
         }
     }
 
-    /// Removes an entry and its timer without touching the revision.
+    /// Removes an entry and its timer (and journals it) without touching the revision.
     fn remove_entry(&mut self, key: &[u8]) -> Option<OwnedEntry> {
         let entry = self.store.remove(key)?;
+        if let Some(journal) = &mut self.journal {
+            journal.push(Effect::Remove { key });
+        }
         if let Some(expiry) = entry.view().expiry() {
             let cancelled = self.wheel.cancel(expiry.timer);
             assert!(
@@ -319,6 +393,13 @@ impl Shard {
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
         self.store.insert(key, value, version, expiry);
+        if let Some(journal) = &mut self.journal {
+            journal.push(Effect::Set {
+                key,
+                value,
+                deadline_ms,
+            });
+        }
     }
 
     fn store_full(&mut self, needed_bytes: u64) -> Response {
@@ -392,9 +473,9 @@ impl Shard {
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
-        self.revision += 1;
-        let version = self.revision;
+        let version = self.begin_revision();
         self.replace_entry(key, value, deadline_ms, version, expiry_before);
+        self.finish_revision();
         Response::Put {
             applied: true,
             version,
@@ -437,17 +518,25 @@ impl Shard {
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
-        self.revision += 1;
-        let version = self.revision;
+        let version = self.begin_revision();
         self.replace_entry(key, text.as_bytes(), deadline_ms, version, expiry_before);
+        self.finish_revision();
         Response::Counter { value, version }
     }
 
     fn delete(&mut self, now_ms: u64, key: &[u8], return_previous: bool) -> Response {
         self.reclaim_if_expired(now_ms, key);
-        match self.remove_entry(key) {
+        if self.store.get(key).is_none() {
+            return Response::Delete {
+                deleted: false,
+                previous: None,
+            };
+        }
+        self.begin_revision();
+        let removed = self.remove_entry(key);
+        self.finish_revision();
+        match removed {
             Some(entry) => {
-                self.revision += 1;
                 let previous = if return_previous {
                     Some(into_entry(&entry))
                 } else {
@@ -500,10 +589,17 @@ impl Shard {
             deadline_ms,
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
-        self.revision += 1;
-        let version = self.revision;
+        let version = self.begin_revision();
         let is_updated = self.store.update(key, version, expiry);
         assert!(is_updated, "live entry vanished while its ttl was set");
+        if let (Some(journal), Some(entry)) = (&mut self.journal, self.store.get(key)) {
+            journal.push(Effect::Set {
+                key,
+                value: entry.value(),
+                deadline_ms,
+            });
+        }
+        self.finish_revision();
         Response::Expiry {
             applied: true,
             version,
@@ -552,8 +648,7 @@ impl Shard {
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
-        self.revision += 1;
-        let version = self.revision;
+        let version = self.begin_revision();
         for entry in entries.iter() {
             let deadline_ms = entry
                 .ttl_ms
@@ -561,9 +656,38 @@ impl Shard {
                 .map(|ttl_ms| now_ms.saturating_add(ttl_ms.to_native()));
             self.write_entry(&entry.key, &entry.value, deadline_ms, version);
         }
+        self.finish_revision();
         Response::MultiPut {
             versions: vec![version; entries.len()],
         }
+    }
+
+    /// Removes every listed key that exists at one new revision (none if none exists).
+    fn multi_delete(
+        &mut self,
+        now_ms: u64,
+        keys: &rkyv::vec::ArchivedVec<rkyv::vec::ArchivedVec<u8>>,
+    ) -> Response {
+        for key in keys.iter() {
+            self.reclaim_if_expired(now_ms, key);
+        }
+        // A batch on one shard is one revision, however many keys it removed, and none if it
+        // removed nothing.
+        let revision_before = self.revision;
+        self.begin_revision();
+        let deleted: Vec<bool> = keys
+            .iter()
+            .map(|key| self.remove_entry(key).is_some())
+            .collect();
+        if deleted.contains(&true) {
+            self.finish_revision();
+        } else {
+            self.revision = revision_before;
+            if let Some(journal) = &mut self.journal {
+                journal.abort();
+            }
+        }
+        Response::MultiDelete { deleted }
     }
 }
 

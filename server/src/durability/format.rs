@@ -1,0 +1,541 @@
+//! The write-ahead log's bytes: segment headers and records, encoded and decoded without I/O.
+//!
+//! `docs/storage.md` draws both byte by byte; a change here changes that page and
+//! [`LOG_FORMAT_VERSION`] in the same commit. All integers are little-endian.
+//!
+//! A record is one shard revision: the revision number and the effects that revision had on
+//! the key space (set a key, remove a key). Replaying the records of a shard in order, from an
+//! empty store, rebuilds its state exactly, whatever requests produced them.
+//!
+//! Decoding tells three outcomes apart, as recovery needs: a complete, checksummed record;
+//! the end of the written data (zeros, or a record cut short at the end of the file, which is
+//! what a crash during an append leaves); and a record that is present but wrong, which recovery
+//! must not skip silently.
+
+use crate::durability::DurabilityError;
+
+/// Identifies a log segment file.
+pub const SEGMENT_MAGIC: [u8; 4] = *b"TSWL";
+
+/// Version of the log format written by this build.
+pub const LOG_FORMAT_VERSION: u16 = 1;
+
+/// Bytes of a segment header.
+pub const SEGMENT_HEADER_SIZE: usize = 32;
+
+/// Bytes of a record header (payload size and checksum).
+pub const RECORD_HEADER_SIZE: usize = 8;
+
+/// Largest record payload: a batch of `BATCH_COUNT_MAX` maximal entries fits with room to
+/// spare, and a size read from a damaged header above this is refused before anything is
+/// allocated for it.
+pub const RECORD_PAYLOAD_SIZE_MAX: usize = 64 * 1024 * 1024;
+
+const _: () = assert!(
+    tessera_protocol::limits::FRAME_BODY_SIZE_MAX < RECORD_PAYLOAD_SIZE_MAX,
+    "any request's effects fit one record"
+);
+
+const EFFECT_SET: u8 = 1;
+const EFFECT_REMOVE: u8 = 2;
+
+/// The header at the start of every segment file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// Format version the segment was written in.
+    pub format_version: u16,
+    /// The core (shard) whose log this is.
+    pub core_id: u16,
+    /// Segments of a core are numbered from 1, in the order they were written.
+    pub segment_id: u64,
+    /// The revision of the last record before this segment (0 for a new log): the first
+    /// record in the segment is `first_revision_before + 1` or later.
+    pub revision_before: u64,
+}
+
+impl SegmentHeader {
+    /// The header's bytes.
+    pub fn to_bytes(&self) -> [u8; SEGMENT_HEADER_SIZE] {
+        let mut bytes = [0; SEGMENT_HEADER_SIZE];
+        bytes[0..4].copy_from_slice(&SEGMENT_MAGIC);
+        bytes[4..6].copy_from_slice(&self.format_version.to_le_bytes());
+        bytes[6..8].copy_from_slice(&self.core_id.to_le_bytes());
+        bytes[8..16].copy_from_slice(&self.segment_id.to_le_bytes());
+        bytes[16..24].copy_from_slice(&self.revision_before.to_le_bytes());
+        // [24, 28) reserved, zero.
+        let checksum = crc32fast::hash(&bytes[..28]);
+        bytes[28..32].copy_from_slice(&checksum.to_le_bytes());
+        bytes
+    }
+
+    /// Parses and checks a header.
+    ///
+    /// # Errors
+    /// Bad magic, a checksum mismatch or a format this build cannot read.
+    pub fn from_bytes(bytes: &[u8; SEGMENT_HEADER_SIZE]) -> Result<Self, DurabilityError> {
+        if bytes[0..4] != SEGMENT_MAGIC {
+            return Err(DurabilityError::corrupt(
+                "segment header has the wrong magic",
+            ));
+        }
+        let expected = u32::from_le_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]);
+        let actual = crc32fast::hash(&bytes[..28]);
+        if expected != actual {
+            return Err(DurabilityError::corrupt(format!(
+                "segment header checksum mismatch (stored {expected:#010x}, computed {actual:#010x})"
+            )));
+        }
+        let header = Self {
+            format_version: u16::from_le_bytes([bytes[4], bytes[5]]),
+            core_id: u16::from_le_bytes([bytes[6], bytes[7]]),
+            segment_id: read_u64(bytes, 8),
+            revision_before: read_u64(bytes, 16),
+        };
+        if header.format_version != LOG_FORMAT_VERSION {
+            return Err(DurabilityError::UnsupportedFormat {
+                version: header.format_version,
+                supported: LOG_FORMAT_VERSION,
+            });
+        }
+        Ok(header)
+    }
+}
+
+/// One change a revision made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect<'a> {
+    /// The key now holds `value`, at the record's revision, expiring at `deadline_ms`.
+    Set {
+        /// The key.
+        key: &'a [u8],
+        /// The value.
+        value: &'a [u8],
+        /// Absolute expiry in Unix milliseconds, if any.
+        deadline_ms: Option<u64>,
+    },
+    /// The key no longer exists.
+    Remove {
+        /// The key.
+        key: &'a [u8],
+    },
+}
+
+/// Appends records to a buffer: `begin` a revision, add its effects, `finish` it.
+///
+/// The shard writes through this while it applies a request, so the log says exactly what
+/// the store did.
+#[derive(Debug, Default)]
+pub struct RecordWriter {
+    buffer: Vec<u8>,
+    /// Where the open record's header starts, if one is open.
+    open_at: Option<usize>,
+}
+
+impl RecordWriter {
+    /// An empty writer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens the record of `revision`.
+    pub fn begin(&mut self, revision: u64) {
+        assert!(
+            self.open_at.is_none(),
+            "record already open at revision {revision}"
+        );
+        self.open_at = Some(self.buffer.len());
+        self.buffer.extend_from_slice(&[0; RECORD_HEADER_SIZE]);
+        self.buffer.extend_from_slice(&revision.to_le_bytes());
+    }
+
+    /// Adds an effect to the open record.
+    pub fn push(&mut self, effect: Effect<'_>) {
+        assert!(self.open_at.is_some(), "no open record");
+        match effect {
+            Effect::Set {
+                key,
+                value,
+                deadline_ms,
+            } => {
+                self.buffer.push(EFFECT_SET);
+                self.push_bytes_u16(key);
+                self.push_bytes_u32(value);
+                self.buffer.extend_from_slice(
+                    &deadline_ms
+                        .map_or(0, |deadline| deadline.max(1))
+                        .to_le_bytes(),
+                );
+            }
+            Effect::Remove { key } => {
+                self.buffer.push(EFFECT_REMOVE);
+                self.push_bytes_u16(key);
+            }
+        }
+    }
+
+    fn push_bytes_u16(&mut self, bytes: &[u8]) {
+        // Keys are at most KEY_SIZE_MAX (4 KiB), checked before they reach a shard.
+        let size = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+        assert!(
+            usize::from(size) == bytes.len(),
+            "key of {} bytes",
+            bytes.len()
+        );
+        self.buffer.extend_from_slice(&size.to_le_bytes());
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    fn push_bytes_u32(&mut self, bytes: &[u8]) {
+        let size = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        assert!(
+            size as usize == bytes.len(),
+            "value of {} bytes",
+            bytes.len()
+        );
+        self.buffer.extend_from_slice(&size.to_le_bytes());
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Closes the open record: fills in its size and checksum.
+    pub fn finish(&mut self) {
+        let Some(start) = self.open_at.take() else {
+            return;
+        };
+        let payload_start = start + RECORD_HEADER_SIZE;
+        let payload_size = self.buffer.len() - payload_start;
+        assert!(
+            payload_size <= RECORD_PAYLOAD_SIZE_MAX,
+            "record payload of {payload_size} bytes"
+        );
+        let size_bytes = u32::try_from(payload_size)
+            .unwrap_or(u32::MAX)
+            .to_le_bytes();
+        let checksum = record_checksum(size_bytes, &self.buffer[payload_start..]);
+        self.buffer[start..start + 4].copy_from_slice(&size_bytes);
+        self.buffer[start + 4..start + 8].copy_from_slice(&checksum.to_le_bytes());
+    }
+
+    /// Drops the open record, which must have no effects (a revision that changed nothing).
+    pub fn abort(&mut self) {
+        if let Some(start) = self.open_at.take() {
+            assert!(
+                self.buffer.len() == start + RECORD_HEADER_SIZE + 8,
+                "aborting a record that has effects"
+            );
+            self.buffer.truncate(start);
+        }
+    }
+
+    /// Whether no finished record is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.buffer.is_empty()
+    }
+
+    /// Bytes of finished records waiting to be taken.
+    pub fn len(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// Moves the finished records out (no record may be open), leaving the writer empty.
+    pub fn take(&mut self) -> Vec<u8> {
+        assert!(self.open_at.is_none(), "taking records while one is open");
+        std::mem::take(&mut self.buffer)
+    }
+
+    /// Appends the finished records to `out`, leaving the writer empty.
+    pub fn drain_into(&mut self, out: &mut Vec<u8>) {
+        assert!(self.open_at.is_none(), "taking records while one is open");
+        out.extend_from_slice(&self.buffer);
+        self.buffer.clear();
+    }
+}
+
+/// The checksum of a record: CRC32 over its size field and payload, so a torn size is caught
+/// as surely as a torn payload.
+fn record_checksum(size_bytes: [u8; 4], payload: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&size_bytes);
+    hasher.update(payload);
+    hasher.finalize()
+}
+
+fn read_u64(bytes: &[u8], offset: usize) -> u64 {
+    let mut word = [0; 8];
+    word.copy_from_slice(&bytes[offset..offset + 8]);
+    u64::from_le_bytes(word)
+}
+
+/// A record read back from a log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record<'a> {
+    /// The shard revision the record brought the shard to.
+    pub revision: u64,
+    effects: &'a [u8],
+}
+
+impl<'a> Record<'a> {
+    /// The record's effects, in the order they were applied.
+    pub fn effects(&self) -> Effects<'a> {
+        Effects { rest: self.effects }
+    }
+}
+
+/// Iterator over a record's effects; its payload was checksummed, so a malformed effect can
+/// only mean a bug or a checksum collision and ends the iteration with an error.
+#[derive(Debug, Clone)]
+pub struct Effects<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for Effects<'a> {
+    type Item = Result<Effect<'a>, DurabilityError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (&kind, rest) = self.rest.split_first()?;
+        let parsed = match kind {
+            EFFECT_SET => parse_set(rest),
+            EFFECT_REMOVE => {
+                take_u16_prefixed(rest).map(|(key, rest)| (Effect::Remove { key }, rest))
+            }
+            other => Err(DurabilityError::corrupt(format!(
+                "unknown effect kind {other}"
+            ))),
+        };
+        match parsed {
+            Ok((effect, rest)) => {
+                self.rest = rest;
+                Some(Ok(effect))
+            }
+            Err(error) => {
+                self.rest = &[];
+                Some(Err(error))
+            }
+        }
+    }
+}
+
+fn parse_set(bytes: &[u8]) -> Result<(Effect<'_>, &[u8]), DurabilityError> {
+    let (key, rest) = take_u16_prefixed(bytes)?;
+    let (value, rest) = take_u32_prefixed(rest)?;
+    let Some((deadline, rest)) = rest.split_first_chunk::<8>() else {
+        return Err(DurabilityError::corrupt("set effect cut short"));
+    };
+    let deadline_ms = u64::from_le_bytes(*deadline);
+    Ok((
+        Effect::Set {
+            key,
+            value,
+            deadline_ms: (deadline_ms != 0).then_some(deadline_ms),
+        },
+        rest,
+    ))
+}
+
+fn take_u16_prefixed(bytes: &[u8]) -> Result<(&[u8], &[u8]), DurabilityError> {
+    let Some((size, rest)) = bytes.split_first_chunk::<2>() else {
+        return Err(DurabilityError::corrupt("effect cut short"));
+    };
+    let size = usize::from(u16::from_le_bytes(*size));
+    if rest.len() < size {
+        return Err(DurabilityError::corrupt("effect key cut short"));
+    }
+    Ok(rest.split_at(size))
+}
+
+fn take_u32_prefixed(bytes: &[u8]) -> Result<(&[u8], &[u8]), DurabilityError> {
+    let Some((size, rest)) = bytes.split_first_chunk::<4>() else {
+        return Err(DurabilityError::corrupt("effect cut short"));
+    };
+    let size = u32::from_le_bytes(*size) as usize;
+    if rest.len() < size {
+        return Err(DurabilityError::corrupt("effect value cut short"));
+    }
+    Ok(rest.split_at(size))
+}
+
+/// What is at some position of a segment's record area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadOutcome<'a> {
+    /// A complete record whose checksum matches, and the bytes it occupies.
+    Record(Record<'a>, usize),
+    /// Nothing more was written here: the end of the data, zero bytes (preallocated space), or
+    /// a record cut short by the end of the data (a crash during an append). Not an error.
+    End,
+    /// A complete record whose checksum does not match, or a size that cannot be. Recovery
+    /// decides whether anything valid follows.
+    Damaged {
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Reads the record at the start of `bytes` (the rest of a segment's data).
+pub fn read_record(bytes: &[u8]) -> ReadOutcome<'_> {
+    let Some(header) = bytes.first_chunk::<RECORD_HEADER_SIZE>() else {
+        return ReadOutcome::End;
+    };
+    if header.iter().all(|&byte| byte == 0) {
+        return ReadOutcome::End;
+    }
+    let size_bytes = [header[0], header[1], header[2], header[3]];
+    let payload_size = u32::from_le_bytes(size_bytes) as usize;
+    let checksum = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    if !(8..=RECORD_PAYLOAD_SIZE_MAX).contains(&payload_size) {
+        return ReadOutcome::Damaged {
+            reason: format!("record payload size {payload_size} is impossible"),
+        };
+    }
+    let Some(payload) = bytes.get(RECORD_HEADER_SIZE..RECORD_HEADER_SIZE + payload_size) else {
+        return ReadOutcome::End;
+    };
+    let actual = record_checksum(size_bytes, payload);
+    if actual != checksum {
+        return ReadOutcome::Damaged {
+            reason: format!(
+                "record checksum mismatch (stored {checksum:#010x}, computed {actual:#010x})"
+            ),
+        };
+    }
+    let revision = read_u64(payload, 0);
+    ReadOutcome::Record(
+        Record {
+            revision,
+            effects: &payload[8..],
+        },
+        RECORD_HEADER_SIZE + payload_size,
+    )
+}
+
+/// Whether a valid record starts anywhere in `bytes` (at any byte offset). Used after a damaged
+/// record: damage followed by valid records is not a torn tail, and must not be cut off
+/// silently.
+pub fn has_valid_record_after(bytes: &[u8]) -> bool {
+    (1..bytes.len()).any(|offset| matches!(read_record(&bytes[offset..]), ReadOutcome::Record(..)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_records() -> Vec<u8> {
+        let mut writer = RecordWriter::new();
+        writer.begin(7);
+        writer.push(Effect::Set {
+            key: b"k1",
+            value: b"v1",
+            deadline_ms: None,
+        });
+        writer.push(Effect::Set {
+            key: b"k2",
+            value: b"",
+            deadline_ms: Some(1_700_000_000_000),
+        });
+        writer.finish();
+        writer.begin(8);
+        writer.push(Effect::Remove { key: b"k1" });
+        writer.finish();
+        writer.take()
+    }
+
+    #[test]
+    fn records_read_back_in_order() {
+        let bytes = sample_records();
+        let ReadOutcome::Record(first, first_size) = read_record(&bytes) else {
+            panic!("first record");
+        };
+        assert_eq!(first.revision, 7);
+        let effects: Vec<_> = first.effects().map(Result::unwrap).collect();
+        assert_eq!(
+            effects,
+            vec![
+                Effect::Set {
+                    key: b"k1",
+                    value: b"v1",
+                    deadline_ms: None
+                },
+                Effect::Set {
+                    key: b"k2",
+                    value: b"",
+                    deadline_ms: Some(1_700_000_000_000)
+                },
+            ]
+        );
+        let ReadOutcome::Record(second, second_size) = read_record(&bytes[first_size..]) else {
+            panic!("second record");
+        };
+        assert_eq!(second.revision, 8);
+        assert_eq!(
+            second.effects().map(Result::unwrap).collect::<Vec<_>>(),
+            vec![Effect::Remove { key: b"k1" }]
+        );
+        assert_eq!(first_size + second_size, bytes.len());
+        assert_eq!(read_record(&bytes[bytes.len()..]), ReadOutcome::End);
+    }
+
+    #[test]
+    fn a_cut_record_is_the_end_and_a_flipped_bit_is_damage() {
+        let bytes = sample_records();
+        for cut in 1..bytes.len() {
+            let outcome = read_record(&bytes[..cut]);
+            let ReadOutcome::Record(_, size) = read_record(&bytes) else {
+                unreachable!()
+            };
+            if cut < size {
+                assert_eq!(outcome, ReadOutcome::End, "cut at {cut}");
+            }
+        }
+        for bit in 0..(bytes.len() * 8) {
+            let mut flipped = bytes.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            // Whatever it reads as, it must not be the original first record with other
+            // content: either damage, the end, or (if the flip hit the second record) the
+            // unchanged first record.
+            match read_record(&flipped) {
+                ReadOutcome::Record(record, _) => {
+                    let ReadOutcome::Record(original, size) = read_record(&bytes) else {
+                        unreachable!()
+                    };
+                    assert!(
+                        bit / 8 >= size,
+                        "bit {bit} flipped inside an accepted record"
+                    );
+                    assert_eq!(record, original);
+                }
+                ReadOutcome::End | ReadOutcome::Damaged { .. } => {}
+            }
+        }
+    }
+
+    #[test]
+    fn zeros_are_the_end_and_damage_before_valid_records_is_seen() {
+        assert_eq!(read_record(&[0; 64]), ReadOutcome::End);
+        let mut bytes = sample_records();
+        bytes[9] ^= 0xff;
+        assert!(matches!(read_record(&bytes), ReadOutcome::Damaged { .. }));
+        assert!(has_valid_record_after(&bytes));
+        let mut only_first = sample_records();
+        let ReadOutcome::Record(_, size) = read_record(&only_first) else {
+            unreachable!()
+        };
+        only_first.truncate(size);
+        only_first[9] ^= 0xff;
+        assert!(!has_valid_record_after(&only_first));
+    }
+
+    #[test]
+    fn segment_headers_round_trip_and_refuse_damage() {
+        let header = SegmentHeader {
+            format_version: LOG_FORMAT_VERSION,
+            core_id: 3,
+            segment_id: 12,
+            revision_before: 99,
+        };
+        let bytes = header.to_bytes();
+        assert_eq!(SegmentHeader::from_bytes(&bytes).unwrap(), header);
+        for index in 0..SEGMENT_HEADER_SIZE {
+            let mut damaged = bytes;
+            damaged[index] ^= 0x40;
+            assert!(SegmentHeader::from_bytes(&damaged).is_err(), "byte {index}");
+        }
+    }
+}

@@ -1,0 +1,101 @@
+//! Durability: each core's write-ahead log, and recovery from it.
+//!
+//! Every mutation a shard applies is written, as it is applied, into the shard's
+//! [`format::RecordWriter`] as one record per revision (what the revision did to the key
+//! space). The core hands those records to its log, and in `sync` mode a reply that reflects
+//! a mutation leaves the server only once the log holds that mutation on disk. This is the
+//! single path for mutations: every later kind (leases, locks, transactions) goes through it.
+//!
+//! # Layout
+//! - [`format`]: segment headers and records, byte by byte (`docs/storage.md`). No I/O.
+//!
+//! **Invariant:** records are written in revision order and replaying them from an empty
+//! store rebuilds the shard exactly.
+
+pub mod format;
+
+/// How a server instance keeps its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge a write only after the batch that holds it is on disk (the default).
+    #[default]
+    Sync,
+    /// Acknowledge at once and flush every `flush_interval_ms`; a crash loses at most that
+    /// window of acknowledged writes.
+    Async,
+    /// No log at all: a cache. Everything is lost when the process ends.
+    Memory,
+}
+
+impl Durability {
+    /// The name used in flags and configuration files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Async => "async",
+            Self::Memory => "memory",
+        }
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "sync" => Ok(Self::Sync),
+            "async" => Ok(Self::Async),
+            "memory" => Ok(Self::Memory),
+            other => Err(format!(
+                "durability {other:?} is not one of sync, async, memory"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// Why the log or a snapshot cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DurabilityError {
+    /// Bytes on disk are not what this format allows.
+    #[error("corrupt log data: {reason}")]
+    Corrupt {
+        /// What is wrong, with the numbers.
+        reason: String,
+    },
+    /// A segment was written by a format this build cannot read.
+    #[error("log format version {version} is not supported (this build reads {supported})")]
+    UnsupportedFormat {
+        /// The version found.
+        version: u16,
+        /// The version this build reads.
+        supported: u16,
+    },
+    /// An I/O operation failed.
+    #[error("{operation} {path}: {source}")]
+    Io {
+        /// What was being done.
+        operation: &'static str,
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DurabilityError {
+    /// A [`DurabilityError::Corrupt`] with `reason`.
+    pub fn corrupt(reason: impl Into<String>) -> Self {
+        Self::Corrupt {
+            reason: reason.into(),
+        }
+    }
+}
