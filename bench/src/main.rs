@@ -665,6 +665,7 @@ fn run_client(
         Target::Embedded => {
             let config = tessera_client::EmbeddedConfig {
                 cores: flags.embedded_cores,
+                durability: tessera_server::config::Durability::Memory,
                 ..tessera_client::EmbeddedConfig::default()
             };
             let client = tessera_client::Client::embedded(config)

@@ -52,6 +52,7 @@ fn network_run_through_the_load_generator_reports_server_cpu() {
         cores: 2,
         port: 0,
         memory_bytes_max: 64 * 1024 * 1024,
+        durability: tessera_server::config::Durability::Memory,
         ..tessera_server::Config::default()
     })
     .expect("a test server starts");

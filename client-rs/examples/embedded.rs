@@ -6,11 +6,13 @@
 
 use std::time::Duration;
 
-use tessera_client::{BlockingClient, EmbeddedConfig, PutOptions, TtlState};
+use tessera_client::{BlockingClient, Durability, EmbeddedConfig, PutOptions, TtlState};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // In memory for the demo; give it a `data_dir` and `Durability::Sync` to keep the data.
     let config = EmbeddedConfig {
         cores: 2,
+        durability: Durability::Memory,
         ..EmbeddedConfig::default()
     };
     let client = BlockingClient::embedded(config)?;

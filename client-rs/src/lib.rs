@@ -57,6 +57,8 @@ pub use blocking::BlockingClient;
 pub use error::{ClientError, Result};
 pub use tessera_protocol::{CoreStats, Entry, ErrorCode, Topology, TtlState};
 #[cfg(feature = "embedded")]
+pub use tessera_server::config::Durability;
+#[cfg(feature = "embedded")]
 pub use tessera_server::Config as EmbeddedConfig;
 
 use crate::connection::{server_error, Connection, ConnectionSettings};
@@ -642,7 +644,7 @@ impl Client {
         let view = self.view();
         let calls = view.all_transports().map(|(_, transport)| async move {
             match transport.call(&Request::Stats).await? {
-                Response::Stats(stats) => Ok(stats),
+                Response::Stats(stats) => Ok(*stats),
                 other => Err(unexpected(&other)),
             }
         });

@@ -200,8 +200,9 @@ pub enum Response {
         /// The answering core.
         core_id: u16,
     },
-    /// Answer to [`Request::Stats`].
-    Stats(CoreStats),
+    /// Answer to [`Request::Stats`]. Boxed so the many counters do not widen every other
+    /// response (an archived enum is as wide as its widest variant).
+    Stats(Box<CoreStats>),
     /// Answer to [`Request::Get`]: the entry, or `None` if the key does not exist.
     Value(Option<Entry>),
     /// Answer to [`Request::Put`].
@@ -282,6 +283,12 @@ pub struct CoreStats {
     pub expired_count: u64,
     /// Open client connections across the whole node.
     pub connection_count: u64,
+    /// Records the core's log has written (0 with durability `memory`).
+    pub log_record_count: u64,
+    /// `fdatasync` calls the core's log has made; records per sync is the group commit's batch.
+    pub log_sync_count: u64,
+    /// Bytes the core's log has written.
+    pub log_byte_count: u64,
 }
 
 /// The body of an error response.

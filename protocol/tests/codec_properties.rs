@@ -168,7 +168,7 @@ fn ttl_state() -> impl Strategy<Value = TtlState> {
 }
 
 fn core_stats() -> impl Strategy<Value = CoreStats> {
-    (any::<u32>(), any::<u16>(), any::<[u64; 7]>()).prop_map(|(node_id, core_id, counters)| {
+    (any::<u32>(), any::<u16>(), any::<[u64; 10]>()).prop_map(|(node_id, core_id, counters)| {
         CoreStats {
             node_id,
             core_id,
@@ -179,6 +179,9 @@ fn core_stats() -> impl Strategy<Value = CoreStats> {
             request_count: counters[4],
             expired_count: counters[5],
             connection_count: counters[6],
+            log_record_count: counters[7],
+            log_sync_count: counters[8],
+            log_byte_count: counters[9],
         }
     })
 }
@@ -279,7 +282,7 @@ fn response() -> impl Strategy<Value = Response> {
         ),
         (any::<u32>(), any::<u16>())
             .prop_map(|(node_id, core_id)| Response::Pong { node_id, core_id }),
-        core_stats().prop_map(Response::Stats),
+        core_stats().prop_map(|stats| Response::Stats(Box::new(stats))),
         proptest::option::of(entry()).prop_map(Response::Value),
         (any::<bool>(), any::<u64>(), proptest::option::of(entry())).prop_map(
             |(applied, version, previous)| Response::Put {
@@ -753,7 +756,12 @@ fn every_bit_of_small_frames_is_checked() {
         Message::Request(Request::Get {
             key: b"user:1".to_vec(),
         }),
-        Message::Response(Response::Exists { exists: true }),
+        // A value of one byte, so the body is not a multiple of 16 and the frame has padding.
+        Message::Response(Response::Value(Some(Entry {
+            value: b"v".to_vec(),
+            version: 1,
+            expires_at_ms: None,
+        }))),
     ];
     for message in &frames {
         let buffer = encode(0x0123_4567_89AB_CDEF, message);

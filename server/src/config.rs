@@ -11,6 +11,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tessera_protocol::limits::{CORE_COUNT_MAX, TEXT_SIZE_MAX};
 
+pub use crate::durability::Durability;
 use crate::error::ConfigError;
 
 /// The effective configuration of one server instance.
@@ -51,6 +52,18 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     /// Log filter (`tracing_subscriber::EnvFilter` syntax), e.g. `info` or `tessera_server=debug`.
     pub log: String,
+    /// Where the write-ahead logs live (one directory per core inside it).
+    pub data_dir: PathBuf,
+    /// How writes are made durable: `sync`, `async` or `memory`.
+    pub durability: Durability,
+    /// In `async` mode, how often the log is written and synced, in milliseconds: the window
+    /// of acknowledged writes a crash can lose.
+    pub flush_interval_ms: u64,
+    /// A log segment is closed and a new one started past this size, in bytes.
+    pub segment_bytes_max: u64,
+    /// Start even if the log is damaged before its end: keep what precedes the damage and
+    /// drop the rest (logged). Without it such a log refuses to start.
+    pub repair: bool,
 }
 
 /// Command-line flags. Every flag may also come from its `TESSERA_*` environment variable.
@@ -119,6 +132,22 @@ pub struct Flags {
     /// Log filter, e.g. `info` or `tessera_server=debug`.
     #[arg(long, env = "TESSERA_LOG")]
     pub log: Option<String>,
+    /// Directory of the write-ahead logs (default `tessera-data`).
+    #[arg(long, env = "TESSERA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// `sync` (acknowledge after fdatasync; default), `async` (flush every
+    /// --flush-interval-ms) or `memory` (no log).
+    #[arg(long, env = "TESSERA_DURABILITY")]
+    pub durability: Option<Durability>,
+    /// Flush interval of `--durability async`, in milliseconds (default 100).
+    #[arg(long, env = "TESSERA_FLUSH_INTERVAL_MS")]
+    pub flush_interval_ms: Option<u64>,
+    /// Size at which a log segment is closed (accepts KiB/MiB/GiB; default 64 MiB).
+    #[arg(long, env = "TESSERA_SEGMENT_BYTES_MAX", value_parser = parse_size)]
+    pub segment_bytes_max: Option<u64>,
+    /// Start despite a log damaged before its end, dropping what follows the damage.
+    #[arg(long, env = "TESSERA_REPAIR")]
+    pub repair: bool,
 }
 
 /// A parsed CPU list such as `0-3,6`.
@@ -146,6 +175,11 @@ struct FileConfig {
     io_memory_bytes: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
     log: Option<String>,
+    data_dir: Option<PathBuf>,
+    durability: Option<Durability>,
+    flush_interval_ms: Option<u64>,
+    segment_bytes_max: Option<u64>,
+    repair: Option<bool>,
 }
 
 /// Default base port.
@@ -172,6 +206,11 @@ impl Default for Config {
             io_memory_bytes: 1024 * 1024,
             shutdown_timeout_ms: 5_000,
             log: "info".to_owned(),
+            data_dir: PathBuf::from("tessera-data"),
+            durability: Durability::Sync,
+            flush_interval_ms: 100,
+            segment_bytes_max: 64 * 1024 * 1024,
+            repair: false,
         }
     }
 }
@@ -220,7 +259,12 @@ impl Config {
             expired_per_tick_max,
             io_memory_bytes,
             shutdown_timeout_ms,
-            log
+            log,
+            data_dir,
+            durability,
+            flush_interval_ms,
+            segment_bytes_max,
+            repair
         );
         if file.advertise_host.is_some() {
             self.advertise_host = file.advertise_host;
@@ -246,8 +290,15 @@ impl Config {
             tick_ms,
             expired_per_tick_max,
             shutdown_timeout_ms,
-            log
+            log,
+            data_dir,
+            durability,
+            flush_interval_ms,
+            segment_bytes_max
         );
+        if flags.repair {
+            self.repair = true;
+        }
         if let Some(bytes) = flags.memory_bytes_max {
             self.memory_bytes_max = bytes;
         }
@@ -327,6 +378,24 @@ impl Config {
         }
         if self.expired_per_tick_max == 0 {
             return invalid("expired_per_tick_max", "must be at least 1".to_owned());
+        }
+        if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
+            return invalid(
+                "flush_interval_ms",
+                format!("{} is outside 1..=60000", self.flush_interval_ms),
+            );
+        }
+        if self.segment_bytes_max < 1024 * 1024 {
+            return invalid(
+                "segment_bytes_max",
+                format!("{} is below the minimum of 1 MiB", self.segment_bytes_max),
+            );
+        }
+        if self.durability != Durability::Memory && self.data_dir.as_os_str().is_empty() {
+            return invalid(
+                "data_dir",
+                format!("durability {} needs a data directory", self.durability),
+            );
         }
         if self.io_memory_bytes < 512 * 1024 {
             return invalid(

@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use tessera_protocol::{
 };
 
 use crate::config::Config;
+use crate::durability::log::CoreLog;
 use crate::inbox::{Inbox, PushError};
 use crate::runtime::LocalSignal;
 use crate::shard::Shard;
@@ -94,9 +96,31 @@ pub struct CoreContext {
     /// Fired when a graceful stop has taken longer than `shutdown_timeout_ms`: connections
     /// abandon writes to clients that do not read and close at once.
     pub abort: LocalSignal,
+    /// The core's write-ahead log; `None` with durability `memory`.
+    pub log: Option<Rc<CoreLog>>,
 }
 
 impl CoreContext {
+    /// Hands what the shard journaled to the core's log. Called after every batch of
+    /// requests, expiry tick and inbox batch.
+    pub fn flush_journal(&self) {
+        let Some(log) = &self.log else { return };
+        let mut shard = self.shard.borrow_mut();
+        let revision = shard.revision();
+        if let Some(journal) = shard.journal_mut() {
+            log.append(journal, revision);
+        }
+    }
+
+    /// The revision a reply produced now must wait for before it leaves the server, when
+    /// replies wait for the log (`sync` mode): the shard's current revision.
+    pub fn gate_revision(&self) -> Option<u64> {
+        match &self.log {
+            Some(log) if log.is_gating() => Some(self.shard.borrow().revision()),
+            _ => None,
+        }
+    }
+
     /// Decides where `request` runs.
     pub fn route(&self, request: &ArchivedRequest) -> Route {
         match request {
@@ -197,7 +221,8 @@ impl CoreContext {
             ArchivedRequest::Stats => {
                 let shard = self.shard.borrow();
                 let stats = shard.stats();
-                Response::Stats(CoreStats {
+                let log_stats = self.log.as_ref().map(|log| log.stats()).unwrap_or_default();
+                Response::Stats(Box::new(CoreStats {
                     node_id: self.node_id,
                     core_id: self.core_id,
                     key_count: shard.key_count() as u64,
@@ -207,7 +232,10 @@ impl CoreContext {
                     request_count: stats.request_count,
                     expired_count: stats.expired_count,
                     connection_count: self.connection_count.load(Ordering::Relaxed) as u64,
-                })
+                    log_record_count: log_stats.record_count,
+                    log_sync_count: log_stats.sync_count,
+                    log_byte_count: log_stats.byte_count,
+                }))
             }
             _ => self.shard.borrow_mut().apply(now_ms, request),
         }
@@ -563,13 +591,32 @@ pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<Cor
     let mut batch = VecDeque::new();
     while inbox.receive_batch(&mut batch).await {
         let now_ms = crate::clock::now_unix_ms();
+        let mut replies = Vec::with_capacity(batch.len());
         for (position, request) in batch.drain(..).enumerate() {
             let response = context.respond_to_body(now_ms, &request.body);
-            // The caller may have given up (a dropped embedded future); that is not an error.
-            let _ = request.reply.send(encode_reply_body(&response));
+            replies.push((request.reply, encode_reply_body(&response)));
             if position % 64 == 63 {
                 glommio::executor().yield_if_needed().await;
             }
+        }
+        context.flush_journal();
+        // The caller may have given up (a dropped embedded future); that is not an error.
+        let send_all = |replies: Vec<(oneshot::Sender<FrameBuffer>, FrameBuffer)>| {
+            for (reply, body) in replies {
+                let _ = reply.send(body);
+            }
+        };
+        match (context.gate_revision(), &context.log) {
+            (Some(revision), Some(log)) if log.durable_revision() < revision => {
+                // Answer once the batch is on disk, without holding up the next batch.
+                let log = log.clone();
+                glommio::spawn_local(async move {
+                    log.wait_durable(revision).await;
+                    send_all(replies);
+                })
+                .detach();
+            }
+            _ => send_all(replies),
         }
     }
     context.stop.fire();
@@ -585,6 +632,7 @@ pub async fn run_ticks(context: std::rc::Rc<CoreContext>) {
         .is_some()
     {
         let expired_count = context.shard.borrow_mut().tick(crate::clock::now_unix_ms());
+        context.flush_journal();
         if expired_count > 0 {
             tracing::trace!(expired_count, "reclaimed expired keys");
         }

@@ -58,6 +58,9 @@ pub enum StartError {
         /// Why.
         reason: String,
     },
+    /// The data directory cannot be used, or a core's log cannot be recovered.
+    #[error("data: {0}")]
+    Data(#[from] crate::durability::DurabilityError),
     /// The topology built from the configuration is invalid (a bug or impossible settings).
     #[error("invalid topology: {0}")]
     Topology(#[from] tessera_protocol::TopologyError),

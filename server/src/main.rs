@@ -70,6 +70,13 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(ServerEvent::CoreFailed { core_id, reason }) => {
+            tracing::error!(core_id, %reason, "a core's log failed; exiting so recovery can replay it");
+            eprintln!("tessera-server: core {core_id}: {reason}");
+            // Not a graceful stop: what is unacknowledged stays so, and recovery replays what
+            // reached the disk.
+            std::process::exit(3);
+        }
         Some(ServerEvent::CoreExited { core_id }) => {
             tracing::error!(core_id, "a core exited unexpectedly; stopping");
             eprintln!("tessera-server: core {core_id} exited unexpectedly");

@@ -98,6 +98,11 @@ impl LocalNotify {
         Self::default()
     }
 
+    /// Whether `other` is this same notify (a clone of it).
+    pub fn is_same(&self, other: &LocalNotify) -> bool {
+        Rc::ptr_eq(&self.state, &other.state)
+    }
+
     /// Wakes the waiter, or the next one to wait.
     pub fn notify(&self) {
         let waker = {

@@ -25,6 +25,9 @@ use tessera_protocol::{split_slots, CoreInfo, NodeInfo, RouteTable, Topology};
 
 use crate::config::Config;
 use crate::core::{run_ticks, serve_inbox, CoreContext, CoreInboxes};
+use crate::durability::log::{run_writer, CoreLog, Segment, WriterControl};
+use crate::durability::recovery::{core_directory, prepare_data_dir, recover};
+use crate::durability::Durability;
 use crate::error::{ServerError, StartError};
 use crate::inbox::Inbox;
 use crate::runtime::LocalSignal;
@@ -46,7 +49,7 @@ pub enum Mode {
 }
 
 /// Something the process owning the server should react to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerEvent {
     /// A core's executor returned; unless shutdown was requested, the server is broken.
     CoreExited {
@@ -55,6 +58,14 @@ pub enum ServerEvent {
     },
     /// A termination signal arrived (posted by the binary's signal thread).
     Signal(i32),
+    /// A core's log failed (a write or sync error): nothing more is acknowledged, and the
+    /// process must exit so its supervisor restarts it and recovery replays the log.
+    CoreFailed {
+        /// The core.
+        core_id: u16,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// What a core had done when it stopped, as reported by [`Server::shutdown`].
@@ -110,6 +121,9 @@ impl Server {
         config.validate()?;
         let config = Arc::new(config);
         let core_count = config.cores;
+        if config.durability != Durability::Memory {
+            prepare_data_dir(&config.data_dir, core_count)?;
+        }
         let listeners = match mode {
             Mode::Network => bind_listeners(&config)?,
             Mode::Embedded => Vec::new(),
@@ -334,6 +348,109 @@ fn build_topology(
     Ok(topology)
 }
 
+/// Runs the accept loop until the core stops, then takes the socket out of `LISTEN`.
+async fn accept_until_stopped(
+    context: &Rc<CoreContext>,
+    listener: glommio::net::TcpListener,
+    listener_control: Option<Socket>,
+    gate: &Rc<Gate>,
+    handoff: crate::net::connection::Handoff,
+) {
+    crate::net::listener::accept_loop(context.clone(), listener, gate.clone(), handoff).await;
+    // The abandoned accept's io_uring request keeps a reference to the socket until the ring
+    // is torn down, after this thread exits; until then the kernel would still accept
+    // connections nobody serves, and the port could not be bound again. shutdown(2) takes the
+    // socket out of LISTEN at once, whatever holds references. See
+    // server/tests/listener_release.rs.
+    if let Some(control) = listener_control {
+        if let Err(shutdown_error) = control.shutdown(std::net::Shutdown::Both) {
+            tracing::debug!(%shutdown_error, "cannot shut the listening socket down");
+        }
+    }
+}
+
+/// Waits until every connection has closed, aborting those still open after the timeout.
+async fn close_connections(context: &CoreContext, gate: &Gate, shutdown_timeout_ms: u64) {
+    let timeout = Duration::from_millis(shutdown_timeout_ms);
+    // `gate.close()` is awaited once, to completion: dropping it midway leaves glommio's gate
+    // closing with nobody to notify, and the last connection's exit then panics. The timeout
+    // runs beside it and fires `abort`, which makes every connection drop what it is writing
+    // (to clients that stopped reading) and end, so the close completes promptly after it.
+    // See server/tests/shutdown_timeout.rs.
+    futures_lite::future::or(
+        async {
+            let _ = gate.close().await;
+        },
+        async {
+            glommio::timer::sleep(timeout).await;
+            tracing::warn!(
+                ?timeout,
+                "connections still open after the shutdown timeout; closing"
+            );
+            context.abort.fire();
+            std::future::pending::<()>().await;
+        },
+    )
+    .await;
+}
+
+/// Starts the log's writer, which reports a failed write to the process (which must exit).
+fn spawn_writer(
+    config: &Config,
+    core_id: u16,
+    events: &mpsc::Sender<ServerEvent>,
+    log: Rc<CoreLog>,
+    segment: Segment,
+    control: WriterControl,
+) -> glommio::Task<()> {
+    let events = events.clone();
+    let flush_interval = Duration::from_millis(config.flush_interval_ms);
+    let segment_bytes_max = config.segment_bytes_max;
+    glommio::spawn_local(async move {
+        let failure = run_writer(log, segment, segment_bytes_max, flush_interval, control).await;
+        if let Some(reason) = failure {
+            let _ = events.send(ServerEvent::CoreFailed { core_id, reason });
+        }
+    })
+}
+
+/// The core's shard, recovered from its log unless durability is `memory`, with the log and
+/// the segment its writer continues in.
+async fn open_shard(
+    core_id: u16,
+    shard_config: &ShardConfig,
+    config: &Config,
+) -> Result<(Shard, Option<(Rc<CoreLog>, Segment)>), String> {
+    let now_ms = crate::clock::now_unix_ms();
+    if config.durability == Durability::Memory {
+        return Ok((Shard::new(shard_config.clone(), now_ms), None));
+    }
+    let directory = core_directory(&config.data_dir, usize::from(core_id));
+    let mut shard = Shard::with_journal(shard_config.clone(), now_ms);
+    let started = std::time::Instant::now();
+    let recovered = recover(&directory, core_id, &mut shard, now_ms, config.repair)
+        .map_err(|error| format!("recovery of {}: {error}", directory.display()))?;
+    tracing::info!(
+        segments = recovered.segment_count,
+        records = recovered.record_count,
+        bytes = recovered.byte_count,
+        revision = shard.revision(),
+        keys = shard.key_count(),
+        elapsed_ms = started.elapsed().as_millis(),
+        "recovered"
+    );
+    let segment = Segment::create(
+        &directory,
+        core_id,
+        recovered.next_segment_id,
+        shard.revision(),
+    )
+    .await
+    .map_err(|error| format!("cannot start a log segment: {error}"))?;
+    let log = Rc::new(CoreLog::new(config.durability, shard.revision()));
+    Ok((shard, Some((log, segment))))
+}
+
 fn format_address(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
@@ -398,28 +515,45 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         // from the OwnedFd into the glommio listener, which closes it.
         unsafe { glommio::net::TcpListener::from_raw_fd(fd.into_raw_fd()) }
     });
-    let routes = match RouteTable::new(&start.topology) {
-        Ok(routes) => routes,
-        Err(topology_error) => {
-            let _ = start
-                .ready
-                .send((start.core_id, Err(topology_error.to_string())));
+    let inbox = start.inboxes[usize::from(start.core_id)].clone();
+    let opened = match RouteTable::new(&start.topology) {
+        Ok(routes) => open_shard(start.core_id, &start.shard_config, &start.config)
+            .await
+            .map(|(shard, durable)| (routes, shard, durable)),
+        Err(topology_error) => Err(topology_error.to_string()),
+    };
+    let (routes, shard, durable) = match opened {
+        Ok(opened) => opened,
+        Err(reason) => {
+            let _ = start.ready.send((start.core_id, Err(reason)));
             return None;
         }
     };
-    let inbox = start.inboxes[usize::from(start.core_id)].clone();
+    let log = durable.as_ref().map(|(log, _)| log.clone());
     let context = Rc::new(CoreContext {
         node_id: start.config.node_id,
         node_index: 0,
         core_id: start.core_id,
         topology: start.topology,
         routes,
-        shard: std::cell::RefCell::new(Shard::new(start.shard_config, crate::clock::now_unix_ms())),
+        shard: std::cell::RefCell::new(shard),
         inboxes: start.inboxes,
         config: start.config.clone(),
         connection_count: start.connection_count,
         stop: LocalSignal::new(),
         abort: LocalSignal::new(),
+        log,
+    });
+    let writer_control = WriterControl::default();
+    let writer_task = durable.map(|(log, segment)| {
+        spawn_writer(
+            &start.config,
+            start.core_id,
+            &start.events,
+            log,
+            segment,
+            writer_control.clone(),
+        )
     });
     let inbox_task = glommio::spawn_local(serve_inbox(context.clone(), inbox));
     let tick_task = glommio::spawn_local(run_ticks(context.clone()));
@@ -449,44 +583,19 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     let _ = start.ready.send((start.core_id, Ok(())));
     match listener {
         Some(listener) => {
-            crate::net::listener::accept_loop(context.clone(), listener, gate.clone(), handoff)
-                .await;
-            // The abandoned accept's io_uring request keeps a reference to the socket until
-            // the ring is torn down, after this thread exits; until then the kernel would
-            // still accept connections nobody serves, and the port could not be bound again.
-            // shutdown(2) takes the socket out of LISTEN at once, whatever holds references.
-            // See server/tests/listener_release.rs.
-            if let Some(control) = listener_control {
-                if let Err(shutdown_error) = control.shutdown(std::net::Shutdown::Both) {
-                    tracing::debug!(%shutdown_error, "cannot shut the listening socket down");
-                }
-            }
+            accept_until_stopped(&context, listener, listener_control, &gate, handoff).await;
         }
         None => context.stop.wait().await,
     }
-    let timeout = Duration::from_millis(start.config.shutdown_timeout_ms);
-    // `gate.close()` is awaited once, to completion: dropping it midway leaves glommio's gate
-    // closing with nobody to notify, and the last connection's exit then panics. The timeout
-    // runs beside it and fires `abort`, which makes every connection drop what it is writing
-    // (to clients that stopped reading) and end, so the close completes promptly after it.
-    // See server/tests/shutdown_timeout.rs.
-    futures_lite::future::or(
-        async {
-            let _ = gate.close().await;
-        },
-        async {
-            glommio::timer::sleep(timeout).await;
-            tracing::warn!(
-                ?timeout,
-                "connections still open after the shutdown timeout; closing"
-            );
-            context.abort.fire();
-            std::future::pending::<()>().await;
-        },
-    )
-    .await;
+    close_connections(&context, &gate, start.config.shutdown_timeout_ms).await;
     inbox_task.await;
     tick_task.await;
+    // Everything the core applied is in the log once the writer has finished.
+    context.flush_journal();
+    writer_control.finish.fire();
+    if let Some(writer_task) = writer_task {
+        writer_task.await;
+    }
     let shard = context.shard.borrow();
     Some(CoreSummary {
         core_id: context.core_id,

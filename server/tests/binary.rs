@@ -28,6 +28,8 @@ fn server_command() -> Command {
             command.env_remove(name);
         }
     }
+    // No data directory in the source tree; the durable binary is tested in durability.rs.
+    command.env("TESSERA_DURABILITY", "memory");
     command
 }
 

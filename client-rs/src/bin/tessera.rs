@@ -246,6 +246,9 @@ fn print_stats(all_stats: &[tessera_client::CoreStats], json: bool) {
                     "request_count": stats.request_count,
                     "expired_count": stats.expired_count,
                     "connection_count": stats.connection_count,
+                    "log_record_count": stats.log_record_count,
+                    "log_sync_count": stats.log_sync_count,
+                    "log_byte_count": stats.log_byte_count,
                 })
             })
             .collect();

@@ -38,6 +38,9 @@ pub fn test_config(core_count: usize) -> Config {
         cores: core_count,
         port: 0,
         memory_bytes_max: TEST_MEMORY_BYTES_MAX,
+        // In memory unless a test says otherwise: the durable tests give each server a
+        // directory of its own.
+        durability: tessera_server::config::Durability::Memory,
         ..Config::default()
     }
 }

@@ -129,6 +129,8 @@ pub struct RecordWriter {
     buffer: Vec<u8>,
     /// Where the open record's header starts, if one is open.
     open_at: Option<usize>,
+    /// Finished records in `buffer`.
+    record_count: u64,
 }
 
 impl RecordWriter {
@@ -213,6 +215,12 @@ impl RecordWriter {
         let checksum = record_checksum(size_bytes, &self.buffer[payload_start..]);
         self.buffer[start..start + 4].copy_from_slice(&size_bytes);
         self.buffer[start + 4..start + 8].copy_from_slice(&checksum.to_le_bytes());
+        self.record_count += 1;
+    }
+
+    /// Finished records waiting to be taken.
+    pub fn record_count(&self) -> u64 {
+        self.record_count
     }
 
     /// Drops the open record, which must have no effects (a revision that changed nothing).
@@ -239,6 +247,7 @@ impl RecordWriter {
     /// Moves the finished records out (no record may be open), leaving the writer empty.
     pub fn take(&mut self) -> Vec<u8> {
         assert!(self.open_at.is_none(), "taking records while one is open");
+        self.record_count = 0;
         std::mem::take(&mut self.buffer)
     }
 
@@ -247,6 +256,7 @@ impl RecordWriter {
         assert!(self.open_at.is_none(), "taking records while one is open");
         out.extend_from_slice(&self.buffer);
         self.buffer.clear();
+        self.record_count = 0;
     }
 }
 

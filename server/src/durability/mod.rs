@@ -8,11 +8,15 @@
 //!
 //! # Layout
 //! - [`format`]: segment headers and records, byte by byte (`docs/storage.md`). No I/O.
+//! - [`log`]: a core's log: appends, the group-commit writer task, segment files.
+//! - [`recovery`]: replaying a core's segments at startup; the data directory's layout.
 //!
 //! **Invariant:** records are written in revision order and replaying them from an empty
 //! store rebuilds the shard exactly.
 
 pub mod format;
+pub mod log;
+pub mod recovery;
 
 /// How a server instance keeps its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

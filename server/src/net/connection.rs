@@ -23,6 +23,7 @@
 //!   unless the shutdown timeout fires first (`abort`), which drops what is left.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -147,11 +148,18 @@ struct Connection {
     is_discarding: bool,
     /// Queued in the set's ready list.
     is_ready: bool,
+    /// In `sync` mode, which replies in `write_buffer` wait for which revision to be on
+    /// disk: `(end offset, revision)`, offsets and revisions increasing. Empty otherwise.
+    marks: VecDeque<(usize, u64)>,
 }
 
 /// Runs every connection of this core over `ring` until the core stops and they have all
 /// closed.
 pub async fn serve(context: Rc<CoreContext>, handoff: Handoff, ring: SocketRing) {
+    if let Some(log) = &context.log {
+        // A batch reaching the disk may release replies.
+        log.subscribe(handoff.notify.clone());
+    }
     let mut set = ConnectionSet {
         context,
         ring,
@@ -163,6 +171,7 @@ pub async fn serve(context: Rc<CoreContext>, handoff: Handoff, ring: SocketRing)
         ready: Vec::new(),
         is_stopping: false,
         is_aborting: false,
+        durable_revision_seen: 0,
     };
     set.run().await;
 }
@@ -193,6 +202,8 @@ struct ConnectionSet {
     ready: Vec<usize>,
     is_stopping: bool,
     is_aborting: bool,
+    /// The log's durable revision when replies were last released.
+    durable_revision_seen: u64,
 }
 
 impl ConnectionSet {
@@ -207,12 +218,15 @@ impl ConnectionSet {
             }
             self.adopt_accepted();
             self.deliver_forwarded();
+            self.release_durable();
             std::mem::swap(&mut stepping, &mut self.ready);
             let now_ms = crate::clock::now_unix_ms();
             for &index in &stepping {
                 self.step(index, now_ms);
             }
             stepping.clear();
+            // What this pass applied goes to the log now, so it is in the writer's next batch.
+            self.context.flush_journal();
             if let Err(ring_error) = self.ring.submit() {
                 tracing::error!(%ring_error, "socket ring submit failed; closing connections");
                 self.begin_abort();
@@ -241,6 +255,26 @@ impl ConnectionSet {
             if !connection.is_ready {
                 connection.is_ready = true;
                 self.ready.push(index);
+            }
+        }
+    }
+
+    /// Once the log has more on disk, connections holding replies that waited for it get a
+    /// turn to send them.
+    fn release_durable(&mut self) {
+        let Some(log) = &self.context.log else { return };
+        let durable = log.durable_revision();
+        if durable == self.durable_revision_seen {
+            return;
+        }
+        self.durable_revision_seen = durable;
+        for index in 0..self.slots.len() {
+            let is_waiting = self.slots[index]
+                .1
+                .as_ref()
+                .is_some_and(|connection| !connection.marks.is_empty());
+            if is_waiting {
+                self.mark_ready(index);
             }
         }
     }
@@ -309,6 +343,7 @@ impl ConnectionSet {
                     close_reason: None,
                     is_discarding: false,
                     is_ready: false,
+                    marks: VecDeque::new(),
                 }),
             );
             self.mark_ready(index);
@@ -334,6 +369,7 @@ impl ConnectionSet {
             connection.forwards_in_flight -= 1;
             if !connection.is_discarding {
                 connection.encode_reply(request_id, &reply);
+                connection.gate(self.context.gate_revision());
             }
             self.mark_ready(index);
         }
@@ -359,14 +395,14 @@ impl ConnectionSet {
             } else {
                 connection.process(&self.context, now_ms, &self.forwarded, &self.handoff, index)
             };
+            connection.gate(self.context.gate_revision());
         }
         let token_base = token(index, connection.generation, 0);
         let fd = connection.fd.as_raw_fd();
         if !connection.is_sending && !connection.is_discarding {
             if connection.sent == connection.sending.len() && !connection.write_buffer.is_empty() {
-                std::mem::swap(&mut connection.write_buffer, &mut connection.sending);
-                connection.write_buffer.clear();
-                connection.sent = 0;
+                let durable = self.context.log.as_ref().map(|log| log.durable_revision());
+                connection.take_sendable(durable);
             }
             if connection.sent < connection.sending.len() && self.ring.has_room() {
                 let rest = &connection.sending[connection.sent..];
@@ -517,6 +553,53 @@ impl Connection {
         }
         let is_closing = self.close_reason.is_some();
         is_closing && !self.has_unwritten() && self.forwards_in_flight == 0
+    }
+
+    /// Records that the replies encoded so far wait for `revision` (if replies wait at all).
+    fn gate(&mut self, revision: Option<u64>) {
+        let Some(revision) = revision else { return };
+        let end = self.write_buffer.len();
+        match self.marks.back_mut() {
+            Some((mark_end, _)) if *mark_end == end => {}
+            Some((mark_end, mark_revision)) if *mark_revision == revision => *mark_end = end,
+            _ if end == 0 => {}
+            _ => self.marks.push_back((end, revision)),
+        }
+    }
+
+    /// Moves the replies that may leave now from `write_buffer` into `sending` (which is
+    /// empty): all of them, or with `durable` set (`sync` mode) those whose revision is on
+    /// disk.
+    fn take_sendable(&mut self, durable: Option<u64>) {
+        let sendable = match durable {
+            Some(durable) if !self.marks.is_empty() => {
+                let mut end = 0;
+                while let Some(&(mark_end, revision)) = self.marks.front() {
+                    if revision > durable {
+                        break;
+                    }
+                    end = mark_end;
+                    self.marks.pop_front();
+                }
+                for (mark_end, _) in &mut self.marks {
+                    *mark_end -= end;
+                }
+                end
+            }
+            _ => self.write_buffer.len(),
+        };
+        self.sending.clear();
+        self.sent = 0;
+        if sendable == self.write_buffer.len() {
+            std::mem::swap(&mut self.write_buffer, &mut self.sending);
+            self.marks.clear();
+        } else if sendable > 0 {
+            self.sending
+                .extend_from_slice(&self.write_buffer[..sendable]);
+            let rest = self.write_buffer.len() - sendable;
+            self.write_buffer.copy_within(sendable.., 0);
+            self.write_buffer.resize(rest, 0);
+        }
     }
 
     /// Whether encoded replies have not all been handed to the kernel yet.

@@ -38,6 +38,9 @@ pub fn test_config(core_count: usize) -> Config {
         cores: core_count,
         port: 0,
         memory_bytes_max: TEST_MEMORY_BYTES_MAX,
+        // In memory unless a test says otherwise: the durable tests give each server a
+        // directory of its own.
+        durability: tessera_server::config::Durability::Memory,
         ..Config::default()
     }
 }
@@ -313,7 +316,7 @@ impl RawConnection {
     /// The counters of the core this connection is attached to.
     pub fn stats(&mut self) -> CoreStats {
         match self.call(&Request::Stats) {
-            Response::Stats(stats) => stats,
+            Response::Stats(stats) => *stats,
             other => panic!("stats: {other:?}"),
         }
     }

@@ -1,0 +1,478 @@
+//! Recovery at startup: replay a core's log segments into its shard.
+//!
+//! Runs on the core's thread before the core reports ready, with plain blocking file I/O
+//! (nothing else runs on the core yet). Segments are read in id order and every record is
+//! replayed. What a crash can leave is handled without help: a segment whose header never
+//! reached the disk (the crash hit its creation) is removed, and a last segment that ends in a
+//! torn or unchecksummable record is truncated there (logged). Damage that valid records
+//! follow is not a crash's doing: recovery refuses to start, naming the file and offset,
+//! unless `repair` is set, in which case everything from the damage on is dropped (logged).
+
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::durability::format::{
+    has_valid_record_after, read_record, ReadOutcome, SegmentHeader, SEGMENT_HEADER_SIZE,
+};
+use crate::durability::log::parse_segment_file_name;
+use crate::durability::DurabilityError;
+use crate::shard::Shard;
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// The id the next segment must take.
+    pub next_segment_id: u64,
+    /// Segments read.
+    pub segment_count: usize,
+    /// Records replayed.
+    pub record_count: u64,
+    /// Bytes of records replayed.
+    pub byte_count: u64,
+    /// Files truncated or removed, with the reason (a crash's leftovers, or `repair`).
+    pub repairs: Vec<String>,
+}
+
+fn io_error(
+    operation: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> DurabilityError {
+    let path = path.display().to_string();
+    move |source| DurabilityError::Io {
+        operation,
+        path,
+        source,
+    }
+}
+
+/// The segment files of `directory`, in id order.
+///
+/// # Errors
+/// The directory cannot be read.
+pub fn segment_files(directory: &Path) -> Result<Vec<(u64, PathBuf)>, DurabilityError> {
+    let mut segments = Vec::new();
+    for entry in fs::read_dir(directory).map_err(io_error("read directory", directory))? {
+        let entry = entry.map_err(io_error("read directory", directory))?;
+        if let Some(segment_id) = entry.file_name().to_str().and_then(parse_segment_file_name) {
+            segments.push((segment_id, entry.path()));
+        }
+    }
+    segments.sort_unstable();
+    Ok(segments)
+}
+
+/// Replays the log in `directory` (created if missing) into `shard` at time `now_ms`.
+///
+/// # Errors
+/// A file cannot be read, a segment belongs to another core, or the log is damaged before its
+/// end and `repair` is not set.
+pub fn recover(
+    directory: &Path,
+    core_id: u16,
+    shard: &mut Shard,
+    now_ms: u64,
+    repair: bool,
+) -> Result<Recovered, DurabilityError> {
+    fs::create_dir_all(directory).map_err(io_error("create directory", directory))?;
+    let segments = segment_files(directory)?;
+    let mut recovered = Recovered {
+        next_segment_id: segments.last().map_or(1, |(id, _)| id + 1),
+        ..Recovered::default()
+    };
+    let mut drop_from = None;
+    for (index, (segment_id, path)) in segments.iter().enumerate() {
+        let bytes = fs::read(path).map_err(io_error("read", path))?;
+        let outcome = replay_segment(&bytes, *segment_id, core_id, shard, now_ms, &mut recovered)
+            .map_err(|error| located(path, 0, &error))?;
+        if outcome == SegmentEnd::Clean {
+            continue;
+        }
+        // The segment ends badly. It is the log's tail if no later segment holds a record:
+        // then what a crash leaves there is cut off without asking.
+        let later = &segments[index + 1..];
+        let is_tail = !later_segments_hold_records(later)?;
+        match outcome {
+            SegmentEnd::TornHeader if is_tail => {
+                fs::remove_file(path).map_err(io_error("remove", path))?;
+                recovered.repairs.push(format!(
+                    "{}: removed (its header was never written whole)",
+                    path.display()
+                ));
+            }
+            SegmentEnd::Torn { offset } if is_tail => {
+                truncate(path, offset)?;
+                recovered.repairs.push(format!(
+                    "{}: truncated at byte {offset} (a record torn by a crash)",
+                    path.display()
+                ));
+            }
+            SegmentEnd::Damaged { offset, ref reason }
+                if is_tail && !has_valid_record_after(&bytes[offset..]) =>
+            {
+                truncate(path, offset.max(SEGMENT_HEADER_SIZE))?;
+                recovered.repairs.push(format!(
+                    "{}: truncated at byte {offset} ({reason}; nothing valid follows)",
+                    path.display()
+                ));
+            }
+            _ => {
+                let (offset, reason) = match outcome {
+                    SegmentEnd::Damaged { offset, reason } => (offset, reason),
+                    SegmentEnd::Torn { offset } => (offset, "a record cut short".to_owned()),
+                    _ => (0, "the segment header is damaged".to_owned()),
+                };
+                if !repair {
+                    return Err(DurabilityError::corrupt(format!(
+                        "{} is damaged at byte {offset} ({reason}) and valid log data follows; \
+                         start with --repair to keep what precedes the damage and drop the rest",
+                        path.display()
+                    )));
+                }
+                truncate(path, offset.max(SEGMENT_HEADER_SIZE))?;
+                recovered.repairs.push(format!(
+                    "{}: repaired, truncated at byte {offset} ({reason})",
+                    path.display()
+                ));
+                drop_from = Some(index + 1);
+                break;
+            }
+        }
+    }
+    if let Some(first_dropped) = drop_from {
+        for (_, path) in &segments[first_dropped..] {
+            fs::remove_file(path).map_err(io_error("remove", path))?;
+            recovered
+                .repairs
+                .push(format!("{}: removed by repair", path.display()));
+        }
+    }
+    if !recovered.repairs.is_empty() {
+        sync_directory_blocking(directory)?;
+    }
+    for repair in &recovered.repairs {
+        tracing::warn!(core_id, repair = %repair, "log repaired during recovery");
+    }
+    Ok(recovered)
+}
+
+/// Whether any of `segments` holds a byte of record data after its header.
+fn later_segments_hold_records(segments: &[(u64, PathBuf)]) -> Result<bool, DurabilityError> {
+    for (_, path) in segments {
+        if segment_holds_records(path)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn segment_holds_records(path: &Path) -> Result<bool, DurabilityError> {
+    let bytes = fs::read(path).map_err(io_error("read", path))?;
+    Ok(bytes.len() > SEGMENT_HEADER_SIZE
+        && bytes[SEGMENT_HEADER_SIZE..].iter().any(|&byte| byte != 0))
+}
+
+fn located(path: &Path, offset: usize, error: &DurabilityError) -> DurabilityError {
+    DurabilityError::corrupt(format!("{} at byte {offset}: {error}", path.display()))
+}
+
+/// How a segment's records ended.
+#[derive(Debug, PartialEq, Eq)]
+enum SegmentEnd {
+    /// At the end of the data, or at zeros.
+    Clean,
+    /// The file is shorter than a header.
+    TornHeader,
+    /// A record runs past the end of the file.
+    Torn { offset: usize },
+    /// A record is present but wrong.
+    Damaged { offset: usize, reason: String },
+}
+
+fn replay_segment(
+    bytes: &[u8],
+    segment_id: u64,
+    core_id: u16,
+    shard: &mut Shard,
+    now_ms: u64,
+    recovered: &mut Recovered,
+) -> Result<SegmentEnd, DurabilityError> {
+    let Some(header_bytes) = bytes.first_chunk::<SEGMENT_HEADER_SIZE>() else {
+        return Ok(SegmentEnd::TornHeader);
+    };
+    let header = match SegmentHeader::from_bytes(header_bytes) {
+        Ok(header) => header,
+        Err(DurabilityError::Corrupt { reason }) => {
+            return Ok(SegmentEnd::Damaged { offset: 0, reason })
+        }
+        Err(error) => return Err(error),
+    };
+    if header.segment_id != segment_id || header.core_id != core_id {
+        return Err(DurabilityError::corrupt(format!(
+            "segment header says segment {} of core {}, expected segment {segment_id} of core \
+             {core_id}",
+            header.segment_id, header.core_id
+        )));
+    }
+    recovered.segment_count += 1;
+    let mut offset = SEGMENT_HEADER_SIZE;
+    loop {
+        match read_record(&bytes[offset..]) {
+            ReadOutcome::Record(record, size) => {
+                shard
+                    .replay(now_ms, &record)
+                    .map_err(|error| DurabilityError::corrupt(format!("byte {offset}: {error}")))?;
+                recovered.record_count += 1;
+                recovered.byte_count += size as u64;
+                offset += size;
+            }
+            ReadOutcome::End => {
+                let rest = &bytes[offset..];
+                return Ok(if rest.iter().all(|&byte| byte == 0) {
+                    SegmentEnd::Clean
+                } else {
+                    SegmentEnd::Torn { offset }
+                });
+            }
+            ReadOutcome::Damaged { reason } => return Ok(SegmentEnd::Damaged { offset, reason }),
+        }
+    }
+}
+
+fn truncate(path: &Path, size: usize) -> Result<(), DurabilityError> {
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_error("open", path))?;
+    file.set_len(size as u64)
+        .map_err(io_error("truncate", path))?;
+    file.sync_all().map_err(io_error("sync", path))
+}
+
+fn sync_directory_blocking(directory: &Path) -> Result<(), DurabilityError> {
+    fs::File::open(directory)
+        .and_then(|handle| handle.sync_all())
+        .map_err(io_error("sync directory", directory))
+}
+
+/// The description of a data directory, checked at every start so a directory written for
+/// another core count (whose shards own other slots) is never replayed into the wrong cores.
+const META_FILE_NAME: &str = "tessera-data";
+
+/// Creates the data directory and its per-core directories, or checks an existing one's core
+/// count.
+///
+/// # Errors
+/// The directory cannot be created, or it was written for another number of cores.
+pub fn prepare_data_dir(data_dir: &Path, core_count: usize) -> Result<(), DurabilityError> {
+    fs::create_dir_all(data_dir).map_err(io_error("create directory", data_dir))?;
+    let meta_path = data_dir.join(META_FILE_NAME);
+    let expected = format!("tessera data directory\nformat 1\ncores {core_count}\n");
+    match fs::read_to_string(&meta_path) {
+        Ok(found) if found == expected => {}
+        Ok(found) => {
+            return Err(DurabilityError::corrupt(format!(
+                "{} describes another layout ({:?}); this server runs {core_count} cores. \
+                 Start it with the core count the directory was written with",
+                meta_path.display(),
+                found.lines().collect::<Vec<_>>().join(", ")
+            )))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let temporary = data_dir.join(format!("{META_FILE_NAME}.tmp"));
+            let mut file = fs::File::create(&temporary).map_err(io_error("create", &temporary))?;
+            file.write_all(expected.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(io_error("write", &temporary))?;
+            fs::rename(&temporary, &meta_path).map_err(io_error("rename", &meta_path))?;
+            sync_directory_blocking(data_dir)?;
+        }
+        Err(error) => return Err(io_error("read", &meta_path)(error)),
+    }
+    for core_id in 0..core_count {
+        let directory = core_directory(data_dir, core_id);
+        fs::create_dir_all(&directory).map_err(io_error("create directory", &directory))?;
+    }
+    Ok(())
+}
+
+/// The directory of core `core_id`'s log.
+pub fn core_directory(data_dir: &Path, core_id: usize) -> PathBuf {
+    data_dir.join(format!("core-{core_id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_protocol::SlotRange;
+
+    use super::*;
+    use crate::durability::format::{Effect, RecordWriter, SegmentHeader, LOG_FORMAT_VERSION};
+    use crate::durability::log::segment_file_name;
+    use crate::shard::ShardConfig;
+
+    struct TestDir(PathBuf);
+
+    impl TestDir {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir()
+                .join(format!("tessera-recovery-{name}-{}", std::process::id()));
+            let _ = fs::remove_dir_all(&path);
+            fs::create_dir_all(&path).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for TestDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn shard() -> Shard {
+        Shard::new(
+            ShardConfig {
+                node_id: 1,
+                shard_id: 0,
+                slots: SlotRange {
+                    start: 0,
+                    end: tessera_protocol::SLOT_COUNT,
+                },
+                memory_bytes_max: 1 << 30,
+                expired_per_tick_max: 1000,
+            },
+            0,
+        )
+    }
+
+    /// A segment file holding one put per revision in `revisions`.
+    fn write_segment(
+        directory: &Path,
+        segment_id: u64,
+        revisions: std::ops::Range<u64>,
+    ) -> Vec<u8> {
+        let mut bytes = SegmentHeader {
+            format_version: LOG_FORMAT_VERSION,
+            core_id: 0,
+            segment_id,
+            revision_before: revisions.start - 1,
+        }
+        .to_bytes()
+        .to_vec();
+        let mut writer = RecordWriter::new();
+        for revision in revisions {
+            writer.begin(revision);
+            let key = format!("key-{revision}");
+            writer.push(Effect::Set {
+                key: key.as_bytes(),
+                value: b"value",
+                deadline_ms: None,
+            });
+            writer.finish();
+        }
+        writer.drain_into(&mut bytes);
+        fs::write(directory.join(segment_file_name(segment_id)), &bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn segments_replay_in_order_and_revisions_continue() {
+        let directory = TestDir::new("order");
+        write_segment(&directory.0, 1, 1..4);
+        write_segment(&directory.0, 2, 4..6);
+        let mut shard = shard();
+        let recovered = recover(&directory.0, 0, &mut shard, 0, false).unwrap();
+        assert_eq!(recovered.segment_count, 2);
+        assert_eq!(recovered.record_count, 5);
+        assert_eq!(recovered.next_segment_id, 3);
+        assert!(recovered.repairs.is_empty());
+        assert_eq!(shard.revision(), 5);
+        assert_eq!(shard.key_count(), 5);
+    }
+
+    #[test]
+    fn a_torn_tail_is_truncated_and_a_torn_header_removed() {
+        let directory = TestDir::new("torn");
+        let first = write_segment(&directory.0, 1, 1..4);
+        let path = directory.0.join(segment_file_name(1));
+        // The last record cut in its middle, as a crash during an append leaves it.
+        fs::write(&path, &first[..first.len() - 5]).unwrap();
+        // A second segment whose header never reached the disk whole.
+        fs::write(directory.0.join(segment_file_name(2)), [0x54, 0x53]).unwrap();
+        let mut shard = shard();
+        let recovered = recover(&directory.0, 0, &mut shard, 0, false).unwrap();
+        assert_eq!(recovered.record_count, 2);
+        assert_eq!(shard.revision(), 2);
+        // Nothing after the torn record holds a record, so the torn record is the tail and
+        // is cut off; the segment whose header never reached the disk goes too.
+        assert_eq!(recovered.repairs.len(), 2, "{:?}", recovered.repairs);
+        assert!(!directory.0.join(segment_file_name(2)).exists());
+    }
+
+    #[test]
+    fn damage_followed_by_valid_records_refuses_to_start_unless_repaired() {
+        let directory = TestDir::new("damage");
+        let bytes = write_segment(&directory.0, 1, 1..6);
+        let path = directory.0.join(segment_file_name(1));
+        let mut damaged = bytes.clone();
+        // Flip a byte inside the second record's payload.
+        let second_record = SEGMENT_HEADER_SIZE + (bytes.len() - SEGMENT_HEADER_SIZE) / 5 + 12;
+        damaged[second_record] ^= 0xff;
+        fs::write(&path, &damaged).unwrap();
+        let error = recover(&directory.0, 0, &mut shard(), 0, false).unwrap_err();
+        assert!(error.to_string().contains("--repair"), "{error}");
+        let mut repaired = shard();
+        let recovered = recover(&directory.0, 0, &mut repaired, 0, true).unwrap();
+        assert_eq!(repaired.revision(), 1);
+        assert_eq!(recovered.repairs.len(), 1, "{:?}", recovered.repairs);
+        // The repair is durable: the next start finds a clean log.
+        let mut again = shard();
+        let recovered = recover(&directory.0, 0, &mut again, 0, false).unwrap();
+        assert!(recovered.repairs.is_empty());
+        assert_eq!(again.revision(), 1);
+    }
+
+    #[test]
+    fn expired_keys_are_gone_after_recovery() {
+        let directory = TestDir::new("expired");
+        let mut bytes = SegmentHeader {
+            format_version: LOG_FORMAT_VERSION,
+            core_id: 0,
+            segment_id: 1,
+            revision_before: 0,
+        }
+        .to_bytes()
+        .to_vec();
+        let mut writer = RecordWriter::new();
+        for (revision, deadline_ms) in [(1, Some(500)), (2, Some(5_000)), (3, None)] {
+            writer.begin(revision);
+            let key = format!("key-{revision}");
+            writer.push(Effect::Set {
+                key: key.as_bytes(),
+                value: b"v",
+                deadline_ms,
+            });
+            writer.finish();
+        }
+        writer.drain_into(&mut bytes);
+        fs::write(directory.0.join(segment_file_name(1)), &bytes).unwrap();
+        let mut shard = shard();
+        recover(&directory.0, 0, &mut shard, 1_000, false).unwrap();
+        assert_eq!(
+            shard.key_count(),
+            2,
+            "the key that expired while down is gone"
+        );
+        assert_eq!(shard.timer_count(), 1);
+        assert_eq!(shard.revision(), 3);
+    }
+
+    #[test]
+    fn a_data_directory_for_another_core_count_is_refused() {
+        let directory = TestDir::new("meta");
+        prepare_data_dir(&directory.0, 2).unwrap();
+        prepare_data_dir(&directory.0, 2).unwrap();
+        let error = prepare_data_dir(&directory.0, 3).unwrap_err();
+        assert!(error.to_string().contains("3 cores"), "{error}");
+        assert!(core_directory(&directory.0, 1).is_dir());
+    }
+}
