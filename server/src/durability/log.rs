@@ -342,7 +342,10 @@ pub async fn run_writer(
             log.mark_durable(revision, byte_count, record_count);
             if log.mode == Durability::Async && !is_finishing {
                 // One write and sync per interval, however busy the core is.
-                let _ = control.finish.unless_fired(glommio::timer::sleep(flush_interval)).await;
+                let _ = control
+                    .finish
+                    .unless_fired(glommio::timer::sleep(flush_interval))
+                    .await;
             }
             if segment.size >= segment_bytes_max {
                 let next = Segment::create(
