@@ -4,14 +4,12 @@
 
 mod common;
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::RawConnection;
+use common::{free_port_pair, RawConnection};
 use tessera_protocol::Response;
 
 /// Longest the binary may take to start serving.
@@ -83,23 +81,6 @@ impl Drop for ServerProcess {
             let _ = self.child.wait();
         }
     }
-}
-
-/// A port `base` such that `base` and `base + 1` are free now. Candidates lie below Linux's
-/// ephemeral range (32768 and up), where other tests' port-0 listeners and client sockets do
-/// not land.
-fn free_port_pair() -> u16 {
-    let random = RandomState::new();
-    for attempt in 0..1000_u32 {
-        let offset = u16::try_from(random.hash_one(attempt) % 12_000).unwrap();
-        let base = 20_000 + offset;
-        let first = TcpListener::bind(("127.0.0.1", base));
-        let second = TcpListener::bind(("127.0.0.1", base + 1));
-        if first.is_ok() && second.is_ok() {
-            return base;
-        }
-    }
-    panic!("no two consecutive free ports found");
 }
 
 /// Starts the binary with two cores on free ports and waits until both cores accept. Retries

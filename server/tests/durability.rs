@@ -14,14 +14,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::RawConnection;
+use common::{free_port_pair, RawConnection};
 use tessera_protocol::{Put, Request, Response};
 
 /// Longest the binary may take to recover and serve.
@@ -64,20 +64,6 @@ impl Drop for TestDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Two consecutive free ports below the ephemeral range.
-fn free_port_pair(random: &RandomState) -> u16 {
-    for attempt in 0..1000_u32 {
-        let offset = u16::try_from(random.hash_one(attempt) % 12_000).unwrap();
-        let base = 20_000 + offset;
-        let first = TcpListener::bind(("127.0.0.1", base));
-        let second = TcpListener::bind(("127.0.0.1", base + 1));
-        if first.is_ok() && second.is_ok() {
-            return base;
-        }
-    }
-    panic!("no two consecutive free ports found");
 }
 
 fn start(data_dir: &Path, base: u16) -> ServerProcess {
@@ -231,12 +217,11 @@ fn acknowledged_writes_survive_sigkill() {
         .and_then(|text| text.parse().ok())
         .unwrap_or_else(|| RandomState::new().hash_one(std::process::id()));
     eprintln!("crash loop: {kill_count} kills, seed {seed} (TESSERA_CRASH_LOOP_SEED replays it)");
-    let random = RandomState::new();
     let data_dir = TestDir::new("crash-loop");
     let acknowledged = Arc::new(Mutex::new(Acknowledged::default()));
     let mut timing = seed;
     let started = Instant::now();
-    let mut base = free_port_pair(&random);
+    let mut base = free_port_pair();
     for round in 0..kill_count {
         let server = start(&data_dir.0, base);
         let addresses = [
@@ -267,7 +252,7 @@ fn acknowledged_writes_survive_sigkill() {
         }
         if round % 10 == 9 {
             // Ports may be taken by others meanwhile; move now and then.
-            base = free_port_pair(&random);
+            base = free_port_pair();
         }
     }
     let server = start(&data_dir.0, base);

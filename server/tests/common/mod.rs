@@ -11,8 +11,10 @@
     reason = "each test binary uses a different subset of the helpers"
 )]
 
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use tessera_protocol::codec::{self, FrameBuffer};
@@ -367,4 +369,21 @@ pub fn frame_bytes(header: &tessera_protocol::FrameHeader, body: &[u8]) -> Vec<u
             .next_multiple_of(tessera_protocol::limits::FRAME_ALIGNMENT);
     bytes.resize(padded_size, 0);
     bytes
+}
+
+/// A port `base` such that `base` and `base + 1` are free now. Candidates lie below Linux's
+/// ephemeral range (32768 and up), where other tests' port-0 listeners and client sockets do
+/// not land.
+pub fn free_port_pair() -> u16 {
+    let random = RandomState::new();
+    for attempt in 0..1000_u32 {
+        let offset = u16::try_from(random.hash_one(attempt) % 12_000).unwrap();
+        let base = 20_000 + offset;
+        let first = TcpListener::bind(("127.0.0.1", base));
+        let second = TcpListener::bind(("127.0.0.1", base + 1));
+        if first.is_ok() && second.is_ok() {
+            return base;
+        }
+    }
+    panic!("no two consecutive free ports found");
 }
