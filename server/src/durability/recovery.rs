@@ -110,7 +110,11 @@ pub fn recover(
             SegmentEnd::Damaged { offset, ref reason }
                 if is_tail && !has_valid_record_after(&bytes[offset..]) =>
             {
-                truncate(path, offset.max(SEGMENT_HEADER_SIZE))?;
+                if offset == 0 {
+                    fs::remove_file(path).map_err(io_error("remove", path))?;
+                } else {
+                    truncate(path, offset)?;
+                }
                 recovered.repairs.push(format!(
                     "{}: truncated at byte {offset} ({reason}; nothing valid follows)",
                     path.display()
@@ -129,9 +133,14 @@ pub fn recover(
                         path.display()
                     )));
                 }
-                truncate(path, offset.max(SEGMENT_HEADER_SIZE))?;
+                if offset == 0 {
+                    // The header itself is damaged: nothing in the file can be trusted.
+                    fs::remove_file(path).map_err(io_error("remove", path))?;
+                } else {
+                    truncate(path, offset)?;
+                }
                 recovered.repairs.push(format!(
-                    "{}: repaired, truncated at byte {offset} ({reason})",
+                    "{}: repaired, cut at byte {offset} ({reason})",
                     path.display()
                 ));
                 drop_from = Some(index + 1);
@@ -306,7 +315,9 @@ mod tests {
     use tessera_protocol::SlotRange;
 
     use super::*;
-    use crate::durability::format::{Effect, RecordWriter, SegmentHeader, LOG_FORMAT_VERSION};
+    use crate::durability::format::{
+        read_record, Effect, ReadOutcome, RecordWriter, SegmentHeader, LOG_FORMAT_VERSION,
+    };
     use crate::durability::log::segment_file_name;
     use crate::shard::ShardConfig;
 
@@ -474,5 +485,156 @@ mod tests {
         let error = prepare_data_dir(&directory.0, 3).unwrap_err();
         assert!(error.to_string().contains("3 cores"), "{error}");
         assert!(core_directory(&directory.0, 1).is_dir());
+    }
+
+    /// The value of `key` in `shard`, read through the request path.
+    fn value_of(shard: &mut Shard, key: &[u8]) -> Option<Vec<u8>> {
+        use tessera_protocol::codec::{self, FrameBuffer};
+        use tessera_protocol::{Request, Response};
+        let mut body = FrameBuffer::new();
+        codec::encode_request_body(&mut body, &Request::Get { key: key.to_vec() }).unwrap();
+        let request = codec::access_request(&body).unwrap();
+        match shard.apply(0, request) {
+            Response::Value(entry) => entry.map(|entry| entry.value),
+            other => panic!("get answered {other:?}"),
+        }
+    }
+
+    const CORRUPTION_KEY_COUNT: u64 = 7;
+
+    /// A segment of `record_count` records; record `r` sets key `r % 7` to a value naming `r`.
+    fn corruption_segment(record_count: u64) -> Vec<u8> {
+        let mut bytes = SegmentHeader {
+            format_version: LOG_FORMAT_VERSION,
+            core_id: 0,
+            segment_id: 1,
+            revision_before: 0,
+        }
+        .to_bytes()
+        .to_vec();
+        let mut writer = RecordWriter::new();
+        for revision in 1..=record_count {
+            writer.begin(revision);
+            let key = format!("key-{}", revision % CORRUPTION_KEY_COUNT);
+            let value = format!("value-{revision}-{}", "x".repeat((revision % 50) as usize));
+            writer.push(Effect::Set {
+                key: key.as_bytes(),
+                value: value.as_bytes(),
+                deadline_ms: None,
+            });
+            writer.finish();
+        }
+        writer.drain_into(&mut bytes);
+        bytes
+    }
+
+    /// After recovery the shard must be exactly the state of some prefix of the records: the
+    /// revision says which, and every key must hold what that prefix left.
+    fn assert_is_a_prefix(shard: &mut Shard, record_count: u64) {
+        let revision = shard.revision();
+        assert!(
+            revision <= record_count,
+            "revision {revision} of {record_count}"
+        );
+        for key_index in 0..CORRUPTION_KEY_COUNT {
+            let key = format!("key-{key_index}");
+            let expected = (1..=revision)
+                .rev()
+                .find(|candidate| candidate % CORRUPTION_KEY_COUNT == key_index)
+                .map(|writer| {
+                    format!("value-{writer}-{}", "x".repeat((writer % 50) as usize)).into_bytes()
+                });
+            assert_eq!(
+                value_of(shard, key.as_bytes()),
+                expected,
+                "{key} at revision {revision}"
+            );
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Corruption {
+        Truncate(usize),
+        FlipBit(usize),
+        ZeroPage(usize),
+    }
+
+    fn corruption() -> impl proptest::strategy::Strategy<Value = Corruption> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<usize>().prop_map(Corruption::Truncate),
+            any::<usize>().prop_map(Corruption::FlipBit),
+            any::<usize>().prop_map(Corruption::ZeroPage),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 200,
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Truncated, bit-flipped or zeroed segment files: recovery never panics, never
+        /// returns corrupt data (what it keeps is a prefix of what was written), keeps every
+        /// complete record before a plain truncation, and with `repair` always starts.
+        #[test]
+        fn damaged_files_recover_a_prefix_or_refuse(
+            record_count in 1..300_u64,
+            corruption in corruption(),
+        ) {
+            let directory = TestDir::new("corrupt");
+            let original = corruption_segment(record_count);
+            let mut damaged = original.clone();
+            match corruption {
+                Corruption::Truncate(at) => damaged.truncate(at % (original.len() + 1)),
+                Corruption::FlipBit(at) => {
+                    let bit = at % (original.len() * 8);
+                    damaged[bit / 8] ^= 1 << (bit % 8);
+                }
+                Corruption::ZeroPage(at) => {
+                    let page = (at % original.len().div_ceil(4096)) * 4096;
+                    let end = (page + 4096).min(damaged.len());
+                    damaged[page..end].fill(0);
+                }
+            }
+            let path = directory.0.join(segment_file_name(1));
+            fs::write(&path, &damaged).unwrap();
+            let mut shard = shard();
+            match recover(&directory.0, 0, &mut shard, 0, false) {
+                Ok(_) => assert_is_a_prefix(&mut shard, record_count),
+                Err(error) => {
+                    proptest::prop_assert!(
+                        !matches!(corruption, Corruption::Truncate(_)),
+                        "a truncated log must recover: {}", error
+                    );
+                    fs::write(&path, &damaged).unwrap();
+                    let mut repaired = self::shard();
+                    let outcome = recover(&directory.0, 0, &mut repaired, 0, true);
+                    proptest::prop_assert!(outcome.is_ok(), "repair must start: {:?}", outcome.err());
+                    assert_is_a_prefix(&mut repaired, record_count);
+                    // A repaired log starts cleanly next time, without --repair.
+                    let mut again = self::shard();
+                    let outcome = recover(&directory.0, 0, &mut again, 0, false);
+                    proptest::prop_assert!(outcome.is_ok(), "after repair: {:?}", outcome.err());
+                    proptest::prop_assert_eq!(again.revision(), repaired.revision());
+                }
+            }
+            if let Corruption::Truncate(_) = corruption {
+                // Every record wholly inside the kept bytes is kept.
+                let mut complete = 0;
+                let mut offset = SEGMENT_HEADER_SIZE;
+                while let ReadOutcome::Record(_, size) = read_record(&original[offset..]) {
+                    if offset + size > damaged.len() {
+                        break;
+                    }
+                    complete += 1;
+                    offset += size;
+                }
+                if damaged.len() >= SEGMENT_HEADER_SIZE {
+                    proptest::prop_assert_eq!(shard.revision(), complete);
+                }
+            }
+        }
     }
 }
