@@ -356,31 +356,45 @@ mod tests {
     }
 
     /// A segment file holding one put per revision in `revisions`.
-    fn write_segment(
-        directory: &Path,
+    /// The bytes of segment `segment_id` holding one `Set` per `(revision, key, value,
+    /// deadline_ms)`, in order.
+    fn segment_bytes(
         segment_id: u64,
-        revisions: std::ops::Range<u64>,
+        revision_before: u64,
+        records: impl IntoIterator<Item = (u64, String, Vec<u8>, Option<u64>)>,
     ) -> Vec<u8> {
         let mut bytes = SegmentHeader {
             format_version: LOG_FORMAT_VERSION,
             core_id: 0,
             segment_id,
-            revision_before: revisions.start - 1,
+            revision_before,
         }
         .to_bytes()
         .to_vec();
         let mut writer = RecordWriter::new();
-        for revision in revisions {
+        for (revision, key, value, deadline_ms) in records {
             writer.begin(revision);
-            let key = format!("key-{revision}");
             writer.push(Effect::Set {
                 key: key.as_bytes(),
-                value: b"value",
-                deadline_ms: None,
+                value: &value,
+                deadline_ms,
             });
             writer.finish();
         }
         writer.drain_into(&mut bytes);
+        bytes
+    }
+
+    /// A segment file holding one put per revision in `revisions`.
+    fn write_segment(
+        directory: &Path,
+        segment_id: u64,
+        revisions: std::ops::Range<u64>,
+    ) -> Vec<u8> {
+        let records = revisions
+            .clone()
+            .map(|revision| (revision, format!("key-{revision}"), b"value".to_vec(), None));
+        let bytes = segment_bytes(segment_id, revisions.start - 1, records);
         fs::write(directory.join(segment_file_name(segment_id)), &bytes).unwrap();
         bytes
     }
@@ -445,26 +459,17 @@ mod tests {
     #[test]
     fn expired_keys_are_gone_after_recovery() {
         let directory = TestDir::new("expired");
-        let mut bytes = SegmentHeader {
-            format_version: LOG_FORMAT_VERSION,
-            core_id: 0,
-            segment_id: 1,
-            revision_before: 0,
-        }
-        .to_bytes()
-        .to_vec();
-        let mut writer = RecordWriter::new();
-        for (revision, deadline_ms) in [(1, Some(500)), (2, Some(5_000)), (3, None)] {
-            writer.begin(revision);
-            let key = format!("key-{revision}");
-            writer.push(Effect::Set {
-                key: key.as_bytes(),
-                value: b"v",
-                deadline_ms,
+        let records = [(1, Some(500)), (2, Some(5_000)), (3, None)]
+            .into_iter()
+            .map(|(revision, deadline_ms)| {
+                (
+                    revision,
+                    format!("key-{revision}"),
+                    b"v".to_vec(),
+                    deadline_ms,
+                )
             });
-            writer.finish();
-        }
-        writer.drain_into(&mut bytes);
+        let bytes = segment_bytes(1, 0, records);
         fs::write(directory.0.join(segment_file_name(1)), &bytes).unwrap();
         let mut shard = shard();
         recover(&directory.0, 0, &mut shard, 1_000, false).unwrap();
@@ -504,28 +509,19 @@ mod tests {
 
     /// A segment of `record_count` records; record `r` sets key `r % 7` to a value naming `r`.
     fn corruption_segment(record_count: u64) -> Vec<u8> {
-        let mut bytes = SegmentHeader {
-            format_version: LOG_FORMAT_VERSION,
-            core_id: 0,
-            segment_id: 1,
-            revision_before: 0,
-        }
-        .to_bytes()
-        .to_vec();
-        let mut writer = RecordWriter::new();
-        for revision in 1..=record_count {
-            writer.begin(revision);
-            let key = format!("key-{}", revision % CORRUPTION_KEY_COUNT);
-            let value = format!("value-{revision}-{}", "x".repeat((revision % 50) as usize));
-            writer.push(Effect::Set {
-                key: key.as_bytes(),
-                value: value.as_bytes(),
-                deadline_ms: None,
-            });
-            writer.finish();
-        }
-        writer.drain_into(&mut bytes);
-        bytes
+        let records = (1..=record_count).map(|revision| {
+            (
+                revision,
+                format!("key-{}", revision % CORRUPTION_KEY_COUNT),
+                corruption_value(revision),
+                None,
+            )
+        });
+        segment_bytes(1, 0, records)
+    }
+
+    fn corruption_value(revision: u64) -> Vec<u8> {
+        format!("value-{revision}-{}", "x".repeat((revision % 50) as usize)).into_bytes()
     }
 
     /// After recovery the shard must be exactly the state of some prefix of the records: the
@@ -541,9 +537,7 @@ mod tests {
             let expected = (1..=revision)
                 .rev()
                 .find(|candidate| candidate % CORRUPTION_KEY_COUNT == key_index)
-                .map(|writer| {
-                    format!("value-{writer}-{}", "x".repeat((writer % 50) as usize)).into_bytes()
-                });
+                .map(corruption_value);
             assert_eq!(
                 value_of(shard, key.as_bytes()),
                 expected,
