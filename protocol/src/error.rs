@@ -33,16 +33,24 @@ pub enum ErrorCode {
     /// A counter would leave its range (it would overflow `i64`), or the stored value is not a
     /// counter. Nothing was applied.
     OutOfRange,
+    /// The disk holding the shard's log is full; the write was not applied. Reads still work,
+    /// and writes are accepted again once space is freed.
+    NoSpace,
 }
 
 impl ErrorCode {
     /// Whether the request certainly had no effect and may be sent again unchanged (after a
-    /// topology refresh for `WrongShard`, after a pause for `Overloaded` and `StoreFull`).
+    /// topology refresh for `WrongShard`, after a pause for `Overloaded`, `StoreFull` and
+    /// `NoSpace`).
     #[must_use]
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::WrongShard | Self::ShuttingDown | Self::Overloaded | Self::StoreFull
+            Self::WrongShard
+                | Self::ShuttingDown
+                | Self::Overloaded
+                | Self::StoreFull
+                | Self::NoSpace
         )
     }
 
@@ -60,6 +68,7 @@ impl ErrorCode {
             Self::StoreFull => "store_full",
             Self::Internal => "internal",
             Self::OutOfRange => "out_of_range",
+            Self::NoSpace => "no_space",
         }
     }
 }

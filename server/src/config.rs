@@ -61,6 +61,9 @@ pub struct Config {
     pub flush_interval_ms: u64,
     /// A log segment is closed and a new one started past this size, in bytes.
     pub segment_bytes_max: u64,
+    /// A snapshot of each core is taken once this many bytes were logged since the last
+    /// one, and the log is truncated behind it; 0 takes none.
+    pub snapshot_log_bytes: u64,
     /// Start even if the log is damaged before its end: keep what precedes the damage and
     /// drop the rest (logged). Without it such a log refuses to start.
     pub repair: bool,
@@ -145,6 +148,10 @@ pub struct Flags {
     /// Size at which a log segment is closed (accepts KiB/MiB/GiB; default 64 MiB).
     #[arg(long, env = "TESSERA_SEGMENT_BYTES_MAX", value_parser = parse_size)]
     pub segment_bytes_max: Option<u64>,
+    /// Bytes logged after which a core takes a snapshot and truncates its log (accepts
+    /// KiB/MiB/GiB; default 256 MiB; 0 takes none).
+    #[arg(long, env = "TESSERA_SNAPSHOT_LOG_BYTES", value_parser = parse_size)]
+    pub snapshot_log_bytes: Option<u64>,
     /// Start despite a log damaged before its end, dropping what follows the damage.
     #[arg(long, env = "TESSERA_REPAIR")]
     pub repair: bool,
@@ -179,6 +186,7 @@ struct FileConfig {
     durability: Option<Durability>,
     flush_interval_ms: Option<u64>,
     segment_bytes_max: Option<u64>,
+    snapshot_log_bytes: Option<u64>,
     repair: Option<bool>,
 }
 
@@ -210,6 +218,7 @@ impl Default for Config {
             durability: Durability::Sync,
             flush_interval_ms: 100,
             segment_bytes_max: 64 * 1024 * 1024,
+            snapshot_log_bytes: 256 * 1024 * 1024,
             repair: false,
         }
     }
@@ -264,6 +273,7 @@ impl Config {
             durability,
             flush_interval_ms,
             segment_bytes_max,
+            snapshot_log_bytes,
             repair
         );
         if file.advertise_host.is_some() {
@@ -294,7 +304,8 @@ impl Config {
             data_dir,
             durability,
             flush_interval_ms,
-            segment_bytes_max
+            segment_bytes_max,
+            snapshot_log_bytes
         );
         if flags.repair {
             self.repair = true;

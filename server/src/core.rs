@@ -237,8 +237,31 @@ impl CoreContext {
                     log_byte_count: log_stats.byte_count,
                 }))
             }
-            _ => self.shard.borrow_mut().apply(now_ms, request),
+            _ => {
+                if let Some(refusal) = self.refuse_without_space(request) {
+                    return refusal;
+                }
+                self.shard.borrow_mut().apply(now_ms, request)
+            }
         }
+    }
+
+    /// While the log's disk is full, the `NoSpace` answer for a write whose records might not
+    /// fit what the log can still take. Reads, and every request while the disk has room,
+    /// pass.
+    fn refuse_without_space(&self, request: &ArchivedRequest) -> Option<Response> {
+        let room = self.log.as_ref()?.room()?;
+        let shard = self.shard.borrow();
+        let needed = shard.journal_bound(request)? + shard.journal_len() as u64;
+        (needed > room).then(|| {
+            error(
+                ErrorCode::NoSpace,
+                format!(
+                    "core {}: the disk holding the write-ahead log is full ({room} bytes left,                      the write needs up to {needed}); reads still work",
+                    self.core_id
+                ),
+            )
+        })
     }
 
     /// The `WrongShard` answer for a key another node owns.

@@ -27,10 +27,12 @@ use crate::config::Config;
 use crate::core::{run_ticks, serve_inbox, CoreContext, CoreInboxes};
 use crate::durability::log::{run_writer, CoreLog, Segment, WriterControl};
 use crate::durability::recovery::{core_directory, prepare_data_dir, recover};
+use crate::durability::snapshot::write_snapshot;
+use crate::durability::storage::{GlommioFile, GlommioStorage};
 use crate::durability::Durability;
 use crate::error::{ServerError, StartError};
 use crate::inbox::Inbox;
-use crate::runtime::LocalSignal;
+use crate::runtime::{LocalNotify, LocalSignal};
 use crate::shard::{Shard, ShardConfig};
 
 /// Backlog of each core's listening socket.
@@ -400,27 +402,93 @@ fn spawn_writer(
     core_id: u16,
     events: &mpsc::Sender<ServerEvent>,
     log: Rc<CoreLog>,
-    segment: Segment,
+    segment: Segment<GlommioFile>,
     control: WriterControl,
 ) -> glommio::Task<()> {
     let events = events.clone();
     let flush_interval = Duration::from_millis(config.flush_interval_ms);
     let segment_bytes_max = config.segment_bytes_max;
     glommio::spawn_local(async move {
-        let failure = run_writer(log, segment, segment_bytes_max, flush_interval, control).await;
+        let failure = run_writer(
+            log,
+            GlommioStorage,
+            core_id,
+            segment,
+            segment_bytes_max,
+            flush_interval,
+            control,
+        )
+        .await;
         if let Some(reason) = failure {
             let _ = events.send(ServerEvent::CoreFailed { core_id, reason });
         }
     })
 }
 
-/// The core's shard, recovered from its log unless durability is `memory`, with the log and
-/// the segment its writer continues in.
+/// Takes a snapshot each time `snapshot_log_bytes` more were logged (counting what recovery
+/// replayed after the last snapshot), until `finish` fires. A failed snapshot is logged and
+/// tried again later; it never stops the core.
+async fn run_snapshots(
+    context: Rc<CoreContext>,
+    log: Rc<CoreLog>,
+    snapshot_log_bytes: u64,
+    backlog_bytes: u64,
+    finish: LocalSignal,
+) {
+    if snapshot_log_bytes == 0 {
+        return;
+    }
+    let directory = core_directory(&context.config.data_dir, usize::from(context.core_id));
+    let logged = LocalNotify::new();
+    log.subscribe(logged.clone());
+    // Log bytes as counted by the log's stats when the last snapshot began, less what
+    // recovery replayed (which the last snapshot does not hold either).
+    let mut bytes_at_snapshot = 0_u64;
+    let mut backlog_bytes = backlog_bytes;
+    while !finish.is_fired() {
+        let logged_bytes = log.stats().byte_count + backlog_bytes;
+        if logged_bytes.saturating_sub(bytes_at_snapshot) < snapshot_log_bytes {
+            futures_lite::future::or(logged.notified(), finish.wait()).await;
+            continue;
+        }
+        bytes_at_snapshot = log.stats().byte_count;
+        backlog_bytes = 0;
+        let started = std::time::Instant::now();
+        let taken = finish
+            .unless_fired(write_snapshot(
+                &GlommioStorage,
+                &directory,
+                context.core_id,
+                &context.shard,
+                &log,
+            ))
+            .await;
+        match taken {
+            Some(Ok(written)) => tracing::info!(
+                base_revision = written.base_revision,
+                end_revision = written.end_revision,
+                entries = written.entry_count,
+                bytes = written.byte_count,
+                longest_pause_us = written.longest_pause_us,
+                removed_files = written.removed.len(),
+                elapsed_ms = started.elapsed().as_millis(),
+                "snapshot taken"
+            ),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "snapshot failed; the log is kept and it is tried again later");
+            }
+            None => {}
+        }
+    }
+}
+
+/// The core's shard, recovered from its log unless durability is `memory`, with the log, the
+/// segment its writer continues in and the bytes recovery replayed after the last snapshot.
 async fn open_shard(
     core_id: u16,
     shard_config: &ShardConfig,
     config: &Config,
-) -> Result<(Shard, Option<(Rc<CoreLog>, Segment)>), String> {
+) -> Result<(Shard, Option<DurableCore>), String> {
     let now_ms = crate::clock::now_unix_ms();
     if config.durability == Durability::Memory {
         return Ok((Shard::new(shard_config.clone(), now_ms), None));
@@ -431,6 +499,8 @@ async fn open_shard(
     let recovered = recover(&directory, core_id, &mut shard, now_ms, config.repair)
         .map_err(|error| format!("recovery of {}: {error}", directory.display()))?;
     tracing::info!(
+        snapshot_base = recovered.snapshot_base,
+        snapshot_entries = recovered.snapshot_entry_count,
         segments = recovered.segment_count,
         records = recovered.record_count,
         bytes = recovered.byte_count,
@@ -439,16 +509,38 @@ async fn open_shard(
         elapsed_ms = started.elapsed().as_millis(),
         "recovered"
     );
-    let segment = Segment::create(
-        &directory,
-        core_id,
-        recovered.next_segment_id,
-        shard.revision(),
-    )
-    .await
-    .map_err(|error| format!("cannot start a log segment: {error}"))?;
+    let start_segment = async {
+        let mut segment = Segment::allocate(
+            &GlommioStorage,
+            &directory,
+            recovered.next_segment_id,
+            config.segment_bytes_max,
+        )
+        .await?;
+        segment.start(core_id, shard.revision()).await?;
+        segment.sync().await?;
+        Ok::<_, crate::durability::DurabilityError>(segment)
+    };
+    let segment = start_segment
+        .await
+        .map_err(|error| format!("cannot start a log segment: {error}"))?;
     let log = Rc::new(CoreLog::new(config.durability, shard.revision()));
-    Ok((shard, Some((log, segment))))
+    Ok((
+        shard,
+        Some(DurableCore {
+            log,
+            segment,
+            backlog_bytes: recovered.byte_count,
+        }),
+    ))
+}
+
+/// A core's log, as recovery leaves it.
+struct DurableCore {
+    log: Rc<CoreLog>,
+    segment: Segment<GlommioFile>,
+    /// Bytes of log replayed after the last snapshot.
+    backlog_bytes: u64,
 }
 
 fn format_address(host: &str, port: u16) -> String {
@@ -503,6 +595,32 @@ fn run_core_thread(start: CoreStart) -> Result<CoreSummary, String> {
     Ok(summary)
 }
 
+/// Starts a durable core's log writer and snapshot task.
+fn spawn_durable_tasks(
+    events: &mpsc::Sender<ServerEvent>,
+    context: &Rc<CoreContext>,
+    durable: DurableCore,
+    writer_control: &WriterControl,
+    snapshots_finish: &LocalSignal,
+) -> (glommio::Task<()>, glommio::Task<()>) {
+    let snapshot_task = glommio::spawn_local(run_snapshots(
+        context.clone(),
+        durable.log.clone(),
+        context.config.snapshot_log_bytes,
+        durable.backlog_bytes,
+        snapshots_finish.clone(),
+    ));
+    let writer_task = spawn_writer(
+        &context.config,
+        context.core_id,
+        events,
+        durable.log,
+        durable.segment,
+        writer_control.clone(),
+    );
+    (writer_task, snapshot_task)
+}
+
 async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     // A second descriptor for the listening socket, to take it out of LISTEN at stop (below).
     let listener_control = start
@@ -529,7 +647,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
             return None;
         }
     };
-    let log = durable.as_ref().map(|(log, _)| log.clone());
+    let log = durable.as_ref().map(|durable| durable.log.clone());
     let context = Rc::new(CoreContext {
         node_id: start.config.node_id,
         node_index: 0,
@@ -545,14 +663,14 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         log,
     });
     let writer_control = WriterControl::default();
-    let writer_task = durable.map(|(log, segment)| {
-        spawn_writer(
-            &start.config,
-            start.core_id,
+    let snapshots_finish = LocalSignal::new();
+    let durable_tasks = durable.map(|durable| {
+        spawn_durable_tasks(
             &start.events,
-            log,
-            segment,
-            writer_control.clone(),
+            &context,
+            durable,
+            &writer_control,
+            &snapshots_finish,
         )
     });
     let inbox_task = glommio::spawn_local(serve_inbox(context.clone(), inbox));
@@ -591,9 +709,11 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     inbox_task.await;
     tick_task.await;
     // Everything the core applied is in the log once the writer has finished.
+    snapshots_finish.fire();
     context.flush_journal();
     writer_control.finish.fire();
-    if let Some(writer_task) = writer_task {
+    if let Some((writer_task, snapshot_task)) = durable_tasks {
+        snapshot_task.await;
         writer_task.await;
     }
     let shard = context.shard.borrow();

@@ -77,6 +77,9 @@ fn start(data_dir: &Path, base: u16) -> ServerProcess {
         .args(["--cores", "2", "--port", &base.to_string()])
         .args(["--data-dir", &data_dir.display().to_string()])
         .args(["--durability", "sync", "--memory-bytes-max", "256MiB"])
+        // Small segments and frequent snapshots, so kills land during snapshots, segment
+        // switches and log truncation too.
+        .args(["--segment-bytes-max", "1MiB", "--snapshot-log-bytes", "128KiB"])
         .args(["--log", "warn"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -258,6 +261,25 @@ fn acknowledged_writes_survive_sigkill() {
     let server = start(&data_dir.0, base);
     let checked = verify(&format!("127.0.0.1:{base}"), &acknowledged.lock().unwrap());
     drop(server);
+    let count_files = |suffix: &str| {
+        (0..2)
+            .flat_map(|core| std::fs::read_dir(data_dir.0.join(format!("core-{core}"))).unwrap())
+            .filter(|entry| {
+                entry
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(suffix)
+            })
+            .count()
+    };
+    let (snapshot_count, segment_count) = (count_files(".snap"), count_files(".log"));
+    eprintln!("crash loop: {snapshot_count} snapshots and {segment_count} log segments remain");
+    assert!(
+        snapshot_count >= 1,
+        "no snapshot was taken, so none was recovered from"
+    );
     let acknowledged = acknowledged.lock().unwrap();
     eprintln!(
         "crash loop: {kill_count} kills in {:?}, {} acknowledged unique writes and {} \

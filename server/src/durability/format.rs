@@ -176,26 +176,11 @@ impl RecordWriter {
     }
 
     fn push_bytes_u16(&mut self, bytes: &[u8]) {
-        // Keys are at most KEY_SIZE_MAX (4 KiB), checked before they reach a shard.
-        let size = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
-        assert!(
-            usize::from(size) == bytes.len(),
-            "key of {} bytes",
-            bytes.len()
-        );
-        self.buffer.extend_from_slice(&size.to_le_bytes());
-        self.buffer.extend_from_slice(bytes);
+        push_u16_prefixed(&mut self.buffer, bytes);
     }
 
     fn push_bytes_u32(&mut self, bytes: &[u8]) {
-        let size = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-        assert!(
-            size as usize == bytes.len(),
-            "value of {} bytes",
-            bytes.len()
-        );
-        self.buffer.extend_from_slice(&size.to_le_bytes());
-        self.buffer.extend_from_slice(bytes);
+        push_u32_prefixed(&mut self.buffer, bytes);
     }
 
     /// Closes the open record: fills in its size and checksum.
@@ -203,18 +188,7 @@ impl RecordWriter {
         let Some(start) = self.open_at.take() else {
             return;
         };
-        let payload_start = start + RECORD_HEADER_SIZE;
-        let payload_size = self.buffer.len() - payload_start;
-        assert!(
-            payload_size <= RECORD_PAYLOAD_SIZE_MAX,
-            "record payload of {payload_size} bytes"
-        );
-        let size_bytes = u32::try_from(payload_size)
-            .unwrap_or(u32::MAX)
-            .to_le_bytes();
-        let checksum = record_checksum(size_bytes, &self.buffer[payload_start..]);
-        self.buffer[start..start + 4].copy_from_slice(&size_bytes);
-        self.buffer[start + 4..start + 8].copy_from_slice(&checksum.to_le_bytes());
+        seal_record(&mut self.buffer[start..]);
         self.record_count += 1;
     }
 
@@ -258,6 +232,47 @@ impl RecordWriter {
         self.buffer.clear();
         self.record_count = 0;
     }
+}
+
+/// Appends `bytes` (a key) after its size as a u16.
+pub(crate) fn push_u16_prefixed(buffer: &mut Vec<u8>, bytes: &[u8]) {
+    // Keys are at most KEY_SIZE_MAX (4 KiB), checked before they reach a shard.
+    let size = u16::try_from(bytes.len()).unwrap_or(u16::MAX);
+    assert!(
+        usize::from(size) == bytes.len(),
+        "key of {} bytes",
+        bytes.len()
+    );
+    buffer.extend_from_slice(&size.to_le_bytes());
+    buffer.extend_from_slice(bytes);
+}
+
+/// Appends `bytes` (a value) after its size as a u32.
+pub(crate) fn push_u32_prefixed(buffer: &mut Vec<u8>, bytes: &[u8]) {
+    let size = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    assert!(
+        size as usize == bytes.len(),
+        "value of {} bytes",
+        bytes.len()
+    );
+    buffer.extend_from_slice(&size.to_le_bytes());
+    buffer.extend_from_slice(bytes);
+}
+
+/// Fills in the header of the record that makes up all of `record`: its first
+/// [`RECORD_HEADER_SIZE`] bytes were reserved, its payload follows them.
+pub fn seal_record(record: &mut [u8]) {
+    let payload_size = record.len() - RECORD_HEADER_SIZE;
+    assert!(
+        (8..=RECORD_PAYLOAD_SIZE_MAX).contains(&payload_size),
+        "record payload of {payload_size} bytes"
+    );
+    let size_bytes = u32::try_from(payload_size)
+        .unwrap_or(u32::MAX)
+        .to_le_bytes();
+    let checksum = record_checksum(size_bytes, &record[RECORD_HEADER_SIZE..]);
+    record[0..4].copy_from_slice(&size_bytes);
+    record[4..8].copy_from_slice(&checksum.to_le_bytes());
 }
 
 /// The checksum of a record: CRC32 over its size field and payload, so a torn size is caught
@@ -341,7 +356,7 @@ fn parse_set(bytes: &[u8]) -> Result<(Effect<'_>, &[u8]), DurabilityError> {
     ))
 }
 
-fn take_u16_prefixed(bytes: &[u8]) -> Result<(&[u8], &[u8]), DurabilityError> {
+pub(crate) fn take_u16_prefixed(bytes: &[u8]) -> Result<(&[u8], &[u8]), DurabilityError> {
     let Some((size, rest)) = bytes.split_first_chunk::<2>() else {
         return Err(DurabilityError::corrupt("effect cut short"));
     };
@@ -352,7 +367,7 @@ fn take_u16_prefixed(bytes: &[u8]) -> Result<(&[u8], &[u8]), DurabilityError> {
     Ok(rest.split_at(size))
 }
 
-fn take_u32_prefixed(bytes: &[u8]) -> Result<(&[u8], &[u8]), DurabilityError> {
+pub(crate) fn take_u32_prefixed(bytes: &[u8]) -> Result<(&[u8], &[u8]), DurabilityError> {
     let Some((size, rest)) = bytes.split_first_chunk::<4>() else {
         return Err(DurabilityError::corrupt("effect cut short"));
     };

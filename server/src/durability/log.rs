@@ -10,18 +10,26 @@
 //! stops, nothing after it is acknowledged, and the server is told to exit so its supervisor
 //! restarts it and recovery replays what reached the disk.
 //!
-//! Segment files are `wal-<segment id, 20 digits>.log` in the core's directory; a new one is
-//! started (header written and synced, directory synced) once the current one passes
-//! `segment_bytes_max`.
+//! Segment files are `wal-<segment id, 20 digits>.log` in the core's directory. Each is
+//! preallocated to `segment_bytes_max` when it is created, so appends into it never need new
+//! disk space. The next segment is created and preallocated while the current one is half
+//! full; its header (with the revision before it) is written when the log switches to it.
+//! When the next segment cannot be allocated because the disk is full, the log says how many
+//! bytes are left in the current one ([`CoreLog::room`]), the core refuses writes that would
+//! not fit with a typed `NoSpace` error (reads go on), and the writer tries the allocation
+//! again every [`NO_SPACE_RETRY`] until space is freed.
+//!
+//! All file I/O goes through [`Storage`], so tests can record it and inject faults.
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use glommio::io::BufferedFile;
-
-use crate::durability::format::{RecordWriter, SegmentHeader, LOG_FORMAT_VERSION};
+use crate::durability::format::{
+    RecordWriter, SegmentHeader, LOG_FORMAT_VERSION, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
+};
+use crate::durability::storage::{Storage, StorageFile};
 use crate::durability::{Durability, DurabilityError};
 use crate::runtime::{LocalNotify, LocalSignal};
 
@@ -38,6 +46,13 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
         .ok()
 }
 
+/// How often the writer tries again to allocate a segment after the disk was full.
+pub const NO_SPACE_RETRY: Duration = Duration::from_millis(500);
+
+/// Bytes of the current segment kept back when the disk is full, for what the core applies
+/// without asking (expiry of keys) and what was admitted before the log knew.
+pub const NO_SPACE_RESERVE_BYTES: u64 = 256 * 1024;
+
 /// Counters of a core's log, for stats and the benchmark.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LogStats {
@@ -49,6 +64,8 @@ pub struct LogStats {
     pub record_count: u64,
     /// Bytes written, headers included.
     pub byte_count: u64,
+    /// Times a segment could not be allocated because the disk was full.
+    pub no_space_count: u64,
 }
 
 #[derive(Debug, Default)]
@@ -63,6 +80,8 @@ struct LogState {
     durable_revision: u64,
     /// Set once a write or sync failed; the log takes nothing more.
     failure: Option<String>,
+    /// While the disk is full: bytes the current segment can still take.
+    room: Option<u64>,
     stats: LogStats,
     /// Woken whenever `durable_revision` advances.
     subscribers: Vec<LocalNotify>,
@@ -126,6 +145,23 @@ impl CoreLog {
     /// The revision of the last record known to be on disk.
     pub fn durable_revision(&self) -> u64 {
         self.state.borrow().durable_revision
+    }
+
+    /// While the disk is full, the bytes of records the log can still take (records waiting
+    /// to be written count against it); `None` while the disk has room.
+    pub fn room(&self) -> Option<u64> {
+        let state = self.state.borrow();
+        state
+            .room
+            .map(|room| room.saturating_sub(state.pending.len() as u64))
+    }
+
+    fn set_room(&self, room: Option<u64>) {
+        let mut state = self.state.borrow_mut();
+        if room.is_some() && state.room.is_none() {
+            state.stats.no_space_count += 1;
+        }
+        state.room = room;
     }
 
     /// Whether the log has failed (and why).
@@ -192,58 +228,93 @@ impl CoreLog {
     }
 }
 
-/// The segment being written.
+/// A segment file: created and preallocated, and (once started) being written.
 #[derive(Debug)]
-pub struct Segment {
+pub struct Segment<F> {
     directory: PathBuf,
-    core_id: u16,
     id: u64,
-    file: BufferedFile,
-    /// Bytes written so far (the next write's offset).
+    file: F,
+    /// Bytes written so far (the next write's offset); 0 until the header is written.
     size: u64,
+    /// Bytes preallocated, or `None` where the filesystem cannot preallocate.
+    capacity: Option<u64>,
 }
 
-impl Segment {
-    /// Creates segment `segment_id` in `directory`: writes its header, syncs it and the
-    /// directory.
+impl<F: StorageFile> Segment<F> {
+    /// Creates segment `segment_id` in `directory`, preallocates `capacity` bytes and syncs
+    /// the directory. The segment holds nothing until [`Segment::start`].
     ///
     /// # Errors
-    /// The file cannot be created, written or synced.
-    pub async fn create(
+    /// The file cannot be created or the directory synced, or there is no space for it (then
+    /// the file is removed again; see [`DurabilityError::is_no_space`]).
+    pub async fn allocate<S: Storage<File = F>>(
+        storage: &S,
         directory: &Path,
-        core_id: u16,
         segment_id: u64,
-        revision_before: u64,
+        capacity: u64,
     ) -> Result<Self, DurabilityError> {
         let path = directory.join(segment_file_name(segment_id));
-        let io_error = |operation| {
-            let path = path.display().to_string();
-            move |source: glommio::GlommioError<()>| DurabilityError::Io {
-                operation,
-                path,
-                source: source.into(),
+        let file = storage
+            .create(&path)
+            .await
+            .map_err(io_error("create", &path))?;
+        let capacity = match file.allocate(capacity).await {
+            Ok(()) => Some(capacity),
+            Err(error) if error.kind() == std::io::ErrorKind::Unsupported => {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the filesystem cannot preallocate; a full disk will stop the server"
+                );
+                None
+            }
+            Err(error) => {
+                let _ = file.close().await;
+                let _ = storage.remove(&path).await;
+                return Err(io_error("allocate", &path)(error));
             }
         };
-        let file = BufferedFile::create(&path)
+        storage
+            .sync_directory(directory)
             .await
-            .map_err(io_error("create"))?;
-        let header = SegmentHeader {
-            format_version: LOG_FORMAT_VERSION,
-            core_id,
-            segment_id,
-            revision_before,
-        };
-        let mut segment = Self {
+            .map_err(io_error("sync directory", directory))?;
+        Ok(Self {
             directory: directory.to_owned(),
-            core_id,
             id: segment_id,
             file,
             size: 0,
+            capacity,
+        })
+    }
+
+    /// Writes the segment's header (not synced: the first batch's sync covers it).
+    ///
+    /// # Errors
+    /// The write fails.
+    pub async fn start(
+        &mut self,
+        core_id: u16,
+        revision_before: u64,
+    ) -> Result<(), DurabilityError> {
+        let header = SegmentHeader {
+            format_version: LOG_FORMAT_VERSION,
+            core_id,
+            segment_id: self.id,
+            revision_before,
         };
-        segment.write(header.to_bytes().to_vec()).await?;
-        segment.sync().await?;
-        sync_directory(directory).await?;
-        Ok(segment)
+        self.size = 0;
+        self.write(header.to_bytes().to_vec()).await
+    }
+
+    /// The segment's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Bytes of records the segment can still take without growing, or `None` if it was
+    /// not preallocated.
+    fn remaining(&self) -> Option<u64> {
+        self.capacity
+            .map(|capacity| capacity.saturating_sub(self.size))
     }
 
     async fn write(&mut self, bytes: Vec<u8>) -> Result<(), DurabilityError> {
@@ -252,7 +323,7 @@ impl Segment {
             .file
             .write_at(bytes, self.size)
             .await
-            .map_err(|source| self.io_error("write", source))?;
+            .map_err(io_error("write", &self.path()))?;
         if written as u64 != length {
             return Err(DurabilityError::Io {
                 operation: "write",
@@ -264,81 +335,204 @@ impl Segment {
         Ok(())
     }
 
-    async fn sync(&self) -> Result<(), DurabilityError> {
+    /// Makes what was written durable.
+    ///
+    /// # Errors
+    /// `fdatasync` fails.
+    pub async fn sync(&self) -> Result<(), DurabilityError> {
         self.file
-            .fdatasync()
+            .sync()
             .await
-            .map_err(|source| self.io_error("fdatasync", source))
+            .map_err(io_error("fdatasync", &self.path()))
     }
 
     fn path(&self) -> PathBuf {
         self.directory.join(segment_file_name(self.id))
     }
+}
 
-    fn io_error(
-        &self,
-        operation: &'static str,
-        source: glommio::GlommioError<()>,
-    ) -> DurabilityError {
-        DurabilityError::Io {
-            operation,
-            path: self.path().display().to_string(),
-            source: source.into(),
-        }
+fn io_error(
+    operation: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> DurabilityError {
+    let path = path.display().to_string();
+    move |source| DurabilityError::Io {
+        operation,
+        path,
+        source,
     }
 }
 
-/// Syncs a directory, so a file created or renamed in it survives a crash.
-///
-/// # Errors
-/// The directory cannot be opened or synced.
-pub async fn sync_directory(directory: &Path) -> Result<(), DurabilityError> {
-    let io_error = |operation| {
-        let path = directory.display().to_string();
-        move |source: glommio::GlommioError<()>| DurabilityError::Io {
-            operation,
-            path,
-            source: source.into(),
+/// The length of the longest prefix of `records` (whole records back to back) that is at
+/// most `limit` bytes.
+fn whole_records_within(records: &[u8], limit: u64) -> usize {
+    let mut offset = 0;
+    while let Some(header) = records
+        .get(offset..)
+        .and_then(<[u8]>::first_chunk::<RECORD_HEADER_SIZE>)
+    {
+        let size = RECORD_HEADER_SIZE
+            + u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        if (offset + size) as u64 > limit {
+            break;
         }
-    };
-    let handle = glommio::io::Directory::open(directory)
-        .await
-        .map_err(io_error("open directory"))?;
-    handle.sync().await.map_err(io_error("sync directory"))?;
-    let _ = handle.close().await;
-    Ok(())
+        offset += size;
+    }
+    offset
 }
 
-/// What the writer is told at the end.
+/// What is told the writer at the end.
 #[derive(Debug, Clone, Default)]
 pub struct WriterControl {
     /// Fired when the core has stopped producing records: write what is left and return.
     pub finish: LocalSignal,
 }
 
+/// The writer's segments: the one being written and, once it is half full, the next.
+struct Segments<S: Storage> {
+    storage: S,
+    core_id: u16,
+    current: Segment<S::File>,
+    next: Option<Segment<S::File>>,
+    segment_bytes_max: u64,
+    /// While the disk is full: when to try allocating the next segment again.
+    retry_at: Option<std::time::Instant>,
+}
+
+impl<S: Storage> Segments<S> {
+    /// Writes a batch of whole records and syncs it, switching to the next segment where the
+    /// current one is full (each segment's part is synced before the next is started).
+    async fn write_batch(
+        &mut self,
+        mut records: Vec<u8>,
+        revision_before: u64,
+    ) -> Result<(), DurabilityError> {
+        loop {
+            let limit = self
+                .current
+                .capacity
+                .unwrap_or(self.segment_bytes_max)
+                .saturating_sub(self.current.size);
+            let fits = whole_records_within(&records, limit);
+            let holds_records = self.current.size > SEGMENT_HEADER_SIZE as u64;
+            if fits == records.len() || !holds_records {
+                // All of it fits, or the segment is empty and takes even a record larger than
+                // a segment (the file grows).
+                self.current.write(records).await?;
+                return self.current.sync().await;
+            }
+            let rest = records.split_off(fits);
+            if !records.is_empty() {
+                self.current.write(records).await?;
+            }
+            self.current.sync().await?;
+            self.switch(revision_before).await?;
+            records = rest;
+        }
+    }
+
+    /// Continues in the next segment (allocating it now if it is not ready).
+    async fn switch(&mut self, revision_before: u64) -> Result<(), DurabilityError> {
+        let next = match self.next.take() {
+            Some(next) => next,
+            None => {
+                Segment::allocate(
+                    &self.storage,
+                    &self.current.directory,
+                    self.current.id + 1,
+                    self.segment_bytes_max,
+                )
+                .await?
+            }
+        };
+        let previous = std::mem::replace(&mut self.current, next);
+        let _ = previous.file.close().await;
+        self.current.start(self.core_id, revision_before).await
+    }
+
+    /// Allocates the next segment once the current one is half full. Returns the room left
+    /// while the disk is full (`None` when it is not).
+    ///
+    /// # Errors
+    /// Allocation failed for another reason than space.
+    async fn prepare_next(&mut self) -> Result<Option<u64>, DurabilityError> {
+        if self.next.is_some() {
+            return Ok(None);
+        }
+        let Some(remaining) = self.current.remaining() else {
+            return Ok(None);
+        };
+        if remaining > self.segment_bytes_max / 2 {
+            return Ok(None);
+        }
+        let now = std::time::Instant::now();
+        if self.retry_at.is_some_and(|retry_at| now < retry_at) {
+            return Ok(Some(remaining.saturating_sub(NO_SPACE_RESERVE_BYTES)));
+        }
+        match Segment::allocate(
+            &self.storage,
+            &self.current.directory,
+            self.current.id + 1,
+            self.segment_bytes_max,
+        )
+        .await
+        {
+            Ok(next) => {
+                if self.retry_at.take().is_some() {
+                    tracing::info!("disk space is available again; writes are accepted");
+                }
+                self.next = Some(next);
+                Ok(None)
+            }
+            Err(error) if error.is_no_space() => {
+                if self.retry_at.is_none() {
+                    tracing::warn!(%error, remaining, "the disk is full: writes are refused until space is freed");
+                }
+                self.retry_at = Some(now + NO_SPACE_RETRY);
+                Ok(Some(remaining.saturating_sub(NO_SPACE_RESERVE_BYTES)))
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
 /// Writes the log's batches until `control.finish` fires and everything appended is written.
-/// Returns the failure, if the log failed (the caller makes the process exit non-zero).
-pub async fn run_writer(
+/// `segment` has been started. Returns the failure, if the log failed (the caller makes the
+/// process exit non-zero).
+pub async fn run_writer<S: Storage>(
     log: Rc<CoreLog>,
-    mut segment: Segment,
+    storage: S,
+    core_id: u16,
+    segment: Segment<S::File>,
     segment_bytes_max: u64,
     flush_interval: Duration,
     control: WriterControl,
 ) -> Option<String> {
+    let mut segments = Segments {
+        storage,
+        core_id,
+        current: segment,
+        next: None,
+        segment_bytes_max,
+        retry_at: None,
+    };
+    let mut durable_revision = log.durable_revision();
     loop {
-        let is_finishing = control.finish.is_fired();
-        if let Some((records, revision, record_count)) = log.take_batch() {
-            let byte_count = records.len() as u64;
-            let outcome = async {
-                segment.write(records).await?;
-                segment.sync().await?;
-                Ok::<_, DurabilityError>(())
-            }
-            .await;
-            if let Err(error) = outcome {
+        match segments.prepare_next().await {
+            Ok(room) => log.set_room(room),
+            Err(error) => {
                 log.fail(error.to_string());
                 return log.failure();
             }
+        }
+        let is_finishing = control.finish.is_fired();
+        if let Some((records, revision, record_count)) = log.take_batch() {
+            let byte_count = records.len() as u64;
+            if let Err(error) = segments.write_batch(records, durable_revision).await {
+                log.fail(error.to_string());
+                return log.failure();
+            }
+            durable_revision = revision;
             log.mark_durable(revision, byte_count, record_count);
             if log.mode == Durability::Async && !is_finishing {
                 // One write and sync per interval, however busy the core is.
@@ -347,37 +541,33 @@ pub async fn run_writer(
                     .unless_fired(glommio::timer::sleep(flush_interval))
                     .await;
             }
-            if segment.size >= segment_bytes_max {
-                let next = Segment::create(
-                    &segment.directory,
-                    segment.core_id,
-                    segment.id + 1,
-                    revision,
-                )
-                .await;
-                match next {
-                    Ok(next) => segment = next,
-                    Err(error) => {
-                        log.fail(error.to_string());
-                        return log.failure();
-                    }
-                }
-            }
             continue;
         }
         if is_finishing {
             return log.failure();
         }
+        let wait = match (log.mode, segments.retry_at) {
+            (_, Some(_)) => NO_SPACE_RETRY.min(flush_interval),
+            (Durability::Sync, None) => Duration::MAX,
+            _ => flush_interval,
+        };
+        let sleep = async {
+            if wait == Duration::MAX {
+                std::future::pending::<()>().await;
+            } else {
+                glommio::timer::sleep(wait).await;
+            }
+        };
         match log.mode {
             Durability::Sync => {
-                futures_lite::future::or(log.appended.notified(), control.finish.wait()).await;
-            }
-            _ => {
                 futures_lite::future::or(
-                    glommio::timer::sleep(flush_interval),
+                    futures_lite::future::or(log.appended.notified(), sleep),
                     control.finish.wait(),
                 )
                 .await;
+            }
+            _ => {
+                futures_lite::future::or(sleep, control.finish.wait()).await;
             }
         }
     }

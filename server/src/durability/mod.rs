@@ -9,7 +9,12 @@
 //! # Layout
 //! - [`format`]: segment headers and records, byte by byte (`docs/storage.md`). No I/O.
 //! - [`log`]: a core's log: appends, the group-commit writer task, segment files.
-//! - [`recovery`]: replaying a core's segments at startup; the data directory's layout.
+//! - [`snapshot`]: a core's snapshots: taken a partition at a time, loaded at startup, and
+//!   the log truncated behind them.
+//! - [`recovery`]: loading the newest snapshot and replaying a core's segments at startup;
+//!   the data directory's layout.
+//! - [`storage`]: the file operations the log and snapshots use, behind a trait tests
+//!   replace.
 //!
 //! **Invariant:** records are written in revision order and replaying them from an empty
 //! store rebuilds the shard exactly.
@@ -17,6 +22,13 @@
 pub mod format;
 pub mod log;
 pub mod recovery;
+pub mod snapshot;
+pub mod storage;
+
+#[cfg(test)]
+mod crash_tests;
+#[cfg(test)]
+mod snapshot_tests;
 
 /// How a server instance keeps its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -96,6 +108,11 @@ pub enum DurabilityError {
 }
 
 impl DurabilityError {
+    /// Whether the error is the filesystem being out of space.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::Io { source, .. } if storage::is_no_space(source))
+    }
+
     /// A [`DurabilityError::Corrupt`] with `reason`.
     pub fn corrupt(reason: impl Into<String>) -> Self {
         Self::Corrupt {

@@ -1,7 +1,11 @@
-//! Recovery at startup: replay a core's log segments into its shard.
+//! Recovery at startup: load a core's newest valid snapshot, then replay its log segments
+//! into its shard.
 //!
 //! Runs on the core's thread before the core reports ready, with plain blocking file I/O
-//! (nothing else runs on the core yet). Segments are read in id order and every record is
+//! (nothing else runs on the core yet). The newest snapshot that reads back whole is loaded
+//! (a damaged one is renamed `*.damaged`, logged, and the next older one tried: the log is
+//! kept from the oldest kept snapshot on, so nothing is lost). Segments are read in id order
+//! from the one holding the first record after the snapshot, and every later record is
 //! replayed. What a crash can leave is handled without help: a segment whose header never
 //! reached the disk (the crash hit its creation) is removed, and a last segment that ends in a
 //! torn or unchecksummable record is truncated there (logged). Damage that valid records
@@ -16,6 +20,7 @@ use crate::durability::format::{
     has_valid_record_after, read_record, ReadOutcome, SegmentHeader, SEGMENT_HEADER_SIZE,
 };
 use crate::durability::log::parse_segment_file_name;
+use crate::durability::snapshot::{is_temporary_file_name, load_snapshot, snapshot_files};
 use crate::durability::DurabilityError;
 use crate::shard::Shard;
 
@@ -30,6 +35,10 @@ pub struct Recovered {
     pub record_count: u64,
     /// Bytes of records replayed.
     pub byte_count: u64,
+    /// The base revision of the snapshot loaded, if one was.
+    pub snapshot_base: Option<u64>,
+    /// Entries the snapshot held.
+    pub snapshot_entry_count: u64,
     /// Files truncated or removed, with the reason (a crash's leftovers, or `repair`).
     pub repairs: Vec<String>,
 }
@@ -75,17 +84,60 @@ pub fn recover(
     repair: bool,
 ) -> Result<Recovered, DurabilityError> {
     fs::create_dir_all(directory).map_err(io_error("create directory", directory))?;
+    let mut recovered = Recovered::default();
+    remove_temporary_snapshots(directory, &mut recovered)?;
+    let loaded = load_newest_snapshot(directory, core_id, shard, now_ms, &mut recovered)?;
+    let base = loaded.map_or(0, |loaded| loaded.base_revision);
     let segments = segment_files(directory)?;
-    let mut recovered = Recovered {
-        next_segment_id: segments.last().map_or(1, |(id, _)| id + 1),
-        ..Recovered::default()
+    recovered.next_segment_id = segments.last().map_or(1, |(id, _)| id + 1);
+    let first = first_segment_after(&segments, base, repair, &mut recovered)?;
+    let replay = Replay {
+        core_id,
+        now_ms,
+        base,
+        repair,
     };
+    replay_log(&segments, first, &replay, shard, &mut recovered)?;
+    if let Some(loaded) = loaded {
+        shard.restore_revision(loaded.end_revision);
+    }
+    if !recovered.repairs.is_empty() {
+        sync_directory_blocking(directory)?;
+    }
+    for repair in &recovered.repairs {
+        tracing::warn!(core_id, repair = %repair, "log repaired during recovery");
+    }
+    Ok(recovered)
+}
+
+/// What recovery replays the log with.
+struct Replay {
+    core_id: u16,
+    now_ms: u64,
+    /// Records up to this revision are in the snapshot loaded.
+    base: u64,
+    repair: bool,
+}
+
+/// Replays `segments` from index `first` on, cutting what a crash left at the tail and, with
+/// `repair`, everything from damage on.
+fn replay_log(
+    segments: &[(u64, PathBuf)],
+    first: usize,
+    replay: &Replay,
+    shard: &mut Shard,
+    recovered: &mut Recovered,
+) -> Result<(), DurabilityError> {
     let mut drop_from = None;
-    for (index, (segment_id, path)) in segments.iter().enumerate() {
+    for (index, (segment_id, path)) in segments.iter().enumerate().skip(first) {
         let bytes = fs::read(path).map_err(io_error("read", path))?;
-        let outcome = replay_segment(&bytes, *segment_id, core_id, shard, now_ms, &mut recovered)
+        let outcome = replay_segment(&bytes, *segment_id, replay, shard, recovered)
             .map_err(|error| located(path, 0, &error))?;
-        if outcome == SegmentEnd::Clean {
+        if let SegmentEnd::Clean { end } = outcome {
+            if bytes.len() > end {
+                // Preallocated space never written: give it back.
+                truncate(path, end)?;
+            }
             continue;
         }
         // The segment ends badly. It is the log's tail if no later segment holds a record:
@@ -126,7 +178,7 @@ pub fn recover(
                     SegmentEnd::Torn { offset } => (offset, "a record cut short".to_owned()),
                     _ => (0, "the segment header is damaged".to_owned()),
                 };
-                if !repair {
+                if !replay.repair {
                     return Err(DurabilityError::corrupt(format!(
                         "{} is damaged at byte {offset} ({reason}) and valid log data follows; \
                          start with --repair to keep what precedes the damage and drop the rest",
@@ -156,13 +208,113 @@ pub fn recover(
                 .push(format!("{}: removed by repair", path.display()));
         }
     }
-    if !recovered.repairs.is_empty() {
-        sync_directory_blocking(directory)?;
+    Ok(())
+}
+
+/// Removes snapshots that were being written when the process stopped.
+fn remove_temporary_snapshots(
+    directory: &Path,
+    recovered: &mut Recovered,
+) -> Result<(), DurabilityError> {
+    for entry in fs::read_dir(directory).map_err(io_error("read directory", directory))? {
+        let entry = entry.map_err(io_error("read directory", directory))?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(is_temporary_file_name)
+        {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(io_error("remove", &path))?;
+            recovered.repairs.push(format!(
+                "{}: removed (a snapshot not finished when the process stopped)",
+                path.display()
+            ));
+        }
     }
-    for repair in &recovered.repairs {
-        tracing::warn!(core_id, repair = %repair, "log repaired during recovery");
+    Ok(())
+}
+
+/// Loads the newest snapshot that reads back whole. A damaged one is renamed `*.damaged`
+/// (kept for inspection, never loaded again) and the next older one is tried.
+fn load_newest_snapshot(
+    directory: &Path,
+    core_id: u16,
+    shard: &mut Shard,
+    now_ms: u64,
+    recovered: &mut Recovered,
+) -> Result<Option<crate::durability::snapshot::SnapshotLoaded>, DurabilityError> {
+    for (_, path) in snapshot_files(directory)? {
+        match load_snapshot(&path, core_id, shard, now_ms) {
+            Ok(loaded) => {
+                shard.restore_revision(loaded.base_revision);
+                recovered.snapshot_base = Some(loaded.base_revision);
+                recovered.snapshot_entry_count = loaded.entry_count;
+                return Ok(Some(loaded));
+            }
+            Err(error) => {
+                *shard = shard.emptied(now_ms);
+                let damaged = path.with_extension("snap.damaged");
+                fs::rename(&path, &damaged).map_err(io_error("rename", &path))?;
+                sync_directory_blocking(directory)?;
+                recovered.repairs.push(format!(
+                    "{}: damaged ({error}); renamed to {} and an older snapshot used",
+                    path.display(),
+                    damaged.display()
+                ));
+            }
+        }
     }
-    Ok(recovered)
+    Ok(None)
+}
+
+/// The header of the segment at `path`, or `None` if the file does not begin with a valid
+/// one (a segment created but not started, or a torn one).
+///
+/// # Errors
+/// The file cannot be read.
+pub fn read_segment_header(path: &Path) -> Result<Option<SegmentHeader>, DurabilityError> {
+    let mut bytes = [0; SEGMENT_HEADER_SIZE];
+    let mut file = fs::File::open(path).map_err(io_error("open", path))?;
+    match std::io::Read::read_exact(&mut file, &mut bytes) {
+        Ok(()) => Ok(SegmentHeader::from_bytes(&bytes).ok()),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(error) => Err(io_error("read", path)(error)),
+    }
+}
+
+/// The index of the first segment that may hold a record after `base`: segments before it
+/// hold only records up to `base` (a later segment's header says so). Refuses a log that
+/// begins after `base`, since the records in between are gone, unless `repair` is set.
+fn first_segment_after(
+    segments: &[(u64, PathBuf)],
+    base: u64,
+    repair: bool,
+    recovered: &mut Recovered,
+) -> Result<usize, DurabilityError> {
+    let mut first = 0;
+    for (index, (_, path)) in segments.iter().enumerate() {
+        match read_segment_header(path)? {
+            Some(header) if header.revision_before <= base => first = index,
+            Some(header) if index == 0 => {
+                let message = format!(
+                    "{} begins after revision {}, but the state before it is known only up to                      revision {base} (no snapshot covers the gap)",
+                    path.display(),
+                    header.revision_before
+                );
+                if !repair {
+                    return Err(DurabilityError::corrupt(format!(
+                        "{message}; start with --repair to recover what remains"
+                    )));
+                }
+                recovered
+                    .repairs
+                    .push(format!("{message}: repaired by keeping what remains"));
+                return Ok(0);
+            }
+            _ => break,
+        }
+    }
+    Ok(first)
 }
 
 /// Whether any of `segments` holds a byte of record data after its header.
@@ -188,8 +340,8 @@ fn located(path: &Path, offset: usize, error: &DurabilityError) -> DurabilityErr
 /// How a segment's records ended.
 #[derive(Debug, PartialEq, Eq)]
 enum SegmentEnd {
-    /// At the end of the data, or at zeros.
-    Clean,
+    /// At the end of the data, or at zeros from `end` on.
+    Clean { end: usize },
     /// The file is shorter than a header.
     TornHeader,
     /// A record runs past the end of the file.
@@ -201,11 +353,16 @@ enum SegmentEnd {
 fn replay_segment(
     bytes: &[u8],
     segment_id: u64,
-    core_id: u16,
+    replay: &Replay,
     shard: &mut Shard,
-    now_ms: u64,
     recovered: &mut Recovered,
 ) -> Result<SegmentEnd, DurabilityError> {
+    let Replay {
+        core_id,
+        now_ms,
+        base,
+        ..
+    } = *replay;
     let Some(header_bytes) = bytes.first_chunk::<SEGMENT_HEADER_SIZE>() else {
         return Ok(SegmentEnd::TornHeader);
     };
@@ -228,17 +385,19 @@ fn replay_segment(
     loop {
         match read_record(&bytes[offset..]) {
             ReadOutcome::Record(record, size) => {
-                shard
-                    .replay(now_ms, &record)
-                    .map_err(|error| DurabilityError::corrupt(format!("byte {offset}: {error}")))?;
-                recovered.record_count += 1;
-                recovered.byte_count += size as u64;
+                if record.revision > base {
+                    shard.replay(now_ms, &record).map_err(|error| {
+                        DurabilityError::corrupt(format!("byte {offset}: {error}"))
+                    })?;
+                    recovered.record_count += 1;
+                    recovered.byte_count += size as u64;
+                }
                 offset += size;
             }
             ReadOutcome::End => {
                 let rest = &bytes[offset..];
                 return Ok(if rest.iter().all(|&byte| byte == 0) {
-                    SegmentEnd::Clean
+                    SegmentEnd::Clean { end: offset }
                 } else {
                     SegmentEnd::Torn { offset }
                 });

@@ -150,6 +150,89 @@ impl Shard {
         Ok(())
     }
 
+    /// Stores one entry of a snapshot (recovery): `value` under `key`, last modified at
+    /// `version`, expiring at `deadline_ms`. Dropped if it expired by `now_ms`. Nothing is
+    /// journaled and the revision is left alone ([`Shard::restore_revision`] sets it).
+    pub fn restore_entry(
+        &mut self,
+        now_ms: u64,
+        key: &[u8],
+        value: &[u8],
+        version: u64,
+        deadline_ms: Option<u64>,
+    ) {
+        if deadline_ms.is_some_and(|deadline_ms| deadline_ms <= now_ms) {
+            return;
+        }
+        let journal = self.journal.take();
+        self.write_entry(key, value, deadline_ms, version);
+        self.journal = journal;
+    }
+
+    /// Sets the revision recovery continues from: the revision a snapshot began at, then the
+    /// larger of what the log replayed and what the snapshot saw. Never goes back.
+    pub fn restore_revision(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
+    }
+
+    /// The same shard, emptied (recovery starting over from an older snapshot).
+    #[must_use]
+    pub fn emptied(&self, now_ms: u64) -> Self {
+        let mut shard = Self::new(self.config.clone(), now_ms);
+        if self.journal.is_some() {
+            shard.journal = Some(RecordWriter::new());
+        }
+        shard
+    }
+
+    /// The entries of store partition `partition` (`0..store::PARTITION_COUNT`), expired ones
+    /// included: a snapshot copies one partition at a time.
+    pub fn partition_entries(&self, partition: usize) -> impl Iterator<Item = EntryRef<'_>> {
+        self.store.partition(partition)
+    }
+
+    /// Bytes of journal waiting for the core to hand them to the log.
+    pub fn journal_len(&self) -> usize {
+        self.journal.as_ref().map_or(0, RecordWriter::len)
+    }
+
+    /// At most how many bytes of log `request` can write, or `None` if it writes none (a
+    /// read). The core refuses a write that would not fit while the disk is full.
+    pub fn journal_bound(&self, request: &ArchivedRequest) -> Option<u64> {
+        // A record's header and revision, an effect's kind, sizes and deadline, and the
+        // removal of an expired entry the write may reclaim first (its own record).
+        const RECORD: u64 = 16;
+        const EFFECT: u64 = 15;
+        let key_write = |key: &[u8], value_size: usize| {
+            2 * (RECORD + EFFECT + key.len() as u64) + value_size as u64
+        };
+        match request {
+            ArchivedRequest::Put(put) => Some(key_write(&put.key, put.value.len())),
+            ArchivedRequest::Delete { key, .. } => Some(key_write(key, 0)),
+            ArchivedRequest::Add { key, .. } => Some(key_write(key, 20)),
+            ArchivedRequest::Expire { key, .. } | ArchivedRequest::Persist { key } => {
+                let value_size = self.store.get(key).map_or(0, |entry| entry.value().len());
+                Some(key_write(key, value_size))
+            }
+            ArchivedRequest::MultiPut { entries } => Some(
+                entries
+                    .iter()
+                    .map(|entry| key_write(&entry.key, entry.value.len()))
+                    .sum(),
+            ),
+            ArchivedRequest::MultiDelete { keys } => {
+                Some(keys.iter().map(|key| key_write(key, 0)).sum())
+            }
+            ArchivedRequest::Hello { .. }
+            | ArchivedRequest::Stats
+            | ArchivedRequest::Ping
+            | ArchivedRequest::Get { .. }
+            | ArchivedRequest::Exists { .. }
+            | ArchivedRequest::Ttl { .. }
+            | ArchivedRequest::MultiGet { .. } => None,
+        }
+    }
+
     /// Starts the next revision and its record.
     fn begin_revision(&mut self) -> u64 {
         self.revision += 1;

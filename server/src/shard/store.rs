@@ -22,6 +22,11 @@
 //! then the key, then the value (to the end of the allocation)
 //! ```
 //!
+//! The map is split into [`PARTITION_COUNT`] hash tables by bits of the key's hash that the
+//! tables themselves do not use. A snapshot copies one partition at a time between requests
+//! (`durability::snapshot`), so the shard pauses for a 256th of its data per step and not for
+//! all of it; growing a table also moves a 256th of the entries at a time.
+//!
 //! **Invariant:** `memory_bytes` equals the sum of [`entry_cost`] over all stored entries.
 
 use hashbrown::hash_table::{Entry as TableEntry, HashTable};
@@ -36,6 +41,13 @@ pub const ENTRY_OVERHEAD_BYTES: u64 = 80;
 /// Estimated bytes a TTL costs beyond its copy of the key: the larger header and the timer
 /// wheel's node and key allocation.
 pub const TIMER_OVERHEAD_BYTES: u64 = 64;
+
+/// Hash tables the map is split into.
+pub const PARTITION_COUNT: usize = 256;
+
+/// Where the partition index is taken from in a key's hash: above the bits a table of fewer
+/// than 2^40 slots uses for the slot, below the 7 top bits it keeps in its control bytes.
+const PARTITION_SHIFT: u32 = 40;
 
 const HEADER_SIZE: usize = 11;
 const EXPIRY_SIZE: usize = 16;
@@ -214,7 +226,8 @@ pub fn entry_cost(key_size: usize, value_size: usize, has_expiry: bool) -> u64 {
 
 /// The map and its memory budget.
 pub struct Store {
-    table: HashTable<Box<[u8]>>,
+    partitions: Box<[HashTable<Box<[u8]>>]>,
+    len: usize,
     hasher: ahash::RandomState,
     memory_bytes: u64,
     memory_bytes_max: u64,
@@ -224,7 +237,7 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("Store")
-            .field("len", &self.table.len())
+            .field("len", &self.len)
             .field("memory_bytes", &self.memory_bytes)
             .field("memory_bytes_max", &self.memory_bytes_max)
             .finish_non_exhaustive()
@@ -235,7 +248,8 @@ impl Store {
     /// An empty store that may hold up to `memory_bytes_max` bytes of entries.
     pub fn new(memory_bytes_max: u64) -> Self {
         Self {
-            table: HashTable::new(),
+            partitions: (0..PARTITION_COUNT).map(|_| HashTable::new()).collect(),
+            len: 0,
             hasher: ahash::RandomState::new(),
             memory_bytes: 0,
             memory_bytes_max,
@@ -246,10 +260,37 @@ impl Store {
         self.hasher.hash_one(key)
     }
 
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "PARTITION_COUNT is 256: the cast keeps exactly the 8 bits wanted"
+    )]
+    fn partition_of(hash: u64) -> usize {
+        usize::from((hash >> PARTITION_SHIFT) as u8)
+    }
+
+    fn table(&self, hash: u64) -> &HashTable<Box<[u8]>> {
+        &self.partitions[Self::partition_of(hash)]
+    }
+
+    fn table_mut(&mut self, hash: u64) -> &mut HashTable<Box<[u8]>> {
+        &mut self.partitions[Self::partition_of(hash)]
+    }
+
     /// The entry for `key`, expired or not.
     pub fn get(&self, key: &[u8]) -> Option<EntryRef<'_>> {
-        self.table
-            .find(self.hash(key), |bytes| EntryRef { bytes }.key() == key)
+        let hash = self.hash(key);
+        self.table(hash)
+            .find(hash, |bytes| EntryRef { bytes }.key() == key)
+            .map(|bytes| EntryRef { bytes })
+    }
+
+    /// The entries of partition `partition` (`0..PARTITION_COUNT`), expired ones included,
+    /// in no particular order. An index out of range has none.
+    pub fn partition(&self, partition: usize) -> impl Iterator<Item = EntryRef<'_>> {
+        self.partitions
+            .get(partition)
+            .into_iter()
+            .flat_map(HashTable::iter)
             .map(|bytes| EntryRef { bytes })
     }
 
@@ -257,7 +298,8 @@ impl Store {
     /// may itself miss, but misses of several keys prefetched in a row overlap, and the entry
     /// behind each slot is requested without waiting for it.
     pub fn prefetch(&self, key: &[u8]) {
-        for bytes in self.table.iter_hash(self.hash(key)) {
+        let hash = self.hash(key);
+        for bytes in self.table(hash).iter_hash(hash) {
             prefetch_read(bytes.as_ptr());
         }
     }
@@ -282,10 +324,8 @@ impl Store {
         let hasher = &self.hasher;
         #[allow(clippy::borrowed_box, reason = "the table's element type is Box<[u8]>")]
         let rehash = |bytes: &Box<[u8]>| hasher.hash_one(EntryRef { bytes }.key());
-        let released = match self
-            .table
-            .entry(hash, |bytes| EntryRef { bytes }.key() == key, rehash)
-        {
+        let table = &mut self.partitions[Self::partition_of(hash)];
+        let released = match table.entry(hash, |bytes| EntryRef { bytes }.key() == key, rehash) {
             TableEntry::Occupied(mut occupied) => {
                 let stored = occupied.get_mut();
                 let before = EntryRef { bytes: stored };
@@ -302,6 +342,7 @@ impl Store {
             }
             TableEntry::Vacant(vacant) => {
                 vacant.insert(new_entry(key, value, version, expiry));
+                self.len += 1;
                 0
             }
         };
@@ -313,10 +354,11 @@ impl Store {
     pub fn remove(&mut self, key: &[u8]) -> Option<OwnedEntry> {
         let hash = self.hash(key);
         let occupied = self
-            .table
+            .table_mut(hash)
             .find_entry(hash, |bytes| EntryRef { bytes }.key() == key)
             .ok()?;
         let (bytes, _) = occupied.remove();
+        self.len -= 1;
         let entry = OwnedEntry(bytes);
         self.release(entry.view().cost());
         Some(entry)
@@ -327,7 +369,7 @@ impl Store {
     pub fn update(&mut self, key: &[u8], version: u64, expiry: Option<Expiry>) -> bool {
         let hash = self.hash(key);
         let Some(stored) = self
-            .table
+            .table_mut(hash)
             .find_mut(hash, |bytes| EntryRef { bytes }.key() == key)
         else {
             return false;
@@ -351,7 +393,7 @@ impl Store {
     pub fn set_timer(&mut self, key: &[u8], timer: TimerId) {
         let hash = self.hash(key);
         let stored = self
-            .table
+            .table_mut(hash)
             .find_mut(hash, |bytes| EntryRef { bytes }.key() == key);
         if let Some(stored) = stored {
             assert!(
@@ -373,12 +415,12 @@ impl Store {
 
     /// Number of stored entries, expired ones not yet reclaimed included.
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.len
     }
 
     /// Whether the store holds no entry.
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.len == 0
     }
 
     /// Bytes currently charged.
@@ -393,9 +435,9 @@ impl Store {
 
     /// Recomputes the charge from scratch; for tests and debug assertions (O(n)).
     pub fn memory_bytes_recomputed(&self) -> u64 {
-        self.table
-            .iter()
-            .map(|bytes| EntryRef { bytes }.cost())
+        (0..PARTITION_COUNT)
+            .flat_map(|partition| self.partition(partition))
+            .map(EntryRef::cost)
             .sum()
     }
 }
@@ -480,5 +522,12 @@ mod tests {
         }
         assert_eq!(store.len(), 10_000);
         assert_eq!(store.memory_bytes(), store.memory_bytes_recomputed());
+        // Every entry is in exactly one partition, and the partitions share them out.
+        let sizes: Vec<usize> = (0..PARTITION_COUNT)
+            .map(|partition| store.partition(partition).count())
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 10_000);
+        assert!(sizes.iter().all(|&size| size > 0), "{sizes:?}");
+        assert_eq!(store.partition(PARTITION_COUNT).count(), 0);
     }
 }

@@ -1,0 +1,1 @@
+//! Crash-image tests (being written).
