@@ -79,7 +79,12 @@ fn start(data_dir: &Path, base: u16) -> ServerProcess {
         .args(["--durability", "sync", "--memory-bytes-max", "256MiB"])
         // Small segments and frequent snapshots, so kills land during snapshots, segment
         // switches and log truncation too.
-        .args(["--segment-bytes-max", "1MiB", "--snapshot-log-bytes", "128KiB"])
+        .args([
+            "--segment-bytes-max",
+            "1MiB",
+            "--snapshot-log-bytes",
+            "128KiB",
+        ])
         .args(["--log", "warn"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

@@ -18,7 +18,7 @@ use crate::durability::DurabilityError;
 pub const SEGMENT_MAGIC: [u8; 4] = *b"TSWL";
 
 /// Version of the log format written by this build.
-pub const LOG_FORMAT_VERSION: u16 = 1;
+pub const LOG_FORMAT_VERSION: u16 = 2;
 
 /// Bytes of a segment header.
 pub const SEGMENT_HEADER_SIZE: usize = 32;
@@ -259,6 +259,20 @@ pub(crate) fn push_u32_prefixed(buffer: &mut Vec<u8>, bytes: &[u8]) {
     buffer.extend_from_slice(bytes);
 }
 
+/// Bytes of a batch marker: a record header and a 16-byte payload.
+pub const BATCH_MARKER_SIZE: usize = RECORD_HEADER_SIZE + 16;
+
+/// The marker the writer puts before each batch it writes with one call: a record of
+/// revision 0 (no real record has it) whose payload then holds the byte length of the
+/// records that follow in the batch. Recovery uses it to tell a batch that a crash tore (the
+/// last one written, never synced) from damage to data that was synced.
+pub fn batch_marker(batch_length: u64) -> [u8; BATCH_MARKER_SIZE] {
+    let mut marker = [0; BATCH_MARKER_SIZE];
+    marker[RECORD_HEADER_SIZE + 8..].copy_from_slice(&batch_length.to_le_bytes());
+    seal_record(&mut marker);
+    marker
+}
+
 /// Fills in the header of the record that makes up all of `record`: its first
 /// [`RECORD_HEADER_SIZE`] bytes were reserved, its payload follows them.
 pub fn seal_record(record: &mut [u8]) {
@@ -299,6 +313,15 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
+    /// If this is a batch marker ([`batch_marker`]), the length of the batch after it.
+    pub fn batch_length(&self) -> Option<u64> {
+        if self.revision != 0 {
+            return None;
+        }
+        let bytes: [u8; 8] = self.effects.get(..8)?.try_into().ok()?;
+        Some(u64::from_le_bytes(bytes))
+    }
+
     /// The record's effects, in the order they were applied.
     pub fn effects(&self) -> Effects<'a> {
         Effects { rest: self.effects }

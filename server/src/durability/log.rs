@@ -27,7 +27,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use crate::durability::format::{
-    RecordWriter, SegmentHeader, LOG_FORMAT_VERSION, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
+    batch_marker, RecordWriter, SegmentHeader, BATCH_MARKER_SIZE, LOG_FORMAT_VERSION,
+    RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use crate::durability::storage::{Storage, StorageFile};
 use crate::durability::{Durability, DurabilityError};
@@ -49,8 +50,9 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
 /// How often the writer tries again to allocate a segment after the disk was full.
 pub const NO_SPACE_RETRY: Duration = Duration::from_millis(500);
 
-/// Bytes of the current segment kept back when the disk is full, for what the core applies
-/// without asking (expiry of keys) and what was admitted before the log knew.
+/// Bytes of the current segment kept back when the disk is full (at most an eighth of a
+/// segment), for what the core applies without asking (expiry of keys) and what was
+/// admitted before the log knew.
 pub const NO_SPACE_RESERVE_BYTES: u64 = 256 * 1024;
 
 /// Counters of a core's log, for stats and the benchmark.
@@ -363,6 +365,14 @@ fn io_error(
     }
 }
 
+/// `records` after the batch marker that announces them.
+fn with_marker(records: &[u8]) -> Vec<u8> {
+    let mut batch = Vec::with_capacity(BATCH_MARKER_SIZE + records.len());
+    batch.extend_from_slice(&batch_marker(records.len() as u64));
+    batch.extend_from_slice(records);
+    batch
+}
+
 /// The length of the longest prefix of `records` (whole records back to back) that is at
 /// most `limit` bytes.
 fn whole_records_within(records: &[u8], limit: u64) -> usize {
@@ -412,18 +422,18 @@ impl<S: Storage> Segments<S> {
                 .current
                 .capacity
                 .unwrap_or(self.segment_bytes_max)
-                .saturating_sub(self.current.size);
+                .saturating_sub(self.current.size + BATCH_MARKER_SIZE as u64);
             let fits = whole_records_within(&records, limit);
             let holds_records = self.current.size > SEGMENT_HEADER_SIZE as u64;
             if fits == records.len() || !holds_records {
                 // All of it fits, or the segment is empty and takes even a record larger than
                 // a segment (the file grows).
-                self.current.write(records).await?;
+                self.current.write(with_marker(&records)).await?;
                 return self.current.sync().await;
             }
             let rest = records.split_off(fits);
             if !records.is_empty() {
-                self.current.write(records).await?;
+                self.current.write(with_marker(&records)).await?;
             }
             self.current.sync().await?;
             self.switch(revision_before).await?;
@@ -450,6 +460,10 @@ impl<S: Storage> Segments<S> {
         self.current.start(self.core_id, revision_before).await
     }
 
+    fn reserve(&self) -> u64 {
+        (self.segment_bytes_max / 8).min(NO_SPACE_RESERVE_BYTES)
+    }
+
     /// Allocates the next segment once the current one is half full. Returns the room left
     /// while the disk is full (`None` when it is not).
     ///
@@ -467,7 +481,7 @@ impl<S: Storage> Segments<S> {
         }
         let now = std::time::Instant::now();
         if self.retry_at.is_some_and(|retry_at| now < retry_at) {
-            return Ok(Some(remaining.saturating_sub(NO_SPACE_RESERVE_BYTES)));
+            return Ok(Some(remaining.saturating_sub(self.reserve())));
         }
         match Segment::allocate(
             &self.storage,
@@ -489,7 +503,7 @@ impl<S: Storage> Segments<S> {
                     tracing::warn!(%error, remaining, "the disk is full: writes are refused until space is freed");
                 }
                 self.retry_at = Some(now + NO_SPACE_RETRY);
-                Ok(Some(remaining.saturating_sub(NO_SPACE_RESERVE_BYTES)))
+                Ok(Some(remaining.saturating_sub(self.reserve())))
             }
             Err(error) => Err(error),
         }

@@ -16,9 +16,7 @@ use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::durability::format::{
-    has_valid_record_after, read_record, ReadOutcome, SegmentHeader, SEGMENT_HEADER_SIZE,
-};
+use crate::durability::format::{read_record, ReadOutcome, SegmentHeader, SEGMENT_HEADER_SIZE};
 use crate::durability::log::parse_segment_file_name;
 use crate::durability::snapshot::{is_temporary_file_name, load_snapshot, snapshot_files};
 use crate::durability::DurabilityError;
@@ -152,15 +150,22 @@ fn replay_log(
                     path.display()
                 ));
             }
-            SegmentEnd::Torn { offset } if is_tail => {
+            SegmentEnd::Torn { offset } if is_tail && !has_batch_marker_after(&bytes[offset..]) => {
                 truncate(path, offset)?;
                 recovered.repairs.push(format!(
                     "{}: truncated at byte {offset} (a record torn by a crash)",
                     path.display()
                 ));
             }
+            SegmentEnd::Unstarted if is_tail => {
+                fs::remove_file(path).map_err(io_error("remove", path))?;
+                recovered.repairs.push(format!(
+                    "{}: removed (its header was never written, so nothing in it was synced)",
+                    path.display()
+                ));
+            }
             SegmentEnd::Damaged { offset, ref reason }
-                if is_tail && !has_valid_record_after(&bytes[offset..]) =>
+                if is_tail && !has_batch_marker_after(&bytes[offset..]) =>
             {
                 if offset == 0 {
                     fs::remove_file(path).map_err(io_error("remove", path))?;
@@ -174,8 +179,9 @@ fn replay_log(
             }
             _ => {
                 let (offset, reason) = match outcome {
-                    SegmentEnd::Damaged { offset, reason } => (offset, reason),
+                    SegmentEnd::Damaged { offset, reason, .. } => (offset, reason),
                     SegmentEnd::Torn { offset } => (offset, "a record cut short".to_owned()),
+                    SegmentEnd::Unstarted => (0, "the segment header was never written".to_owned()),
                     _ => (0, "the segment header is damaged".to_owned()),
                 };
                 if !replay.repair {
@@ -317,6 +323,16 @@ fn first_segment_after(
     Ok(first)
 }
 
+/// Whether a valid batch marker starts anywhere in `bytes` after its first byte. The writer
+/// syncs each batch before it writes the next, and every batch begins with a marker, so
+/// only a segment's last batch can be torn by a crash: bad bytes with no batch after them
+/// are that batch, torn, while a batch after them proves they were synced and then damaged.
+fn has_batch_marker_after(bytes: &[u8]) -> bool {
+    (1..bytes.len()).any(|offset| {
+        matches!(read_record(&bytes[offset..]), ReadOutcome::Record(record, _) if record.batch_length().is_some())
+    })
+}
+
 /// Whether any of `segments` holds a byte of record data after its header.
 fn later_segments_hold_records(segments: &[(u64, PathBuf)]) -> Result<bool, DurabilityError> {
     for (_, path) in segments {
@@ -346,6 +362,9 @@ enum SegmentEnd {
     TornHeader,
     /// A record runs past the end of the file.
     Torn { offset: usize },
+    /// The header is all zeros: the segment was created but its first write never reached
+    /// the disk whole, so nothing in it was ever synced.
+    Unstarted,
     /// A record is present but wrong.
     Damaged { offset: usize, reason: String },
 }
@@ -366,6 +385,9 @@ fn replay_segment(
     let Some(header_bytes) = bytes.first_chunk::<SEGMENT_HEADER_SIZE>() else {
         return Ok(SegmentEnd::TornHeader);
     };
+    if header_bytes.iter().all(|&byte| byte == 0) {
+        return Ok(SegmentEnd::Unstarted);
+    }
     let header = match SegmentHeader::from_bytes(header_bytes) {
         Ok(header) => header,
         Err(DurabilityError::Corrupt { reason }) => {
@@ -385,7 +407,7 @@ fn replay_segment(
     loop {
         match read_record(&bytes[offset..]) {
             ReadOutcome::Record(record, size) => {
-                if record.revision > base {
+                if record.batch_length().is_none() && record.revision > base {
                     shard.replay(now_ms, &record).map_err(|error| {
                         DurabilityError::corrupt(format!("byte {offset}: {error}"))
                     })?;
@@ -475,7 +497,8 @@ mod tests {
 
     use super::*;
     use crate::durability::format::{
-        read_record, Effect, ReadOutcome, RecordWriter, SegmentHeader, LOG_FORMAT_VERSION,
+        batch_marker, read_record, Effect, ReadOutcome, RecordWriter, SegmentHeader,
+        LOG_FORMAT_VERSION,
     };
     use crate::durability::log::segment_file_name;
     use crate::shard::ShardConfig;
@@ -530,8 +553,9 @@ mod tests {
         }
         .to_bytes()
         .to_vec();
-        let mut writer = RecordWriter::new();
+        // Each record is its own batch, behind its own marker, as the writer writes them.
         for (revision, key, value, deadline_ms) in records {
+            let mut writer = RecordWriter::new();
             writer.begin(revision);
             writer.push(Effect::Set {
                 key: key.as_bytes(),
@@ -539,8 +563,10 @@ mod tests {
                 deadline_ms,
             });
             writer.finish();
+            let record = writer.take();
+            bytes.extend_from_slice(&batch_marker(record.len() as u64));
+            bytes.extend_from_slice(&record);
         }
-        writer.drain_into(&mut bytes);
         bytes
     }
 
@@ -777,11 +803,13 @@ mod tests {
                 // Every record wholly inside the kept bytes is kept.
                 let mut complete = 0;
                 let mut offset = SEGMENT_HEADER_SIZE;
-                while let ReadOutcome::Record(_, size) = read_record(&original[offset..]) {
+                while let ReadOutcome::Record(record, size) = read_record(&original[offset..]) {
                     if offset + size > damaged.len() {
                         break;
                     }
-                    complete += 1;
+                    if record.batch_length().is_none() {
+                        complete += 1;
+                    }
                     offset += size;
                 }
                 if damaged.len() >= SEGMENT_HEADER_SIZE {
