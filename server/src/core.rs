@@ -257,7 +257,8 @@ impl CoreContext {
             error(
                 ErrorCode::NoSpace,
                 format!(
-                    "core {}: the disk holding the write-ahead log is full ({room} bytes left,                      the write needs up to {needed}); reads still work",
+                    "core {}: the disk holding the write-ahead log is full ({room} bytes left, the \
+                     write needs up to {needed}); reads still work",
                     self.core_id
                 ),
             )

@@ -9,6 +9,11 @@
 //! made it). `TESSERA_CRASH_LOOP_KILLS` sets the number of kills (default 50; see
 //! `docs/storage.md` for the longer mode); the seed of the kill timings is printed and
 //! `TESSERA_CRASH_LOOP_SEED` replays it.
+//!
+//! The disk-full test puts the data directory on a small loop-mounted ext4 filesystem (it
+//! needs root, `losetup`/`mount` and `mkfs.ext4`; without them it says SKIPPED and why, and
+//! passes), fills it, and checks that writes are refused with `NoSpace` while reads go on,
+//! that writes are accepted again once space is freed, and that nothing acknowledged is lost.
 
 mod common;
 
@@ -67,6 +72,37 @@ impl Drop for TestDir {
 }
 
 fn start(data_dir: &Path, base: u16) -> ServerProcess {
+    start_with(
+        data_dir,
+        base,
+        2,
+        // Small segments and frequent snapshots, so kills land during snapshots, segment
+        // switches and log truncation too.
+        &[
+            "--segment-bytes-max",
+            "1MiB",
+            "--snapshot-log-bytes",
+            "128KiB",
+        ],
+    )
+}
+
+/// Waits until ports `base..base + core_count` can be bound again. A killed server's
+/// listening sockets can outlive it briefly: the kernel tears its `io_uring` instances down
+/// (and closes the sockets with operations in flight on them) after the process is gone.
+fn wait_until_free(base: u16, core_count: u16) {
+    let deadline = Instant::now() + START_DURATION_MAX;
+    while !(base..base + core_count)
+        .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+    {
+        assert!(Instant::now() < deadline, "port {base} stays taken");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts the binary with `core_count` cores from port `base` on `data_dir` in `sync` mode,
+/// with `extra` flags, and waits until every core serves.
+fn start_with(data_dir: &Path, base: u16, core_count: u16, extra: &[&str]) -> ServerProcess {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tessera-server"));
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("TESSERA_") {
@@ -74,17 +110,11 @@ fn start(data_dir: &Path, base: u16) -> ServerProcess {
         }
     }
     let child = command
-        .args(["--cores", "2", "--port", &base.to_string()])
+        .args(["--cores", &core_count.to_string()])
+        .args(["--port", &base.to_string()])
         .args(["--data-dir", &data_dir.display().to_string()])
         .args(["--durability", "sync", "--memory-bytes-max", "256MiB"])
-        // Small segments and frequent snapshots, so kills land during snapshots, segment
-        // switches and log truncation too.
-        .args([
-            "--segment-bytes-max",
-            "1MiB",
-            "--snapshot-log-bytes",
-            "128KiB",
-        ])
+        .args(extra)
         .args(["--log", "warn"])
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -96,9 +126,8 @@ fn start(data_dir: &Path, base: u16) -> ServerProcess {
         if let Some(status) = process.child.try_wait().unwrap() {
             panic!("the server exited with {status} before serving");
         }
-        let is_serving = [base, base + 1]
-            .iter()
-            .all(|port| TcpStream::connect(("127.0.0.1", *port)).is_ok());
+        let is_serving =
+            (base..base + core_count).all(|port| TcpStream::connect(("127.0.0.1", port)).is_ok());
         if is_serving {
             return process;
         }
@@ -180,7 +209,15 @@ fn write_until_killed(
 fn verify(address: &str, acknowledged: &Acknowledged) -> usize {
     let mut connection = RawConnection::open(address);
     let mut checked = 0;
-    for batch in acknowledged.unique.chunks(VERIFY_BATCH) {
+    // Batches small enough that the reply stays far below the frame limit.
+    let largest = acknowledged
+        .unique
+        .iter()
+        .map(|(_, value)| value.len())
+        .max()
+        .unwrap_or(0);
+    let batch_size = VERIFY_BATCH.min((4 << 20) / (largest + 64));
+    for batch in acknowledged.unique.chunks(batch_size) {
         let keys: Vec<Vec<u8>> = batch.iter().map(|(key, _)| key.clone()).collect();
         let Response::Values(values) = connection.call(&Request::MultiGet { keys }) else {
             panic!("mget failed");
@@ -258,6 +295,7 @@ fn acknowledged_writes_survive_sigkill() {
         for writer in writers {
             writer.join().unwrap();
         }
+        wait_until_free(base, 2);
         if round % 10 == 9 {
             // Ports may be taken by others meanwhile; move now and then.
             base = free_port_pair();
@@ -298,4 +336,180 @@ fn acknowledged_writes_survive_sigkill() {
         "the writers made too little progress to test anything: {}",
         acknowledged.unique.len()
     );
+}
+
+/// A small ext4 filesystem in a file, loop-mounted; unmounted and removed when dropped.
+struct LoopFilesystem {
+    image: PathBuf,
+    mount: PathBuf,
+}
+
+fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|error| format!("cannot run {program}: {error}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+impl LoopFilesystem {
+    fn create(size_bytes: u64) -> Result<Self, String> {
+        let base = std::env::temp_dir().join(format!(
+            "tessera-loop-{}-{}",
+            std::process::id(),
+            RandomState::new().hash_one(1_u8)
+        ));
+        let image = base.with_extension("img");
+        let mount = base.with_extension("mnt");
+        std::fs::File::create(&image)
+            .and_then(|file| file.set_len(size_bytes))
+            .map_err(|error| format!("cannot create {}: {error}", image.display()))?;
+        std::fs::create_dir_all(&mount).map_err(|error| error.to_string())?;
+        let filesystem = Self { image, mount };
+        let image = filesystem.image.display().to_string();
+        let mount = filesystem.mount.display().to_string();
+        run("mkfs.ext4", &["-q", "-F", &image])?;
+        run("mount", &["-o", "loop", &image, &mount])?;
+        Ok(filesystem)
+    }
+
+    /// Bytes a file could still take.
+    fn available(&self) -> u64 {
+        let output = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.mount)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|line| line.trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for LoopFilesystem {
+    fn drop(&mut self) {
+        let mount = self.mount.display().to_string();
+        if run("umount", &[&mount]).is_err() {
+            let _ = run("umount", &["-l", &mount]);
+        }
+        let _ = std::fs::remove_dir(&self.mount);
+        let _ = std::fs::remove_file(&self.image);
+    }
+}
+
+fn put_answer(
+    connection: &mut RawConnection,
+    request_id: u64,
+    key: &[u8],
+    value: &[u8],
+) -> Response {
+    connection
+        .send(request_id, &Request::Put(Put::new(key, value)))
+        .unwrap();
+    match connection.receive() {
+        Ok(Some((id, response))) if id == request_id => response,
+        other => panic!("no answer to put {request_id}: {other:?}"),
+    }
+}
+
+fn is_no_space(response: &Response) -> bool {
+    matches!(response, Response::Error(error) if error.code == tessera_protocol::ErrorCode::NoSpace)
+}
+
+#[test]
+fn a_full_disk_refuses_writes_with_no_space_until_space_is_freed() {
+    let filesystem = match LoopFilesystem::create(48 * 1024 * 1024) {
+        Ok(filesystem) => filesystem,
+        Err(reason) => {
+            eprintln!("SKIPPED: the disk-full test needs a loop-mounted filesystem: {reason}");
+            return;
+        }
+    };
+    let data_dir = filesystem.mount.join("data");
+    // Ballast leaves the server a few segments' worth of space; removing it frees space.
+    let ballast = filesystem.mount.join("ballast");
+    let ballast_size = filesystem.available().saturating_sub(6 * 1024 * 1024);
+    std::fs::write(&ballast, vec![0_u8; usize::try_from(ballast_size).unwrap()]).unwrap();
+    let flags = ["--segment-bytes-max", "1MiB", "--snapshot-log-bytes", "0"];
+    let base = free_port_pair();
+    let address = format!("127.0.0.1:{base}");
+    let server = start_with(&data_dir, base, 1, &flags);
+    let mut connection = RawConnection::open(&address);
+    let mut acknowledged = Acknowledged::default();
+    let value = vec![b'v'; 32 * 1024];
+    let mut refusal = None;
+    for index in 1..=2000_u64 {
+        let key = format!("fill:{index}").into_bytes();
+        match put_answer(&mut connection, index, &key, &value) {
+            Response::Put { applied: true, .. } => acknowledged.unique.push((key, value.clone())),
+            response if is_no_space(&response) => {
+                refusal = Some(response);
+                break;
+            }
+            other => panic!("put {index} answered {other:?}"),
+        }
+    }
+    let refusal = refusal.expect("the disk never filled up");
+    eprintln!(
+        "disk full after {} acknowledged writes of 32 KiB: {refusal:?}",
+        acknowledged.unique.len()
+    );
+    assert!(!acknowledged.unique.is_empty());
+    // Reads go on, and writes keep being refused while the disk stays full.
+    verify(&address, &acknowledged);
+    assert!(is_no_space(&put_answer(
+        &mut connection,
+        5000,
+        b"still-full",
+        &value
+    )));
+    std::fs::remove_file(&ballast).unwrap();
+    let freed_at = Instant::now();
+    let mut request_id = 6000;
+    loop {
+        request_id += 1;
+        let response = put_answer(&mut connection, request_id, b"after-free", &value);
+        if matches!(response, Response::Put { applied: true, .. }) {
+            break;
+        }
+        assert!(is_no_space(&response), "{response:?}");
+        assert!(
+            freed_at.elapsed() < Duration::from_secs(15),
+            "writes were not accepted again after space was freed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "writes accepted again {:?} after space was freed",
+        freed_at.elapsed()
+    );
+    acknowledged
+        .unique
+        .push((b"after-free".to_vec(), value.clone()));
+    for index in 1..=20_u64 {
+        let key = format!("later:{index}").into_bytes();
+        let response = put_answer(&mut connection, 7000 + index, &key, &value);
+        assert!(
+            matches!(response, Response::Put { applied: true, .. }),
+            "{response:?}"
+        );
+        acknowledged.unique.push((key, value.clone()));
+    }
+    drop(connection);
+    drop(server); // SIGKILL
+    wait_until_free(base, 1);
+    let server = start_with(&data_dir, base, 1, &flags);
+    let checked = verify(&address, &acknowledged);
+    assert_eq!(checked, acknowledged.unique.len());
+    drop(server);
 }

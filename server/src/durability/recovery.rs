@@ -160,7 +160,7 @@ fn replay_log(
             SegmentEnd::Unstarted if is_tail => {
                 fs::remove_file(path).map_err(io_error("remove", path))?;
                 recovered.repairs.push(format!(
-                    "{}: removed (its header was never written, so nothing in it was synced)",
+                    "{}: removed (allocated ahead and never started, or its first write never reached the disk: nothing in it was synced)",
                     path.display()
                 ));
             }
