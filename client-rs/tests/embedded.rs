@@ -108,3 +108,83 @@ async fn calls_in_flight_at_shutdown_end() {
         }
     }
 }
+
+/// With a data directory an embedded client is as durable as a server: what it wrote is
+/// there after it is shut down and opened again (through a snapshot and the log after it),
+/// revisions continue, and the counter kept counting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_mode_with_a_data_directory_keeps_its_data_across_restarts() {
+    let data_dir =
+        std::env::temp_dir().join(format!("tessera-embedded-durable-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let config = || {
+        let mut config = test_config(CORE_COUNT);
+        config.durability = tessera_server::config::Durability::Sync;
+        config.data_dir = data_dir.clone();
+        // Small enough that the writes below take snapshots and truncate the log.
+        config.snapshot_log_bytes = 64 * 1024;
+        config.segment_bytes_max = 1024 * 1024;
+        config
+    };
+    let value = vec![b'v'; 512];
+    let client = Client::embedded(config()).expect("the embedded shards start");
+    for index in 0..2000 {
+        within(
+            CALL_TIMEOUT,
+            "a call",
+            client.put(format!("key-{index}"), &value),
+        )
+        .await
+        .unwrap();
+    }
+    within(CALL_TIMEOUT, "a call", client.add("counter", 5))
+        .await
+        .unwrap();
+    let version_before = within(CALL_TIMEOUT, "a call", client.put("last", "one"))
+        .await
+        .unwrap()
+        .version;
+    client.shutdown();
+    drop(client);
+    let snapshot_count = (0..CORE_COUNT)
+        .flat_map(|core| std::fs::read_dir(data_dir.join(format!("core-{core}"))).unwrap())
+        .filter(|entry| {
+            entry
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".snap")
+        })
+        .count();
+    assert!(snapshot_count >= CORE_COUNT, "{snapshot_count} snapshots");
+
+    let client = Client::embedded(config()).expect("the embedded shards start again");
+    for index in 0..2000 {
+        let entry = within(CALL_TIMEOUT, "a call", client.get(format!("key-{index}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            entry.map(|entry| entry.value),
+            Some(value.clone()),
+            "key-{index}"
+        );
+    }
+    assert_eq!(
+        within(CALL_TIMEOUT, "a call", client.add("counter", 1))
+            .await
+            .unwrap(),
+        6
+    );
+    let version_after = within(CALL_TIMEOUT, "a call", client.put("last", "two"))
+        .await
+        .unwrap()
+        .version;
+    assert!(
+        version_after > version_before,
+        "{version_after} after {version_before}"
+    );
+    client.shutdown();
+    drop(client);
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
