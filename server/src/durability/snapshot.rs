@@ -446,7 +446,7 @@ pub fn snapshot_files(directory: &Path) -> Result<Vec<(u64, PathBuf)>, Durabilit
 }
 
 /// Removes snapshots beyond the [`SNAPSHOTS_KEPT`] newest, and the log segments whose records
-/// all precede the oldest kept one's base. The segment being written is never among them: a
+/// all precede the oldest kept one's base (none while fewer are kept). The segment being written is never among them: a
 /// segment goes only when a later one's header says it began at or before that base.
 async fn prune<S: Storage>(storage: &S, directory: &Path) -> Result<Vec<PathBuf>, DurabilityError> {
     let snapshots = snapshot_files(directory)?;
@@ -458,7 +458,9 @@ async fn prune<S: Storage>(storage: &S, directory: &Path) -> Result<Vec<PathBuf>
             .map_err(io_error("remove", path))?;
         removed.push(path.clone());
     }
-    let Some(&(keep_from, _)) = snapshots[..SNAPSHOTS_KEPT.min(snapshots.len())].last() else {
+    // Until there are SNAPSHOTS_KEPT snapshots the whole log stays: a damaged only snapshot
+    // must still leave the log to recover from.
+    let Some(&(keep_from, _)) = snapshots.get(SNAPSHOTS_KEPT - 1) else {
         return Ok(removed);
     };
     let segments = segment_files(directory)?;
