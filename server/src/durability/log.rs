@@ -374,21 +374,29 @@ fn with_marker(records: &[u8]) -> Vec<u8> {
 }
 
 /// The length of the longest prefix of `records` (whole records back to back) that is at
-/// most `limit` bytes.
-fn whole_records_within(records: &[u8], limit: u64) -> usize {
+/// most `limit` bytes, and the revision of the last record in it (`None` if it is empty or
+/// all of `records`, which the caller knows the revision of).
+fn whole_records_within(records: &[u8], limit: u64) -> (usize, Option<u64>) {
+    if records.len() as u64 <= limit {
+        return (records.len(), None);
+    }
     let mut offset = 0;
+    let mut last_revision = None;
     while let Some(header) = records
         .get(offset..)
-        .and_then(<[u8]>::first_chunk::<RECORD_HEADER_SIZE>)
+        .and_then(<[u8]>::first_chunk::<{ RECORD_HEADER_SIZE + 8 }>)
     {
         let size = RECORD_HEADER_SIZE
             + u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
         if (offset + size) as u64 > limit {
             break;
         }
+        let mut revision = [0; 8];
+        revision.copy_from_slice(&header[RECORD_HEADER_SIZE..]);
+        last_revision = Some(u64::from_le_bytes(revision));
         offset += size;
     }
-    offset
+    (offset, last_revision)
 }
 
 /// What is told the writer at the end.
@@ -412,10 +420,11 @@ struct Segments<S: Storage> {
 impl<S: Storage> Segments<S> {
     /// Writes a batch of whole records and syncs it, switching to the next segment where the
     /// current one is full (each segment's part is synced before the next is started).
+    /// `revision_before` is the revision of the last record written before `records`.
     async fn write_batch(
         &mut self,
         mut records: Vec<u8>,
-        revision_before: u64,
+        mut revision_before: u64,
     ) -> Result<(), DurabilityError> {
         loop {
             let limit = self
@@ -423,7 +432,7 @@ impl<S: Storage> Segments<S> {
                 .capacity
                 .unwrap_or(self.segment_bytes_max)
                 .saturating_sub(self.current.size + BATCH_MARKER_SIZE as u64);
-            let fits = whole_records_within(&records, limit);
+            let (fits, last_revision) = whole_records_within(&records, limit);
             let holds_records = self.current.size > SEGMENT_HEADER_SIZE as u64;
             if fits == records.len() || !holds_records {
                 // All of it fits, or the segment is empty and takes even a record larger than
@@ -436,6 +445,11 @@ impl<S: Storage> Segments<S> {
                 self.current.write(with_marker(&records)).await?;
             }
             self.current.sync().await?;
+            // The next segment's header names the last record before it exactly: pruning
+            // removes a segment by the next one's header.
+            if let Some(last_revision) = last_revision {
+                revision_before = last_revision;
+            }
             self.switch(revision_before).await?;
             records = rest;
         }
