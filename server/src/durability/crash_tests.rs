@@ -281,10 +281,7 @@ fn change_of(revision: u64) -> (Vec<u8>, Option<Vec<u8>>) {
 
 /// Every key's value after revisions `1..=revision`, by the model. Deletes of absent keys
 /// write no revision, so the model replays the same rule the workload follows.
-fn model_state(
-    revisions: &[(u64, Vec<u8>, Option<Vec<u8>>)],
-    revision: u64,
-) -> BTreeMap<Vec<u8>, Vec<u8>> {
+fn model_state(revisions: &[Change], revision: u64) -> BTreeMap<Vec<u8>, Vec<u8>> {
     let mut state = BTreeMap::new();
     for (at, key, value) in revisions {
         if *at > revision {
@@ -309,10 +306,36 @@ fn shard_state(shard: &mut Shard) -> BTreeMap<Vec<u8>, Vec<u8>> {
     state
 }
 
+/// A revision the workload wrote: its number, key and value (`None`: a delete).
+type Change = (u64, Vec<u8>, Option<Vec<u8>>);
+
+/// Applies the workload's `step`th change; returns it if it took a revision (a delete of an
+/// absent key does not).
+fn apply_change(shard: &mut Shard, step: u64) -> Option<Change> {
+    let revision = shard.revision() + 1;
+    let (key, value) = change_of(step);
+    let response = match &value {
+        Some(value) => apply(shard, &Request::Put(Put::new(key.clone(), value.clone()))),
+        None => apply(
+            shard,
+            &Request::Delete {
+                key: key.clone(),
+                return_previous: false,
+            },
+        ),
+    };
+    if shard.revision() == revision {
+        Some((revision, key, value))
+    } else {
+        assert!(matches!(response, Response::Delete { deleted: false, .. }));
+        None
+    }
+}
+
 /// What the workload wrote: the ops recorded, and every revision with its change.
 struct History {
     ops: Vec<Op>,
-    revisions: Vec<(u64, Vec<u8>, Option<Vec<u8>>)>,
+    revisions: Vec<Change>,
 }
 
 /// Runs the log writer (and, if `snapshot_every` is set, snapshots) on recorded storage
@@ -354,29 +377,8 @@ fn run_workload(
         let mut step = 0;
         for round in 0..round_count {
             for _ in 0..=random.below(4) {
-                let mut shard = shard.borrow_mut();
-                let revision = shard.revision() + 1;
                 step += 1;
-                let (key, value) = change_of(step);
-                let response = match &value {
-                    Some(value) => apply(
-                        &mut shard,
-                        &Request::Put(Put::new(key.clone(), value.clone())),
-                    ),
-                    None => apply(
-                        &mut shard,
-                        &Request::Delete {
-                            key: key.clone(),
-                            return_previous: false,
-                        },
-                    ),
-                };
-                if shard.revision() == revision {
-                    revisions.push((revision, key, value));
-                } else {
-                    // A delete of an absent key changes nothing and takes no revision.
-                    assert!(matches!(response, Response::Delete { deleted: false, .. }));
-                }
+                revisions.extend(apply_change(&mut shard.borrow_mut(), step));
             }
             {
                 let mut shard = shard.borrow_mut();

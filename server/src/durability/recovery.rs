@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 
 use crate::durability::format::{read_record, ReadOutcome, SegmentHeader, SEGMENT_HEADER_SIZE};
 use crate::durability::log::parse_segment_file_name;
-use crate::durability::snapshot::{is_temporary_file_name, load_snapshot, snapshot_files};
+use crate::durability::snapshot::{
+    is_temporary_file_name, load_snapshot, snapshot_files, SnapshotLoaded,
+};
 use crate::durability::DurabilityError;
 use crate::shard::Shard;
 
@@ -84,11 +86,25 @@ pub fn recover(
     fs::create_dir_all(directory).map_err(io_error("create directory", directory))?;
     let mut recovered = Recovered::default();
     remove_temporary_snapshots(directory, &mut recovered)?;
-    let loaded = load_newest_snapshot(directory, core_id, shard, now_ms, &mut recovered)?;
+    let (loaded, damaged) =
+        load_newest_snapshot(directory, core_id, shard, now_ms, &mut recovered)?;
     let base = loaded.map_or(0, |loaded| loaded.base_revision);
     let segments = segment_files(directory)?;
     recovered.next_segment_id = segments.last().map_or(1, |(id, _)| id + 1);
+    if loaded.is_none() && !damaged.is_empty() && segments.is_empty() && !repair {
+        let names: Vec<String> = damaged
+            .iter()
+            .map(|(path, error)| format!("{} ({error})", path.display()))
+            .collect();
+        return Err(DurabilityError::corrupt(format!(
+            "every snapshot is damaged: {}; and there is no log to rebuild the shard from. \
+             Start with --repair to set them aside and start empty",
+            names.join(", ")
+        )));
+    }
+    // Refuses (touching nothing) if the log does not reach back to what is loaded.
     let first = first_segment_after(&segments, base, repair, &mut recovered)?;
+    set_aside(directory, damaged, &mut recovered)?;
     let replay = Replay {
         core_id,
         now_ms,
@@ -159,10 +175,16 @@ fn replay_log(
             }
             SegmentEnd::Unstarted if is_tail => {
                 fs::remove_file(path).map_err(io_error("remove", path))?;
-                recovered.repairs.push(format!(
-                    "{}: removed (allocated ahead and never started, or its first write never reached the disk: nothing in it was synced)",
-                    path.display()
-                ));
+                if bytes.iter().all(|&byte| byte == 0) {
+                    // The next segment, allocated ahead and never used: nothing to report.
+                    tracing::debug!(path = %path.display(), "removed an unused preallocated segment");
+                } else {
+                    recovered.repairs.push(format!(
+                        "{}: removed (its header never reached the disk, so nothing in it was \
+                         synced)",
+                        path.display()
+                    ));
+                }
             }
             SegmentEnd::Damaged { offset, ref reason }
                 if is_tail && !has_batch_marker_after(&bytes[offset..]) =>
@@ -240,37 +262,60 @@ fn remove_temporary_snapshots(
     Ok(())
 }
 
-/// Loads the newest snapshot that reads back whole. A damaged one is renamed `*.damaged`
-/// (kept for inspection, never loaded again) and the next older one is tried.
+/// A snapshot that did not read back whole, and why.
+type Damaged = (PathBuf, DurabilityError);
+
+/// Loads the newest snapshot that reads back whole, trying older ones after a damaged one.
+/// Returns it and the damaged ones passed over, with what is wrong with each; those are set
+/// aside by [`set_aside`] once recovery knows it can go on without them.
 fn load_newest_snapshot(
     directory: &Path,
     core_id: u16,
     shard: &mut Shard,
     now_ms: u64,
     recovered: &mut Recovered,
-) -> Result<Option<crate::durability::snapshot::SnapshotLoaded>, DurabilityError> {
+) -> Result<(Option<SnapshotLoaded>, Vec<Damaged>), DurabilityError> {
+    let mut damaged = Vec::new();
     for (_, path) in snapshot_files(directory)? {
         match load_snapshot(&path, core_id, shard, now_ms) {
             Ok(loaded) => {
                 shard.restore_revision(loaded.base_revision);
                 recovered.snapshot_base = Some(loaded.base_revision);
                 recovered.snapshot_entry_count = loaded.entry_count;
-                return Ok(Some(loaded));
+                return Ok((Some(loaded), damaged));
             }
             Err(error) => {
                 *shard = shard.emptied(now_ms);
-                let damaged = path.with_extension("snap.damaged");
-                fs::rename(&path, &damaged).map_err(io_error("rename", &path))?;
-                sync_directory_blocking(directory)?;
-                recovered.repairs.push(format!(
-                    "{}: damaged ({error}); renamed to {} and an older snapshot used",
-                    path.display(),
-                    damaged.display()
-                ));
+                damaged.push((path, error));
             }
         }
     }
-    Ok(None)
+    Ok((None, damaged))
+}
+
+/// Renames damaged snapshots to `*.snap.damaged`: kept for inspection, never loaded again.
+fn set_aside(
+    directory: &Path,
+    damaged: Vec<Damaged>,
+    recovered: &mut Recovered,
+) -> Result<(), DurabilityError> {
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    let source = match recovered.snapshot_base {
+        Some(base) => format!("the snapshot at revision {base} and the log after it"),
+        None => "the log alone".to_owned(),
+    };
+    for (path, error) in damaged {
+        let renamed = path.with_extension("snap.damaged");
+        fs::rename(&path, &renamed).map_err(io_error("rename", &path))?;
+        recovered.repairs.push(format!(
+            "{}: damaged ({error}); renamed to {}, and the shard recovered from {source}",
+            path.display(),
+            renamed.display()
+        ));
+    }
+    sync_directory_blocking(directory)
 }
 
 /// The header of the segment at `path`, or `None` if the file does not begin with a valid
@@ -303,7 +348,8 @@ fn first_segment_after(
             Some(header) if header.revision_before <= base => first = index,
             Some(header) if index == 0 => {
                 let message = format!(
-                    "{} begins after revision {}, but the state before it is known only up to                      revision {base} (no snapshot covers the gap)",
+                    "{} begins after revision {}, but the state before it is known only up to \
+                     revision {base} (no snapshot covers the gap)",
                     path.display(),
                     header.revision_before
                 );
