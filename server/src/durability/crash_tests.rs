@@ -21,14 +21,15 @@ use std::time::Duration;
 
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::message::Put;
-use tessera_protocol::{Request, Response, SlotRange};
+use tessera_protocol::{Request, Response};
 
 use crate::durability::log::{run_writer, CoreLog, Segment, WriterControl};
 use crate::durability::recovery::recover;
 use crate::durability::snapshot::write_snapshot;
 use crate::durability::storage::{Storage, StorageFile};
+use crate::durability::test_support::{shard_config, TestDir};
 use crate::durability::Durability;
-use crate::shard::{Shard, ShardConfig};
+use crate::shard::Shard;
 
 const PAGE: usize = 4096;
 
@@ -215,49 +216,6 @@ impl Random {
     }
 }
 
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> Self {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        // Images are many and recovery syncs what it repairs: on tmpfs a sync costs nothing.
-        let shm = Path::new("/dev/shm");
-        let parent = if shm.is_dir() {
-            shm.to_owned()
-        } else {
-            std::env::temp_dir()
-        };
-        let path = parent.join(format!(
-            "tessera-crash-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn shard_config() -> ShardConfig {
-    ShardConfig {
-        node_id: 1,
-        shard_id: 0,
-        slots: SlotRange {
-            start: 0,
-            end: tessera_protocol::SLOT_COUNT,
-        },
-        memory_bytes_max: 1 << 30,
-        expired_per_tick_max: 1000,
-    }
-}
-
 fn apply(shard: &mut Shard, request: &Request) -> Response {
     let mut body = FrameBuffer::new();
     codec::encode_request_body(&mut body, request).unwrap();
@@ -338,6 +296,32 @@ struct History {
     revisions: Vec<Change>,
 }
 
+/// A sync-mode log at revision 0 whose writer runs on `storage` in `directory`, with
+/// segments of `segment_bytes`; fire the control's `finish` and await the task to stop it.
+async fn start_log(
+    storage: &RecordingStorage,
+    directory: &Path,
+    segment_bytes: u64,
+) -> (Rc<CoreLog>, WriterControl, glommio::Task<Option<String>>) {
+    let log = Rc::new(CoreLog::new(Durability::Sync, 0));
+    let mut segment = Segment::allocate(storage, directory, 1, segment_bytes)
+        .await
+        .unwrap();
+    segment.start(0, 0).await.unwrap();
+    segment.sync().await.unwrap();
+    let control = WriterControl::default();
+    let writer = glommio::spawn_local(run_writer(
+        log.clone(),
+        storage.clone(),
+        0,
+        segment,
+        segment_bytes,
+        Duration::from_millis(5),
+        control.clone(),
+    ));
+    (log, control, writer)
+}
+
 /// Runs the log writer (and, if `snapshot_every` is set, snapshots) on recorded storage
 /// while `round_count` rounds of writes are applied and, some rounds, waited for.
 fn run_workload(
@@ -354,24 +338,8 @@ fn run_workload(
     let directory = directory.to_owned();
     let revisions = executor.run(async move {
         let mut random = Random(seed | 1);
-        let shard = Rc::new(RefCell::new(Shard::with_journal(shard_config(), 1)));
-        let log = Rc::new(CoreLog::new(Durability::Sync, 0));
-        let segment_bytes = 16 * 1024;
-        let mut segment = Segment::allocate(&storage, &directory, 1, segment_bytes)
-            .await
-            .unwrap();
-        segment.start(0, 0).await.unwrap();
-        segment.sync().await.unwrap();
-        let control = WriterControl::default();
-        let writer = glommio::spawn_local(run_writer(
-            log.clone(),
-            storage.clone(),
-            0,
-            segment,
-            segment_bytes,
-            Duration::from_millis(5),
-            control.clone(),
-        ));
+        let shard = Rc::new(RefCell::new(Shard::with_journal(shard_config(0), 1)));
+        let (log, control, writer) = start_log(&storage, &directory, 16 * 1024).await;
         let mut revisions = Vec::new();
         let mut snapshot = None;
         let mut step = 0;
@@ -587,9 +555,9 @@ fn check_crash_images(
             acknowledged = *revision;
         }
         for variant in 0..images_per_cut {
-            let image = TestDir::new("image");
+            let image = TestDir::in_memory("image");
             build_crash_image(&history.ops[..cut], directory, &image.0, &mut random);
-            let mut shard = Shard::with_journal(shard_config(), 1);
+            let mut shard = Shard::with_journal(shard_config(0), 1);
             let recovered = recover(&image.0, 0, &mut shard, 1, false).unwrap_or_else(|error| {
                 panic!("seed {seed}, cut {cut}, image {variant}: recovery refused: {error}")
             });
@@ -672,24 +640,9 @@ fn a_failed_sync_is_never_acknowledged() {
         .unwrap();
     let path = directory.0.clone();
     let durable_before_failure = executor.run(async move {
-        let mut shard = Shard::with_journal(shard_config(), 1);
-        let log = Rc::new(CoreLog::new(Durability::Sync, 0));
-        let mut segment = Segment::allocate(&storage, &path, 1, 1 << 20)
-            .await
-            .unwrap();
-        segment.start(0, 0).await.unwrap();
-        segment.sync().await.unwrap();
+        let mut shard = Shard::with_journal(shard_config(0), 1);
+        let (log, control, writer) = start_log(&storage, &path, 1 << 20).await;
         storage.0.borrow_mut().syncs_before_failure = Some(3);
-        let control = WriterControl::default();
-        let writer = glommio::spawn_local(run_writer(
-            log.clone(),
-            storage.clone(),
-            0,
-            segment,
-            1 << 20,
-            Duration::from_millis(5),
-            control.clone(),
-        ));
         let mut durable = 0;
         for round in 1..=10_u64 {
             apply(
@@ -728,7 +681,7 @@ fn a_failed_sync_is_never_acknowledged() {
         durable_before_failure, 3,
         "three syncs succeeded, one per write"
     );
-    let mut shard = Shard::with_journal(shard_config(), 1);
+    let mut shard = Shard::with_journal(shard_config(0), 1);
     recover(&directory.0, 0, &mut shard, 1, false).unwrap();
     assert!(shard.revision() >= durable_before_failure);
 }
@@ -746,24 +699,9 @@ fn a_full_disk_limits_the_room_until_space_is_freed() {
     let path = directory.0.clone();
     let segment_bytes: u64 = 512 * 1024;
     let revision = executor.run(async move {
-        let mut shard = Shard::with_journal(shard_config(), 1);
-        let log = Rc::new(CoreLog::new(Durability::Sync, 0));
-        let mut segment = Segment::allocate(&storage, &path, 1, segment_bytes)
-            .await
-            .unwrap();
-        segment.start(0, 0).await.unwrap();
-        segment.sync().await.unwrap();
+        let mut shard = Shard::with_journal(shard_config(0), 1);
+        let (log, control, writer) = start_log(&storage, &path, segment_bytes).await;
         storage.0.borrow_mut().is_full = true;
-        let control = WriterControl::default();
-        let writer = glommio::spawn_local(run_writer(
-            log.clone(),
-            storage.clone(),
-            0,
-            segment,
-            segment_bytes,
-            Duration::from_millis(5),
-            control.clone(),
-        ));
         let value = vec![b'v'; 1000];
         let mut room_seen = Vec::new();
         for round in 0..400_u64 {
@@ -800,7 +738,7 @@ fn a_full_disk_limits_the_room_until_space_is_freed() {
         assert_eq!(writer.await, None);
         shard.revision()
     });
-    let mut shard = Shard::with_journal(shard_config(), 1);
+    let mut shard = Shard::with_journal(shard_config(0), 1);
     recover(&directory.0, 0, &mut shard, 1, false).unwrap();
     assert_eq!(shard.revision(), revision);
 }

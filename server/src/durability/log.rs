@@ -31,7 +31,7 @@ use crate::durability::format::{
     RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use crate::durability::storage::{Storage, StorageFile};
-use crate::durability::{Durability, DurabilityError};
+use crate::durability::{io_error, Durability, DurabilityError};
 use crate::runtime::{LocalNotify, LocalSignal};
 
 /// The file name of segment `segment_id`.
@@ -350,18 +350,6 @@ impl<F: StorageFile> Segment<F> {
 
     fn path(&self) -> PathBuf {
         self.directory.join(segment_file_name(self.id))
-    }
-}
-
-fn io_error(
-    operation: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> DurabilityError {
-    let path = path.display().to_string();
-    move |source| DurabilityError::Io {
-        operation,
-        path,
-        source,
     }
 }
 

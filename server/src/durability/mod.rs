@@ -29,6 +29,8 @@ pub mod storage;
 mod crash_tests;
 #[cfg(test)]
 mod snapshot_tests;
+#[cfg(test)]
+mod test_support;
 
 /// How a server instance keeps its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -105,6 +107,39 @@ pub enum DurabilityError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Turns an I/O error of `operation` on `path` into a [`DurabilityError::Io`].
+pub(crate) fn io_error(
+    operation: &'static str,
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> DurabilityError {
+    let path = path.display().to_string();
+    move |source| DurabilityError::Io {
+        operation,
+        path,
+        source,
+    }
+}
+
+/// The files of `directory` whose names `parse` reads a number from, with that number, in
+/// ascending order of it.
+///
+/// # Errors
+/// The directory cannot be read.
+pub(crate) fn numbered_files(
+    directory: &std::path::Path,
+    parse: fn(&str) -> Option<u64>,
+) -> Result<Vec<(u64, std::path::PathBuf)>, DurabilityError> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(directory).map_err(io_error("read directory", directory))? {
+        let entry = entry.map_err(io_error("read directory", directory))?;
+        if let Some(number) = entry.file_name().to_str().and_then(parse) {
+            files.push((number, entry.path()));
+        }
+    }
+    files.sort_unstable();
+    Ok(files)
 }
 
 impl DurabilityError {

@@ -21,7 +21,7 @@ use crate::durability::log::parse_segment_file_name;
 use crate::durability::snapshot::{
     is_temporary_file_name, load_snapshot, snapshot_files, SnapshotLoaded,
 };
-use crate::durability::DurabilityError;
+use crate::durability::{io_error, numbered_files, DurabilityError};
 use crate::shard::Shard;
 
 /// What recovery found and did.
@@ -43,32 +43,12 @@ pub struct Recovered {
     pub repairs: Vec<String>,
 }
 
-fn io_error(
-    operation: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> DurabilityError {
-    let path = path.display().to_string();
-    move |source| DurabilityError::Io {
-        operation,
-        path,
-        source,
-    }
-}
-
 /// The segment files of `directory`, in id order.
 ///
 /// # Errors
 /// The directory cannot be read.
 pub fn segment_files(directory: &Path) -> Result<Vec<(u64, PathBuf)>, DurabilityError> {
-    let mut segments = Vec::new();
-    for entry in fs::read_dir(directory).map_err(io_error("read directory", directory))? {
-        let entry = entry.map_err(io_error("read directory", directory))?;
-        if let Some(segment_id) = entry.file_name().to_str().and_then(parse_segment_file_name) {
-            segments.push((segment_id, entry.path()));
-        }
-    }
-    segments.sort_unstable();
-    Ok(segments)
+    numbered_files(directory, parse_segment_file_name)
 }
 
 /// Replays the log in `directory` (created if missing) into `shard` at time `now_ms`.
@@ -539,48 +519,16 @@ pub fn core_directory(data_dir: &Path, core_id: usize) -> PathBuf {
 
 #[cfg(test)]
 mod tests {
-    use tessera_protocol::SlotRange;
-
     use super::*;
     use crate::durability::format::{
         batch_marker, read_record, Effect, ReadOutcome, RecordWriter, SegmentHeader,
         LOG_FORMAT_VERSION,
     };
     use crate::durability::log::segment_file_name;
-    use crate::shard::ShardConfig;
-
-    struct TestDir(PathBuf);
-
-    impl TestDir {
-        fn new(name: &str) -> Self {
-            let path = std::env::temp_dir()
-                .join(format!("tessera-recovery-{name}-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&path);
-            fs::create_dir_all(&path).unwrap();
-            Self(path)
-        }
-    }
-
-    impl Drop for TestDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::durability::test_support::{shard_config, TestDir};
 
     fn shard() -> Shard {
-        Shard::new(
-            ShardConfig {
-                node_id: 1,
-                shard_id: 0,
-                slots: SlotRange {
-                    start: 0,
-                    end: tessera_protocol::SLOT_COUNT,
-                },
-                memory_bytes_max: 1 << 30,
-                expired_per_tick_max: 1000,
-            },
-            0,
-        )
+        Shard::new(shard_config(0), 0)
     }
 
     /// A segment file holding one put per revision in `revisions`.

@@ -33,7 +33,7 @@ use crate::durability::format::{
 use crate::durability::log::CoreLog;
 use crate::durability::recovery::{read_segment_header, segment_files};
 use crate::durability::storage::{Storage, StorageFile};
-use crate::durability::DurabilityError;
+use crate::durability::{io_error, numbered_files, DurabilityError};
 use crate::shard::store::PARTITION_COUNT;
 use crate::shard::Shard;
 
@@ -263,18 +263,6 @@ pub struct SnapshotWritten {
     pub removed: Vec<PathBuf>,
 }
 
-fn io_error(
-    operation: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> DurabilityError {
-    let path = path.display().to_string();
-    move |source| DurabilityError::Io {
-        operation,
-        path,
-        source,
-    }
-}
-
 /// Bytes gathered before they are written out.
 const WRITE_BYTES: usize = 1024 * 1024;
 
@@ -430,24 +418,15 @@ async fn write_contents<F: StorageFile>(
 /// # Errors
 /// The directory cannot be read.
 pub fn snapshot_files(directory: &Path) -> Result<Vec<(u64, PathBuf)>, DurabilityError> {
-    let mut snapshots = Vec::new();
-    for entry in fs::read_dir(directory).map_err(io_error("read directory", directory))? {
-        let entry = entry.map_err(io_error("read directory", directory))?;
-        if let Some(base) = entry
-            .file_name()
-            .to_str()
-            .and_then(parse_snapshot_file_name)
-        {
-            snapshots.push((base, entry.path()));
-        }
-    }
-    snapshots.sort_unstable_by(|left, right| right.cmp(left));
+    let mut snapshots = numbered_files(directory, parse_snapshot_file_name)?;
+    snapshots.reverse();
     Ok(snapshots)
 }
 
 /// Removes snapshots beyond the [`SNAPSHOTS_KEPT`] newest, and the log segments whose records
-/// all precede the oldest kept one's base (none while fewer are kept). The segment being written is never among them: a
-/// segment goes only when a later one's header says it began at or before that base.
+/// all precede the oldest kept one's base (none while fewer are kept). The segment being
+/// written is never among them: a segment goes only when a later one's header says it began
+/// at or before that base.
 async fn prune<S: Storage>(storage: &S, directory: &Path) -> Result<Vec<PathBuf>, DurabilityError> {
     let snapshots = snapshot_files(directory)?;
     let mut removed = Vec::new();

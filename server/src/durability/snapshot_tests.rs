@@ -20,13 +20,12 @@ use std::fs;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_lite::future::yield_now;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::{Put, PutCondition, PutEntry, Request, Response, SlotRange, SLOT_COUNT};
+use tessera_protocol::{Put, PutCondition, PutEntry, Request, Response};
 
 use crate::clock::now_unix_ms;
 use crate::durability::format::{
@@ -40,10 +39,11 @@ use crate::durability::snapshot::{
     SNAPSHOT_HEADER_SIZE,
 };
 use crate::durability::storage::{GlommioFile, GlommioStorage, Storage, StorageFile};
+use crate::durability::test_support::{shard_config, TestDir};
 use crate::durability::{Durability, DurabilityError};
 use crate::runtime::LocalSignal;
 use crate::shard::store::PARTITION_COUNT;
-use crate::shard::{Shard, ShardConfig};
+use crate::shard::Shard;
 
 const CORE_ID: u16 = 0;
 
@@ -65,61 +65,9 @@ const VALUE_BYTES_LARGE: usize = 100 * 1024;
 /// Most passes a test waits for something another task does, so a regression hangs no test.
 const WAIT_PASS_COUNT_MAX: u32 = 100_000;
 
-/// Gives each test directory a name of its own, within one process and across processes.
-static TEST_DIR_COUNT: AtomicU64 = AtomicU64::new(0);
-
-/// A directory of its own for one test, removed when the test ends.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> Self {
-        let count = TEST_DIR_COUNT.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!(
-            "tessera-snapshot-{name}-{}-{count}",
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-
-    /// The names of the files in the directory, sorted.
-    fn file_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(&self.0)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort_unstable();
-        names
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn shard_config() -> ShardConfig {
-    ShardConfig {
-        node_id: 1,
-        shard_id: CORE_ID,
-        slots: SlotRange {
-            start: 0,
-            end: SLOT_COUNT,
-        },
-        memory_bytes_max: 1 << 32,
-        expired_per_tick_max: 10_000,
-    }
-}
-
 /// A shard that journals its revisions, as a durable core's does.
 fn new_shard(now_ms: u64) -> Shard {
-    Shard::with_journal(shard_config(), now_ms)
+    Shard::with_journal(shard_config(CORE_ID), now_ms)
 }
 
 /// Runs `future` on a glommio executor of its own, as a core runs.
@@ -456,7 +404,7 @@ fn a_snapshot_reads_back_every_live_entry_with_its_version_and_deadline() {
     run_on_executor(async {
         let now_ms = now_unix_ms();
         let load_ms = now_ms + 30 * MINUTE_MS;
-        let mut live = Shard::new(shard_config(), now_ms - HOUR_MS);
+        let mut live = Shard::new(shard_config(CORE_ID), now_ms - HOUR_MS);
         for (at_ms, request) in round_trip_requests(now_ms) {
             apply(&mut live, at_ms, &request);
         }
@@ -922,7 +870,7 @@ fn corruption_snapshot() -> &'static CorruptionSnapshot {
 fn build_corruption_snapshot() -> CorruptionSnapshot {
     let directory = TestDir::new("corruption-source");
     let now_ms = now_unix_ms();
-    let mut live = Shard::new(shard_config(), now_ms);
+    let mut live = Shard::new(shard_config(CORE_ID), now_ms);
     let mut rng = TestRng(5);
     for index in 0..400_u64 {
         let size = if index % 25 == 0 {
@@ -1036,8 +984,7 @@ proptest::proptest! {
     /// Truncated, bit-flipped, zeroed or extended snapshot files: loading never panics and
     /// either refuses the file or, only when the damage changed no byte, returns exactly what
     /// was written. Recovery from the damaged file alone (no log) never returns other data:
-    /// today it sets the file aside as `*.snap.damaged` and starts empty, saying so in
-    /// `repairs` (refusing to start would be accepted as well).
+    /// it refuses to start (and with `--repair` sets the file aside and starts empty).
     #[test]
     fn damaged_snapshot_files_are_refused_never_loaded_as_other_data(
         corruption in corruption(),
