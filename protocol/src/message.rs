@@ -289,6 +289,12 @@ pub struct CoreStats {
     pub log_sync_count: u64,
     /// Bytes the core's log has written.
     pub log_byte_count: u64,
+    /// Times the core's log found its disk full (writes were refused with `NoSpace` until
+    /// space was freed).
+    pub log_no_space_count: u64,
+    /// While the disk is full, the bytes of records the log can still take; `None` while
+    /// it has room (or with durability `memory`).
+    pub log_room_bytes: Option<u64>,
 }
 
 /// The body of an error response.

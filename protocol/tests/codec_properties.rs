@@ -168,8 +168,13 @@ fn ttl_state() -> impl Strategy<Value = TtlState> {
 }
 
 fn core_stats() -> impl Strategy<Value = CoreStats> {
-    (any::<u32>(), any::<u16>(), any::<[u64; 10]>()).prop_map(|(node_id, core_id, counters)| {
-        CoreStats {
+    (
+        any::<u32>(),
+        any::<u16>(),
+        any::<[u64; 11]>(),
+        any::<Option<u64>>(),
+    )
+        .prop_map(|(node_id, core_id, counters, log_room_bytes)| CoreStats {
             node_id,
             core_id,
             key_count: counters[0],
@@ -182,8 +187,9 @@ fn core_stats() -> impl Strategy<Value = CoreStats> {
             log_record_count: counters[7],
             log_sync_count: counters[8],
             log_byte_count: counters[9],
-        }
-    })
+            log_no_space_count: counters[10],
+            log_room_bytes,
+        })
 }
 
 fn error_code() -> impl Strategy<Value = ErrorCode> {

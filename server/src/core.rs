@@ -235,6 +235,8 @@ impl CoreContext {
                     log_record_count: log_stats.record_count,
                     log_sync_count: log_stats.sync_count,
                     log_byte_count: log_stats.byte_count,
+                    log_no_space_count: log_stats.no_space_count,
+                    log_room_bytes: self.log.as_ref().and_then(|log| log.room()),
                 }))
             }
             _ => {

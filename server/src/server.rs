@@ -119,8 +119,18 @@ impl Server {
     ///
     /// # Errors
     /// Invalid configuration, a port that cannot be bound, or a core that cannot start.
-    pub fn start_with_mode(config: Config, mode: Mode) -> Result<Self, StartError> {
+    pub fn start_with_mode(mut config: Config, mode: Mode) -> Result<Self, StartError> {
         config.validate()?;
+        // Every later use of the directory (glommio's among them) sees an absolute path, and
+        // logs name the directory unambiguously.
+        if config.durability != Durability::Memory {
+            config.data_dir = std::path::absolute(&config.data_dir).map_err(|error| {
+                StartError::Config(crate::error::ConfigError::Invalid {
+                    field: "data_dir",
+                    reason: format!("{}: {error}", config.data_dir.display()),
+                })
+            })?;
+        }
         let config = Arc::new(config);
         let core_count = config.cores;
         if config.durability != Durability::Memory {

@@ -513,3 +513,44 @@ fn a_full_disk_refuses_writes_with_no_space_until_space_is_freed() {
     assert_eq!(checked, acknowledged.unique.len());
     drop(server);
 }
+
+/// The default data directory (`tessera-data`) is relative to the working directory; a
+/// relative `--data-dir` works like an absolute one.
+#[test]
+fn a_relative_data_directory_is_used_from_the_working_directory() {
+    let work = TestDir::new("relative");
+    let base = free_port_pair();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tessera-server"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("TESSERA_") {
+            command.env_remove(name);
+        }
+    }
+    let child = command
+        .current_dir(&work.0)
+        .args(["--cores", "1", "--port", &base.to_string(), "--log", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut server = ServerProcess { child };
+    let deadline = Instant::now() + START_DURATION_MAX;
+    while TcpStream::connect(("127.0.0.1", base)).is_err() {
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "the server exited with the default, relative data directory"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the server did not start serving"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut connection = RawConnection::open(&format!("127.0.0.1:{base}"));
+    assert!(put(&mut connection, 1, b"key", b"value"));
+    drop(connection);
+    drop(server);
+    let data_dir = work.0.join("tessera-data");
+    assert!(data_dir.join("tessera-data").is_file());
+    assert!(data_dir.join("core-0").is_dir());
+}

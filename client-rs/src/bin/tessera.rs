@@ -17,16 +17,23 @@ struct Cli {
     /// Comma-separated `host:port` list used to fetch the topology.
     #[arg(
         long,
+        global = true,
         env = "TESSERA_ENDPOINTS",
         value_delimiter = ',',
         default_value = "127.0.0.1:7000"
     )]
     endpoints: Vec<String>,
     /// Output format.
-    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value_t = Output::Text
+    )]
     output: Output,
     /// Per-request timeout in milliseconds.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, global = true, default_value_t = 5000)]
     timeout_ms: u64,
     #[command(subcommand)]
     command: Command,
@@ -249,6 +256,8 @@ fn print_stats(all_stats: &[tessera_client::CoreStats], json: bool) {
                     "log_record_count": stats.log_record_count,
                     "log_sync_count": stats.log_sync_count,
                     "log_byte_count": stats.log_byte_count,
+                    "log_no_space_count": stats.log_no_space_count,
+                    "log_room_bytes": stats.log_room_bytes,
                 })
             })
             .collect();
