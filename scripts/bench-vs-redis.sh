@@ -54,7 +54,7 @@ taskset -c "$SERVER_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --sa
   --appendonly no --daemonize no --logfile "$RESULTS_DIR/redis.log" &
 PIDS+=($!)
 REDIS_PID=$!
-"$BIN/tessera-server" --cores 1 --cpus "$SERVER_CPU" --port "$TESSERA_PORT" \
+"$BIN/tessera-server" --cores 1 --cpus "$SERVER_CPU" --port "$TESSERA_PORT" --durability memory \
   >"$RESULTS_DIR/tessera.log" 2>&1 &
 PIDS+=($!)
 TESSERA_PID=$!
@@ -114,7 +114,7 @@ if [ "$MEMORY_KEYS" -gt 0 ]; then
   kill "$TESSERA_PID"
   wait "$TESSERA_PID" 2>/dev/null || true
   TESSERA_PORT=$(free_port)
-  "$BIN/tessera-server" --cores 1 --cpus "$SERVER_CPU" --port "$TESSERA_PORT" \
+  "$BIN/tessera-server" --cores 1 --cpus "$SERVER_CPU" --port "$TESSERA_PORT" --durability memory \
     >>"$RESULTS_DIR/tessera.log" 2>&1 &
   PIDS+=($!)
   TESSERA_PID=$!
