@@ -8,7 +8,10 @@
 #   SERVER_CPU (1)     LOAD_CPU (0)
 #   PIPELINES ("1 16": requests in flight per connection, each depth run against both; the
 #     issue's figure is pipeline 1)
-#   FSYNC_PROBE_COUNT (200: fdatasync calls timed on the data disk before the runs; 0 skips)
+#   REPEATS (3: runs of each target at each depth, alternating etcd and Tessera, so that a
+#     change in the shared disk's speed during the script touches both; medians are reported)
+#   FSYNC_PROBE_COUNT (200: fdatasync calls timed on the data disk before and after the runs;
+#     0 skips)
 #   RESULTS_DIR (target/bench-vs-etcd)
 #   DATA_PARENT (RESULTS_DIR/data: both servers' data directories go here, on one disk)
 #
@@ -39,6 +42,7 @@ VALUE_SIZE="${VALUE_SIZE:-32}"
 SERVER_CPU="${SERVER_CPU:-1}"
 LOAD_CPU="${LOAD_CPU:-0}"
 read -r -a PIPELINES <<<"${PIPELINES:-1 16}"
+REPEATS="${REPEATS:-3}"
 FSYNC_PROBE_COUNT="${FSYNC_PROBE_COUNT:-200}"
 RESULTS_DIR="${RESULTS_DIR:-target/bench-vs-etcd}"
 DATA_PARENT="${DATA_PARENT:-$RESULTS_DIR/data}"
@@ -60,7 +64,7 @@ mkdir -p "$RESULTS_DIR" "$DATA_PARENT"
 # fails with EBADF on one).
 DATA_PARENT=$(cd "$DATA_PARENT" && pwd)
 # Results of an earlier run must not pass for this one's.
-rm -f "$RESULTS_DIR"/*-set-p*.json "$RESULTS_DIR"/*-set-p*.log "$RESULTS_DIR/fsync.json"
+rm -f "$RESULTS_DIR"/*-set-p*.json "$RESULTS_DIR"/*-set-p*.log "$RESULTS_DIR"/fsync-*.json
 
 filesystem=$(df --output=fstype "$DATA_PARENT" | tail -n 1)
 if [ "$filesystem" = tmpfs ] || [ "$filesystem" = ramfs ]; then
@@ -86,9 +90,14 @@ DATA_DIRS+=("$ETCD_DIR")
 TESSERA_DIR=$(mktemp -d "$DATA_PARENT/tessera.XXXXXX")
 DATA_DIRS+=("$TESSERA_DIR")
 
-if [ "$FSYNC_PROBE_COUNT" -gt 0 ]; then
+# Times FSYNC_PROBE_COUNT appends + fdatasync on the data disk into fsync-$1.json: the cost
+# every durable write pays at least once per batch, on a disk other machines may share.
+probe_fsync() {
+  if [ "$FSYNC_PROBE_COUNT" -le 0 ]; then
+    return 0
+  fi
   say "timing $FSYNC_PROBE_COUNT fdatasync calls on $DATA_PARENT ($filesystem)"
-  python3 - "$DATA_PARENT" "$FSYNC_PROBE_COUNT" "$filesystem" >"$RESULTS_DIR/fsync.json" <<'EOF'
+  python3 - "$DATA_PARENT" "$FSYNC_PROBE_COUNT" "$filesystem" >"$RESULTS_DIR/fsync-$1.json" <<'EOF'
 import json, os, sys, tempfile, time
 
 parent, count, filesystem = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -107,7 +116,7 @@ print(json.dumps({
     "p99_us": latencies_us[min(len(latencies_us) - 1, len(latencies_us) * 99 // 100)],
 }))
 EOF
-fi
+}
 
 ETCD_CLIENT_PORT=$(free_port)
 ETCD_PEER_PORT=$(free_port)
@@ -159,40 +168,49 @@ print(json.dumps(found))
 EOF
 }
 
+# One measured run: run_bench NAME PIPELINE REPEAT TARGET-FLAGS..., into NAME-set-pP-rR.json.
 run_bench() {
-  local name="$1" pipeline="$2"
-  shift 2
-  say "$name set pipeline $pipeline"
+  local name="$1" pipeline="$2" repeat="$3"
+  shift 3
+  local run="$name-set-p$pipeline-r$repeat"
+  say "$name set pipeline $pipeline (run $repeat of $REPEATS)"
   taskset -c "$LOAD_CPU" "$BIN/tessera-bench" "$@" \
     --workload set --pipeline "$pipeline" --connections "$CONNECTIONS" \
     --keys "$KEYS" --key-size "$KEY_SIZE" --value-size "$VALUE_SIZE" \
     --duration-secs "$DURATION_SECS" --json --quiet \
-    >"$RESULTS_DIR/$name-set-p$pipeline.json" 2>"$RESULTS_DIR/$name-set-p$pipeline.log"
+    >"$RESULTS_DIR/$run.json" 2>"$RESULTS_DIR/$run.log"
 }
 
+probe_fsync before
 for pipeline in "${PIPELINES[@]}"; do
-  etcd_metrics >"$RESULTS_DIR/etcd-set-p$pipeline.before.json"
-  run_bench etcd "$pipeline" --target "etcd://127.0.0.1:$ETCD_CLIENT_PORT" --server-pid "$ETCD_PID"
-  etcd_metrics >"$RESULTS_DIR/etcd-set-p$pipeline.after.json"
-  tessera_log_stats >"$RESULTS_DIR/tessera-set-p$pipeline.before.json"
-  run_bench tessera "$pipeline" --endpoints "127.0.0.1:$TESSERA_PORT" --server-pid "$TESSERA_PID"
-  tessera_log_stats >"$RESULTS_DIR/tessera-set-p$pipeline.after.json"
+  for repeat in $(seq 1 "$REPEATS"); do
+    run="set-p$pipeline-r$repeat"
+    etcd_metrics >"$RESULTS_DIR/etcd-$run.before.json"
+    run_bench etcd "$pipeline" "$repeat" \
+      --target "etcd://127.0.0.1:$ETCD_CLIENT_PORT" --server-pid "$ETCD_PID"
+    etcd_metrics >"$RESULTS_DIR/etcd-$run.after.json"
+    tessera_log_stats >"$RESULTS_DIR/tessera-$run.before.json"
+    run_bench tessera "$pipeline" "$repeat" \
+      --endpoints "127.0.0.1:$TESSERA_PORT" --server-pid "$TESSERA_PID"
+    tessera_log_stats >"$RESULTS_DIR/tessera-$run.after.json"
+  done
 done
+probe_fsync after
 
-python3 - "$RESULTS_DIR" "${PIPELINES[@]}" <<'EOF'
-import json, os, sys
+python3 - "$RESULTS_DIR" "$REPEATS" "${PIPELINES[@]}" <<'EOF'
+import json, os, statistics, sys
 
-results, pipelines = sys.argv[1], [int(text) for text in sys.argv[2:]]
+results, repeats = sys.argv[1], int(sys.argv[2])
+pipelines = [int(text) for text in sys.argv[3:]]
 def load(name):
     with open(os.path.join(results, name)) as handle:
         return json.load(handle)
 
-def writes_per_sync(name, pipeline):
-    """Writes that shared one fdatasync during the run: log records per log sync for Tessera,
+def writes_per_sync(run):
+    """Writes that shared one fdatasync during a run: log records per log sync for Tessera,
     committed proposals per WAL fsync for etcd."""
-    before = load(f"{name}-set-p{pipeline}.before.json")
-    after = load(f"{name}-set-p{pipeline}.after.json")
-    if name == "tessera":
+    before, after = load(f"{run}.before.json"), load(f"{run}.after.json")
+    if run.startswith("tessera"):
         total = lambda stats, field: sum(core[field] for core in stats)
         writes = total(after, "log_record_count") - total(before, "log_record_count")
         syncs = total(after, "log_sync_count") - total(before, "log_sync_count")
@@ -201,19 +219,27 @@ def writes_per_sync(name, pipeline):
         syncs = after.get("wal_fsync_count", 0) - before.get("wal_fsync_count", 0)
     return writes / syncs if syncs else None
 
-first = load(f"etcd-set-p{pipelines[0]}.json")
+def median_run(name, pipeline):
+    """The run with the median rate (the lower middle one for an even count), and every rate."""
+    runs = [(load(f"{name}-set-p{pipeline}-r{repeat}.json"), f"{name}-set-p{pipeline}-r{repeat}")
+            for repeat in range(1, repeats + 1)]
+    runs.sort(key=lambda run: run[0]["ops_per_sec"])
+    return runs[(len(runs) - 1) // 2], [run[0]["ops_per_sec"] for run in runs]
+
+first = load(f"etcd-set-p{pipelines[0]}-r1.json")
 config = first["config"]
 print(f"tessera-bench {first['git_revision']} on {first['machine']['cpus']} cpus "
       f"({first['machine']['cpu_model']}), kernel {first['machine']['kernel']}")
 print(f"durable SET, {config['connections']} connections, {config['keys']} keys of "
       f"{config['key_size']} B, values of {config['value_size']} B, uniform, "
-      f"{first['duration_secs']:.0f} s per run; each server pinned to one CPU, the load "
-      "generator to another")
-fsync_path = os.path.join(results, "fsync.json")
-if os.path.exists(fsync_path):
-    fsync = load("fsync.json")
-    print(f"data disk ({fsync['filesystem']}): fdatasync of a growing file p50 "
-          f"{fsync['p50_us']:.0f} us, p99 {fsync['p99_us']:.0f} us over {fsync['count']} calls")
+      f"{first['duration_secs']:.0f} s per run, {repeats} runs each (etcd and Tessera "
+      "alternating), median shown; each server pinned to one CPU, the load generator to another")
+for moment in ("before", "after"):
+    path = os.path.join(results, f"fsync-{moment}.json")
+    if os.path.exists(path):
+        fsync = load(f"fsync-{moment}.json")
+        print(f"data disk ({fsync['filesystem']}) {moment} the runs: fdatasync of a growing file "
+              f"p50 {fsync['p50_us']:.0f} us, p99 {fsync['p99_us']:.0f} us over {fsync['count']} calls")
 print()
 header = (f"{'target':<8} {'pipe':>4} {'ops/s':>9} {'p50 us':>8} {'p99 us':>8} {'p99.9 us':>9} "
           f"{'srv us/op':>9} {'cli us/op':>9} {'cli busy':>8} {'writes/sync':>11} {'vs etcd':>8}")
@@ -221,25 +247,36 @@ print(header)
 print("-" * len(header))
 ratios = {}
 for pipeline in pipelines:
-    etcd = load(f"etcd-set-p{pipeline}.json")
+    medians = {}
     for name in ("etcd", "tessera"):
-        row = load(f"{name}-set-p{pipeline}.json")
+        (row, run), rates = median_run(name, pipeline)
+        medians[name] = row["ops_per_sec"]
         cpu = row.get("server_cpu_us_per_op")
         cpu_text = f"{cpu:9.1f}" if cpu is not None else f"{'-':>9}"
-        per_sync = writes_per_sync(name, pipeline)
+        per_sync = writes_per_sync(run)
         per_sync_text = f"{per_sync:11.1f}" if per_sync is not None else f"{'-':>11}"
         line = (f"{name:<8} {pipeline:>4} {row['ops_per_sec']:>9.0f} {row['p50_us']:>8.0f} "
                 f"{row['p99_us']:>8.0f} {row['p999_us']:>9.0f} {cpu_text} "
                 f"{row['client_cpu']['us_per_op']:>9.1f} {row['client_cpu']['cores_busy']:>8.2f} "
                 f"{per_sync_text}")
         if name == "tessera":
-            ratios[pipeline] = row["ops_per_sec"] / etcd["ops_per_sec"]
+            ratios[pipeline] = medians["tessera"] / medians["etcd"]
             line += f" {ratios[pipeline]:>7.2f}x"
-        if row["errors"]:
-            line += f"  ({row['errors']} errors)"
+        errors = sum(load(f"{name}-set-p{pipeline}-r{repeat}.json")["errors"]
+                     for repeat in range(1, repeats + 1))
+        if errors:
+            line += f"  ({errors} errors)"
         print(line)
+        if repeats > 1:
+            print(f"{'':<14}rates of the {repeats} runs: "
+                  + ", ".join(f"{rate:.0f}" for rate in rates))
+    if repeats > 1:
+        pairs = [load(f"tessera-set-p{pipeline}-r{repeat}.json")["ops_per_sec"]
+                 / load(f"etcd-set-p{pipeline}-r{repeat}.json")["ops_per_sec"]
+                 for repeat in range(1, repeats + 1)]
+        print(f"{'':<14}tessera/etcd run by run: " + ", ".join(f"{pair:.1f}x" for pair in pairs))
 if 1 in ratios:
     print()
     print(f"issue 4 target, Tessera >= 10x etcd's put rate at {config['connections']} clients, "
-          f"pipeline 1: {ratios[1]:.1f}x, {'met' if ratios[1] >= 10 else 'not met'}")
+          f"pipeline 1 (medians): {ratios[1]:.1f}x, {'met' if ratios[1] >= 10 else 'not met'}")
 EOF
