@@ -18,6 +18,8 @@
 # JSON files in RESULTS_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/bench-common.sh
+source scripts/bench-common.sh
 
 DURATION_SECS="${DURATION_SECS:-5}"
 CONNECTIONS="${CONNECTIONS:-50}"
@@ -29,55 +31,20 @@ LOAD_CPU="${LOAD_CPU:-0}"
 MEMORY_KEYS="${MEMORY_KEYS:-1000000}"
 RESULTS_DIR="${RESULTS_DIR:-target/bench-vs-redis}"
 
-say() { printf '==> %s\n' "$*" >&2; }
-
 if [ "$(nproc)" -lt 2 ]; then
   say "fewer than 2 CPUs: servers and load generator share CPU 0"
   SERVER_CPU=0
   LOAD_CPU=0
 fi
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  say "installing redis-server"
-  if [ "$(id -u)" -eq 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
-  else
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null
-  fi
-fi
+ensure_package redis-server redis-server
 
 say "building (release)"
 cargo build --release --locked -q -p tessera-server -p tessera-bench
 BIN=target/release
 mkdir -p "$RESULTS_DIR"
 
-# A free loopback port (the kernel picks it; nothing is listening on it when we return).
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_for_port() {
-  local port="$1" name="$2"
-  for _ in $(seq 1 100); do
-    if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1', $port)))" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  say "$name did not start listening on port $port"
-  return 1
-}
-
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    wait "$pid" 2>/dev/null || true
-  done
-}
-trap cleanup EXIT INT TERM
+stop_on_exit
 
 REDIS_PORT=$(free_port)
 TESSERA_PORT=$(free_port)
@@ -87,7 +54,7 @@ taskset -c "$SERVER_CPU" redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --sa
   --appendonly no --daemonize no --logfile "$RESULTS_DIR/redis.log" &
 PIDS+=($!)
 REDIS_PID=$!
-"$BIN/tessera-server" --cores 1 --cpus "$SERVER_CPU" --port "$TESSERA_PORT" \
+"$BIN/tessera-server" --cores 1 --cpus "$SERVER_CPU" --port "$TESSERA_PORT" --durability memory \
   >"$RESULTS_DIR/tessera.log" 2>&1 &
 PIDS+=($!)
 TESSERA_PID=$!
@@ -147,7 +114,7 @@ if [ "$MEMORY_KEYS" -gt 0 ]; then
   kill "$TESSERA_PID"
   wait "$TESSERA_PID" 2>/dev/null || true
   TESSERA_PORT=$(free_port)
-  "$BIN/tessera-server" --cores 1 --cpus "$SERVER_CPU" --port "$TESSERA_PORT" \
+  "$BIN/tessera-server" --cores 1 --cpus "$SERVER_CPU" --port "$TESSERA_PORT" --durability memory \
     >>"$RESULTS_DIR/tessera.log" 2>&1 &
   PIDS+=($!)
   TESSERA_PID=$!

@@ -1,11 +1,13 @@
-//! Load through the public `tessera_client::Client` API, on tokio: the path an application
-//! takes. It drives the embedded mode (`--embedded`, shards in this process) and, with
-//! `--driver client`, a remote cluster through the full client library.
+//! Load through an async client library on tokio: the path an application takes. It drives
+//! the public `tessera_client::Client` API (the embedded mode, `--embedded`, with shards in
+//! this process, and with `--driver client` a remote cluster) and, with the `etcd` feature,
+//! etcd through `etcd-client` (see `etcd_load`).
 //!
-//! Each session is a task keeping up to `pipeline` calls in flight; sessions are spread over
-//! the runtime's worker threads. Closed and open loop work as in the network driver: in the
-//! open loop latency counts from the intended send time.
+//! Each session is a task keeping up to `pipeline` calls in flight through its own
+//! [`Caller`]; sessions are spread over the runtime's worker threads. Closed and open loop work
+//! as in the network driver: in the open loop latency counts from the intended send time.
 
+use std::future::Future;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -33,21 +35,50 @@ pub struct ClientLoad {
     pub duration: Option<Duration>,
 }
 
-/// Runs `load` against `client` on `runtime` and returns the merged record and the window.
+/// How a session issues one operation: the library that is being measured.
+pub trait Caller: Clone + Send + Sync + 'static {
+    /// Issues `op` on `key` (writing `value` for a set). An error reply and a failed call are
+    /// both `Err`.
+    fn call<'call>(
+        &'call self,
+        op: Op,
+        key: &'call [u8],
+        value: &'call [u8],
+    ) -> impl Future<Output = Result<(), ()>> + Send + 'call;
+}
+
+impl Caller for Client {
+    async fn call(&self, op: Op, key: &[u8], value: &[u8]) -> Result<(), ()> {
+        let outcome = match op {
+            Op::Get => self.get(key).await.map(drop),
+            Op::Set => self.put(key, value).await.map(drop),
+            Op::Delete => self.delete(key).await.map(drop),
+            Op::Incr => self.add(key, 1).await.map(drop),
+        };
+        outcome.map_err(|error| tracing::debug!(%error, "call failed"))
+    }
+}
+
+/// Runs `load` on `runtime` and returns the merged record and the window. Session `i` calls
+/// through `callers[i % callers.len()]` (a clone of it): one caller shared by all sessions,
+/// or one per session.
 ///
 /// With `preload`, the sessions instead write every key once (keys dealt round-robin) and
 /// stop.
 ///
 /// # Errors
 /// A session could not be set up.
-pub fn run(
+pub fn run<C: Caller>(
     runtime: &tokio::runtime::Runtime,
-    client: &Client,
+    callers: &[C],
     spec: &WorkloadSpec,
     load: &ClientLoad,
     preload: bool,
     progress: Option<&mpsc::Sender<Recorder>>,
 ) -> Result<(Recorder, Duration), String> {
+    if callers.is_empty() {
+        return Err("no client to run the sessions with".to_owned());
+    }
     let started = Instant::now();
     let deadline = load.duration.map(|duration| started + duration);
     let mut sessions = Vec::with_capacity(load.session_count);
@@ -62,7 +93,7 @@ pub fn run(
             KeyPlan::Random(OpStream::new(spec, 1_000 + session_index as u64)?)
         };
         let session = Session {
-            client: client.clone(),
+            caller: callers[session_index % callers.len()].clone(),
             spec: spec.clone(),
             load: load.clone(),
             keys,
@@ -99,8 +130,8 @@ fn stagger(load: &ClientLoad, session_index: usize) -> Duration {
     }
 }
 
-struct Session {
-    client: Client,
+struct Session<C> {
+    caller: C,
     spec: WorkloadSpec,
     load: ClientLoad,
     keys: KeyPlan,
@@ -109,7 +140,7 @@ struct Session {
     stagger: Duration,
 }
 
-impl Session {
+impl<C: Caller> Session<C> {
     async fn run(mut self) -> Recorder {
         let value = self.spec.value();
         let interval = self
@@ -163,10 +194,10 @@ impl Session {
                     None => now,
                 };
                 issued_count += 1;
-                let client = &self.client;
+                let caller = &self.caller;
                 let value = &value;
                 in_flight.push(async move {
-                    let is_error = call(client, op, &key, value).await.is_err();
+                    let is_error = caller.call(op, &key, value).await.is_err();
                     (op, started, is_error)
                 });
             }
@@ -197,16 +228,4 @@ impl Session {
         }
         total
     }
-}
-
-/// One operation through the public API; an error reply and a failed call both count as
-/// errors.
-async fn call(client: &Client, op: Op, key: &[u8], value: &[u8]) -> Result<(), ()> {
-    let outcome = match op {
-        Op::Get => client.get(key).await.map(drop),
-        Op::Set => client.put(key, value).await.map(drop),
-        Op::Delete => client.delete(key).await.map(drop),
-        Op::Incr => client.add(key, 1).await.map(drop),
-    };
-    outcome.map_err(|error| tracing::debug!(%error, "call failed"))
 }

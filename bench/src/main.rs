@@ -1,12 +1,13 @@
-//! `tessera-bench`: one load generator for Tessera, its embedded mode, Redis and a loopback
-//! echo server, so their figures come from the same instrument in the same run.
+//! `tessera-bench`: one load generator for Tessera, its embedded mode, Redis, etcd and a
+//! loopback echo server, so their figures come from the same instrument in the same run.
 //!
 //! # Layout
 //! - `workload`: operations, keys (uniform or zipf), values and the read:write mix.
 //! - `wire`: encoding requests and recognising replies for Tessera, echo and Redis (RESP).
 //! - `uring`: the network driver, one `io_uring` per load thread, closed or open loop.
-//! - `client_load`: load through the public `Client` API on tokio (embedded mode, and
-//!   `--driver client` for a remote cluster).
+//! - `client_load`: load through an async client library on tokio: the public `Client` API
+//!   (embedded mode, and `--driver client` for a remote cluster) or etcd's.
+//! - `etcd_load` (feature `etcd`): etcd's v3 API through the `etcd-client` crate.
 //! - `cpu`: CPU time of local processes from /proc, for server CPU per operation.
 //! - `report`: hdrhistogram records, the progress line, the text and JSON results.
 //!
@@ -20,6 +21,8 @@
 
 mod client_load;
 mod cpu;
+#[cfg(feature = "etcd")]
+mod etcd_load;
 mod report;
 mod uring;
 mod wire;
@@ -40,7 +43,8 @@ use crate::workload::{
     parse_ratio, KeyDistribution, KeyPlan, OpStream, WorkloadKind, WorkloadSpec,
 };
 
-/// Drive a Tessera cluster, an embedded Tessera, Redis or an echo server with one workload.
+/// Drive a Tessera cluster, an embedded Tessera, Redis, etcd or an echo server with one
+/// workload.
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "tessera-bench", version, about)]
 struct Flags {
@@ -53,7 +57,8 @@ struct Flags {
     /// Shards for `--embedded`.
     #[arg(long, default_value_t = 2)]
     embedded_cores: usize,
-    /// Another target: `redis://host:port`, `echo://host:port[,host:port...]` (one address per
+    /// Another target: `redis://host:port`, `etcd://host:port` (one member, through its v3
+    /// gRPC API; needs the `etcd` feature), `echo://host:port[,host:port...]` (one address per
     /// echo core) or `tessera://host:port[,...]` (same as --endpoints).
     #[arg(long)]
     target: Option<String>,
@@ -67,13 +72,15 @@ struct Flags {
     /// Reads to writes for `--workload mixed`, as `reads:writes`.
     #[arg(long, default_value = "9:1")]
     ratio: String,
-    /// Sessions (logical clients). Against Tessera each holds one connection per core.
+    /// Sessions (logical clients). Against Tessera each holds one connection per core; against
+    /// etcd each is its own etcd client with its own gRPC channel (one connection).
     #[arg(long, default_value_t = 50)]
     connections: usize,
-    /// Requests in flight per session.
+    /// Requests in flight per session. Against etcd: concurrent unary calls per client (HTTP/2
+    /// streams on its connection).
     #[arg(long, default_value_t = 1)]
     pipeline: usize,
-    /// Load threads (network drivers) or tokio workers (client driver).
+    /// Load threads (network drivers) or tokio workers (client driver, etcd).
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Length of the measured window.
@@ -137,10 +144,20 @@ enum PreloadMode {
 /// What the flags point at.
 #[derive(Debug)]
 enum Target {
-    Tessera { endpoints: Vec<String> },
+    Tessera {
+        endpoints: Vec<String>,
+    },
     Embedded,
-    Redis { address: String },
-    Echo { addresses: Vec<String> },
+    Redis {
+        address: String,
+    },
+    #[cfg(feature = "etcd")]
+    Etcd {
+        address: String,
+    },
+    Echo {
+        addresses: Vec<String>,
+    },
 }
 
 impl Target {
@@ -166,6 +183,8 @@ impl Target {
                     Ok(Self::Redis {
                         address: rest.trim_end_matches('/').to_owned(),
                     })
+                } else if let Some(rest) = target.strip_prefix("etcd://") {
+                    Self::etcd(rest)
                 } else if let Some(rest) = target.strip_prefix("echo://") {
                     Ok(Self::Echo {
                         addresses: split(rest),
@@ -176,11 +195,34 @@ impl Target {
                     })
                 } else {
                     Err(format!(
-                        "--target {target:?}: expected redis://, echo:// or tessera://"
+                        "--target {target:?}: expected redis://, etcd://, echo:// or tessera://"
                     ))
                 }
             }
         }
+    }
+
+    /// `etcd://host:port`: one member, since the comparison is with one etcd node.
+    #[cfg(feature = "etcd")]
+    fn etcd(rest: &str) -> Result<Self, String> {
+        let address = rest.trim_end_matches('/');
+        if address.is_empty() || address.contains(',') {
+            return Err(format!(
+                "--target etcd://{rest}: expected one member's host:port"
+            ));
+        }
+        Ok(Self::Etcd {
+            address: address.to_owned(),
+        })
+    }
+
+    #[cfg(not(feature = "etcd"))]
+    fn etcd(_rest: &str) -> Result<Self, String> {
+        Err(
+            "--target etcd://: this tessera-bench was built without etcd support; \
+             build it with `--features etcd`"
+                .to_owned(),
+        )
     }
 
     fn name(&self) -> &'static str {
@@ -188,6 +230,8 @@ impl Target {
             Self::Tessera { .. } => "tessera",
             Self::Embedded => "embedded",
             Self::Redis { .. } => "redis",
+            #[cfg(feature = "etcd")]
+            Self::Etcd { .. } => "etcd",
             Self::Echo { .. } => "echo",
         }
     }
@@ -306,10 +350,17 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
     };
     let config = serde_json::to_value(flags).unwrap_or_default();
     let duration = Duration::from_secs_f64(flags.duration_secs);
+    let client_run = |target| ClientRun {
+        flags,
+        target,
+        spec: &spec,
+        preload,
+        duration,
+    };
     match &target {
-        Target::Embedded => run_client(flags, &target, &spec, preload, duration, config),
+        Target::Embedded => run_client(&client_run(&target), config),
         Target::Tessera { .. } if flags.driver == Driver::Client => {
-            run_client(flags, &target, &spec, preload, duration, config)
+            run_client(&client_run(&target), config)
         }
         Target::Tessera { endpoints } => {
             let client = tessera_client::BlockingClient::connect(endpoints.clone())
@@ -333,6 +384,8 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
                 flags, &target, &spec, preload, duration, config, &addresses, &router,
             )
         }
+        #[cfg(feature = "etcd")]
+        Target::Etcd { address } => run_etcd(&client_run(&target), address, config),
         Target::Echo { addresses } => {
             if addresses.is_empty() {
                 return Err("--target echo:// needs at least one address".to_owned());
@@ -347,11 +400,18 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
     }
 }
 
-fn new_wire(target: &Target) -> Box<dyn Wire> {
+/// The encoding the network driver speaks to `target`; none for etcd, which speaks gRPC.
+#[cfg_attr(
+    not(feature = "etcd"),
+    allow(clippy::unnecessary_wraps, reason = "only etcd has no wire")
+)]
+fn new_wire(target: &Target) -> Result<Box<dyn Wire>, String> {
     match target {
-        Target::Redis { .. } => Box::new(RedisWire),
-        Target::Echo { .. } => Box::new(EchoWire::new()),
-        Target::Tessera { .. } | Target::Embedded => Box::new(TesseraWire::new()),
+        Target::Redis { .. } => Ok(Box::new(RedisWire)),
+        Target::Echo { .. } => Ok(Box::new(EchoWire::new())),
+        Target::Tessera { .. } | Target::Embedded => Ok(Box::new(TesseraWire::new())),
+        #[cfg(feature = "etcd")]
+        Target::Etcd { .. } => Err("etcd speaks gRPC: it is driven by client_load".to_owned()),
     }
 }
 
@@ -393,11 +453,7 @@ fn run_network(
     } else {
         None
     };
-    let server_pids = if flags.server_pids.is_empty() {
-        cpu::pids_listening_on(&ports_of(addresses))
-    } else {
-        flags.server_pids.clone()
-    };
+    let server_pids = server_pids_of(flags, addresses);
     let (progress_sender, progress) = mpsc::channel();
     let barrier = Barrier::new(thread_count + 1);
     let rate_per_session = flags.rate.map(|rate| rate / flags.connections as f64);
@@ -421,7 +477,7 @@ fn run_network(
                         .map(|count| share_of(count, thread_count, thread_index)),
                     duration: Some(duration),
                 };
-                let mut wire = new_wire(target);
+                let mut wire = new_wire(target)?;
                 uring::run_thread(
                     streams,
                     router,
@@ -602,7 +658,7 @@ fn run_preload_network(
                         operation_count_max: None,
                         duration: None,
                     };
-                    let mut wire = new_wire(target);
+                    let mut wire = new_wire(target)?;
                     uring::run_thread(streams, router, wire.as_mut(), spec, load, None)
                 })
             })
@@ -647,21 +703,22 @@ fn finish_preload(
     Ok(preload)
 }
 
-/// Runs the load through the public client API: embedded, or remote with `--driver client`.
-fn run_client(
-    flags: &Flags,
-    target: &Target,
-    spec: &WorkloadSpec,
+/// What a run through a client library needs besides its clients.
+struct ClientRun<'run> {
+    flags: &'run Flags,
+    target: &'run Target,
+    spec: &'run WorkloadSpec,
+    /// Whether every key is written before the measured window.
     preload: bool,
+    /// The measured window.
     duration: Duration,
-    config: serde_json::Value,
-) -> Result<RunResult, String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(flags.threads)
-        .enable_all()
-        .build()
-        .map_err(|error| format!("cannot start tokio: {error}"))?;
-    let (client, server_pids) = match target {
+}
+
+/// Runs the load through the public client API: embedded, or remote with `--driver client`.
+fn run_client(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, String> {
+    let flags = plan.flags;
+    let runtime = new_runtime(flags)?;
+    let (client, server_pids) = match plan.target {
         Target::Embedded => {
             let config = tessera_client::EmbeddedConfig {
                 cores: flags.embedded_cores,
@@ -682,15 +739,65 @@ fn run_client(
                 .iter()
                 .flat_map(|node| node.cores.iter().map(|core| core.address.clone()))
                 .collect();
-            let pids = if flags.server_pids.is_empty() {
-                cpu::pids_listening_on(&ports_of(&addresses))
-            } else {
-                flags.server_pids.clone()
-            };
-            (client, pids)
+            (client, server_pids_of(flags, &addresses))
         }
         _ => return Err("the client driver drives Tessera only".to_owned()),
     };
+    // Every session shares the one client, as an application's tasks would.
+    let callers = std::slice::from_ref(&client);
+    let outcome = run_sessions(plan, config, &runtime, callers, &server_pids);
+    client.shutdown();
+    outcome
+}
+
+/// Runs the load against one etcd member, one etcd client (and connection) per session.
+#[cfg(feature = "etcd")]
+fn run_etcd(
+    plan: &ClientRun,
+    address: &str,
+    config: serde_json::Value,
+) -> Result<RunResult, String> {
+    etcd_load::check_workload(plan.spec.kind)?;
+    let runtime = new_runtime(plan.flags)?;
+    let callers = runtime.block_on(etcd_load::connect(address, plan.flags.connections))?;
+    let server_pids = server_pids_of(plan.flags, &[address.to_owned()]);
+    run_sessions(plan, config, &runtime, &callers, &server_pids)
+}
+
+/// The tokio runtime of the client-library drivers, with `--threads` workers.
+fn new_runtime(flags: &Flags) -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(flags.threads)
+        .enable_all()
+        .build()
+        .map_err(|error| format!("cannot start tokio: {error}"))
+}
+
+/// The server processes to measure: `--server-pid`, or the local listeners on `addresses`.
+fn server_pids_of(flags: &Flags, addresses: &[String]) -> Vec<u32> {
+    if flags.server_pids.is_empty() {
+        cpu::pids_listening_on(&ports_of(addresses))
+    } else {
+        flags.server_pids.clone()
+    }
+}
+
+/// The preload (if asked for) and the measured window of a client-library run, with one
+/// session per `--connections`; session `i` calls through `callers[i % callers.len()]`.
+fn run_sessions<C: client_load::Caller>(
+    plan: &ClientRun,
+    config: serde_json::Value,
+    runtime: &tokio::runtime::Runtime,
+    callers: &[C],
+    server_pids: &[u32],
+) -> Result<RunResult, String> {
+    let ClientRun {
+        flags,
+        target,
+        spec,
+        preload,
+        duration,
+    } = *plan;
     let session_count = flags.connections;
     let preload_outcome = if preload {
         let started = Instant::now();
@@ -701,7 +808,7 @@ fn run_client(
             operation_count_max: None,
             duration: None,
         };
-        let (record, _) = client_load::run(&runtime, &client, spec, &load, true, None)?;
+        let (record, _) = client_load::run(runtime, callers, spec, &load, true, None)?;
         Some(finish_preload(spec, &record, started.elapsed())?)
     } else {
         None
@@ -716,30 +823,23 @@ fn run_client(
         duration: Some(duration),
     };
     let (progress_sender, progress) = mpsc::channel();
-    let measured = Measured::start(&server_pids);
+    let measured = Measured::start(server_pids);
     let outcome = std::thread::scope(|scope| {
         let reporter = scope.spawn(move || report_progress(&progress, flags.quiet));
-        let outcome = client_load::run(
-            &runtime,
-            &client,
-            spec,
-            &load,
-            false,
-            Some(&progress_sender),
-        );
+        let outcome =
+            client_load::run(runtime, callers, spec, &load, false, Some(&progress_sender));
         drop(progress_sender);
         let _ = reporter.join();
         outcome
     });
     let (record, elapsed) = outcome?;
     let (server_cpu_time, client_cpu_time) = measured.finish();
-    client.shutdown();
     Ok(finish(
         target,
         config,
         &record,
         elapsed,
-        (&server_pids, server_cpu_time, client_cpu_time),
+        (server_pids, server_cpu_time, client_cpu_time),
         preload_outcome,
     ))
 }
@@ -775,6 +875,21 @@ mod tests {
         ));
         let flags = Flags::parse_from(["tessera-bench"]);
         assert!(Target::from_flags(&flags).is_err());
+    }
+
+    #[cfg(feature = "etcd")]
+    #[test]
+    fn etcd_targets_name_one_member() {
+        let flags = Flags::parse_from(["tessera-bench", "--target", "etcd://127.0.0.1:2379/"]);
+        assert!(matches!(
+            Target::from_flags(&flags).unwrap(),
+            Target::Etcd { address } if address == "127.0.0.1:2379"
+        ));
+        for text in ["etcd://", "etcd://a:1,b:2"] {
+            let flags = Flags::parse_from(["tessera-bench", "--target", text]);
+            let error = Target::from_flags(&flags).unwrap_err();
+            assert!(error.contains("one member"), "{text}: {error}");
+        }
     }
 
     #[test]

@@ -1,15 +1,24 @@
 //! The benchmark's smoke test, the only part of it CI runs: a short run against an embedded
-//! server and one against Tessera over loopback must report throughput and no errors.
-//! Speed targets live in `scripts/bench-vs-redis.sh` and `docs/benchmarks.md`, never here.
+//! server and one against Tessera over loopback must report throughput and no errors. With
+//! the `etcd` feature, a run against a real etcd member does the same when an `etcd` binary
+//! is installed (CI has none, so that test says it is skipped and passes), and an unreachable
+//! member must fail the run with a message rather than hang it.
+//! Speed targets live in `scripts/bench-vs-redis.sh`, `scripts/bench-vs-etcd.sh` and
+//! `docs/benchmarks.md`, never here.
 
 use std::process::Command;
 
-fn run_bench(arguments: &[&str]) -> serde_json::Value {
-    let output = Command::new(env!("CARGO_BIN_EXE_tessera-bench"))
+/// Runs `tessera-bench --json --quiet` with `arguments`, whatever its outcome.
+fn bench_output(arguments: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera-bench"))
         .args(arguments)
         .args(["--json", "--quiet"])
         .output()
-        .expect("tessera-bench runs");
+        .expect("tessera-bench runs")
+}
+
+fn run_bench(arguments: &[&str]) -> serde_json::Value {
+    let output = bench_output(arguments);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "tessera-bench failed: {stderr}");
     serde_json::from_slice(&output.stdout)
@@ -81,4 +90,141 @@ fn network_run_through_the_load_generator_reports_server_cpu() {
     let stats = server.shutdown().expect("the server stops cleanly");
     let key_count: usize = stats.iter().map(|core| core.key_count).sum();
     assert_eq!(key_count, 2000, "the preload wrote every key");
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn unreachable_etcd_fails_the_run_with_a_message() {
+    // A port that was free a moment ago: nothing answers there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let target = format!("etcd://127.0.0.1:{port}");
+    let output = bench_output(&[
+        "--target",
+        &target,
+        "--workload",
+        "set",
+        "--duration-secs",
+        "1",
+        "--connections",
+        "2",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot reach etcd"), "{stderr}");
+}
+
+/// One etcd member on free loopback ports with its own data directory, stopped and removed
+/// on drop.
+#[cfg(feature = "etcd")]
+struct EtcdMember {
+    process: std::process::Child,
+    data_dir: std::path::PathBuf,
+    client_port: u16,
+}
+
+#[cfg(feature = "etcd")]
+impl EtcdMember {
+    /// Starts a member, or returns `None` when no `etcd` binary is installed.
+    fn start() -> Option<Self> {
+        let free_port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("a free port")
+                .port()
+        };
+        let (client_port, peer_port) = (free_port(), free_port());
+        let data_dir = std::env::temp_dir().join(format!(
+            "tessera-bench-etcd-{}-{client_port}",
+            std::process::id()
+        ));
+        let client_url = format!("http://127.0.0.1:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let process = Command::new("etcd")
+            .arg("--name=smoke")
+            .arg(format!("--data-dir={}", data_dir.display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=smoke={peer_url}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        match process {
+            Ok(process) => Some(Self {
+                process,
+                data_dir,
+                client_port,
+            }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => panic!("cannot start etcd: {error}"),
+        }
+    }
+
+    /// Waits until the member has elected itself leader and answers (`/health`), at most
+    /// `ETCD_START_TIMEOUT`.
+    fn wait_until_healthy(&self) {
+        use std::io::{Read as _, Write as _};
+        const ETCD_START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+        let deadline = std::time::Instant::now() + ETCD_START_TIMEOUT;
+        while std::time::Instant::now() < deadline {
+            let mut reply = String::new();
+            let is_healthy = std::net::TcpStream::connect(("127.0.0.1", self.client_port))
+                .and_then(|mut stream| {
+                    stream.write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+                    stream.read_to_string(&mut reply)
+                })
+                .is_ok_and(|_| reply.contains("\"health\":\"true\""));
+            if is_healthy {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("etcd on port {} did not become healthy", self.client_port);
+    }
+}
+
+#[cfg(feature = "etcd")]
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn etcd_run_reports_throughput_and_no_errors() {
+    let Some(member) = EtcdMember::start() else {
+        println!("skipped: no `etcd` binary on PATH (Debian: apt-get install etcd-server)");
+        return;
+    };
+    member.wait_until_healthy();
+    let target = format!("etcd://127.0.0.1:{}", member.client_port);
+    let result = run_bench(&[
+        "--target",
+        &target,
+        "--workload",
+        "mixed",
+        "--duration-secs",
+        "1",
+        "--connections",
+        "4",
+        "--pipeline",
+        "2",
+        "--keys",
+        "200",
+    ]);
+    assert_served(&result, "etcd");
+    assert_eq!(result["preload"]["keys"], 200, "{result}");
+    assert!(result["ops"]["get"]["operations"].as_u64().unwrap() > 0);
+    assert!(result["ops"]["set"]["operations"].as_u64().unwrap() > 0);
+    assert!(
+        result["server_cpu_us_per_op"].as_f64().unwrap() > 0.0,
+        "etcd's CPU is found by its port: {result}"
+    );
 }
