@@ -27,7 +27,8 @@ LOAD_CPU="${LOAD_CPU:-0}"
 RESULTS_DIR="${RESULTS_DIR:-target/bench-durability}"
 DATA_PARENT="${DATA_PARENT:-$RESULTS_DIR/data}"
 
-say() { printf '==> %s\n' "$*" >&2; }
+# shellcheck source=scripts/bench-common.sh
+. scripts/bench-common.sh
 
 if [ "$(nproc)" -lt 2 ]; then
   say "fewer than 2 CPUs: server and load generator share CPU 0"
@@ -43,31 +44,11 @@ rm -rf "$DATA_PARENT"
 mkdir -p "$DATA_PARENT"
 say "data directories on $(df --output=fstype "$DATA_PARENT" | tail -1) ($DATA_PARENT)"
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-wait_for_port() {
-  local port="$1"
-  for _ in $(seq 1 200); do
-    if python3 -c "import socket,sys; s=socket.socket(); s.settimeout(0.2); sys.exit(s.connect_ex(('127.0.0.1', $port)))" 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  say "the server did not start listening on port $port"
-  return 1
-}
-
-SERVER_PID=""
+stop_on_exit
 stop_server() {
-  if [ -n "$SERVER_PID" ]; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-    SERVER_PID=""
-  fi
+  kill "$SERVER_PID" 2>/dev/null || true
+  wait "$SERVER_PID" 2>/dev/null || true
 }
-trap stop_server EXIT INT TERM
 
 for mode in sync async memory; do
   for pipeline in 1 16; do
@@ -78,7 +59,8 @@ for mode in sync async memory; do
       --durability "$mode" --data-dir "$DATA_PARENT/$name" \
       >"$RESULTS_DIR/$name.log" 2>&1 &
     SERVER_PID=$!
-    wait_for_port "$port"
+    PIDS+=("$SERVER_PID")
+    wait_for_port "$port" tessera-server
     taskset -c "$LOAD_CPU" "$BIN/tessera-bench" --endpoints "127.0.0.1:$port" \
       --server-pid "$SERVER_PID" --workload set --pipeline "$pipeline" \
       --connections "$CONNECTIONS" --keys "$KEYS" --key-size "$KEY_SIZE" \
