@@ -89,12 +89,44 @@ impl RecordingStorage {
         self.0.borrow_mut().ops.push(op);
     }
 
+    fn open(&self, path: &Path) -> io::Result<RecordingFile> {
+        fs::File::create(path)?;
+        let id = {
+            let mut recording = self.0.borrow_mut();
+            recording.paths.push(path.to_owned());
+            recording.paths.len() - 1
+        };
+        self.record(Op::Create {
+            path: path.to_owned(),
+            file: id,
+        });
+        Ok(RecordingFile {
+            storage: self.clone(),
+            id,
+        })
+    }
+
     fn ops(&self) -> Vec<Op> {
         self.0.borrow().ops.clone()
     }
 
     fn path_of(&self, file: usize) -> PathBuf {
         self.0.borrow().paths[file].clone()
+    }
+}
+
+impl RecordingFile {
+    /// A sync barrier, or the injected failure.
+    fn record_sync(&self) -> io::Result<()> {
+        let mut recording = self.storage.0.borrow_mut();
+        if let Some(remaining) = &mut recording.syncs_before_failure {
+            if *remaining == 0 {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            *remaining -= 1;
+        }
+        recording.ops.push(Op::Sync { file: self.id });
+        Ok(())
     }
 }
 
@@ -116,15 +148,7 @@ impl StorageFile for RecordingFile {
     }
 
     async fn sync(&self) -> io::Result<()> {
-        let mut recording = self.storage.0.borrow_mut();
-        if let Some(remaining) = &mut recording.syncs_before_failure {
-            if *remaining == 0 {
-                return Err(io::Error::from_raw_os_error(libc::EIO));
-            }
-            *remaining -= 1;
-        }
-        recording.ops.push(Op::Sync { file: self.id });
-        Ok(())
+        self.record_sync()
     }
 
     async fn allocate(&self, size: u64) -> io::Result<()> {
@@ -153,20 +177,7 @@ impl Storage for RecordingStorage {
     type File = RecordingFile;
 
     async fn create(&self, path: &Path) -> io::Result<RecordingFile> {
-        fs::File::create(path)?;
-        let id = {
-            let mut recording = self.0.borrow_mut();
-            recording.paths.push(path.to_owned());
-            recording.paths.len() - 1
-        };
-        self.record(Op::Create {
-            path: path.to_owned(),
-            file: id,
-        });
-        Ok(RecordingFile {
-            storage: self.clone(),
-            id,
-        })
+        self.open(path)
     }
 
     async fn sync_directory(&self, _directory: &Path) -> io::Result<()> {
@@ -672,7 +683,12 @@ fn a_failed_sync_is_never_acknowledged() {
             }
         }
         let failure = writer.await;
-        assert!(failure.is_some_and(|reason| reason.contains("fdatasync")));
+        assert!(
+            failure
+                .as_deref()
+                .is_some_and(|reason| reason.contains("os error 5")),
+            "{failure:?}"
+        );
         assert_eq!(log.durable_revision(), durable);
         control.finish.fire();
         durable

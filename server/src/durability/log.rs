@@ -394,12 +394,21 @@ pub struct WriterControl {
     pub finish: LocalSignal,
 }
 
+/// The outcome of allocating a segment.
+type Allocated<F> = Result<Segment<F>, DurabilityError>;
+
 /// The writer's segments: the one being written and, once it is half full, the next.
 struct Segments<S: Storage> {
     storage: S,
     core_id: u16,
     current: Segment<S::File>,
     next: Option<Segment<S::File>>,
+    /// The next segment being allocated (and zeroed) by a task of its own, so the writer
+    /// goes on writing meanwhile; its outcome is in `prepared` once it has finished.
+    preparing: Option<glommio::Task<()>>,
+    prepared: Rc<RefCell<Option<Allocated<S::File>>>>,
+    /// Woken when the preparation finishes (the writer's own wake-up).
+    wake: LocalNotify,
     segment_bytes_max: u64,
     /// While the disk is full: when to try allocating the next segment again.
     retry_at: Option<std::time::Instant>,
@@ -445,6 +454,13 @@ impl<S: Storage> Segments<S> {
 
     /// Continues in the next segment (allocating it now if it is not ready).
     async fn switch(&mut self, revision_before: u64) -> Result<(), DurabilityError> {
+        if self.next.is_none() {
+            if let Some(preparing) = self.preparing.take() {
+                // The writer caught up with the preparation: wait for it.
+                preparing.await;
+                self.next = self.prepared.borrow_mut().take().transpose()?;
+            }
+        }
         let next = match self.next.take() {
             Some(next) => next,
             None => {
@@ -462,16 +478,32 @@ impl<S: Storage> Segments<S> {
         self.current.start(self.core_id, revision_before).await
     }
 
+    /// Starts allocating the next segment in a task of its own.
+    fn start_preparing(&mut self) {
+        let storage = self.storage.clone();
+        let directory = self.current.directory.clone();
+        let segment_id = self.current.id + 1;
+        let capacity = self.segment_bytes_max;
+        let prepared = self.prepared.clone();
+        let wake = self.wake.clone();
+        self.preparing = Some(glommio::spawn_local(async move {
+            let outcome = Segment::allocate(&storage, &directory, segment_id, capacity).await;
+            *prepared.borrow_mut() = Some(outcome);
+            wake.notify();
+        }));
+    }
+
     fn reserve(&self) -> u64 {
         (self.segment_bytes_max / 8).min(NO_SPACE_RESERVE_BYTES)
     }
 
-    /// Allocates the next segment once the current one is half full. Returns the room left
-    /// while the disk is full (`None` when it is not).
+    /// Starts allocating the next segment once the current one is half full, and takes the
+    /// outcome when it is ready. Returns the room left while the disk is full (`None` when
+    /// it is not).
     ///
     /// # Errors
     /// Allocation failed for another reason than space.
-    async fn prepare_next(&mut self) -> Result<Option<u64>, DurabilityError> {
+    fn prepare_next(&mut self) -> Result<Option<u64>, DurabilityError> {
         if self.next.is_some() {
             return Ok(None);
         }
@@ -482,33 +514,39 @@ impl<S: Storage> Segments<S> {
             return Ok(None);
         }
         let now = std::time::Instant::now();
+        if self.preparing.is_some() {
+            let Some(outcome) = self.prepared.borrow_mut().take() else {
+                // Still allocating.
+                return Ok(self
+                    .retry_at
+                    .map(|_| remaining.saturating_sub(self.reserve())));
+            };
+            self.preparing = None;
+            match outcome {
+                Ok(next) => {
+                    if self.retry_at.take().is_some() {
+                        tracing::info!("disk space is available again; writes are accepted");
+                    }
+                    self.next = Some(next);
+                    return Ok(None);
+                }
+                Err(error) if error.is_no_space() => {
+                    if self.retry_at.is_none() {
+                        tracing::warn!(%error, remaining, "the disk is full: writes are refused until space is freed");
+                    }
+                    self.retry_at = Some(now + NO_SPACE_RETRY);
+                    return Ok(Some(remaining.saturating_sub(self.reserve())));
+                }
+                Err(error) => return Err(error),
+            }
+        }
         if self.retry_at.is_some_and(|retry_at| now < retry_at) {
             return Ok(Some(remaining.saturating_sub(self.reserve())));
         }
-        match Segment::allocate(
-            &self.storage,
-            &self.current.directory,
-            self.current.id + 1,
-            self.segment_bytes_max,
-        )
-        .await
-        {
-            Ok(next) => {
-                if self.retry_at.take().is_some() {
-                    tracing::info!("disk space is available again; writes are accepted");
-                }
-                self.next = Some(next);
-                Ok(None)
-            }
-            Err(error) if error.is_no_space() => {
-                if self.retry_at.is_none() {
-                    tracing::warn!(%error, remaining, "the disk is full: writes are refused until space is freed");
-                }
-                self.retry_at = Some(now + NO_SPACE_RETRY);
-                Ok(Some(remaining.saturating_sub(self.reserve())))
-            }
-            Err(error) => Err(error),
-        }
+        self.start_preparing();
+        Ok(self
+            .retry_at
+            .map(|_| remaining.saturating_sub(self.reserve())))
     }
 }
 
@@ -529,12 +567,15 @@ pub async fn run_writer<S: Storage>(
         core_id,
         current: segment,
         next: None,
+        preparing: None,
+        prepared: Rc::new(RefCell::new(None)),
+        wake: log.appended.clone(),
         segment_bytes_max,
         retry_at: None,
     };
     let mut durable_revision = log.durable_revision();
     loop {
-        match segments.prepare_next().await {
+        match segments.prepare_next() {
             Ok(room) => log.set_room(room),
             Err(error) => {
                 log.fail(error.to_string());

@@ -22,9 +22,10 @@ pub trait StorageFile {
     async fn write_at(&self, bytes: Vec<u8>, offset: u64) -> io::Result<usize>;
     /// Makes everything written so far durable (`fdatasync`).
     async fn sync(&self) -> io::Result<()>;
-    /// Reserves disk space for the file's first `size` bytes, which read as zeros until
-    /// written; the file's size becomes at least `size`. `ErrorKind::Unsupported` where the
-    /// filesystem cannot.
+    /// Reserves disk space for the file's first `size` bytes and fills them with zeros
+    /// (durably), so later writes into them need no new space and no metadata change; the
+    /// file's size becomes at least `size`. `ErrorKind::Unsupported` where the filesystem
+    /// cannot reserve space.
     async fn allocate(&self, size: u64) -> io::Result<()>;
     /// Closes the file.
     async fn close(self) -> io::Result<()>;
@@ -44,13 +45,18 @@ pub trait Storage: Clone + 'static {
     async fn remove(&self, path: &Path) -> io::Result<()>;
 }
 
+/// Bytes of zeros written at a time when a file is allocated.
+const ZERO_CHUNK_BYTES: u64 = 1024 * 1024;
+
 /// Files through glommio's `io_uring` reactor: what the server runs on.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GlommioStorage;
 
 /// A file of [`GlommioStorage`].
 #[derive(Debug)]
-pub struct GlommioFile(glommio::io::BufferedFile);
+pub struct GlommioFile {
+    file: glommio::io::BufferedFile,
+}
 
 fn from_glommio(error: glommio::GlommioError<()>) -> io::Error {
     error.into()
@@ -58,24 +64,52 @@ fn from_glommio(error: glommio::GlommioError<()>) -> io::Error {
 
 impl StorageFile for GlommioFile {
     async fn write_at(&self, bytes: Vec<u8>, offset: u64) -> io::Result<usize> {
-        self.0.write_at(bytes, offset).await.map_err(from_glommio)
+        self.file
+            .write_at(bytes, offset)
+            .await
+            .map_err(from_glommio)
     }
 
     async fn sync(&self) -> io::Result<()> {
-        self.0.fdatasync().await.map_err(from_glommio)
+        self.file.fdatasync().await.map_err(from_glommio)
     }
 
     async fn allocate(&self, size: u64) -> io::Result<()> {
-        match self.0.pre_allocate(size, false).await.map_err(from_glommio) {
+        // Reserve the space first: a full disk is found here, at once.
+        match self
+            .file
+            .pre_allocate(size, false)
+            .await
+            .map_err(from_glommio)
+        {
             Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                Err(io::Error::new(io::ErrorKind::Unsupported, error))
+                return Err(io::Error::new(io::ErrorKind::Unsupported, error))
             }
-            other => other,
+            other => other?,
         }
+        // Then write the zeros: blocks fallocate reserved are "unwritten", and the first write
+        // into each must change the file's metadata, so every sync becomes a journal commit.
+        // Written blocks make a sync a data flush alone (measured: 20-30% more synced writes
+        // per second, `docs/benchmarks.md`).
+        let mut offset = 0;
+        while offset < size {
+            let length = ZERO_CHUNK_BYTES.min(size - offset);
+            let zeros = vec![0; usize::try_from(length).unwrap_or(usize::MAX)];
+            let written = self
+                .file
+                .write_at(zeros, offset)
+                .await
+                .map_err(from_glommio)?;
+            if written == 0 {
+                return Err(io::Error::other("zero-length write while zeroing"));
+            }
+            offset += written as u64;
+        }
+        self.file.fdatasync().await.map_err(from_glommio)
     }
 
     async fn close(self) -> io::Result<()> {
-        self.0.close().await.map_err(from_glommio)
+        self.file.close().await.map_err(from_glommio)
     }
 }
 
@@ -85,7 +119,7 @@ impl Storage for GlommioStorage {
     async fn create(&self, path: &Path) -> io::Result<GlommioFile> {
         glommio::io::BufferedFile::create(path)
             .await
-            .map(GlommioFile)
+            .map(|file| GlommioFile { file })
             .map_err(from_glommio)
     }
 
