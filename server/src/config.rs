@@ -59,6 +59,9 @@ pub struct Config {
     /// In `async` mode, how often the log is written and synced, in milliseconds: the window
     /// of acknowledged writes a crash can lose.
     pub flush_interval_ms: u64,
+    /// `sync` mode: after a sync of several writes, how long at most (microseconds) the log
+    /// waits for the writers it just answered before it syncs again; 0 never waits.
+    pub group_commit_wait_us: u64,
     /// A log segment is closed and a new one started past this size, in bytes.
     pub segment_bytes_max: u64,
     /// A snapshot of each core is taken once this many bytes were logged since the last
@@ -145,6 +148,10 @@ pub struct Flags {
     /// Flush interval of `--durability async`, in milliseconds (default 100).
     #[arg(long, env = "TESSERA_FLUSH_INTERVAL_MS")]
     pub flush_interval_ms: Option<u64>,
+    /// `sync` mode: longest wait, in microseconds, for the writers just answered before the
+    /// next sync (default 500; 0 never waits).
+    #[arg(long, env = "TESSERA_GROUP_COMMIT_WAIT_US")]
+    pub group_commit_wait_us: Option<u64>,
     /// Size at which a log segment is closed (accepts KiB/MiB/GiB; default 64 MiB).
     #[arg(long, env = "TESSERA_SEGMENT_BYTES_MAX", value_parser = parse_size)]
     pub segment_bytes_max: Option<u64>,
@@ -185,6 +192,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     durability: Option<Durability>,
     flush_interval_ms: Option<u64>,
+    group_commit_wait_us: Option<u64>,
     segment_bytes_max: Option<u64>,
     snapshot_log_bytes: Option<u64>,
     repair: Option<bool>,
@@ -217,6 +225,7 @@ impl Default for Config {
             data_dir: PathBuf::from("tessera-data"),
             durability: Durability::Sync,
             flush_interval_ms: 100,
+            group_commit_wait_us: 500,
             segment_bytes_max: 64 * 1024 * 1024,
             snapshot_log_bytes: 256 * 1024 * 1024,
             repair: false,
@@ -272,6 +281,7 @@ impl Config {
             data_dir,
             durability,
             flush_interval_ms,
+            group_commit_wait_us,
             segment_bytes_max,
             snapshot_log_bytes,
             repair
@@ -304,6 +314,7 @@ impl Config {
             data_dir,
             durability,
             flush_interval_ms,
+            group_commit_wait_us,
             segment_bytes_max,
             snapshot_log_bytes
         );
@@ -389,6 +400,15 @@ impl Config {
         }
         if self.expired_per_tick_max == 0 {
             return invalid("expired_per_tick_max", "must be at least 1".to_owned());
+        }
+        if self.group_commit_wait_us > 100_000 {
+            return invalid(
+                "group_commit_wait_us",
+                format!(
+                    "{} is over the maximum of 100000",
+                    self.group_commit_wait_us
+                ),
+            );
         }
         if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
             return invalid(

@@ -25,7 +25,7 @@ use tessera_protocol::{split_slots, CoreInfo, NodeInfo, RouteTable, Topology};
 
 use crate::config::Config;
 use crate::core::{run_ticks, serve_inbox, CoreContext, CoreInboxes};
-use crate::durability::log::{run_writer, CoreLog, Segment, WriterControl};
+use crate::durability::log::{run_writer, CoreLog, Segment, WriterControl, WriterSettings};
 use crate::durability::recovery::{core_directory, prepare_data_dir, recover};
 use crate::durability::snapshot::write_snapshot;
 use crate::durability::storage::{GlommioFile, GlommioStorage};
@@ -416,19 +416,13 @@ fn spawn_writer(
     control: WriterControl,
 ) -> glommio::Task<()> {
     let events = events.clone();
-    let flush_interval = Duration::from_millis(config.flush_interval_ms);
-    let segment_bytes_max = config.segment_bytes_max;
+    let settings = WriterSettings {
+        segment_bytes_max: config.segment_bytes_max,
+        flush_interval: Duration::from_millis(config.flush_interval_ms),
+        group_commit_wait: Duration::from_micros(config.group_commit_wait_us),
+    };
     glommio::spawn_local(async move {
-        let failure = run_writer(
-            log,
-            GlommioStorage,
-            core_id,
-            segment,
-            segment_bytes_max,
-            flush_interval,
-            control,
-        )
-        .await;
+        let failure = run_writer(log, GlommioStorage, core_id, segment, settings, control).await;
         if let Some(reason) = failure {
             let _ = events.send(ServerEvent::CoreFailed { core_id, reason });
         }

@@ -23,7 +23,7 @@ use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::message::Put;
 use tessera_protocol::{Request, Response};
 
-use crate::durability::log::{run_writer, CoreLog, Segment, WriterControl};
+use crate::durability::log::{run_writer, CoreLog, Segment, WriterControl, WriterSettings};
 use crate::durability::recovery::recover;
 use crate::durability::snapshot::write_snapshot;
 use crate::durability::storage::{Storage, StorageFile};
@@ -326,8 +326,12 @@ async fn start_log(
         storage.clone(),
         0,
         segment,
-        segment_bytes,
-        Duration::from_millis(5),
+        WriterSettings {
+            segment_bytes_max: segment_bytes,
+            flush_interval: Duration::from_millis(5),
+            // Some batches merge with the next, some do not: both kinds of history.
+            group_commit_wait: Duration::from_micros(200),
+        },
         control.clone(),
     ));
     (log, control, writer)

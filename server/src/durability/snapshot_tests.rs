@@ -31,7 +31,9 @@ use crate::clock::now_unix_ms;
 use crate::durability::format::{
     read_record, ReadOutcome, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
-use crate::durability::log::{run_writer, segment_file_name, CoreLog, Segment, WriterControl};
+use crate::durability::log::{
+    run_writer, segment_file_name, CoreLog, Segment, WriterControl, WriterSettings,
+};
 use crate::durability::recovery::{read_segment_header, recover, segment_files, Recovered};
 use crate::durability::snapshot::{
     load_snapshot, snapshot_file_name, snapshot_files, write_snapshot, ChunkEncoder, SnapshotEntry,
@@ -240,8 +242,11 @@ impl TestCore {
             storage,
             CORE_ID,
             segment,
-            segment_bytes_max,
-            FLUSH_INTERVAL,
+            WriterSettings {
+                segment_bytes_max,
+                flush_interval: FLUSH_INTERVAL,
+                group_commit_wait: Duration::from_micros(200),
+            },
             control.clone(),
         ));
         Rc::new(Self {
