@@ -8,6 +8,21 @@
 
 say() { printf '==> %s\n' "$*" >&2; }
 
+# The workload and placement every comparison shares, from the environment or these defaults.
+DURATION_SECS="${DURATION_SECS:-5}"
+CONNECTIONS="${CONNECTIONS:-50}"
+KEYS="${KEYS:-100000}"
+KEY_SIZE="${KEY_SIZE:-16}"
+VALUE_SIZE="${VALUE_SIZE:-32}"
+SERVER_CPU="${SERVER_CPU:-1}"
+LOAD_CPU="${LOAD_CPU:-0}"
+if [ "$(nproc)" -lt 2 ]; then
+  say "fewer than 2 CPUs: the servers and the load generator share CPU 0"
+  SERVER_CPU=0
+  LOAD_CPU=0
+fi
+
+
 # Runs a command as root: directly when we are root, through sudo otherwise.
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi

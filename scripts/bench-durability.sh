@@ -17,24 +17,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DURATION_SECS="${DURATION_SECS:-5}"
-CONNECTIONS="${CONNECTIONS:-50}"
-KEYS="${KEYS:-100000}"
-KEY_SIZE="${KEY_SIZE:-16}"
-VALUE_SIZE="${VALUE_SIZE:-32}"
-SERVER_CPU="${SERVER_CPU:-1}"
-LOAD_CPU="${LOAD_CPU:-0}"
 RESULTS_DIR="${RESULTS_DIR:-target/bench-durability}"
 DATA_PARENT="${DATA_PARENT:-$RESULTS_DIR/data}"
 
 # shellcheck source=scripts/bench-common.sh
 . scripts/bench-common.sh
-
-if [ "$(nproc)" -lt 2 ]; then
-  say "fewer than 2 CPUs: server and load generator share CPU 0"
-  SERVER_CPU=0
-  LOAD_CPU=0
-fi
 
 say "building (release)"
 cargo build --release --locked -q -p tessera-server -p tessera-bench -p tessera-client

@@ -34,24 +34,11 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/bench-common.sh
 source scripts/bench-common.sh
 
-DURATION_SECS="${DURATION_SECS:-5}"
-CONNECTIONS="${CONNECTIONS:-50}"
-KEYS="${KEYS:-100000}"
-KEY_SIZE="${KEY_SIZE:-16}"
-VALUE_SIZE="${VALUE_SIZE:-32}"
-SERVER_CPU="${SERVER_CPU:-1}"
-LOAD_CPU="${LOAD_CPU:-0}"
 read -r -a PIPELINES <<<"${PIPELINES:-1 16}"
 REPEATS="${REPEATS:-3}"
 FSYNC_PROBE_COUNT="${FSYNC_PROBE_COUNT:-200}"
 RESULTS_DIR="${RESULTS_DIR:-target/bench-vs-etcd}"
 DATA_PARENT="${DATA_PARENT:-$RESULTS_DIR/data}"
-
-if [ "$(nproc)" -lt 2 ]; then
-  say "fewer than 2 CPUs: servers and load generator share CPU 0"
-  SERVER_CPU=0
-  LOAD_CPU=0
-fi
 
 ensure_package etcd-server etcd
 

@@ -21,21 +21,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/bench-common.sh
 source scripts/bench-common.sh
 
-DURATION_SECS="${DURATION_SECS:-5}"
-CONNECTIONS="${CONNECTIONS:-50}"
-KEYS="${KEYS:-100000}"
-KEY_SIZE="${KEY_SIZE:-16}"
-VALUE_SIZE="${VALUE_SIZE:-32}"
-SERVER_CPU="${SERVER_CPU:-1}"
-LOAD_CPU="${LOAD_CPU:-0}"
 MEMORY_KEYS="${MEMORY_KEYS:-1000000}"
 RESULTS_DIR="${RESULTS_DIR:-target/bench-vs-redis}"
-
-if [ "$(nproc)" -lt 2 ]; then
-  say "fewer than 2 CPUs: servers and load generator share CPU 0"
-  SERVER_CPU=0
-  LOAD_CPU=0
-fi
 
 ensure_package redis-server redis-server
 
