@@ -286,6 +286,30 @@ impl Drop for Server {
     }
 }
 
+/// How long a port taken at start is tried again. A process killed with SIGKILL can hold its
+/// listening sockets a moment after it is gone, while the kernel tears down its `io_uring`
+/// instances; a supervisor restarting it at once would otherwise fail (and, restarted too
+/// often, give up).
+const BIND_RETRY_DURATION: Duration = Duration::from_secs(2);
+
+/// Binds `socket` to `address`, trying again for [`BIND_RETRY_DURATION`] while the address
+/// is in use.
+fn bind_retrying(socket: &Socket, address: SocketAddr) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + BIND_RETRY_DURATION;
+    loop {
+        match socket.bind(&address.into()) {
+            Err(error)
+                if error.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                tracing::debug!(%address, "address in use; trying again");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 fn bind_listeners(config: &Config) -> Result<Vec<(SocketAddr, Socket)>, StartError> {
     (0..config.cores)
         .map(|core_index| {
@@ -315,7 +339,7 @@ fn bind_listeners(config: &Config) -> Result<Vec<(SocketAddr, Socket)>, StartErr
             .map_err(bind_error)?;
             socket.set_reuse_address(true).map_err(bind_error)?;
             socket.set_tcp_nodelay(true).map_err(bind_error)?;
-            socket.bind(&address.into()).map_err(bind_error)?;
+            bind_retrying(&socket, address).map_err(bind_error)?;
             socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
             socket.set_nonblocking(true).map_err(bind_error)?;
             let local = socket

@@ -61,3 +61,27 @@ fn ports_are_free_as_soon_as_shutdown_returns() {
         still_bound.join("\n")
     );
 }
+
+/// After a SIGKILL the same lag cannot be cut short (no code of the dead process runs), so a
+/// restart may find its port still taken for a moment: `Server::start` tries a port in use
+/// again for a while (`BIND_RETRY_DURATION`) before it gives up.
+#[test]
+fn a_port_freed_while_the_server_starts_is_bound_once_free() {
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let releaser = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(holder);
+    });
+    let mut config = common::test_config(1);
+    config.port = port;
+    let server = common::start_server_with(config);
+    releaser.join().unwrap();
+    let mut connection = RawConnection::open(&format!("127.0.0.1:{port}"));
+    assert!(matches!(
+        connection.call(&tessera_protocol::Request::Ping),
+        tessera_protocol::Response::Pong { .. }
+    ));
+    drop(connection);
+    server.shutdown().unwrap();
+}
