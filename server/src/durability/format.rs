@@ -63,8 +63,7 @@ impl SegmentHeader {
         bytes[8..16].copy_from_slice(&self.segment_id.to_le_bytes());
         bytes[16..24].copy_from_slice(&self.revision_before.to_le_bytes());
         // [24, 28) reserved, zero.
-        let checksum = crc32fast::hash(&bytes[..28]);
-        bytes[28..32].copy_from_slice(&checksum.to_le_bytes());
+        seal_file_header(&mut bytes);
         bytes
     }
 
@@ -73,18 +72,7 @@ impl SegmentHeader {
     /// # Errors
     /// Bad magic, a checksum mismatch or a format this build cannot read.
     pub fn from_bytes(bytes: &[u8; SEGMENT_HEADER_SIZE]) -> Result<Self, DurabilityError> {
-        if bytes[0..4] != SEGMENT_MAGIC {
-            return Err(DurabilityError::corrupt(
-                "segment header has the wrong magic",
-            ));
-        }
-        let expected = u32::from_le_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]);
-        let actual = crc32fast::hash(&bytes[..28]);
-        if expected != actual {
-            return Err(DurabilityError::corrupt(format!(
-                "segment header checksum mismatch (stored {expected:#010x}, computed {actual:#010x})"
-            )));
-        }
+        check_file_header(bytes, SEGMENT_MAGIC, "segment")?;
         let header = Self {
             format_version: u16::from_le_bytes([bytes[4], bytes[5]]),
             core_id: u16::from_le_bytes([bytes[6], bytes[7]]),
@@ -99,6 +87,37 @@ impl SegmentHeader {
         }
         Ok(header)
     }
+}
+
+/// Writes the checksum of a 32-byte file header (segment or snapshot): CRC32 of bytes 0..28
+/// into bytes 28..32.
+pub(crate) fn seal_file_header(bytes: &mut [u8; SEGMENT_HEADER_SIZE]) {
+    let checksum = crc32fast::hash(&bytes[..28]);
+    bytes[28..32].copy_from_slice(&checksum.to_le_bytes());
+}
+
+/// Checks a 32-byte file header's magic and checksum; `what` names the file kind.
+///
+/// # Errors
+/// The magic or the checksum is wrong.
+pub(crate) fn check_file_header(
+    bytes: &[u8; SEGMENT_HEADER_SIZE],
+    magic: [u8; 4],
+    what: &str,
+) -> Result<(), DurabilityError> {
+    if bytes[0..4] != magic {
+        return Err(DurabilityError::corrupt(format!(
+            "{what} header has the wrong magic"
+        )));
+    }
+    let expected = u32::from_le_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]);
+    let actual = crc32fast::hash(&bytes[..28]);
+    if expected != actual {
+        return Err(DurabilityError::corrupt(format!(
+            "{what} header checksum mismatch (stored {expected:#010x}, computed {actual:#010x})"
+        )));
+    }
+    Ok(())
 }
 
 /// One change a revision made.

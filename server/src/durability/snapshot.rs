@@ -27,8 +27,9 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use crate::durability::format::{
-    push_u16_prefixed, push_u32_prefixed, read_record, seal_record, take_u16_prefixed,
-    take_u32_prefixed, ReadOutcome, RECORD_HEADER_SIZE, RECORD_PAYLOAD_SIZE_MAX,
+    check_file_header, push_u16_prefixed, push_u32_prefixed, read_record, seal_file_header,
+    seal_record, take_u16_prefixed, take_u32_prefixed, ReadOutcome, RECORD_HEADER_SIZE,
+    RECORD_PAYLOAD_SIZE_MAX,
 };
 use crate::durability::log::CoreLog;
 use crate::durability::recovery::{read_segment_header, segment_files};
@@ -105,8 +106,7 @@ impl SnapshotHeader {
         bytes[8..16].copy_from_slice(&self.base_revision.to_le_bytes());
         bytes[16..24].copy_from_slice(&self.taken_at_ms.to_le_bytes());
         // [24, 28) reserved, zero.
-        let checksum = crc32fast::hash(&bytes[..28]);
-        bytes[28..32].copy_from_slice(&checksum.to_le_bytes());
+        seal_file_header(&mut bytes);
         bytes
     }
 
@@ -115,18 +115,7 @@ impl SnapshotHeader {
     /// # Errors
     /// Bad magic, a checksum mismatch or a format this build cannot read.
     pub fn from_bytes(bytes: &[u8; SNAPSHOT_HEADER_SIZE]) -> Result<Self, DurabilityError> {
-        if bytes[0..4] != SNAPSHOT_MAGIC {
-            return Err(DurabilityError::corrupt(
-                "snapshot header has the wrong magic",
-            ));
-        }
-        let expected = u32::from_le_bytes([bytes[28], bytes[29], bytes[30], bytes[31]]);
-        let actual = crc32fast::hash(&bytes[..28]);
-        if expected != actual {
-            return Err(DurabilityError::corrupt(format!(
-                "snapshot header checksum mismatch (stored {expected:#010x}, computed {actual:#010x})"
-            )));
-        }
+        check_file_header(bytes, SNAPSHOT_MAGIC, "snapshot")?;
         let header = Self {
             format_version: u16::from_le_bytes([bytes[4], bytes[5]]),
             core_id: u16::from_le_bytes([bytes[6], bytes[7]]),
