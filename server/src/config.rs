@@ -149,7 +149,7 @@ pub struct Flags {
     #[arg(long, env = "TESSERA_FLUSH_INTERVAL_MS")]
     pub flush_interval_ms: Option<u64>,
     /// `sync` mode: longest wait, in microseconds, for the writers just answered before the
-    /// next sync (default 500; 0 never waits).
+    /// next sync (default 250; 0 never waits).
     #[arg(long, env = "TESSERA_GROUP_COMMIT_WAIT_US")]
     pub group_commit_wait_us: Option<u64>,
     /// Size at which a log segment is closed (accepts KiB/MiB/GiB; default 64 MiB).
@@ -225,7 +225,7 @@ impl Default for Config {
             data_dir: PathBuf::from("tessera-data"),
             durability: Durability::Sync,
             flush_interval_ms: 100,
-            group_commit_wait_us: 500,
+            group_commit_wait_us: 250,
             segment_bytes_max: 64 * 1024 * 1024,
             snapshot_log_bytes: 256 * 1024 * 1024,
             repair: false,

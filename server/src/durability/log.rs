@@ -262,7 +262,7 @@ impl<F: StorageFile> Segment<F> {
     ) -> Result<Self, DurabilityError> {
         let path = directory.join(segment_file_name(segment_id));
         let file = storage
-            .create(&path)
+            .create_appending(&path)
             .await
             .map_err(io_error("create", &path))?;
         let capacity = match file.allocate(capacity).await {
