@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use crate::{
-    Client, ClientConfig, ClientError, DeleteOutcome, Entry, Pong, PutOptions, PutOutcome, Result,
-    Topology, TtlState,
+    Client, ClientConfig, ClientError, DeleteOutcome, Entry, KeyRange, Pong, PutOptions,
+    PutOutcome, Result, ScanOptions, ScanResult, ShardRevision, Topology, TtlState,
 };
 
 /// A blocking handle to a Tessera cluster (or an embedded one).
@@ -67,6 +67,22 @@ impl BlockingClient {
     #[must_use]
     pub fn topology(&self) -> Topology {
         self.client.topology()
+    }
+
+    /// See [`Client::scan`].
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn scan(&self, range: &KeyRange, options: ScanOptions) -> Result<ScanResult> {
+        self.runtime.block_on(self.client.scan(range, options))
+    }
+
+    /// See [`Client::count`].
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn count(&self, range: &KeyRange) -> Result<(u64, Vec<ShardRevision>)> {
+        self.runtime.block_on(self.client.count(range))
     }
 
     /// See [`Client::get`].

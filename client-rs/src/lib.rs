@@ -17,6 +17,7 @@
 //! - `connection`: one pipelined TCP connection per core, replies matched by request id.
 //! - `routing`: the topology, its route table, and a transport per core.
 //! - `transport`: network or in-process path to one core.
+//! - `scan`: range scans, sent to every core and merged in key order.
 //! - `embedded`: shards in this process (feature `embedded`).
 //! - [`blocking`]: a synchronous wrapper.
 //! - [`error`]: the [`ClientError`] type.
@@ -41,6 +42,7 @@ mod connection;
 mod embedded;
 pub mod error;
 mod routing;
+mod scan;
 mod transport;
 
 use std::sync::{Arc, PoisonError, RwLock};
@@ -55,6 +57,7 @@ use tessera_protocol::{
 
 pub use blocking::BlockingClient;
 pub use error::{ClientError, Result};
+pub use scan::{KeyRange, ScanItem, ScanOptions, ScanResult, ShardRevision};
 pub use tessera_protocol::{CoreStats, Entry, ErrorCode, Topology, TtlState};
 #[cfg(feature = "embedded")]
 pub use tessera_server::config::Durability;

@@ -14,6 +14,12 @@
 //! `batch_writes_of_large_values` and `batch_reads_of_large_values` guard a bug found when
 //! they were first written: the client split batches by key count but not by size, so a
 //! batch of large values failed with a protocol error after part of it had been applied.
+//!
+//! The `scan_*` and `count_*` scenarios check every page against a model of the keys written
+//! (a `BTreeMap`, whose order is byte order), not against what another scan returned.
+//! `scan_pages_of_large_values_skip_no_key` and `scan_continues_after_a_longest_key` guard
+//! bugs found when they were first written: paging skipped keys when a shard's page ended on
+//! its byte budget, and could not continue past a key of `KEY_SIZE_MAX` bytes.
 
 mod common;
 
@@ -22,9 +28,12 @@ use std::fmt::Debug;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{core_of_key, core_slot_ranges, within, CALL_TIMEOUT, CORE_COUNT};
-use tessera_client::{Client, ClientError, Entry, PutOptions, TtlState};
+use tessera_client::{
+    Client, ClientError, Entry, KeyRange, PutOptions, ScanItem, ScanOptions, ScanResult,
+    ShardRevision, TtlState,
+};
 use tessera_protocol::limits::{
-    BATCH_COUNT_MAX, FRAME_BODY_SIZE_MAX, KEY_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
+    BATCH_COUNT_MAX, FRAME_BODY_SIZE_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
 };
 use tessera_protocol::Topology;
 use tessera_protocol::{slot_for_key, RequestError, SlotRange};
@@ -93,6 +102,16 @@ scenarios!(
     stats_count_keys,
     concurrent_clones,
     counters_add_and_refuse_overflow,
+    scan_returns_keys_in_byte_order,
+    scan_pages_visit_every_key_once,
+    scan_keys_only_omits_entries,
+    scan_between_excludes_the_end,
+    scan_skips_expired_and_deleted_keys,
+    count_matches_the_model,
+    scan_limits_are_refused_locally,
+    scan_revisions_come_from_every_core,
+    scan_pages_of_large_values_skip_no_key,
+    scan_continues_after_a_longest_key,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -1273,4 +1292,629 @@ async fn counters_add_and_refuse_overflow(client: &Client) {
         task.await.unwrap();
     }
     assert_eq!(client.add("shared", 0).await.unwrap(), 400);
+}
+
+// ---------------------------------------------------------------------------------------
+// Scans.
+
+/// What a scan should return: each live key with the entry a read returns for it.
+type ScanModel = BTreeMap<Vec<u8>, Entry>;
+
+/// Writes `entries` in one batch and adds them to `model` with the versions the batch got.
+async fn write_into_model(client: &Client, model: &mut ScanModel, entries: &[(Vec<u8>, Vec<u8>)]) {
+    let versions = client.mput(entries).await.unwrap();
+    assert_eq!(versions.len(), entries.len());
+    for ((key, value), version) in entries.iter().zip(versions) {
+        let entry = Entry {
+            value: value.clone(),
+            version,
+            expires_at_ms: None,
+        };
+        model.insert(key.clone(), entry);
+    }
+}
+
+/// Entries `prefix` + `NNN` for `index_range`, each valued `value:NNN`. Three digits, so
+/// byte order is index order.
+fn numbered_entries(prefix: &str, index_range: std::ops::Range<usize>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    index_range
+        .map(|index| {
+            let key = format!("{prefix}{index:03}").into_bytes();
+            let value = format!("value:{index:03}").into_bytes();
+            (key, value)
+        })
+        .collect()
+}
+
+/// The items of `model` in `range`, in key order, with entries or (`keys_only`) without.
+fn expected_items(model: &ScanModel, range: &KeyRange, keys_only: bool) -> Vec<ScanItem> {
+    model
+        .iter()
+        .filter(|(key, _)| {
+            key.as_slice() >= range.start.as_slice()
+                && range.end.as_ref().is_none_or(|end| key < &end)
+        })
+        .map(|(key, entry)| ScanItem {
+            key: key.clone(),
+            entry: if keys_only { None } else { Some(entry.clone()) },
+        })
+        .collect()
+}
+
+/// Keys of `items` as text, for readable failure messages.
+fn item_keys(items: &[ScanItem]) -> Vec<String> {
+    items
+        .iter()
+        .map(|item| String::from_utf8_lossy(&item.key).into_owned())
+        .collect()
+}
+
+/// `range` for a failure message: bounds as text, long ones cut short with their length.
+fn range_text(range: &KeyRange) -> String {
+    const SHOWN_BYTES_MAX: usize = 40;
+    let bound = |bytes: &[u8]| {
+        let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(SHOWN_BYTES_MAX)]);
+        if bytes.len() > SHOWN_BYTES_MAX {
+            format!("{shown:?}... ({} bytes)", bytes.len())
+        } else {
+            format!("{shown:?}")
+        }
+    };
+    let end = range.end.as_deref().map_or("the end".to_owned(), bound);
+    format!("[{}, {end})", bound(&range.start))
+}
+
+/// Checks that the model's keys in `range` are spread over every core, so a scan that asks
+/// only one core (or merges badly) cannot pass.
+fn assert_spans_every_core(client: &Client, model: &ScanModel, range: &KeyRange) {
+    let topology = client.topology();
+    let mut key_count_per_core = [0_usize; CORE_COUNT];
+    for item in expected_items(model, range, true) {
+        key_count_per_core[core_of_key(&topology, &item.key)] += 1;
+    }
+    assert!(
+        key_count_per_core.iter().all(|&count| count > 0),
+        "the keys must span every core: {key_count_per_core:?}"
+    );
+}
+
+/// Reads all of `range` a page of `options.limit` keys at a time, following `continuation`,
+/// and checks each page as it goes: no page is over the limit, a page with a continuation is
+/// not empty, and a continuation keeps the range's end. Fails after `page_count_max` pages.
+async fn scan_to_the_end(
+    client: &Client,
+    range: &KeyRange,
+    options: ScanOptions,
+    page_count_max: usize,
+) -> Vec<ScanItem> {
+    let mut items: Vec<ScanItem> = Vec::new();
+    let mut next = range.clone();
+    for page_index in 0..page_count_max {
+        let page = client.scan(&next, options).await.unwrap_or_else(|error| {
+            panic!(
+                "page {page_index} of {} failed: {error:?}",
+                range_text(&next)
+            )
+        });
+        assert!(
+            page.items.len() <= options.limit as usize,
+            "page {page_index}: {} items over the limit of {}",
+            page.items.len(),
+            options.limit
+        );
+        assert_eq!(page.revisions.len(), CORE_COUNT, "page {page_index}");
+        let last_key = page.items.last().map(|item| item.key.clone());
+        items.extend(page.items);
+        match page.continuation {
+            None => return items,
+            Some(continuation) => {
+                assert_eq!(continuation.end, range.end, "page {page_index}");
+                assert!(
+                    last_key.is_some_and(|last_key| last_key < continuation.start),
+                    "page {page_index}: the continuation {} does not start after a key the \
+                     page returned",
+                    range_text(&continuation)
+                );
+                next = continuation;
+            }
+        }
+    }
+    panic!(
+        "a scan of {} did not end within {page_count_max} pages",
+        range_text(range)
+    );
+}
+
+/// A prefix scan returns exactly the model's keys with that prefix, from both cores, in byte
+/// order and with their entries; neighbours of the prefix on either side are not included.
+async fn scan_returns_keys_in_byte_order(client: &Client) {
+    let mut model = ScanModel::new();
+    let mut entries = numbered_entries("scan:order:", 0..60);
+    // Bytes above ASCII sort after every digit, and the empty value is a value.
+    entries.push((b"scan:order:\xff\x00".to_vec(), b"binary".to_vec()));
+    entries.push((b"scan:order:".to_vec(), Vec::new()));
+    // Neighbours just outside the prefix, on both sides.
+    entries.push((b"scan:order".to_vec(), b"shorter".to_vec()));
+    entries.push((b"scan:order9".to_vec(), b"below".to_vec()));
+    entries.push((b"scan:order;".to_vec(), b"above".to_vec()));
+    // Written in reverse, so the order of writes does not hide a missing sort.
+    entries.reverse();
+    write_into_model(client, &mut model, &entries).await;
+
+    let range = KeyRange::prefix("scan:order:");
+    assert_spans_every_core(client, &model, &range);
+    let result = client.scan(&range, ScanOptions::default()).await.unwrap();
+    let expected = expected_items(&model, &range, false);
+    assert_eq!(expected.len(), 62);
+    assert_eq!(item_keys(&result.items), item_keys(&expected));
+    assert_eq!(result.items, expected);
+    assert_eq!(result.continuation, None, "1000 keys cover the range");
+
+    // Every key, through the empty prefix and through `all`.
+    let everything = expected_items(&model, &KeyRange::all(), false);
+    assert_eq!(everything.len(), entries.len());
+    for range in [KeyRange::prefix(""), KeyRange::all()] {
+        let result = client.scan(&range, ScanOptions::default()).await.unwrap();
+        assert_eq!(result.items, everything, "range={range:?}");
+        assert_eq!(result.continuation, None);
+    }
+
+    // A prefix nothing has.
+    let result = client
+        .scan(&KeyRange::prefix("scan:none:"), ScanOptions::default())
+        .await
+        .unwrap();
+    assert!(result.items.is_empty(), "result={result:?}");
+    assert_eq!(result.continuation, None);
+    assert_eq!(result.revisions.len(), CORE_COUNT);
+}
+
+/// Paging through 100 keys 7 at a time visits each key exactly once, in order, and the last
+/// page has no continuation. Each page but the last is full, since the keys are small.
+async fn scan_pages_visit_every_key_once(client: &Client) {
+    const KEY_COUNT: usize = 100;
+    const PAGE_KEY_COUNT: u32 = 7;
+    let mut model = ScanModel::new();
+    write_into_model(
+        client,
+        &mut model,
+        &numbered_entries("scan:page:", 0..KEY_COUNT),
+    )
+    .await;
+    write_into_model(client, &mut model, &numbered_entries("scan:pagf:", 0..5)).await;
+    let range = KeyRange::prefix("scan:page:");
+    assert_spans_every_core(client, &model, &range);
+    let expected = expected_items(&model, &range, false);
+    assert_eq!(expected.len(), KEY_COUNT);
+
+    let options = ScanOptions::default().limit(PAGE_KEY_COUNT);
+    let page_count_max = KEY_COUNT / PAGE_KEY_COUNT as usize + 2;
+    let items = scan_to_the_end(client, &range, options, page_count_max).await;
+    assert_eq!(item_keys(&items), item_keys(&expected));
+    assert_eq!(items, expected);
+
+    // Page by page: full pages, then the rest with no continuation.
+    let mut next = range.clone();
+    let mut seen = 0;
+    loop {
+        let page = client.scan(&next, options).await.unwrap();
+        let left = KEY_COUNT - seen;
+        let full = PAGE_KEY_COUNT as usize;
+        assert_eq!(page.items.len(), left.min(full), "seen={seen}");
+        assert_eq!(page.items, expected[seen..seen + page.items.len()]);
+        seen += page.items.len();
+        match page.continuation {
+            Some(continuation) => {
+                assert!(seen < KEY_COUNT, "a continuation after the last key");
+                next = continuation;
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, KEY_COUNT);
+
+    // A limit of one key still gets through, and so does the largest limit in one page.
+    let items = scan_to_the_end(client, &range, options.limit(1), KEY_COUNT + 1).await;
+    assert_eq!(items, expected);
+    let whole = client
+        .scan(&range, ScanOptions::default().limit(SCAN_LIMIT_MAX))
+        .await
+        .unwrap();
+    assert_eq!(whole.items, expected);
+    assert_eq!(whole.continuation, None);
+}
+
+/// `keys_only` returns the same keys with no entries, on every page.
+async fn scan_keys_only_omits_entries(client: &Client) {
+    let mut model = ScanModel::new();
+    write_into_model(client, &mut model, &numbered_entries("scan:keys:", 0..40)).await;
+    let range = KeyRange::prefix("scan:keys:");
+    assert_spans_every_core(client, &model, &range);
+
+    let result = client
+        .scan(&range, ScanOptions::default().keys_only())
+        .await
+        .unwrap();
+    assert!(
+        result.items.iter().all(|item| item.entry.is_none()),
+        "keys_only returns no entries: {result:?}"
+    );
+    assert_eq!(result.items, expected_items(&model, &range, true));
+
+    let options = ScanOptions::default().keys_only().limit(6);
+    let items = scan_to_the_end(client, &range, options, 10).await;
+    assert_eq!(items, expected_items(&model, &range, true));
+
+    // Without keys_only, the same keys come with their entries.
+    let full = client.scan(&range, ScanOptions::default()).await.unwrap();
+    assert!(full.items.iter().all(|item| item.entry.is_some()));
+    assert_eq!(full.items, expected_items(&model, &range, false));
+}
+
+/// `between(start, end)` includes `start` and excludes `end`; an empty or inverted range
+/// holds nothing; `from(start)` runs to the end of the keyspace.
+async fn scan_between_excludes_the_end(client: &Client) {
+    let mut model = ScanModel::new();
+    write_into_model(
+        client,
+        &mut model,
+        &numbered_entries("scan:between:", 0..30),
+    )
+    .await;
+    write_into_model(client, &mut model, &numbered_entries("scan:beyond:", 0..3)).await;
+
+    let range = KeyRange::between("scan:between:005", "scan:between:020");
+    assert_spans_every_core(client, &model, &range);
+    let result = client.scan(&range, ScanOptions::default()).await.unwrap();
+    let keys = item_keys(&result.items);
+    let expected_keys: Vec<String> = (5..20)
+        .map(|index| format!("scan:between:{index:03}"))
+        .collect();
+    assert_eq!(keys, expected_keys);
+    assert_eq!(result.items, expected_items(&model, &range, false));
+    assert_eq!(result.continuation, None);
+
+    // The end bound is excluded on the last page of a paged scan too.
+    let items = scan_to_the_end(client, &range, ScanOptions::default().limit(4), 6).await;
+    assert_eq!(item_keys(&items), expected_keys);
+
+    for (start, end) in [
+        ("scan:between:010", "scan:between:010"),
+        ("scan:between:020", "scan:between:005"),
+    ] {
+        let range = KeyRange::between(start, end);
+        let result = client.scan(&range, ScanOptions::default()).await.unwrap();
+        assert!(result.items.is_empty(), "range={range:?} result={result:?}");
+        assert_eq!(result.continuation, None, "range={range:?}");
+        assert_eq!(client.count(&range).await.unwrap().0, 0, "range={range:?}");
+    }
+
+    let range = KeyRange::from("scan:between:025");
+    let result = client.scan(&range, ScanOptions::default()).await.unwrap();
+    assert_eq!(result.items, expected_items(&model, &range, false));
+    assert_eq!(
+        result.items.len(),
+        5 + 3,
+        "the rest of scan:between: and all of scan:beyond:"
+    );
+}
+
+/// Keys whose TTL passed and deleted keys are absent from scans and counts, whether or not
+/// the expiry timer has reclaimed them yet; keys with a TTL still ahead are returned with
+/// their deadline.
+async fn scan_skips_expired_and_deleted_keys(client: &Client) {
+    let prefix = "scan:gone:";
+    let mut model = ScanModel::new();
+    write_into_model(client, &mut model, &numbered_entries(prefix, 0..30)).await;
+    let brief = PutOptions::new().ttl(Duration::from_millis(50));
+    let lasting = PutOptions::new().ttl(Duration::from_secs(60));
+    for index in 30..40 {
+        let key = format!("{prefix}{index:03}");
+        client.put_with(&key, "brief", brief).await.unwrap();
+    }
+    for index in 40..45 {
+        let key = format!("{prefix}{index:03}");
+        client.put_with(&key, "lasting", lasting).await.unwrap();
+        let entry = entry_of(client, &key).await;
+        assert!(entry.expires_at_ms.is_some(), "entry={entry:?}");
+        model.insert(key.into_bytes(), entry);
+    }
+    // Every third key deleted, singly and in a batch.
+    let doomed: Vec<Vec<u8>> = (0..30)
+        .step_by(3)
+        .map(|index| format!("{prefix}{index:03}").into_bytes())
+        .collect();
+    assert!(client.delete(&doomed[0]).await.unwrap());
+    let deleted = client.mdelete(&doomed[1..]).await.unwrap();
+    assert!(deleted.iter().all(|&was_deleted| was_deleted));
+    for key in &doomed {
+        model.remove(key);
+    }
+    // A key deleted and written again is back, with its new version.
+    let reborn = doomed[4].clone();
+    write_into_model(client, &mut model, &[(reborn.clone(), b"reborn".to_vec())]).await;
+
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let range = KeyRange::prefix(prefix);
+    assert_spans_every_core(client, &model, &range);
+    let expected = expected_items(&model, &range, false);
+    assert_eq!(expected.len(), 30 - doomed.len() + 1 + 5);
+    let result = client.scan(&range, ScanOptions::default()).await.unwrap();
+    assert_eq!(item_keys(&result.items), item_keys(&expected));
+    assert_eq!(result.items, expected);
+    let paged = scan_to_the_end(client, &range, ScanOptions::default().limit(3), 20).await;
+    assert_eq!(paged, expected);
+    let keys_only = client
+        .scan(&range, ScanOptions::default().keys_only())
+        .await
+        .unwrap();
+    assert_eq!(keys_only.items, expected_items(&model, &range, true));
+    assert_eq!(client.count(&range).await.unwrap().0, expected.len() as u64);
+}
+
+/// `count` equals the number of the model's keys in the range, for prefixes, bounded and
+/// unbounded ranges, and after deletes; it agrees with a scan of the same range.
+async fn count_matches_the_model(client: &Client) {
+    let mut model = ScanModel::new();
+    write_into_model(client, &mut model, &numbered_entries("count:a:", 0..150)).await;
+    write_into_model(client, &mut model, &numbered_entries("count:b:", 0..70)).await;
+    let ranges = [
+        KeyRange::all(),
+        KeyRange::prefix("count:"),
+        KeyRange::prefix("count:a:"),
+        KeyRange::prefix("count:b:"),
+        KeyRange::prefix("count:c:"),
+        KeyRange::between("count:a:100", "count:b:010"),
+        KeyRange::from("count:b:050"),
+    ];
+    let check = |model: &ScanModel| {
+        let model = model.clone();
+        let ranges = ranges.clone();
+        async move {
+            for range in &ranges {
+                let expected = expected_items(&model, range, true).len() as u64;
+                let (count, revisions) = client.count(range).await.unwrap();
+                assert_eq!(count, expected, "range={range:?}");
+                assert_eq!(revisions.len(), CORE_COUNT, "range={range:?}");
+                let scanned = client
+                    .scan(range, ScanOptions::default().keys_only())
+                    .await
+                    .unwrap();
+                assert_eq!(scanned.items.len() as u64, count, "range={range:?}");
+            }
+        }
+    };
+    assert_spans_every_core(client, &model, &KeyRange::prefix("count:b:"));
+    check(&model).await;
+    assert_eq!(client.count(&KeyRange::all()).await.unwrap().0, 220);
+
+    let doomed: Vec<Vec<u8>> = (0..150)
+        .step_by(2)
+        .map(|index| format!("count:a:{index:03}").into_bytes())
+        .collect();
+    client.mdelete(&doomed).await.unwrap();
+    for key in &doomed {
+        model.remove(key);
+    }
+    check(&model).await;
+    assert_eq!(client.count(&KeyRange::all()).await.unwrap().0, 145);
+}
+
+/// A scan limit of zero or over `SCAN_LIMIT_MAX`, and a bound far longer than a key, are
+/// refused by the client with `InvalidRequest` before anything is sent. The largest limit and
+/// bounds as long as a key are allowed.
+async fn scan_limits_are_refused_locally(client: &Client) {
+    client.put("scan:limit:key", "v").await.unwrap();
+    let applied_before = applied_request_count(client).await;
+    let range = KeyRange::prefix("scan:limit:");
+    for limit in [0, SCAN_LIMIT_MAX + 1, u32::MAX] {
+        let expected = RequestError::ScanLimitOutOfRange {
+            limit,
+            limit_max: SCAN_LIMIT_MAX,
+        };
+        let options = ScanOptions::default().limit(limit);
+        assert_invalid(
+            &format!("limit {limit}"),
+            client.scan(&range, options).await,
+            &expected,
+        );
+        let keys_only = options.keys_only();
+        let result = client.scan(&range, keys_only).await;
+        assert_invalid(&format!("keys_only limit {limit}"), result, &expected);
+    }
+    // Twice a key's length, so the check holds whatever slack a bound is given over a key.
+    let long_bound = vec![b'k'; 2 * KEY_SIZE_MAX];
+    let options = ScanOptions::default();
+    let long_start = KeyRange::from(&long_bound);
+    let long_end = KeyRange::between("a", &long_bound);
+    assert_bound_too_large("long start", client.scan(&long_start, options).await);
+    assert_bound_too_large("long end", client.scan(&long_end, options).await);
+    assert_bound_too_large("count long start", client.count(&long_start).await);
+    assert_bound_too_large("count long end", client.count(&long_end).await);
+    assert_eq!(
+        applied_request_count(client).await,
+        applied_before,
+        "a refused scan must not reach a shard"
+    );
+
+    let result = client
+        .scan(&range, ScanOptions::default().limit(SCAN_LIMIT_MAX))
+        .await
+        .unwrap();
+    assert_eq!(item_keys(&result.items), ["scan:limit:key"]);
+    // Bounds exactly as long as a key are allowed.
+    let longest = vec![0xff_u8; KEY_SIZE_MAX];
+    let result = client
+        .scan(&KeyRange::from(&longest), options)
+        .await
+        .unwrap();
+    assert!(result.items.is_empty(), "result={result:?}");
+    assert_eq!(client.count(&KeyRange::from(&longest)).await.unwrap().0, 0);
+}
+
+/// Checks that `result` refuses a bound of `2 * KEY_SIZE_MAX` bytes as `KeyTooLarge`, and
+/// that the refusal is the client's own, as [`assert_invalid`] does.
+fn assert_bound_too_large<T: Debug>(what: &str, result: Result<T, ClientError>) {
+    let error = match result {
+        Ok(value) => panic!("{what}: expected InvalidRequest(KeyTooLarge), got Ok({value:?})"),
+        Err(error) => error,
+    };
+    assert!(!error.is_retryable(), "{what}: {error:?}");
+    assert!(!error.is_indeterminate(), "{what}: {error:?}");
+    assert_eq!(error.code(), None, "{what}: {error:?}");
+    match error {
+        ClientError::InvalidRequest(RequestError::KeyTooLarge { size, .. }) => {
+            assert_eq!(size, 2 * KEY_SIZE_MAX, "{what}");
+        }
+        other => panic!("{what}: expected InvalidRequest(KeyTooLarge), got {other:?}"),
+    }
+}
+
+/// The revisions of a scan name every core once, in topology order. Reads leave them alone;
+/// a write to one core raises that core's revision to at least the write's version and
+/// leaves the other core's alone. `count` reports the same revisions as `scan`.
+async fn scan_revisions_come_from_every_core(client: &Client) {
+    let topology = client.topology();
+    let node = &topology.nodes[0];
+    let range = KeyRange::prefix("scan:revision:");
+    let revisions_now = || async {
+        let scanned = client.scan(&range, ScanOptions::default()).await.unwrap();
+        let (_, counted) = client.count(&range).await.unwrap();
+        assert_eq!(
+            scanned.revisions, counted,
+            "scan and count read the same revisions"
+        );
+        scanned.revisions
+    };
+    let check_cores = |revisions: &[ShardRevision]| {
+        assert_eq!(revisions.len(), CORE_COUNT, "revisions={revisions:?}");
+        for (revision, core) in revisions.iter().zip(&node.cores) {
+            assert_eq!(revision.node_id, node.node_id, "revisions={revisions:?}");
+            assert_eq!(revision.core_id, core.core_id, "revisions={revisions:?}");
+        }
+    };
+
+    let start = revisions_now().await;
+    check_cores(&start);
+    assert_eq!(revisions_now().await, start, "reads do not move revisions");
+
+    for core_index in 0..CORE_COUNT {
+        let before = revisions_now().await;
+        let key = key_on_core(&topology, core_index, "scan:revision");
+        let written = client.put(&key, "v").await.unwrap();
+        let after = revisions_now().await;
+        check_cores(&after);
+        for (other_index, (old, new)) in before.iter().zip(&after).enumerate() {
+            if other_index == core_index {
+                assert!(
+                    new.revision > old.revision,
+                    "core {core_index}: {before:?} {after:?}"
+                );
+                assert!(
+                    new.revision >= written.version,
+                    "{after:?} written={written:?}"
+                );
+            } else {
+                assert_eq!(
+                    new, old,
+                    "a write to core {core_index} moved core {other_index}"
+                );
+            }
+        }
+    }
+    let end = revisions_now().await;
+    for (old, new) in start.iter().zip(&end) {
+        assert!(new.revision > old.revision, "start={start:?} end={end:?}");
+    }
+}
+
+/// Paging through keys whose values are as large as allowed, mixed with small ones, visits
+/// every key once.
+///
+/// The bug this guards: a shard ends a page before `SCAN_PAGE_BYTES_MAX` bytes, so with
+/// 1 MiB values core 0 answered with 4 keys and `more`, while core 1 answered with its
+/// first `limit` small keys. The client merged the pages, kept up to `limit` keys (up to
+/// core 1's last) and continued after the last one, skipping core 0's keys between its 4th
+/// key and that point. A shard that answers with `more` must bound the merged page at its
+/// last key.
+async fn scan_pages_of_large_values_skip_no_key(client: &Client) {
+    const KEY_COUNT: usize = 24;
+    let topology = client.topology();
+    let prefix = "scan:large:";
+    let entries: Vec<(Vec<u8>, Vec<u8>)> = (0..KEY_COUNT)
+        .map(|index| {
+            let key = format!("{prefix}{index:03}").into_bytes();
+            let value = if core_of_key(&topology, &key) == 0 {
+                vec![b'v'; VALUE_SIZE_MAX]
+            } else {
+                format!("small:{index}").into_bytes()
+            };
+            (key, value)
+        })
+        .collect();
+    let mut model = ScanModel::new();
+    // One by one: the large values together are over one frame.
+    for (key, value) in &entries {
+        let written = client.put(key, value).await.unwrap();
+        let entry = Entry {
+            value: value.clone(),
+            version: written.version,
+            expires_at_ms: None,
+        };
+        model.insert(key.clone(), entry);
+    }
+    let range = KeyRange::prefix(prefix);
+    assert_spans_every_core(client, &model, &range);
+    let large_count = entries
+        .iter()
+        .filter(|(_, value)| value.len() == VALUE_SIZE_MAX)
+        .count();
+    assert!(
+        large_count * VALUE_SIZE_MAX > 4 * 1024 * 1024 + VALUE_SIZE_MAX,
+        "core 0's keys need more than one page: {large_count} large values"
+    );
+    let expected_keys = item_keys(&expected_items(&model, &range, true));
+
+    for limit in [10, 1000] {
+        let options = ScanOptions::default().limit(limit);
+        let items = scan_to_the_end(client, &range, options, KEY_COUNT + 1).await;
+        assert_eq!(item_keys(&items), expected_keys, "limit={limit}");
+        for item in &items {
+            let expected = &model[&item.key];
+            let entry = item.entry.as_ref().expect("an entry without keys_only");
+            assert!(
+                entry == expected,
+                "limit={limit} key={:?}",
+                String::from_utf8_lossy(&item.key)
+            );
+        }
+    }
+}
+
+/// Paging through keys as long as allowed goes on past each of them.
+///
+/// The bug this guards: the continuation after a page starts at `key_after(last key)`, the
+/// last key with a zero byte appended. After a key of `KEY_SIZE_MAX` bytes that start is one
+/// byte over the limit, so the next page was refused with `KeyTooLarge` and the rest of the
+/// range could not be read.
+async fn scan_continues_after_a_longest_key(client: &Client) {
+    let prefix = "scan:longest:";
+    let mut model = ScanModel::new();
+    let entries: Vec<(Vec<u8>, Vec<u8>)> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let mut key = format!("{prefix}{name}").into_bytes();
+            key.resize(KEY_SIZE_MAX, b'k');
+            (key, name.as_bytes().to_vec())
+        })
+        .collect();
+    write_into_model(client, &mut model, &entries).await;
+    let range = KeyRange::prefix(prefix);
+    let expected = expected_items(&model, &range, false);
+    assert_eq!(expected.len(), 3);
+    let whole: ScanResult = client.scan(&range, ScanOptions::default()).await.unwrap();
+    assert_eq!(whole.items, expected);
+
+    let items = scan_to_the_end(client, &range, ScanOptions::default().limit(1), 5).await;
+    assert_eq!(items, expected);
 }

@@ -15,7 +15,7 @@ use crate::error::{ProtocolError, RequestError};
 use crate::frame::{frame_size_for_body, FrameHeader, FrameKind, PROTOCOL_VERSION};
 use crate::limits::{
     BATCH_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE, KEY_SIZE_MAX,
-    TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
+    SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
 };
 use crate::message::{ArchivedRequest, ArchivedResponse, Request, Response};
 
@@ -421,6 +421,24 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
         ArchivedRequest::MultiGet { keys } | ArchivedRequest::MultiDelete { keys } => {
             check_batch(keys.len())?;
             keys.iter().try_for_each(|key| check_key(key.as_slice()))
+        }
+        ArchivedRequest::Scan(scan) => {
+            // The bounds may be empty (the start of the keyspace), not longer than a key.
+            for bound in std::iter::once(scan.start.as_slice())
+                .chain(scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice))
+            {
+                if !bound.is_empty() {
+                    check_key(bound)?;
+                }
+            }
+            let limit = scan.limit.to_native();
+            if !scan.count_only && !(1..=SCAN_LIMIT_MAX).contains(&limit) {
+                return Err(RequestError::ScanLimitOutOfRange {
+                    limit,
+                    limit_max: SCAN_LIMIT_MAX,
+                });
+            }
+            Ok(())
         }
         ArchivedRequest::MultiPut { entries } => {
             check_batch(entries.len())?;

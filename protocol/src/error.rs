@@ -188,6 +188,14 @@ pub enum RequestError {
         /// The limit.
         ttl_ms_max: u64,
     },
+    /// A scan's limit is zero or over [`crate::limits::SCAN_LIMIT_MAX`].
+    #[error("scan limit of {limit} is outside 1..={limit_max}")]
+    ScanLimitOutOfRange {
+        /// The limit asked for.
+        limit: u32,
+        /// The most allowed.
+        limit_max: u32,
+    },
     /// A name or other text field is over [`crate::limits::TEXT_SIZE_MAX`].
     #[error("text of {size} bytes is over the limit of {size_max} bytes")]
     TextTooLarge {
@@ -203,7 +211,9 @@ impl RequestError {
     #[must_use]
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::EmptyKey | Self::TtlOutOfRange { .. } => ErrorCode::InvalidArgument,
+            Self::EmptyKey | Self::TtlOutOfRange { .. } | Self::ScanLimitOutOfRange { .. } => {
+                ErrorCode::InvalidArgument
+            }
             Self::KeyTooLarge { .. }
             | Self::ValueTooLarge { .. }
             | Self::BatchTooLarge { .. }

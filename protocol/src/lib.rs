@@ -41,8 +41,9 @@ pub mod topology;
 pub use error::{ErrorCode, ProtocolError, RequestError};
 pub use frame::{FrameHeader, FrameKind, MAGIC, PROTOCOL_VERSION};
 pub use message::{
-    ArchivedPut, ArchivedPutCondition, ArchivedRequest, ArchivedResponse, CoreStats, Entry,
-    ErrorReply, Put, PutCondition, PutEntry, Request, Response, TtlState, WrongShard,
+    key_after, prefix_end, ArchivedPut, ArchivedPutCondition, ArchivedRequest, ArchivedResponse,
+    CoreStats, Entry, ErrorReply, Put, PutCondition, PutEntry, Request, Response, Scan, ScanItem,
+    ScanPage, TtlState, WrongShard,
 };
 pub use routing::{hash_tag, slot_for_key, split_slots, Slot, SlotRange, SLOT_COUNT};
 pub use topology::{CoreInfo, NodeInfo, RouteTable, ShardLocation, Topology, TopologyError};

@@ -14,6 +14,13 @@ pub const VALUE_SIZE_MAX: usize = 1024 * 1024;
 /// Most keys (or entries) in one `MultiGet`, `MultiPut` or `MultiDelete`.
 pub const BATCH_COUNT_MAX: usize = 1024;
 
+/// Most keys one shard returns in one scan page.
+pub const SCAN_LIMIT_MAX: u32 = 10_000;
+
+/// Bytes of keys and values after which a shard ends a scan page (it holds at least one
+/// key), leaving room in the frame for the page's last item and the archive's structure.
+pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
 /// Largest frame body (the archived message, without header or padding), in bytes.
 ///
 /// A batch is bounded by both [`BATCH_COUNT_MAX`] and this size; a reply that would exceed it
@@ -55,6 +62,16 @@ const _: () =
 // A batch of maximal keys fits in one frame, so a MultiGet is never rejected for its keys alone.
 const _: () =
     assert!(BATCH_COUNT_MAX * (KEY_SIZE_MAX + ENVELOPE_OVERHEAD_MAX) <= FRAME_BODY_SIZE_MAX);
+// A full page, plus its last item (a maximal key and value) and the structure of every item,
+// fits in one frame.
+const _: () = assert!(
+    SCAN_PAGE_BYTES_MAX
+        + KEY_SIZE_MAX
+        + VALUE_SIZE_MAX
+        + SCAN_LIMIT_MAX as usize * 64
+        + ENVELOPE_OVERHEAD_MAX
+        <= FRAME_BODY_SIZE_MAX
+);
 // Body sizes travel as u32.
 const _: () = assert!(FRAME_BODY_SIZE_MAX <= u32::MAX as usize);
 // A node's cores are numbered with u16.

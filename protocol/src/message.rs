@@ -87,6 +87,65 @@ pub enum Request {
         /// The amount to add (negative to subtract).
         delta: i64,
     },
+    /// Reads the keys of a range in key order, from the shard of the core that receives it
+    /// (never forwarded: the client sends one to every core and merges the pages).
+    Scan(Scan),
+}
+
+/// The arguments of [`Request::Scan`]: the keys in `[start, end)`, in byte order.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Scan {
+    /// The first key of the range (inclusive); empty for the start of the keyspace.
+    pub start: Vec<u8>,
+    /// The end of the range (exclusive); `None` for the end of the keyspace.
+    pub end: Option<Vec<u8>>,
+    /// Most keys to return, `1..=SCAN_LIMIT_MAX`. A page also ends before it would pass
+    /// `SCAN_PAGE_BYTES_MAX`.
+    pub limit: u32,
+    /// Return keys without their entries.
+    pub keys_only: bool,
+    /// Return no keys, only how many live keys the range holds (`limit` is ignored).
+    pub count_only: bool,
+}
+
+impl Scan {
+    /// Every key in `[start, end)`, `limit` at most, with entries.
+    #[must_use]
+    pub fn range(start: impl Into<Vec<u8>>, end: Option<Vec<u8>>, limit: u32) -> Self {
+        Self {
+            start: start.into(),
+            end,
+            limit,
+            keys_only: false,
+            count_only: false,
+        }
+    }
+
+    /// Every key that starts with `prefix`, `limit` at most, with entries.
+    #[must_use]
+    pub fn prefix(prefix: &[u8], limit: u32) -> Self {
+        Self::range(prefix, prefix_end(prefix), limit)
+    }
+}
+
+/// The smallest key greater than every key that starts with `prefix`, or `None` if there is
+/// none (`prefix` is empty or all `0xFF`): the exclusive end of a prefix scan.
+#[must_use]
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let keep = prefix.iter().rposition(|&byte| byte != 0xFF)?;
+    let mut end = prefix[..=keep].to_vec();
+    end[keep] += 1;
+    Some(end)
+}
+
+/// The smallest key after `key`: where a scan continues after returning `key`.
+#[must_use]
+pub fn key_after(key: &[u8]) -> Vec<u8> {
+    let mut next = Vec::with_capacity(key.len() + 1);
+    next.extend_from_slice(key);
+    next.push(0);
+    next
 }
 
 /// When a put applies.
@@ -257,6 +316,37 @@ pub enum Response {
         /// The key's version after the add.
         version: u64,
     },
+    /// Answer to [`Request::Scan`].
+    Scan(ScanPage),
+}
+
+/// One shard's page of a scan, read at one revision.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct ScanPage {
+    /// The answering node.
+    pub node_id: u32,
+    /// The answering core (its shard).
+    pub core_id: u16,
+    /// The shard's revision the whole page was read at.
+    pub revision: u64,
+    /// The keys, in byte order (none for `count_only`).
+    pub items: Vec<ScanItem>,
+    /// For `count_only`, the live keys in the range; otherwise `items.len()`.
+    pub count: u64,
+    /// Whether the shard holds more keys in the range after the last item: the next page
+    /// starts at `key_after(last item's key)`.
+    pub more: bool,
+}
+
+/// One key of a [`ScanPage`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct ScanItem {
+    /// The key.
+    pub key: Vec<u8>,
+    /// Its entry; `None` for `keys_only`.
+    pub entry: Option<Entry>,
 }
 
 /// One core's counters, as reported by [`Request::Stats`].

@@ -27,13 +27,13 @@ use proptest::test_runner::TestRunner;
 use tessera_protocol::codec::{self, FrameBuffer, FrameError};
 use tessera_protocol::limits::{
     BATCH_COUNT_MAX, CORE_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE,
-    KEY_SIZE_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
+    KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
 };
 use tessera_protocol::{
     hash_tag, slot_for_key, split_slots, CoreInfo, CoreStats, Entry, ErrorCode, ErrorReply,
     FrameHeader, FrameKind, NodeInfo, ProtocolError, Put, PutCondition, PutEntry, Request,
-    RequestError, Response, RouteTable, Topology, TtlState, WrongShard, PROTOCOL_VERSION,
-    SLOT_COUNT,
+    RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology, TtlState, WrongShard,
+    PROTOCOL_VERSION, SLOT_COUNT,
 };
 
 /// Longest generated key. Real keys may be up to `KEY_SIZE_MAX`; small ones keep cases fast.
@@ -51,9 +51,9 @@ const CORE_COUNT_GENERATED_MAX: usize = 4;
 /// Most frames in one generated stream.
 const FRAME_COUNT_GENERATED_MAX: usize = 8;
 /// Number of `Request` variants; `request_variant` fails to compile when one is added.
-const REQUEST_VARIANT_COUNT: usize = 14;
+const REQUEST_VARIANT_COUNT: usize = 15;
 /// Number of `Response` variants; `response_variant` fails to compile when one is added.
-const RESPONSE_VARIANT_COUNT: usize = 14;
+const RESPONSE_VARIANT_COUNT: usize = 15;
 
 // ---------------------------------------------------------------------------------------------
 // Strategies.
@@ -141,7 +141,52 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|entries| Request::MultiPut { entries }),
         keys().prop_map(|keys| Request::MultiDelete { keys }),
         (key(), any::<i64>()).prop_map(|(key, delta)| Request::Add { key, delta }),
+        scan().prop_map(Request::Scan),
     ]
+}
+
+/// A scan `check_request` accepts: bounds empty or key-sized, a limit in range (any limit
+/// with `count_only`).
+fn scan() -> impl Strategy<Value = Scan> {
+    let bound = || prop_oneof![Just(Vec::new()), key()];
+    (
+        bound(),
+        proptest::option::of(bound()),
+        1..=SCAN_LIMIT_MAX,
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(start, end, limit, keys_only, count_only)| Scan {
+            start,
+            end,
+            limit,
+            keys_only,
+            count_only,
+        })
+}
+
+fn scan_page() -> impl Strategy<Value = ScanPage> {
+    (
+        any::<u32>(),
+        any::<u16>(),
+        any::<u64>(),
+        vec(
+            (key(), proptest::option::of(entry())).prop_map(|(key, entry)| ScanItem { key, entry }),
+            0..=BATCH_COUNT_GENERATED_MAX,
+        ),
+        any::<u64>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(node_id, core_id, revision, items, count, more)| ScanPage {
+                node_id,
+                core_id,
+                revision,
+                items,
+                count,
+                more,
+            },
+        )
 }
 
 fn entry() -> impl Strategy<Value = Entry> {
@@ -312,6 +357,7 @@ fn response() -> impl Strategy<Value = Response> {
         error_reply().prop_map(Response::Error),
         (any::<i64>(), any::<u64>())
             .prop_map(|(value, version)| Response::Counter { value, version }),
+        scan_page().prop_map(Response::Scan),
     ]
 }
 
@@ -378,6 +424,7 @@ fn request_variant(request: &Request) -> usize {
         Request::MultiPut { .. } => 11,
         Request::MultiDelete { .. } => 12,
         Request::Add { .. } => 13,
+        Request::Scan(_) => 14,
     }
 }
 
@@ -397,6 +444,7 @@ fn response_variant(response: &Response) -> usize {
         Response::MultiDelete { .. } => 11,
         Response::Error(_) => 12,
         Response::Counter { .. } => 13,
+        Response::Scan(_) => 14,
     }
 }
 
@@ -1112,6 +1160,46 @@ fn batches_of(count: usize) -> Vec<Request> {
             ],
         },
     ]
+}
+
+/// A scan's bounds may be empty (the start or end of the keyspace) or up to a key's size,
+/// and its limit must be `1..=SCAN_LIMIT_MAX` unless it only counts.
+#[test]
+fn scan_bounds_and_limits_are_checked() {
+    let long = vec![b'k'; KEY_SIZE_MAX];
+    let too_long = vec![b'k'; KEY_SIZE_MAX + 1];
+    for scan in [
+        Scan::range(Vec::new(), None, 1),
+        Scan::range(long.clone(), Some(long.clone()), SCAN_LIMIT_MAX),
+        Scan::range(Vec::new(), Some(Vec::new()), 5),
+        Scan {
+            count_only: true,
+            ..Scan::range("a", None, 0)
+        },
+    ] {
+        assert_eq!(check(&Request::Scan(scan.clone())), Ok(()), "{scan:?}");
+    }
+    for scan in [
+        Scan::range(too_long.clone(), None, 1),
+        Scan::range("a", Some(too_long), 1),
+    ] {
+        let error = check(&Request::Scan(scan)).unwrap_err();
+        assert!(
+            matches!(error, RequestError::KeyTooLarge { .. }),
+            "{error:?}"
+        );
+    }
+    for limit in [0, SCAN_LIMIT_MAX + 1] {
+        let error = check(&Request::Scan(Scan::range("a", None, limit))).unwrap_err();
+        assert_eq!(
+            error,
+            RequestError::ScanLimitOutOfRange {
+                limit,
+                limit_max: SCAN_LIMIT_MAX
+            }
+        );
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
 }
 
 #[test]

@@ -124,9 +124,10 @@ impl CoreContext {
     /// Decides where `request` runs.
     pub fn route(&self, request: &ArchivedRequest) -> Route {
         match request {
-            ArchivedRequest::Hello { .. } | ArchivedRequest::Ping | ArchivedRequest::Stats => {
-                Route::Here
-            }
+            ArchivedRequest::Hello { .. }
+            | ArchivedRequest::Ping
+            | ArchivedRequest::Stats
+            | ArchivedRequest::Scan(_) => Route::Here,
             ArchivedRequest::Get { key }
             | ArchivedRequest::Delete { key, .. }
             | ArchivedRequest::Exists { key }

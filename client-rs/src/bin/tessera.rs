@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use tessera_client::{BlockingClient, ClientConfig, ClientError, Entry, PutOptions, TtlState};
+use tessera_client::{
+    BlockingClient, ClientConfig, ClientError, Entry, KeyRange, PutOptions, ScanOptions,
+    ShardRevision, TtlState,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "tessera", version, about = "Command-line client for Tessera")]
@@ -83,6 +86,21 @@ enum Command {
         #[arg(default_value_t = 1, allow_negative_numbers = true)]
         delta: i64,
     },
+    /// List the keys that start with a prefix, in key order across every core (one per line,
+    /// `key<TAB>value`; with `-o json` one object with an `items` array).
+    Scan {
+        /// The prefix ("" for every key).
+        prefix: String,
+        /// Most keys to print (default: all, read a page of 1000 at a time).
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Print keys only.
+        #[arg(long)]
+        keys_only: bool,
+        /// Print only how many keys match.
+        #[arg(long, conflicts_with_all = ["limit", "keys_only"])]
+        count: bool,
+    },
     /// Ping every core of every node.
     Ping,
     /// Show nodes, cores, addresses and slot ranges.
@@ -123,23 +141,7 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
     let client = BlockingClient::connect_with(config)?;
     let json = cli.output == Output::Json;
     match &cli.command {
-        Command::Get { key } => {
-            let entry = client.get(key)?;
-            if json {
-                print_json(&entry.as_ref().map_or(json!({ "found": false }), entry_json));
-            } else if let Some(entry) = &entry {
-                let mut stdout = std::io::stdout().lock();
-                let _ = stdout.write_all(&entry.value);
-                let _ = stdout.write_all(b"\n");
-            } else {
-                eprintln!("(not found)");
-            }
-            return Ok(if entry.is_some() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
-        }
+        Command::Get { key } => return get(&client, key, json),
         Command::Put {
             key,
             value,
@@ -212,8 +214,130 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
         Command::Ping => print_pongs(&client.ping()?, json),
         Command::Topology => print_topology(&client.topology(), json),
         Command::Stats => print_stats(&client.stats()?, json),
+        Command::Scan {
+            prefix,
+            limit,
+            keys_only,
+            count,
+        } => scan(
+            &client,
+            KeyRange::prefix(prefix),
+            *limit,
+            *keys_only,
+            *count,
+            json,
+        )?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a key's value; exit status 1 if it does not exist.
+fn get(client: &BlockingClient, key: &str, json: bool) -> Result<ExitCode, ClientError> {
+    let entry = client.get(key)?;
+    if json {
+        print_json(&entry.as_ref().map_or(json!({ "found": false }), entry_json));
+    } else if let Some(entry) = &entry {
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(&entry.value);
+        let _ = stdout.write_all(b"\n");
+    } else {
+        eprintln!("(not found)");
+    }
+    Ok(if entry.is_some() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Keys read per page when `scan` has no limit (or a larger one).
+const SCAN_PAGE_KEYS: u64 = 1000;
+
+/// Prints the keys of `range` a page at a time, so memory stays at one page however many
+/// keys there are. JSON: `{"items": [...], "count": N, "revisions": [...]}`, where each
+/// shard's revision is the one its last page was read at.
+fn scan(
+    client: &BlockingClient,
+    mut range: KeyRange,
+    limit: Option<u64>,
+    keys_only: bool,
+    count_only: bool,
+    json: bool,
+) -> Result<(), ClientError> {
+    if count_only {
+        let (count, revisions) = client.count(&range)?;
+        let value = json!({ "count": count, "revisions": revisions_json(&revisions) });
+        answer(json, &value, count);
+        return Ok(());
+    }
+    let mut left = limit.unwrap_or(u64::MAX);
+    let mut printed = 0_u64;
+    let mut revisions: Vec<ShardRevision> = Vec::new();
+    let mut out = std::io::stdout().lock();
+    let mut opened = false;
+    while left > 0 {
+        let page_keys = u32::try_from(left.min(SCAN_PAGE_KEYS)).unwrap_or(1000);
+        let mut options = ScanOptions::default().limit(page_keys);
+        if keys_only {
+            options = options.keys_only();
+        }
+        let page = client.scan(&range, options)?;
+        if json && !opened {
+            // Only once the first page is read: an error instead is printed as one object.
+            let _ = write!(out, "{{\"items\":[");
+            opened = true;
+        }
+        for item in &page.items {
+            let key = String::from_utf8_lossy(&item.key);
+            if json {
+                let mut value = match &item.entry {
+                    Some(entry) => entry_json(entry),
+                    None => json!({}),
+                };
+                value["key"] = Value::from(key.as_ref());
+                if let Some(object) = value.as_object_mut() {
+                    object.remove("found");
+                }
+                let separator = if printed == 0 { "" } else { "," };
+                let _ = write!(out, "{separator}{value}");
+            } else if let Some(entry) = &item.entry {
+                let _ = writeln!(out, "{key}\t{}", String::from_utf8_lossy(&entry.value));
+            } else {
+                let _ = writeln!(out, "{key}");
+            }
+            printed += 1;
+        }
+        left = left.saturating_sub(page.items.len() as u64);
+        revisions = page.revisions;
+        match page.continuation {
+            Some(next) => range = next,
+            None => break,
+        }
+    }
+    if json {
+        if !opened {
+            let _ = write!(out, "{{\"items\":[");
+        }
+        let _ = writeln!(
+            out,
+            "],\"count\":{printed},\"revisions\":{}}}",
+            revisions_json(&revisions)
+        );
+    }
+    Ok(())
+}
+
+fn revisions_json(revisions: &[ShardRevision]) -> Value {
+    revisions
+        .iter()
+        .map(|revision| {
+            json!({
+                "node_id": revision.node_id,
+                "core_id": revision.core_id,
+                "revision": revision.revision,
+            })
+        })
+        .collect()
 }
 
 fn put_options(

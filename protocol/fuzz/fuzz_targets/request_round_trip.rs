@@ -14,8 +14,8 @@
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::limits::{BATCH_COUNT_MAX, KEY_SIZE_MAX, TEXT_SIZE_MAX};
-use tessera_protocol::{FrameKind, Put, PutCondition, PutEntry, Request, RequestError};
+use tessera_protocol::limits::{BATCH_COUNT_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX};
+use tessera_protocol::{FrameKind, Put, PutCondition, PutEntry, Request, RequestError, Scan};
 
 /// Longest value the builder makes; `VALUE_SIZE_MAX` itself is covered by the property tests.
 const VALUE_SIZE_FUZZ_MAX: usize = 4096;
@@ -68,7 +68,7 @@ fn batch_count(input: &mut Unstructured<'_>) -> Result<usize> {
 }
 
 fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
-    let request = match input.int_in_range(0_u8..=13)? {
+    let request = match input.int_in_range(0_u8..=14)? {
         0 => Request::Hello {
             protocol_version: input.arbitrary()?,
             client_name: String::from_utf8_lossy(&bytes(input, TEXT_SIZE_MAX + 1)?).into_owned(),
@@ -120,10 +120,21 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
                 .map(|_| key(input))
                 .collect::<Result<_>>()?,
         },
-        _ => Request::Add {
+        13 => Request::Add {
             key: key(input)?,
             delta: input.arbitrary()?,
         },
+        _ => Request::Scan(Scan {
+            start: key(input)?,
+            end: if input.arbitrary()? {
+                Some(key(input)?)
+            } else {
+                None
+            },
+            limit: input.arbitrary()?,
+            keys_only: input.arbitrary()?,
+            count_only: input.arbitrary()?,
+        }),
     };
     Ok(request)
 }
@@ -161,6 +172,20 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
                 codec::check_value(&entry.value)?;
                 check_optional_ttl(entry.ttl_ms)
             })
+        }
+        Request::Scan(scan) => {
+            for bound in std::iter::once(&scan.start).chain(scan.end.as_ref()) {
+                if !bound.is_empty() {
+                    codec::check_key(bound)?;
+                }
+            }
+            if !scan.count_only && !(1..=SCAN_LIMIT_MAX).contains(&scan.limit) {
+                return Err(RequestError::ScanLimitOutOfRange {
+                    limit: scan.limit,
+                    limit_max: SCAN_LIMIT_MAX,
+                });
+            }
+            Ok(())
         }
     }
 }

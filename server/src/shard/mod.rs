@@ -19,9 +19,11 @@ pub mod store;
 pub mod timer_wheel;
 
 use ahash::AHashSet;
-use tessera_protocol::message::{ArchivedPutEntry, ArchivedRequest};
+use tessera_protocol::limits::SCAN_PAGE_BYTES_MAX;
+use tessera_protocol::message::{ArchivedPutEntry, ArchivedRequest, ArchivedScan};
 use tessera_protocol::{
-    ArchivedPutCondition, Entry, ErrorCode, ErrorReply, PutCondition, Response, SlotRange, TtlState,
+    ArchivedPutCondition, Entry, ErrorCode, ErrorReply, PutCondition, Response, ScanItem, ScanPage,
+    SlotRange, TtlState,
 };
 
 use self::store::{entry_cost, EntryRef, Expiry, OwnedEntry, Store};
@@ -229,7 +231,8 @@ impl Shard {
             | ArchivedRequest::Get { .. }
             | ArchivedRequest::Exists { .. }
             | ArchivedRequest::Ttl { .. }
-            | ArchivedRequest::MultiGet { .. } => None,
+            | ArchivedRequest::MultiGet { .. }
+            | ArchivedRequest::Scan(_) => None,
         }
     }
 
@@ -301,7 +304,54 @@ impl Shard {
             ArchivedRequest::MultiPut { entries } => self.multi_put(now_ms, entries),
             ArchivedRequest::Add { key, delta } => self.add(now_ms, key, delta.to_native()),
             ArchivedRequest::MultiDelete { keys } => self.multi_delete(now_ms, keys),
+            ArchivedRequest::Scan(scan) => Response::Scan(self.scan(now_ms, scan)),
         }
+    }
+
+    /// One page of a scan, read at the current revision: the live keys of `[start, end)` in
+    /// key order, at most `limit` of them and about `SCAN_PAGE_BYTES_MAX` bytes (at least
+    /// one key), or only their count. The request passed `codec::check_request`.
+    fn scan(&self, now_ms: u64, scan: &ArchivedScan) -> ScanPage {
+        let end = scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice);
+        let live = self
+            .store
+            .range(scan.start.as_slice(), end)
+            .filter(|entry| !entry.is_expired(now_ms));
+        let mut page = ScanPage {
+            node_id: self.config.node_id,
+            core_id: self.config.shard_id,
+            revision: self.revision,
+            items: Vec::new(),
+            count: 0,
+            more: false,
+        };
+        if scan.count_only {
+            page.count = live.count() as u64;
+            return page;
+        }
+        let limit = usize::try_from(scan.limit.to_native()).unwrap_or(usize::MAX);
+        page.items.reserve(limit.min(1024));
+        let mut bytes = 0;
+        for entry in live {
+            if page.items.len() >= limit || bytes >= SCAN_PAGE_BYTES_MAX {
+                // One more live key exists: the range goes on after the page.
+                page.more = true;
+                break;
+            }
+            bytes += entry.key().len();
+            let entry_out = if scan.keys_only {
+                None
+            } else {
+                bytes += entry.value().len();
+                Some(to_entry(entry))
+            };
+            page.items.push(ScanItem {
+                key: entry.key().to_vec(),
+                entry: entry_out,
+            });
+        }
+        page.count = page.items.len() as u64;
+        page
     }
 
     /// Reclaims keys whose TTL passed by `now_ms`, at most `expired_per_tick_max` per call, and
@@ -387,6 +437,7 @@ impl Shard {
             self.store.memory_bytes(),
             self.store.memory_bytes_recomputed()
         );
+        self.store.check_order();
     }
 
     fn debug_check_owned(&self, key: &[u8]) {

@@ -27,9 +27,19 @@
 //! (`durability::snapshot`), so the shard pauses for a 256th of its data per step and not for
 //! all of it; growing a table also moves a 256th of the entries at a time.
 //!
-//! **Invariant:** `memory_bytes` equals the sum of [`entry_cost`] over all stored entries.
+//! Beside the hash tables, the store keeps every key in an ordered index (a B-tree of key
+//! copies, up to [`ORDER_INLINE_BYTES`] bytes held in the tree itself), which scans walk in
+//! key order. Only a new key or a removed one touches it: an overwrite, the common write, does
+//! not.
+//!
+//! **Invariants:** `memory_bytes` equals the sum of [`entry_cost`] over all stored entries;
+//! the ordered index holds exactly the keys of the hash tables.
+
+use std::collections::BTreeSet;
+use std::ops::Bound;
 
 use hashbrown::hash_table::{Entry as TableEntry, HashTable};
+use smallvec::SmallVec;
 
 use super::timer_wheel::TimerId;
 
@@ -41,6 +51,16 @@ pub const ENTRY_OVERHEAD_BYTES: u64 = 80;
 /// Estimated bytes a TTL costs beyond its copy of the key: the larger header and the timer
 /// wheel's node and key allocation.
 pub const TIMER_OVERHEAD_BYTES: u64 = 64;
+
+/// Bytes of a key the ordered index holds in its tree; a longer key is copied to the heap.
+pub const ORDER_INLINE_BYTES: usize = 16;
+
+/// Estimated bytes a key costs in the ordered index beyond a heap copy of a long key: its
+/// slot in a B-tree node and the node's spare room and links.
+pub const ORDER_OVERHEAD_BYTES: u64 = 40;
+
+/// A key as the ordered index holds it.
+type OrderKey = SmallVec<[u8; ORDER_INLINE_BYTES]>;
 
 /// Hash tables the map is split into.
 pub const PARTITION_COUNT: usize = 256;
@@ -221,12 +241,21 @@ pub fn entry_cost(key_size: usize, value_size: usize, has_expiry: bool) -> u64 {
     } else {
         0
     };
-    key_size as u64 + value_size as u64 + ENTRY_OVERHEAD_BYTES + timer_cost
+    let order_cost = ORDER_OVERHEAD_BYTES
+        + if key_size > ORDER_INLINE_BYTES {
+            // The heap copy and the allocator's overhead for it.
+            key_size as u64 + 16
+        } else {
+            0
+        };
+    key_size as u64 + value_size as u64 + ENTRY_OVERHEAD_BYTES + timer_cost + order_cost
 }
 
 /// The map and its memory budget.
 pub struct Store {
     partitions: Box<[HashTable<Box<[u8]>>]>,
+    /// Every key, in byte order.
+    order: BTreeSet<OrderKey>,
     len: usize,
     hasher: ahash::RandomState,
     memory_bytes: u64,
@@ -249,6 +278,7 @@ impl Store {
     pub fn new(memory_bytes_max: u64) -> Self {
         Self {
             partitions: (0..PARTITION_COUNT).map(|_| HashTable::new()).collect(),
+            order: BTreeSet::new(),
             len: 0,
             hasher: ahash::RandomState::new(),
             memory_bytes: 0,
@@ -292,6 +322,29 @@ impl Store {
             .into_iter()
             .flat_map(HashTable::iter)
             .map(|bytes| EntryRef { bytes })
+    }
+
+    /// The entries whose keys are in `[start, end)` (`end` `None`: to the last key), expired
+    /// ones included, in key order.
+    pub fn range<'a>(
+        &'a self,
+        start: &[u8],
+        end: Option<&[u8]>,
+    ) -> impl Iterator<Item = EntryRef<'a>> + 'a {
+        // `BTreeSet::range` panics on a range that ends before it starts.
+        let is_empty = end.is_some_and(|end| end <= start);
+        let bounds = (
+            Bound::Included(start),
+            end.map_or(Bound::Unbounded, Bound::Excluded),
+        );
+        let keys = if is_empty {
+            None
+        } else {
+            Some(self.order.range::<[u8], _>(bounds))
+        };
+        keys.into_iter()
+            .flatten()
+            .filter_map(move |key| self.get(key))
     }
 
     /// Starts loading the entries that may hold `key` into cache. Reading the table's slots
@@ -342,6 +395,7 @@ impl Store {
             }
             TableEntry::Vacant(vacant) => {
                 vacant.insert(new_entry(key, value, version, expiry));
+                self.order.insert(OrderKey::from_slice(key));
                 self.len += 1;
                 0
             }
@@ -358,6 +412,7 @@ impl Store {
             .find_entry(hash, |bytes| EntryRef { bytes }.key() == key)
             .ok()?;
         let (bytes, _) = occupied.remove();
+        self.order.remove(key);
         self.len -= 1;
         let entry = OwnedEntry(bytes);
         self.release(entry.view().cost());
@@ -431,6 +486,21 @@ impl Store {
     /// The budget.
     pub fn memory_bytes_max(&self) -> u64 {
         self.memory_bytes_max
+    }
+
+    /// Checks that the ordered index holds exactly the stored keys; for tests (O(n)).
+    pub fn check_order(&self) {
+        assert_eq!(
+            self.order.len(),
+            self.len,
+            "ordered index and tables differ in size"
+        );
+        for key in &self.order {
+            assert!(
+                self.get(key).is_some(),
+                "ordered index holds a removed key {key:?}"
+            );
+        }
     }
 
     /// Recomputes the charge from scratch; for tests and debug assertions (O(n)).
