@@ -362,7 +362,9 @@ mod tests {
         let mut out = FrameBuffer::new();
         let response = Response::Value(Some(Entry {
             value: b"v".to_vec(),
-            version: 3,
+            create_revision: 2,
+            mod_revision: 3,
+            version: 2,
             expires_at_ms: None,
         }));
         codec::encode_response(&mut out, 41, &response).unwrap();

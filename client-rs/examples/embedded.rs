@@ -23,11 +23,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let written = client.put("greeting", "hello from an embedded shard")?;
+    client.put("greeting", "hello again")?;
     let entry = client.get("greeting")?.ok_or("greeting vanished")?;
     println!(
-        "greeting = {:?} (version {})",
+        "greeting = {:?} (created at revision {}, first written at {}, last at {}, version {})",
         String::from_utf8_lossy(&entry.value),
-        written.version
+        entry.create_revision,
+        written.mod_revision,
+        entry.mod_revision,
+        entry.version
     );
 
     client.put_with(

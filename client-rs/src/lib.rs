@@ -168,8 +168,9 @@ impl PutOptions {
 pub struct PutOutcome {
     /// Whether the condition held and the value was written.
     pub applied: bool,
-    /// The key's version after the put (the current one if not applied; 0 if absent).
-    pub version: u64,
+    /// The key's mod revision after the put: the shard revision the put was applied at, or
+    /// the key's current mod revision if not applied (0 if absent).
+    pub mod_revision: u64,
     /// The previous entry, if asked for and it existed.
     pub previous: Option<Entry>,
 }
@@ -392,11 +393,11 @@ impl Client {
         match self.call_for_key(key, &request).await? {
             Response::Put {
                 applied,
-                version,
+                mod_revision,
                 previous,
             } => Ok(PutOutcome {
                 applied,
-                version,
+                mod_revision,
                 previous,
             }),
             other => Err(unexpected(&other)),
@@ -549,8 +550,9 @@ impl Client {
         Ok(values)
     }
 
-    /// Writes many keys, one request per owning core, in parallel; returns each new version.
-    /// Entries on one core are applied at one revision; the batch is not atomic across cores.
+    /// Writes many keys, one request per owning core, in parallel; returns each entry's new mod
+    /// revision, in entry order. Entries on one core are applied at one revision (so they share
+    /// a mod revision); the batch is not atomic across cores.
     ///
     /// # Errors
     /// See [`ClientError`]; parts on other cores may have applied.
@@ -580,14 +582,17 @@ impl Client {
                 },
             )
             .await?;
-        let mut versions = vec![0; entries.len()];
+        let mut mod_revisions = vec![0; entries.len()];
         for (indices, response) in parts {
-            let Response::MultiPut { versions: part } = response else {
+            let Response::MultiPut {
+                mod_revisions: part,
+            } = response
+            else {
                 return Err(unexpected(&response));
             };
-            scatter(&indices, part, &mut versions)?;
+            scatter(&indices, part, &mut mod_revisions)?;
         }
-        Ok(versions)
+        Ok(mod_revisions)
     }
 
     /// Removes many keys, one request per owning core, in parallel; returns which existed.

@@ -127,6 +127,18 @@ async fn entry_of(client: &Client, key: impl AsRef<[u8]>) -> Entry {
         .unwrap_or_else(|| panic!("key {:?} should exist", String::from_utf8_lossy(key)))
 }
 
+/// The entry of a key created by the write at `revision`: one write, created and last
+/// modified at `revision`, no expiry.
+fn created_entry(value: impl Into<Vec<u8>>, revision: u64) -> Entry {
+    Entry {
+        value: value.into(),
+        create_revision: revision,
+        mod_revision: revision,
+        version: 1,
+        expires_at_ms: None,
+    }
+}
+
 /// Checks that `result` is a refusal of the client's own input, and that the refusal is
 /// neither retryable nor indeterminate (nothing was sent, and sending it again cannot help).
 fn assert_invalid<T: Debug>(what: &str, result: Result<T, ClientError>, expected: &RequestError) {
@@ -190,7 +202,9 @@ fn expiring(what: &str, state: TtlState) -> (u64, u64) {
 // ---------------------------------------------------------------------------------------
 // Scenarios.
 
-/// Put, get, exists and delete, with each write getting a higher version than the last.
+/// Put, get, exists and delete, with each write getting a higher mod revision than the last.
+/// A key keeps its create revision while its version counts the writes; once deleted and
+/// written again it is a new key, created at a new revision with version 1.
 async fn round_trip(client: &Client) {
     let key = "round-trip:alpha";
     assert_eq!(client.get(key).await.unwrap(), None);
@@ -199,32 +213,34 @@ async fn round_trip(client: &Client) {
 
     let first = client.put(key, "one").await.unwrap();
     assert!(first.applied);
-    assert!(first.version > 0, "first={first:?}");
+    assert!(first.mod_revision > 0, "first={first:?}");
     assert_eq!(
         first.previous, None,
         "previous is only returned when asked for"
     );
     let entry = entry_of(client, key).await;
-    assert_eq!(
-        entry,
-        Entry {
-            value: b"one".to_vec(),
-            version: first.version,
-            expires_at_ms: None,
-        }
-    );
+    assert_eq!(entry, created_entry("one", first.mod_revision));
     assert!(client.exists(key).await.unwrap());
     assert_eq!(client.ttl(key).await.unwrap(), TtlState::Persistent);
 
     let second = client.put(key, "two").await.unwrap();
     assert!(second.applied);
     assert!(
-        second.version > first.version,
+        second.mod_revision > first.mod_revision,
         "first={first:?} second={second:?}"
     );
     let entry = entry_of(client, key).await;
-    assert_eq!(entry.value, b"two");
-    assert_eq!(entry.version, second.version);
+    assert_eq!(
+        entry,
+        Entry {
+            value: b"two".to_vec(),
+            create_revision: first.mod_revision,
+            mod_revision: second.mod_revision,
+            version: 2,
+            expires_at_ms: None,
+        },
+        "an overwrite keeps the create revision and counts one more write"
+    );
 
     assert!(client.delete(key).await.unwrap());
     assert_eq!(client.get(key).await.unwrap(), None);
@@ -235,11 +251,16 @@ async fn round_trip(client: &Client) {
         "a second delete finds nothing"
     );
 
-    // A key written again after its delete continues from the shard's revision.
+    // A key written again after its delete continues from the shard's revision, and is a
+    // new key: created at that revision, with its count of writes started again.
     let third = client.put(key, "three").await.unwrap();
     assert!(
-        third.version > second.version,
+        third.mod_revision > second.mod_revision,
         "second={second:?} third={third:?}"
+    );
+    assert_eq!(
+        entry_of(client, key).await,
+        created_entry("three", third.mod_revision)
     );
 
     // Keys and values are bytes, not text: non-UTF-8 bytes and the empty value round-trip.
@@ -253,7 +274,8 @@ async fn round_trip(client: &Client) {
 }
 
 /// `if_absent` and `if_present` apply only when their condition holds, report the current
-/// version when they do not, and return the entry they found when asked.
+/// mod revision when they do not (and do not count as a write), and return the entry they
+/// found when asked.
 async fn conditional_puts(client: &Client) {
     let key = "conditional:beta";
     let created = client
@@ -266,11 +288,7 @@ async fn conditional_puts(client: &Client) {
         .unwrap();
     assert!(created.applied, "created={created:?}");
     assert_eq!(created.previous, None);
-    let first_entry = Entry {
-        value: b"first".to_vec(),
-        version: created.version,
-        expires_at_ms: None,
-    };
+    let first_entry = created_entry("first", created.mod_revision);
 
     let refused = client
         .put_with(
@@ -282,8 +300,8 @@ async fn conditional_puts(client: &Client) {
         .unwrap();
     assert!(!refused.applied, "refused={refused:?}");
     assert_eq!(
-        refused.version, created.version,
-        "a refused put reports the current version"
+        refused.mod_revision, created.mod_revision,
+        "a refused put reports the current mod revision"
     );
     assert_eq!(refused.previous.as_ref(), Some(&first_entry));
     assert_eq!(entry_of(client, key).await, first_entry);
@@ -297,9 +315,16 @@ async fn conditional_puts(client: &Client) {
         .await
         .unwrap();
     assert!(replaced.applied, "replaced={replaced:?}");
-    assert!(replaced.version > created.version, "replaced={replaced:?}");
+    assert!(
+        replaced.mod_revision > created.mod_revision,
+        "replaced={replaced:?}"
+    );
     assert_eq!(replaced.previous.as_ref(), Some(&first_entry));
-    assert_eq!(entry_of(client, key).await.value, b"third");
+    let third_entry = entry_of(client, key).await;
+    assert_eq!(third_entry.value, b"third");
+    assert_eq!(third_entry.create_revision, created.mod_revision);
+    assert_eq!(third_entry.mod_revision, replaced.mod_revision);
+    assert_eq!(third_entry.version, 2, "the refused put was not a write");
 
     let quiet = client
         .put_with(key, "fourth", PutOptions::new().if_present())
@@ -320,10 +345,15 @@ async fn conditional_puts(client: &Client) {
         plain.previous,
         Some(Entry {
             value: b"fourth".to_vec(),
-            version: quiet.version,
+            create_revision: created.mod_revision,
+            mod_revision: quiet.mod_revision,
+            version: 3,
             expires_at_ms: None,
         })
     );
+    let fifth_entry = entry_of(client, key).await;
+    assert_eq!(fifth_entry.mod_revision, plain.mod_revision);
+    assert_eq!(fifth_entry.version, 4);
 
     let absent_key = "conditional:absent";
     let skipped = client
@@ -335,7 +365,7 @@ async fn conditional_puts(client: &Client) {
         .await
         .unwrap();
     assert!(!skipped.applied, "skipped={skipped:?}");
-    assert_eq!(skipped.version, 0, "a missing key has version 0");
+    assert_eq!(skipped.mod_revision, 0, "a missing key has mod revision 0");
     assert_eq!(skipped.previous, None);
     assert_eq!(client.get(absent_key).await.unwrap(), None);
     assert!(!client.exists(absent_key).await.unwrap());
@@ -344,7 +374,7 @@ async fn conditional_puts(client: &Client) {
 /// For conditional puts, an expired key is absent, even before its timer has reclaimed it.
 async fn conditional_puts_on_expired_keys(client: &Client) {
     let expired_key = "conditional:expired";
-    client
+    let old = client
         .put_with(
             expired_key,
             "old",
@@ -363,6 +393,15 @@ async fn conditional_puts_on_expired_keys(client: &Client) {
         .unwrap();
     assert!(revived.applied, "revived={revived:?}");
     assert_eq!(revived.previous, None, "an expired entry is not returned");
+    assert!(
+        revived.mod_revision > old.mod_revision,
+        "old={old:?} revived={revived:?}"
+    );
+    assert_eq!(
+        entry_of(client, expired_key).await,
+        created_entry("new", revived.mod_revision),
+        "a key written after it expired is a new key"
+    );
     let skipped_expired = client
         .put_with(
             "conditional:expired-present",
@@ -392,17 +431,18 @@ async fn delete_returns_previous(client: &Client) {
     assert!(outcome.deleted);
     assert_eq!(
         outcome.previous,
-        Some(Entry {
-            value: b"doomed".to_vec(),
-            version: written.version,
-            expires_at_ms: None,
-        })
+        Some(created_entry("doomed", written.mod_revision))
     );
     let again = client.delete_with(key, true).await.unwrap();
     assert!(!again.deleted);
     assert_eq!(again.previous, None);
 
-    client.put(key, "quiet").await.unwrap();
+    let rewritten = client.put(key, "quiet").await.unwrap();
+    assert_eq!(
+        entry_of(client, key).await,
+        created_entry("quiet", rewritten.mod_revision),
+        "a deleted key written again starts over"
+    );
     let quiet = client.delete_with(key, false).await.unwrap();
     assert!(quiet.deleted);
     assert_eq!(
@@ -445,7 +485,9 @@ async fn ttl_expires_keys(client: &Client) {
         )
     });
     assert_eq!(entry.value, b"brief");
-    assert_eq!(entry.version, written.version);
+    assert_eq!(entry.mod_revision, written.mod_revision);
+    assert_eq!(entry.create_revision, written.mod_revision);
+    assert_eq!(entry.version, 1);
     let expires_at_ms = entry
         .expires_at_ms
         .expect("a key written with a TTL expires");
@@ -484,6 +526,8 @@ async fn ttl_expires_keys(client: &Client) {
 }
 
 /// `expire` adds a deadline to a live key and `persist` removes it; neither creates keys.
+/// Each one that applies is a write (the version counts it and the mod revision moves); one
+/// that does not apply changes nothing.
 async fn expire_and_persist(client: &Client) {
     let key = "expire:epsilon";
     assert!(!client.expire(key, Duration::from_secs(60)).await.unwrap());
@@ -499,6 +543,11 @@ async fn expire_and_persist(client: &Client) {
         !client.persist(key).await.unwrap(),
         "persisting a key with no TTL changes nothing"
     );
+    assert_eq!(
+        entry_of(client, key).await,
+        created_entry("value", written.mod_revision),
+        "a persist that does not apply is not a write"
+    );
     assert!(client.expire(key, Duration::from_secs(60)).await.unwrap());
     let (remaining_ms, expires_at_ms) = expiring("after expire", client.ttl(key).await.unwrap());
     assert!(
@@ -508,13 +557,28 @@ async fn expire_and_persist(client: &Client) {
     let entry = entry_of(client, key).await;
     assert_eq!(entry.value, b"value", "expire keeps the value");
     assert_eq!(entry.expires_at_ms, Some(expires_at_ms));
-    assert!(entry.version >= written.version, "entry={entry:?}");
+    assert_eq!(
+        entry.create_revision, written.mod_revision,
+        "entry={entry:?}"
+    );
+    assert!(entry.mod_revision > written.mod_revision, "entry={entry:?}");
+    assert_eq!(entry.version, 2, "expire is a write: entry={entry:?}");
+    let expired_entry = entry;
 
     assert!(client.persist(key).await.unwrap());
     assert_eq!(client.ttl(key).await.unwrap(), TtlState::Persistent);
     let entry = entry_of(client, key).await;
     assert_eq!(entry.expires_at_ms, None);
     assert_eq!(entry.value, b"value");
+    assert_eq!(
+        entry.create_revision, written.mod_revision,
+        "entry={entry:?}"
+    );
+    assert!(
+        entry.mod_revision > expired_entry.mod_revision,
+        "entry={entry:?}"
+    );
+    assert_eq!(entry.version, 3, "persist is a write: entry={entry:?}");
 
     // A short expire removes the key like a put's TTL does.
     assert!(client
@@ -550,7 +614,8 @@ async fn keep_ttl(client: &Client) {
     assert!(kept.applied);
     let entry = entry_of(client, key).await;
     assert_eq!(entry.value, b"v2");
-    assert_eq!(entry.version, kept.version);
+    assert_eq!(entry.mod_revision, kept.mod_revision);
+    assert_eq!(entry.version, 2);
     assert_eq!(
         entry.expires_at_ms,
         Some(deadline_ms),
@@ -641,15 +706,15 @@ async fn batches_preserve_order(client: &Client) {
         .enumerate()
         .map(|(index, key)| (key.clone(), format!("value:{index}")))
         .collect();
-    let versions = client.mput(&entries).await.unwrap();
-    assert_eq!(versions.len(), KEY_COUNT);
+    let mod_revisions = client.mput(&entries).await.unwrap();
+    assert_eq!(mod_revisions.len(), KEY_COUNT);
     // Entries on one core are applied at one revision (the batch is under BATCH_COUNT_MAX).
-    let mut version_of_core: [Option<u64>; CORE_COUNT] = [None; CORE_COUNT];
-    for (key, &version) in keys.iter().zip(&versions) {
-        assert!(version > 0, "key={key}");
+    let mut revision_of_core: [Option<u64>; CORE_COUNT] = [None; CORE_COUNT];
+    for (key, &mod_revision) in keys.iter().zip(&mod_revisions) {
+        assert!(mod_revision > 0, "key={key}");
         let core_index = core_of_key(&topology, key.as_bytes());
-        let core_version = *version_of_core[core_index].get_or_insert(version);
-        assert_eq!(core_version, version, "key={key} core={core_index}");
+        let core_revision = *revision_of_core[core_index].get_or_insert(mod_revision);
+        assert_eq!(core_revision, mod_revision, "key={key} core={core_index}");
     }
 
     // Read back in reverse, with a missing key after every seventh.
@@ -667,11 +732,7 @@ async fn batches_preserve_order(client: &Client) {
             None => assert_eq!(value, &None, "key={key}"),
             Some(index) => {
                 let index: usize = index.parse().unwrap();
-                let expected = Entry {
-                    value: format!("value:{index}").into_bytes(),
-                    version: versions[index],
-                    expires_at_ms: None,
-                };
+                let expected = created_entry(format!("value:{index}"), mod_revisions[index]);
                 assert_eq!(value.as_ref(), Some(&expected), "key={key}");
             }
         }
@@ -709,12 +770,25 @@ async fn batches_preserve_order(client: &Client) {
     }
     assert_eq!(total_key_count(client).await, 0);
 
-    // Within one batch, a later entry for a key replaces an earlier one.
-    client
+    // Within one batch, a later entry for a key replaces an earlier one. Both are writes, at
+    // the batch's one revision.
+    let duplicate_revisions = client
         .mput(&[("batch:duplicate", "first"), ("batch:duplicate", "last")])
         .await
         .unwrap();
-    assert_eq!(entry_of(client, "batch:duplicate").await.value, b"last");
+    let batch_revision = duplicate_revisions[0];
+    assert_eq!(duplicate_revisions, [batch_revision, batch_revision]);
+    assert_eq!(
+        entry_of(client, "batch:duplicate").await,
+        Entry {
+            value: b"last".to_vec(),
+            create_revision: batch_revision,
+            mod_revision: batch_revision,
+            version: 2,
+            expires_at_ms: None,
+        },
+        "a key named twice in one batch is written twice"
+    );
 
     // Empty batches are answered without a request.
     let no_keys: [&str; 0] = [];
@@ -747,19 +821,22 @@ async fn large_batches_are_split(client: &Client) {
         .iter()
         .map(|key| (key.clone(), format!("{key}:value")))
         .collect();
-    let versions = client.mput(&entries).await.unwrap();
-    assert_eq!(versions.len(), key_count);
-    assert!(versions.iter().all(|&version| version > 0));
+    let mod_revisions = client.mput(&entries).await.unwrap();
+    assert_eq!(mod_revisions.len(), key_count);
+    assert!(mod_revisions.iter().all(|&mod_revision| mod_revision > 0));
     assert_eq!(total_key_count(client).await, key_count as u64);
 
     let values = client.mget(&keys).await.unwrap();
     assert_eq!(values.len(), key_count);
-    for ((key, value), &version) in keys.iter().zip(&values).zip(&versions) {
+    for ((key, value), &mod_revision) in keys.iter().zip(&values).zip(&mod_revisions) {
         let entry = value
             .as_ref()
             .unwrap_or_else(|| panic!("key={key} missing"));
-        assert_eq!(entry.value, format!("{key}:value").into_bytes());
-        assert_eq!(entry.version, version, "key={key}");
+        assert_eq!(
+            entry,
+            &created_entry(format!("{key}:value"), mod_revision),
+            "key={key}"
+        );
     }
 
     let deleted = client.mdelete(&keys).await.unwrap();
@@ -799,8 +876,8 @@ async fn batch_writes_of_large_values(client: &Client) {
         b"small".to_vec(),
     ));
     match client.mput(&entries).await {
-        Ok(versions) => {
-            assert_eq!(versions.len(), entries.len());
+        Ok(mod_revisions) => {
+            assert_eq!(mod_revisions.len(), entries.len());
             let keys: Vec<&Vec<u8>> = entries.iter().map(|(key, _)| key).collect();
             let values = client.mget(&keys).await.unwrap();
             for ((key, value), found) in entries.iter().zip(values) {
@@ -875,12 +952,12 @@ async fn hash_tags_share_a_core(client: &Client) {
             client.put(key, tag).await.unwrap();
         }
         let entries: Vec<(&String, &String)> = batched.iter().map(|key| (key, tag)).collect();
-        let versions = client.mput(&entries).await.unwrap();
-        let distinct: HashSet<u64> = versions.iter().copied().collect();
+        let mod_revisions = client.mput(&entries).await.unwrap();
+        let distinct: HashSet<u64> = mod_revisions.iter().copied().collect();
         assert_eq!(
             distinct.len(),
             1,
-            "one core applies the whole batch at one revision: {versions:?}"
+            "one core applies the whole batch at one revision: {mod_revisions:?}"
         );
     }
 
@@ -1109,7 +1186,7 @@ async fn stats_count_keys(client: &Client) {
 
 /// Sixteen tasks share one client (cloned) and run 500 operations each on their own keys;
 /// every answer matches a per-task model. Then all tasks write one shared key, and every
-/// write gets a distinct version.
+/// write gets a distinct mod revision and is counted in the key's version.
 async fn concurrent_clones(client: &Client) {
     const TASK_COUNT: usize = 16;
     const SHARED_PUT_COUNT: usize = 20;
@@ -1126,7 +1203,7 @@ async fn concurrent_clones(client: &Client) {
         expected.extend(
             model
                 .into_iter()
-                .map(|(key, state)| (key, state.map(|(value, _)| value))),
+                .map(|(key, state)| (key, state.map(|entry| entry.value))),
         );
     }
     let keys: Vec<&String> = expected.keys().collect();
@@ -1144,50 +1221,57 @@ async fn concurrent_clones(client: &Client) {
     for task_index in 0..TASK_COUNT {
         let client = client.clone();
         writers.push(tokio::spawn(async move {
-            let mut versions = Vec::with_capacity(SHARED_PUT_COUNT);
+            let mut mod_revisions = Vec::with_capacity(SHARED_PUT_COUNT);
             for put_index in 0..SHARED_PUT_COUNT {
                 let value = format!("{task_index}:{put_index}");
                 let outcome = client.put(shared_key, value).await.unwrap();
                 assert!(outcome.applied);
-                versions.push(outcome.version);
+                mod_revisions.push(outcome.mod_revision);
             }
-            versions
+            mod_revisions
         }));
     }
-    let mut all_versions = Vec::with_capacity(TASK_COUNT * SHARED_PUT_COUNT);
+    let mut all_revisions = Vec::with_capacity(TASK_COUNT * SHARED_PUT_COUNT);
     for writer in writers {
-        let versions = within(CALL_TIMEOUT, "a shared-key writer", writer)
+        let mod_revisions = within(CALL_TIMEOUT, "a shared-key writer", writer)
             .await
             .expect("a shared-key writer panicked");
         assert!(
-            versions.windows(2).all(|pair| pair[0] < pair[1]),
-            "one task's writes get increasing versions: {versions:?}"
+            mod_revisions.windows(2).all(|pair| pair[0] < pair[1]),
+            "one task's writes get increasing mod revisions: {mod_revisions:?}"
         );
-        all_versions.extend(versions);
+        all_revisions.extend(mod_revisions);
     }
-    let distinct: HashSet<u64> = all_versions.iter().copied().collect();
+    let distinct: HashSet<u64> = all_revisions.iter().copied().collect();
     assert_eq!(
         distinct.len(),
         TASK_COUNT * SHARED_PUT_COUNT,
         "every write is distinct"
     );
     let last = entry_of(client, shared_key).await;
-    assert_eq!(Some(&last.version), all_versions.iter().max());
+    assert_eq!(Some(&last.mod_revision), all_revisions.iter().max());
+    assert_eq!(
+        Some(&last.create_revision),
+        all_revisions.iter().min(),
+        "the first write created the key"
+    );
+    assert_eq!(
+        last.version,
+        (TASK_COUNT * SHARED_PUT_COUNT) as u64,
+        "every write is counted"
+    );
 }
 
 /// One task of [`concurrent_clones`]: 500 mixed operations on 25 keys of its own, each
-/// checked against a model of what the task wrote. Returns the model: each key's value and
-/// version, or `None` if deleted.
-async fn concurrent_worker(
-    client: Client,
-    task_index: usize,
-) -> BTreeMap<String, Option<(Vec<u8>, u64)>> {
+/// checked against a model of what the task wrote. Returns the model: each key's entry
+/// (value, create and mod revisions, count of writes), or `None` if deleted.
+async fn concurrent_worker(client: Client, task_index: usize) -> BTreeMap<String, Option<Entry>> {
     const OPERATION_COUNT: usize = 500;
     const KEY_COUNT: usize = 25;
     let keys: Vec<String> = (0..KEY_COUNT)
         .map(|key_index| format!("concurrent:{task_index}:{key_index}"))
         .collect();
-    let mut model: BTreeMap<String, Option<(Vec<u8>, u64)>> =
+    let mut model: BTreeMap<String, Option<Entry>> =
         keys.iter().map(|key| (key.clone(), None)).collect();
     for operation_index in 0..OPERATION_COUNT {
         // Stride 7 is coprime with 25, so every key sees every kind of operation.
@@ -1199,14 +1283,25 @@ async fn concurrent_worker(
                 let value = format!("{task_index}:{operation_index}").into_bytes();
                 let outcome = client.put(key, &value).await.unwrap();
                 assert!(outcome.applied, "{context}");
-                if let Some((_, version)) = &current {
-                    assert!(outcome.version > *version, "{context} outcome={outcome:?}");
-                }
-                model.insert(key.clone(), Some((value, outcome.version)));
+                let entry = match current {
+                    Some(before) => {
+                        assert!(
+                            outcome.mod_revision > before.mod_revision,
+                            "{context} outcome={outcome:?}"
+                        );
+                        Entry {
+                            value,
+                            mod_revision: outcome.mod_revision,
+                            version: before.version + 1,
+                            ..before
+                        }
+                    }
+                    None => created_entry(value, outcome.mod_revision),
+                };
+                model.insert(key.clone(), Some(entry));
             }
             2 => {
-                let entry = client.get(key).await.unwrap();
-                let found = entry.map(|entry| (entry.value, entry.version));
+                let found = client.get(key).await.unwrap();
                 assert_eq!(found, current, "{context}");
             }
             3 => {
@@ -1221,11 +1316,11 @@ async fn concurrent_worker(
                     .await
                     .unwrap();
                 assert_eq!(outcome.applied, current.is_none(), "{context}");
-                match &current {
-                    Some((_, version)) => assert_eq!(outcome.version, *version, "{context}"),
-                    None => {
-                        model.insert(key.clone(), Some((value, outcome.version)));
-                    }
+                if let Some(before) = &current {
+                    assert_eq!(outcome.mod_revision, before.mod_revision, "{context}");
+                } else {
+                    let entry = created_entry(value, outcome.mod_revision);
+                    model.insert(key.clone(), Some(entry));
                 }
             }
         }
@@ -1234,15 +1329,22 @@ async fn concurrent_worker(
 }
 
 /// `add` counts from zero, returns the new value, is readable as decimal text, keeps a TTL,
-/// and refuses overflow and non-counters with `OutOfRange`, changing nothing. Concurrent adds
-/// from many tasks lose no increment (each core applies its adds one at a time).
+/// and refuses overflow and non-counters with `OutOfRange`, changing nothing. Every add that
+/// applies is a write the key's version counts. Concurrent adds from many tasks lose no
+/// increment (each core applies its adds one at a time).
 async fn counters_add_and_refuse_overflow(client: &Client) {
     assert_eq!(client.add("visits", 1).await.unwrap(), 1);
+    let created = entry_of(client, "visits").await;
+    assert_eq!(created, created_entry("1", created.mod_revision));
     assert_eq!(client.add("visits", 9).await.unwrap(), 10);
     assert_eq!(client.add("visits", -15).await.unwrap(), -5);
-    assert_eq!(entry_of(client, "visits").await.value, b"-5");
+    let visits = entry_of(client, "visits").await;
+    assert_eq!(visits.value, b"-5");
+    assert_eq!(visits.create_revision, created.create_revision);
+    assert!(visits.mod_revision > created.mod_revision, "{visits:?}");
+    assert_eq!(visits.version, 3, "three adds: {visits:?}");
 
-    client.put("name", "ada").await.unwrap();
+    let name = client.put("name", "ada").await.unwrap();
     let error = client.add("name", 1).await.unwrap_err();
     assert_eq!(
         error.code(),
@@ -1253,7 +1355,11 @@ async fn counters_add_and_refuse_overflow(client: &Client) {
         !error.is_retryable() && !error.is_indeterminate(),
         "{error:?}"
     );
-    assert_eq!(entry_of(client, "name").await.value, b"ada");
+    assert_eq!(
+        entry_of(client, "name").await,
+        created_entry("ada", name.mod_revision),
+        "a refused add is not a write"
+    );
 
     assert_eq!(client.add("edge", i64::MAX).await.unwrap(), i64::MAX);
     let error = client.add("edge", 1).await.unwrap_err();
@@ -1263,6 +1369,11 @@ async fn counters_add_and_refuse_overflow(client: &Client) {
         "{error:?}"
     );
     assert_eq!(client.add("edge", 0).await.unwrap(), i64::MAX);
+    assert_eq!(
+        entry_of(client, "edge").await.version,
+        2,
+        "the overflowing add was not a write, adding 0 is"
+    );
 
     client
         .put_with(
@@ -1292,6 +1403,7 @@ async fn counters_add_and_refuse_overflow(client: &Client) {
         task.await.unwrap();
     }
     assert_eq!(client.add("shared", 0).await.unwrap(), 400);
+    assert_eq!(entry_of(client, "shared").await.version, 401);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1300,15 +1412,21 @@ async fn counters_add_and_refuse_overflow(client: &Client) {
 /// What a scan should return: each live key with the entry a read returns for it.
 type ScanModel = BTreeMap<Vec<u8>, Entry>;
 
-/// Writes `entries` in one batch and adds them to `model` with the versions the batch got.
+/// Writes `entries` in one batch and adds them to `model` with the mod revisions the batch
+/// got: a key the model holds keeps its create revision and counts one more write.
 async fn write_into_model(client: &Client, model: &mut ScanModel, entries: &[(Vec<u8>, Vec<u8>)]) {
-    let versions = client.mput(entries).await.unwrap();
-    assert_eq!(versions.len(), entries.len());
-    for ((key, value), version) in entries.iter().zip(versions) {
-        let entry = Entry {
-            value: value.clone(),
-            version,
-            expires_at_ms: None,
+    let mod_revisions = client.mput(entries).await.unwrap();
+    assert_eq!(mod_revisions.len(), entries.len());
+    for ((key, value), mod_revision) in entries.iter().zip(mod_revisions) {
+        let entry = match model.remove(key) {
+            Some(before) => Entry {
+                value: value.clone(),
+                mod_revision,
+                version: before.version + 1,
+                expires_at_ms: None,
+                ..before
+            },
+            None => created_entry(value.clone(), mod_revision),
         };
         model.insert(key.clone(), entry);
     }
@@ -1630,7 +1748,7 @@ async fn scan_skips_expired_and_deleted_keys(client: &Client) {
     for key in &doomed {
         model.remove(key);
     }
-    // A key deleted and written again is back, with its new version.
+    // A key deleted and written again is back, as a new key (created again, one write).
     let reborn = doomed[4].clone();
     write_into_model(client, &mut model, &[(reborn.clone(), b"reborn".to_vec())]).await;
 
@@ -1771,7 +1889,7 @@ fn assert_bound_too_large<T: Debug>(what: &str, result: Result<T, ClientError>) 
 }
 
 /// The revisions of a scan name every core once, in topology order. Reads leave them alone;
-/// a write to one core raises that core's revision to at least the write's version and
+/// a write to one core raises that core's revision to at least the write's mod revision and
 /// leaves the other core's alone. `count` reports the same revisions as `scan`.
 async fn scan_revisions_come_from_every_core(client: &Client) {
     let topology = client.topology();
@@ -1811,7 +1929,7 @@ async fn scan_revisions_come_from_every_core(client: &Client) {
                     "core {core_index}: {before:?} {after:?}"
                 );
                 assert!(
-                    new.revision >= written.version,
+                    new.revision >= written.mod_revision,
                     "{after:?} written={written:?}"
                 );
             } else {
@@ -1856,12 +1974,10 @@ async fn scan_pages_of_large_values_skip_no_key(client: &Client) {
     // One by one: the large values together are over one frame.
     for (key, value) in &entries {
         let written = client.put(key, value).await.unwrap();
-        let entry = Entry {
-            value: value.clone(),
-            version: written.version,
-            expires_at_ms: None,
-        };
-        model.insert(key.clone(), entry);
+        model.insert(
+            key.clone(),
+            created_entry(value.clone(), written.mod_revision),
+        );
     }
     let range = KeyRange::prefix(prefix);
     assert_spans_every_core(client, &model, &range);

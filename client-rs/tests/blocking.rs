@@ -21,7 +21,9 @@ fn short_scenario(client: &BlockingClient) {
     assert!(written.applied);
     let entry = client.get("blocking:key").unwrap().expect("just written");
     assert_eq!(entry.value, b"value");
-    assert_eq!(entry.version, written.version);
+    assert_eq!(entry.mod_revision, written.mod_revision);
+    assert_eq!(entry.create_revision, written.mod_revision);
+    assert_eq!(entry.version, 1);
     assert!(client.exists("blocking:key").unwrap());
     assert_eq!(client.ttl("blocking:key").unwrap(), TtlState::Persistent);
 
@@ -84,6 +86,13 @@ fn short_scenario(client: &BlockingClient) {
 
     let outcome = client.delete_with("blocking:key", true).unwrap();
     assert!(outcome.deleted);
+    let removed = outcome.previous.expect("asked for the removed entry");
+    assert_eq!(removed.create_revision, written.mod_revision, "{removed:?}");
+    assert!(removed.mod_revision > written.mod_revision, "{removed:?}");
+    assert_eq!(
+        removed.version, 3,
+        "a put, an expire and a persist: {removed:?}"
+    );
     assert!(!client.delete("blocking:key").unwrap());
     assert_eq!(client.ping().unwrap().len(), CORE_COUNT);
     assert_eq!(client.topology().nodes[0].cores.len(), CORE_COUNT);

@@ -143,7 +143,7 @@ fn parse_json(run: &Run) -> Value {
 fn put_then_get_prints_the_value() {
     let fixture = Fixture::start();
     let put = fixture.run_expecting(0, &["put", "k", "v"]);
-    assert!(put.stdout.starts_with("OK (version "), "{put:?}");
+    assert!(put.stdout.starts_with("OK (mod_revision "), "{put:?}");
     let get = fixture.run_expecting(0, &["get", "k"]);
     assert_eq!(get.stdout, "v\n");
     let get = fixture.run_expecting(1, &["get", "missing"]);
@@ -252,15 +252,39 @@ fn json_output_for_scripts() {
     let fixture = Fixture::start();
     let put = parse_json(&fixture.run_expecting(0, &["-o", "json", "put", "k", "v"]));
     assert_eq!(put["applied"], Value::Bool(true));
-    let version = put["version"].as_u64().expect("version is a number");
+    let created = put["mod_revision"]
+        .as_u64()
+        .expect("mod_revision is a number");
+    assert!(created > 0, "{put}");
 
     let run = fixture.run_expecting(0, &["-o", "json", "get", "k"]);
     assert!(run.stdout.contains(r#""value":"v""#), "{run:?}");
     let get = parse_json(&run);
     assert_eq!(get["found"], Value::Bool(true));
     assert_eq!(get["value"], "v");
-    assert_eq!(get["version"].as_u64(), Some(version));
+    assert_eq!(get["create_revision"].as_u64(), Some(created));
+    assert_eq!(get["mod_revision"].as_u64(), Some(created));
+    assert_eq!(get["version"].as_u64(), Some(1));
     assert_eq!(get["expires_at_ms"], Value::Null);
+
+    // A second write moves the mod revision and counts in the version; the create revision
+    // stays.
+    let put = parse_json(&fixture.run_expecting(0, &["-o", "json", "put", "k", "w"]));
+    let modified = put["mod_revision"]
+        .as_u64()
+        .expect("mod_revision is a number");
+    assert!(modified > created, "{put}");
+    let get = parse_json(&fixture.run_expecting(0, &["-o", "json", "get", "k"]));
+    assert_eq!(get["value"], "w");
+    assert_eq!(get["create_revision"].as_u64(), Some(created));
+    assert_eq!(get["mod_revision"].as_u64(), Some(modified));
+    assert_eq!(get["version"].as_u64(), Some(2));
+
+    // A refused put reports the current mod revision.
+    let refused =
+        parse_json(&fixture.run_expecting(0, &["-o", "json", "put", "k", "x", "--if-absent"]));
+    assert_eq!(refused["applied"], Value::Bool(false));
+    assert_eq!(refused["mod_revision"].as_u64(), Some(modified));
 
     let missing = parse_json(&fixture.run_expecting(1, &["-o", "json", "get", "missing"]));
     assert_eq!(missing["found"], Value::Bool(false));
@@ -520,26 +544,16 @@ fn scan_json_lists_items_count_and_revisions() {
     for item in items {
         let key = item["key"].as_str().expect("a key is a string");
         let entry = client.get(key).unwrap().expect("a scanned key exists");
-        let value = String::from_utf8(entry.value).expect("the values are text");
-        assert_eq!(item["value"].as_str(), Some(value.as_str()), "{item}");
-        assert_eq!(item["version"].as_u64(), Some(entry.version), "{item}");
-        assert_eq!(
-            item["expires_at_ms"].as_u64(),
-            entry.expires_at_ms,
-            "{item}"
-        );
-        let mut fields: Vec<&str> = item
-            .as_object()
-            .expect("an item is an object")
-            .keys()
-            .map(String::as_str)
-            .collect();
-        fields.sort_unstable();
-        assert_eq!(
-            fields,
-            ["expires_at_ms", "key", "value", "version"],
-            "{item}"
-        );
+        // The whole object: these fields and no others.
+        let expected = serde_json::json!({
+            "key": key,
+            "value": String::from_utf8(entry.value).expect("the values are text"),
+            "create_revision": entry.create_revision,
+            "mod_revision": entry.mod_revision,
+            "version": entry.version,
+            "expires_at_ms": entry.expires_at_ms,
+        });
+        assert_eq!(item, &expected);
     }
     let quince = &items[keys.iter().position(|key| *key == "fruit:quince").unwrap()];
     assert!(quince["expires_at_ms"].as_u64().is_some(), "{quince}");

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{test_config, within, CALL_TIMEOUT, CORE_COUNT};
-use tessera_client::{Client, ClientError, ErrorCode};
+use tessera_client::{Client, ClientError, Entry, ErrorCode};
 
 fn start_embedded() -> Client {
     Client::embedded(test_config(CORE_COUNT)).expect("the embedded shards start")
@@ -109,9 +109,21 @@ async fn calls_in_flight_at_shutdown_end() {
     }
 }
 
+/// The entries of `keys`, failing the test if one is missing.
+async fn entries_of(client: &Client, keys: &[&str]) -> Vec<Entry> {
+    let entries = within(CALL_TIMEOUT, "an mget", client.mget(keys))
+        .await
+        .unwrap();
+    keys.iter()
+        .zip(entries)
+        .map(|(key, entry)| entry.unwrap_or_else(|| panic!("{key} was written")))
+        .collect()
+}
+
 /// With a data directory an embedded client is as durable as a server: what it wrote is
 /// there after it is shut down and opened again (through a snapshot and the log after it),
-/// revisions continue, and the counter kept counting.
+/// with each key's create and mod revisions and count of writes; revisions continue, and the
+/// counter kept counting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_mode_with_a_data_directory_keeps_its_data_across_restarts() {
     let data_dir =
@@ -128,6 +140,12 @@ async fn embedded_mode_with_a_data_directory_keeps_its_data_across_restarts() {
     };
     let value = vec![b'v'; 512];
     let client = Client::embedded(config()).expect("the embedded shards start");
+    // Written twice before the bulk of the writes, so a snapshot holds it.
+    for round in ["first", "second"] {
+        within(CALL_TIMEOUT, "a call", client.put("early", round))
+            .await
+            .unwrap();
+    }
     for index in 0..2000 {
         within(
             CALL_TIMEOUT,
@@ -140,10 +158,19 @@ async fn embedded_mode_with_a_data_directory_keeps_its_data_across_restarts() {
     within(CALL_TIMEOUT, "a call", client.add("counter", 5))
         .await
         .unwrap();
-    let version_before = within(CALL_TIMEOUT, "a call", client.put("last", "one"))
+    let revision_before = within(CALL_TIMEOUT, "a call", client.put("last", "one"))
         .await
         .unwrap()
-        .version;
+        .mod_revision;
+    let kept_keys = ["early", "counter", "last"];
+    let entries_before = entries_of(&client, &kept_keys).await;
+    assert_eq!(entries_before[0].version, 2, "{entries_before:?}");
+    assert!(
+        entries_before[0].create_revision < entries_before[0].mod_revision,
+        "{entries_before:?}"
+    );
+    assert_eq!(entries_before[1].version, 1, "{entries_before:?}");
+    assert_eq!(entries_before[2].mod_revision, revision_before);
     client.shutdown();
     drop(client);
     let snapshot_count = (0..CORE_COUNT)
@@ -160,6 +187,11 @@ async fn embedded_mode_with_a_data_directory_keeps_its_data_across_restarts() {
     assert!(snapshot_count >= CORE_COUNT, "{snapshot_count} snapshots");
 
     let client = Client::embedded(config()).expect("the embedded shards start again");
+    assert_eq!(
+        entries_of(&client, &kept_keys).await,
+        entries_before,
+        "the keys keep their revisions and versions"
+    );
     for index in 0..2000 {
         let entry = within(CALL_TIMEOUT, "a call", client.get(format!("key-{index}")))
             .await
@@ -176,14 +208,22 @@ async fn embedded_mode_with_a_data_directory_keeps_its_data_across_restarts() {
             .unwrap(),
         6
     );
-    let version_after = within(CALL_TIMEOUT, "a call", client.put("last", "two"))
+    let revision_after = within(CALL_TIMEOUT, "a call", client.put("last", "two"))
         .await
         .unwrap()
-        .version;
+        .mod_revision;
     assert!(
-        version_after > version_before,
-        "{version_after} after {version_before}"
+        revision_after > revision_before,
+        "{revision_after} after {revision_before}"
     );
+    let entries_after = entries_of(&client, &kept_keys[1..]).await;
+    for (after, before) in entries_after.iter().zip(&entries_before[1..]) {
+        assert_eq!(after.create_revision, before.create_revision, "{after:?}");
+        assert_eq!(
+            after.version, 2,
+            "one more write after the restart: {after:?}"
+        );
+    }
     client.shutdown();
     drop(client);
     let _ = std::fs::remove_dir_all(&data_dir);

@@ -382,7 +382,9 @@ async fn wrong_shard_refreshes_and_retries() {
         }
         Request::Get { .. } => Reply::Response(Response::Value(Some(Entry {
             value: b"found".to_vec(),
-            version: 9,
+            create_revision: 7,
+            mod_revision: 9,
+            version: 2,
             expires_at_ms: None,
         }))),
         _ => Reply::Nothing,

@@ -214,7 +214,11 @@ pub struct PutEntry {
 pub struct Entry {
     /// The value bytes.
     pub value: Vec<u8>,
+    /// The shard revision at which the key was created (since it last did not exist).
+    pub create_revision: u64,
     /// The shard revision at which the key was last modified.
+    pub mod_revision: u64,
+    /// How many times the key was written since it was created (1 after the first put).
     pub version: u64,
     /// Absolute expiry in Unix milliseconds, if the key has a TTL.
     pub expires_at_ms: Option<u64>,
@@ -268,9 +272,9 @@ pub enum Response {
     Put {
         /// Whether the put's condition held and the value was written.
         applied: bool,
-        /// The key's version after the request: the new version if applied, else the current
-        /// version (0 if the key does not exist).
-        version: u64,
+        /// The key's mod revision after the request: the new one if applied, else the current
+        /// one (0 if the key does not exist).
+        mod_revision: u64,
         /// The previous entry, if asked for and the key existed.
         previous: Option<Entry>,
     },
@@ -290,17 +294,17 @@ pub enum Response {
     Expiry {
         /// Whether the key existed (for persist: and had a TTL) and was changed.
         applied: bool,
-        /// The key's version after the request (0 if the key does not exist).
-        version: u64,
+        /// The key's mod revision after the request (0 if the key does not exist).
+        mod_revision: u64,
     },
     /// Answer to [`Request::Ttl`].
     Ttl(TtlState),
     /// Answer to [`Request::MultiGet`], in request order.
     Values(Vec<Option<Entry>>),
-    /// Answer to [`Request::MultiPut`]: each entry's new version, in request order.
+    /// Answer to [`Request::MultiPut`]: each entry's new mod revision, in request order.
     MultiPut {
-        /// Versions, one per entry.
-        versions: Vec<u64>,
+        /// Mod revisions, one per entry.
+        mod_revisions: Vec<u64>,
     },
     /// Answer to [`Request::MultiDelete`]: whether each key was removed, in request order.
     MultiDelete {
@@ -313,8 +317,8 @@ pub enum Response {
     Counter {
         /// The counter's value after the add.
         value: i64,
-        /// The key's version after the add.
-        version: u64,
+        /// The key's mod revision after the add.
+        mod_revision: u64,
     },
     /// Answer to [`Request::Scan`].
     Scan(ScanPage),

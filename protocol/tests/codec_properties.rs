@@ -190,13 +190,22 @@ fn scan_page() -> impl Strategy<Value = ScanPage> {
 }
 
 fn entry() -> impl Strategy<Value = Entry> {
-    (value(), any::<u64>(), any::<Option<u64>>()).prop_map(|(value, version, expires_at_ms)| {
-        Entry {
-            value,
-            version,
-            expires_at_ms,
-        }
-    })
+    (
+        value(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<u64>(),
+        any::<Option<u64>>(),
+    )
+        .prop_map(
+            |(value, create_revision, mod_revision, version, expires_at_ms)| Entry {
+                value,
+                create_revision,
+                mod_revision,
+                version,
+                expires_at_ms,
+            },
+        )
 }
 
 fn ttl_state() -> impl Strategy<Value = TtlState> {
@@ -336,27 +345,31 @@ fn response() -> impl Strategy<Value = Response> {
         core_stats().prop_map(|stats| Response::Stats(Box::new(stats))),
         proptest::option::of(entry()).prop_map(Response::Value),
         (any::<bool>(), any::<u64>(), proptest::option::of(entry())).prop_map(
-            |(applied, version, previous)| Response::Put {
+            |(applied, mod_revision, previous)| Response::Put {
                 applied,
-                version,
+                mod_revision,
                 previous,
             }
         ),
         (any::<bool>(), proptest::option::of(entry()))
             .prop_map(|(deleted, previous)| Response::Delete { deleted, previous }),
         any::<bool>().prop_map(|exists| Response::Exists { exists }),
-        (any::<bool>(), any::<u64>())
-            .prop_map(|(applied, version)| Response::Expiry { applied, version }),
+        (any::<bool>(), any::<u64>()).prop_map(|(applied, mod_revision)| Response::Expiry {
+            applied,
+            mod_revision
+        }),
         ttl_state().prop_map(Response::Ttl),
         vec(proptest::option::of(entry()), 0..=BATCH_COUNT_GENERATED_MAX)
             .prop_map(Response::Values),
         vec(any::<u64>(), 0..=BATCH_COUNT_GENERATED_MAX)
-            .prop_map(|versions| Response::MultiPut { versions }),
+            .prop_map(|mod_revisions| Response::MultiPut { mod_revisions }),
         vec(any::<bool>(), 0..=BATCH_COUNT_GENERATED_MAX)
             .prop_map(|deleted| Response::MultiDelete { deleted }),
         error_reply().prop_map(Response::Error),
-        (any::<i64>(), any::<u64>())
-            .prop_map(|(value, version)| Response::Counter { value, version }),
+        (any::<i64>(), any::<u64>()).prop_map(|(value, mod_revision)| Response::Counter {
+            value,
+            mod_revision
+        }),
         scan_page().prop_map(Response::Scan),
     ]
 }
@@ -810,9 +823,12 @@ fn every_bit_of_small_frames_is_checked() {
         Message::Request(Request::Get {
             key: b"user:1".to_vec(),
         }),
-        // A value of one byte, so the body is not a multiple of 16 and the frame has padding.
+        // A value of nine bytes, so the body (the 72-byte root and the value, padded to 8) is
+        // not a multiple of 16 and the frame has padding.
         Message::Response(Response::Value(Some(Entry {
-            value: b"v".to_vec(),
+            value: b"ninebytes".to_vec(),
+            create_revision: 1,
+            mod_revision: 1,
             version: 1,
             expires_at_ms: None,
         }))),

@@ -546,7 +546,7 @@ async fn merge_parts(
             (
                 BatchKind::Put,
                 Response::MultiPut {
-                    versions: part_versions,
+                    mod_revisions: part_versions,
                 },
             ) if part_versions.len() == indices.len() => {
                 for (index, version) in indices.into_iter().zip(part_versions) {
@@ -579,7 +579,9 @@ async fn merge_parts(
     }
     match kind {
         BatchKind::Get => Response::Values(values),
-        BatchKind::Put => Response::MultiPut { versions },
+        BatchKind::Put => Response::MultiPut {
+            mod_revisions: versions,
+        },
         BatchKind::Delete => Response::MultiDelete { deleted },
     }
 }

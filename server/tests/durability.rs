@@ -23,7 +23,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use common::{free_port_pair, RawConnection};
@@ -230,6 +230,13 @@ fn verify(address: &str, acknowledged: &Acknowledged) -> usize {
                 )
             });
             assert_eq!(&found.value, value, "key {}", String::from_utf8_lossy(key));
+            // Written once: created by that write, which is its only one.
+            assert_eq!(
+                (found.version, found.create_revision),
+                (1, found.mod_revision),
+                "key {}",
+                String::from_utf8_lossy(key)
+            );
             checked += 1;
         }
     }
@@ -246,13 +253,34 @@ fn verify(address: &str, acknowledged: &Acknowledged) -> usize {
             "key {} holds {stored}, but {number} was acknowledged",
             String::from_utf8_lossy(key)
         );
+        // Never deleted, so still the key its first write created, and each value is at most
+        // one more than the one before it (a writer resumes after the last acknowledged
+        // number), so it took at least `stored` writes to get there.
+        assert!(
+            found.create_revision <= found.mod_revision
+                && (found.version == 1) == (found.create_revision == found.mod_revision),
+            "key {}: {found:?}",
+            String::from_utf8_lossy(key)
+        );
+        assert!(
+            found.version >= stored,
+            "key {} holds {stored} after {} writes",
+            String::from_utf8_lossy(key),
+            found.version
+        );
         checked += 1;
     }
     checked
 }
 
+/// Held by every test here for its whole run: they start servers on ports they picked free,
+/// and a port the crash loop's killed server has just let go of (and will bind again) looks
+/// free to another test, which could then talk to the crash loop's server instead of its own.
+static PORT_USERS: Mutex<()> = Mutex::new(());
+
 #[test]
 fn acknowledged_writes_survive_sigkill() {
+    let _ports = PORT_USERS.lock().unwrap_or_else(PoisonError::into_inner);
     let kill_count: usize = std::env::var("TESSERA_CRASH_LOOP_KILLS")
         .ok()
         .and_then(|text| text.parse().ok())
@@ -428,6 +456,7 @@ fn is_no_space(response: &Response) -> bool {
 
 #[test]
 fn a_full_disk_refuses_writes_with_no_space_until_space_is_freed() {
+    let _ports = PORT_USERS.lock().unwrap_or_else(PoisonError::into_inner);
     let filesystem = match LoopFilesystem::create(48 * 1024 * 1024) {
         Ok(filesystem) => filesystem,
         Err(reason) => {
@@ -518,6 +547,7 @@ fn a_full_disk_refuses_writes_with_no_space_until_space_is_freed() {
 /// relative `--data-dir` works like an absolute one.
 #[test]
 fn a_relative_data_directory_is_used_from_the_working_directory() {
+    let _ports = PORT_USERS.lock().unwrap_or_else(PoisonError::into_inner);
     let work = TestDir::new("relative");
     let base = free_port_pair();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tessera-server"));

@@ -16,12 +16,28 @@
 //! whatever references the ring still holds.
 //!
 //! The test stops servers from three threads at once, since the lag only shows under load.
+//! Another thread's server (or the other test here) may be handed a port just freed, so a
+//! failed bind counts only if no server of this process holds that address: servers start
+//! and register their addresses under one lock, and the check is made under it.
 
 mod common;
 
+use std::collections::HashSet;
 use std::net::{TcpListener, TcpStream};
+use std::sync::{Mutex, PoisonError};
 
 use common::{start_server, RawConnection};
+
+/// Addresses of the servers this process is running, changed and read under the lock.
+static LIVE_ADDRESSES: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+
+/// Runs `f` with the live addresses locked.
+fn with_live<T>(f: impl FnOnce(&mut HashSet<String>) -> T) -> T {
+    let mut live = LIVE_ADDRESSES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    f(live.get_or_insert_with(HashSet::new))
+}
 
 /// Servers each thread starts and stops.
 const CYCLE_COUNT: usize = 40;
@@ -30,18 +46,34 @@ const CYCLE_COUNT: usize = 40;
 fn cycle_servers() -> Vec<String> {
     let mut still_bound = Vec::new();
     for cycle in 0..CYCLE_COUNT {
-        let server = start_server(2);
-        let addresses = server.addresses();
+        let (server, addresses) = with_live(|live| {
+            let server = start_server(2);
+            let addresses = server.addresses();
+            live.extend(addresses.iter().cloned());
+            (server, addresses)
+        });
         RawConnection::open(&addresses[1]).assert_serving(b"cycle");
-        server.shutdown().expect("shutdown succeeds");
-        for address in &addresses {
-            if let Err(bind_error) = TcpListener::bind(address.as_str()) {
-                let is_listening = TcpStream::connect(address.as_str()).is_ok();
-                still_bound.push(format!(
-                    "cycle {cycle}: {address}: {bind_error} (accepts connections: {is_listening})"
-                ));
+        with_live(|live| {
+            for address in &addresses {
+                live.remove(address);
             }
-        }
+        });
+        server.shutdown().expect("shutdown succeeds");
+        with_live(|live| {
+            for address in &addresses {
+                if live.contains(address) {
+                    // Another server here was given the port since.
+                    continue;
+                }
+                if let Err(bind_error) = TcpListener::bind(address.as_str()) {
+                    let is_listening = TcpStream::connect(address.as_str()).is_ok();
+                    still_bound.push(format!(
+                        "cycle {cycle}: {address}: {bind_error} (accepts connections: \
+                         {is_listening})"
+                    ));
+                }
+            }
+        });
     }
     still_bound
 }
@@ -67,8 +99,12 @@ fn ports_are_free_as_soon_as_shutdown_returns() {
 /// again for a while (`BIND_RETRY_DURATION`) before it gives up.
 #[test]
 fn a_port_freed_while_the_server_starts_is_bound_once_free() {
-    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = holder.local_addr().unwrap().port();
+    let (holder, port) = with_live(|live| {
+        let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = holder.local_addr().unwrap().port();
+        live.insert(format!("127.0.0.1:{port}"));
+        (holder, port)
+    });
     let releaser = std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_millis(300));
         drop(holder);
@@ -84,4 +120,5 @@ fn a_port_freed_while_the_server_starts_is_bound_once_free() {
     ));
     drop(connection);
     server.shutdown().unwrap();
+    with_live(|live| live.remove(&format!("127.0.0.1:{port}")));
 }

@@ -162,10 +162,12 @@ fn requests_sent_to_the_wrong_core_are_forwarded_to_the_owner() {
     for core_index in 1..core_count {
         for (key_index, key) in keys_by_core[core_index].iter().enumerate() {
             let value = format!("value {key_index} on core {core_index}").into_bytes();
-            let version = connection.put(key, &value);
+            let created = connection.put(key, &value);
             let entry = connection.get(key).expect("written");
             assert_eq!(entry.value, value);
-            assert_eq!(entry.version, version);
+            assert_eq!(entry.create_revision, created);
+            assert_eq!(entry.mod_revision, created);
+            assert_eq!(entry.version, 1);
             assert_eq!(
                 connection.call(&Request::Exists { key: key.clone() }),
                 Response::Exists { exists: true }
@@ -178,10 +180,20 @@ fn requests_sent_to_the_wrong_core_are_forwarded_to_the_owner() {
                 key: key.clone(),
                 ttl_ms: 60_000,
             };
-            assert!(matches!(
-                connection.call(&expire),
-                Response::Expiry { applied: true, .. }
-            ));
+            let expired_at = match connection.call(&expire) {
+                Response::Expiry {
+                    applied: true,
+                    mod_revision,
+                } => mod_revision,
+                other => panic!("expire {key:?}: {other:?}"),
+            };
+            assert!(expired_at > created, "{expired_at} after {created}");
+            let entry = connection.get(key).expect("still there");
+            assert_eq!(
+                (entry.create_revision, entry.mod_revision, entry.version),
+                (created, expired_at, 2),
+                "an expire is a write of the same key"
+            );
             match connection.call(&Request::Ttl { key: key.clone() }) {
                 Response::Ttl(TtlState::Expiring { remaining_ms, .. }) => {
                     assert!(remaining_ms > 0 && remaining_ms <= 60_000, "{remaining_ms}");
@@ -201,7 +213,10 @@ fn requests_sent_to_the_wrong_core_are_forwarded_to_the_owner() {
                 Response::Delete {
                     deleted: true,
                     previous: Some(previous),
-                } => assert_eq!(previous.value, value),
+                } => {
+                    assert_eq!(previous.value, value);
+                    assert_eq!(previous, entry, "the removed entry, revisions and all");
+                }
                 other => panic!("delete {key:?}: {other:?}"),
             }
             mutation_count_by_core[core_index] += 1;
@@ -277,19 +292,24 @@ fn batches_spanning_cores_answer_in_request_order() {
         })
         .collect();
     let mut connection = RawConnection::open(&addresses[1]);
-    let Response::MultiPut { versions } = connection.call(&Request::MultiPut { entries }) else {
+    let Response::MultiPut { mod_revisions } = connection.call(&Request::MultiPut { entries })
+    else {
         panic!("a multi-put spanning cores failed");
     };
-    assert_eq!(versions.len(), keys.len());
-    // Each owner applies its part at one revision, and the version of every entry is the one
-    // its owner reports for that key.
-    for (key, version) in keys.iter().zip(&versions) {
+    assert_eq!(mod_revisions.len(), keys.len());
+    // Each owner applies its part at one revision, and the mod revision of every entry is the
+    // one its owner reports for that key. Every key is new: created there, one write.
+    for (key, mod_revision) in keys.iter().zip(&mod_revisions) {
         let owner = owner_core(&routes, key);
         let entry = RawConnection::open(&addresses[owner])
             .get(key)
             .expect("written");
         assert_eq!(entry.value, batch_value_of(key));
-        assert_eq!(entry.version, *version, "key {key:?} on core {owner}");
+        assert_eq!(
+            (entry.create_revision, entry.mod_revision, entry.version),
+            (*mod_revision, *mod_revision, 1),
+            "key {key:?} on core {owner}"
+        );
     }
     for (core_index, address) in addresses.iter().enumerate() {
         let stats = RawConnection::open(address).stats();
@@ -683,11 +703,12 @@ fn values_of_the_maximum_size_round_trip() {
     let key = b"largest-value";
     // Once to the owner and once through the other core, so forwarding carries it too.
     let owner = owner_core(&routes, key);
-    for address in [&addresses[owner], &addresses[1 - owner]] {
+    for (write_count, address) in (1..).zip([&addresses[owner], &addresses[1 - owner]]) {
         let mut connection = RawConnection::open(address);
-        let version = connection.put(key, &value);
+        let mod_revision = connection.put(key, &value);
         let entry = connection.get(key).expect("written");
-        assert_eq!(entry.version, version);
+        assert_eq!(entry.mod_revision, mod_revision);
+        assert_eq!(entry.version, write_count);
         assert!(entry.value == value, "the value read back differs");
         connection.assert_serving(b"after-large-value");
     }

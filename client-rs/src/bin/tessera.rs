@@ -153,9 +153,12 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
             let options = put_options(*ttl_ms, *if_absent, *if_present, *keep_ttl);
             let outcome = client.put_with(key, value, options)?;
             if json {
-                print_json(&json!({ "applied": outcome.applied, "version": outcome.version }));
+                print_json(&json!({
+                    "applied": outcome.applied,
+                    "mod_revision": outcome.mod_revision,
+                }));
             } else if outcome.applied {
-                println!("OK (version {})", outcome.version);
+                println!("OK (mod_revision {})", outcome.mod_revision);
             } else {
                 println!("not applied (condition failed)");
             }
@@ -482,6 +485,8 @@ fn entry_json(entry: &Entry) -> Value {
     json!({
         "found": true,
         "value": String::from_utf8_lossy(&entry.value),
+        "create_revision": entry.create_revision,
+        "mod_revision": entry.mod_revision,
         "version": entry.version,
         "expires_at_ms": entry.expires_at_ms,
     })

@@ -18,7 +18,7 @@ use crate::durability::DurabilityError;
 pub const SEGMENT_MAGIC: [u8; 4] = *b"TSWL";
 
 /// Version of the log format written by this build.
-pub const LOG_FORMAT_VERSION: u16 = 2;
+pub const LOG_FORMAT_VERSION: u16 = 3;
 
 /// Bytes of a segment header.
 pub const SEGMENT_HEADER_SIZE: usize = 32;
@@ -131,6 +131,10 @@ pub enum Effect<'a> {
         value: &'a [u8],
         /// Absolute expiry in Unix milliseconds, if any.
         deadline_ms: Option<u64>,
+        /// The revision at which the key was created.
+        create_revision: u64,
+        /// Writes since the key was created, this one included.
+        version: u64,
     },
     /// The key no longer exists.
     Remove {
@@ -177,6 +181,8 @@ impl RecordWriter {
                 key,
                 value,
                 deadline_ms,
+                create_revision,
+                version,
             } => {
                 self.buffer.push(EFFECT_SET);
                 self.push_bytes_u16(key);
@@ -186,6 +192,9 @@ impl RecordWriter {
                         .map_or(0, |deadline| deadline.max(1))
                         .to_le_bytes(),
                 );
+                self.buffer
+                    .extend_from_slice(&create_revision.to_le_bytes());
+                self.buffer.extend_from_slice(&version.to_le_bytes());
             }
             Effect::Remove { key } => {
                 self.buffer.push(EFFECT_REMOVE);
@@ -384,15 +393,22 @@ impl<'a> Iterator for Effects<'a> {
 fn parse_set(bytes: &[u8]) -> Result<(Effect<'_>, &[u8]), DurabilityError> {
     let (key, rest) = take_u16_prefixed(bytes)?;
     let (value, rest) = take_u32_prefixed(rest)?;
-    let Some((deadline, rest)) = rest.split_first_chunk::<8>() else {
+    let Some((numbers, rest)) = rest.split_first_chunk::<24>() else {
         return Err(DurabilityError::corrupt("set effect cut short"));
     };
-    let deadline_ms = u64::from_le_bytes(*deadline);
+    let number = |index: usize| {
+        let mut word = [0; 8];
+        word.copy_from_slice(&numbers[index * 8..index * 8 + 8]);
+        u64::from_le_bytes(word)
+    };
+    let deadline_ms = number(0);
     Ok((
         Effect::Set {
             key,
             value,
             deadline_ms: (deadline_ms != 0).then_some(deadline_ms),
+            create_revision: number(1),
+            version: number(2),
         },
         rest,
     ))
@@ -491,11 +507,15 @@ mod tests {
             key: b"k1",
             value: b"v1",
             deadline_ms: None,
+            create_revision: 7,
+            version: 1,
         });
         writer.push(Effect::Set {
             key: b"k2",
             value: b"",
             deadline_ms: Some(1_700_000_000_000),
+            create_revision: 3,
+            version: 4,
         });
         writer.finish();
         writer.begin(8);
@@ -518,12 +538,16 @@ mod tests {
                 Effect::Set {
                     key: b"k1",
                     value: b"v1",
-                    deadline_ms: None
+                    deadline_ms: None,
+                    create_revision: 7,
+                    version: 1,
                 },
                 Effect::Set {
                     key: b"k2",
                     value: b"",
-                    deadline_ms: Some(1_700_000_000_000)
+                    deadline_ms: Some(1_700_000_000_000),
+                    create_revision: 3,
+                    version: 4,
                 },
             ]
         );

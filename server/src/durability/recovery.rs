@@ -555,6 +555,8 @@ mod tests {
                 key: key.as_bytes(),
                 value: &value,
                 deadline_ms,
+                create_revision: revision,
+                version: 1,
             });
             writer.finish();
             let record = writer.take();

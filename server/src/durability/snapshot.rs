@@ -35,14 +35,14 @@ use crate::durability::log::CoreLog;
 use crate::durability::recovery::{read_segment_header, segment_files};
 use crate::durability::storage::{Storage, StorageFile};
 use crate::durability::{io_error, numbered_files, DurabilityError};
-use crate::shard::store::PARTITION_COUNT;
+use crate::shard::store::{KeyRevisions, PARTITION_COUNT};
 use crate::shard::Shard;
 
 /// Identifies a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"TSSN";
 
 /// Version of the snapshot format written by this build.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 2;
 
 /// Bytes of a snapshot header.
 pub const SNAPSHOT_HEADER_SIZE: usize = 32;
@@ -145,8 +145,8 @@ pub struct SnapshotEntry<'a> {
     pub key: &'a [u8],
     /// The value.
     pub value: &'a [u8],
-    /// The revision of the entry's last modification.
-    pub version: u64,
+    /// The entry's create and mod revisions and version.
+    pub revisions: KeyRevisions,
     /// Absolute expiry in Unix milliseconds, if any.
     pub deadline_ms: Option<u64>,
 }
@@ -190,7 +190,12 @@ impl ChunkEncoder {
     pub fn push(&mut self, entry: &SnapshotEntry<'_>) {
         let start = self.open();
         self.buffer.push(ITEM_ENTRY);
-        self.buffer.extend_from_slice(&entry.version.to_le_bytes());
+        self.buffer
+            .extend_from_slice(&entry.revisions.modify.to_le_bytes());
+        self.buffer
+            .extend_from_slice(&entry.revisions.create.to_le_bytes());
+        self.buffer
+            .extend_from_slice(&entry.revisions.version.to_le_bytes());
         self.buffer.extend_from_slice(
             &entry
                 .deadline_ms
@@ -376,7 +381,7 @@ async fn write_contents<F: StorageFile>(
                 encoder.push(&SnapshotEntry {
                     key: entry.key(),
                     value: entry.value(),
-                    version: entry.version(),
+                    revisions: entry.revisions(),
                     deadline_ms: entry.deadline_ms(),
                 });
             }
@@ -580,7 +585,7 @@ fn restore_items(
                     now_ms,
                     entry.key,
                     entry.value,
-                    entry.version,
+                    entry.revisions,
                     entry.deadline_ms,
                 );
                 *entry_count += 1;
@@ -620,18 +625,22 @@ fn read_all(
 }
 
 fn parse_entry(bytes: &[u8]) -> Result<(SnapshotEntry<'_>, &[u8]), DurabilityError> {
-    let Some((fixed, rest)) = bytes.split_first_chunk::<16>() else {
+    let Some((fixed, rest)) = bytes.split_first_chunk::<32>() else {
         return Err(DurabilityError::corrupt("snapshot entry cut short"));
     };
-    let version = u64_at(fixed, 0);
-    let deadline_ms = u64_at(fixed, 8);
+    let revisions = KeyRevisions {
+        modify: u64_at(fixed, 0),
+        create: u64_at(fixed, 8),
+        version: u64_at(fixed, 16),
+    };
+    let deadline_ms = u64_at(fixed, 24);
     let (key, rest) = take_u16_prefixed(rest)?;
     let (value, rest) = take_u32_prefixed(rest)?;
     Ok((
         SnapshotEntry {
             key,
             value,
-            version,
+            revisions,
             deadline_ms: (deadline_ms != 0).then_some(deadline_ms),
         },
         rest,

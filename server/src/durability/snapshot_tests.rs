@@ -44,7 +44,7 @@ use crate::durability::storage::{GlommioFile, GlommioStorage, Storage, StorageFi
 use crate::durability::test_support::{shard_config, TestDir};
 use crate::durability::{Durability, DurabilityError};
 use crate::runtime::LocalSignal;
-use crate::shard::store::PARTITION_COUNT;
+use crate::shard::store::{KeyRevisions, PARTITION_COUNT};
 use crate::shard::Shard;
 
 const CORE_ID: u16 = 0;
@@ -100,7 +100,7 @@ fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, ttl_ms: Option<u64>) 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StoredEntry {
     value: Vec<u8>,
-    version: u64,
+    revisions: KeyRevisions,
     deadline_ms: Option<u64>,
 }
 
@@ -117,7 +117,7 @@ fn contents(shard: &Shard, now_ms: u64) -> Contents {
                 entry.key().to_vec(),
                 StoredEntry {
                     value: entry.value().to_vec(),
-                    version: entry.version(),
+                    revisions: entry.revisions(),
                     deadline_ms: entry.deadline_ms(),
                 },
             )
@@ -148,13 +148,13 @@ fn assert_same_contents(actual: &Contents, expected: &Contents, context: &str) {
             let found = actual.get(key)?;
             (found != wanted).then(|| {
                 format!(
-                    "{} (version {} of {} bytes, deadline {:?}; expected version {} of {} \
-                     bytes, deadline {:?})",
+                    "{} ({:?} of {} bytes, deadline {:?}; expected {:?} of {} bytes, \
+                     deadline {:?})",
                     key_text(key),
-                    found.version,
+                    found.revisions,
                     found.value.len(),
                     found.deadline_ms,
-                    wanted.version,
+                    wanted.revisions,
                     wanted.value.len(),
                     wanted.deadline_ms
                 )
@@ -639,7 +639,7 @@ async fn snapshot_while_writing(seed: u64) {
     load_snapshot(&written.path, CORE_ID, &mut snapshot_alone, now_ms).unwrap();
     let copied_after_base = (0..PARTITION_COUNT)
         .flat_map(|partition| snapshot_alone.partition_entries(partition))
-        .filter(|entry| entry.version() > written.base_revision)
+        .filter(|entry| entry.mod_revision() > written.base_revision)
         .count();
     assert!(
         copied_after_base > 0,
@@ -1160,7 +1160,7 @@ fn a_snapshot_interrupted_before_its_rename_is_removed_and_never_loaded() {
             &[SnapshotEntry {
                 key: b"ghost",
                 value: b"never written",
-                version: ghost_base,
+                revisions: KeyRevisions::created(ghost_base),
                 deadline_ms: None,
             }],
         );

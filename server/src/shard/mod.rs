@@ -9,7 +9,7 @@
 //! **Invariants**
 //! - Every mutation (put, delete, expire, persist, reclaiming an expired key, a batch on this
 //!   shard) increments `revision` exactly once, and entries it writes carry that revision as
-//!   their version.
+//!   their mod revision (a new key also as its create revision; its version counts its writes).
 //! - An entry has a pending wheel timer if and only if it has an expiry, and the timer's id is
 //!   the one stored in the entry.
 //! - An expired entry is never returned, whether or not its timer has fired yet.
@@ -26,7 +26,7 @@ use tessera_protocol::{
     SlotRange, TtlState,
 };
 
-use self::store::{entry_cost, EntryRef, Expiry, OwnedEntry, Store};
+use self::store::{entry_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
 use crate::durability::format::{Effect, Record, RecordWriter};
 use crate::durability::DurabilityError;
@@ -137,11 +137,18 @@ impl Shard {
                     key,
                     value,
                     deadline_ms,
+                    create_revision,
+                    version,
                 } => {
                     if deadline_ms.is_some_and(|deadline_ms| deadline_ms <= now_ms) {
                         self.remove_entry(key);
                     } else {
-                        self.write_entry(key, value, deadline_ms, record.revision);
+                        let revisions = KeyRevisions {
+                            create: create_revision,
+                            modify: record.revision,
+                            version,
+                        };
+                        self.restore(key, value, revisions, deadline_ms);
                     }
                 }
                 Effect::Remove { key } => {
@@ -152,23 +159,35 @@ impl Shard {
         Ok(())
     }
 
-    /// Stores one entry of a snapshot (recovery): `value` under `key`, last modified at
-    /// `version`, expiring at `deadline_ms`. Dropped if it expired by `now_ms`. Nothing is
-    /// journaled and the revision is left alone ([`Shard::restore_revision`] sets it).
+    /// Stores one entry of a snapshot (recovery): `value` under `key` with its `revisions`,
+    /// expiring at `deadline_ms`. Dropped if it expired by `now_ms`. Nothing is journaled and
+    /// the revision is left alone ([`Shard::restore_revision`] sets it).
     pub fn restore_entry(
         &mut self,
         now_ms: u64,
         key: &[u8],
         value: &[u8],
-        version: u64,
+        revisions: KeyRevisions,
         deadline_ms: Option<u64>,
     ) {
         if deadline_ms.is_some_and(|deadline_ms| deadline_ms <= now_ms) {
             return;
         }
         let journal = self.journal.take();
-        self.write_entry(key, value, deadline_ms, version);
+        self.restore(key, value, revisions, deadline_ms);
         self.journal = journal;
+    }
+
+    /// Stores `value` under `key` with exactly `revisions` (recovery), replacing any entry.
+    fn restore(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        revisions: KeyRevisions,
+        deadline_ms: Option<u64>,
+    ) {
+        let expiry_before = self.store.get(key).and_then(EntryRef::expiry);
+        self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
     }
 
     /// Sets the revision recovery continues from: the revision a snapshot began at, then the
@@ -204,7 +223,7 @@ impl Shard {
         // A record's header and revision, an effect's kind, sizes and deadline, and the
         // removal of an expired entry the write may reclaim first (its own record).
         const RECORD: u64 = 16;
-        const EFFECT: u64 = 15;
+        const EFFECT: u64 = 31;
         let key_write = |key: &[u8], value_size: usize| {
             2 * (RECORD + EFFECT + key.len() as u64) + value_size as u64
         };
@@ -498,20 +517,28 @@ impl Shard {
         Some(entry)
     }
 
-    /// Stores `value` under `key` at `version`, replacing any entry and its timer.
-    fn write_entry(&mut self, key: &[u8], value: &[u8], deadline_ms: Option<u64>, version: u64) {
-        let expiry_before = self.store.get(key).and_then(EntryRef::expiry);
-        self.replace_entry(key, value, deadline_ms, version, expiry_before);
+    /// Writes `value` under `key` at `revision`, replacing any entry and its timer (a new
+    /// key is created at `revision`; an existing one keeps its create revision).
+    fn write_entry(&mut self, key: &[u8], value: &[u8], deadline_ms: Option<u64>, revision: u64) {
+        let before = self
+            .store
+            .get(key)
+            .map(|entry| (entry.revisions(), entry.expiry()));
+        let revisions = before.map_or(KeyRevisions::created(revision), |(revisions, _)| {
+            revisions.written(revision)
+        });
+        let expiry_before = before.and_then(|(_, expiry)| expiry);
+        self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
     }
 
-    /// Stores `value` under `key` at `version`, replacing the entry whose expiry (looked up
-    /// by the caller) was `expiry_before`, and its timer.
+    /// Stores `value` under `key` with `revisions`, replacing the entry whose expiry (looked
+    /// up by the caller) was `expiry_before`, and its timer.
     fn replace_entry(
         &mut self,
         key: &[u8],
         value: &[u8],
         deadline_ms: Option<u64>,
-        version: u64,
+        revisions: KeyRevisions,
         expiry_before: Option<Expiry>,
     ) {
         if let Some(expiry) = expiry_before {
@@ -526,12 +553,14 @@ impl Shard {
             deadline_ms,
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
-        self.store.insert(key, value, version, expiry);
+        self.store.insert(key, value, revisions, expiry);
         if let Some(journal) = &mut self.journal {
             journal.push(Effect::Set {
                 key,
                 value,
                 deadline_ms,
+                create_revision: revisions.create,
+                version: revisions.version,
             });
         }
     }
@@ -568,7 +597,7 @@ impl Shard {
         self.debug_check_owned(key);
         let mut current = self.store.get(key).map(|entry| Current {
             is_expired: entry.is_expired(now_ms),
-            version: entry.version(),
+            revisions: entry.revisions(),
             expiry: entry.expiry(),
             cost: entry.cost(),
             previous: return_previous.then(|| to_entry(entry)),
@@ -582,19 +611,19 @@ impl Shard {
             PutCondition::IfAbsent => current.is_none(),
             PutCondition::IfPresent => current.is_some(),
         };
-        let (version_before, expiry_before, cost_old, previous) = match current {
+        let (revisions_before, expiry_before, cost_old, previous) = match current {
             Some(current) => (
-                current.version,
+                Some(current.revisions),
                 current.expiry,
                 current.cost,
                 current.previous,
             ),
-            None => (0, None, 0, None),
+            None => (None, None, 0, None),
         };
         if !condition_holds {
             return Response::Put {
                 applied: false,
-                version: version_before,
+                mod_revision: revisions_before.map_or(0, |revisions| revisions.modify),
                 previous,
             };
         }
@@ -607,12 +636,15 @@ impl Shard {
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
-        let version = self.begin_revision();
-        self.replace_entry(key, value, deadline_ms, version, expiry_before);
+        let revision = self.begin_revision();
+        let revisions = revisions_before.map_or(KeyRevisions::created(revision), |before| {
+            before.written(revision)
+        });
+        self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
         self.finish_revision();
         Response::Put {
             applied: true,
-            version,
+            mod_revision: revision,
             previous,
         }
     }
@@ -623,11 +655,11 @@ impl Shard {
         let current = self
             .store
             .get(key)
-            .map(|entry| (entry.value(), entry.expiry()));
-        let (current_value, expiry_before) = match current {
-            None => (0, None),
-            Some((text, expiry)) => match parse_counter(text) {
-                Some(value) => (value, expiry),
+            .map(|entry| (entry.value(), entry.expiry(), entry.revisions()));
+        let (current_value, expiry_before, revisions_before) = match current {
+            None => (0, None, None),
+            Some((text, expiry, revisions)) => match parse_counter(text) {
+                Some(value) => (value, expiry, Some(revisions)),
                 None => {
                     return Response::Error(ErrorReply::new(
                         ErrorCode::OutOfRange,
@@ -652,10 +684,16 @@ impl Shard {
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
-        let version = self.begin_revision();
-        self.replace_entry(key, text.as_bytes(), deadline_ms, version, expiry_before);
+        let revision = self.begin_revision();
+        let revisions = revisions_before.map_or(KeyRevisions::created(revision), |before| {
+            before.written(revision)
+        });
+        self.replace_entry(key, text.as_bytes(), deadline_ms, revisions, expiry_before);
         self.finish_revision();
-        Response::Counter { value, version }
+        Response::Counter {
+            value,
+            mod_revision: revision,
+        }
     }
 
     fn delete(&mut self, now_ms: u64, key: &[u8], return_previous: bool) -> Response {
@@ -694,15 +732,16 @@ impl Shard {
         let Some(entry) = self.live_entry(now_ms, key) else {
             return Response::Expiry {
                 applied: false,
-                version: 0,
+                mod_revision: 0,
             };
         };
         let current_expiry = entry.expiry();
+        let revisions_before = entry.revisions();
         if deadline_ms.is_none() && current_expiry.is_none() {
             // Persisting a key that never expires changes nothing, so it is not a mutation.
             return Response::Expiry {
                 applied: false,
-                version: entry.version(),
+                mod_revision: entry.mod_revision(),
             };
         }
         if current_expiry.is_none() {
@@ -723,20 +762,23 @@ impl Shard {
             deadline_ms,
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
-        let version = self.begin_revision();
-        let is_updated = self.store.update(key, version, expiry);
+        let revision = self.begin_revision();
+        let revisions = revisions_before.written(revision);
+        let is_updated = self.store.update(key, revisions, expiry);
         assert!(is_updated, "live entry vanished while its ttl was set");
         if let (Some(journal), Some(entry)) = (&mut self.journal, self.store.get(key)) {
             journal.push(Effect::Set {
                 key,
                 value: entry.value(),
                 deadline_ms,
+                create_revision: revisions.create,
+                version: revisions.version,
             });
         }
         self.finish_revision();
         Response::Expiry {
             applied: true,
-            version,
+            mod_revision: revision,
         }
     }
 
@@ -761,7 +803,7 @@ impl Shard {
     ) -> Response {
         if entries.is_empty() {
             return Response::MultiPut {
-                versions: Vec::new(),
+                mod_revisions: Vec::new(),
             };
         }
         for entry in entries.iter() {
@@ -782,17 +824,17 @@ impl Shard {
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
-        let version = self.begin_revision();
+        let revision = self.begin_revision();
         for entry in entries.iter() {
             let deadline_ms = entry
                 .ttl_ms
                 .as_ref()
                 .map(|ttl_ms| now_ms.saturating_add(ttl_ms.to_native()));
-            self.write_entry(&entry.key, &entry.value, deadline_ms, version);
+            self.write_entry(&entry.key, &entry.value, deadline_ms, revision);
         }
         self.finish_revision();
         Response::MultiPut {
-            versions: vec![version; entries.len()],
+            mod_revisions: vec![revision; entries.len()],
         }
     }
 
@@ -833,16 +875,19 @@ fn parse_counter(text: &[u8]) -> Option<i64> {
 /// What a put needs to know of the entry it may replace.
 struct Current {
     is_expired: bool,
-    version: u64,
+    revisions: KeyRevisions,
     expiry: Option<Expiry>,
     cost: u64,
     previous: Option<Entry>,
 }
 
 fn to_entry(entry: EntryRef<'_>) -> Entry {
+    let revisions = entry.revisions();
     Entry {
         value: entry.value().to_vec(),
-        version: entry.version(),
+        create_revision: revisions.create,
+        mod_revision: revisions.modify,
+        version: revisions.version,
         expires_at_ms: entry.deadline_ms(),
     }
 }

@@ -6,19 +6,22 @@
 //! Each entry is one heap allocation holding a small header, the key and the value, and the
 //! hash table holds only a pointer to it. A lookup therefore touches the table's control bytes
 //! and one allocation (where the key is compared and the value found next to it), and a stored
-//! key costs its bytes, a 11-byte header (27 with a TTL), the allocator's rounding and one
+//! key costs its bytes, a 27-byte header (43 with a TTL), the allocator's rounding and one
 //! 16-byte table slot. Measured with 16-byte keys and 32-byte values, this took the resident
-//! memory per key from 220 to about 110 bytes (`docs/benchmarks.md`). An overwrite with a value
+//! memory per key from 220 to about 110 bytes; the ordered index and the create revision and
+//! version in the header have since brought it to about 187 (`docs/benchmarks.md`). An overwrite with a value
 //! of the same size is done in place, without allocating.
 //!
 //! Entry layout (little-endian):
 //!
 //! ```text
-//! [0, 8)    version             u64
-//! [8, 10)   key size            u16   (KEY_SIZE_MAX fits)
-//! [10]      flags               u8    bit 0: the entry has an expiry
-//! [11, 19)  deadline_ms         u64   only with an expiry
-//! [19, 27)  timer               u32 index, u32 generation; only with an expiry
+//! [0, 8)    mod_revision        u64
+//! [8, 16)   create_revision     u64
+//! [16, 24)  version             u64   writes since the key was created
+//! [24, 26)  key size            u16   (KEY_SIZE_MAX fits)
+//! [26]      flags               u8    bit 0: the entry has an expiry
+//! [27, 35)  deadline_ms         u64   only with an expiry
+//! [35, 43)  timer               u32 index, u32 generation; only with an expiry
 //! then the key, then the value (to the end of the allocation)
 //! ```
 //!
@@ -69,9 +72,43 @@ pub const PARTITION_COUNT: usize = 256;
 /// than 2^40 slots uses for the slot, below the 7 top bits it keeps in its control bytes.
 const PARTITION_SHIFT: u32 = 40;
 
-const HEADER_SIZE: usize = 11;
+const HEADER_SIZE: usize = 27;
+const KEY_SIZE_AT: usize = 24;
+const FLAGS_AT: usize = 26;
 const EXPIRY_SIZE: usize = 16;
 const FLAG_EXPIRY: u8 = 1;
+
+/// The revisions an entry carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyRevisions {
+    /// The shard revision at which the key was created.
+    pub create: u64,
+    /// The shard revision of the key's last modification.
+    pub modify: u64,
+    /// Writes since the key was created (1 after the first).
+    pub version: u64,
+}
+
+impl KeyRevisions {
+    /// A key created at `revision`.
+    pub fn created(revision: u64) -> Self {
+        Self {
+            create: revision,
+            modify: revision,
+            version: 1,
+        }
+    }
+
+    /// The same key written again at `revision`.
+    #[must_use]
+    pub fn written(self, revision: u64) -> Self {
+        Self {
+            create: self.create,
+            modify: revision,
+            version: self.version.saturating_add(1),
+        }
+    }
+}
 
 /// A key's deadline and the wheel timer scheduled for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,11 +127,14 @@ pub struct EntryRef<'a> {
 
 impl<'a> EntryRef<'a> {
     fn key_size(self) -> usize {
-        usize::from(u16::from_le_bytes([self.bytes[8], self.bytes[9]]))
+        usize::from(u16::from_le_bytes([
+            self.bytes[KEY_SIZE_AT],
+            self.bytes[KEY_SIZE_AT + 1],
+        ]))
     }
 
     fn has_expiry(self) -> bool {
-        self.bytes[10] & FLAG_EXPIRY != 0
+        self.bytes[FLAGS_AT] & FLAG_EXPIRY != 0
     }
 
     fn data_start(self) -> usize {
@@ -113,8 +153,17 @@ impl<'a> EntryRef<'a> {
     }
 
     /// The shard revision of the entry's last modification.
-    pub fn version(self) -> u64 {
+    pub fn mod_revision(self) -> u64 {
         read_u64(self.bytes, 0)
+    }
+
+    /// The entry's create and mod revisions and version.
+    pub fn revisions(self) -> KeyRevisions {
+        KeyRevisions {
+            modify: read_u64(self.bytes, 0),
+            create: read_u64(self.bytes, 8),
+            version: read_u64(self.bytes, 16),
+        }
     }
 
     /// The absolute expiry and the timer that enforces it, if the key has a TTL.
@@ -184,7 +233,7 @@ fn write_entry(
     key: Option<&[u8]>,
     key_size: usize,
     value: Option<&[u8]>,
-    version: u64,
+    revisions: KeyRevisions,
     expiry: Option<Expiry>,
 ) {
     // Keys are checked against KEY_SIZE_MAX (4 KiB) before they reach the store.
@@ -199,17 +248,20 @@ fn write_entry(
         "entry of {} bytes cannot hold a {key_size}-byte key",
         bytes.len()
     );
-    bytes[0..8].copy_from_slice(&version.to_le_bytes());
-    bytes[8..10].copy_from_slice(&key_size_field.to_le_bytes());
+    bytes[0..8].copy_from_slice(&revisions.modify.to_le_bytes());
+    bytes[8..16].copy_from_slice(&revisions.create.to_le_bytes());
+    bytes[16..24].copy_from_slice(&revisions.version.to_le_bytes());
+    bytes[KEY_SIZE_AT..KEY_SIZE_AT + 2].copy_from_slice(&key_size_field.to_le_bytes());
     let mut start = HEADER_SIZE;
     match expiry {
         Some(expiry) => {
-            bytes[10] = FLAG_EXPIRY;
-            bytes[11..19].copy_from_slice(&expiry.deadline_ms.to_le_bytes());
-            bytes[19..27].copy_from_slice(&expiry.timer.to_raw().to_le_bytes());
+            bytes[FLAGS_AT] = FLAG_EXPIRY;
+            bytes[HEADER_SIZE..HEADER_SIZE + 8].copy_from_slice(&expiry.deadline_ms.to_le_bytes());
+            bytes[HEADER_SIZE + 8..HEADER_SIZE + 16]
+                .copy_from_slice(&expiry.timer.to_raw().to_le_bytes());
             start += EXPIRY_SIZE;
         }
-        None => bytes[10] = 0,
+        None => bytes[FLAGS_AT] = 0,
     }
     debug_assert_eq!(start, data_start);
     if let Some(key) = key {
@@ -220,7 +272,12 @@ fn write_entry(
     }
 }
 
-fn new_entry(key: &[u8], value: &[u8], version: u64, expiry: Option<Expiry>) -> Box<[u8]> {
+fn new_entry(
+    key: &[u8],
+    value: &[u8],
+    revisions: KeyRevisions,
+    expiry: Option<Expiry>,
+) -> Box<[u8]> {
     let mut bytes =
         vec![0; entry_size(key.len(), value.len(), expiry.is_some())].into_boxed_slice();
     write_entry(
@@ -228,7 +285,7 @@ fn new_entry(key: &[u8], value: &[u8], version: u64, expiry: Option<Expiry>) -> 
         Some(key),
         key.len(),
         Some(value),
-        version,
+        revisions,
         expiry,
     );
     bytes
@@ -367,10 +424,16 @@ impl Store {
         self.get(key).map_or(0, EntryRef::cost)
     }
 
-    /// Stores `value` under `key` at `version`, replacing any entry. The caller has checked
+    /// Stores `value` under `key` with `revisions`, replacing any entry. The caller has checked
     /// the budget; the accounting follows whatever was stored. An entry of the same size is
     /// overwritten in place.
-    pub fn insert(&mut self, key: &[u8], value: &[u8], version: u64, expiry: Option<Expiry>) {
+    pub fn insert(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        revisions: KeyRevisions,
+        expiry: Option<Expiry>,
+    ) {
         let hash = self.hash(key);
         let size = entry_size(key.len(), value.len(), expiry.is_some());
         let cost = entry_cost(key.len(), value.len(), expiry.is_some());
@@ -387,14 +450,14 @@ impl Store {
                 // already in place; rewrite header and value. Same size alone is not enough:
                 // a TTL dropped and a value 16 bytes longer would shift the key.
                 if stored.len() == size && before.has_expiry() == expiry.is_some() {
-                    write_entry(stored, None, key.len(), Some(value), version, expiry);
+                    write_entry(stored, None, key.len(), Some(value), revisions, expiry);
                 } else {
-                    *stored = new_entry(key, value, version, expiry);
+                    *stored = new_entry(key, value, revisions, expiry);
                 }
                 released
             }
             TableEntry::Vacant(vacant) => {
-                vacant.insert(new_entry(key, value, version, expiry));
+                vacant.insert(new_entry(key, value, revisions, expiry));
                 self.order.insert(OrderKey::from_slice(key));
                 self.len += 1;
                 0
@@ -419,9 +482,9 @@ impl Store {
         Some(entry)
     }
 
-    /// Sets the version and expiry of the entry under `key`, keeping its value. Re-charges
+    /// Sets the revisions and expiry of the entry under `key`, keeping its value. Re-charges
     /// the entry when the expiry was added or removed. Returns whether the key was found.
-    pub fn update(&mut self, key: &[u8], version: u64, expiry: Option<Expiry>) -> bool {
+    pub fn update(&mut self, key: &[u8], revisions: KeyRevisions, expiry: Option<Expiry>) -> bool {
         let hash = self.hash(key);
         let Some(stored) = self
             .table_mut(hash)
@@ -433,10 +496,10 @@ impl Store {
         let cost_before = before.cost();
         if before.has_expiry() == expiry.is_some() {
             // The header keeps its size: the key and value stay where they are.
-            write_entry(stored, None, key.len(), None, version, expiry);
+            write_entry(stored, None, key.len(), None, revisions, expiry);
         } else {
             let value = before.value().to_vec();
-            *stored = new_entry(key, &value, version, expiry);
+            *stored = new_entry(key, &value, revisions, expiry);
         }
         let cost_after = EntryRef { bytes: stored }.cost();
         self.memory_bytes += cost_after;
@@ -455,7 +518,8 @@ impl Store {
                 EntryRef { bytes: stored }.has_expiry(),
                 "set_timer on an entry without expiry"
             );
-            stored[19..27].copy_from_slice(&timer.to_raw().to_le_bytes());
+            stored[HEADER_SIZE + 8..HEADER_SIZE + 16]
+                .copy_from_slice(&timer.to_raw().to_le_bytes());
         }
     }
 
@@ -516,6 +580,15 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// Revisions of a key created at revision 1 and last written at `modify`.
+    fn rev(modify: u64) -> KeyRevisions {
+        KeyRevisions {
+            create: 1,
+            modify,
+            version: modify,
+        }
+    }
+
     fn expiry(deadline_ms: u64) -> Expiry {
         Expiry {
             deadline_ms,
@@ -526,12 +599,13 @@ mod tests {
     #[test]
     fn entries_read_back_what_was_written() {
         let mut store = Store::new(1 << 20);
-        store.insert(b"plain", b"value", 3, None);
-        store.insert(b"timed", b"", 4, Some(expiry(99)));
+        store.insert(b"plain", b"value", rev(3), None);
+        store.insert(b"timed", b"", rev(4), Some(expiry(99)));
         let plain = store.get(b"plain").unwrap();
         assert_eq!(plain.key(), b"plain");
         assert_eq!(plain.value(), b"value");
-        assert_eq!(plain.version(), 3);
+        assert_eq!(plain.mod_revision(), 3);
+        assert_eq!(plain.revisions(), rev(3));
         assert_eq!(plain.expiry(), None);
         let timed = store.get(b"timed").unwrap();
         assert_eq!(timed.value(), b"");
@@ -545,30 +619,30 @@ mod tests {
     #[test]
     fn overwrites_updates_and_removes_keep_the_accounting() {
         let mut store = Store::new(1 << 20);
-        store.insert(b"k", b"aaaa", 1, None);
+        store.insert(b"k", b"aaaa", rev(1), None);
         // Same size: in place.
-        store.insert(b"k", b"bbbb", 2, None);
+        store.insert(b"k", b"bbbb", rev(2), None);
         assert_eq!(store.get(b"k").unwrap().value(), b"bbbb");
         // The same total size with another layout: an expiry dropped, 16 more value bytes.
-        store.insert(b"t", b"v", 1, Some(expiry(5)));
-        store.insert(b"t", &[b'w'; 17], 2, None);
+        store.insert(b"t", b"v", rev(1), Some(expiry(5)));
+        store.insert(b"t", &[b'w'; 17], rev(2), None);
         let replaced = store.get(b"t").unwrap();
         assert_eq!(replaced.value(), [b'w'; 17]);
         assert_eq!(replaced.expiry(), None);
         store.remove(b"t");
         // Another size, then an expiry added and removed.
-        store.insert(b"k", b"cc", 3, None);
-        assert!(store.update(b"k", 4, Some(expiry(10))));
+        store.insert(b"k", b"cc", rev(3), None);
+        assert!(store.update(b"k", rev(4), Some(expiry(10))));
         assert_eq!(store.get(b"k").unwrap().value(), b"cc");
-        assert_eq!(store.get(b"k").unwrap().version(), 4);
+        assert_eq!(store.get(b"k").unwrap().mod_revision(), 4);
         assert_eq!(store.memory_bytes(), store.memory_bytes_recomputed());
         let timer = TimerId::from_raw(42);
         store.set_timer(b"k", timer);
         assert_eq!(store.get(b"k").unwrap().expiry().unwrap().timer, timer);
-        assert!(store.update(b"k", 5, None));
+        assert!(store.update(b"k", rev(5), None));
         assert_eq!(store.get(b"k").unwrap().expiry(), None);
         assert_eq!(store.memory_bytes(), store.memory_bytes_recomputed());
-        assert!(!store.update(b"missing", 1, None));
+        assert!(!store.update(b"missing", rev(1), None));
         let removed = store.remove(b"k").unwrap();
         assert_eq!(removed.view().value(), b"cc");
         assert_eq!(store.memory_bytes(), 0);
@@ -582,7 +656,7 @@ mod tests {
             store.insert(
                 &index.to_le_bytes(),
                 &index.to_be_bytes(),
-                u64::from(index),
+                KeyRevisions::created(u64::from(index)),
                 None,
             );
         }

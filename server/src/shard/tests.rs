@@ -84,9 +84,39 @@ fn same_response(actual: &Response, expected: &Response) -> bool {
 /// revision is the last field.
 type Step = (u64, Request, Response, u64);
 
+/// `response` with every entry's create revision and version cleared: the tables spell out
+/// values and mod revisions, and `revisions_count_writes_and_creation` and the model test
+/// check the other two.
+fn without_create_and_version(response: &Response) -> Response {
+    let clear = |entry: &mut Entry| {
+        entry.create_revision = 0;
+        entry.version = 0;
+    };
+    let mut response = response.clone();
+    match &mut response {
+        Response::Value(Some(entry))
+        | Response::Put {
+            previous: Some(entry),
+            ..
+        }
+        | Response::Delete {
+            previous: Some(entry),
+            ..
+        } => clear(entry),
+        Response::Values(entries) => entries.iter_mut().flatten().for_each(clear),
+        Response::Scan(page) => page
+            .items
+            .iter_mut()
+            .filter_map(|item| item.entry.as_mut())
+            .for_each(clear),
+        _ => {}
+    }
+    response
+}
+
 fn run(shard: &mut Shard, steps: &[Step]) {
     for (index, (now_ms, request, expected, revision)) in steps.iter().enumerate() {
-        let actual = apply(shard, *now_ms, request);
+        let actual = without_create_and_version(&apply(shard, *now_ms, request));
         assert!(
             same_response(&actual, expected),
             "step {index} at now_ms={now_ms}: {request:?}\n  actual: {actual:?}\nexpected: \
@@ -199,18 +229,22 @@ fn multi_delete(keys: &[&str]) -> Request {
 
 // Responses.
 
-fn entry(value: &str, version: u64) -> Entry {
+/// An entry last modified at `mod_revision` (create revision and version unchecked: see
+/// `without_create_and_version`).
+fn entry(value: &str, mod_revision: u64) -> Entry {
     Entry {
         value: value.into(),
-        version,
+        create_revision: 0,
+        mod_revision,
+        version: 0,
         expires_at_ms: None,
     }
 }
 
-fn entry_until(value: &str, version: u64, expires_at_ms: u64) -> Entry {
+fn entry_until(value: &str, mod_revision: u64, expires_at_ms: u64) -> Entry {
     Entry {
         expires_at_ms: Some(expires_at_ms),
-        ..entry(value, version)
+        ..entry(value, mod_revision)
     }
 }
 
@@ -222,26 +256,26 @@ fn not_found() -> Response {
     Response::Value(None)
 }
 
-fn applied(version: u64) -> Response {
+fn applied(mod_revision: u64) -> Response {
     Response::Put {
         applied: true,
-        version,
+        mod_revision,
         previous: None,
     }
 }
 
-fn not_applied(version: u64) -> Response {
+fn not_applied(mod_revision: u64) -> Response {
     Response::Put {
         applied: false,
-        version,
+        mod_revision,
         previous: None,
     }
 }
 
-fn put_reply(applied: bool, version: u64, previous: Option<Entry>) -> Response {
+fn put_reply(applied: bool, mod_revision: u64, previous: Option<Entry>) -> Response {
     Response::Put {
         applied,
-        version,
+        mod_revision,
         previous,
     }
 }
@@ -257,8 +291,11 @@ fn deleted(deleted: bool) -> Response {
     }
 }
 
-fn expiry(applied: bool, version: u64) -> Response {
-    Response::Expiry { applied, version }
+fn expiry(applied: bool, mod_revision: u64) -> Response {
+    Response::Expiry {
+        applied,
+        mod_revision,
+    }
 }
 
 fn persistent() -> Response {
@@ -280,9 +317,9 @@ fn values(entries: Vec<Option<Entry>>) -> Response {
     Response::Values(entries)
 }
 
-fn multi_put_versions(versions: &[u64]) -> Response {
+fn multi_put_versions(mod_revisions: &[u64]) -> Response {
     Response::MultiPut {
-        versions: versions.to_vec(),
+        mod_revisions: mod_revisions.to_vec(),
     }
 }
 
@@ -1372,11 +1409,29 @@ fn model_key(index: usize) -> Vec<u8> {
 #[derive(Debug, Clone)]
 struct ModelEntry {
     value: Vec<u8>,
+    create_revision: u64,
+    mod_revision: u64,
     version: u64,
     deadline_ms: Option<u64>,
 }
 
 impl ModelEntry {
+    /// `value` written at `revision` over `before` (the key's entry, if it exists).
+    fn written(
+        before: Option<&ModelEntry>,
+        value: Vec<u8>,
+        revision: u64,
+        deadline_ms: Option<u64>,
+    ) -> Self {
+        Self {
+            value,
+            create_revision: before.map_or(revision, |entry| entry.create_revision),
+            mod_revision: revision,
+            version: before.map_or(1, |entry| entry.version + 1),
+            deadline_ms,
+        }
+    }
+
     fn is_expired(&self, now_ms: u64) -> bool {
         self.deadline_ms
             .is_some_and(|deadline_ms| deadline_ms <= now_ms)
@@ -1385,6 +1440,8 @@ impl ModelEntry {
     fn to_entry(&self) -> Entry {
         Entry {
             value: self.value.clone(),
+            create_revision: self.create_revision,
+            mod_revision: self.mod_revision,
             version: self.version,
             expires_at_ms: self.deadline_ms,
         }
@@ -1591,21 +1648,25 @@ impl Model {
         let Some(value) = before.checked_add(delta) else {
             return out_of_range();
         };
-        let version = self.revision + 1;
+        let revision = self.revision + 1;
         let mut after = self.entries.clone();
         after.insert(
             key.to_vec(),
-            ModelEntry {
-                value: value.to_string().into_bytes(),
-                version,
-                deadline_ms: current.and_then(|entry| entry.deadline_ms),
-            },
+            ModelEntry::written(
+                current.as_ref(),
+                value.to_string().into_bytes(),
+                revision,
+                current.as_ref().and_then(|entry| entry.deadline_ms),
+            ),
         );
         if !self.commit(after) {
             return store_full();
         }
-        self.revision = version;
-        Response::Counter { value, version }
+        self.revision = revision;
+        Response::Counter {
+            value,
+            mod_revision: revision,
+        }
     }
 
     fn put(&mut self, now_ms: u64, put: &Put) -> Response {
@@ -1624,32 +1685,28 @@ impl Model {
         if !condition_holds {
             return Response::Put {
                 applied: false,
-                version: current.map_or(0, |entry| entry.version),
+                mod_revision: current.map_or(0, |entry| entry.mod_revision),
                 previous,
             };
         }
         let deadline_ms = match put.ttl_ms {
             Some(ttl_ms) => Some(now_ms + ttl_ms),
-            None if put.keep_ttl => current.and_then(|entry| entry.deadline_ms),
+            None if put.keep_ttl => current.as_ref().and_then(|entry| entry.deadline_ms),
             None => None,
         };
-        let version = self.revision + 1;
+        let revision = self.revision + 1;
         let mut after = self.entries.clone();
         after.insert(
             put.key.clone(),
-            ModelEntry {
-                value: put.value.clone(),
-                version,
-                deadline_ms,
-            },
+            ModelEntry::written(current.as_ref(), put.value.clone(), revision, deadline_ms),
         );
         if !self.commit(after) {
             return store_full();
         }
-        self.revision = version;
+        self.revision = revision;
         Response::Put {
             applied: true,
-            version,
+            mod_revision: revision,
             previous,
         }
     }
@@ -1660,23 +1717,19 @@ impl Model {
             return expiry(false, 0);
         };
         if deadline_ms.is_none() && current.deadline_ms.is_none() {
-            return expiry(false, current.version);
+            return expiry(false, current.mod_revision);
         }
-        let version = self.revision + 1;
+        let revision = self.revision + 1;
         let mut after = self.entries.clone();
         after.insert(
             key.to_vec(),
-            ModelEntry {
-                version,
-                deadline_ms,
-                ..current
-            },
+            ModelEntry::written(Some(&current), current.value.clone(), revision, deadline_ms),
         );
         if !self.commit(after) {
             return store_full();
         }
-        self.revision = version;
-        expiry(true, version)
+        self.revision = revision;
+        expiry(true, revision)
     }
 
     fn multi_put(&mut self, now_ms: u64, entries: &[PutEntry]) -> Response {
@@ -1686,24 +1739,23 @@ impl Model {
         for entry in entries {
             self.reclaim_if_expired(now_ms, &entry.key);
         }
-        let version = self.revision + 1;
+        let revision = self.revision + 1;
         let mut after = self.entries.clone();
         for entry in entries {
-            after.insert(
-                entry.key.clone(),
-                ModelEntry {
-                    value: entry.value.clone(),
-                    version,
-                    deadline_ms: entry.ttl_ms.map(|ttl_ms| now_ms + ttl_ms),
-                },
+            let written = ModelEntry::written(
+                after.get(&entry.key),
+                entry.value.clone(),
+                revision,
+                entry.ttl_ms.map(|ttl_ms| now_ms + ttl_ms),
             );
+            after.insert(entry.key.clone(), written);
         }
         if !self.commit(after) {
             return store_full();
         }
-        self.revision = version;
+        self.revision = revision;
         Response::MultiPut {
-            versions: vec![version; entries.len()],
+            mod_revisions: vec![revision; entries.len()],
         }
     }
 
@@ -1908,8 +1960,11 @@ fn add(key: &str, delta: i64) -> Request {
     }
 }
 
-fn counter(value: i64, version: u64) -> Response {
-    Response::Counter { value, version }
+fn counter(value: i64, mod_revision: u64) -> Response {
+    Response::Counter {
+        value,
+        mod_revision,
+    }
 }
 
 fn out_of_range() -> Response {
@@ -2038,4 +2093,59 @@ fn scans_follow_byte_order_through_writes_deletes_and_expiry() {
     assert!(scan_page(&mut shard, START_MS + 10, backwards)
         .items
         .is_empty());
+}
+
+// Key revisions.
+
+fn revisions_of(shard: &mut Shard, now_ms: u64, key: &str) -> Option<(u64, u64, u64)> {
+    match apply(shard, now_ms, &get(key)) {
+        Response::Value(entry) => {
+            entry.map(|entry| (entry.create_revision, entry.mod_revision, entry.version))
+        }
+        other => panic!("get answered {other:?}"),
+    }
+}
+
+/// A key's create revision is where it began to exist, its mod revision its last write, and
+/// its version the writes since it was created (puts, adds, TTL changes, batch entries); a
+/// key deleted or expired and written again starts over.
+#[test]
+fn revisions_count_writes_and_creation() {
+    let mut shard = new_shard();
+    let now = START_MS;
+    apply(&mut shard, now, &put("k", "a"));
+    assert_eq!(revisions_of(&mut shard, now, "k"), Some((1, 1, 1)));
+    apply(&mut shard, now, &put("other", "x"));
+    apply(&mut shard, now, &put("k", "b"));
+    assert_eq!(revisions_of(&mut shard, now, "k"), Some((1, 3, 2)));
+    apply(&mut shard, now, &expire("k", 1_000));
+    apply(&mut shard, now, &persist("k"));
+    // Persisting a key without a TTL changes nothing and counts nothing.
+    apply(&mut shard, now, &persist("k"));
+    assert_eq!(revisions_of(&mut shard, now, "k"), Some((1, 5, 4)));
+    apply(&mut shard, now, &put_if("k", "c", IfAbsent));
+    assert_eq!(revisions_of(&mut shard, now, "k"), Some((1, 5, 4)));
+    apply(&mut shard, now, &delete("k"));
+    assert_eq!(revisions_of(&mut shard, now, "k"), None);
+    apply(&mut shard, now, &add("k", 5));
+    assert_eq!(revisions_of(&mut shard, now, "k"), Some((7, 7, 1)));
+    let batch = Request::MultiPut {
+        entries: vec![
+            PutEntry {
+                key: b"k".to_vec(),
+                value: b"1".to_vec(),
+                ttl_ms: Some(10),
+            },
+            PutEntry {
+                key: b"k".to_vec(),
+                value: b"2".to_vec(),
+                ttl_ms: Some(10),
+            },
+        ],
+    };
+    apply(&mut shard, now, &batch);
+    assert_eq!(revisions_of(&mut shard, now, "k"), Some((7, 8, 3)));
+    // Expired, then written again: a new key.
+    apply(&mut shard, now + 10, &put("k", "again"));
+    assert_eq!(revisions_of(&mut shard, now + 10, "k"), Some((10, 10, 1)));
 }

@@ -295,14 +295,15 @@ impl RawConnection {
             .collect()
     }
 
-    /// Puts `key` = `value` and returns the new version, failing the test unless applied.
+    /// Puts `key` = `value` and returns the key's new mod revision, failing the test unless
+    /// applied.
     pub fn put(&mut self, key: &[u8], value: &[u8]) -> u64 {
         match self.call(&put_request(key, value)) {
             Response::Put {
                 applied: true,
-                version,
+                mod_revision,
                 ..
-            } => version,
+            } => mod_revision,
             other => panic!("put {key:?}: {other:?}"),
         }
     }
@@ -326,10 +327,10 @@ impl RawConnection {
     /// Asserts that a put and a get on this connection still work.
     pub fn assert_serving(&mut self, key: &[u8]) {
         let value = format!("value of {}", String::from_utf8_lossy(key)).into_bytes();
-        let version = self.put(key, &value);
+        let mod_revision = self.put(key, &value);
         let entry = self.get(key).expect("the key just written exists");
         assert_eq!(entry.value, value);
-        assert_eq!(entry.version, version);
+        assert_eq!(entry.mod_revision, mod_revision);
     }
 }
 
