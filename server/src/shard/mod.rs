@@ -17,6 +17,7 @@
 
 pub mod store;
 pub mod timer_wheel;
+pub mod watch;
 
 use ahash::AHashSet;
 use tessera_protocol::limits::SCAN_PAGE_BYTES_MAX;

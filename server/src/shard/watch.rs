@@ -1,0 +1,748 @@
+//! A shard's watches: the recent history of its changes, and the watchers that follow them.
+//!
+//! Sans-I/O like the rest of the shard: the shard [`WatchHub::publish`]es the events of each
+//! revision it applies, and whoever serves a watcher [`WatchHub::take`]s what is queued for it.
+//! Nothing here reads a clock or awaits.
+//!
+//! **Guarantees** (per shard; there is no order across shards, `docs/semantics.md`):
+//! - A watcher receives the events of its range in revision order, each exactly once, and all
+//!   the matching events of one revision in one [`Batch`].
+//! - Resuming after revision `R` replays every matching event after `R` from the history, or
+//!   refuses with [`WatchError::Compacted`] when the history no longer reaches back to `R`:
+//!   never a silent gap.
+//! - A watcher whose queue passes its byte bound is cancelled with
+//!   [`Cancelled::Lagged`], reporting the last revision it was handed, instead of buffering
+//!   without limit. Its queue is dropped at once.
+//!
+//! **Limits**: the history holds at most `history_events_max` events and
+//! `history_bytes_max` bytes, dropping whole revisions, oldest first; a hub holds at most
+//! `watchers_max` watchers; each watcher queues at most `queue_bytes_max` bytes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+/// Identifies a watcher within its hub.
+pub type WatchId = u64;
+
+/// Why a key stopped existing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteCause {
+    /// A delete request.
+    Deleted,
+    /// Its TTL passed.
+    Expired,
+}
+
+/// What happened to a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The key now holds `value` (created if `version` is 1).
+    Put {
+        /// The new value.
+        value: Box<[u8]>,
+        /// The revision that created the key.
+        create_revision: u64,
+        /// Writes since the key was created, this one included.
+        version: u64,
+    },
+    /// The key no longer exists.
+    Delete(DeleteCause),
+}
+
+/// One change to one key at one revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The shard revision of the change.
+    pub revision: u64,
+    /// The key.
+    pub key: Box<[u8]>,
+    /// The change.
+    pub change: Change,
+    /// The value the key held before, if it existed.
+    pub previous: Option<Box<[u8]>>,
+}
+
+impl Event {
+    /// Bytes the event is charged in the history and in queues: its key, values and a fixed
+    /// share for the structure.
+    pub fn cost(&self) -> usize {
+        let value = match &self.change {
+            Change::Put { value, .. } => value.len(),
+            Change::Delete(_) => 0,
+        };
+        EVENT_OVERHEAD_BYTES
+            + self.key.len()
+            + value
+            + self.previous.as_ref().map_or(0, |p| p.len())
+    }
+
+    fn is_put(&self) -> bool {
+        matches!(self.change, Change::Put { .. })
+    }
+}
+
+/// Bytes an event costs beyond its key and values.
+pub const EVENT_OVERHEAD_BYTES: usize = 64;
+
+/// The events of one revision that one watcher asked for, delivered together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The revision.
+    pub revision: u64,
+    /// Its matching events, in the order the shard applied them.
+    pub events: Vec<Event>,
+}
+
+/// Which keys and changes a watcher follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatchSpec {
+    /// First key (inclusive).
+    pub start: Box<[u8]>,
+    /// End (exclusive); `None` for no end.
+    pub end: Option<Box<[u8]>>,
+    /// Deliver puts.
+    pub puts: bool,
+    /// Deliver deletes.
+    pub deletes: bool,
+    /// Keep events' previous values (dropped otherwise, to save queue bytes).
+    pub previous: bool,
+}
+
+impl WatchSpec {
+    fn matches(&self, event: &Event) -> bool {
+        let key = &*event.key;
+        key >= &*self.start
+            && self.end.as_deref().is_none_or(|end| key < end)
+            && if event.is_put() {
+                self.puts
+            } else {
+                self.deletes
+            }
+    }
+
+    fn shaped(&self, event: &Event) -> Event {
+        let mut event = event.clone();
+        if !self.previous {
+            event.previous = None;
+        }
+        event
+    }
+}
+
+/// Where a new watcher starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With the next revision applied.
+    Now,
+    /// With the first revision after this one, replayed from the history.
+    After(u64),
+}
+
+/// Why a watcher was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchError {
+    /// The history no longer holds every event after the revision asked for.
+    Compacted {
+        /// The oldest revision a watcher can resume after.
+        oldest_available: u64,
+    },
+    /// The hub already has `watchers_max` watchers.
+    TooManyWatchers {
+        /// The limit.
+        watchers_max: usize,
+    },
+    /// The revision asked for is past the shard's.
+    FutureRevision {
+        /// The shard's revision.
+        revision: u64,
+    },
+}
+
+impl fmt::Display for WatchError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Compacted { oldest_available } => write!(
+                formatter,
+                "the history is compacted: the oldest revision to resume after is {oldest_available}"
+            ),
+            Self::TooManyWatchers { watchers_max } => {
+                write!(formatter, "the shard already has {watchers_max} watchers")
+            }
+            Self::FutureRevision { revision } => write!(
+                formatter,
+                "the shard is at revision {revision}: cannot resume after a later one"
+            ),
+        }
+    }
+}
+
+/// Why a watcher stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancelled {
+    /// Its queue passed its byte bound. `last_delivered` is the last revision it was handed:
+    /// resume after it (or take a new snapshot).
+    Lagged {
+        /// The last revision it was handed.
+        last_delivered: u64,
+    },
+}
+
+/// The hub's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchLimits {
+    /// Most events the history holds.
+    pub history_events_max: usize,
+    /// Most bytes of events the history holds.
+    pub history_bytes_max: usize,
+    /// Most watchers.
+    pub watchers_max: usize,
+    /// Most bytes one watcher may have queued.
+    pub queue_bytes_max: usize,
+}
+
+#[derive(Debug)]
+struct Watcher {
+    spec: WatchSpec,
+    queue: VecDeque<Batch>,
+    queue_bytes: usize,
+    /// The last revision handed out by `take`.
+    last_delivered: u64,
+    cancelled: Option<Cancelled>,
+}
+
+/// A shard's history and watchers.
+#[derive(Debug)]
+pub struct WatchHub {
+    limits: WatchLimits,
+    /// Recent events, oldest first, whole revisions only.
+    history: VecDeque<Event>,
+    history_bytes: usize,
+    /// Every event after this revision is in `history` (events at or before it may be gone).
+    compacted_through: u64,
+    /// The revision of the last event published (or the shard's revision when it started).
+    revision: u64,
+    watchers: BTreeMap<WatchId, Watcher>,
+    next_id: WatchId,
+}
+
+impl WatchHub {
+    /// A hub for a shard at `revision`, with no history before it.
+    pub fn new(limits: WatchLimits, revision: u64) -> Self {
+        Self {
+            limits,
+            history: VecDeque::new(),
+            history_bytes: 0,
+            compacted_through: revision,
+            revision,
+            watchers: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+
+    /// The oldest revision a watcher can resume after.
+    pub fn oldest_available(&self) -> u64 {
+        self.compacted_through
+    }
+
+    /// Watchers registered (cancelled ones included until they are removed).
+    pub fn watcher_count(&self) -> usize {
+        self.watchers.len()
+    }
+
+    /// Registers a watcher. With [`Start::After`], every matching event after that revision
+    /// is queued at once from the history.
+    ///
+    /// # Errors
+    /// See [`WatchError`]; nothing is registered.
+    pub fn watch(&mut self, spec: WatchSpec, start: Start) -> Result<WatchId, WatchError> {
+        if self.watchers.len() >= self.limits.watchers_max {
+            return Err(WatchError::TooManyWatchers {
+                watchers_max: self.limits.watchers_max,
+            });
+        }
+        let after = match start {
+            Start::Now => self.revision,
+            Start::After(revision) if revision > self.revision => {
+                return Err(WatchError::FutureRevision {
+                    revision: self.revision,
+                })
+            }
+            Start::After(revision) if revision < self.compacted_through => {
+                return Err(WatchError::Compacted {
+                    oldest_available: self.compacted_through,
+                })
+            }
+            Start::After(revision) => revision,
+        };
+        let mut watcher = Watcher {
+            spec,
+            queue: VecDeque::new(),
+            queue_bytes: 0,
+            last_delivered: after,
+            cancelled: None,
+        };
+        let first = self
+            .history
+            .partition_point(|event| event.revision <= after);
+        let mut index = first;
+        while index < self.history.len() {
+            let revision = self.history[index].revision;
+            let end = index
+                + self
+                    .history
+                    .range(index..)
+                    .take_while(|event| event.revision == revision)
+                    .count();
+            enqueue(
+                &mut watcher,
+                revision,
+                self.history.range(index..end),
+                &self.limits,
+            );
+            index = end;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.watchers.insert(id, watcher);
+        Ok(id)
+    }
+
+    /// Records the events of one applied `revision` (in the order applied) and queues them for
+    /// the watchers they match. Revisions with no events need not be published.
+    pub fn publish(&mut self, revision: u64, events: &[Event]) {
+        debug_assert!(
+            revision > self.revision,
+            "revision {revision} after {}",
+            self.revision
+        );
+        self.revision = revision;
+        for watcher in self.watchers.values_mut() {
+            enqueue(watcher, revision, events.iter(), &self.limits);
+        }
+        for event in events {
+            self.history_bytes += event.cost();
+            self.history.push_back(event.clone());
+        }
+        self.trim_history();
+    }
+
+    /// Notes that the shard reached `revision` with no event (a revision no watcher can see).
+    pub fn advance(&mut self, revision: u64) {
+        self.revision = self.revision.max(revision);
+    }
+
+    fn trim_history(&mut self) {
+        while self.history.len() > self.limits.history_events_max
+            || self.history_bytes > self.limits.history_bytes_max
+        {
+            // Whole revisions only, so a resume never starts in the middle of one.
+            let Some(oldest) = self.history.front().map(|event| event.revision) else {
+                break;
+            };
+            while self
+                .history
+                .front()
+                .is_some_and(|event| event.revision == oldest)
+            {
+                if let Some(event) = self.history.pop_front() {
+                    self.history_bytes -= event.cost();
+                }
+            }
+            self.compacted_through = oldest;
+        }
+    }
+
+    /// Hands out up to `bytes_max` bytes of `id`'s queued batches (at least one, if any is
+    /// queued), oldest first; or why it was cancelled, once its queue is empty. `None` for an
+    /// unknown watcher.
+    pub fn take(&mut self, id: WatchId, bytes_max: usize) -> Option<Result<Vec<Batch>, Cancelled>> {
+        let watcher = self.watchers.get_mut(&id)?;
+        if let Some(cancelled) = watcher.cancelled {
+            return Some(Err(cancelled));
+        }
+        let mut taken = Vec::new();
+        let mut bytes = 0;
+        while let Some(batch) = watcher.queue.front() {
+            let cost = batch_cost(batch);
+            if !taken.is_empty() && bytes + cost > bytes_max {
+                break;
+            }
+            bytes += cost;
+            watcher.queue_bytes -= cost;
+            watcher.last_delivered = batch.revision;
+            if let Some(batch) = watcher.queue.pop_front() {
+                taken.push(batch);
+            }
+        }
+        Some(Ok(taken))
+    }
+
+    /// The revision up to which `id` has been handed every event of its range (its progress
+    /// notification): the shard's revision once its queue is empty, else the last revision
+    /// handed to it. `None` for an unknown or cancelled watcher.
+    pub fn progress(&self, id: WatchId) -> Option<u64> {
+        let watcher = self.watchers.get(&id)?;
+        if watcher.cancelled.is_some() {
+            return None;
+        }
+        Some(if watcher.queue.is_empty() {
+            self.revision
+        } else {
+            watcher.last_delivered
+        })
+    }
+
+    /// Removes a watcher (cancelled or not). Returns whether it existed.
+    pub fn unwatch(&mut self, id: WatchId) -> bool {
+        self.watchers.remove(&id).is_some()
+    }
+}
+
+fn batch_cost(batch: &Batch) -> usize {
+    batch.events.iter().map(Event::cost).sum()
+}
+
+/// Queues for `watcher` the events of `revision` it matches, or cancels it if they would
+/// pass its bound.
+fn enqueue<'a>(
+    watcher: &mut Watcher,
+    revision: u64,
+    events: impl Iterator<Item = &'a Event>,
+    limits: &WatchLimits,
+) {
+    if watcher.cancelled.is_some() {
+        return;
+    }
+    let events: Vec<Event> = events
+        .filter(|event| watcher.spec.matches(event))
+        .map(|event| watcher.spec.shaped(event))
+        .collect();
+    if events.is_empty() {
+        return;
+    }
+    let batch = Batch { revision, events };
+    let cost = batch_cost(&batch);
+    if watcher.queue_bytes + cost > limits.queue_bytes_max {
+        watcher.cancelled = Some(Cancelled::Lagged {
+            last_delivered: watcher.last_delivered,
+        });
+        watcher.queue.clear();
+        watcher.queue_bytes = 0;
+        return;
+    }
+    watcher.queue_bytes += cost;
+    watcher.queue.push_back(batch);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const LIMITS: WatchLimits = WatchLimits {
+        history_events_max: 12,
+        history_bytes_max: 1_500,
+        watchers_max: 4,
+        queue_bytes_max: 700,
+    };
+
+    fn key(index: u8) -> Box<[u8]> {
+        Box::from(&[b'k', b'0' + index][..])
+    }
+
+    fn put_event(revision: u64, key_index: u8, value_size: usize) -> Event {
+        Event {
+            revision,
+            key: key(key_index),
+            change: Change::Put {
+                value: vec![b'v'; value_size].into_boxed_slice(),
+                create_revision: revision,
+                version: 1,
+            },
+            previous: Some(Box::from(&b"old"[..])),
+        }
+    }
+
+    fn delete_event(revision: u64, key_index: u8, cause: DeleteCause) -> Event {
+        Event {
+            revision,
+            key: key(key_index),
+            change: Change::Delete(cause),
+            previous: None,
+        }
+    }
+
+    fn everything() -> WatchSpec {
+        WatchSpec {
+            start: Box::from(&b""[..]),
+            end: None,
+            puts: true,
+            deletes: true,
+            previous: true,
+        }
+    }
+
+    #[test]
+    fn a_watcher_gets_its_range_by_revision_and_resumes_from_the_history() {
+        let mut hub = WatchHub::new(LIMITS, 10);
+        let range = WatchSpec {
+            start: key(2),
+            end: Some(key(5)),
+            previous: false,
+            ..everything()
+        };
+        let live = hub.watch(range.clone(), Start::Now).unwrap();
+        hub.publish(
+            11,
+            &[
+                put_event(11, 1, 1),
+                put_event(11, 2, 1),
+                put_event(11, 4, 1),
+            ],
+        );
+        hub.publish(12, &[put_event(12, 5, 1)]);
+        hub.publish(13, &[delete_event(13, 3, DeleteCause::Expired)]);
+        let batches = hub.take(live, usize::MAX).unwrap().unwrap();
+        let seen: Vec<(u64, Box<[u8]>)> = batches
+            .iter()
+            .flat_map(|batch| {
+                batch
+                    .events
+                    .iter()
+                    .map(|event| (batch.revision, event.key.clone()))
+            })
+            .collect();
+        assert_eq!(seen, [(11, key(2)), (11, key(4)), (13, key(3))]);
+        assert!(batches[0]
+            .events
+            .iter()
+            .all(|event| event.previous.is_none()));
+        assert_eq!(hub.progress(live), Some(13));
+        // Resuming after 11 replays 13 only; after 10, both.
+        let resumed = hub.watch(range, Start::After(11)).unwrap();
+        let batches = hub.take(resumed, usize::MAX).unwrap().unwrap();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(batches[0].revision, 13);
+        assert_eq!(
+            hub.watch(everything(), Start::After(14)),
+            Err(WatchError::FutureRevision { revision: 13 })
+        );
+    }
+
+    #[test]
+    fn an_old_revision_is_refused_once_the_history_dropped_it() {
+        let limits = WatchLimits {
+            queue_bytes_max: 1 << 20,
+            ..LIMITS
+        };
+        let mut hub = WatchHub::new(limits, 0);
+        for revision in 1..=20 {
+            hub.publish(revision, &[put_event(revision, 0, 1)]);
+        }
+        let oldest = hub.oldest_available();
+        assert_eq!(oldest, 20 - LIMITS.history_events_max as u64);
+        assert_eq!(
+            hub.watch(everything(), Start::After(oldest - 1)),
+            Err(WatchError::Compacted {
+                oldest_available: oldest
+            })
+        );
+        let id = hub.watch(everything(), Start::After(oldest)).unwrap();
+        let batches = hub.take(id, usize::MAX).unwrap().unwrap();
+        let revisions: Vec<u64> = batches.iter().map(|batch| batch.revision).collect();
+        assert_eq!(revisions, ((oldest + 1)..=20).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_watcher_that_never_reads_is_cancelled_at_its_bound() {
+        let mut hub = WatchHub::new(LIMITS, 0);
+        let reader = hub.watch(everything(), Start::Now).unwrap();
+        let idle = hub.watch(everything(), Start::Now).unwrap();
+        for revision in 1..=100 {
+            hub.publish(revision, &[put_event(revision, 0, 40)]);
+            hub.take(reader, usize::MAX).unwrap().unwrap();
+        }
+        assert_eq!(
+            hub.take(idle, usize::MAX),
+            Some(Err(Cancelled::Lagged { last_delivered: 0 }))
+        );
+        assert_eq!(hub.progress(reader), Some(100));
+        assert_eq!(hub.watch(everything(), Start::Now).map(|_| ()), Ok(()));
+        assert!(hub.unwatch(idle));
+        assert_eq!(hub.watcher_count(), 2);
+    }
+
+    // The model: every event ever published, and for each watcher the batches it must see.
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Publish(Vec<(u8, bool, usize)>),
+        Watch(u8, u8, u8, Option<u64>),
+        Take(u8, usize),
+        Unwatch(u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            5 => prop::collection::vec((0..6_u8, any::<bool>(), 0..120_usize), 0..4)
+                .prop_map(Step::Publish),
+            1 => (0..6_u8, 1..7_u8, 0..3_u8, prop::option::of(0..30_u64))
+                .prop_map(|(start, width, filter, after)| Step::Watch(start, width, filter, after)),
+            3 => (0..6_u8, prop_oneof![Just(usize::MAX), 0..300_usize])
+                .prop_map(|(index, bytes)| Step::Take(index, bytes)),
+            1 => (0..6_u8).prop_map(Step::Unwatch),
+        ]
+    }
+
+    struct Followed {
+        id: WatchId,
+        spec: WatchSpec,
+        /// What it must be handed, in order, and has not been yet.
+        pending: VecDeque<Batch>,
+        last_delivered: u64,
+        lagged: bool,
+    }
+
+    fn matching(spec: &WatchSpec, revision: u64, events: &[Event]) -> Option<Batch> {
+        let events: Vec<Event> = events
+            .iter()
+            .filter(|event| spec.matches(event))
+            .map(|event| spec.shaped(event))
+            .collect();
+        (!events.is_empty()).then_some(Batch { revision, events })
+    }
+
+    fn queued_bytes(pending: &VecDeque<Batch>) -> usize {
+        pending.iter().map(batch_cost).sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Random publishes, watchers (some resuming, some never reading) and takes: each
+        /// watcher is handed exactly the model's batches for its range, in order, without
+        /// gaps or repeats; it is cancelled exactly when the model's queue passes the bound;
+        /// and a resume is refused exactly when the history no longer covers it.
+        #[test]
+        fn watchers_see_exactly_the_model_stream(steps in prop::collection::vec(step(), 1..80)) {
+            let mut hub = WatchHub::new(LIMITS, 0);
+            let mut log: Vec<(u64, Vec<Event>)> = Vec::new();
+            let mut revision = 0;
+            let mut followed: Vec<Followed> = Vec::new();
+            for step in steps {
+                match step {
+                    Step::Publish(changes) => {
+                        revision += 1;
+                        let events: Vec<Event> = changes
+                            .iter()
+                            .map(|&(key_index, is_put, size)| {
+                                if is_put {
+                                    put_event(revision, key_index, size)
+                                } else {
+                                    delete_event(revision, key_index, DeleteCause::Deleted)
+                                }
+                            })
+                            .collect();
+                        if events.is_empty() {
+                            hub.advance(revision);
+                            continue;
+                        }
+                        hub.publish(revision, &events);
+                        for watcher in followed.iter_mut().filter(|watcher| !watcher.lagged) {
+                            if let Some(batch) = matching(&watcher.spec, revision, &events) {
+                                if queued_bytes(&watcher.pending) + batch_cost(&batch) > LIMITS.queue_bytes_max {
+                                    watcher.lagged = true;
+                                    watcher.pending.clear();
+                                } else {
+                                    watcher.pending.push_back(batch);
+                                }
+                            }
+                        }
+                        log.push((revision, events));
+                    }
+                    Step::Watch(start, width, filter, after) => {
+                        let spec = WatchSpec {
+                            start: key(start),
+                            end: (start + width < 7).then(|| key(start + width)),
+                            puts: filter != 1,
+                            deletes: filter != 2,
+                            previous: start % 2 == 0,
+                        };
+                        let start_at = after.map_or(Start::Now, Start::After);
+                        let result = hub.watch(spec.clone(), start_at);
+                        let after = after.unwrap_or(revision);
+                        let history_covers = after >= hub.oldest_available();
+                        match result {
+                            Ok(id) => {
+                                prop_assert!(after <= revision && history_covers);
+                                let mut pending = VecDeque::new();
+                                let mut lagged = false;
+                                for (at, events) in log.iter().filter(|(at, _)| *at > after) {
+                                    if let Some(batch) = matching(&spec, *at, events) {
+                                        if lagged {
+                                            continue;
+                                        }
+                                        if queued_bytes(&pending) + batch_cost(&batch) > LIMITS.queue_bytes_max {
+                                            lagged = true;
+                                            pending.clear();
+                                        } else {
+                                            pending.push_back(batch);
+                                        }
+                                    }
+                                }
+                                followed.push(Followed { id, spec, pending, last_delivered: after, lagged });
+                            }
+                            Err(WatchError::Compacted { oldest_available }) => {
+                                prop_assert!(after < oldest_available);
+                            }
+                            Err(WatchError::FutureRevision { revision: at }) => {
+                                prop_assert!(after > at && at == revision);
+                            }
+                            Err(WatchError::TooManyWatchers { .. }) => {
+                                prop_assert_eq!(hub.watcher_count(), LIMITS.watchers_max);
+                            }
+                        }
+                    }
+                    Step::Take(index, bytes_max) => {
+                        let Some(watcher) = followed.get_mut(usize::from(index)) else { continue };
+                        match hub.take(watcher.id, bytes_max) {
+                            Some(Ok(batches)) => {
+                                prop_assert!(!watcher.lagged);
+                                prop_assert_eq!(batches.is_empty(), watcher.pending.is_empty());
+                                for batch in batches {
+                                    let expected = watcher.pending.pop_front();
+                                    prop_assert_eq!(Some(&batch), expected.as_ref());
+                                    watcher.last_delivered = batch.revision;
+                                }
+                            }
+                            Some(Err(Cancelled::Lagged { last_delivered })) => {
+                                prop_assert!(watcher.lagged);
+                                prop_assert_eq!(last_delivered, watcher.last_delivered);
+                            }
+                            None => prop_assert!(false, "a followed watcher is unknown"),
+                        }
+                    }
+                    Step::Unwatch(index) => {
+                        if usize::from(index) < followed.len() {
+                            let watcher = followed.remove(usize::from(index));
+                            prop_assert!(hub.unwatch(watcher.id));
+                        }
+                    }
+                }
+            }
+            // Drained, every live watcher has been handed its whole stream.
+            for watcher in &mut followed {
+                match hub.take(watcher.id, usize::MAX) {
+                    Some(Ok(batches)) => {
+                        prop_assert!(!watcher.lagged);
+                        prop_assert_eq!(batches, Vec::from(std::mem::take(&mut watcher.pending)));
+                        prop_assert_eq!(hub.progress(watcher.id), Some(revision));
+                    }
+                    Some(Err(_)) => prop_assert!(watcher.lagged),
+                    None => prop_assert!(false, "a followed watcher is unknown"),
+                }
+            }
+        }
+    }
+}
