@@ -29,6 +29,7 @@ use tessera_protocol::{
 
 use self::store::{entry_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
+use self::watch::{DeleteCause, Event, WatchHub, WatchLimits};
 use crate::durability::format::{Effect, Record, RecordWriter};
 use crate::durability::DurabilityError;
 
@@ -48,6 +49,8 @@ pub struct ShardConfig {
     pub memory_bytes_max: u64,
     /// Most keys one [`Shard::tick`] reclaims, so a mass expiry cannot stall the core.
     pub expired_per_tick_max: usize,
+    /// Bounds of the shard's change history and watchers.
+    pub watch_limits: WatchLimits,
 }
 
 /// Counters a shard keeps about itself.
@@ -74,6 +77,12 @@ pub struct Shard {
     /// Records of the revisions applied since the core last took them; `None` when nothing is
     /// logged (durability `memory`, and while replaying).
     journal: Option<RecordWriter>,
+    /// The change history and watchers.
+    watch: WatchHub,
+    /// The events of the revision being applied, published when it finishes.
+    events: Vec<Event>,
+    /// Whether writes make events (not while recovery rebuilds the store).
+    is_recording_events: bool,
 }
 
 impl Shard {
@@ -95,6 +104,9 @@ impl Shard {
             expired_buffer: Vec::new(),
             stats: ShardStats::default(),
             journal: None,
+            watch: WatchHub::new(config.watch_limits, 0),
+            events: Vec::new(),
+            is_recording_events: true,
             config,
         }
     }
@@ -124,10 +136,13 @@ impl Shard {
             )));
         }
         let journal = self.journal.take();
+        self.is_recording_events = false;
         let outcome = self.replay_effects(now_ms, record);
+        self.is_recording_events = true;
         self.journal = journal;
         outcome?;
         self.revision = record.revision;
+        self.watch.restart_at(self.revision);
         Ok(())
     }
 
@@ -142,7 +157,7 @@ impl Shard {
                     version,
                 } => {
                     if deadline_ms.is_some_and(|deadline_ms| deadline_ms <= now_ms) {
-                        self.remove_entry(key);
+                        self.remove_entry(key, DeleteCause::Expired);
                     } else {
                         let revisions = KeyRevisions {
                             create: create_revision,
@@ -153,7 +168,7 @@ impl Shard {
                     }
                 }
                 Effect::Remove { key } => {
-                    self.remove_entry(key);
+                    self.remove_entry(key, DeleteCause::Deleted);
                 }
             }
         }
@@ -175,7 +190,9 @@ impl Shard {
             return;
         }
         let journal = self.journal.take();
+        self.is_recording_events = false;
         self.restore(key, value, revisions, deadline_ms);
+        self.is_recording_events = true;
         self.journal = journal;
     }
 
@@ -195,6 +212,7 @@ impl Shard {
     /// larger of what the log replayed and what the snapshot saw. Never goes back.
     pub fn restore_revision(&mut self, revision: u64) {
         self.revision = self.revision.max(revision);
+        self.watch.restart_at(self.revision);
     }
 
     /// The same shard, emptied (recovery starting over from an older snapshot).
@@ -265,11 +283,21 @@ impl Shard {
         self.revision
     }
 
-    /// Closes the current revision's record.
+    /// Closes the current revision's record and publishes its events.
     fn finish_revision(&mut self) {
         if let Some(journal) = &mut self.journal {
             journal.finish();
         }
+        if self.events.is_empty() {
+            self.watch.advance(self.revision);
+        } else {
+            self.watch.publish(self.revision, &mut self.events);
+        }
+    }
+
+    /// The shard's change history and watchers.
+    pub fn watch_hub(&mut self) -> &mut WatchHub {
+        &mut self.watch
     }
 
     /// Applies one validated request at time `now_ms` and returns its response.
@@ -402,10 +430,13 @@ impl Shard {
                 continue;
             }
             // The timer has fired already, so only the entry goes.
-            self.begin_revision();
-            self.store.remove(&key);
+            let revision = self.begin_revision();
+            let removed = self.store.remove(&key);
             if let Some(journal) = &mut self.journal {
                 journal.push(Effect::Remove { key: &key });
+            }
+            if let Some(removed) = removed {
+                self.record_removal(revision, &key, &removed, DeleteCause::Expired);
             }
             self.finish_revision();
             expired_count += 1;
@@ -495,18 +526,20 @@ impl Shard {
             .is_some_and(|entry| entry.is_expired(now_ms))
         {
             self.begin_revision();
-            self.remove_entry(key);
+            self.remove_entry(key, DeleteCause::Expired);
             self.finish_revision();
             self.stats.expired_count += 1;
         }
     }
 
-    /// Removes an entry and its timer (and journals it) without touching the revision.
-    fn remove_entry(&mut self, key: &[u8]) -> Option<OwnedEntry> {
+    /// Removes an entry and its timer (and journals it and records its event) without
+    /// touching the revision.
+    fn remove_entry(&mut self, key: &[u8], cause: DeleteCause) -> Option<OwnedEntry> {
         let entry = self.store.remove(key)?;
         if let Some(journal) = &mut self.journal {
             journal.push(Effect::Remove { key });
         }
+        self.record_removal(self.revision, key, &entry, cause);
         if let Some(expiry) = entry.view().expiry() {
             let cancelled = self.wheel.cancel(expiry.timer);
             assert!(
@@ -516,6 +549,24 @@ impl Shard {
             );
         }
         Some(entry)
+    }
+
+    /// Records that `key` (which held `removed`) stopped existing at `revision`.
+    fn record_removal(
+        &mut self,
+        revision: u64,
+        key: &[u8],
+        removed: &OwnedEntry,
+        cause: DeleteCause,
+    ) {
+        if self.is_recording_events {
+            self.events.push(Event::delete(
+                revision,
+                key,
+                cause,
+                Some(removed.view().value()),
+            ));
+        }
     }
 
     /// Writes `value` under `key` at `revision`, replacing any entry and its timer (a new
@@ -554,6 +605,18 @@ impl Shard {
             deadline_ms,
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
+        if self.is_recording_events {
+            let previous = self.store.get(key).map(EntryRef::value);
+            let event = Event::put(
+                revisions.modify,
+                key,
+                value,
+                revisions.create,
+                revisions.version,
+                previous,
+            );
+            self.events.push(event);
+        }
         self.store.insert(key, value, revisions, expiry);
         if let Some(journal) = &mut self.journal {
             journal.push(Effect::Set {
@@ -706,7 +769,7 @@ impl Shard {
             };
         }
         self.begin_revision();
-        let removed = self.remove_entry(key);
+        let removed = self.remove_entry(key, DeleteCause::Deleted);
         self.finish_revision();
         match removed {
             Some(entry) => {
@@ -775,6 +838,19 @@ impl Shard {
                 create_revision: revisions.create,
                 version: revisions.version,
             });
+        }
+        if let (true, Some(entry)) = (self.is_recording_events, self.store.get(key)) {
+            // A TTL change is a write of the same value.
+            let value = entry.value();
+            let event = Event::put(
+                revision,
+                key,
+                value,
+                revisions.create,
+                revisions.version,
+                Some(value),
+            );
+            self.events.push(event);
         }
         self.finish_revision();
         Response::Expiry {
@@ -854,7 +930,7 @@ impl Shard {
         self.begin_revision();
         let deleted: Vec<bool> = keys
             .iter()
-            .map(|key| self.remove_entry(key).is_some())
+            .map(|key| self.remove_entry(key, DeleteCause::Deleted).is_some())
             .collect();
         if deleted.contains(&true) {
             self.finish_revision();

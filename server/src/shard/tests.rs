@@ -23,6 +23,7 @@ use tessera_protocol::{
 };
 
 use super::store::entry_cost;
+use super::watch::{Change, DeleteCause, Start, WatchLimits, WatchSpec};
 use super::{Shard, ShardConfig, ShardId, ShardStats};
 use crate::durability::format::{read_record, ReadOutcome, RecordWriter};
 
@@ -44,6 +45,10 @@ fn config(memory_bytes_max: u64, expired_per_tick_max: usize) -> ShardConfig {
         slots: SLOTS_ALL,
         memory_bytes_max,
         expired_per_tick_max,
+        watch_limits: WatchLimits {
+            queue_bytes_max: usize::MAX,
+            ..WatchLimits::default()
+        },
     }
 }
 
@@ -1879,6 +1884,13 @@ fn operation_strategy() -> impl Strategy<Value = Operation> {
     ]
 }
 
+/// Whether `key` was stored in `entries` with a deadline passed at `now_ms`.
+fn model_deadline_passed(entries: &BTreeMap<Vec<u8>, ModelEntry>, key: &[u8], now_ms: u64) -> bool {
+    entries
+        .get(key)
+        .is_some_and(|entry| entry.is_expired(now_ms))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 256,
@@ -1902,12 +1914,24 @@ proptest! {
     ) {
         let mut shard = Shard::with_journal(config(memory_bytes_max, MODEL_KEY_COUNT), start_ms);
         let mut model = Model::new(memory_bytes_max);
+        // A watcher of every key: replaying its events rebuilds exactly what the store holds.
+        let everything = WatchSpec {
+            start: Box::from(&b""[..]),
+            end: None,
+            puts: true,
+            deletes: true,
+            previous: true,
+        };
+        let watcher = shard.watch_hub().watch(everything, Start::Now).unwrap();
+        let mut shadow: BTreeMap<Vec<u8>, (Vec<u8>, u64, u64, u64)> = BTreeMap::new();
+        let mut last_revision = 0;
         let every_key = Request::MultiGet {
             keys: (0..MODEL_KEY_COUNT).map(model_key).collect(),
         };
         let mut now_ms = start_ms;
         for (index, (clock_step_ms, operation)) in steps.iter().enumerate() {
             now_ms += clock_step_ms;
+            let model_before = model.entries.clone();
             match operation {
                 Operation::Apply(request) => {
                     let actual = apply(&mut shard, now_ms, request);
@@ -1931,6 +1955,43 @@ proptest! {
             let expected = model.apply(now_ms, &every_key);
             prop_assert_eq!(actual, expected, "every key after step {}", index);
             prop_assert_eq!(shard.stats(), model.stats, "stats after step {}", index);
+            let is_delete_request = matches!(
+                operation,
+                Operation::Apply(Request::Delete { .. } | Request::MultiDelete { .. })
+            );
+            let batches = shard.watch_hub().take(watcher, usize::MAX).unwrap().unwrap();
+            for batch in batches {
+                prop_assert!(batch.revision > last_revision, "revisions go forward");
+                last_revision = batch.revision;
+                for event in batch.events {
+                    prop_assert_eq!(event.revision, batch.revision);
+                    let before = shadow.get(event.key()).map(|(value, ..)| value.clone());
+                    prop_assert_eq!(event.previous().map(<[u8]>::to_vec), before, "previous value at step {}", index);
+                    match event.change {
+                        Change::Put { create_revision, version } => {
+                            let value = event.value().unwrap_or_default().to_vec();
+                            shadow.insert(event.key().to_vec(), (value, create_revision, event.revision, version));
+                        }
+                        Change::Delete(cause) => {
+                            prop_assert!(shadow.remove(event.key()).is_some());
+                            // A delete request removes live keys; anything else is expiry.
+                            let deadline_passed = model_deadline_passed(&model_before, event.key(), now_ms);
+                            prop_assert_eq!(
+                                cause,
+                                if is_delete_request && !deadline_passed { DeleteCause::Deleted } else { DeleteCause::Expired },
+                                "cause at step {}", index
+                            );
+                        }
+                    }
+                }
+            }
+            prop_assert_eq!(last_revision.max(shard.revision()), shard.revision());
+            let stored: BTreeMap<Vec<u8>, (Vec<u8>, u64, u64, u64)> = model
+                .entries
+                .iter()
+                .map(|(key, entry)| (key.clone(), (entry.value.clone(), entry.create_revision, entry.mod_revision, entry.version)))
+                .collect();
+            prop_assert_eq!(&shadow, &stored, "events rebuild the store after step {}", index);
         }
         // The journal rebuilds the same shard: every key reads the same, and the revision
         // continues where it was.

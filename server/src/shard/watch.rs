@@ -33,13 +33,11 @@ pub enum DeleteCause {
     Expired,
 }
 
-/// What happened to a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What happened to a key, without the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// The key now holds `value` (created if `version` is 1).
+    /// The key now holds the event's value (created if `version` is 1).
     Put {
-        /// The new value.
-        value: Box<[u8]>,
         /// The revision that created the key.
         create_revision: u64,
         /// Writes since the key was created, this one included.
@@ -49,31 +47,125 @@ pub enum Change {
     Delete(DeleteCause),
 }
 
-/// One change to one key at one revision.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One change to one key at one revision. The key, the new value (puts) and the previous
+/// value share one allocation: every write makes an event, so it costs one allocation.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Event {
     /// The shard revision of the change.
     pub revision: u64,
-    /// The key.
-    pub key: Box<[u8]>,
-    /// The change.
+    /// What happened.
     pub change: Change,
-    /// The value the key held before, if it existed.
-    pub previous: Option<Box<[u8]>>,
+    key_len: u32,
+    value_len: u32,
+    previous_len: Option<u32>,
+    /// The key, then the value, then the previous value.
+    bytes: Box<[u8]>,
+}
+
+impl fmt::Debug for Event {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter
+            .debug_struct("Event")
+            .field("revision", &self.revision)
+            .field("key", &String::from_utf8_lossy(self.key()))
+            .field("change", &self.change)
+            .field("value_len", &self.value_len)
+            .field("previous_len", &self.previous_len)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A length that fits an event's `u32` fields (keys and values are far smaller).
+fn length(bytes: &[u8]) -> u32 {
+    u32::try_from(bytes.len()).unwrap_or(u32::MAX)
 }
 
 impl Event {
+    /// `key` was written with `value` at `revision`; it held `previous` before, if anything.
+    pub fn put(
+        revision: u64,
+        key: &[u8],
+        value: &[u8],
+        create_revision: u64,
+        version: u64,
+        previous: Option<&[u8]>,
+    ) -> Self {
+        Self::new(
+            revision,
+            Change::Put {
+                create_revision,
+                version,
+            },
+            key,
+            value,
+            previous,
+        )
+    }
+
+    /// `key`, which held `previous`, stopped existing at `revision`.
+    pub fn delete(revision: u64, key: &[u8], cause: DeleteCause, previous: Option<&[u8]>) -> Self {
+        Self::new(revision, Change::Delete(cause), key, &[], previous)
+    }
+
+    fn new(
+        revision: u64,
+        change: Change,
+        key: &[u8],
+        value: &[u8],
+        previous: Option<&[u8]>,
+    ) -> Self {
+        let previous_bytes = previous.unwrap_or(&[]);
+        let mut bytes = Vec::with_capacity(key.len() + value.len() + previous_bytes.len());
+        bytes.extend_from_slice(key);
+        bytes.extend_from_slice(value);
+        bytes.extend_from_slice(previous_bytes);
+        Self {
+            revision,
+            change,
+            key_len: length(key),
+            value_len: length(value),
+            previous_len: previous.map(length),
+            bytes: bytes.into_boxed_slice(),
+        }
+    }
+
+    /// The key.
+    pub fn key(&self) -> &[u8] {
+        &self.bytes[..self.key_len as usize]
+    }
+
+    /// The new value, for a put.
+    pub fn value(&self) -> Option<&[u8]> {
+        let start = self.key_len as usize;
+        match self.change {
+            Change::Put { .. } => Some(&self.bytes[start..start + self.value_len as usize]),
+            Change::Delete(_) => None,
+        }
+    }
+
+    /// The value the key held before, if it existed (and was kept).
+    pub fn previous(&self) -> Option<&[u8]> {
+        let start = (self.key_len + self.value_len) as usize;
+        self.previous_len
+            .map(|previous_len| &self.bytes[start..start + previous_len as usize])
+    }
+
+    /// The same event without its previous value.
+    #[must_use]
+    pub fn without_previous(&self) -> Self {
+        Self::new(
+            self.revision,
+            self.change,
+            self.key(),
+            self.value().unwrap_or(&[]),
+            None,
+        )
+    }
+
     /// Bytes the event is charged in the history and in queues: its key, values and a fixed
     /// share for the structure.
     pub fn cost(&self) -> usize {
-        let value = match &self.change {
-            Change::Put { value, .. } => value.len(),
-            Change::Delete(_) => 0,
-        };
-        EVENT_OVERHEAD_BYTES
-            + self.key.len()
-            + value
-            + self.previous.as_ref().map_or(0, |p| p.len())
+        EVENT_OVERHEAD_BYTES + self.bytes.len()
     }
 
     fn is_put(&self) -> bool {
@@ -110,7 +202,7 @@ pub struct WatchSpec {
 
 impl WatchSpec {
     fn matches(&self, event: &Event) -> bool {
-        let key = &*event.key;
+        let key = event.key();
         key >= &*self.start
             && self.end.as_deref().is_none_or(|end| key < end)
             && if event.is_put() {
@@ -121,11 +213,11 @@ impl WatchSpec {
     }
 
     fn shaped(&self, event: &Event) -> Event {
-        let mut event = event.clone();
-        if !self.previous {
-            event.previous = None;
+        if self.previous {
+            event.clone()
+        } else {
+            event.without_previous()
         }
-        event
     }
 }
 
@@ -200,6 +292,21 @@ pub struct WatchLimits {
     pub queue_bytes_max: usize,
 }
 
+impl Default for WatchLimits {
+    /// 1024 events and 4 MiB of history, 10 000 watchers, 1 MiB queued per watcher. The
+    /// history is kept small because every write adds to it: 10 000 events cost 14% of SET
+    /// throughput in memory mode (cache misses freeing old events), 1024 about 3%
+    /// (`docs/benchmarks.md`).
+    fn default() -> Self {
+        Self {
+            history_events_max: 1_024,
+            history_bytes_max: 4 * 1024 * 1024,
+            watchers_max: 10_000,
+            queue_bytes_max: 1024 * 1024,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Watcher {
     spec: WatchSpec,
@@ -237,6 +344,15 @@ impl WatchHub {
             watchers: BTreeMap::new(),
             next_id: 1,
         }
+    }
+
+    /// Starts over at `revision` with no history (after recovery: the events before it are
+    /// not kept, so no watcher can resume before it). Watchers are kept.
+    pub fn restart_at(&mut self, revision: u64) {
+        self.history.clear();
+        self.history_bytes = 0;
+        self.compacted_through = revision;
+        self.revision = revision;
     }
 
     /// The oldest revision a watcher can resume after.
@@ -307,9 +423,10 @@ impl WatchHub {
         Ok(id)
     }
 
-    /// Records the events of one applied `revision` (in the order applied) and queues them for
-    /// the watchers they match. Revisions with no events need not be published.
-    pub fn publish(&mut self, revision: u64, events: &[Event]) {
+    /// Records the events of one applied `revision` (in the order applied), taking them out
+    /// of `events`, and queues copies for the watchers they match. Revisions with no events
+    /// need not be published.
+    pub fn publish(&mut self, revision: u64, events: &mut Vec<Event>) {
         debug_assert!(
             revision > self.revision,
             "revision {revision} after {}",
@@ -319,9 +436,9 @@ impl WatchHub {
         for watcher in self.watchers.values_mut() {
             enqueue(watcher, revision, events.iter(), &self.limits);
         }
-        for event in events {
+        for event in events.drain(..) {
             self.history_bytes += event.cost();
-            self.history.push_back(event.clone());
+            self.history.push_back(event);
         }
         self.trim_history();
     }
@@ -452,25 +569,12 @@ mod tests {
     }
 
     fn put_event(revision: u64, key_index: u8, value_size: usize) -> Event {
-        Event {
-            revision,
-            key: key(key_index),
-            change: Change::Put {
-                value: vec![b'v'; value_size].into_boxed_slice(),
-                create_revision: revision,
-                version: 1,
-            },
-            previous: Some(Box::from(&b"old"[..])),
-        }
+        let value = vec![b'v'; value_size];
+        Event::put(revision, &key(key_index), &value, revision, 1, Some(b"old"))
     }
 
     fn delete_event(revision: u64, key_index: u8, cause: DeleteCause) -> Event {
-        Event {
-            revision,
-            key: key(key_index),
-            change: Change::Delete(cause),
-            previous: None,
-        }
+        Event::delete(revision, &key(key_index), cause, None)
     }
 
     fn everything() -> WatchSpec {
@@ -495,14 +599,14 @@ mod tests {
         let live = hub.watch(range.clone(), Start::Now).unwrap();
         hub.publish(
             11,
-            &[
+            &mut vec![
                 put_event(11, 1, 1),
                 put_event(11, 2, 1),
                 put_event(11, 4, 1),
             ],
         );
-        hub.publish(12, &[put_event(12, 5, 1)]);
-        hub.publish(13, &[delete_event(13, 3, DeleteCause::Expired)]);
+        hub.publish(12, &mut vec![put_event(12, 5, 1)]);
+        hub.publish(13, &mut vec![delete_event(13, 3, DeleteCause::Expired)]);
         let batches = hub.take(live, usize::MAX).unwrap().unwrap();
         let seen: Vec<(u64, Box<[u8]>)> = batches
             .iter()
@@ -510,14 +614,14 @@ mod tests {
                 batch
                     .events
                     .iter()
-                    .map(|event| (batch.revision, event.key.clone()))
+                    .map(|event| (batch.revision, Box::from(event.key())))
             })
             .collect();
         assert_eq!(seen, [(11, key(2)), (11, key(4)), (13, key(3))]);
         assert!(batches[0]
             .events
             .iter()
-            .all(|event| event.previous.is_none()));
+            .all(|event| event.previous().is_none()));
         assert_eq!(hub.progress(live), Some(13));
         // Resuming after 11 replays 13 only; after 10, both.
         let resumed = hub.watch(range, Start::After(11)).unwrap();
@@ -538,7 +642,7 @@ mod tests {
         };
         let mut hub = WatchHub::new(limits, 0);
         for revision in 1..=20 {
-            hub.publish(revision, &[put_event(revision, 0, 1)]);
+            hub.publish(revision, &mut vec![put_event(revision, 0, 1)]);
         }
         let oldest = hub.oldest_available();
         assert_eq!(oldest, 20 - LIMITS.history_events_max as u64);
@@ -560,7 +664,7 @@ mod tests {
         let reader = hub.watch(everything(), Start::Now).unwrap();
         let idle = hub.watch(everything(), Start::Now).unwrap();
         for revision in 1..=100 {
-            hub.publish(revision, &[put_event(revision, 0, 40)]);
+            hub.publish(revision, &mut vec![put_event(revision, 0, 40)]);
             hub.take(reader, usize::MAX).unwrap().unwrap();
         }
         assert_eq!(
@@ -648,7 +752,7 @@ mod tests {
                             hub.advance(revision);
                             continue;
                         }
-                        hub.publish(revision, &events);
+                        hub.publish(revision, &mut events.clone());
                         for watcher in followed.iter_mut().filter(|watcher| !watcher.lagged) {
                             if let Some(batch) = matching(&watcher.spec, revision, &events) {
                                 if queued_bytes(&watcher.pending) + batch_cost(&batch) > LIMITS.queue_bytes_max {
