@@ -13,6 +13,7 @@ use tessera_protocol::limits::{CORE_COUNT_MAX, TEXT_SIZE_MAX};
 
 pub use crate::durability::Durability;
 use crate::error::ConfigError;
+use crate::shard::watch::WatchLimits;
 
 /// The effective configuration of one server instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +47,14 @@ pub struct Config {
     pub tick_ms: u64,
     /// Most keys one core reclaims per tick, so a mass expiry cannot stall it.
     pub expired_per_tick_max: usize,
+    /// Most change events each core keeps for watchers to resume from.
+    pub watch_history_events_max: usize,
+    /// Most bytes of change events each core keeps for watchers to resume from.
+    pub watch_history_bytes_max: u64,
+    /// Most watchers on one core.
+    pub watchers_per_shard_max: usize,
+    /// Most bytes of events queued for one watcher before it is cancelled as lagging.
+    pub watch_queue_bytes_max: u64,
     /// Locked memory each executor registers for `io_uring`, in bytes.
     pub io_memory_bytes: usize,
     /// Longest a graceful shutdown waits for connections to finish, in milliseconds.
@@ -129,6 +138,19 @@ pub struct Flags {
     /// Keys reclaimed per core per tick at most.
     #[arg(long, env = "TESSERA_EXPIRED_PER_TICK_MAX")]
     pub expired_per_tick_max: Option<usize>,
+    /// Change events each core keeps for watchers to resume from (default 1024).
+    #[arg(long, env = "TESSERA_WATCH_HISTORY_EVENTS_MAX")]
+    pub watch_history_events_max: Option<usize>,
+    /// Bytes of change events each core keeps (accepts KiB/MiB; default 4 MiB).
+    #[arg(long, env = "TESSERA_WATCH_HISTORY_BYTES_MAX", value_parser = parse_size)]
+    pub watch_history_bytes_max: Option<u64>,
+    /// Watchers one core holds at most (default 10000).
+    #[arg(long, env = "TESSERA_WATCHERS_PER_SHARD_MAX")]
+    pub watchers_per_shard_max: Option<usize>,
+    /// Bytes queued for one watcher before it is cancelled as lagging (accepts KiB/MiB;
+    /// default 1 MiB).
+    #[arg(long, env = "TESSERA_WATCH_QUEUE_BYTES_MAX", value_parser = parse_size)]
+    pub watch_queue_bytes_max: Option<u64>,
     /// `io_uring` registered memory per core (accepts KiB/MiB).
     #[arg(long, env = "TESSERA_IO_MEMORY_BYTES", value_parser = parse_size)]
     pub io_memory_bytes: Option<u64>,
@@ -186,6 +208,10 @@ struct FileConfig {
     inbox_capacity: Option<usize>,
     tick_ms: Option<u64>,
     expired_per_tick_max: Option<usize>,
+    watch_history_events_max: Option<usize>,
+    watch_history_bytes_max: Option<u64>,
+    watchers_per_shard_max: Option<usize>,
+    watch_queue_bytes_max: Option<u64>,
     io_memory_bytes: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
     log: Option<String>,
@@ -219,6 +245,10 @@ impl Default for Config {
             inbox_capacity: 4096,
             tick_ms: 10,
             expired_per_tick_max: 10_000,
+            watch_history_events_max: WatchLimits::default().history_events_max,
+            watch_history_bytes_max: WatchLimits::default().history_bytes_max as u64,
+            watchers_per_shard_max: WatchLimits::default().watchers_max,
+            watch_queue_bytes_max: WatchLimits::default().queue_bytes_max as u64,
             io_memory_bytes: 1024 * 1024,
             shutdown_timeout_ms: 5_000,
             log: "info".to_owned(),
@@ -275,6 +305,10 @@ impl Config {
             inbox_capacity,
             tick_ms,
             expired_per_tick_max,
+            watch_history_events_max,
+            watch_history_bytes_max,
+            watchers_per_shard_max,
+            watch_queue_bytes_max,
             io_memory_bytes,
             shutdown_timeout_ms,
             log,
@@ -309,6 +343,10 @@ impl Config {
             inbox_capacity,
             tick_ms,
             expired_per_tick_max,
+            watch_history_events_max,
+            watch_history_bytes_max,
+            watchers_per_shard_max,
+            watch_queue_bytes_max,
             shutdown_timeout_ms,
             log,
             data_dir,
@@ -336,6 +374,26 @@ impl Config {
         }
         if let Some(cpus) = &flags.cpus {
             self.cpus = Some(cpus.0.clone());
+        }
+        Ok(())
+    }
+
+    fn validate_watch_limits(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            (
+                "watch_history_events_max",
+                self.watch_history_events_max as u64,
+            ),
+            ("watch_history_bytes_max", self.watch_history_bytes_max),
+            ("watchers_per_shard_max", self.watchers_per_shard_max as u64),
+            ("watch_queue_bytes_max", self.watch_queue_bytes_max),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    field: name,
+                    reason: "must be at least 1".to_owned(),
+                });
+            }
         }
         Ok(())
     }
@@ -401,6 +459,7 @@ impl Config {
         if self.expired_per_tick_max == 0 {
             return invalid("expired_per_tick_max", "must be at least 1".to_owned());
         }
+        self.validate_watch_limits()?;
         if self.group_commit_wait_us > 100_000 {
             return invalid(
                 "group_commit_wait_us",
@@ -443,6 +502,18 @@ impl Config {
     /// Memory budget of each core's shard.
     pub fn memory_bytes_max_per_core(&self) -> u64 {
         self.memory_bytes_max / self.cores as u64
+    }
+
+    /// The bounds of each core's change history and watchers.
+    #[must_use]
+    pub fn watch_limits(&self) -> WatchLimits {
+        let bytes = |value: u64| usize::try_from(value).unwrap_or(usize::MAX);
+        WatchLimits {
+            history_events_max: self.watch_history_events_max,
+            history_bytes_max: bytes(self.watch_history_bytes_max),
+            watchers_max: self.watchers_per_shard_max,
+            queue_bytes_max: bytes(self.watch_queue_bytes_max),
+        }
     }
 
     /// The CPU that core `core_index` is pinned to.
@@ -610,6 +681,42 @@ mod tests {
         assert!(
             matches!(error, ConfigError::Invalid { field: "port", .. }),
             "{error}"
+        );
+        let error = parse(&["--watchers-per-shard-max", "0"]).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                ConfigError::Invalid {
+                    field: "watchers_per_shard_max",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn watch_limits_come_from_flags() {
+        let config = parse(&[
+            "--watch-history-events-max",
+            "50",
+            "--watch-history-bytes-max",
+            "64KiB",
+            "--watchers-per-shard-max",
+            "7",
+            "--watch-queue-bytes-max",
+            "2MiB",
+        ])
+        .unwrap();
+        let limits = config.watch_limits();
+        assert_eq!(
+            (
+                limits.history_events_max,
+                limits.history_bytes_max,
+                limits.watchers_max,
+                limits.queue_bytes_max
+            ),
+            (50, 64 << 10, 7, 2 << 20)
         );
     }
 

@@ -181,7 +181,7 @@ impl Server {
                     slots: topology.nodes[0].cores[core_index].slots,
                     memory_bytes_max: config.memory_bytes_max_per_core(),
                     expired_per_tick_max: config.expired_per_tick_max,
-                    watch_limits: crate::shard::watch::WatchLimits::default(),
+                    watch_limits: config.watch_limits(),
                 },
                 topology: topology.clone(),
                 inboxes: inboxes.clone(),
