@@ -29,7 +29,9 @@ use tessera_protocol::{
 
 use self::store::{entry_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
-use self::watch::{DeleteCause, Event, WatchHub, WatchLimits};
+use self::watch::{
+    DeleteCause, Event, Start, WatchError, WatchHub, WatchId, WatchLimits, WatchSpec,
+};
 use crate::durability::format::{Effect, Record, RecordWriter};
 use crate::durability::DurabilityError;
 
@@ -298,6 +300,39 @@ impl Shard {
     /// The shard's change history and watchers.
     pub fn watch_hub(&mut self) -> &mut WatchHub {
         &mut self.watch
+    }
+
+    /// Starts a watcher with a snapshot: the live keys of its range now, at the current
+    /// revision `R` (returned), and the watcher registered to receive every event after
+    /// `R`. Both happen in one call, so no change falls between the snapshot and the events.
+    /// At most `keys_max` keys (and the snapshot holds whole entries).
+    ///
+    /// # Errors
+    /// [`WatchError::SnapshotTooLarge`] if the range holds more live keys, or the hub's
+    /// refusal; nothing is registered.
+    pub fn watch_with_snapshot(
+        &mut self,
+        now_ms: u64,
+        spec: WatchSpec,
+        keys_max: usize,
+    ) -> Result<(WatchId, u64, Vec<ScanItem>), WatchError> {
+        let revision = self.revision;
+        let mut items = Vec::new();
+        for entry in self
+            .store
+            .range(&spec.start, spec.end.as_deref())
+            .filter(|entry| !entry.is_expired(now_ms))
+        {
+            if items.len() == keys_max {
+                return Err(WatchError::SnapshotTooLarge { keys_max });
+            }
+            items.push(ScanItem {
+                key: entry.key().to_vec(),
+                entry: Some(to_entry(entry)),
+            });
+        }
+        let id = self.watch.watch(spec, Start::Now)?;
+        Ok((id, revision, items))
     }
 
     /// Applies one validated request at time `now_ms` and returns its response.

@@ -1884,6 +1884,9 @@ fn operation_strategy() -> impl Strategy<Value = Operation> {
     ]
 }
 
+/// Keys and their values, in key order.
+type KeyValues = BTreeMap<Vec<u8>, Vec<u8>>;
+
 /// Whether `key` was stored in `entries` with a deadline passed at `now_ms`.
 fn model_deadline_passed(entries: &BTreeMap<Vec<u8>, ModelEntry>, key: &[u8], now_ms: u64) -> bool {
     entries
@@ -1911,8 +1914,12 @@ proptest! {
             (prop_oneof![1 => Just(0_u64), 3 => 0..40_u64], operation_strategy()),
             1..=50,
         ),
+        snapshot_at in 0..50_usize,
+        snapshot_start in 0..MODEL_KEY_COUNT,
     ) {
         let mut shard = Shard::with_journal(config(memory_bytes_max, MODEL_KEY_COUNT), start_ms);
+        // A watcher of part of the keys, started with a snapshot partway through.
+        let mut snapshot_watcher: Option<(u64, u64, KeyValues)> = None;
         let mut model = Model::new(memory_bytes_max);
         // A watcher of every key: replaying its events rebuilds exactly what the store holds.
         let everything = WatchSpec {
@@ -1992,6 +1999,49 @@ proptest! {
                 .map(|(key, entry)| (key.clone(), (entry.value.clone(), entry.create_revision, entry.mod_revision, entry.version)))
                 .collect();
             prop_assert_eq!(&shadow, &stored, "events rebuild the store after step {}", index);
+            if index == snapshot_at {
+                let spec = WatchSpec {
+                    start: model_key(snapshot_start).into_boxed_slice(),
+                    end: None,
+                    puts: true,
+                    deletes: true,
+                    previous: false,
+                };
+                let (id, revision, items) = shard.watch_with_snapshot(now_ms, spec, 100).unwrap();
+                prop_assert_eq!(revision, shard.revision());
+                let live: KeyValues = items
+                    .into_iter()
+                    .map(|item| (item.key, item.entry.map(|entry| entry.value).unwrap_or_default()))
+                    .collect();
+                snapshot_watcher = Some((id, revision, live));
+            }
+            if let Some((id, revision, live)) = &mut snapshot_watcher {
+                for batch in shard.watch_hub().take(*id, usize::MAX).unwrap().unwrap() {
+                    prop_assert!(batch.revision > *revision, "only events after the snapshot");
+                    *revision = batch.revision;
+                    for event in batch.events {
+                        match event.value() {
+                            Some(value) => { live.insert(event.key().to_vec(), value.to_vec()); }
+                            None => { live.remove(event.key()); }
+                        }
+                    }
+                }
+                // The snapshot and the events after it hold every live key of the range with
+                // its value (and keys that expired since, until they are reclaimed).
+                let expected: KeyValues = model
+                    .entries
+                    .iter()
+                    .filter(|(key, entry)| key.as_slice() >= model_key(snapshot_start).as_slice() && !entry.is_expired(now_ms))
+                    .map(|(key, entry)| (key.clone(), entry.value.clone()))
+                    .collect();
+                let seen: KeyValues = live
+                    .iter()
+                    .filter(|(key, _)| model.entries.get(*key).is_some_and(|entry| !entry.is_expired(now_ms)))
+                    .map(|(key, value)| (key.clone(), value.clone()))
+                    .collect();
+                prop_assert_eq!(&seen, &expected, "snapshot and events after step {}", index);
+                prop_assert!(live.keys().all(|key| model.entries.contains_key(key)), "a removed key is still seen");
+            }
         }
         // The journal rebuilds the same shard: every key reads the same, and the revision
         // continues where it was.
@@ -2209,4 +2259,30 @@ fn revisions_count_writes_and_creation() {
     // Expired, then written again: a new key.
     apply(&mut shard, now + 10, &put("k", "again"));
     assert_eq!(revisions_of(&mut shard, now + 10, "k"), Some((10, 10, 1)));
+}
+
+/// A snapshot holds at most `keys_max` live keys of its range; a larger range is refused and
+/// nothing is registered.
+#[test]
+fn a_snapshot_of_too_many_keys_is_refused() {
+    let mut shard = new_shard();
+    for index in 0..5 {
+        apply(&mut shard, START_MS, &put(&format!("s/{index}"), "v"));
+    }
+    let spec = |start: &str| WatchSpec {
+        start: Box::from(start.as_bytes()),
+        end: Some(Box::from(&b"s0"[..])),
+        puts: true,
+        deletes: true,
+        previous: false,
+    };
+    assert_eq!(
+        shard
+            .watch_with_snapshot(START_MS, spec("s/"), 4)
+            .unwrap_err(),
+        super::watch::WatchError::SnapshotTooLarge { keys_max: 4 }
+    );
+    assert_eq!(shard.watch_hub().watcher_count(), 0);
+    let (_, revision, items) = shard.watch_with_snapshot(START_MS, spec("s/1"), 4).unwrap();
+    assert_eq!((revision, items.len()), (5, 4));
 }

@@ -248,6 +248,11 @@ pub enum WatchError {
         /// The shard's revision.
         revision: u64,
     },
+    /// A snapshot of the range would hold more than `keys_max` keys.
+    SnapshotTooLarge {
+        /// The most keys a snapshot holds.
+        keys_max: usize,
+    },
 }
 
 impl fmt::Display for WatchError {
@@ -263,6 +268,11 @@ impl fmt::Display for WatchError {
             Self::FutureRevision { revision } => write!(
                 formatter,
                 "the shard is at revision {revision}: cannot resume after a later one"
+            ),
+            Self::SnapshotTooLarge { keys_max } => write!(
+                formatter,
+                "the range holds more than {keys_max} keys, too many for one snapshot: scan it \
+                 in pages and watch from the first page's revision"
             ),
         }
     }
@@ -805,6 +815,9 @@ mod tests {
                             }
                             Err(WatchError::TooManyWatchers { .. }) => {
                                 prop_assert_eq!(hub.watcher_count(), LIMITS.watchers_max);
+                            }
+                            Err(WatchError::SnapshotTooLarge { .. }) => {
+                                prop_assert!(false, "the hub takes no snapshot");
                             }
                         }
                     }
