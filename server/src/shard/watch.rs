@@ -303,10 +303,9 @@ pub struct WatchLimits {
 }
 
 impl Default for WatchLimits {
-    /// 1024 events and 4 MiB of history, 10 000 watchers, 1 MiB queued per watcher. The
-    /// history is kept small because every write adds to it: 10 000 events cost 14% of SET
-    /// throughput in memory mode (cache misses freeing old events), 1024 about 3%
-    /// (`docs/benchmarks.md`).
+    /// 1024 events and 4 MiB of history, 10 000 watchers, 1 MiB queued per watcher. Every
+    /// write adds to the history, and a longer one costs more cache: about 3% of SET
+    /// throughput in memory mode at 1024 events, 8% at 40 000 (`docs/benchmarks.md`).
     fn default() -> Self {
         Self {
             history_events_max: 1_024,
@@ -327,13 +326,131 @@ struct Watcher {
     cancelled: Option<Cancelled>,
 }
 
+/// Bytes of one chunk of the history: events are copied into chunks back to back, and a
+/// chunk is freed whole once every event in it has been dropped, so recording an event
+/// allocates and frees nothing of its own (freeing each old event one by one missed cache
+/// and cost 9% of a core at 10 000 events, `docs/benchmarks.md`).
+const HISTORY_CHUNK_BYTES: usize = 64 * 1024;
+
+/// One event held in the history: its fixed fields, and where its bytes are.
+#[derive(Debug, Clone, Copy)]
+struct Recorded {
+    revision: u64,
+    change: Change,
+    key_len: u32,
+    value_len: u32,
+    previous_len: Option<u32>,
+    /// Sequence number of the chunk holding its bytes.
+    chunk: u64,
+    /// Where they start in it.
+    offset: usize,
+    /// How many there are.
+    len: usize,
+}
+
+/// Recent events, oldest first, their bytes in chunks.
+#[derive(Debug, Default)]
+struct History {
+    recorded: VecDeque<Recorded>,
+    chunks: VecDeque<Vec<u8>>,
+    /// Sequence number of `chunks[0]`.
+    first_chunk: u64,
+    /// Bytes charged for the events held ([`Event::cost`]).
+    bytes: usize,
+}
+
+impl History {
+    fn len(&self) -> usize {
+        self.recorded.len()
+    }
+
+    fn clear(&mut self) {
+        self.first_chunk += self.chunks.len() as u64;
+        self.recorded.clear();
+        self.chunks.clear();
+        self.bytes = 0;
+    }
+
+    fn push(&mut self, event: &Event) {
+        let len = event.bytes.len();
+        let has_room = self
+            .chunks
+            .back()
+            .is_some_and(|chunk| chunk.capacity() - chunk.len() >= len);
+        if !has_room {
+            self.chunks
+                .push_back(Vec::with_capacity(HISTORY_CHUNK_BYTES.max(len)));
+        }
+        let chunk = self.first_chunk + self.chunks.len() as u64 - 1;
+        let Some(bytes) = self.chunks.back_mut() else {
+            return;
+        };
+        let offset = bytes.len();
+        bytes.extend_from_slice(&event.bytes);
+        self.recorded.push_back(Recorded {
+            revision: event.revision,
+            change: event.change,
+            key_len: event.key_len,
+            value_len: event.value_len,
+            previous_len: event.previous_len,
+            chunk,
+            offset,
+            len,
+        });
+        self.bytes += event.cost();
+    }
+
+    fn front_revision(&self) -> Option<u64> {
+        self.recorded.front().map(|recorded| recorded.revision)
+    }
+
+    /// Drops the oldest event, and its chunk once nothing else is in it.
+    fn pop_front(&mut self) {
+        let Some(recorded) = self.recorded.pop_front() else {
+            return;
+        };
+        self.bytes -= EVENT_OVERHEAD_BYTES + recorded.len;
+        let still_used = self.recorded.front().map_or(u64::MAX, |next| next.chunk);
+        while self.first_chunk < still_used.min(self.first_chunk + self.chunks.len() as u64) {
+            // With no event left, the last chunk goes too: it would be the next to fill, but
+            // a fresh one costs one allocation and keeps the bookkeeping simple.
+            self.chunks.pop_front();
+            self.first_chunk += 1;
+        }
+    }
+
+    /// The events after `revision`, rebuilt from their bytes.
+    fn events_after(&self, revision: u64) -> Vec<Event> {
+        let first = self
+            .recorded
+            .partition_point(|recorded| recorded.revision <= revision);
+        self.recorded
+            .range(first..)
+            .filter_map(|recorded| {
+                let index = usize::try_from(recorded.chunk - self.first_chunk).ok()?;
+                let bytes = self
+                    .chunks
+                    .get(index)?
+                    .get(recorded.offset..recorded.offset + recorded.len)?;
+                Some(Event {
+                    revision: recorded.revision,
+                    change: recorded.change,
+                    key_len: recorded.key_len,
+                    value_len: recorded.value_len,
+                    previous_len: recorded.previous_len,
+                    bytes: Box::from(bytes),
+                })
+            })
+            .collect()
+    }
+}
+
 /// A shard's history and watchers.
 #[derive(Debug)]
 pub struct WatchHub {
     limits: WatchLimits,
     /// Recent events, oldest first, whole revisions only.
-    history: VecDeque<Event>,
-    history_bytes: usize,
+    history: History,
     /// Every event after this revision is in `history` (events at or before it may be gone).
     compacted_through: u64,
     /// The revision of the last event published (or the shard's revision when it started).
@@ -347,8 +464,7 @@ impl WatchHub {
     pub fn new(limits: WatchLimits, revision: u64) -> Self {
         Self {
             limits,
-            history: VecDeque::new(),
-            history_bytes: 0,
+            history: History::default(),
             compacted_through: revision,
             revision,
             watchers: BTreeMap::new(),
@@ -360,7 +476,6 @@ impl WatchHub {
     /// not kept, so no watcher can resume before it). Watchers are kept.
     pub fn restart_at(&mut self, revision: u64) {
         self.history.clear();
-        self.history_bytes = 0;
         self.compacted_through = revision;
         self.revision = revision;
     }
@@ -407,22 +522,19 @@ impl WatchHub {
             last_delivered: after,
             cancelled: None,
         };
-        let first = self
-            .history
-            .partition_point(|event| event.revision <= after);
-        let mut index = first;
-        while index < self.history.len() {
-            let revision = self.history[index].revision;
+        let replayed = self.history.events_after(after);
+        let mut index = 0;
+        while index < replayed.len() {
+            let revision = replayed[index].revision;
             let end = index
-                + self
-                    .history
-                    .range(index..)
+                + replayed[index..]
+                    .iter()
                     .take_while(|event| event.revision == revision)
                     .count();
             enqueue(
                 &mut watcher,
                 revision,
-                self.history.range(index..end),
+                replayed[index..end].iter(),
                 &self.limits,
             );
             index = end;
@@ -447,8 +559,7 @@ impl WatchHub {
             enqueue(watcher, revision, events.iter(), &self.limits);
         }
         for event in events.drain(..) {
-            self.history_bytes += event.cost();
-            self.history.push_back(event);
+            self.history.push(&event);
         }
         self.trim_history();
     }
@@ -460,20 +571,14 @@ impl WatchHub {
 
     fn trim_history(&mut self) {
         while self.history.len() > self.limits.history_events_max
-            || self.history_bytes > self.limits.history_bytes_max
+            || self.history.bytes > self.limits.history_bytes_max
         {
             // Whole revisions only, so a resume never starts in the middle of one.
-            let Some(oldest) = self.history.front().map(|event| event.revision) else {
+            let Some(oldest) = self.history.front_revision() else {
                 break;
             };
-            while self
-                .history
-                .front()
-                .is_some_and(|event| event.revision == oldest)
-            {
-                if let Some(event) = self.history.pop_front() {
-                    self.history_bytes -= event.cost();
-                }
+            while self.history.front_revision() == Some(oldest) {
+                self.history.pop_front();
             }
             self.compacted_through = oldest;
         }
@@ -685,6 +790,48 @@ mod tests {
         assert_eq!(hub.watch(everything(), Start::Now).map(|_| ()), Ok(()));
         assert!(hub.unwatch(idle));
         assert_eq!(hub.watcher_count(), 2);
+    }
+
+    /// Events of every size, a chunk's worth and more, come back exactly from the chunks,
+    /// and chunks are freed as the events in them are dropped.
+    #[test]
+    fn the_history_rebuilds_its_events_and_frees_whole_chunks() {
+        let mut history = History::default();
+        let mut pushed = Vec::new();
+        for revision in 1..=300_u64 {
+            let size = match revision % 7 {
+                0 => HISTORY_CHUNK_BYTES + 10,
+                1 => 0,
+                _ => usize::try_from(revision * 37 % 900).unwrap(),
+            };
+            let event = if revision % 5 == 0 {
+                delete_event(revision, 3, DeleteCause::Expired)
+            } else {
+                put_event(revision, u8::try_from(revision % 6).unwrap(), size)
+            };
+            history.push(&event);
+            pushed.push(event);
+        }
+        assert_eq!(history.events_after(0), pushed);
+        assert_eq!(history.events_after(150), pushed[150..]);
+        let charged: usize = pushed.iter().map(Event::cost).sum();
+        assert_eq!(history.bytes, charged);
+        for _ in 0..290 {
+            history.pop_front();
+        }
+        assert_eq!(history.events_after(0), pushed[290..]);
+        assert!(
+            history.chunks.len() <= 4,
+            "{} chunks for 10 events",
+            history.chunks.len()
+        );
+        for _ in 0..10 {
+            history.pop_front();
+        }
+        assert!(history.chunks.is_empty());
+        assert_eq!(history.bytes, 0);
+        history.push(&pushed[0]);
+        assert_eq!(history.events_after(0), pushed[..1]);
     }
 
     // The model: every event ever published, and for each watcher the batches it must see.
