@@ -640,19 +640,26 @@ impl Shard {
             deadline_ms,
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
-        if self.is_recording_events {
-            let previous = self.store.get(key).map(EntryRef::value);
-            let event = Event::put(
+        let make_event = |previous: Option<&[u8]>| {
+            Event::put(
                 revisions.modify,
                 key,
                 value,
                 revisions.create,
                 revisions.version,
                 previous,
-            );
-            self.events.push(event);
+            )
+        };
+        let mut event = None;
+        self.store
+            .insert_with(key, value, revisions, expiry, |before| {
+                if self.is_recording_events {
+                    event = Some(make_event(Some(before.value())));
+                }
+            });
+        if self.is_recording_events {
+            self.events.push(event.unwrap_or_else(|| make_event(None)));
         }
-        self.store.insert(key, value, revisions, expiry);
         if let Some(journal) = &mut self.journal {
             journal.push(Effect::Set {
                 key,
@@ -865,27 +872,28 @@ impl Shard {
         let revisions = revisions_before.written(revision);
         let is_updated = self.store.update(key, revisions, expiry);
         assert!(is_updated, "live entry vanished while its ttl was set");
-        if let (Some(journal), Some(entry)) = (&mut self.journal, self.store.get(key)) {
-            journal.push(Effect::Set {
-                key,
-                value: entry.value(),
-                deadline_ms,
-                create_revision: revisions.create,
-                version: revisions.version,
-            });
-        }
-        if let (true, Some(entry)) = (self.is_recording_events, self.store.get(key)) {
-            // A TTL change is a write of the same value.
+        if let Some(entry) = self.store.get(key) {
             let value = entry.value();
-            let event = Event::put(
-                revision,
-                key,
-                value,
-                revisions.create,
-                revisions.version,
-                Some(value),
-            );
-            self.events.push(event);
+            if let Some(journal) = &mut self.journal {
+                journal.push(Effect::Set {
+                    key,
+                    value,
+                    deadline_ms,
+                    create_revision: revisions.create,
+                    version: revisions.version,
+                });
+            }
+            if self.is_recording_events {
+                // A TTL change is a write of the same value.
+                self.events.push(Event::put(
+                    revision,
+                    key,
+                    value,
+                    revisions.create,
+                    revisions.version,
+                    Some(value),
+                ));
+            }
         }
         self.finish_revision();
         Response::Expiry {

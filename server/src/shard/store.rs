@@ -434,6 +434,19 @@ impl Store {
         revisions: KeyRevisions,
         expiry: Option<Expiry>,
     ) {
+        self.insert_with(key, value, revisions, expiry, |_| {});
+    }
+
+    /// [`Store::insert`], showing the entry it replaces (if any) to `replaced` first, in the
+    /// same lookup.
+    pub fn insert_with(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        revisions: KeyRevisions,
+        expiry: Option<Expiry>,
+        replaced: impl FnOnce(EntryRef<'_>),
+    ) {
         let hash = self.hash(key);
         let size = entry_size(key.len(), value.len(), expiry.is_some());
         let cost = entry_cost(key.len(), value.len(), expiry.is_some());
@@ -446,6 +459,7 @@ impl Store {
                 let stored = occupied.get_mut();
                 let before = EntryRef { bytes: stored };
                 let released = before.cost();
+                replaced(before);
                 // Same size and the same header layout (with or without an expiry): the key is
                 // already in place; rewrite header and value. Same size alone is not enough:
                 // a TTL dropped and a value 16 bytes longer would shift the key.
