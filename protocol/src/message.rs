@@ -339,7 +339,8 @@ pub struct ScanPage {
     /// For `count_only`, the live keys in the range; otherwise `items.len()`.
     pub count: u64,
     /// Whether the shard holds more keys in the range after the last item: the next page
-    /// starts at `key_after(last item's key)`.
+    /// starts at `key_after(last item's key)` (at `prefix_end` of it for a key of
+    /// `KEY_SIZE_MAX` bytes).
     pub more: bool,
 }
 

@@ -167,6 +167,10 @@ impl DirectFile {
     /// Appends `bytes` at `offset`, which must be where the last append ended (0 at first).
     /// One append at a time: the next starts once this one has returned.
     async fn append(&self, bytes: &[u8], offset: u64) -> io::Result<usize> {
+        if bytes.is_empty() {
+            // Nothing to write (and glommio cannot allocate an empty DMA buffer).
+            return Ok(0);
+        }
         let alignment = self.alignment();
         let (start, buffer) = {
             let mut tail = self.tail.borrow_mut();
@@ -281,7 +285,8 @@ impl Storage for GlommioStorage {
                 file,
                 tail: std::cell::RefCell::default(),
             })),
-            // The filesystem has no O_DIRECT (tmpfs before Linux 6.6, some FUSE ones).
+            // The filesystem has no O_DIRECT (some FUSE ones; on tmpfs glommio itself writes
+            // through the page cache and does not fail here).
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::warn!(
                     path = %path.display(),

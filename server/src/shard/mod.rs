@@ -316,6 +316,12 @@ impl Shard {
         spec: WatchSpec,
         keys_max: usize,
     ) -> Result<(WatchId, u64, Vec<ScanItem>), WatchError> {
+        if self.watch.watcher_count() >= self.config.watch_limits.watchers_max {
+            // Refused before reading anything.
+            return Err(WatchError::TooManyWatchers {
+                watchers_max: self.config.watch_limits.watchers_max,
+            });
+        }
         let revision = self.revision;
         let mut items = Vec::new();
         for entry in self

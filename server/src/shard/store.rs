@@ -49,7 +49,7 @@ use super::timer_wheel::TimerId;
 /// Estimated bytes one entry costs beyond its key and value: the table slot and its share of
 /// the table's spare capacity, the header, and the allocator's per-chunk overhead and
 /// rounding. Deliberately generous so the budget is a ceiling on real memory.
-pub const ENTRY_OVERHEAD_BYTES: u64 = 80;
+pub const ENTRY_OVERHEAD_BYTES: u64 = 96;
 
 /// Estimated bytes a TTL costs beyond its copy of the key: the larger header and the timer
 /// wheel's node and key allocation.
@@ -60,7 +60,7 @@ pub const ORDER_INLINE_BYTES: usize = 16;
 
 /// Estimated bytes a key costs in the ordered index beyond a heap copy of a long key: its
 /// slot in a B-tree node and the node's spare room and links.
-pub const ORDER_OVERHEAD_BYTES: u64 = 40;
+pub const ORDER_OVERHEAD_BYTES: u64 = 56;
 
 /// A key as the ordered index holds it.
 type OrderKey = SmallVec<[u8; ORDER_INLINE_BYTES]>;

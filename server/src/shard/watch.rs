@@ -10,9 +10,11 @@
 //! - Resuming after revision `R` replays every matching event after `R` from the history, or
 //!   refuses with [`WatchError::Compacted`] when the history no longer reaches back to `R`:
 //!   never a silent gap.
-//! - A watcher whose queue passes its byte bound is cancelled with
+//! - A watcher whose queue would pass its byte bound is cancelled with
 //!   [`Cancelled::Lagged`], reporting the last revision it was handed, instead of buffering
-//!   without limit. Its queue is dropped at once.
+//!   without limit. Its queue is dropped at once. An empty queue takes any one revision, and
+//!   a resume's replay is bounded by the history, not the queue, so a watcher can always
+//!   resume from where it was cancelled while the history still holds it.
 //!
 //! **Limits**: the history holds at most `history_events_max` events and
 //! `history_bytes_max` bytes, dropping whole revisions, oldest first; a hub holds at most
@@ -430,8 +432,11 @@ impl History {
                 let index = usize::try_from(recorded.chunk - self.first_chunk).ok()?;
                 let bytes = self
                     .chunks
-                    .get(index)?
-                    .get(recorded.offset..recorded.offset + recorded.len)?;
+                    .get(index)
+                    .and_then(|chunk| chunk.get(recorded.offset..recorded.offset + recorded.len));
+                // Every event's bytes stay until it is dropped: a miss would be a silent gap.
+                debug_assert!(bytes.is_some(), "history event {recorded:?} has no bytes");
+                let bytes = bytes?;
                 Some(Event {
                     revision: recorded.revision,
                     change: recorded.change,
@@ -531,11 +536,13 @@ impl WatchHub {
                     .iter()
                     .take_while(|event| event.revision == revision)
                     .count();
+            // The replay is bounded by the history, not by the queue: a resume whose backlog
+            // passed the queue bound would otherwise be cancelled again on every attempt.
             enqueue(
                 &mut watcher,
                 revision,
                 replayed[index..end].iter(),
-                &self.limits,
+                usize::MAX,
             );
             index = end;
         }
@@ -556,7 +563,12 @@ impl WatchHub {
         );
         self.revision = revision;
         for watcher in self.watchers.values_mut() {
-            enqueue(watcher, revision, events.iter(), &self.limits);
+            enqueue(
+                watcher,
+                revision,
+                events.iter(),
+                self.limits.queue_bytes_max,
+            );
         }
         for event in events.drain(..) {
             self.history.push(&event);
@@ -635,12 +647,14 @@ fn batch_cost(batch: &Batch) -> usize {
 }
 
 /// Queues for `watcher` the events of `revision` it matches, or cancels it if they would
-/// pass its bound.
+/// take a queue already holding something past `queue_bytes_max`. An empty queue takes any
+/// one batch: the bound limits a backlog, and a single revision larger than it (a batch of
+/// big values) must not cancel every watcher that resumes before it.
 fn enqueue<'a>(
     watcher: &mut Watcher,
     revision: u64,
     events: impl Iterator<Item = &'a Event>,
-    limits: &WatchLimits,
+    queue_bytes_max: usize,
 ) {
     if watcher.cancelled.is_some() {
         return;
@@ -654,7 +668,7 @@ fn enqueue<'a>(
     }
     let batch = Batch { revision, events };
     let cost = batch_cost(&batch);
-    if watcher.queue_bytes + cost > limits.queue_bytes_max {
+    if !watcher.queue.is_empty() && watcher.queue_bytes + cost > queue_bytes_max {
         watcher.cancelled = Some(Cancelled::Lagged {
             last_delivered: watcher.last_delivered,
         });
@@ -834,6 +848,36 @@ mod tests {
         assert_eq!(history.events_after(0), pushed[..1]);
     }
 
+    /// One revision larger than the queue bound still reaches a watcher with an empty queue,
+    /// and a watcher cancelled as lagging resumes from the history even when the backlog
+    /// passes the bound (found in review: it was cancelled again on every resume).
+    #[test]
+    fn a_large_revision_and_a_large_backlog_do_not_cancel_a_resume() {
+        let limits = WatchLimits {
+            history_events_max: 100,
+            history_bytes_max: 1 << 20,
+            ..LIMITS
+        };
+        let mut hub = WatchHub::new(limits, 0);
+        let id = hub.watch(everything(), Start::Now).unwrap();
+        hub.publish(1, &mut vec![put_event(1, 0, LIMITS.queue_bytes_max * 2)]);
+        let batches = hub.take(id, usize::MAX).unwrap().unwrap();
+        assert_eq!(batches.len(), 1);
+        // An idle watcher falls behind and is cancelled; resuming replays everything after.
+        let idle = hub.watch(everything(), Start::Now).unwrap();
+        for revision in 2..=12 {
+            hub.publish(revision, &mut vec![put_event(revision, 1, 90)]);
+        }
+        let Some(Err(Cancelled::Lagged { last_delivered })) = hub.take(idle, usize::MAX) else {
+            panic!("the idle watcher is cancelled");
+        };
+        let resumed = hub
+            .watch(everything(), Start::After(last_delivered))
+            .unwrap();
+        let batches = hub.take(resumed, usize::MAX).unwrap().unwrap();
+        assert_eq!(batches.len(), 11);
+    }
+
     // The model: every event ever published, and for each watcher the batches it must see.
 
     #[derive(Debug, Clone)]
@@ -912,7 +956,7 @@ mod tests {
                         hub.publish(revision, &mut events.clone());
                         for watcher in followed.iter_mut().filter(|watcher| !watcher.lagged) {
                             if let Some(batch) = matching(&watcher.spec, revision, &events) {
-                                if queued_bytes(&watcher.pending) + batch_cost(&batch) > LIMITS.queue_bytes_max {
+                                if !watcher.pending.is_empty() && queued_bytes(&watcher.pending) + batch_cost(&batch) > LIMITS.queue_bytes_max {
                                     watcher.lagged = true;
                                     watcher.pending.clear();
                                 } else {
@@ -937,21 +981,13 @@ mod tests {
                         match result {
                             Ok(id) => {
                                 prop_assert!(after <= revision && history_covers);
-                                let mut pending = VecDeque::new();
-                                let mut lagged = false;
-                                for (at, events) in log.iter().filter(|(at, _)| *at > after) {
-                                    if let Some(batch) = matching(&spec, *at, events) {
-                                        if lagged {
-                                            continue;
-                                        }
-                                        if queued_bytes(&pending) + batch_cost(&batch) > LIMITS.queue_bytes_max {
-                                            lagged = true;
-                                            pending.clear();
-                                        } else {
-                                            pending.push_back(batch);
-                                        }
-                                    }
-                                }
+                                // The replay is never cut by the queue bound.
+                                let pending: VecDeque<Batch> = log
+                                    .iter()
+                                    .filter(|(at, _)| *at > after)
+                                    .filter_map(|(at, events)| matching(&spec, *at, events))
+                                    .collect();
+                                let lagged = false;
                                 followed.push(Followed { id, spec, pending, last_delivered: after, lagged });
                             }
                             Err(WatchError::Compacted { oldest_available }) => {
