@@ -666,15 +666,7 @@ impl Shard {
         if self.is_recording_events {
             self.events.push(event.unwrap_or_else(|| make_event(None)));
         }
-        if let Some(journal) = &mut self.journal {
-            journal.push(Effect::Set {
-                key,
-                value,
-                deadline_ms,
-                create_revision: revisions.create,
-                version: revisions.version,
-            });
-        }
+        journal_set(self.journal.as_mut(), key, value, deadline_ms, revisions);
     }
 
     fn store_full(&mut self, needed_bytes: u64) -> Response {
@@ -880,15 +872,7 @@ impl Shard {
         assert!(is_updated, "live entry vanished while its ttl was set");
         if let Some(entry) = self.store.get(key) {
             let value = entry.value();
-            if let Some(journal) = &mut self.journal {
-                journal.push(Effect::Set {
-                    key,
-                    value,
-                    deadline_ms,
-                    create_revision: revisions.create,
-                    version: revisions.version,
-                });
-            }
+            journal_set(self.journal.as_mut(), key, value, deadline_ms, revisions);
             if self.is_recording_events {
                 // A TTL change is a write of the same value.
                 self.events.push(Event::put(
@@ -1005,6 +989,25 @@ struct Current {
     expiry: Option<Expiry>,
     cost: u64,
     previous: Option<Entry>,
+}
+
+/// Journals that `key` now holds `value` with `revisions`, if the shard keeps a journal.
+fn journal_set(
+    journal: Option<&mut RecordWriter>,
+    key: &[u8],
+    value: &[u8],
+    deadline_ms: Option<u64>,
+    revisions: KeyRevisions,
+) {
+    if let Some(journal) = journal {
+        journal.push(Effect::Set {
+            key,
+            value,
+            deadline_ms,
+            create_revision: revisions.create,
+            version: revisions.version,
+        });
+    }
 }
 
 fn to_entry(entry: EntryRef<'_>) -> Entry {
