@@ -9,7 +9,7 @@
 //! were sent) and is replaced by a new one on the next call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -39,9 +39,22 @@ const READ_BUFFER_SIZE: usize = 64 * 1024;
 
 type ReplySender = oneshot::Sender<Result<Response>>;
 
+/// Messages a watch stream buffers before the reader takes them; past it the stream is
+/// ended as overflowed (the caller reports its watch as lagging), so a consumer that stops
+/// reading never stalls the connection's other requests or grows the client's memory.
+const STREAM_QUEUE_MESSAGES_MAX: usize = 64;
+
+/// Where the reader hands a watch's pushed messages.
+struct StreamSender {
+    sender: mpsc::Sender<Response>,
+    overflowed: Arc<AtomicBool>,
+}
+
 #[derive(Default)]
 struct Pending {
     replies: HashMap<u64, ReplySender>,
+    /// Open watch streams by the request id of their `Watch`.
+    streams: HashMap<u64, StreamSender>,
     is_closed: bool,
 }
 
@@ -73,6 +86,8 @@ impl Link {
         let replies = {
             let mut pending = self.pending();
             pending.is_closed = true;
+            // Dropping the senders ends each stream as disconnected.
+            pending.streams.clear();
             std::mem::take(&mut pending.replies)
         };
         for (_, reply) in replies {
@@ -114,6 +129,25 @@ impl Connection {
 
     /// Sends `request` and waits for its reply.
     pub(crate) async fn call(&self, request: &Request) -> Result<Response> {
+        self.call_with_stream(request, false)
+            .await
+            .map(|(response, _)| response)
+    }
+
+    /// Sends a `Watch` and waits for its first reply; the messages pushed after it arrive
+    /// on the returned stream (which is `None` unless the reply is `Watching`).
+    pub(crate) async fn open_stream(
+        &self,
+        request: &Request,
+    ) -> Result<(Response, Option<RemoteStream>)> {
+        self.call_with_stream(request, true).await
+    }
+
+    async fn call_with_stream(
+        &self,
+        request: &Request,
+        wants_stream: bool,
+    ) -> Result<(Response, Option<RemoteStream>)> {
         let link = self.link().await?;
         let Ok(_permit) = link.inflight.acquire().await else {
             return Err(self.disconnected());
@@ -122,6 +156,7 @@ impl Connection {
         let mut frame = FrameBuffer::new();
         codec::encode_request(&mut frame, request_id, request).map_err(ClientError::Encode)?;
         let (reply_sender, reply) = oneshot::channel();
+        let mut stream = None;
         {
             let mut pending = link.pending();
             if pending.is_closed {
@@ -129,6 +164,24 @@ impl Connection {
                 return Err(self.not_sent("connection closed before sending"));
             }
             pending.replies.insert(request_id, reply_sender);
+            if wants_stream {
+                // Registered before sending: pushes may follow the first reply at once.
+                let (sender, receiver) = mpsc::channel(STREAM_QUEUE_MESSAGES_MAX);
+                let overflowed = Arc::new(AtomicBool::new(false));
+                pending.streams.insert(
+                    request_id,
+                    StreamSender {
+                        sender,
+                        overflowed: overflowed.clone(),
+                    },
+                );
+                stream = Some(RemoteStream {
+                    link: link.clone(),
+                    watch_id: request_id,
+                    receiver,
+                    overflowed,
+                });
+            }
         }
         let replies_before = link.reply_count.load(Ordering::Relaxed);
         if link.outbound.send(frame).is_err() {
@@ -136,7 +189,11 @@ impl Connection {
             return Err(self.not_sent("connection writer stopped before sending"));
         }
         match tokio::time::timeout(self.settings.request_timeout, reply).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => {
+                let response = result?;
+                let is_open = matches!(response, Response::Watching(_));
+                Ok((response, stream.filter(|_| is_open)))
+            }
             Ok(Err(_)) => Err(self.disconnected()),
             Err(_) => {
                 link.pending().replies.remove(&request_id);
@@ -302,10 +359,21 @@ async fn read_replies(link: &Link, reader: &mut OwnedReadHalf, address: &str) ->
                     other => ClientError::UnexpectedReply(format!("{other:?} for request id 0")),
                 });
             }
-            let reply = link.pending().replies.remove(&request_id);
-            if let Some(reply) = reply {
+            let mut pending = link.pending();
+            if let Some(reply) = pending.replies.remove(&request_id) {
+                drop(pending);
                 // The caller may have timed out and gone; that is fine.
                 let _ = reply.send(Ok(response));
+            } else if let Some(stream) = pending.streams.get(&request_id) {
+                let is_last = matches!(response, Response::WatchCancelled(_));
+                if let Err(send_error) = stream.sender.try_send(response) {
+                    if matches!(send_error, mpsc::error::TrySendError::Full(_)) {
+                        stream.overflowed.store(true, Ordering::Relaxed);
+                    }
+                    pending.streams.remove(&request_id);
+                } else if is_last {
+                    pending.streams.remove(&request_id);
+                }
             }
         }
         buffer.copy_within(offset..filled, 0);
@@ -332,4 +400,74 @@ async fn read_replies(link: &Link, reader: &mut OwnedReadHalf, address: &str) ->
 /// A server error carried as a [`ClientError`].
 pub(crate) fn server_error(code: ErrorCode, message: String) -> ClientError {
     ClientError::Server { code, message }
+}
+
+/// The messages a server pushes for one watch opened on a connection.
+pub(crate) struct RemoteStream {
+    link: Arc<Link>,
+    watch_id: u64,
+    receiver: mpsc::Receiver<Response>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for RemoteStream {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("RemoteStream")
+            .field("watch_id", &self.watch_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a stream's next message turned out.
+#[derive(Debug)]
+pub(crate) enum StreamNext {
+    /// A pushed message.
+    Message(Response),
+    /// The reader fell behind and the stream was ended (the watch lags).
+    Overflowed,
+    /// The connection closed (or the server ended the stream after its cancellation).
+    Closed,
+}
+
+impl RemoteStream {
+    pub(crate) async fn next(&mut self) -> StreamNext {
+        match self.receiver.recv().await {
+            Some(response) => StreamNext::Message(response),
+            None if self.overflowed.load(Ordering::Relaxed) => StreamNext::Overflowed,
+            None => StreamNext::Closed,
+        }
+    }
+
+    /// Asks the server for a progress notification on this stream.
+    pub(crate) fn request_progress(&self) {
+        self.send_on_link(&Request::WatchProgress {
+            watch_id: self.watch_id,
+        });
+    }
+
+    /// Sends `request` on the stream's own connection without waiting for its answer (a
+    /// watch id means nothing on another connection).
+    fn send_on_link(&self, request: &Request) {
+        if self.link.is_closed() {
+            return;
+        }
+        let request_id = self.link.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = FrameBuffer::new();
+        if codec::encode_request(&mut frame, request_id, request).is_ok() {
+            // An answer to an id nobody waits for is dropped by the reader.
+            let _ = self.link.outbound.send(frame);
+        }
+    }
+}
+
+impl Drop for RemoteStream {
+    fn drop(&mut self) {
+        let was_open = self.link.pending().streams.remove(&self.watch_id).is_some();
+        if was_open {
+            self.send_on_link(&Request::Unwatch {
+                watch_id: self.watch_id,
+            });
+        }
+    }
 }

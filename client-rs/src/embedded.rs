@@ -10,7 +10,10 @@ use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::{ErrorCode, Request, Response};
 use tessera_server::core::{CoreInboxes, CoreRequest};
 use tessera_server::inbox::PushError;
+use tessera_server::watch_stream::{self, WatchReceiver};
 use tessera_server::Server;
+
+use crate::connection::StreamNext;
 
 use crate::error::{ClientError, Result};
 
@@ -69,6 +72,37 @@ impl EmbeddedCore {
     }
 
     pub(crate) async fn call(&self, request: &Request) -> Result<Response> {
+        self.call_with_sink(request, None).await
+    }
+
+    /// Sends a `Watch` with a channel for its messages; the stream is `None` unless the
+    /// reply is `Watching`.
+    pub(crate) async fn open_stream(
+        &self,
+        request: &Request,
+    ) -> Result<(Response, Option<EmbeddedStream>)> {
+        let (sink, receiver) = watch_stream::channel();
+        let response = self.call_with_sink(request, Some(sink)).await?;
+        let stream = match &response {
+            Response::Watching(watching) => Some(EmbeddedStream {
+                receiver,
+                watch_id: watching.watch_id,
+                core: Self {
+                    address: self.address.clone(),
+                    core_id: self.core_id,
+                    inboxes: self.inboxes.clone(),
+                },
+            }),
+            _ => None,
+        };
+        Ok((response, stream))
+    }
+
+    async fn call_with_sink(
+        &self,
+        request: &Request,
+        stream: Option<watch_stream::WatchSink>,
+    ) -> Result<Response> {
         let mut body = FrameBuffer::new();
         codec::encode_request_body(&mut body, request).map_err(ClientError::Encode)?;
         let inbox = self
@@ -76,7 +110,11 @@ impl EmbeddedCore {
             .get(usize::from(self.core_id))
             .ok_or(ClientError::ShutDown)?;
         let (reply, receiver) = oneshot::channel();
-        match inbox.push(CoreRequest { body, reply }) {
+        match inbox.push(CoreRequest {
+            body,
+            reply,
+            stream,
+        }) {
             Ok(()) => {}
             Err(PushError::Full(_)) => {
                 return Err(ClientError::Server {
@@ -95,6 +133,50 @@ impl EmbeddedCore {
             address: self.address.clone(),
             error,
         })
+    }
+}
+
+/// The messages an in-process core pushes for one watch. Dropping it ends the watch (the
+/// core notices its channel closed at its next pump, within a tick).
+#[derive(Debug)]
+pub(crate) struct EmbeddedStream {
+    receiver: WatchReceiver,
+    watch_id: u64,
+    core: EmbeddedCore,
+}
+
+impl EmbeddedStream {
+    pub(crate) async fn next(&mut self) -> StreamNext {
+        let Some(body) = self.receiver.next().await else {
+            return StreamNext::Closed;
+        };
+        match codec::decode_response(&body) {
+            Ok(response) => StreamNext::Message(response),
+            Err(error) => {
+                tracing::error!(%error, "undecodable watch message from an in-process core");
+                StreamNext::Closed
+            }
+        }
+    }
+
+    /// Asks the core for a progress notification on this stream.
+    pub(crate) fn request_progress(&self) {
+        let request = Request::WatchProgress {
+            watch_id: self.watch_id,
+        };
+        let mut body = FrameBuffer::new();
+        if codec::encode_request_body(&mut body, &request).is_err() {
+            return;
+        }
+        if let Some(inbox) = self.core.inboxes.get(usize::from(self.core.core_id)) {
+            let (reply, _) = oneshot::channel();
+            // A full inbox drops the request: progress comes with the next interval.
+            let _ = inbox.push(CoreRequest {
+                body,
+                reply,
+                stream: None,
+            });
+        }
     }
 }
 

@@ -63,6 +63,44 @@ pub enum ClientError {
     /// The client (or its embedded server) has been shut down.
     #[error("client is shut down")]
     ShutDown,
+    /// A watch cannot resume where asked: the shard's history no longer holds every event
+    /// after that revision. Resume after `oldest_available` at the earliest, or watch again
+    /// with a snapshot.
+    #[error(
+        "watch on node {node_id} core {core_id} is compacted: the oldest revision to resume \
+         after is {oldest_available}"
+    )]
+    Compacted {
+        /// The node of the shard.
+        node_id: u32,
+        /// The core (shard).
+        core_id: u16,
+        /// The oldest revision a watch on that shard can resume after.
+        oldest_available: u64,
+    },
+    /// A watch asked to resume has no position for a shard it covers.
+    #[error("no resume position for node {node_id} core {core_id}")]
+    MissingPosition {
+        /// The node of the shard.
+        node_id: u32,
+        /// The core (shard).
+        core_id: u16,
+    },
+    /// A watch fell behind: the server (or the client, for a consumer that stopped reading)
+    /// had more events queued for it than its bound. Every event up to `last_delivered` was
+    /// delivered; resume after it or watch again with a snapshot.
+    #[error(
+        "watch on node {node_id} core {core_id} lagged: events were delivered up to revision \
+         {last_delivered}"
+    )]
+    Lagged {
+        /// The node of the shard.
+        node_id: u32,
+        /// The core (shard).
+        core_id: u16,
+        /// The last revision delivered from that shard.
+        last_delivered: u64,
+    },
 }
 
 impl ClientError {

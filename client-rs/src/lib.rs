@@ -18,6 +18,7 @@
 //! - `routing`: the topology, its route table, and a transport per core.
 //! - `transport`: network or in-process path to one core.
 //! - `scan`: range scans, sent to every core and merged in key order.
+//! - `watch`: watches as one stream merged across shards, resumed after reconnects.
 //! - `embedded`: shards in this process (feature `embedded`).
 //! - [`blocking`]: a synchronous wrapper.
 //! - [`error`]: the [`ClientError`] type.
@@ -44,6 +45,7 @@ pub mod error;
 mod routing;
 mod scan;
 mod transport;
+mod watch;
 
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -63,6 +65,7 @@ pub use tessera_protocol::{CoreStats, Entry, ErrorCode, Topology, TtlState};
 pub use tessera_server::config::Durability;
 #[cfg(feature = "embedded")]
 pub use tessera_server::Config as EmbeddedConfig;
+pub use watch::{EventKind, Watch, WatchEvent, WatchMessage, WatchOptions, WatchStart};
 
 use crate::connection::{server_error, Connection, ConnectionSettings};
 use crate::routing::ClusterView;

@@ -46,6 +46,16 @@ impl KeyRange {
         }
     }
 
+    /// Exactly one key.
+    #[must_use]
+    pub fn key(key: impl AsRef<[u8]>) -> Self {
+        let key = key.as_ref();
+        Self {
+            start: key.to_vec(),
+            end: Some(key_after(key)),
+        }
+    }
+
     /// The keys from `start` (inclusive) to `end` (exclusive).
     #[must_use]
     pub fn between(start: impl AsRef<[u8]>, end: impl AsRef<[u8]>) -> Self {

@@ -4,7 +4,7 @@
 
 use tessera_protocol::{Request, Response};
 
-use crate::connection::Connection;
+use crate::connection::{Connection, RemoteStream, StreamNext};
 use crate::error::Result;
 
 /// A path to one core.
@@ -31,6 +31,52 @@ impl Transport {
             Self::Remote(connection) => connection.call(request).await,
             #[cfg(feature = "embedded")]
             Self::Embedded(core) => core.call(request).await,
+        }
+    }
+
+    /// Opens a watch: its first reply and, if the reply is `Watching`, its stream.
+    pub(crate) async fn open_stream(
+        &self,
+        request: &Request,
+    ) -> Result<(Response, Option<TransportStream>)> {
+        match self {
+            Self::Remote(connection) => {
+                let (response, stream) = connection.open_stream(request).await?;
+                Ok((response, stream.map(TransportStream::Remote)))
+            }
+            #[cfg(feature = "embedded")]
+            Self::Embedded(core) => {
+                let (response, stream) = core.open_stream(request).await?;
+                Ok((response, stream.map(TransportStream::Embedded)))
+            }
+        }
+    }
+}
+
+/// The messages pushed for one watch, from either kind of transport.
+#[derive(Debug)]
+pub(crate) enum TransportStream {
+    /// Over a connection.
+    Remote(RemoteStream),
+    /// From a core in this process.
+    #[cfg(feature = "embedded")]
+    Embedded(crate::embedded::EmbeddedStream),
+}
+
+impl TransportStream {
+    pub(crate) async fn next(&mut self) -> StreamNext {
+        match self {
+            Self::Remote(stream) => stream.next().await,
+            #[cfg(feature = "embedded")]
+            Self::Embedded(stream) => stream.next().await,
+        }
+    }
+
+    pub(crate) fn request_progress(&self) {
+        match self {
+            Self::Remote(stream) => stream.request_progress(),
+            #[cfg(feature = "embedded")]
+            Self::Embedded(stream) => stream.request_progress(),
         }
     }
 }

@@ -15,7 +15,8 @@ use crate::error::{ProtocolError, RequestError};
 use crate::frame::{frame_size_for_body, FrameHeader, FrameKind, PROTOCOL_VERSION};
 use crate::limits::{
     BATCH_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE, KEY_SIZE_MAX,
-    SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
+    SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
+    WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
 use crate::message::{ArchivedRequest, ArchivedResponse, Request, Response};
 
@@ -388,6 +389,20 @@ pub fn check_text(text: &str) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// Checks a range's bounds: each may be empty (the start of the keyspace) but not longer
+/// than a key.
+///
+/// # Errors
+/// A bound over `KEY_SIZE_MAX`.
+pub fn check_bounds(start: &[u8], end: Option<&[u8]>) -> Result<(), RequestError> {
+    for bound in std::iter::once(start).chain(end) {
+        if !bound.is_empty() {
+            check_key(bound)?;
+        }
+    }
+    Ok(())
+}
+
 /// Checks every argument of a validated request against the protocol's limits.
 ///
 /// The structure was already validated by [`access_request`]; this checks the meaning: sizes
@@ -399,7 +414,6 @@ pub fn check_text(text: &str) -> Result<(), RequestError> {
 pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
     match request {
         ArchivedRequest::Hello { client_name, .. } => check_text(client_name.as_str()),
-        ArchivedRequest::Ping | ArchivedRequest::Stats => Ok(()),
         ArchivedRequest::Get { key }
         | ArchivedRequest::Delete { key, .. }
         | ArchivedRequest::Exists { key }
@@ -422,15 +436,36 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             check_batch(keys.len())?;
             keys.iter().try_for_each(|key| check_key(key.as_slice()))
         }
-        ArchivedRequest::Scan(scan) => {
-            // The bounds may be empty (the start of the keyspace), not longer than a key.
-            for bound in std::iter::once(scan.start.as_slice())
-                .chain(scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice))
-            {
-                if !bound.is_empty() {
-                    check_key(bound)?;
-                }
+        ArchivedRequest::Ping
+        | ArchivedRequest::Stats
+        | ArchivedRequest::Unwatch { .. }
+        | ArchivedRequest::WatchProgress { .. } => Ok(()),
+        ArchivedRequest::Watch(watch) => {
+            let end = watch.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice);
+            check_bounds(watch.start.as_slice(), end)?;
+            if end.is_some_and(|end| end <= watch.start.as_slice()) {
+                // A watch that can never see a key is a mistake, not a quiet stream.
+                return Err(RequestError::EmptyRange);
             }
+            if !watch.puts && !watch.deletes {
+                return Err(RequestError::WatchesNothing);
+            }
+            let interval_ms = watch.progress_interval_ms.to_native();
+            let allowed = WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX;
+            if interval_ms != 0 && !allowed.contains(&interval_ms) {
+                return Err(RequestError::ProgressIntervalOutOfRange {
+                    interval_ms,
+                    interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
+                    interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
+                });
+            }
+            Ok(())
+        }
+        ArchivedRequest::Scan(scan) => {
+            check_bounds(
+                scan.start.as_slice(),
+                scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice),
+            )?;
             let limit = scan.limit.to_native();
             if !scan.count_only && !(1..=SCAN_LIMIT_MAX).contains(&limit) {
                 return Err(RequestError::ScanLimitOutOfRange {

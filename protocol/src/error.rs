@@ -196,6 +196,22 @@ pub enum RequestError {
         /// The most allowed.
         limit_max: u32,
     },
+    /// A watch's progress interval is outside the allowed range (0 turns it off).
+    #[error("progress interval of {interval_ms} ms is outside {interval_ms_min}..={interval_ms_max} (0 for none)")]
+    ProgressIntervalOutOfRange {
+        /// The interval asked for.
+        interval_ms: u32,
+        /// The shortest allowed.
+        interval_ms_min: u32,
+        /// The longest allowed.
+        interval_ms_max: u32,
+    },
+    /// A watch delivers neither puts nor deletes.
+    #[error("a watch must deliver puts, deletes or both")]
+    WatchesNothing,
+    /// A range's end is not after its start.
+    #[error("range end is not after its start")]
+    EmptyRange,
     /// A name or other text field is over [`crate::limits::TEXT_SIZE_MAX`].
     #[error("text of {size} bytes is over the limit of {size_max} bytes")]
     TextTooLarge {
@@ -211,9 +227,12 @@ impl RequestError {
     #[must_use]
     pub fn code(&self) -> ErrorCode {
         match self {
-            Self::EmptyKey | Self::TtlOutOfRange { .. } | Self::ScanLimitOutOfRange { .. } => {
-                ErrorCode::InvalidArgument
-            }
+            Self::EmptyKey
+            | Self::TtlOutOfRange { .. }
+            | Self::ScanLimitOutOfRange { .. }
+            | Self::ProgressIntervalOutOfRange { .. }
+            | Self::WatchesNothing
+            | Self::EmptyRange => ErrorCode::InvalidArgument,
             Self::KeyTooLarge { .. }
             | Self::ValueTooLarge { .. }
             | Self::BatchTooLarge { .. }

@@ -21,6 +21,17 @@ pub const SCAN_LIMIT_MAX: u32 = 10_000;
 /// key), leaving room in the frame for the page's last item and the archive's structure.
 pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// Bytes of events (keys, values, previous values and 64 per event for structure) after which
+/// the server ends one `WatchEvents` frame; a frame holds at least one event. A revision with
+/// more continues in the next frame.
+pub const WATCH_FRAME_BYTES_MAX: usize = 1024 * 1024;
+
+/// Shortest progress interval a watch may ask for, in milliseconds.
+pub const WATCH_PROGRESS_INTERVAL_MS_MIN: u32 = 10;
+
+/// Longest progress interval a watch may ask for, in milliseconds (one hour).
+pub const WATCH_PROGRESS_INTERVAL_MS_MAX: u32 = 60 * 60 * 1000;
+
 /// Largest frame body (the archived message, without header or padding), in bytes.
 ///
 /// A batch is bounded by both [`BATCH_COUNT_MAX`] and this size; a reply that would exceed it
@@ -70,6 +81,13 @@ const _: () = assert!(
         + VALUE_SIZE_MAX
         + SCAN_LIMIT_MAX as usize * 64
         + ENVELOPE_OVERHEAD_MAX
+        <= FRAME_BODY_SIZE_MAX
+);
+// A full events frame plus one more maximal event (a key, its value and the previous value)
+// fits in one frame; an event's archive is smaller than the 64 bytes of structure it is
+// charged, so the charge bounds the frame.
+const _: () = assert!(
+    WATCH_FRAME_BYTES_MAX + KEY_SIZE_MAX + 2 * VALUE_SIZE_MAX + 64 + ENVELOPE_OVERHEAD_MAX
         <= FRAME_BODY_SIZE_MAX
 );
 // Body sizes travel as u32.

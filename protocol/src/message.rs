@@ -90,6 +90,77 @@ pub enum Request {
     /// Reads the keys of a range in key order, from the shard of the core that receives it
     /// (never forwarded: the client sends one to every core and merges the pages).
     Scan(Scan),
+    /// Opens a watch on the shard of the core that receives it (never forwarded: the client
+    /// sends one to every core whose shard can hold keys of the range). The first reply is
+    /// [`Response::Watching`] (or a refusal); after it the server pushes
+    /// [`Response::WatchEvents`], [`Response::WatchProgress`] and at most one
+    /// [`Response::WatchCancelled`] under the same request id, which names the watch.
+    /// Boxed so the watch's many fields do not widen every other request's archive.
+    Watch(Box<Watch>),
+    /// Ends a watch of this connection; answered [`Response::Unwatched`]. Nothing of the
+    /// watch is pushed after the answer.
+    Unwatch {
+        /// The watch's id ([`Watching::watch_id`]).
+        watch_id: u64,
+    },
+    /// Asks for a progress notification now: the watch's queued events are pushed, then a
+    /// [`Response::WatchProgress`] on the watch's stream. Answered [`Response::Unwatched`]
+    /// with `existed` false if there is no such watch, else [`Response::WatchProgress`].
+    WatchProgress {
+        /// The watch's id ([`Watching::watch_id`]).
+        watch_id: u64,
+    },
+}
+
+/// The arguments of [`Request::Watch`]: changes to the keys in `[start, end)`.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Watch {
+    /// The first key of the range (inclusive); empty for the start of the keyspace.
+    pub start: Vec<u8>,
+    /// The end of the range (exclusive); `None` for the end of the keyspace.
+    pub end: Option<Vec<u8>>,
+    /// Where the watch starts.
+    pub from: WatchFrom,
+    /// Deliver puts.
+    pub puts: bool,
+    /// Deliver deletes (and expiries).
+    pub deletes: bool,
+    /// Include each key's previous value in its events.
+    pub previous: bool,
+    /// Push a progress notification this often, in milliseconds; 0 for never. Otherwise
+    /// `WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX`.
+    pub progress_interval_ms: u32,
+}
+
+impl Watch {
+    /// Puts and deletes in `[start, end)` from now on, without previous values or progress.
+    #[must_use]
+    pub fn range(start: impl Into<Vec<u8>>, end: Option<Vec<u8>>) -> Self {
+        Self {
+            start: start.into(),
+            end,
+            from: WatchFrom::Now,
+            puts: true,
+            deletes: true,
+            previous: false,
+            progress_interval_ms: 0,
+        }
+    }
+}
+
+/// Where a watch starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum WatchFrom {
+    /// With the next revision the shard applies.
+    Now,
+    /// With the first revision after this one (a resume), replayed from the shard's history.
+    /// Refused with [`WatchCancel::Compacted`] if the history no longer reaches back to it.
+    After(u64),
+    /// With the range's live keys now, at revision `R` ([`Watching::snapshot`]), then every
+    /// event after `R`.
+    Snapshot,
 }
 
 /// The arguments of [`Request::Scan`]: the keys in `[start, end)`, in byte order.
@@ -322,6 +393,113 @@ pub enum Response {
     },
     /// Answer to [`Request::Scan`].
     Scan(ScanPage),
+    /// First answer to [`Request::Watch`]: the watch is open.
+    Watching(Watching),
+    /// Pushed on a watch's stream: the next events, whole revisions in revision order.
+    WatchEvents(WatchEvents),
+    /// Pushed on a watch's stream (and the answer to [`Request::WatchProgress`]): every
+    /// event of the range up to `revision` has been pushed.
+    WatchProgress {
+        /// The shard revision the watch has caught up to.
+        revision: u64,
+    },
+    /// Pushed on a watch's stream, last: the watch ended. Also the first answer to a
+    /// [`Request::Watch`] whose start the history no longer holds.
+    WatchCancelled(WatchCancel),
+    /// Answer to [`Request::Unwatch`] (and to a [`Request::WatchProgress`] for an unknown
+    /// watch).
+    Unwatched {
+        /// Whether the watch existed.
+        existed: bool,
+    },
+}
+
+/// The first answer to [`Request::Watch`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Watching {
+    /// Names the watch in [`Request::Unwatch`] and [`Request::WatchProgress`]: on a network
+    /// connection, the request id of the [`Request::Watch`].
+    pub watch_id: u64,
+    /// The answering node.
+    pub node_id: u32,
+    /// The answering core (its shard).
+    pub core_id: u16,
+    /// The watch delivers every matching event after this shard revision: the shard's
+    /// revision now, the one resumed after, or the snapshot's.
+    pub revision: u64,
+    /// For [`WatchFrom::Snapshot`], the range's live keys at `revision`, in key order.
+    pub snapshot: Option<Vec<ScanItem>>,
+}
+
+/// Events pushed on a watch's stream.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct WatchEvents {
+    /// Revisions in increasing order, each once, with their matching events.
+    pub batches: Vec<EventBatch>,
+    /// The last batch's revision has more events, in the next `WatchEvents` of this watch (a
+    /// revision too large for one frame); the receiver joins them before handing it on.
+    pub continues: bool,
+}
+
+/// The matching events of one revision, in the order the shard applied them.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct EventBatch {
+    /// The shard revision.
+    pub revision: u64,
+    /// Its events.
+    pub events: Vec<WatchEvent>,
+}
+
+/// One change to one key.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct WatchEvent {
+    /// The key.
+    pub key: Vec<u8>,
+    /// What happened.
+    pub kind: EventKind,
+    /// The new value (empty for a delete).
+    pub value: Vec<u8>,
+    /// The value before, if the watch asked for it and the key existed.
+    pub previous: Option<Vec<u8>>,
+}
+
+/// What happened to a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum EventKind {
+    /// The key was written (created when `version` is 1).
+    Put {
+        /// The revision that created the key.
+        create_revision: u64,
+        /// Writes since it was created, this one included.
+        version: u64,
+    },
+    /// The key was removed by a delete request.
+    Deleted,
+    /// The key's TTL passed.
+    Expired,
+}
+
+/// Why a watch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum WatchCancel {
+    /// The watch fell behind: its queue passed its bound. Every event up to
+    /// `last_delivered` was pushed; resume after it, or take a new snapshot.
+    Lagged {
+        /// The last revision pushed.
+        last_delivered: u64,
+    },
+    /// The history no longer holds every event after the revision asked for: resume after
+    /// `oldest_available` at the earliest, or take a new snapshot.
+    Compacted {
+        /// The oldest revision a watch can resume after.
+        oldest_available: u64,
+    },
 }
 
 /// One shard's page of a scan, read at one revision.
@@ -390,6 +568,10 @@ pub struct CoreStats {
     /// While the disk is full, the bytes of records the log can still take; `None` while
     /// it has room (or with durability `memory`).
     pub log_room_bytes: Option<u64>,
+    /// Watchers on the core's shard.
+    pub watcher_count: u64,
+    /// Bytes of events queued for the shard's watchers, not yet handed to their streams.
+    pub watch_queued_bytes: u64,
 }
 
 /// The body of an error response.

@@ -28,11 +28,13 @@ use tessera_protocol::codec::{self, FrameBuffer, FrameError};
 use tessera_protocol::limits::{
     BATCH_COUNT_MAX, CORE_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE,
     KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
+    WATCH_PROGRESS_INTERVAL_MS_MAX, WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
 use tessera_protocol::{
     hash_tag, slot_for_key, split_slots, CoreInfo, CoreStats, Entry, ErrorCode, ErrorReply,
-    FrameHeader, FrameKind, NodeInfo, ProtocolError, Put, PutCondition, PutEntry, Request,
-    RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology, TtlState, WrongShard,
+    EventBatch, EventKind, FrameHeader, FrameKind, NodeInfo, ProtocolError, Put, PutCondition,
+    PutEntry, Request, RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology,
+    TtlState, Watch, WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching, WrongShard,
     PROTOCOL_VERSION, SLOT_COUNT,
 };
 
@@ -51,9 +53,9 @@ const CORE_COUNT_GENERATED_MAX: usize = 4;
 /// Most frames in one generated stream.
 const FRAME_COUNT_GENERATED_MAX: usize = 8;
 /// Number of `Request` variants; `request_variant` fails to compile when one is added.
-const REQUEST_VARIANT_COUNT: usize = 15;
+const REQUEST_VARIANT_COUNT: usize = 18;
 /// Number of `Response` variants; `response_variant` fails to compile when one is added.
-const RESPONSE_VARIANT_COUNT: usize = 15;
+const RESPONSE_VARIANT_COUNT: usize = 20;
 
 // ---------------------------------------------------------------------------------------------
 // Strategies.
@@ -142,6 +144,9 @@ fn request() -> impl Strategy<Value = Request> {
         keys().prop_map(|keys| Request::MultiDelete { keys }),
         (key(), any::<i64>()).prop_map(|(key, delta)| Request::Add { key, delta }),
         scan().prop_map(Request::Scan),
+        watch().prop_map(|watch| Request::Watch(Box::new(watch))),
+        any::<u64>().prop_map(|watch_id| Request::Unwatch { watch_id }),
+        any::<u64>().prop_map(|watch_id| Request::WatchProgress { watch_id }),
     ]
 }
 
@@ -165,15 +170,69 @@ fn scan() -> impl Strategy<Value = Scan> {
         })
 }
 
+/// A watch `check_request` accepts: bounds empty or key-sized with the end (if any) after the
+/// start, at least one of puts and deletes, and a progress interval of 0 or in range.
+fn watch() -> impl Strategy<Value = Watch> {
+    let bound = || prop_oneof![Just(Vec::new()), key()];
+    (
+        bound(),
+        proptest::option::of(bound()),
+        watch_from(),
+        prop_oneof![Just((true, false)), Just((false, true)), Just((true, true))],
+        any::<bool>(),
+        prop_oneof![
+            Just(0),
+            WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX
+        ],
+    )
+        .prop_map(
+            |(first, second, from, (puts, deletes), previous, progress_interval_ms)| {
+                let (start, end) = match second {
+                    None => (first, None),
+                    Some(second) => {
+                        let (start, mut end) = if first <= second {
+                            (first, second)
+                        } else {
+                            (second, first)
+                        };
+                        if end == start {
+                            // Still at most KEY_SIZE_GENERATED_MAX + 1 bytes, well under a key.
+                            end.push(0);
+                        }
+                        (start, Some(end))
+                    }
+                };
+                Watch {
+                    start,
+                    end,
+                    from,
+                    puts,
+                    deletes,
+                    previous,
+                    progress_interval_ms,
+                }
+            },
+        )
+}
+
+fn watch_from() -> impl Strategy<Value = WatchFrom> {
+    prop_oneof![
+        Just(WatchFrom::Now),
+        any::<u64>().prop_map(WatchFrom::After),
+        Just(WatchFrom::Snapshot),
+    ]
+}
+
+fn scan_item() -> impl Strategy<Value = ScanItem> {
+    (key(), proptest::option::of(entry())).prop_map(|(key, entry)| ScanItem { key, entry })
+}
+
 fn scan_page() -> impl Strategy<Value = ScanPage> {
     (
         any::<u32>(),
         any::<u16>(),
         any::<u64>(),
-        vec(
-            (key(), proptest::option::of(entry())).prop_map(|(key, entry)| ScanItem { key, entry }),
-            0..=BATCH_COUNT_GENERATED_MAX,
-        ),
+        vec(scan_item(), 0..=BATCH_COUNT_GENERATED_MAX),
         any::<u64>(),
         any::<bool>(),
     )
@@ -187,6 +246,69 @@ fn scan_page() -> impl Strategy<Value = ScanPage> {
                 more,
             },
         )
+}
+
+fn watching() -> impl Strategy<Value = Watching> {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        any::<u16>(),
+        any::<u64>(),
+        proptest::option::of(vec(scan_item(), 0..=BATCH_COUNT_GENERATED_MAX)),
+    )
+        .prop_map(
+            |(watch_id, node_id, core_id, revision, snapshot)| Watching {
+                watch_id,
+                node_id,
+                core_id,
+                revision,
+                snapshot,
+            },
+        )
+}
+
+fn event_kind() -> impl Strategy<Value = EventKind> {
+    prop_oneof![
+        (any::<u64>(), any::<u64>()).prop_map(|(create_revision, version)| EventKind::Put {
+            create_revision,
+            version,
+        }),
+        Just(EventKind::Deleted),
+        Just(EventKind::Expired),
+    ]
+}
+
+fn watch_event() -> impl Strategy<Value = WatchEvent> {
+    (key(), event_kind(), value(), proptest::option::of(value())).prop_map(
+        |(key, kind, value, previous)| WatchEvent {
+            key,
+            kind,
+            value,
+            previous,
+        },
+    )
+}
+
+fn watch_events() -> impl Strategy<Value = WatchEvents> {
+    (
+        vec(
+            (
+                any::<u64>(),
+                vec(watch_event(), 0..=BATCH_COUNT_GENERATED_MAX),
+            )
+                .prop_map(|(revision, events)| EventBatch { revision, events }),
+            0..=BATCH_COUNT_GENERATED_MAX,
+        ),
+        any::<bool>(),
+    )
+        .prop_map(|(batches, continues)| WatchEvents { batches, continues })
+}
+
+fn watch_cancel() -> impl Strategy<Value = WatchCancel> {
+    prop_oneof![
+        any::<u64>().prop_map(|last_delivered| WatchCancel::Lagged { last_delivered }),
+        any::<u64>().prop_map(|oldest_available| WatchCancel::Compacted { oldest_available }),
+    ]
 }
 
 fn entry() -> impl Strategy<Value = Entry> {
@@ -225,7 +347,7 @@ fn core_stats() -> impl Strategy<Value = CoreStats> {
     (
         any::<u32>(),
         any::<u16>(),
-        any::<[u64; 11]>(),
+        any::<[u64; 13]>(),
         any::<Option<u64>>(),
     )
         .prop_map(|(node_id, core_id, counters, log_room_bytes)| CoreStats {
@@ -243,6 +365,8 @@ fn core_stats() -> impl Strategy<Value = CoreStats> {
             log_byte_count: counters[9],
             log_no_space_count: counters[10],
             log_room_bytes,
+            watcher_count: counters[11],
+            watch_queued_bytes: counters[12],
         })
 }
 
@@ -371,6 +495,11 @@ fn response() -> impl Strategy<Value = Response> {
             mod_revision
         }),
         scan_page().prop_map(Response::Scan),
+        watching().prop_map(Response::Watching),
+        watch_events().prop_map(Response::WatchEvents),
+        any::<u64>().prop_map(|revision| Response::WatchProgress { revision }),
+        watch_cancel().prop_map(Response::WatchCancelled),
+        any::<bool>().prop_map(|existed| Response::Unwatched { existed }),
     ]
 }
 
@@ -438,6 +567,9 @@ fn request_variant(request: &Request) -> usize {
         Request::MultiDelete { .. } => 12,
         Request::Add { .. } => 13,
         Request::Scan(_) => 14,
+        Request::Watch(_) => 15,
+        Request::Unwatch { .. } => 16,
+        Request::WatchProgress { .. } => 17,
     }
 }
 
@@ -458,6 +590,11 @@ fn response_variant(response: &Response) -> usize {
         Response::Error(_) => 12,
         Response::Counter { .. } => 13,
         Response::Scan(_) => 14,
+        Response::Watching(_) => 15,
+        Response::WatchEvents(_) => 16,
+        Response::WatchProgress { .. } => 17,
+        Response::WatchCancelled(_) => 18,
+        Response::Unwatched { .. } => 19,
     }
 }
 
@@ -820,6 +957,8 @@ proptest! {
 #[test]
 fn every_bit_of_small_frames_is_checked() {
     let frames = [
+        // A key of nine bytes, so the body (the key padded to 16 and the 56-byte root) is not a
+        // multiple of 16 and the frame has padding.
         Message::Request(Request::Get {
             key: b"user:1".to_vec(),
         }),
@@ -1218,6 +1357,124 @@ fn scan_bounds_and_limits_are_checked() {
     }
 }
 
+/// A watch's bounds may be empty (the start or end of the keyspace) or up to a key's size.
+#[test]
+fn watch_bounds_are_checked() {
+    let long = vec![b'k'; KEY_SIZE_MAX];
+    let too_long = vec![b'k'; KEY_SIZE_MAX + 1];
+    let mut long_end = long.clone();
+    *long_end.last_mut().unwrap() = b'l';
+    for watch in [
+        Watch::range(Vec::new(), None),
+        Watch::range("a", Some(b"b".to_vec())),
+        Watch::range(long.clone(), None),
+        Watch::range(long, Some(long_end)),
+        Watch::range(Vec::new(), Some(vec![b'z'; KEY_SIZE_MAX])),
+    ] {
+        assert_eq!(
+            check(&Request::Watch(Box::new(watch.clone()))),
+            Ok(()),
+            "{watch:?}"
+        );
+    }
+    for watch in [
+        Watch::range(too_long.clone(), None),
+        Watch::range(too_long.clone(), Some(vec![b'z'; 8])),
+        Watch::range("a", Some(too_long.clone())),
+    ] {
+        let error = check(&Request::Watch(Box::new(watch.clone()))).unwrap_err();
+        assert_eq!(
+            error,
+            RequestError::KeyTooLarge {
+                size: too_long.len(),
+                size_max: KEY_SIZE_MAX
+            },
+            "{watch:?}"
+        );
+        assert_eq!(error.code(), ErrorCode::TooLarge);
+    }
+}
+
+/// A watch whose end is not after its start can never see a key, so it is refused rather than
+/// left open as a silent stream.
+#[test]
+fn a_watch_of_an_empty_range_is_refused() {
+    for (start, end) in [
+        (&b"a"[..], &b"a"[..]),
+        (b"b", b"a"),
+        (b"ab", b"a"),
+        (b"a", b""),
+        (b"", b""),
+    ] {
+        let watch = Watch::range(start, Some(end.to_vec()));
+        let error = check(&Request::Watch(Box::new(watch.clone()))).unwrap_err();
+        assert_eq!(error, RequestError::EmptyRange, "{watch:?}");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+    // The smallest range that is not empty: one key.
+    let one_key = Watch::range("a", Some(b"a\0".to_vec()));
+    assert_eq!(check(&Request::Watch(Box::new(one_key))), Ok(()));
+}
+
+#[test]
+fn a_watch_must_deliver_puts_or_deletes() {
+    for (puts, deletes) in [(true, false), (false, true), (true, true)] {
+        let watch = Watch {
+            puts,
+            deletes,
+            ..Watch::range("a", None)
+        };
+        assert_eq!(
+            check(&Request::Watch(Box::new(watch.clone()))),
+            Ok(()),
+            "{watch:?}"
+        );
+    }
+    let watch = Watch {
+        puts: false,
+        deletes: false,
+        ..Watch::range("a", None)
+    };
+    let error = check(&Request::Watch(Box::new(watch))).unwrap_err();
+    assert_eq!(error, RequestError::WatchesNothing);
+    assert_eq!(error.code(), ErrorCode::InvalidArgument);
+}
+
+/// The progress interval is 0 (none) or `WATCH_PROGRESS_INTERVAL_MS_MIN..=MAX`.
+#[test]
+fn watch_progress_intervals_are_checked() {
+    let with_interval = |progress_interval_ms| {
+        Request::Watch(Box::new(Watch {
+            progress_interval_ms,
+            ..Watch::range("a", None)
+        }))
+    };
+    for interval_ms in [
+        0,
+        WATCH_PROGRESS_INTERVAL_MS_MIN,
+        WATCH_PROGRESS_INTERVAL_MS_MAX,
+    ] {
+        assert_eq!(check(&with_interval(interval_ms)), Ok(()), "{interval_ms}");
+    }
+    for interval_ms in [
+        1,
+        WATCH_PROGRESS_INTERVAL_MS_MIN - 1,
+        WATCH_PROGRESS_INTERVAL_MS_MAX + 1,
+        u32::MAX,
+    ] {
+        let error = check(&with_interval(interval_ms)).unwrap_err();
+        assert_eq!(
+            error,
+            RequestError::ProgressIntervalOutOfRange {
+                interval_ms,
+                interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
+                interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
+            }
+        );
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+}
+
 #[test]
 fn empty_keys_are_refused() {
     for request in requests_with_key(b"") {
@@ -1252,6 +1509,10 @@ fn limits_themselves_are_accepted() {
     assert_eq!(check(&hello), Ok(()));
     assert_eq!(check(&Request::Ping), Ok(()));
     assert_eq!(check(&Request::Stats), Ok(()));
+    for watch_id in [0, u64::MAX] {
+        assert_eq!(check(&Request::Unwatch { watch_id }), Ok(()));
+        assert_eq!(check(&Request::WatchProgress { watch_id }), Ok(()));
+    }
 }
 
 #[test]
@@ -1341,6 +1602,24 @@ proptest! {
         for request in requests_with_ttl(ttl_ms) {
             prop_assert_eq!(check(&request), Ok(()));
         }
+    }
+
+    #[test]
+    fn watch_progress_intervals_outside_the_range_are_refused(
+        interval_ms in prop_oneof![
+            1..WATCH_PROGRESS_INTERVAL_MS_MIN,
+            WATCH_PROGRESS_INTERVAL_MS_MAX + 1..=u32::MAX,
+        ],
+    ) {
+        let watch = Watch { progress_interval_ms: interval_ms, ..Watch::range("a", None) };
+        prop_assert_eq!(
+            check(&Request::Watch(Box::new(watch))),
+            Err(RequestError::ProgressIntervalOutOfRange {
+                interval_ms,
+                interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
+                interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
+            })
+        );
     }
 }
 

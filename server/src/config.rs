@@ -55,6 +55,11 @@ pub struct Config {
     pub watchers_per_shard_max: usize,
     /// Most bytes of events queued for one watcher before it is cancelled as lagging.
     pub watch_queue_bytes_max: u64,
+    /// Most bytes of events queued for all of one core's watchers together; past it, the
+    /// watcher with the longest queue is cancelled as lagging.
+    pub watch_queue_total_bytes_max: u64,
+    /// Most watches one client connection may have open.
+    pub watchers_per_connection_max: usize,
     /// Locked memory each executor registers for `io_uring`, in bytes.
     pub io_memory_bytes: usize,
     /// Longest a graceful shutdown waits for connections to finish, in milliseconds.
@@ -151,6 +156,13 @@ pub struct Flags {
     /// default 1 MiB).
     #[arg(long, env = "TESSERA_WATCH_QUEUE_BYTES_MAX", value_parser = parse_size)]
     pub watch_queue_bytes_max: Option<u64>,
+    /// Bytes queued for all of one core's watchers before the one with the longest queue is
+    /// cancelled as lagging (accepts KiB/MiB; default 64 MiB).
+    #[arg(long, env = "TESSERA_WATCH_QUEUE_TOTAL_BYTES_MAX", value_parser = parse_size)]
+    pub watch_queue_total_bytes_max: Option<u64>,
+    /// Watches one client connection may have open (default 1000).
+    #[arg(long, env = "TESSERA_WATCHERS_PER_CONNECTION_MAX")]
+    pub watchers_per_connection_max: Option<usize>,
     /// `io_uring` registered memory per core (accepts KiB/MiB).
     #[arg(long, env = "TESSERA_IO_MEMORY_BYTES", value_parser = parse_size)]
     pub io_memory_bytes: Option<u64>,
@@ -212,6 +224,8 @@ struct FileConfig {
     watch_history_bytes_max: Option<u64>,
     watchers_per_shard_max: Option<usize>,
     watch_queue_bytes_max: Option<u64>,
+    watch_queue_total_bytes_max: Option<u64>,
+    watchers_per_connection_max: Option<usize>,
     io_memory_bytes: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
     log: Option<String>,
@@ -249,6 +263,8 @@ impl Default for Config {
             watch_history_bytes_max: WatchLimits::default().history_bytes_max as u64,
             watchers_per_shard_max: WatchLimits::default().watchers_max,
             watch_queue_bytes_max: WatchLimits::default().queue_bytes_max as u64,
+            watch_queue_total_bytes_max: WatchLimits::default().queue_total_bytes_max as u64,
+            watchers_per_connection_max: 1_000,
             io_memory_bytes: 1024 * 1024,
             shutdown_timeout_ms: 5_000,
             log: "info".to_owned(),
@@ -309,6 +325,8 @@ impl Config {
             watch_history_bytes_max,
             watchers_per_shard_max,
             watch_queue_bytes_max,
+            watch_queue_total_bytes_max,
+            watchers_per_connection_max,
             io_memory_bytes,
             shutdown_timeout_ms,
             log,
@@ -347,6 +365,8 @@ impl Config {
             watch_history_bytes_max,
             watchers_per_shard_max,
             watch_queue_bytes_max,
+            watch_queue_total_bytes_max,
+            watchers_per_connection_max,
             shutdown_timeout_ms,
             log,
             data_dir,
@@ -387,6 +407,14 @@ impl Config {
             ("watch_history_bytes_max", self.watch_history_bytes_max),
             ("watchers_per_shard_max", self.watchers_per_shard_max as u64),
             ("watch_queue_bytes_max", self.watch_queue_bytes_max),
+            (
+                "watch_queue_total_bytes_max",
+                self.watch_queue_total_bytes_max,
+            ),
+            (
+                "watchers_per_connection_max",
+                self.watchers_per_connection_max as u64,
+            ),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid {
@@ -513,6 +541,7 @@ impl Config {
             history_bytes_max: bytes(self.watch_history_bytes_max),
             watchers_max: self.watchers_per_shard_max,
             queue_bytes_max: bytes(self.watch_queue_bytes_max),
+            queue_total_bytes_max: bytes(self.watch_queue_total_bytes_max),
         }
     }
 

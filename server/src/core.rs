@@ -9,7 +9,7 @@
 //! Forwarding is the slow path for simple clients; the smart client routes to the owner and
 //! never needs it (a cross-core round trip costs tens of microseconds on this runtime).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -29,8 +29,10 @@ use tessera_protocol::{
 use crate::config::Config;
 use crate::durability::log::CoreLog;
 use crate::inbox::{Inbox, PushError};
+use crate::runtime::LocalNotify;
 use crate::runtime::LocalSignal;
 use crate::shard::Shard;
+use crate::watch_stream::{self, SinkSet, WatchSink};
 
 /// Work handed to a core from another thread: an archived request body and where to send
 /// the archived response body.
@@ -40,6 +42,9 @@ pub struct CoreRequest {
     pub body: FrameBuffer,
     /// Receives the archived response. Dropped unanswered only if the core dies.
     pub reply: oneshot::Sender<FrameBuffer>,
+    /// For a `Watch` from an in-process client: where the watch's messages go after the
+    /// reply.
+    pub stream: Option<WatchSink>,
 }
 
 /// Every core's inbox on this node, indexed by core id.
@@ -98,14 +103,54 @@ pub struct CoreContext {
     pub abort: LocalSignal,
     /// The core's write-ahead log; `None` with durability `memory`.
     pub log: Option<Rc<CoreLog>>,
+    /// Who serves the shard's watchers, and when to wake them.
+    pub watch: WatchDelivery,
+}
+
+/// How a core's watchers reach their streams: connections pump their own watches when the
+/// connection task wakes; in-process streams are pumped by their own task.
+#[derive(Debug)]
+pub struct WatchDelivery {
+    /// Wakes the connection task: a connection was handed over, or watchers have events.
+    pub wake_connections: LocalNotify,
+    /// Wakes the in-process watch streams' pump.
+    pub wake_sinks: LocalNotify,
+    /// The in-process (embedded mode) watch streams.
+    pub sinks: RefCell<SinkSet>,
+    /// The hub's publish count when watchers were last woken.
+    pub published_seen: Cell<u64>,
+    /// When a connection's watch next owes a periodic progress notification (`u64::MAX`
+    /// for none): the tick wakes the connection task then.
+    pub progress_due_ms: Cell<u64>,
+}
+
+impl Default for WatchDelivery {
+    fn default() -> Self {
+        Self {
+            wake_connections: LocalNotify::new(),
+            wake_sinks: LocalNotify::new(),
+            sinks: RefCell::default(),
+            published_seen: Cell::new(0),
+            progress_due_ms: Cell::new(u64::MAX),
+        }
+    }
 }
 
 impl CoreContext {
-    /// Hands what the shard journaled to the core's log. Called after every batch of
-    /// requests, expiry tick and inbox batch.
+    /// Hands what the shard journaled to the core's log, and wakes whoever serves watchers
+    /// if the shard published events. Called after every batch of requests, expiry tick and
+    /// inbox batch.
     pub fn flush_journal(&self) {
-        let Some(log) = &self.log else { return };
         let mut shard = self.shard.borrow_mut();
+        let published = shard.watch_hub().published_count();
+        if published != self.watch.published_seen.get() {
+            self.watch.published_seen.set(published);
+            self.watch.wake_connections.notify();
+            if !self.watch.sinks.borrow().is_empty() {
+                self.watch.wake_sinks.notify();
+            }
+        }
+        let Some(log) = &self.log else { return };
         let revision = shard.revision();
         if let Some(journal) = shard.journal_mut() {
             log.append(journal, revision);
@@ -127,7 +172,10 @@ impl CoreContext {
             ArchivedRequest::Hello { .. }
             | ArchivedRequest::Ping
             | ArchivedRequest::Stats
-            | ArchivedRequest::Scan(_) => Route::Here,
+            | ArchivedRequest::Scan(_)
+            | ArchivedRequest::Watch(_)
+            | ArchivedRequest::Unwatch { .. }
+            | ArchivedRequest::WatchProgress { .. } => Route::Here,
             ArchivedRequest::Get { key }
             | ArchivedRequest::Delete { key, .. }
             | ArchivedRequest::Exists { key }
@@ -219,8 +267,18 @@ impl CoreContext {
                     topology: (*self.topology).clone(),
                 }
             }
+            ArchivedRequest::Watch(_) => error(
+                ErrorCode::InvalidArgument,
+                "a watch needs a stream to push to: open it on a client connection",
+            ),
+            ArchivedRequest::Unwatch { .. } | ArchivedRequest::WatchProgress { .. } => {
+                Response::Unwatched { existed: false }
+            }
             ArchivedRequest::Stats => {
-                let shard = self.shard.borrow();
+                let mut shard = self.shard.borrow_mut();
+                let hub = shard.watch_hub();
+                let (watcher_count, watch_queued_bytes) =
+                    (hub.watcher_count() as u64, hub.queued_bytes() as u64);
                 let stats = shard.stats();
                 let log_stats = self.log.as_ref().map(|log| log.stats()).unwrap_or_default();
                 Response::Stats(Box::new(CoreStats {
@@ -238,6 +296,8 @@ impl CoreContext {
                     log_byte_count: log_stats.byte_count,
                     log_no_space_count: log_stats.no_space_count,
                     log_room_bytes: self.log.as_ref().and_then(|log| log.room()),
+                    watcher_count,
+                    watch_queued_bytes,
                 }))
             }
             _ => {
@@ -295,13 +355,54 @@ impl CoreContext {
     /// Validates an archived request body that arrived from another thread and answers it.
     /// Only requests that route to this core are executed; anything else is refused, since a
     /// forward or an embedded caller has already routed.
-    pub fn respond_to_body(&self, now_ms: u64, body: &[u8]) -> Response {
+    ///
+    /// A `Watch` needs `stream`, where its messages go after the reply; `Unwatch` and
+    /// `WatchProgress` name one of this core's in-process streams.
+    pub fn respond_to_body(&self, now_ms: u64, body: &[u8], stream: Option<WatchSink>) -> Response {
         let request = match codec::access_request(body) {
             Ok(request) => request,
             Err(protocol_error) => return error(protocol_error.code(), protocol_error.to_string()),
         };
         if let Err(request_error) = codec::check_request(request) {
             return error(request_error.code(), request_error.to_string());
+        }
+        match (request, stream) {
+            (ArchivedRequest::Watch(watch), Some(sink)) => {
+                return match watch_stream::open(self, now_ms, None, watch) {
+                    Ok((stream, watching)) => {
+                        self.watch.sinks.borrow_mut().add(stream, sink);
+                        // A resume's replay is queued already.
+                        self.watch.wake_sinks.notify();
+                        watching
+                    }
+                    Err(refusal) => refusal,
+                };
+            }
+            (ArchivedRequest::Unwatch { watch_id }, _) => {
+                let mut shard = self.shard.borrow_mut();
+                let existed = self
+                    .watch
+                    .sinks
+                    .borrow_mut()
+                    .remove(shard.watch_hub(), watch_id.to_native());
+                return Response::Unwatched { existed };
+            }
+            (ArchivedRequest::WatchProgress { watch_id }, _) => {
+                let mut shard = self.shard.borrow_mut();
+                let progress = self
+                    .watch
+                    .sinks
+                    .borrow_mut()
+                    .request_progress(shard.watch_hub(), watch_id.to_native());
+                return match progress {
+                    Some(revision) => {
+                        self.watch.wake_sinks.notify();
+                        Response::WatchProgress { revision }
+                    }
+                    None => Response::Unwatched { existed: false },
+                };
+            }
+            _ => {}
         }
         match self.route(request) {
             Route::Here => self.respond_here(now_ms, request),
@@ -348,7 +449,11 @@ impl CoreContext {
         let mut copy = FrameBuffer::with_capacity(body.len());
         copy.extend_from_slice(body);
         let (reply, receiver) = oneshot::channel();
-        match inbox.push(CoreRequest { body: copy, reply }) {
+        match inbox.push(CoreRequest {
+            body: copy,
+            reply,
+            stream: None,
+        }) {
             Ok(()) => Ok(receiver),
             Err(PushError::Full(_)) => Err(error(
                 ErrorCode::Overloaded,
@@ -378,7 +483,7 @@ impl CoreContext {
                     PartReply::Ready(error(protocol_error.code(), protocol_error.to_string()))
                 }
                 Ok(()) if core_id == self.core_id => {
-                    PartReply::Ready(self.respond_to_body(now_ms, &body))
+                    PartReply::Ready(self.respond_to_body(now_ms, &body, None))
                 }
                 Ok(()) => match self.dispatch(core_id, &body) {
                     Ok(receiver) => PartReply::Waiting(core_id, receiver),
@@ -622,7 +727,7 @@ pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<Cor
         let now_ms = crate::clock::now_unix_ms();
         let mut replies = Vec::with_capacity(batch.len());
         for (position, request) in batch.drain(..).enumerate() {
-            let response = context.respond_to_body(now_ms, &request.body);
+            let response = context.respond_to_body(now_ms, &request.body, request.stream);
             replies.push((request.reply, encode_reply_body(&response)));
             if position % 64 == 63 {
                 glommio::executor().yield_if_needed().await;
@@ -660,8 +765,16 @@ pub async fn run_ticks(context: std::rc::Rc<CoreContext>) {
         .await
         .is_some()
     {
-        let expired_count = context.shard.borrow_mut().tick(crate::clock::now_unix_ms());
+        let now_ms = crate::clock::now_unix_ms();
+        let expired_count = context.shard.borrow_mut().tick(now_ms);
         context.flush_journal();
+        if now_ms >= context.watch.progress_due_ms.get() {
+            context.watch.wake_connections.notify();
+        }
+        if !context.watch.sinks.borrow().is_empty() {
+            // Progress notifications, and readers that made room.
+            context.watch.wake_sinks.notify();
+        }
         if expired_count > 0 {
             tracing::trace!(expired_count, "reclaimed expired keys");
         }

@@ -12,6 +12,7 @@
 //! - [`core`]: a core's context and the routing decision for each request.
 //! - [`shard`]: the sans-I/O state machine (`apply(now, request)`), its store and timer wheel.
 //! - [`net`]: the accept loop with the connection limit, and pipelined connections.
+//! - [`watch_stream`]: a shard's watchers served to connections and in-process channels.
 //! - [`inbox`]: the bounded cross-thread queue into a core.
 //! - [`runtime`]: the core-local stop signal over glommio.
 //! - [`clock`]: the wall clock, read once per batch and passed down as `now_ms`.
@@ -37,6 +38,7 @@ pub mod net;
 pub mod runtime;
 pub mod server;
 pub mod shard;
+pub mod watch_stream;
 
 pub use config::Config;
 pub use error::{ConfigError, ServerError, StartError};

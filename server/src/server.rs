@@ -650,6 +650,24 @@ fn spawn_durable_tasks(
     (writer_task, snapshot_task)
 }
 
+/// Starts the task that serves the core's connections.
+fn start_connections(
+    context: &Rc<CoreContext>,
+    gate: &Gate,
+    handoff: &crate::net::connection::Handoff,
+) -> Result<(), String> {
+    let ring = crate::net::connection::SocketRing::for_config(&context.config)
+        .map_err(|ring_error| format!("cannot create the socket ring: {ring_error}"))?;
+    gate.spawn(crate::net::connection::serve(
+        context.clone(),
+        handoff.clone(),
+        ring,
+    ))
+    .map(glommio::Task::detach)
+    .map_err(|spawn_error| format!("cannot start connections: {spawn_error}"))?;
+    Ok(())
+}
+
 async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     // A second descriptor for the listening socket, to take it out of LISTEN at stop (below).
     let listener_control = start
@@ -690,6 +708,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         stop: LocalSignal::new(),
         abort: LocalSignal::new(),
         log,
+        watch: crate::core::WatchDelivery::default(),
     });
     let writer_control = WriterControl::default();
     let snapshots_finish = LocalSignal::new();
@@ -704,27 +723,13 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     });
     let inbox_task = glommio::spawn_local(serve_inbox(context.clone(), inbox));
     let tick_task = glommio::spawn_local(run_ticks(context.clone()));
+    let sinks_task = glommio::spawn_local(crate::watch_stream::serve_sinks(context.clone()));
     let gate = Rc::new(Gate::new());
-    let handoff = crate::net::connection::Handoff::new();
+    let handoff = crate::net::connection::Handoff::new(context.watch.wake_connections.clone());
     if listener.is_some() {
-        let started = crate::net::connection::SocketRing::for_config(&start.config)
-            .map_err(|ring_error| format!("cannot create the socket ring: {ring_error}"))
-            .and_then(|ring| {
-                gate.spawn(crate::net::connection::serve(
-                    context.clone(),
-                    handoff.clone(),
-                    ring,
-                ))
-                .map_err(|spawn_error| format!("cannot start connections: {spawn_error}"))
-            });
-        match started {
-            Ok(task) => {
-                task.detach();
-            }
-            Err(reason) => {
-                let _ = start.ready.send((start.core_id, Err(reason)));
-                return None;
-            }
+        if let Err(reason) = start_connections(&context, &gate, &handoff) {
+            let _ = start.ready.send((start.core_id, Err(reason)));
+            return None;
         }
     }
     let _ = start.ready.send((start.core_id, Ok(())));
@@ -737,6 +742,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     close_connections(&context, &gate, start.config.shutdown_timeout_ms).await;
     inbox_task.await;
     tick_task.await;
+    sinks_task.await;
     // Everything the core applied is in the log once the writer has finished.
     snapshots_finish.fire();
     context.flush_journal();

@@ -30,12 +30,14 @@ use std::sync::atomic::Ordering;
 
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::limits::{FRAME_ALIGNMENT, FRAME_HEADER_SIZE, FRAME_SIZE_MAX};
-use tessera_protocol::{ErrorCode, FrameHeader, FrameKind, Response};
+use tessera_protocol::message::{ArchivedRequest, ArchivedWatch};
+use tessera_protocol::{ErrorCode, FrameHeader, FrameKind, ProtocolError, Response};
 
 use crate::core::{error, CoreContext, PendingReply, Reply, Route};
 use crate::net::ring::Completion;
 pub use crate::net::ring::SocketRing;
 use crate::runtime::LocalNotify;
+use crate::watch_stream::{self, Pumped, Stream};
 
 /// Bytes a read buffer holds when no large frame is being received.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
@@ -92,16 +94,20 @@ impl Drop for ConnectionSlot {
 }
 
 /// Where the accept loop hands connections over, and how it wakes the connection task.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Handoff {
     accepted: Rc<RefCell<Vec<Accepted>>>,
     notify: LocalNotify,
 }
 
 impl Handoff {
-    /// An empty handoff.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty handoff that wakes the connection task through `notify` (the core's
+    /// `wake_connections`, which watchers' events also use).
+    pub fn new(notify: LocalNotify) -> Self {
+        Self {
+            accepted: Rc::default(),
+            notify,
+        }
     }
 
     /// Passes a connection to the connection task.
@@ -154,6 +160,8 @@ struct Connection {
     /// Frames of the batch being answered `(header, start, size)`, reused so answering a
     /// batch allocates nothing once warm.
     batch: Vec<(FrameHeader, usize, usize)>,
+    /// The watches opened on this connection, named by their `Watch` request ids.
+    watches: Vec<Stream>,
 }
 
 /// Runs every connection of this core over `ring` until the core stops and they have all
@@ -175,6 +183,8 @@ pub async fn serve(context: Rc<CoreContext>, handoff: Handoff, ring: SocketRing)
         is_stopping: false,
         is_aborting: false,
         durable_revision_seen: 0,
+        published_seen: 0,
+        deliverable_seen: 0,
     };
     set.run().await;
 }
@@ -207,6 +217,11 @@ struct ConnectionSet {
     is_aborting: bool,
     /// The log's durable revision when replies were last released.
     durable_revision_seen: u64,
+    /// The watch hub's publish count when watching connections were last woken.
+    published_seen: u64,
+    /// The revision up to which events could leave when watching connections were last
+    /// woken.
+    deliverable_seen: u64,
 }
 
 impl ConnectionSet {
@@ -222,8 +237,9 @@ impl ConnectionSet {
             self.adopt_accepted();
             self.deliver_forwarded();
             self.release_durable();
-            std::mem::swap(&mut stepping, &mut self.ready);
             let now_ms = crate::clock::now_unix_ms();
+            self.wake_watching(now_ms);
+            std::mem::swap(&mut stepping, &mut self.ready);
             for &index in &stepping {
                 self.step(index, now_ms);
             }
@@ -277,6 +293,41 @@ impl ConnectionSet {
                 .as_ref()
                 .is_some_and(|connection| !connection.marks.is_empty());
             if is_waiting {
+                self.mark_ready(index);
+            }
+        }
+    }
+
+    /// Queues every connection with watches when their watchers may have something to
+    /// send: the shard published events, more of them became durable, or a periodic
+    /// progress notification is due.
+    fn wake_watching(&mut self, now_ms: u64) {
+        let published = self
+            .context
+            .shard
+            .borrow_mut()
+            .watch_hub()
+            .published_count();
+        let deliverable = watch_stream::deliverable_revision(&self.context);
+        let is_progress_due = now_ms >= self.context.watch.progress_due_ms.get();
+        if published == self.published_seen
+            && deliverable == self.deliverable_seen
+            && !is_progress_due
+        {
+            return;
+        }
+        self.published_seen = published;
+        self.deliverable_seen = deliverable;
+        if is_progress_due {
+            // Every watching connection is pumped now; each pump folds its next due back in.
+            self.context.watch.progress_due_ms.set(u64::MAX);
+        }
+        for index in 0..self.slots.len() {
+            let is_watching = self.slots[index]
+                .1
+                .as_ref()
+                .is_some_and(|connection| !connection.watches.is_empty());
+            if is_watching {
                 self.mark_ready(index);
             }
         }
@@ -348,6 +399,7 @@ impl ConnectionSet {
                     is_ready: false,
                     marks: VecDeque::new(),
                     batch: Vec::with_capacity(PREFETCH_BATCH_MAX),
+                    watches: Vec::new(),
                 }),
             );
             self.mark_ready(index);
@@ -400,6 +452,9 @@ impl ConnectionSet {
                 connection.process(&self.context, now_ms, &self.forwarded, &self.handoff, index)
             };
             connection.gate(self.context.gate_revision());
+        }
+        if !connection.watches.is_empty() && !connection.is_discarding {
+            connection.pump_watches(&self.context, now_ms);
         }
         let token_base = token(index, connection.generation, 0);
         let fd = connection.fd.as_raw_fd();
@@ -456,6 +511,11 @@ impl ConnectionSet {
         if connection.is_finished() {
             let reason = connection.close_reason.unwrap_or("server stopping");
             tracing::debug!(peer = %connection.peer, reason, "connection closed");
+            let mut shard = self.context.shard.borrow_mut();
+            for stream in connection.watches.drain(..) {
+                shard.watch_hub().unwatch(stream.hub_id);
+            }
+            drop(shard);
             self.slots[index].1 = None;
             self.free_slots.push(index);
             return;
@@ -787,6 +847,39 @@ impl Connection {
             self.encode_reply(request_id, &Reply::Response(response));
             return true;
         }
+        match request {
+            ArchivedRequest::Watch(watch) => {
+                self.open_watch(context, now_ms, request_id, watch);
+                return true;
+            }
+            ArchivedRequest::Unwatch { watch_id } => {
+                let existed = self.close_watch(context, watch_id.to_native());
+                self.encode_response(request_id, &Response::Unwatched { existed });
+                return true;
+            }
+            ArchivedRequest::WatchProgress { watch_id } => {
+                let watch_id = watch_id.to_native();
+                let response = match self
+                    .watches
+                    .iter_mut()
+                    .find(|stream| stream.watch_id == watch_id)
+                {
+                    Some(stream) => {
+                        stream.request_progress();
+                        let mut shard = context.shard.borrow_mut();
+                        match shard.watch_hub().progress(stream.hub_id) {
+                            Some(revision) => Response::WatchProgress { revision },
+                            None => Response::Unwatched { existed: true },
+                        }
+                    }
+                    None => Response::Unwatched { existed: false },
+                };
+                self.encode_response(request_id, &response);
+                // The stream's queued events, then its progress, go out in this step.
+                return true;
+            }
+            _ => {}
+        }
         match context.route(request) {
             Route::Here => {
                 let response = context.respond_here(now_ms, request);
@@ -836,26 +929,116 @@ impl Connection {
 
     /// Frames one reply. A reply over the frame limit is replaced by a `TooLarge` error.
     fn encode_reply(&mut self, request_id: u64, reply: &Reply) {
-        let encoded = match reply {
-            Reply::Body(body) => codec::encode_frame_with_body(
-                &mut self.write_buffer,
-                FrameKind::Response,
-                request_id,
-                body,
-            ),
-            Reply::Response(response) => {
-                codec::encode_response(&mut self.write_buffer, request_id, response)
+        match reply {
+            Reply::Body(body) => {
+                let encoded = codec::encode_frame_with_body(
+                    &mut self.write_buffer,
+                    FrameKind::Response,
+                    request_id,
+                    body,
+                );
+                if let Err(protocol_error) = encoded {
+                    refuse_reply(&mut self.write_buffer, request_id, &protocol_error);
+                }
             }
-        };
-        if let Err(protocol_error) = encoded {
-            let refusal: Response = error(
-                protocol_error.code(),
-                format!("reply refused: {protocol_error}"),
-            );
-            // An error reply is small; it always fits in a frame.
-            let refused = codec::encode_response(&mut self.write_buffer, request_id, &refusal);
-            debug_assert!(refused.is_ok());
+            Reply::Response(response) => self.encode_response(request_id, response),
         }
+    }
+
+    fn encode_response(&mut self, request_id: u64, response: &Response) {
+        encode_response_into(&mut self.write_buffer, request_id, response);
+    }
+
+    /// Opens a watch named by its request id, within the connection's limit.
+    fn open_watch(
+        &mut self,
+        context: &CoreContext,
+        now_ms: u64,
+        request_id: u64,
+        watch: &ArchivedWatch,
+    ) {
+        let watches_max = context.config.watchers_per_connection_max;
+        let refusal = if self.watches.len() >= watches_max {
+            Some(error(
+                ErrorCode::Overloaded,
+                format!(
+                    "this connection already has {watches_max} watches \
+                     (watchers_per_connection_max)"
+                ),
+            ))
+        } else if self
+            .watches
+            .iter()
+            .any(|stream| stream.watch_id == request_id)
+        {
+            Some(error(
+                ErrorCode::InvalidArgument,
+                format!("request id {request_id} already names a watch on this connection"),
+            ))
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            self.encode_response(request_id, &refusal);
+            return;
+        }
+        match watch_stream::open(context, now_ms, Some(request_id), watch) {
+            Ok((stream, watching)) => {
+                self.encode_response(request_id, &watching);
+                if let Some(due) = stream.progress_due_ms() {
+                    context
+                        .watch
+                        .progress_due_ms
+                        .set(context.watch.progress_due_ms.get().min(due));
+                }
+                self.watches.push(stream);
+            }
+            Err(refusal) => self.encode_response(request_id, &refusal),
+        }
+    }
+
+    /// Ends the watch named `watch_id`; whether it existed.
+    fn close_watch(&mut self, context: &CoreContext, watch_id: u64) -> bool {
+        let Some(position) = self
+            .watches
+            .iter()
+            .position(|stream| stream.watch_id == watch_id)
+        else {
+            return false;
+        };
+        let stream = self.watches.swap_remove(position);
+        context
+            .shard
+            .borrow_mut()
+            .watch_hub()
+            .unwatch(stream.hub_id);
+        true
+    }
+
+    /// Moves what this connection's watchers have queued into the write buffer, as far as
+    /// the buffer's limit allows; the rest waits in the hub (which cancels a watcher that
+    /// falls too far behind).
+    fn pump_watches(&mut self, context: &CoreContext, now_ms: u64) {
+        let durable = watch_stream::deliverable_revision(context);
+        let buffer_max = context.config.connection_write_buffer_bytes_max;
+        let sending = self.sending.len() - self.sent;
+        let write_buffer = &mut self.write_buffer;
+        let mut shard = context.shard.borrow_mut();
+        let hub = shard.watch_hub();
+        let mut due_min = context.watch.progress_due_ms.get();
+        self.watches.retain_mut(|stream| {
+            let room = buffer_max.saturating_sub(write_buffer.len() + sending);
+            let watch_id = stream.watch_id;
+            let mut emit = |response: &Response| {
+                encode_response_into(write_buffer, watch_id, response);
+            };
+            let pumped = stream.pump(hub, now_ms, room, durable, &mut emit);
+            if let Some(due) = stream.progress_due_ms() {
+                due_min = due_min.min(due);
+            }
+            pumped != Pumped::Ended
+        });
+        context.watch.progress_due_ms.set(due_min);
     }
 
     /// Removes `size` processed bytes from the front, keeping the rest aligned at offset 0.
@@ -944,4 +1127,22 @@ impl Connection {
             _ => false,
         }
     }
+}
+
+/// Frames `response` into `buffer`; one over the frame limit is replaced by a `TooLarge`
+/// error.
+fn encode_response_into(buffer: &mut FrameBuffer, request_id: u64, response: &Response) {
+    if let Err(protocol_error) = codec::encode_response(buffer, request_id, response) {
+        refuse_reply(buffer, request_id, &protocol_error);
+    }
+}
+
+fn refuse_reply(buffer: &mut FrameBuffer, request_id: u64, protocol_error: &ProtocolError) {
+    let refusal: Response = error(
+        protocol_error.code(),
+        format!("reply refused: {protocol_error}"),
+    );
+    // An error reply is small; it always fits in a frame.
+    let refused = codec::encode_response(buffer, request_id, &refusal);
+    debug_assert!(refused.is_ok());
 }

@@ -272,7 +272,10 @@ impl Shard {
             | ArchivedRequest::Exists { .. }
             | ArchivedRequest::Ttl { .. }
             | ArchivedRequest::MultiGet { .. }
-            | ArchivedRequest::Scan(_) => None,
+            | ArchivedRequest::Scan(_)
+            | ArchivedRequest::Watch(_)
+            | ArchivedRequest::Unwatch { .. }
+            | ArchivedRequest::WatchProgress { .. } => None,
         }
     }
 
@@ -305,7 +308,8 @@ impl Shard {
     /// Starts a watcher with a snapshot: the live keys of its range now, at the current
     /// revision `R` (returned), and the watcher registered to receive every event after
     /// `R`. Both happen in one call, so no change falls between the snapshot and the events.
-    /// At most `keys_max` keys (and the snapshot holds whole entries).
+    /// At most `keys_max` keys and `SCAN_PAGE_BYTES_MAX` bytes of keys and values, so the
+    /// snapshot fits in one reply.
     ///
     /// # Errors
     /// [`WatchError::SnapshotTooLarge`] if the range holds more live keys, or the hub's
@@ -324,13 +328,18 @@ impl Shard {
         }
         let revision = self.revision;
         let mut items = Vec::new();
+        let mut bytes = 0;
         for entry in self
             .store
             .range(&spec.start, spec.end.as_deref())
             .filter(|entry| !entry.is_expired(now_ms))
         {
-            if items.len() == keys_max {
-                return Err(WatchError::SnapshotTooLarge { keys_max });
+            bytes += entry.key().len() + entry.value().len();
+            if items.len() == keys_max || bytes > SCAN_PAGE_BYTES_MAX {
+                return Err(WatchError::SnapshotTooLarge {
+                    keys_max,
+                    bytes_max: SCAN_PAGE_BYTES_MAX,
+                });
             }
             items.push(ScanItem {
                 key: entry.key().to_vec(),
@@ -348,12 +357,14 @@ impl Shard {
     pub fn apply(&mut self, now_ms: u64, request: &ArchivedRequest) -> Response {
         self.stats.request_count += 1;
         match request {
-            ArchivedRequest::Hello { .. } | ArchivedRequest::Stats => {
-                Response::Error(ErrorReply::new(
-                    ErrorCode::Internal,
-                    "hello and stats are answered by the core",
-                ))
-            }
+            ArchivedRequest::Hello { .. }
+            | ArchivedRequest::Stats
+            | ArchivedRequest::Watch(_)
+            | ArchivedRequest::Unwatch { .. }
+            | ArchivedRequest::WatchProgress { .. } => Response::Error(ErrorReply::new(
+                ErrorCode::Internal,
+                "hello, stats and watches are answered by the core",
+            )),
             ArchivedRequest::Ping => Response::Pong {
                 node_id: self.config.node_id,
                 core_id: self.config.shard_id,

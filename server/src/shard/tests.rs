@@ -47,6 +47,7 @@ fn config(memory_bytes_max: u64, expired_per_tick_max: usize) -> ShardConfig {
         expired_per_tick_max,
         watch_limits: WatchLimits {
             queue_bytes_max: usize::MAX,
+            queue_total_bytes_max: usize::MAX,
             ..WatchLimits::default()
         },
     }
@@ -1528,7 +1529,11 @@ impl Model {
     fn apply(&mut self, now_ms: u64, request: &Request) -> Response {
         self.stats.request_count += 1;
         match request {
-            Request::Hello { .. } | Request::Stats => unreachable!("not generated: {request:?}"),
+            Request::Hello { .. }
+            | Request::Stats
+            | Request::Watch(_)
+            | Request::Unwatch { .. }
+            | Request::WatchProgress { .. } => unreachable!("not generated: {request:?}"),
             Request::Ping => Response::Pong {
                 node_id: NODE_ID,
                 core_id: SHARD_ID,
@@ -2280,7 +2285,10 @@ fn a_snapshot_of_too_many_keys_is_refused() {
         shard
             .watch_with_snapshot(START_MS, spec("s/"), 4)
             .unwrap_err(),
-        super::watch::WatchError::SnapshotTooLarge { keys_max: 4 }
+        super::watch::WatchError::SnapshotTooLarge {
+            keys_max: 4,
+            bytes_max: tessera_protocol::limits::SCAN_PAGE_BYTES_MAX
+        }
     );
     assert_eq!(shard.watch_hub().watcher_count(), 0);
     let (_, revision, items) = shard.watch_with_snapshot(START_MS, spec("s/1"), 4).unwrap();

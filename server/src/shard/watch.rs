@@ -18,7 +18,9 @@
 //!
 //! **Limits**: the history holds at most `history_events_max` events and
 //! `history_bytes_max` bytes, dropping whole revisions, oldest first; a hub holds at most
-//! `watchers_max` watchers; each watcher queues at most `queue_bytes_max` bytes.
+//! `watchers_max` watchers; each watcher queues at most `queue_bytes_max` bytes, and all of
+//! them together `queue_total_bytes_max` (past it, the watcher with the longest queue is
+//! cancelled as lagging).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -250,10 +252,12 @@ pub enum WatchError {
         /// The shard's revision.
         revision: u64,
     },
-    /// A snapshot of the range would hold more than `keys_max` keys.
+    /// A snapshot of the range would hold more than `keys_max` keys or `bytes_max` bytes.
     SnapshotTooLarge {
         /// The most keys a snapshot holds.
         keys_max: usize,
+        /// The most bytes of keys and values a snapshot holds.
+        bytes_max: usize,
     },
 }
 
@@ -271,10 +275,13 @@ impl fmt::Display for WatchError {
                 formatter,
                 "the shard is at revision {revision}: cannot resume after a later one"
             ),
-            Self::SnapshotTooLarge { keys_max } => write!(
+            Self::SnapshotTooLarge {
+                keys_max,
+                bytes_max,
+            } => write!(
                 formatter,
-                "the range holds more than {keys_max} keys, too many for one snapshot: scan it \
-                 in pages and watch from the first page's revision"
+                "the range holds more than {keys_max} keys or {bytes_max} bytes, too much for \
+                 one snapshot: scan it in pages and watch from the first page's revision"
             ),
         }
     }
@@ -302,10 +309,13 @@ pub struct WatchLimits {
     pub watchers_max: usize,
     /// Most bytes one watcher may have queued.
     pub queue_bytes_max: usize,
+    /// Most bytes all watchers together may have queued.
+    pub queue_total_bytes_max: usize,
 }
 
 impl Default for WatchLimits {
-    /// 1024 events and 4 MiB of history, 10 000 watchers, 1 MiB queued per watcher. Every
+    /// 1024 events and 4 MiB of history, 10 000 watchers, 1 MiB queued per watcher and
+    /// 64 MiB for all of them. Every
     /// write adds to the history, and a longer one costs more cache: about 3% of SET
     /// throughput in memory mode at 1024 events, 8% at 40 000 (`docs/benchmarks.md`).
     fn default() -> Self {
@@ -314,6 +324,7 @@ impl Default for WatchLimits {
             history_bytes_max: 4 * 1024 * 1024,
             watchers_max: 10_000,
             queue_bytes_max: 1024 * 1024,
+            queue_total_bytes_max: 64 * 1024 * 1024,
         }
     }
 }
@@ -326,6 +337,17 @@ struct Watcher {
     /// The last revision handed out by `take`.
     last_delivered: u64,
     cancelled: Option<Cancelled>,
+}
+
+impl Watcher {
+    /// Cancels the watcher as lagging and drops its queue at once.
+    fn cancel_lagged(&mut self) {
+        self.cancelled = Some(Cancelled::Lagged {
+            last_delivered: self.last_delivered,
+        });
+        self.queue.clear();
+        self.queue_bytes = 0;
+    }
 }
 
 /// Bytes of one chunk of the history: events are copied into chunks back to back, and a
@@ -462,6 +484,10 @@ pub struct WatchHub {
     revision: u64,
     watchers: BTreeMap<WatchId, Watcher>,
     next_id: WatchId,
+    /// Bytes queued across all watchers.
+    queued_bytes: usize,
+    /// Revisions published so far: tells whoever delivers that there may be more to take.
+    published_count: u64,
 }
 
 impl WatchHub {
@@ -474,6 +500,8 @@ impl WatchHub {
             revision,
             watchers: BTreeMap::new(),
             next_id: 1,
+            queued_bytes: 0,
+            published_count: 0,
         }
     }
 
@@ -493,6 +521,22 @@ impl WatchHub {
     /// Watchers registered (cancelled ones included until they are removed).
     pub fn watcher_count(&self) -> usize {
         self.watchers.len()
+    }
+
+    /// Revisions with events published so far. When it changes, watchers may have events
+    /// to take.
+    pub fn published_count(&self) -> u64 {
+        self.published_count
+    }
+
+    /// Bytes queued across all watchers.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// The revision of the last event published, or of the shard when the hub started.
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// Registers a watcher. With [`Start::After`], every matching event after that revision
@@ -546,6 +590,7 @@ impl WatchHub {
             );
             index = end;
         }
+        self.queued_bytes += watcher.queue_bytes;
         let id = self.next_id;
         self.next_id += 1;
         self.watchers.insert(id, watcher);
@@ -562,18 +607,39 @@ impl WatchHub {
             self.revision
         );
         self.revision = revision;
+        self.published_count += 1;
         for watcher in self.watchers.values_mut() {
+            let before = watcher.queue_bytes;
             enqueue(
                 watcher,
                 revision,
                 events.iter(),
                 self.limits.queue_bytes_max,
             );
+            self.queued_bytes = self.queued_bytes - before + watcher.queue_bytes;
         }
         for event in events.drain(..) {
             self.history.push(&event);
         }
         self.trim_history();
+        self.shed_longest_queues();
+    }
+
+    /// While all queues together are over their bound, cancels the watcher with the longest
+    /// queue: the slowest reader goes, not whichever was next to receive.
+    fn shed_longest_queues(&mut self) {
+        while self.queued_bytes > self.limits.queue_total_bytes_max {
+            let Some(longest) = self
+                .watchers
+                .values_mut()
+                .filter(|watcher| watcher.queue_bytes > 0)
+                .max_by_key(|watcher| watcher.queue_bytes)
+            else {
+                break;
+            };
+            self.queued_bytes -= longest.queue_bytes;
+            longest.cancel_lagged();
+        }
     }
 
     /// Notes that the shard reached `revision` with no event (a revision no watcher can see).
@@ -600,6 +666,17 @@ impl WatchHub {
     /// queued), oldest first; or why it was cancelled, once its queue is empty. `None` for an
     /// unknown watcher.
     pub fn take(&mut self, id: WatchId, bytes_max: usize) -> Option<Result<Vec<Batch>, Cancelled>> {
+        self.take_through(id, bytes_max, u64::MAX)
+    }
+
+    /// Like [`WatchHub::take`], but only batches of revisions up to `revision_max` (those
+    /// already on disk, when events wait for the log like replies do).
+    pub fn take_through(
+        &mut self,
+        id: WatchId,
+        bytes_max: usize,
+        revision_max: u64,
+    ) -> Option<Result<Vec<Batch>, Cancelled>> {
         let watcher = self.watchers.get_mut(&id)?;
         if let Some(cancelled) = watcher.cancelled {
             return Some(Err(cancelled));
@@ -608,11 +685,12 @@ impl WatchHub {
         let mut bytes = 0;
         while let Some(batch) = watcher.queue.front() {
             let cost = batch_cost(batch);
-            if !taken.is_empty() && bytes + cost > bytes_max {
+            if batch.revision > revision_max || (!taken.is_empty() && bytes + cost > bytes_max) {
                 break;
             }
             bytes += cost;
             watcher.queue_bytes -= cost;
+            self.queued_bytes -= cost;
             watcher.last_delivered = batch.revision;
             if let Some(batch) = watcher.queue.pop_front() {
                 taken.push(batch);
@@ -636,9 +714,22 @@ impl WatchHub {
         })
     }
 
+    /// Whether `id` has batches queued (or a cancellation to report).
+    pub fn has_pending(&self, id: WatchId) -> bool {
+        self.watchers
+            .get(&id)
+            .is_some_and(|watcher| watcher.cancelled.is_some() || !watcher.queue.is_empty())
+    }
+
     /// Removes a watcher (cancelled or not). Returns whether it existed.
     pub fn unwatch(&mut self, id: WatchId) -> bool {
-        self.watchers.remove(&id).is_some()
+        match self.watchers.remove(&id) {
+            Some(watcher) => {
+                self.queued_bytes -= watcher.queue_bytes;
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -669,11 +760,7 @@ fn enqueue<'a>(
     let batch = Batch { revision, events };
     let cost = batch_cost(&batch);
     if !watcher.queue.is_empty() && watcher.queue_bytes + cost > queue_bytes_max {
-        watcher.cancelled = Some(Cancelled::Lagged {
-            last_delivered: watcher.last_delivered,
-        });
-        watcher.queue.clear();
-        watcher.queue_bytes = 0;
+        watcher.cancel_lagged();
         return;
     }
     watcher.queue_bytes += cost;
@@ -691,6 +778,7 @@ mod tests {
         history_bytes_max: 1_500,
         watchers_max: 4,
         queue_bytes_max: 700,
+        queue_total_bytes_max: usize::MAX,
     };
 
     fn key(index: u8) -> Box<[u8]> {

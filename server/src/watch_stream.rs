@@ -1,0 +1,403 @@
+//! Watch streams: a shard's watchers served to clients, over a client connection or, in
+//! embedded mode, over an in-process channel.
+//!
+//! A [`Stream`] ties one watcher of the shard's [`WatchHub`] to the id the client knows it
+//! by. Whoever owns the stream (a connection, or the core's [`SinkSet`]) calls
+//! [`Stream::pump`] when the hub may have something for it; the pump turns what is queued
+//! into `WatchEvents` messages within the room the owner has, then a progress notification
+//! when one is due, or the cancellation.
+//!
+//! **Invariants**
+//! - Events leave only in revision order, each once, and a revision split over several
+//!   messages is marked `continues` on all but its last.
+//! - In `sync` mode a revision's events leave only once it is on disk, like replies do: a
+//!   watcher never sees a change that a crash could undo.
+//! - The bytes waiting for a reader are bounded: the owner's room (a connection's write
+//!   buffer, a channel's `connection_write_buffer_bytes_max`) plus the hub's queue bound,
+//!   past which the watcher is cancelled `Lagged`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures_channel::mpsc;
+use futures_lite::StreamExt;
+use tessera_protocol::codec::FrameBuffer;
+use tessera_protocol::limits::{SCAN_LIMIT_MAX, WATCH_FRAME_BYTES_MAX};
+use tessera_protocol::message::{ArchivedWatch, ArchivedWatchFrom};
+use tessera_protocol::{
+    ErrorCode, EventBatch, EventKind, Response, WatchCancel, WatchEvent, WatchEvents, Watching,
+};
+
+use crate::core::{encode_reply_body, error, CoreContext};
+use crate::shard::watch::{
+    Batch, Cancelled, Change, DeleteCause, Event, Start, WatchError, WatchHub, WatchId, WatchSpec,
+};
+
+/// One open watch, as its owner keeps it.
+#[derive(Debug)]
+pub struct Stream {
+    /// What the client names the watch by.
+    pub watch_id: u64,
+    /// The watcher in the shard's hub.
+    pub hub_id: WatchId,
+    /// 0 for no periodic progress notifications.
+    progress_interval_ms: u64,
+    /// When the next periodic progress notification is due.
+    next_progress_ms: u64,
+    /// A progress notification was asked for and not sent yet.
+    is_progress_requested: bool,
+}
+
+/// What a pump left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pumped {
+    /// The stream goes on; `is_waiting` if it still has queued events it had no room (or
+    /// durability) for.
+    Open {
+        /// Events are still queued.
+        is_waiting: bool,
+    },
+    /// The watch was cancelled; the cancellation was emitted and the watcher removed.
+    Ended,
+}
+
+/// Opens a watch on this core's shard: registers the watcher and returns it with the
+/// `Watching` reply, or the refusal to send instead. `watch_id` names it for the client;
+/// `None` names it by its hub id (embedded mode, where there is no request id).
+///
+/// # Errors
+/// The refusal: `WatchCancelled(Compacted)` when the history no longer reaches back to the
+/// revision asked for, an error response otherwise.
+pub fn open(
+    context: &CoreContext,
+    now_ms: u64,
+    watch_id: Option<u64>,
+    watch: &ArchivedWatch,
+) -> Result<(Stream, Response), Response> {
+    let spec = WatchSpec {
+        start: Box::from(watch.start.as_slice()),
+        end: watch.end.as_ref().map(|end| Box::from(end.as_slice())),
+        puts: watch.puts,
+        deletes: watch.deletes,
+        previous: watch.previous,
+    };
+    let mut shard = context.shard.borrow_mut();
+    let opened = match watch.from {
+        ArchivedWatchFrom::Snapshot => shard
+            .watch_with_snapshot(now_ms, spec, SCAN_LIMIT_MAX as usize)
+            .map(|(hub_id, revision, items)| (hub_id, revision, Some(items))),
+        ArchivedWatchFrom::Now => {
+            let revision = shard.revision();
+            shard
+                .watch_hub()
+                .watch(spec, Start::Now)
+                .map(|hub_id| (hub_id, revision, None))
+        }
+        ArchivedWatchFrom::After(revision) => {
+            let revision = revision.to_native();
+            shard
+                .watch_hub()
+                .watch(spec, Start::After(revision))
+                .map(|hub_id| (hub_id, revision, None))
+        }
+    };
+    let (hub_id, revision, snapshot) =
+        opened.map_err(|watch_error| refusal(context, &watch_error))?;
+    let progress_interval_ms = u64::from(watch.progress_interval_ms.to_native());
+    let stream = Stream {
+        watch_id: watch_id.unwrap_or(hub_id),
+        hub_id,
+        progress_interval_ms,
+        next_progress_ms: now_ms.saturating_add(progress_interval_ms),
+        is_progress_requested: false,
+    };
+    let watching = Response::Watching(Watching {
+        watch_id: stream.watch_id,
+        node_id: context.node_id,
+        core_id: context.core_id,
+        revision,
+        snapshot,
+    });
+    Ok((stream, watching))
+}
+
+fn refusal(context: &CoreContext, watch_error: &WatchError) -> Response {
+    match watch_error {
+        WatchError::Compacted { oldest_available } => {
+            Response::WatchCancelled(WatchCancel::Compacted {
+                oldest_available: *oldest_available,
+            })
+        }
+        WatchError::TooManyWatchers { .. } => error(
+            ErrorCode::Overloaded,
+            format!(
+                "core {}: {watch_error} (watchers_per_shard_max)",
+                context.core_id
+            ),
+        ),
+        WatchError::FutureRevision { .. } => error(
+            ErrorCode::InvalidArgument,
+            format!("core {}: {watch_error}", context.core_id),
+        ),
+        WatchError::SnapshotTooLarge { .. } => error(
+            ErrorCode::TooLarge,
+            format!("core {}: {watch_error}", context.core_id),
+        ),
+    }
+}
+
+impl Stream {
+    /// Asks for a progress notification with the next pump.
+    pub fn request_progress(&mut self) {
+        self.is_progress_requested = true;
+    }
+
+    /// When this stream next needs a pump with nothing published: its next periodic
+    /// progress notification, if it has them.
+    pub fn progress_due_ms(&self) -> Option<u64> {
+        (self.progress_interval_ms > 0).then_some(self.next_progress_ms)
+    }
+
+    /// Emits what is due: queued events of revisions up to `durable`, about `room` bytes of
+    /// them (a first revision whatever its size), then a progress notification if one is
+    /// due and nothing is left queued; or the cancellation, after which the watcher is gone.
+    pub fn pump(
+        &mut self,
+        hub: &mut WatchHub,
+        now_ms: u64,
+        room: usize,
+        durable: u64,
+        emit: &mut impl FnMut(&Response),
+    ) -> Pumped {
+        if room > 0 && hub.has_pending(self.hub_id) {
+            match hub.take_through(self.hub_id, room, durable) {
+                Some(Ok(batches)) => emit_events(&batches, emit),
+                Some(Err(Cancelled::Lagged { last_delivered })) => {
+                    hub.unwatch(self.hub_id);
+                    emit(&Response::WatchCancelled(WatchCancel::Lagged {
+                        last_delivered,
+                    }));
+                    return Pumped::Ended;
+                }
+                None => return Pumped::Ended,
+            }
+        }
+        let is_waiting = hub.has_pending(self.hub_id);
+        let is_due = self.is_progress_requested
+            || (self.progress_interval_ms > 0 && now_ms >= self.next_progress_ms);
+        if is_due && !is_waiting {
+            if let Some(revision) = hub.progress(self.hub_id) {
+                emit(&Response::WatchProgress { revision });
+            }
+            self.is_progress_requested = false;
+            self.next_progress_ms = now_ms.saturating_add(self.progress_interval_ms);
+        }
+        Pumped::Open { is_waiting }
+    }
+}
+
+/// Turns taken batches into `WatchEvents` messages of about `WATCH_FRAME_BYTES_MAX` bytes
+/// each, splitting a revision too large for one.
+fn emit_events(batches: &[Batch], emit: &mut impl FnMut(&Response)) {
+    let mut message = WatchEvents {
+        batches: Vec::new(),
+        continues: false,
+    };
+    let mut bytes = 0;
+    for batch in batches {
+        message.batches.push(EventBatch {
+            revision: batch.revision,
+            events: Vec::with_capacity(batch.events.len()),
+        });
+        for event in &batch.events {
+            let cost = event.cost();
+            if bytes > 0 && bytes + cost > WATCH_FRAME_BYTES_MAX {
+                let has_events = message
+                    .batches
+                    .last()
+                    .is_some_and(|last| !last.events.is_empty());
+                if !has_events {
+                    // The revision starts in the next message.
+                    message.batches.pop();
+                }
+                message.continues = has_events;
+                emit(&Response::WatchEvents(std::mem::replace(
+                    &mut message,
+                    WatchEvents {
+                        batches: vec![EventBatch {
+                            revision: batch.revision,
+                            events: Vec::new(),
+                        }],
+                        continues: false,
+                    },
+                )));
+                bytes = 0;
+            }
+            bytes += cost;
+            if let Some(last) = message.batches.last_mut() {
+                last.events.push(to_wire(event));
+            }
+        }
+    }
+    if !message.batches.is_empty() {
+        emit(&Response::WatchEvents(message));
+    }
+}
+
+fn to_wire(event: &Event) -> WatchEvent {
+    let kind = match event.change {
+        Change::Put {
+            create_revision,
+            version,
+        } => EventKind::Put {
+            create_revision,
+            version,
+        },
+        Change::Delete(DeleteCause::Deleted) => EventKind::Deleted,
+        Change::Delete(DeleteCause::Expired) => EventKind::Expired,
+    };
+    WatchEvent {
+        key: event.key().to_vec(),
+        kind,
+        value: event.value().unwrap_or_default().to_vec(),
+        previous: event.previous().map(<[u8]>::to_vec),
+    }
+}
+
+/// The revision whose events may leave now: the log's durable revision in `sync` mode,
+/// any otherwise.
+pub fn deliverable_revision(context: &CoreContext) -> u64 {
+    match &context.log {
+        Some(log) if log.is_gating() => log.durable_revision(),
+        _ => u64::MAX,
+    }
+}
+
+/// Creates the channel an in-process client receives a watch's messages on.
+pub fn channel() -> (WatchSink, WatchReceiver) {
+    let (sender, receiver) = mpsc::unbounded();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        WatchSink {
+            sender,
+            queued: queued.clone(),
+        },
+        WatchReceiver { receiver, queued },
+    )
+}
+
+/// The core's end of an in-process watch channel. Bounded by the bytes its reader has not
+/// taken yet, which the core keeps under `connection_write_buffer_bytes_max`.
+#[derive(Debug)]
+pub struct WatchSink {
+    sender: mpsc::UnboundedSender<FrameBuffer>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The reader's end of an in-process watch channel: archived response bodies.
+#[derive(Debug)]
+pub struct WatchReceiver {
+    receiver: mpsc::UnboundedReceiver<FrameBuffer>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl WatchReceiver {
+    /// The next archived response body, or `None` once the core dropped the watch.
+    pub async fn next(&mut self) -> Option<FrameBuffer> {
+        let body = self.receiver.next().await?;
+        self.queued.fetch_sub(body.len(), Ordering::Relaxed);
+        Some(body)
+    }
+}
+
+/// The core's in-process watch streams (embedded mode), pumped by [`serve_sinks`].
+#[derive(Debug, Default)]
+pub struct SinkSet {
+    streams: Vec<(Stream, WatchSink)>,
+}
+
+impl SinkSet {
+    /// Adopts a stream whose messages go to `sink`.
+    pub fn add(&mut self, stream: Stream, sink: WatchSink) {
+        self.streams.push((stream, sink));
+    }
+
+    /// Whether there are streams to pump.
+    pub fn is_empty(&self) -> bool {
+        self.streams.is_empty()
+    }
+
+    /// Ends the stream named `watch_id`; whether it existed.
+    pub fn remove(&mut self, hub: &mut WatchHub, watch_id: u64) -> bool {
+        let Some(position) = self
+            .streams
+            .iter()
+            .position(|(stream, _)| stream.watch_id == watch_id)
+        else {
+            return false;
+        };
+        let (stream, _) = self.streams.swap_remove(position);
+        hub.unwatch(stream.hub_id);
+        true
+    }
+
+    /// Asks the stream named `watch_id` for a progress notification; its hub progress, or
+    /// `None` if there is no such stream.
+    pub fn request_progress(&mut self, hub: &WatchHub, watch_id: u64) -> Option<u64> {
+        let (stream, _) = self
+            .streams
+            .iter_mut()
+            .find(|(stream, _)| stream.watch_id == watch_id)?;
+        stream.request_progress();
+        hub.progress(stream.hub_id)
+    }
+
+    /// Pumps every stream; drops those whose reader is gone or that ended.
+    fn pump_all(&mut self, hub: &mut WatchHub, now_ms: u64, room_max: usize, durable: u64) {
+        self.streams.retain_mut(|(stream, sink)| {
+            if sink.sender.is_closed() {
+                hub.unwatch(stream.hub_id);
+                return false;
+            }
+            let room = room_max.saturating_sub(sink.queued.load(Ordering::Relaxed));
+            let mut emit = |response: &Response| {
+                let body = encode_reply_body(response);
+                sink.queued.fetch_add(body.len(), Ordering::Relaxed);
+                // A reader that just went away is noticed on the next pump.
+                let _ = sink.sender.unbounded_send(body);
+            };
+            stream.pump(hub, now_ms, room, durable, &mut emit) != Pumped::Ended
+        });
+    }
+}
+
+/// Pumps the core's in-process watch streams whenever the shard publishes, the log makes
+/// more durable, or a tick passes while there are streams (for progress notifications, and
+/// for readers that made room), until the core stops.
+pub async fn serve_sinks(context: std::rc::Rc<CoreContext>) {
+    if let Some(log) = &context.log {
+        log.subscribe(context.watch.wake_sinks.clone());
+    }
+    while context
+        .stop
+        .unless_fired(context.watch.wake_sinks.notified())
+        .await
+        .is_some()
+    {
+        let mut sinks = context.watch.sinks.borrow_mut();
+        if sinks.is_empty() {
+            continue;
+        }
+        let now_ms = crate::clock::now_unix_ms();
+        let durable = deliverable_revision(&context);
+        let room_max = context.config.connection_write_buffer_bytes_max;
+        let mut shard = context.shard.borrow_mut();
+        sinks.pump_all(shard.watch_hub(), now_ms, room_max, durable);
+    }
+    // Readers see their channel end once the sinks are dropped.
+    let mut sinks = context.watch.sinks.borrow_mut();
+    let mut shard = context.shard.borrow_mut();
+    for (stream, _) in sinks.streams.drain(..) {
+        shard.watch_hub().unwatch(stream.hub_id);
+    }
+}
