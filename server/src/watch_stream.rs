@@ -183,14 +183,17 @@ impl Stream {
             }
         }
         let is_waiting = hub.has_pending(self.hub_id);
-        let is_due = self.is_progress_requested
-            || (self.progress_interval_ms > 0 && now_ms >= self.next_progress_ms);
-        if is_due && !is_waiting {
+        let is_interval_due = self.progress_interval_ms > 0 && now_ms >= self.next_progress_ms;
+        if is_interval_due {
+            // While events wait, they are the progress: the notification is skipped, not
+            // kept due (which would wake the owner on every pass until the queue drains).
+            self.next_progress_ms = now_ms.saturating_add(self.progress_interval_ms);
+        }
+        if (is_interval_due || self.is_progress_requested) && !is_waiting {
             if let Some(revision) = hub.progress(self.hub_id) {
                 emit(&Response::WatchProgress { revision });
             }
             self.is_progress_requested = false;
-            self.next_progress_ms = now_ms.saturating_add(self.progress_interval_ms);
         }
         Pumped::Open { is_waiting }
     }
@@ -399,5 +402,96 @@ pub async fn serve_sinks(context: std::rc::Rc<CoreContext>) {
     let mut shard = context.shard.borrow_mut();
     for (stream, _) in sinks.streams.drain(..) {
         shard.watch_hub().unwatch(stream.hub_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(revision: u64, event_count: usize, value_size: usize) -> Batch {
+        let value = vec![b'v'; value_size];
+        let events = (0..event_count)
+            .map(|index| {
+                let key = format!("k{revision}/{index}");
+                Event::put(revision, key.as_bytes(), &value, revision, 1, None)
+            })
+            .collect();
+        Batch { revision, events }
+    }
+
+    /// Emits `batches` and returns the messages.
+    fn emitted(batches: &[Batch]) -> Vec<WatchEvents> {
+        let mut messages = Vec::new();
+        emit_events(batches, &mut |response: &Response| match response {
+            Response::WatchEvents(events) => messages.push(events.clone()),
+            other => panic!("unexpected {other:?}"),
+        });
+        messages
+    }
+
+    /// Joins messages the way a receiver must: a `continues` revision with the next one.
+    fn joined(messages: &[WatchEvents]) -> Vec<(u64, usize)> {
+        let mut revisions: Vec<(u64, usize)> = Vec::new();
+        let mut is_continued = false;
+        for message in messages {
+            for (index, batch) in message.batches.iter().enumerate() {
+                match revisions.last_mut() {
+                    Some((revision, count)) if is_continued && index == 0 => {
+                        assert_eq!(*revision, batch.revision, "a continued revision goes on");
+                        *count += batch.events.len();
+                    }
+                    _ => revisions.push((batch.revision, batch.events.len())),
+                }
+                assert!(!batch.events.is_empty(), "no empty batch is sent");
+            }
+            is_continued = message.continues;
+        }
+        assert!(!is_continued, "the last message ends its revision");
+        revisions
+    }
+
+    #[test]
+    fn small_revisions_share_one_message() {
+        let batches = vec![batch(3, 2, 10), batch(4, 1, 10), batch(9, 3, 10)];
+        let messages = emitted(&batches);
+        assert_eq!(messages.len(), 1);
+        assert!(!messages[0].continues);
+        assert_eq!(joined(&messages), vec![(3, 2), (4, 1), (9, 3)]);
+    }
+
+    #[test]
+    fn a_large_revision_is_split_and_marked() {
+        // 40 events of 100 KiB: about 4 MiB in one revision, then a small one.
+        let batches = vec![batch(5, 40, 100 * 1024), batch(6, 1, 10)];
+        let messages = emitted(&batches);
+        assert!(messages.len() >= 4, "{} messages", messages.len());
+        for message in &messages {
+            let bytes: usize = message
+                .batches
+                .iter()
+                .flat_map(|batch| &batch.events)
+                .map(|event| event.key.len() + event.value.len() + 64)
+                .sum();
+            assert!(bytes <= WATCH_FRAME_BYTES_MAX + 100 * 1024 + 64, "{bytes}");
+        }
+        assert_eq!(joined(&messages), vec![(5, 40), (6, 1)]);
+    }
+
+    #[test]
+    fn a_split_at_a_revision_boundary_is_not_marked() {
+        // Two revisions that each nearly fill a message: the cut falls between them.
+        let per_revision = WATCH_FRAME_BYTES_MAX / (64 * 1024 + 80);
+        let batches = vec![
+            batch(1, per_revision, 64 * 1024),
+            batch(2, per_revision, 64 * 1024),
+        ];
+        let messages = emitted(&batches);
+        assert_eq!(messages.len(), 2);
+        assert!(!messages[0].continues);
+        assert_eq!(
+            joined(&messages),
+            vec![(1, per_revision), (2, per_revision)]
+        );
     }
 }

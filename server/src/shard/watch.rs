@@ -936,6 +936,64 @@ mod tests {
         assert_eq!(history.events_after(0), pushed[..1]);
     }
 
+    /// Past the bound on all queues together, the watcher with the longest queue is
+    /// cancelled, not the one that happened to receive next; the others keep their events.
+    #[test]
+    fn the_total_queue_bound_cancels_the_longest_queue() {
+        let limits = WatchLimits {
+            queue_bytes_max: 10_000,
+            queue_total_bytes_max: 1_000,
+            ..LIMITS
+        };
+        let mut hub = WatchHub::new(limits, 0);
+        let slow = hub.watch(everything(), Start::Now).unwrap();
+        let fast = hub.watch(everything(), Start::Now).unwrap();
+        let mut revision = 0;
+        // `fast` takes everything as it comes; `slow` never reads.
+        while hub.progress(slow).is_some() {
+            revision += 1;
+            assert!(
+                revision < 20,
+                "the slow watcher is cancelled once over the bound"
+            );
+            hub.publish(revision, &mut vec![put_event(revision, 0, 100)]);
+            assert!(hub.queued_bytes() <= limits.queue_total_bytes_max);
+            let taken = hub.take(fast, usize::MAX).unwrap().unwrap();
+            assert_eq!(taken.len(), 1, "the reader keeps up at revision {revision}");
+        }
+        let Some(Err(Cancelled::Lagged { last_delivered })) = hub.take(slow, 0) else {
+            panic!("the slow watcher is cancelled as lagging");
+        };
+        assert_eq!(last_delivered, 0, "the slow watcher was handed nothing");
+        assert_eq!(hub.queued_bytes(), 0);
+        hub.publish(revision + 1, &mut vec![put_event(revision + 1, 0, 100)]);
+        assert_eq!(hub.take(fast, usize::MAX).unwrap().unwrap().len(), 1);
+    }
+
+    /// Batches of revisions past the limit given to `take_through` stay queued, in order.
+    #[test]
+    fn take_through_holds_later_revisions_back() {
+        let mut hub = WatchHub::new(LIMITS, 0);
+        let id = hub.watch(everything(), Start::Now).unwrap();
+        for revision in 1..=3 {
+            hub.publish(revision, &mut vec![put_event(revision, 0, 1)]);
+        }
+        let taken = hub.take_through(id, usize::MAX, 2).unwrap().unwrap();
+        assert_eq!(
+            taken.iter().map(|batch| batch.revision).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert!(hub.has_pending(id));
+        assert_eq!(hub.progress(id), Some(2));
+        let taken = hub.take_through(id, usize::MAX, 3).unwrap().unwrap();
+        assert_eq!(
+            taken.iter().map(|batch| batch.revision).collect::<Vec<_>>(),
+            [3]
+        );
+        assert_eq!(hub.progress(id), Some(3));
+        assert_eq!(hub.queued_bytes(), 0);
+    }
+
     /// One revision larger than the queue bound still reaches a watcher with an empty queue,
     /// and a watcher cancelled as lagging resumes from the history even when the backlog
     /// passes the bound (found in review: it was cancelled again on every resume).
