@@ -1,12 +1,26 @@
 //! A synchronous client for scripts, tools and the CLI: the async [`Client`] driven by a
 //! private single-threaded tokio runtime. Each call blocks the calling thread until its reply.
+//!
+//! The runtime only runs while a call blocks in it. A [`BlockingWatch`] therefore receives
+//! only while it is being iterated: a consumer that stops reading for long enough gets
+//! [`ClientError::Lagged`], as with the async [`Watch`] it wraps.
 
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use crate::{
     Client, ClientConfig, ClientError, DeleteOutcome, Entry, KeyRange, Pong, PutOptions,
-    PutOutcome, Result, ScanOptions, ScanResult, ShardRevision, Topology, TtlState,
+    PutOutcome, Result, ScanOptions, ScanResult, ShardRevision, Topology, TtlState, Watch,
+    WatchMessage, WatchOptions,
 };
+
+/// Times the runtime yields when a [`BlockingWatch`] is dropped, so its aborted shard tasks
+/// are dropped and their `Unwatch` requests written (a few scheduler steps; one suffices on
+/// an idle connection). Best effort: a connection whose writes are stuck ends the watch when
+/// it closes instead.
+const WATCH_DROP_YIELD_COUNT: usize = 8;
 
 /// A blocking handle to a Tessera cluster (or an embedded one).
 #[derive(Debug)]
@@ -75,6 +89,33 @@ impl BlockingClient {
     /// See [`ClientError`].
     pub fn scan(&self, range: &KeyRange, options: ScanOptions) -> Result<ScanResult> {
         self.runtime.block_on(self.client.scan(range, options))
+    }
+
+    /// See [`Client::watch`]: the same messages, one per call of [`Iterator::next`], which
+    /// blocks until the next one arrives. The iterator yields at most one error, then ends.
+    ///
+    /// ```no_run
+    /// # fn example() -> tessera_client::Result<()> {
+    /// use tessera_client::{BlockingClient, KeyRange, WatchMessage, WatchOptions};
+    ///
+    /// let client = BlockingClient::connect(["127.0.0.1:7000"])?;
+    /// for message in client.watch(&KeyRange::prefix("user:"), WatchOptions::new())? {
+    ///     if let WatchMessage::Events { shard, events } = message? {
+    ///         println!("{} events at revision {}", events.len(), shard.revision);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`Client::watch`]; errors of the watch itself come from the iterator.
+    pub fn watch(&self, range: &KeyRange, options: WatchOptions) -> Result<BlockingWatch<'_>> {
+        // Inside the runtime: the watch spawns its shard tasks on it.
+        let watch = self.runtime.block_on(self.client.watch(range, options))?;
+        Ok(BlockingWatch {
+            runtime: &self.runtime,
+            watch: Some(watch),
+        })
     }
 
     /// See [`Client::count`].
@@ -227,5 +268,215 @@ impl BlockingClient {
     /// See [`Client::shutdown`].
     pub fn shutdown(&self) {
         self.client.shutdown();
+    }
+}
+
+/// An open watch of a [`BlockingClient`]: an [`Iterator`] of the [`WatchMessage`]s of
+/// [`Watch`], each `next` blocking until one arrives. It yields at most one error and then
+/// ends. Drop it to stop watching.
+#[derive(Debug)]
+pub struct BlockingWatch<'client> {
+    /// The client's runtime, which runs the watch's shard tasks while a call blocks in it.
+    runtime: &'client tokio::runtime::Runtime,
+    /// Always `Some` until dropped; taken in `drop` to be dropped inside the runtime.
+    watch: Option<Watch>,
+}
+
+impl BlockingWatch<'_> {
+    /// See [`Watch::positions`]: the last revision yielded from each shard, to pass to
+    /// [`WatchOptions::after`] when resuming.
+    #[must_use]
+    pub fn positions(&self) -> Vec<ShardRevision> {
+        self.inner().positions()
+    }
+
+    /// See [`Watch::request_progress`]. The notifications arrive through the iterator.
+    pub fn request_progress(&self) {
+        self.inner().request_progress();
+    }
+
+    /// Like [`Iterator::next`], but waits at most `timeout`: `Ok` with what the watch
+    /// yielded, [`RecvTimeoutError::Timeout`] if nothing arrived in time (nothing is lost,
+    /// call again), or [`RecvTimeoutError::Disconnected`] once the watch has ended.
+    ///
+    /// # Errors
+    /// Only the two above; errors of the watch itself are inside `Ok`.
+    pub fn next_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> std::result::Result<Result<WatchMessage>, RecvTimeoutError> {
+        let runtime = self.runtime;
+        let watch = self.inner_mut();
+        // The receiving end of the stream is cancel-safe: a message is never lost by
+        // dropping `next` midway.
+        match runtime.block_on(async { tokio::time::timeout(timeout, watch.next()).await }) {
+            Ok(Some(item)) => Ok(item),
+            Ok(None) => Err(RecvTimeoutError::Disconnected),
+            Err(_elapsed) => Err(RecvTimeoutError::Timeout),
+        }
+    }
+
+    fn inner(&self) -> &Watch {
+        self.watch
+            .as_ref()
+            .expect("the watch is only taken when dropped")
+    }
+
+    fn inner_mut(&mut self) -> &mut Watch {
+        self.watch
+            .as_mut()
+            .expect("the watch is only taken when dropped")
+    }
+}
+
+impl Iterator for BlockingWatch<'_> {
+    type Item = Result<WatchMessage>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let runtime = self.runtime;
+        runtime.block_on(self.inner_mut().next())
+    }
+}
+
+impl Drop for BlockingWatch<'_> {
+    fn drop(&mut self) {
+        let watch = self.watch.take();
+        // The runtime must run briefly for the watch to end on the server now rather than at
+        // the client's next call. It cannot be entered from inside another runtime; there the
+        // tasks end with the client's runtime instead.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return;
+        }
+        self.runtime.block_on(async move {
+            drop(watch);
+            for _ in 0..WATCH_DROP_YIELD_COUNT {
+                tokio::task::yield_now().await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use tessera_server::{Config, Server};
+
+    use super::*;
+    use crate::EventKind;
+
+    /// Longest any step of a test may wait.
+    const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+    fn start_server() -> Server {
+        Server::start(Config {
+            cores: 2,
+            port: 0,
+            memory_bytes_max: 64 * 1024 * 1024,
+            durability: tessera_server::config::Durability::Memory,
+            ..Config::default()
+        })
+        .expect("the test server starts")
+    }
+
+    /// Calls `next_timeout` until `matches` accepts a message, within [`STEP_TIMEOUT`].
+    fn next_matching(
+        watch: &mut BlockingWatch<'_>,
+        mut matches: impl FnMut(&WatchMessage) -> bool,
+    ) -> WatchMessage {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no matching message within {STEP_TIMEOUT:?}"
+            );
+            match watch.next_timeout(left) {
+                Ok(Ok(message)) if matches(&message) => return message,
+                Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(Err(error)) => panic!("the watch failed: {error}"),
+                Err(RecvTimeoutError::Disconnected) => panic!("the watch ended"),
+            }
+        }
+    }
+
+    fn watcher_count(client: &BlockingClient) -> u64 {
+        let stats = client.stats().expect("stats");
+        stats.iter().map(|core| core.watcher_count).sum()
+    }
+
+    #[test]
+    fn blocking_watch_iterates_resumes_and_ends_on_drop() {
+        let server = start_server();
+        let client = BlockingClient::connect(server.addresses()).expect("connect");
+        // Its own runtime: its calls must not run the watching client's.
+        let observer = BlockingClient::connect(server.addresses()).expect("connect");
+        let mut watch = client
+            .watch(&KeyRange::prefix("b/"), WatchOptions::new())
+            .expect("the watch opens");
+        // Every core's progress: from then on every write is seen.
+        watch.request_progress();
+        let mut reported = Vec::new();
+        while reported.len() < 2 {
+            if let WatchMessage::Progress(shard) = next_matching(&mut watch, |_| true) {
+                if !reported.contains(&shard.core_id) {
+                    reported.push(shard.core_id);
+                }
+            }
+        }
+        assert_eq!(watch.positions().len(), 2, "{:?}", watch.positions());
+        assert!(
+            matches!(
+                watch.next_timeout(Duration::from_millis(20)),
+                Err(RecvTimeoutError::Timeout)
+            ),
+            "nothing happened"
+        );
+
+        let put = client.put("b/1", "one").expect("put");
+        // The iterator, blocking in `next`, sees it.
+        let message = watch
+            .by_ref()
+            .find(|message| matches!(message, Ok(WatchMessage::Events { .. })))
+            .expect("the watch goes on")
+            .expect("no error");
+        let WatchMessage::Events { shard, events } = message else {
+            unreachable!("filtered above")
+        };
+        assert_eq!(shard.revision, put.mod_revision);
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].key, b"b/1");
+        assert!(matches!(events[0].kind, EventKind::Put { version: 1, .. }));
+        let positions = watch.positions();
+        assert!(positions.contains(&shard), "{positions:?}");
+        assert_eq!(watcher_count(&observer), 2, "one watcher per core");
+
+        // Dropping it ends it on the server, not only at the client's next call.
+        drop(watch);
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while watcher_count(&observer) > 0 {
+            assert!(Instant::now() < deadline, "the watchers outlived the watch");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        // Resuming from the positions sees only what came after them.
+        client.delete("b/1").expect("delete");
+        let mut resumed = client
+            .watch(
+                &KeyRange::prefix("b/"),
+                WatchOptions::new().after(positions),
+            )
+            .expect("the resume opens");
+        let message = next_matching(&mut resumed, |message| {
+            matches!(message, WatchMessage::Events { .. })
+        });
+        let WatchMessage::Events { events, .. } = message else {
+            unreachable!("matched above")
+        };
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].kind, EventKind::Deleted);
+        drop(resumed);
+        drop(client);
+        server.shutdown().expect("the server stops cleanly");
     }
 }

@@ -57,7 +57,7 @@ use tessera_protocol::{
     Put, PutCondition, PutEntry, Request, Response, ShardLocation, PROTOCOL_VERSION,
 };
 
-pub use blocking::BlockingClient;
+pub use blocking::{BlockingClient, BlockingWatch};
 pub use error::{ClientError, Result};
 pub use scan::{KeyRange, ScanItem, ScanOptions, ScanResult, ShardRevision};
 pub use tessera_protocol::{CoreStats, Entry, ErrorCode, Topology, TtlState};

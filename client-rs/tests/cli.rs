@@ -8,16 +8,23 @@
 //! `scan_errors_in_json_are_one_value` guards a bug found when it was first written: `scan`
 //! with `-o json` printed `{"items":[` before reading the first page, so an error left that
 //! opening in front of the error object and stdout was not one JSON value.
+//!
+//! `watch` runs in the background ([`Watcher`]): its lines are read as they come, with a
+//! deadline on each, and the process is killed if the test ends first. A test writes only
+//! once every core has answered the watch's first progress request (`--progress-ms` prints
+//! it), so no write can land before the watch and be missed.
 
 mod common;
 
 use std::fmt::Write as _;
-use std::process::{Command, Output, Stdio};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{core_of_key, start_server, stop_server, unused_address, CORE_COUNT};
 use serde_json::Value;
-use tessera_client::BlockingClient;
+use tessera_client::{BlockingClient, PutOptions};
 use tessera_protocol::limits::KEY_SIZE_MAX;
 use tessera_server::Server;
 
@@ -680,5 +687,628 @@ fn scan_errors_in_json_are_one_value() {
     assert!(error["error"].as_str().is_some(), "{run:?}");
     let message = error["error"].as_str().unwrap_or_default();
     assert!(message.contains(&(2 * KEY_SIZE_MAX).to_string()), "{run:?}");
+    fixture.stop();
+}
+
+/// A `tessera watch` running in the background against a fixture. Its stdout is read line by
+/// line on a thread, so a test can wait for each line with a deadline; its stderr is read on
+/// another. The process is killed when the watcher is dropped, so a failing test leaves none.
+struct Watcher {
+    child: Child,
+    arguments: Vec<String>,
+    lines: mpsc::Receiver<String>,
+    stderr: mpsc::Receiver<String>,
+    /// Every line read so far, for failure messages and [`Watcher::finish`].
+    seen: Vec<String>,
+}
+
+/// `--progress-ms` for watchers that want only the first progress lines (every core is
+/// watching) and no periodic ones during the test.
+const PROGRESS_MS_NEVER: &str = "600000";
+
+impl Watcher {
+    /// Starts `tessera --endpoints <core 0> watch <arguments>`.
+    fn start(fixture: &Fixture, arguments: &[&str]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        command.env_remove("TESSERA_ENDPOINTS");
+        command.args(["--endpoints", &fixture.endpoint]);
+        let mut child = command
+            .args(arguments)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the tessera binary starts");
+        let (line_sender, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if line_sender.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let (stderr_sender, stderr) = mpsc::channel();
+        let mut stderr_pipe = child.stderr.take().expect("stderr is piped");
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr_pipe.read_to_string(&mut text);
+            let _ = stderr_sender.send(text);
+        });
+        Self {
+            child,
+            arguments: arguments.iter().map(ToString::to_string).collect(),
+            lines,
+            stderr,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The next line of stdout, waiting at most [`RUN_TIMEOUT`].
+    fn next_line(&mut self) -> String {
+        match self.lines.recv_timeout(RUN_TIMEOUT) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                line
+            }
+            Err(error) => panic!(
+                "tessera watch {:?}: no line within {RUN_TIMEOUT:?} ({error}); so far {:?}",
+                self.arguments, self.seen
+            ),
+        }
+    }
+
+    /// Reads lines up to the first progress line of every core, and returns the others read
+    /// meanwhile (snapshot lines). From then on every write is watched. A core answers the
+    /// progress request only after its snapshot, so every snapshot line is among them.
+    fn wait_until_watching(&mut self) -> Vec<String> {
+        let mut cores = Vec::new();
+        let mut others = Vec::new();
+        while cores.len() < CORE_COUNT {
+            let line = self.next_line();
+            let core = match serde_json::from_str(&line) {
+                Ok(Value::Object(object)) if object["type"] == "progress" => {
+                    object["core_id"].as_u64()
+                }
+                Ok(_) => None,
+                Err(_) => line
+                    .strip_prefix("progress rev=")
+                    .and_then(|position| position.split(':').nth(1)?.parse().ok()),
+            };
+            match core {
+                Some(core) if !cores.contains(&core) => cores.push(core),
+                Some(_) => {}
+                None => others.push(line),
+            }
+        }
+        others
+    }
+
+    /// Waits at most [`RUN_TIMEOUT`] for the process to exit, and returns everything it
+    /// printed (stdout from the first line, those already read included).
+    fn finish(mut self) -> Run {
+        let deadline = Instant::now() + RUN_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be polled") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tessera watch {:?} did not exit within {RUN_TIMEOUT:?}; printed {:?}",
+                self.arguments,
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // The pipes close with the process, which ends both reading threads.
+        while let Ok(line) = self.lines.recv_timeout(RUN_TIMEOUT) {
+            self.seen.push(line);
+        }
+        let stderr = self
+            .stderr
+            .recv_timeout(RUN_TIMEOUT)
+            .expect("stderr is read to its end");
+        Run {
+            status_code: status
+                .code()
+                .expect("the child exited, not killed by a signal"),
+            stdout: self.seen.iter().fold(String::new(), |mut text, line| {
+                let _ = writeln!(text, "{line}");
+                text
+            }),
+            stderr,
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The positions of the `resume with: --from ...` line of a watch's stderr, one per core.
+fn resume_positions(run: &Run) -> Vec<String> {
+    let line = run
+        .stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("resume with: --from "))
+        .unwrap_or_else(|| panic!("a resume line on stderr: {run:?}"));
+    let positions: Vec<String> = line.split(' ').map(ToOwned::to_owned).collect();
+    assert_eq!(positions.len(), CORE_COUNT, "{run:?}");
+    positions
+}
+
+/// `node:core:revision` of `key`'s core at `revision`, as `watch` prints it.
+fn position_of(client: &BlockingClient, key: &str, revision: u64) -> String {
+    let topology = client.topology();
+    let node_id = topology.nodes[0].node_id;
+    let core_id = topology.nodes[0].cores[core_of_key(&topology, key.as_bytes())].core_id;
+    format!("{node_id}:{core_id}:{revision}")
+}
+
+/// The line `watch` prints for a put.
+fn put_line(client: &BlockingClient, key: &str, value: &str) -> String {
+    let outcome = client.put(key, value).expect("the put applies");
+    let version = client.get(key).unwrap().expect("just written").version;
+    let position = position_of(client, key, outcome.mod_revision);
+    format!("put {key} {value} rev={position} version={version}")
+}
+
+/// Deletes `key` and returns the line `watch` prints for it. A delete does not return its
+/// revision, so it is the core's revision after it, read from its counters: the test makes
+/// no other write to that core in between.
+fn delete_line(client: &BlockingClient, key: &str) -> String {
+    assert!(
+        client.delete(key).expect("the delete applies"),
+        "{key} exists"
+    );
+    let topology = client.topology();
+    let core_index = core_of_key(&topology, key.as_bytes());
+    let revision = client.stats().expect("stats")[core_index].revision;
+    format!("delete {key} rev={}", position_of(client, key, revision))
+}
+
+#[test]
+fn watch_prints_the_changes_of_a_key_in_order() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let mut watcher = Watcher::start(
+        &fixture,
+        &[
+            "watch",
+            "watched:k",
+            "--progress-ms",
+            PROGRESS_MS_NEVER,
+            "--count",
+            "4",
+        ],
+    );
+    assert_eq!(watcher.wait_until_watching(), Vec::<String>::new());
+    let expected = [
+        put_line(&client, "watched:k", "one"),
+        put_line(&client, "watched:k", "two"),
+        delete_line(&client, "watched:k"),
+        put_line(&client, "watched:k", "three"),
+    ];
+    // Outside the prefix, on every core: not printed.
+    for index in 0..8 {
+        client.put(format!("other:{index}"), "x").unwrap();
+    }
+    for line in &expected {
+        assert_eq!(&watcher.next_line(), line);
+    }
+    let run = watcher.finish();
+    assert_eq!(run.status_code, 0, "--count ends it: {run:?}");
+    assert!(expected[1].ends_with("version=2"), "{expected:?}");
+    assert!(
+        expected[3].ends_with("version=1"),
+        "recreated: {expected:?}"
+    );
+    // The key's core resumes after its last event.
+    let last_position = expected[3]
+        .split(' ')
+        .find_map(|part| part.strip_prefix("rev="))
+        .unwrap();
+    assert!(
+        resume_positions(&run).contains(&last_position.to_owned()),
+        "{run:?}"
+    );
+    fixture.stop();
+}
+
+#[test]
+fn watch_snapshot_prints_the_keys_first() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let keys = ["snap:a", "snap:b", "snap:c", "snap:d", "snap:e", "snap:f"];
+    for key in keys {
+        client.put(key, format!("value of {key}")).unwrap();
+    }
+    client.put("snapshot", "outside the prefix").unwrap();
+    let revisions = client.stats().expect("stats");
+    let mut watcher = Watcher::start(
+        &fixture,
+        &[
+            "watch",
+            "snap:",
+            "--snapshot",
+            "--progress-ms",
+            PROGRESS_MS_NEVER,
+            "--count",
+            &(keys.len() + 1).to_string(),
+        ],
+    );
+    let mut snapshot_lines = watcher.wait_until_watching();
+    let put = put_line(&client, "snap:g", "late");
+    assert_eq!(watcher.next_line(), put);
+    let run = watcher.finish();
+    assert_eq!(run.status_code, 0, "{run:?}");
+
+    // Each core's keys in key order at that core's revision; cores interleave.
+    let topology = client.topology();
+    for (core_index, core) in topology.nodes[0].cores.iter().enumerate() {
+        let position = format!(
+            "{}:{}:{}",
+            topology.nodes[0].node_id, core.core_id, revisions[core_index].revision
+        );
+        let core_lines: Vec<&String> = snapshot_lines
+            .iter()
+            .filter(|line| line.ends_with(&format!(" rev={position}")))
+            .collect();
+        let mut sorted = core_lines.clone();
+        sorted.sort();
+        assert_eq!(core_lines, sorted, "core {core_index}: {run:?}");
+    }
+    snapshot_lines.sort();
+    let expected: Vec<String> = keys
+        .iter()
+        .map(|key| {
+            let revision = revisions[core_of_key(&topology, key.as_bytes())].revision;
+            format!(
+                "snapshot {key} value of {key} rev={}",
+                position_of(&client, key, revision)
+            )
+        })
+        .collect();
+    assert_eq!(snapshot_lines, expected, "{run:?}");
+    fixture.stop();
+}
+
+#[test]
+fn watch_json_lines_have_their_fields() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let topology = client.topology();
+    let node_id = topology.nodes[0].node_id;
+    let core_id_of =
+        |key: &str| topology.nodes[0].cores[core_of_key(&topology, key.as_bytes())].core_id;
+    client.put("j:1", "first").unwrap();
+    let first = client.get("j:1").unwrap().unwrap();
+    let mut watcher = Watcher::start(
+        &fixture,
+        &[
+            "-o",
+            "json",
+            "watch",
+            "j:",
+            "--snapshot",
+            "--prev",
+            "--progress-ms",
+            PROGRESS_MS_NEVER,
+            "--count",
+            "5",
+        ],
+    );
+    let snapshot_lines = watcher.wait_until_watching();
+    assert_eq!(snapshot_lines.len(), 1, "{snapshot_lines:?}");
+    let snapshot = parse_line(&snapshot_lines[0]);
+    let snapshot_revision = snapshot["revision"].as_u64().expect("revision is a number");
+    assert!(snapshot_revision >= first.mod_revision, "{snapshot}");
+    // A `scan -o json` item, and the core and revision of the snapshot.
+    let expected = serde_json::json!({
+        "type": "snapshot", "key": "j:1", "value": "first",
+        "create_revision": first.create_revision, "mod_revision": first.mod_revision,
+        "version": 1, "expires_at_ms": null,
+        "node_id": node_id, "core_id": core_id_of("j:1"), "revision": snapshot_revision,
+    });
+    assert_eq!(snapshot, expected);
+
+    let second = client.put("j:1", "second").unwrap().mod_revision;
+    let brief = PutOptions::new().ttl(Duration::from_millis(50));
+    let ttl = client.put_with("j:t", "brief", brief).unwrap().mod_revision;
+    client.delete("j:1").unwrap();
+    let mut events: Vec<Value> = (0..4).map(|_| parse_line(&watcher.next_line())).collect();
+    // Across cores events interleave: compare each event on its own.
+    events.sort_by_key(|event| (event["type"].to_string(), event["key"].to_string()));
+    let deleted_revision = events[0]["revision"].as_u64().expect("revision");
+    let expired_revision = events[1]["revision"].as_u64().expect("revision");
+    let expected = [
+        serde_json::json!({
+            "type": "delete", "key": "j:1", "previous": "second",
+            "node_id": node_id, "core_id": core_id_of("j:1"), "revision": deleted_revision,
+        }),
+        serde_json::json!({
+            "type": "expire", "key": "j:t", "previous": "brief",
+            "node_id": node_id, "core_id": core_id_of("j:t"), "revision": expired_revision,
+        }),
+        serde_json::json!({
+            "type": "put", "key": "j:1", "value": "second", "previous": "first",
+            "create_revision": first.create_revision, "version": 2,
+            "node_id": node_id, "core_id": core_id_of("j:1"), "revision": second,
+        }),
+        serde_json::json!({
+            "type": "put", "key": "j:t", "value": "brief", "previous": null,
+            "create_revision": ttl, "version": 1,
+            "node_id": node_id, "core_id": core_id_of("j:t"), "revision": ttl,
+        }),
+    ];
+    assert_eq!(events, expected);
+    assert!(deleted_revision > second, "{events:?}");
+    assert!(expired_revision > ttl, "{events:?}");
+
+    let run = watcher.finish();
+    assert_eq!(run.status_code, 0, "{run:?}");
+    // Every line is one JSON value; the first progress lines carry a core's position.
+    for line in run.stdout.lines() {
+        let value = parse_line(line);
+        if value["type"] == "progress" {
+            let core_id = value["core_id"].as_u64().expect("core_id is a number");
+            let revision = value["revision"].as_u64().expect("revision is a number");
+            let expected = serde_json::json!({
+                "type": "progress", "node_id": node_id, "core_id": core_id, "revision": revision,
+            });
+            assert_eq!(value, expected);
+        }
+    }
+    resume_positions(&run);
+    fixture.stop();
+}
+
+/// One line of `-o json watch`.
+fn parse_line(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"))
+}
+
+/// Runs `tessera watch resume: --from <positions> --count <count>` to its end, checks it
+/// succeeded, and returns its event lines and the positions it says to resume from.
+fn resume_watch(
+    fixture: &Fixture,
+    positions: &[String],
+    count: usize,
+) -> (Vec<String>, Vec<String>) {
+    let count = count.to_string();
+    let mut arguments = vec!["watch", "resume:", "--count", &count, "--from"];
+    arguments.extend(positions.iter().map(String::as_str));
+    let run = fixture.run_expecting(0, &arguments);
+    let lines = run.stdout.lines().map(ToOwned::to_owned).collect();
+    (lines, resume_positions(&run))
+}
+
+/// Sorted, since events of different cores interleave in no set order.
+fn sorted(mut lines: Vec<String>) -> Vec<String> {
+    lines.sort();
+    lines
+}
+
+#[test]
+fn watch_from_resumes_right_after_the_positions() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let mut watcher = Watcher::start(
+        &fixture,
+        &[
+            "watch",
+            "resume:",
+            "--progress-ms",
+            PROGRESS_MS_NEVER,
+            "--count",
+            "2",
+        ],
+    );
+    assert_eq!(watcher.wait_until_watching(), Vec::<String>::new());
+    let first = [
+        put_line(&client, "resume:1", "one"),
+        put_line(&client, "resume:2", "two"),
+    ];
+    let printed = vec![watcher.next_line(), watcher.next_line()];
+    let run = watcher.finish();
+    assert_eq!(run.status_code, 0, "{run:?}");
+    assert_eq!(sorted(printed), sorted(first.to_vec()), "{run:?}");
+    let positions = resume_positions(&run);
+
+    // While nobody watches: a resume prints these and nothing before them.
+    let later: Vec<String> = ["resume:3", "resume:4", "resume:5"]
+        .into_iter()
+        .map(|key| put_line(&client, key, "later"))
+        .chain([delete_line(&client, "resume:1")])
+        .collect();
+    let (lines, next_positions) = resume_watch(&fixture, &positions, later.len());
+    assert_eq!(sorted(lines), sorted(later.clone()));
+
+    // Repeated `--from`, from where that one stopped: only what came after.
+    let last = put_line(&client, "resume:6", "last");
+    let mut arguments = vec!["watch", "resume:", "--count", "1"];
+    for position in &next_positions {
+        arguments.extend(["--from", position.as_str()]);
+    }
+    let run = fixture.run_expecting(0, &arguments);
+    assert_eq!(run.stdout, format!("{last}\n"), "{run:?}");
+    let positions = resume_positions(&run);
+
+    // Two keys of one core in one batch share a revision. A `--count` that stops inside it
+    // resumes before it, so the rest is not lost (and the first prints again).
+    let topology = client.topology();
+    let batch_core = core_of_key(&topology, b"resume:batch:0");
+    let batch_keys: Vec<String> = (1..)
+        .map(|index| format!("resume:batch:{index}"))
+        .filter(|key| core_of_key(&topology, key.as_bytes()) == batch_core)
+        .take(1)
+        .chain(["resume:batch:0".to_owned()])
+        .collect();
+    let revisions = client
+        .mput(&[(&batch_keys[0], "x"), (&batch_keys[1], "y")])
+        .unwrap();
+    assert_eq!(revisions[0], revisions[1], "one core, one revision");
+    let batch: Vec<String> = batch_keys
+        .iter()
+        .zip(["x", "y"])
+        .map(|(key, value)| {
+            let position = position_of(&client, key, revisions[0]);
+            format!("put {key} {value} rev={position} version=1")
+        })
+        .collect();
+    let (lines, cut_positions) = resume_watch(&fixture, &positions, 1);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let batch_position = position_of(&client, &batch_keys[0], revisions[0] - 1);
+    assert!(cut_positions.contains(&batch_position), "{cut_positions:?}");
+    assert!(batch.contains(&lines[0]), "{lines:?}");
+    let (lines, _) = resume_watch(&fixture, &cut_positions, 2);
+    assert_eq!(sorted(lines), sorted(batch.clone()));
+
+    // A resume from the start of history prints every event, each once.
+    let from_start: Vec<String> = positions
+        .iter()
+        .map(|position| {
+            let (core, _) = position.rsplit_once(':').unwrap();
+            format!("{core}:0")
+        })
+        .collect();
+    let every_event: Vec<String> = first
+        .into_iter()
+        .chain(later)
+        .chain([last])
+        .chain(batch)
+        .collect();
+    let (lines, _) = resume_watch(&fixture, &from_start, every_event.len());
+    assert_eq!(sorted(lines), sorted(every_event));
+    fixture.stop();
+}
+
+#[test]
+fn watch_from_compacted_history_says_where_to_resume() {
+    let fixture = Fixture::start();
+    // More events per core than a core's history keeps (1024 by default).
+    write_many(&fixture, 2500);
+    let topology = fixture.client().topology();
+    let node_id = topology.nodes[0].node_id;
+    let mut arguments = vec!["watch".to_owned(), "many:".to_owned(), "--from".to_owned()];
+    arguments.extend(
+        topology.nodes[0]
+            .cores
+            .iter()
+            .map(|core| format!("{node_id}:{}:0", core.core_id)),
+    );
+    let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    let run = fixture.run_expecting(2, &arguments);
+    assert!(run.stderr.contains("compacted"), "{run:?}");
+    assert!(run.stderr.contains("--snapshot"), "{run:?}");
+    resume_positions(&run);
+
+    let mut json_arguments = vec!["-o", "json"];
+    json_arguments.extend(&arguments);
+    let run = fixture.run_expecting(2, &json_arguments);
+    let error_line = run.stdout.lines().last().expect("an error line");
+    let error: Value = serde_json::from_str(error_line).expect("the error line is JSON");
+    assert_eq!(error["type"], "error", "{run:?}");
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|message| message.contains("compacted")),
+        "{run:?}"
+    );
+    fixture.stop();
+}
+
+#[test]
+fn watch_rejects_bad_positions() {
+    for bad in ["1:0", "1:0:x", "one:0:3", "1:0:3:4", "1:70000:3", ""] {
+        let run = tessera(
+            &Endpoints::Flag("127.0.0.1:1"),
+            &["watch", "p", "--from", bad, "1:1:3"],
+        );
+        assert_eq!(run.status_code, 2, "--from {bad:?}: {run:?}");
+        assert_eq!(run.stdout, "", "{run:?}");
+        assert!(
+            run.stderr.contains("<node>:<core>:<revision>"),
+            "--from {bad:?}: {run:?}"
+        );
+    }
+    // A prefix after --from is read as one more position, and the message says so.
+    let run = tessera(
+        &Endpoints::Flag("127.0.0.1:1"),
+        &["watch", "--from", "1:0:3", "1:1:3", "p"],
+    );
+    assert_eq!(run.status_code, 2, "{run:?}");
+    assert!(
+        run.stderr.contains("the prefix goes before --from"),
+        "{run:?}"
+    );
+    for conflicting in [
+        &["--snapshot", "--from", "1:0:3", "1:1:3"][..],
+        &["--puts-only", "--deletes-only"][..],
+        &["--count", "0"][..],
+        &["--progress-ms", "0"][..],
+        // Read as a flag, not a position.
+        &["--from", "-1:0:3", "1:1:3"][..],
+    ] {
+        let mut arguments = vec!["watch", "p"];
+        arguments.extend_from_slice(conflicting);
+        let run = tessera(&Endpoints::Flag("127.0.0.1:1"), &arguments);
+        assert_eq!(run.status_code, 2, "{conflicting:?}: {run:?}");
+    }
+
+    // Well-formed, but one core short.
+    let fixture = Fixture::start();
+    let node_id = fixture.client().topology().nodes[0].node_id;
+    let position = format!("{node_id}:0:0");
+    let run = fixture.run_expecting(2, &["watch", "p", "--from", &position]);
+    assert!(
+        run.stderr
+            .contains(&format!("no resume position for node {node_id} core 1")),
+        "{run:?}"
+    );
+    assert!(run.stderr.contains("every core"), "{run:?}");
+    fixture.stop();
+}
+
+/// Sends SIGINT to `child`, as Ctrl-C in a terminal does.
+#[cfg(unix)]
+fn interrupt(child: &Child) {
+    extern "C" {
+        fn kill(pid: i32, signal: i32) -> i32;
+    }
+    const SIGINT: i32 = 2;
+    let pid = i32::try_from(child.id()).expect("a pid fits an i32");
+    // SAFETY: `kill` only sends a signal, to a child this test started and has not reaped.
+    let result = unsafe { kill(pid, SIGINT) };
+    assert_eq!(result, 0, "kill({pid}, SIGINT)");
+}
+
+#[cfg(unix)]
+#[test]
+fn watch_interrupted_prints_where_to_resume() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let mut watcher = Watcher::start(
+        &fixture,
+        &["watch", "ctrl:", "--progress-ms", PROGRESS_MS_NEVER],
+    );
+    assert_eq!(watcher.wait_until_watching(), Vec::<String>::new());
+    let line = put_line(&client, "ctrl:1", "one");
+    assert_eq!(watcher.next_line(), line);
+    interrupt(&watcher.child);
+    let run = watcher.finish();
+    assert_eq!(run.status_code, 130, "128 + SIGINT: {run:?}");
+    let position = line
+        .split(' ')
+        .find_map(|part| part.strip_prefix("rev="))
+        .unwrap();
+    assert!(
+        resume_positions(&run).contains(&position.to_owned()),
+        "{run:?}"
+    );
     fixture.stop();
 }
