@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::limits::FRAME_HEADER_SIZE;
-use tessera_protocol::{ErrorCode, Request, Response};
+use tessera_protocol::{ErrorCode, Request, Response, ShardStamp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
@@ -37,7 +37,10 @@ const WRITE_BATCH_BYTES_MAX: usize = 1024 * 1024;
 /// Bytes read per call when no large frame is being received.
 const READ_BUFFER_SIZE: usize = 64 * 1024;
 
-type ReplySender = oneshot::Sender<Result<Response>>;
+/// A response and the shard state it reflects.
+pub(crate) type Stamped = (Option<ShardStamp>, Response);
+
+type ReplySender = oneshot::Sender<Result<Stamped>>;
 
 /// Messages a watch stream buffers before the reader takes them; past it the stream is
 /// ended as overflowed (the caller reports its watch as lagging), so a consumer that stops
@@ -127,11 +130,11 @@ impl Connection {
         &self.address
     }
 
-    /// Sends `request` and waits for its reply.
-    pub(crate) async fn call(&self, request: &Request) -> Result<Response> {
+    /// Sends `request` and waits for its reply and the shard state it reflects.
+    pub(crate) async fn call(&self, request: &Request) -> Result<Stamped> {
         self.call_with_stream(request, false)
             .await
-            .map(|(response, _)| response)
+            .map(|(stamped, _)| stamped)
     }
 
     /// Sends a `Watch` and waits for its first reply; the messages pushed after it arrive
@@ -140,14 +143,16 @@ impl Connection {
         &self,
         request: &Request,
     ) -> Result<(Response, Option<RemoteStream>)> {
-        self.call_with_stream(request, true).await
+        self.call_with_stream(request, true)
+            .await
+            .map(|((_, response), stream)| (response, stream))
     }
 
     async fn call_with_stream(
         &self,
         request: &Request,
         wants_stream: bool,
-    ) -> Result<(Response, Option<RemoteStream>)> {
+    ) -> Result<(Stamped, Option<RemoteStream>)> {
         let link = self.link().await?;
         let Ok(_permit) = link.inflight.acquire().await else {
             return Err(self.disconnected());
@@ -190,9 +195,9 @@ impl Connection {
         }
         match tokio::time::timeout(self.settings.request_timeout, reply).await {
             Ok(Ok(result)) => {
-                let response = result?;
+                let (stamp, response) = result?;
                 let is_open = matches!(response, Response::Watching(_));
-                Ok((response, stream.filter(|_| is_open)))
+                Ok(((stamp, response), stream.filter(|_| is_open)))
             }
             Ok(Err(_)) => Err(self.disconnected()),
             Err(_) => {
@@ -342,8 +347,8 @@ async fn read_replies(link: &Link, reader: &mut OwnedReadHalf, address: &str) ->
             })?;
             let Some(frame) = frame else { break };
             offset += frame.frame_size;
-            let response =
-                codec::decode_response(frame.body).map_err(|error| ClientError::Protocol {
+            let (stamp, response) =
+                codec::decode_reply(frame.body).map_err(|error| ClientError::Protocol {
                     address: address.to_owned(),
                     error,
                 })?;
@@ -363,7 +368,7 @@ async fn read_replies(link: &Link, reader: &mut OwnedReadHalf, address: &str) ->
             if let Some(reply) = pending.replies.remove(&request_id) {
                 drop(pending);
                 // The caller may have timed out and gone; that is fine.
-                let _ = reply.send(Ok(response));
+                let _ = reply.send(Ok((stamp, response)));
             } else if let Some(stream) = pending.streams.get(&request_id) {
                 let is_last = matches!(response, Response::WatchCancelled(_));
                 if let Err(send_error) = stream.sender.try_send(response) {

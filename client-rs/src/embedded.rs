@@ -13,7 +13,7 @@ use tessera_server::inbox::PushError;
 use tessera_server::watch_stream::{self, WatchReceiver};
 use tessera_server::Server;
 
-use crate::connection::StreamNext;
+use crate::connection::{Stamped, StreamNext};
 
 use crate::error::{ClientError, Result};
 
@@ -71,7 +71,7 @@ impl EmbeddedCore {
         &self.address
     }
 
-    pub(crate) async fn call(&self, request: &Request) -> Result<Response> {
+    pub(crate) async fn call(&self, request: &Request) -> Result<Stamped> {
         self.call_with_sink(request, None).await
     }
 
@@ -82,7 +82,7 @@ impl EmbeddedCore {
         request: &Request,
     ) -> Result<(Response, Option<EmbeddedStream>)> {
         let (sink, receiver) = watch_stream::channel();
-        let response = self.call_with_sink(request, Some(sink)).await?;
+        let (_, response) = self.call_with_sink(request, Some(sink)).await?;
         let stream = match &response {
             Response::Watching(watching) => Some(EmbeddedStream {
                 receiver,
@@ -102,7 +102,7 @@ impl EmbeddedCore {
         &self,
         request: &Request,
         stream: Option<watch_stream::WatchSink>,
-    ) -> Result<Response> {
+    ) -> Result<Stamped> {
         let mut body = FrameBuffer::new();
         codec::encode_request_body(&mut body, request).map_err(ClientError::Encode)?;
         let inbox = self
@@ -129,7 +129,7 @@ impl EmbeddedCore {
             Err(PushError::Closed(_)) => return Err(ClientError::ShutDown),
         }
         let body = receiver.await.map_err(|_| ClientError::ShutDown)?;
-        codec::decode_response(&body).map_err(|error| ClientError::Protocol {
+        codec::decode_reply(&body).map_err(|error| ClientError::Protocol {
             address: self.address.clone(),
             error,
         })

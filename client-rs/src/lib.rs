@@ -363,6 +363,38 @@ impl Client {
         }
     }
 
+    /// Reads a key, with the shard and revision the answer reflects: the key's state at that
+    /// revision of its shard. Watching the key after that revision
+    /// (`WatchOptions::after`) then misses no later change.
+    ///
+    /// # Errors
+    /// See [`ClientError`]; [`ClientError::UnexpectedReply`] if the server did not say which
+    /// revision it answered at.
+    pub async fn get_with_revision(
+        &self,
+        key: impl AsRef<[u8]>,
+    ) -> Result<(Option<Entry>, ShardRevision)> {
+        let key = key.as_ref();
+        check_key(key)?;
+        let (stamp, response) = self
+            .call_for_key_stamped(key, &Request::Get { key: key.to_vec() })
+            .await?;
+        match (stamp, response) {
+            (Some(stamp), Response::Value(entry)) => Ok((
+                entry,
+                ShardRevision {
+                    node_id: stamp.node_id,
+                    core_id: stamp.core_id,
+                    revision: stamp.revision,
+                },
+            )),
+            (None, Response::Value(_)) => Err(ClientError::UnexpectedReply(
+                "a read answered with no shard revision".to_owned(),
+            )),
+            (_, other) => Err(unexpected(&other)),
+        }
+    }
+
     /// Writes a key unconditionally, with no TTL.
     ///
     /// # Errors
@@ -665,6 +697,18 @@ impl Client {
     /// Sends a single-key request to the key's owner, refreshing the topology and retrying
     /// (bounded) when the server says the key lives elsewhere.
     async fn call_for_key(&self, key: &[u8], request: &Request) -> Result<Response> {
+        self.call_for_key_stamped(key, request)
+            .await
+            .map(|(_, response)| response)
+    }
+
+    /// Sends a single-key request to the key's owner, following `WrongShard` a bounded number
+    /// of times; returns the response and the shard state it reflects.
+    async fn call_for_key_stamped(
+        &self,
+        key: &[u8],
+        request: &Request,
+    ) -> Result<(Option<tessera_protocol::ShardStamp>, Response)> {
         let mut attempt = 0;
         loop {
             let view = self.view();
@@ -673,8 +717,8 @@ impl Client {
                 .ok_or_else(|| {
                     ClientError::Topology("route table names a missing core".to_owned())
                 })?;
-            match transport.call(request).await? {
-                Response::Error(reply)
+            match transport.call_stamped(request).await? {
+                (_, Response::Error(reply))
                     if reply.code == ErrorCode::WrongShard
                         && attempt < self.inner.config.wrong_shard_retry_max =>
                 {
@@ -682,8 +726,8 @@ impl Client {
                     tracing::debug!(attempt, message = %reply.message, "wrong shard; refreshing topology");
                     self.refresh_topology().await?;
                 }
-                Response::Error(reply) => return Err(server_error(reply.code, reply.message)),
-                response => return Ok(response),
+                (_, Response::Error(reply)) => return Err(server_error(reply.code, reply.message)),
+                stamped => return Ok(stamped),
             }
         }
     }
@@ -812,11 +856,10 @@ async fn fetch_topology(
         });
         let answer = match reused {
             Some(transport) => transport.call(&hello).await,
-            None => {
-                Connection::new(address.clone(), settings.clone())
-                    .call(&hello)
-                    .await
-            }
+            None => Connection::new(address.clone(), settings.clone())
+                .call(&hello)
+                .await
+                .map(|(_, response)| response),
         };
         match answer {
             Ok(Response::Hello {

@@ -4,7 +4,7 @@
 
 use tessera_protocol::{Request, Response};
 
-use crate::connection::{Connection, RemoteStream, StreamNext};
+use crate::connection::{Connection, RemoteStream, Stamped, StreamNext};
 use crate::error::Result;
 
 /// A path to one core.
@@ -27,6 +27,13 @@ impl Transport {
     }
 
     pub(crate) async fn call(&self, request: &Request) -> Result<Response> {
+        self.call_stamped(request)
+            .await
+            .map(|(_, response)| response)
+    }
+
+    /// Like [`Transport::call`], with the shard state the response reflects.
+    pub(crate) async fn call_stamped(&self, request: &Request) -> Result<Stamped> {
         match self {
             Self::Remote(connection) => connection.call(request).await,
             #[cfg(feature = "embedded")]

@@ -112,6 +112,7 @@ scenarios!(
     scan_revisions_come_from_every_core,
     scan_pages_of_large_values_skip_no_key,
     scan_continues_after_a_longest_key,
+    reads_report_the_shard_revision,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -2033,4 +2034,32 @@ async fn scan_continues_after_a_longest_key(client: &Client) {
 
     let items = scan_to_the_end(client, &range, ScanOptions::default().limit(1), 5).await;
     assert_eq!(items, expected);
+}
+
+/// `get_with_revision` reports the key's own shard and that shard's revision at the read:
+/// right after a put it is the put's revision; a write to the other shard does not move it;
+/// a delete moves it, and a missing key still reports where it would live.
+async fn reads_report_the_shard_revision(client: &Client) {
+    let topology = client.topology();
+    let node = &topology.nodes[0];
+    let key = key_on_core(&topology, 0, "stamp");
+    let other = key_on_core(&topology, 1, "stamp");
+    let written = client.put(&key, "v").await.unwrap();
+    let (entry, shard) = client.get_with_revision(&key).await.unwrap();
+    assert_eq!(entry.unwrap().mod_revision, written.mod_revision);
+    assert_eq!(
+        (shard.node_id, shard.core_id, shard.revision),
+        (node.node_id, node.cores[0].core_id, written.mod_revision)
+    );
+    client.put(&other, "w").await.unwrap();
+    let (_, unmoved) = client.get_with_revision(&key).await.unwrap();
+    assert_eq!(
+        unmoved, shard,
+        "another shard's write is not this shard's revision"
+    );
+    assert!(client.delete(&key).await.unwrap());
+    let (entry, after_delete) = client.get_with_revision(&key).await.unwrap();
+    assert_eq!(entry, None);
+    assert_eq!(after_delete.core_id, shard.core_id);
+    assert_eq!(after_delete.revision, shard.revision + 1);
 }

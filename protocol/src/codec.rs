@@ -18,7 +18,9 @@ use crate::limits::{
     SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
     WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
-use crate::message::{ArchivedRequest, ArchivedResponse, Request, Response};
+use crate::message::{
+    ArchivedReply, ArchivedRequest, ArchivedResponse, Reply, Request, Response, ShardStamp,
+};
 
 /// A byte buffer whose start is 16-byte aligned, as frames and archived bodies need.
 pub type FrameBuffer = AlignedVec<FRAME_ALIGNMENT>;
@@ -126,29 +128,52 @@ pub fn access_request(body: &[u8]) -> Result<&ArchivedRequest, ProtocolError> {
     })
 }
 
-/// Validates a response body in place and returns a view of it.
+/// Validates a response body (an archived [`Reply`]) in place and returns a view of it.
 ///
 /// # Errors
-/// The body is not a valid archived [`Response`] (or is misaligned).
-pub fn access_response(body: &[u8]) -> Result<&ArchivedResponse, ProtocolError> {
-    rkyv::access::<ArchivedResponse, rancor::BoxedError>(body).map_err(|error| {
+/// The body is not a valid archived [`Reply`] (or is misaligned).
+pub fn access_reply(body: &[u8]) -> Result<&ArchivedReply<'_>, ProtocolError> {
+    rkyv::access::<ArchivedReply, rancor::BoxedError>(body).map_err(|error| {
         ProtocolError::InvalidBody {
             reason: error.to_string(),
         }
     })
 }
 
-/// Validates and deserializes a response body into an owned [`Response`].
+/// Validates a response body in place and returns a view of its response.
 ///
 /// # Errors
-/// The body is not a valid archived [`Response`].
+/// The body is not a valid archived [`Reply`] (or is misaligned).
+pub fn access_response(body: &[u8]) -> Result<&ArchivedResponse, ProtocolError> {
+    access_reply(body).map(|reply| &reply.response)
+}
+
+/// Validates and deserializes a response body into its owned [`Response`].
+///
+/// # Errors
+/// The body is not a valid archived [`Reply`].
 pub fn decode_response(body: &[u8]) -> Result<Response, ProtocolError> {
-    let archived = access_response(body)?;
-    rkyv::deserialize::<Response, rancor::BoxedError>(archived).map_err(|error| {
-        ProtocolError::InvalidBody {
-            reason: error.to_string(),
-        }
-    })
+    decode_reply(body).map(|(_, response)| response)
+}
+
+/// Validates and deserializes a response body into the shard state it reflects and its
+/// owned [`Response`].
+///
+/// # Errors
+/// The body is not a valid archived [`Reply`].
+pub fn decode_reply(body: &[u8]) -> Result<(Option<ShardStamp>, Response), ProtocolError> {
+    let archived = access_reply(body)?;
+    let invalid = |error: rancor::BoxedError| ProtocolError::InvalidBody {
+        reason: error.to_string(),
+    };
+    let response =
+        rkyv::deserialize::<Response, rancor::BoxedError>(&archived.response).map_err(invalid)?;
+    let stamp = archived.stamp.as_ref().map(|stamp| ShardStamp {
+        node_id: stamp.node_id.to_native(),
+        core_id: stamp.core_id.to_native(),
+        revision: stamp.revision.to_native(),
+    });
+    Ok((stamp, response))
 }
 
 /// Validates and deserializes a request body into an owned [`Request`].
@@ -178,7 +203,7 @@ pub fn encode_request(
     })
 }
 
-/// Appends one response frame to `out`.
+/// Appends one response frame to `out`, reflecting no shard (`stamp` `None`).
 ///
 /// # Errors
 /// The archived response is over [`FRAME_BODY_SIZE_MAX`]; `out` is left as it was.
@@ -187,8 +212,21 @@ pub fn encode_response(
     request_id: u64,
     response: &Response,
 ) -> Result<(), ProtocolError> {
+    encode_reply(out, request_id, None, response)
+}
+
+/// Appends one response frame to `out` that reflects `stamp`.
+///
+/// # Errors
+/// The archived response is over [`FRAME_BODY_SIZE_MAX`]; `out` is left as it was.
+pub fn encode_reply(
+    out: &mut FrameBuffer,
+    request_id: u64,
+    stamp: Option<ShardStamp>,
+    response: &Response,
+) -> Result<(), ProtocolError> {
     encode_frame(out, FrameKind::Response, request_id, |out| {
-        serialize(response, out)
+        serialize(&Reply { stamp, response }, out)
     })
 }
 
@@ -218,7 +256,8 @@ pub fn encode_request_body(out: &mut FrameBuffer, request: &Request) -> Result<(
     encode_body(out, |out| serialize(request, out))
 }
 
-/// Archives a response alone, without a frame, into `out` (which must be empty).
+/// Archives a response alone, without a frame, into `out` (which must be empty), reflecting
+/// no shard.
 ///
 /// # Errors
 /// The archived response is over [`FRAME_BODY_SIZE_MAX`].
@@ -226,7 +265,20 @@ pub fn encode_response_body(
     out: &mut FrameBuffer,
     response: &Response,
 ) -> Result<(), ProtocolError> {
-    encode_body(out, |out| serialize(response, out))
+    encode_reply_body(out, None, response)
+}
+
+/// Archives a response that reflects `stamp`, without a frame, into `out` (which must be
+/// empty).
+///
+/// # Errors
+/// The archived response is over [`FRAME_BODY_SIZE_MAX`].
+pub fn encode_reply_body(
+    out: &mut FrameBuffer,
+    stamp: Option<ShardStamp>,
+    response: &Response,
+) -> Result<(), ProtocolError> {
+    encode_body(out, |out| serialize(&Reply { stamp, response }, out))
 }
 
 fn encode_body(

@@ -41,10 +41,10 @@ pub mod topology;
 pub use error::{ErrorCode, ProtocolError, RequestError};
 pub use frame::{FrameHeader, FrameKind, MAGIC, PROTOCOL_VERSION};
 pub use message::{
-    key_after, prefix_end, ArchivedPut, ArchivedPutCondition, ArchivedRequest, ArchivedResponse,
-    CoreStats, Entry, ErrorReply, EventBatch, EventKind, Put, PutCondition, PutEntry, Request,
-    Response, Scan, ScanItem, ScanPage, TtlState, Watch, WatchCancel, WatchEvent, WatchEvents,
-    WatchFrom, Watching, WrongShard,
+    key_after, prefix_end, ArchivedPut, ArchivedPutCondition, ArchivedReply, ArchivedRequest,
+    ArchivedResponse, CoreStats, Entry, ErrorReply, EventBatch, EventKind, Put, PutCondition,
+    PutEntry, Reply, Request, Response, Scan, ScanItem, ScanPage, ShardStamp, TtlState, Watch,
+    WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching, WrongShard,
 };
 pub use routing::{hash_tag, slot_for_key, split_slots, Slot, SlotRange, SLOT_COUNT};
 pub use topology::{CoreInfo, NodeInfo, RouteTable, ShardLocation, Topology, TopologyError};

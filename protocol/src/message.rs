@@ -312,6 +312,34 @@ pub enum TtlState {
     },
 }
 
+/// Which shard a response reflects, and at which of its revisions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub struct ShardStamp {
+    /// The answering node.
+    pub node_id: u32,
+    /// The answering core (its shard).
+    pub core_id: u16,
+    /// The shard's revision when the response was produced: everything it says holds at
+    /// this revision.
+    pub revision: u64,
+}
+
+/// The body of every response frame: the response and the shard state it reflects. Only
+/// archived (the receiver reads [`ArchivedReply`]); [`crate::codec::decode_reply`] gives the
+/// owned parts.
+#[derive(Debug, rkyv::Archive, rkyv::Serialize)]
+#[rkyv(archived = ArchivedReply)]
+pub struct Reply<'a> {
+    /// The shard and revision the response reflects; `None` for a push on a watch stream
+    /// (its revisions are in the message) and for answers from no single shard (a frame
+    /// refused before it was read, a batch split over several shards).
+    pub stamp: Option<ShardStamp>,
+    /// The response.
+    #[rkyv(with = rkyv::with::Inline)]
+    pub response: &'a Response,
+}
+
 /// A response from server to client, matched to its request by the frame's request id.
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug))]

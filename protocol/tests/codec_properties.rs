@@ -962,10 +962,10 @@ fn every_bit_of_small_frames_is_checked() {
         Message::Request(Request::Get {
             key: b"user:1".to_vec(),
         }),
-        // A value of nine bytes, so the body (the 72-byte root and the value, padded to 8) is
+        // A value of five bytes, so the body (the 96-byte root and the value, padded to 8) is
         // not a multiple of 16 and the frame has padding.
         Message::Response(Response::Value(Some(Entry {
-            value: b"ninebytes".to_vec(),
+            value: b"five!".to_vec(),
             create_revision: 1,
             mod_revision: 1,
             version: 1,

@@ -22,8 +22,8 @@ use futures_channel::oneshot;
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::message::ArchivedRequest;
 use tessera_protocol::{
-    CoreStats, ErrorCode, ErrorReply, PutEntry, Request, Response, RouteTable, ShardLocation, Slot,
-    Topology, WrongShard, PROTOCOL_VERSION,
+    CoreStats, ErrorCode, ErrorReply, PutEntry, Request, Response, RouteTable, ShardLocation,
+    ShardStamp, Slot, Topology, WrongShard, PROTOCOL_VERSION,
 };
 
 use crate::config::Config;
@@ -163,6 +163,15 @@ impl CoreContext {
         match &self.log {
             Some(log) if log.is_gating() => Some(self.shard.borrow().revision()),
             _ => None,
+        }
+    }
+
+    /// This core's shard at its revision now: what a response produced now reflects.
+    pub fn stamp(&self) -> ShardStamp {
+        ShardStamp {
+            node_id: self.node_id,
+            core_id: self.core_id,
+            revision: self.shard.borrow().revision(),
         }
     }
 
@@ -703,10 +712,11 @@ fn shutting_down(core_id: u16) -> Response {
     )
 }
 
-/// Archives `response` as a body; a response over the frame limit becomes a `TooLarge` error.
-pub fn encode_reply_body(response: &Response) -> FrameBuffer {
+/// Archives `response` (which reflects `stamp`) as a body; a response over the frame limit
+/// becomes a `TooLarge` error.
+pub fn encode_reply_body(stamp: Option<ShardStamp>, response: &Response) -> FrameBuffer {
     let mut body = FrameBuffer::new();
-    if let Err(protocol_error) = codec::encode_response_body(&mut body, response) {
+    if let Err(protocol_error) = codec::encode_reply_body(&mut body, stamp, response) {
         body.clear();
         let refusal = error(
             protocol_error.code(),
@@ -728,7 +738,10 @@ pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<Cor
         let mut replies = Vec::with_capacity(batch.len());
         for (position, request) in batch.drain(..).enumerate() {
             let response = context.respond_to_body(now_ms, &request.body, request.stream);
-            replies.push((request.reply, encode_reply_body(&response)));
+            replies.push((
+                request.reply,
+                encode_reply_body(Some(context.stamp()), &response),
+            ));
             if position % 64 == 63 {
                 glommio::executor().yield_if_needed().await;
             }

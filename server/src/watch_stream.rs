@@ -364,7 +364,8 @@ impl SinkSet {
             }
             let room = room_max.saturating_sub(sink.queued.load(Ordering::Relaxed));
             let mut emit = |response: &Response| {
-                let body = encode_reply_body(response);
+                // A push carries its own revisions.
+                let body = encode_reply_body(None, response);
                 sink.queued.fetch_add(body.len(), Ordering::Relaxed);
                 // A reader that just went away is noticed on the next pump.
                 let _ = sink.sender.unbounded_send(body);

@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::limits::{FRAME_ALIGNMENT, FRAME_HEADER_SIZE, FRAME_SIZE_MAX};
 use tessera_protocol::message::{ArchivedRequest, ArchivedWatch};
-use tessera_protocol::{ErrorCode, FrameHeader, FrameKind, ProtocolError, Response};
+use tessera_protocol::{ErrorCode, FrameHeader, FrameKind, ProtocolError, Response, ShardStamp};
 
 use crate::core::{error, CoreContext, PendingReply, Reply, Route};
 use crate::net::ring::Completion;
@@ -854,7 +854,8 @@ impl Connection {
             }
             ArchivedRequest::Unwatch { watch_id } => {
                 let existed = self.close_watch(context, watch_id.to_native());
-                self.encode_response(request_id, &Response::Unwatched { existed });
+                let response = Response::Unwatched { existed };
+                self.encode_stamped(request_id, context.stamp(), &response);
                 return true;
             }
             ArchivedRequest::WatchProgress { watch_id } => {
@@ -874,7 +875,7 @@ impl Connection {
                     }
                     None => Response::Unwatched { existed: false },
                 };
-                self.encode_response(request_id, &response);
+                self.encode_stamped(request_id, context.stamp(), &response);
                 // The stream's queued events, then its progress, go out in this step.
                 return true;
             }
@@ -883,7 +884,7 @@ impl Connection {
         match context.route(request) {
             Route::Here => {
                 let response = context.respond_here(now_ms, request);
-                self.encode_reply(request_id, &Reply::Response(response));
+                self.encode_stamped(request_id, context.stamp(), &response);
             }
             Route::Core(core_id) => {
                 let pending = context.forward(core_id, body);
@@ -945,8 +946,15 @@ impl Connection {
         }
     }
 
+    /// Frames a response that reflects no single shard (an error about the request itself,
+    /// a batch merged from several cores).
     fn encode_response(&mut self, request_id: u64, response: &Response) {
-        encode_response_into(&mut self.write_buffer, request_id, response);
+        encode_response_into(&mut self.write_buffer, request_id, None, response);
+    }
+
+    /// Frames a response this core's shard produced, stamped with the shard's revision now.
+    fn encode_stamped(&mut self, request_id: u64, stamp: ShardStamp, response: &Response) {
+        encode_response_into(&mut self.write_buffer, request_id, Some(stamp), response);
     }
 
     /// Opens a watch named by its request id, within the connection's limit.
@@ -984,7 +992,7 @@ impl Connection {
         }
         match watch_stream::open(context, now_ms, Some(request_id), watch) {
             Ok((stream, watching)) => {
-                self.encode_response(request_id, &watching);
+                self.encode_stamped(request_id, context.stamp(), &watching);
                 if let Some(due) = stream.progress_due_ms() {
                     context
                         .watch
@@ -993,7 +1001,7 @@ impl Connection {
                 }
                 self.watches.push(stream);
             }
-            Err(refusal) => self.encode_response(request_id, &refusal),
+            Err(refusal) => self.encode_stamped(request_id, context.stamp(), &refusal),
         }
     }
 
@@ -1030,7 +1038,8 @@ impl Connection {
             let room = buffer_max.saturating_sub(write_buffer.len() + sending);
             let watch_id = stream.watch_id;
             let mut emit = |response: &Response| {
-                encode_response_into(write_buffer, watch_id, response);
+                // A push carries its own revisions.
+                encode_response_into(write_buffer, watch_id, None, response);
             };
             let pumped = stream.pump(hub, now_ms, room, durable, &mut emit);
             if let Some(due) = stream.progress_due_ms() {
@@ -1131,8 +1140,13 @@ impl Connection {
 
 /// Frames `response` into `buffer`; one over the frame limit is replaced by a `TooLarge`
 /// error.
-fn encode_response_into(buffer: &mut FrameBuffer, request_id: u64, response: &Response) {
-    if let Err(protocol_error) = codec::encode_response(buffer, request_id, response) {
+fn encode_response_into(
+    buffer: &mut FrameBuffer,
+    request_id: u64,
+    stamp: Option<ShardStamp>,
+    response: &Response,
+) {
+    if let Err(protocol_error) = codec::encode_reply(buffer, request_id, stamp, response) {
         refuse_reply(buffer, request_id, &protocol_error);
     }
 }
