@@ -468,11 +468,12 @@ impl RemoteStream {
 
 impl Drop for RemoteStream {
     fn drop(&mut self) {
-        let was_open = self.link.pending().streams.remove(&self.watch_id).is_some();
-        if was_open {
-            self.send_on_link(&Request::Unwatch {
-                watch_id: self.watch_id,
-            });
-        }
+        self.link.pending().streams.remove(&self.watch_id);
+        // Also after an overflow, which removed the stream on this side only. After the
+        // server's own cancellation the answer is `existed: false`; nothing else can hold the
+        // id, which is never reused on this connection.
+        self.send_on_link(&Request::Unwatch {
+            watch_id: self.watch_id,
+        });
     }
 }

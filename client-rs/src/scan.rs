@@ -46,14 +46,21 @@ impl KeyRange {
         }
     }
 
-    /// Exactly one key.
+    /// Exactly one key: from the key to the next possible key (for a key of `KEY_SIZE_MAX`
+    /// bytes, which no key extends, to the next prefix).
     #[must_use]
     pub fn key(key: impl AsRef<[u8]>) -> Self {
         let key = key.as_ref();
         Self {
             start: key.to_vec(),
-            end: Some(key_after(key)),
+            end: next_start(key),
         }
+    }
+
+    /// Whether the range holds exactly one possible key, `start`.
+    #[must_use]
+    pub fn is_one_key(&self) -> bool {
+        !self.start.is_empty() && self.end == next_start(&self.start)
     }
 
     /// The keys from `start` (inclusive) to `end` (exclusive).
@@ -192,7 +199,7 @@ impl Client {
 /// The smallest key that can follow `key`: `key` and a zero byte, or, for a key of the
 /// largest size (which nothing extends), the first key past every key it is a prefix of.
 /// `None` if no key can follow.
-fn next_start(key: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn next_start(key: &[u8]) -> Option<Vec<u8>> {
     if key.len() < KEY_SIZE_MAX {
         Some(key_after(key))
     } else {

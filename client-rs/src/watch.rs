@@ -17,13 +17,16 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use futures_util::Stream;
 use tessera_protocol::codec::check_bounds;
+use tessera_protocol::limits::{WATCH_PROGRESS_INTERVAL_MS_MAX, WATCH_PROGRESS_INTERVAL_MS_MIN};
 use tessera_protocol::{
-    key_after, slot_for_key, EventBatch, Request, Response, ShardLocation, Watch as WatchRequest,
-    WatchCancel, WatchEvents, WatchFrom, Watching,
+    slot_for_key, EventBatch, Request, Response, ShardLocation, Watch as WatchRequest, WatchCancel,
+    WatchEvents, WatchFrom, Watching,
 };
-use tokio::sync::{mpsc, watch};
+use tessera_protocol::{ErrorCode, RequestError};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 pub use tessera_protocol::{EventKind, WatchEvent};
@@ -255,19 +258,20 @@ struct ShardWatch {
     resume_attempts_max: u32,
     output: mpsc::Sender<Result<WatchMessage>>,
     progress: watch::Receiver<u64>,
+    /// Told the outcome of the first open, which `Client::watch` waits for; `None` after.
+    opened: Option<oneshot::Sender<Result<ShardRevision>>>,
 }
 
 impl Client {
     /// Watches the keys of `range`: a stream of snapshots, changes and progress
-    /// notifications, merged across the shards that can hold them.
+    /// notifications, merged across the shards that can hold them. Returns once the watch is
+    /// open on every one of them, so every change applied after it returns is delivered.
     ///
     /// # Errors
-    /// A bound is longer than a key, the range is empty, or a resume lacks a shard's
-    /// position. Errors of the watch itself arrive on the stream.
-    #[allow(
-        clippy::unused_async,
-        reason = "async like every call, so a later version may ask the server first"
-    )]
+    /// A bound is longer than a key, the range is empty, a resume lacks a shard's position,
+    /// or a shard refuses the watch ([`ClientError::Compacted`] for a resume its history no
+    /// longer holds, `Overloaded` past a watcher limit) or cannot be reached. Nothing is left
+    /// open on any shard. Errors after that arrive on the stream.
     pub async fn watch(&self, range: &KeyRange, options: WatchOptions) -> Result<Watch> {
         check_bounds(&range.start, range.end.as_deref())?;
         if range
@@ -275,18 +279,27 @@ impl Client {
             .as_deref()
             .is_some_and(|end| end <= range.start.as_slice())
         {
-            return Err(tessera_protocol::RequestError::EmptyRange.into());
+            return Err(RequestError::EmptyRange.into());
         }
         if !options.puts && !options.deletes {
-            return Err(tessera_protocol::RequestError::WatchesNothing.into());
+            return Err(RequestError::WatchesNothing.into());
         }
         let progress_interval_ms = match options.progress_interval {
             None => 0,
-            Some(interval) => u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+            // Rounded up: an interval shorter than a millisecond must not turn progress off.
+            Some(interval) => u32::try_from(interval.as_millis().max(1)).unwrap_or(u32::MAX),
         };
+        let allowed = WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX;
+        if progress_interval_ms != 0 && !allowed.contains(&progress_interval_ms) {
+            return Err(RequestError::ProgressIntervalOutOfRange {
+                interval_ms: progress_interval_ms,
+                interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
+                interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
+            }
+            .into());
+        }
         let view = self.view();
-        let is_one_key = range.end.as_deref() == Some(key_after(&range.start).as_slice());
-        let locations: Vec<ShardLocation> = if is_one_key {
+        let locations: Vec<ShardLocation> = if range.is_one_key() {
             vec![view.routes.owner_of_slot(slot_for_key(&range.start))]
         } else {
             view.all_transports()
@@ -300,27 +313,32 @@ impl Client {
                 .collect(),
             _ => HashMap::new(),
         };
-        let (output, receiver) = mpsc::channel(MERGED_MESSAGES_PER_SHARD * locations.len().max(1));
-        let (progress, progress_receiver) = watch::channel(0);
-        let mut tasks = Vec::with_capacity(locations.len());
-        let mut starts = Vec::with_capacity(locations.len());
+        // Everything is checked before anything is opened.
+        let mut shards = Vec::with_capacity(locations.len());
         for location in locations {
             let (node_id, core_id) = shard_ids(&view.topology, location)?;
             let from = match &options.start {
                 WatchStart::Now => WatchFrom::Now,
                 WatchStart::Snapshot => WatchFrom::Snapshot,
                 WatchStart::After(_) => match positions.get(&(node_id, core_id)) {
-                    Some(&revision) => {
-                        starts.push(ShardRevision {
-                            node_id,
-                            core_id,
-                            revision,
-                        });
-                        WatchFrom::After(revision)
-                    }
+                    Some(&revision) => WatchFrom::After(revision),
                     None => return Err(ClientError::MissingPosition { node_id, core_id }),
                 },
             };
+            shards.push((location, node_id, core_id, from));
+        }
+        let (output, receiver) = mpsc::channel(MERGED_MESSAGES_PER_SHARD * shards.len().max(1));
+        let (progress, progress_receiver) = watch::channel(0);
+        let mut watch = Watch {
+            receiver,
+            tasks: Vec::with_capacity(shards.len()),
+            progress,
+            positions: Vec::with_capacity(shards.len()),
+            is_done: false,
+        };
+        let mut opened = Vec::with_capacity(shards.len());
+        for (location, node_id, core_id, from) in shards {
+            let (opened_sender, opened_receiver) = oneshot::channel();
             let shard = ShardWatch {
                 client: self.clone(),
                 location,
@@ -338,16 +356,17 @@ impl Client {
                 resume_attempts_max: options.resume_attempts_max,
                 output: output.clone(),
                 progress: progress_receiver.clone(),
+                opened: Some(opened_sender),
             };
-            tasks.push(tokio::spawn(shard.run()));
+            watch.tasks.push(tokio::spawn(shard.run()));
+            opened.push(opened_receiver);
         }
-        Ok(Watch {
-            receiver,
-            tasks,
-            progress,
-            positions: starts,
-            is_done: false,
-        })
+        // On an early return, dropping `watch` aborts every task, which closes what opened.
+        for opened in join_all(opened).await {
+            let position = opened.map_err(|_| ClientError::ShutDown)??;
+            watch.positions.push(position);
+        }
+        Ok(watch)
     }
 }
 
@@ -361,6 +380,14 @@ fn shard_ids(topology: &tessera_protocol::Topology, location: ShardLocation) -> 
         .get(usize::from(location.core_index))
         .ok_or_else(|| ClientError::Topology("route table names a missing core".to_owned()))?;
     Ok((node.node_id, core.core_id))
+}
+
+/// Why a shard's watch did not open.
+enum Opening {
+    /// For good: a refusal, or an error that will not go away.
+    Failed(ClientError),
+    /// The connection failed (or the server is restarting): worth another try on a resume.
+    Broken(ClientError),
 }
 
 /// How a shard's stream ended.
@@ -386,17 +413,28 @@ impl ShardWatch {
             let error = match self.open().await {
                 Ok((watching, stream, address)) => {
                     failures = 0;
+                    if let Some(opened) = self.opened.take() {
+                        let _ = opened.send(Ok(self.position(watching.revision)));
+                    }
                     match self.follow(watching, stream, address).await {
                         Ended::Finished => return,
                         Ended::Broken(error) => error,
                     }
                 }
-                Err(Ended::Finished) => return,
-                Err(Ended::Broken(error)) => error,
+                Err(Opening::Failed(error)) => {
+                    self.fail(error).await;
+                    return;
+                }
+                Err(Opening::Broken(error)) if self.opened.is_some() => {
+                    // The first open is not retried: the caller hears at once.
+                    self.fail(error).await;
+                    return;
+                }
+                Err(Opening::Broken(error)) => error,
             };
             failures += 1;
             if failures > self.resume_attempts_max {
-                let _ = self.output.send(Err(error)).await;
+                self.fail(error).await;
                 return;
             }
             tracing::debug!(
@@ -410,38 +448,50 @@ impl ShardWatch {
         }
     }
 
+    /// Reports `error`: to `Client::watch` if the watch never opened, else on the stream.
+    async fn fail(&mut self, error: ClientError) {
+        match self.opened.take() {
+            Some(opened) => {
+                let _ = opened.send(Err(error));
+            }
+            None => {
+                let _ = self.output.send(Err(error)).await;
+            }
+        }
+    }
+
     /// Opens the shard's watch: its `Watching` reply and stream, and the core's address.
-    async fn open(&mut self) -> Result<(Watching, TransportStream, String), Ended> {
+    async fn open(&mut self) -> Result<(Watching, TransportStream, String), Opening> {
         let Some(transport) = self.client.view().transport(self.location) else {
             let error = ClientError::Topology("route table names a missing core".to_owned());
-            return Err(self.finish(error).await);
+            return Err(Opening::Failed(error));
         };
         let request = Request::Watch(Box::new(self.request.clone()));
         let (response, stream) = match transport.open_stream(&request).await {
             Ok(opened) => opened,
             Err(error) if error.is_retryable() || error.is_indeterminate() => {
-                return Err(Ended::Broken(error))
+                return Err(Opening::Broken(error))
             }
-            Err(error) => return Err(self.finish(error).await),
+            Err(error) => return Err(Opening::Failed(error)),
         };
-        let error = match (response, stream) {
+        Err(match (response, stream) {
             (Response::Watching(watching), Some(stream)) => {
                 return Ok((watching, stream, transport.address().to_owned()))
             }
             (Response::WatchCancelled(WatchCancel::Compacted { oldest_available }), _) => {
-                ClientError::Compacted {
+                Opening::Failed(ClientError::Compacted {
                     node_id: self.node_id,
                     core_id: self.core_id,
                     oldest_available,
-                }
+                })
             }
-            (Response::Error(reply), _) if reply.code.is_retryable() => {
-                return Err(Ended::Broken(server_error(reply.code, reply.message)))
+            (Response::Error(reply), _) if reply.code == ErrorCode::ShuttingDown => {
+                // A server restarting: worth another try.
+                Opening::Broken(server_error(reply.code, reply.message))
             }
-            (Response::Error(reply), _) => server_error(reply.code, reply.message),
-            (other, _) => unexpected(&other),
-        };
-        Err(self.finish(error).await)
+            (Response::Error(reply), _) => Opening::Failed(server_error(reply.code, reply.message)),
+            (other, _) => Opening::Failed(unexpected(&other)),
+        })
     }
 
     /// Forwards the stream's messages until it ends.

@@ -142,8 +142,9 @@ impl CoreContext {
     /// inbox batch.
     pub fn flush_journal(&self) {
         let mut shard = self.shard.borrow_mut();
-        let published = shard.watch_hub().published_count();
-        if published != self.watch.published_seen.get() {
+        let hub = shard.watch_hub();
+        let published = hub.published_count();
+        if published != self.watch.published_seen.get() && hub.watcher_count() > 0 {
             self.watch.published_seen.set(published);
             self.watch.wake_connections.notify();
             if !self.watch.sinks.borrow().is_empty() {

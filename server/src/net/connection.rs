@@ -302,12 +302,16 @@ impl ConnectionSet {
     /// send: the shard published events, more of them became durable, or a periodic
     /// progress notification is due.
     fn wake_watching(&mut self, now_ms: u64) {
-        let published = self
-            .context
-            .shard
-            .borrow_mut()
-            .watch_hub()
-            .published_count();
+        let (published, watcher_count) = {
+            let mut shard = self.context.shard.borrow_mut();
+            let hub = shard.watch_hub();
+            (hub.published_count(), hub.watcher_count())
+        };
+        if watcher_count == 0 {
+            // Every write publishes; with no watcher there is nobody to look for.
+            self.published_seen = published;
+            return;
+        }
         let deliverable = watch_stream::deliverable_revision(&self.context);
         let is_progress_due = now_ms >= self.context.watch.progress_due_ms.get();
         if published == self.published_seen
