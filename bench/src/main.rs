@@ -8,6 +8,8 @@
 //! - `client_load`: load through an async client library on tokio: the public `Client` API
 //!   (embedded mode, and `--driver client` for a remote cluster) or etcd's.
 //! - `etcd_load` (feature `etcd`): etcd's v3 API through the `etcd-client` crate.
+//! - `watch_load`: watchers and the stamped writer of the watch workloads, on the client
+//!   library.
 //! - `cpu`: CPU time of local processes from /proc, for server CPU per operation.
 //! - `report`: hdrhistogram records, the progress line, the text and JSON results.
 //!
@@ -25,6 +27,7 @@ mod cpu;
 mod etcd_load;
 mod report;
 mod uring;
+mod watch_load;
 mod wire;
 mod workload;
 
@@ -36,7 +39,7 @@ use clap::Parser;
 use serde::Serialize;
 use tessera_protocol::{slot_for_key, RouteTable, Topology, SLOT_COUNT};
 
-use crate::report::{CpuUsage, Preload, Recorder, RunResult};
+use crate::report::{CpuUsage, PeerWindow, Preload, Recorder, RunResult, WatchReport};
 use crate::uring::{Router, ThreadLoad};
 use crate::wire::{EchoWire, RedisWire, TesseraWire, Wire};
 use crate::workload::{
@@ -90,9 +93,18 @@ struct Flags {
     #[arg(long)]
     operations: Option<u64>,
     /// Open loop: intended operations per second over all sessions (latency counted from the
-    /// intended send time). Without it the loop is closed.
+    /// intended send time). Without it the loop is closed. For `--workload watch-latency`:
+    /// the writer's puts per second (default 100).
     #[arg(long)]
     rate: Option<f64>,
+    /// Watches for `--workload watch-latency` (default 1) and `watch-fanout` (default 100),
+    /// all on the prefix every key of the workload is written under.
+    #[arg(long)]
+    watchers: Option<usize>,
+    /// Watches per client; each client holds one connection per core, and the server allows
+    /// `--watchers-per-connection-max` (1000 by default) watches on one connection.
+    #[arg(long, default_value_t = 1_000)]
+    watchers_per_client: usize,
     /// Distinct keys.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
@@ -357,6 +369,9 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
         preload,
         duration,
     };
+    if spec.kind.is_watch() {
+        return run_watch(&client_run(&target), config);
+    }
     match &target {
         Target::Embedded => run_client(&client_run(&target), config),
         Target::Tessera { .. } if flags.driver == Driver::Client => {
@@ -454,6 +469,46 @@ fn run_network(
         None
     };
     let server_pids = server_pids_of(flags, addresses);
+    let window = measure_network(
+        flags,
+        target,
+        spec,
+        duration,
+        addresses,
+        router,
+        &server_pids,
+    )?;
+    Ok(finish(
+        target,
+        config,
+        &window,
+        &server_pids,
+        preload_outcome,
+    ))
+}
+
+/// One measured window of point operations, and the CPU each side spent in it.
+struct Window {
+    record: Recorder,
+    elapsed: Duration,
+    /// CPU of the server processes, when measurable.
+    server_cpu_time: Option<Duration>,
+    /// CPU of this process.
+    client_cpu_time: Duration,
+}
+
+/// The measured window of the network driver: `--threads` load threads, each with its share
+/// of the sessions, started together once all are connected.
+fn measure_network(
+    flags: &Flags,
+    target: &Target,
+    spec: &WorkloadSpec,
+    duration: Duration,
+    addresses: &[String],
+    router: &dyn Router,
+    server_pids: &[u32],
+) -> Result<Window, String> {
+    let thread_count = flags.threads.min(flags.connections);
     let (progress_sender, progress) = mpsc::channel();
     let barrier = Barrier::new(thread_count + 1);
     let rate_per_session = flags.rate.map(|rate| rate / flags.connections as f64);
@@ -490,7 +545,7 @@ fn run_network(
         }
         drop(progress_sender);
         barrier.wait();
-        let measured = Measured::start(&server_pids);
+        let measured = Measured::start(server_pids);
         report_progress(&progress, flags.quiet);
         let mut record = Recorder::new();
         let mut elapsed = Duration::ZERO;
@@ -515,43 +570,49 @@ fn run_network(
         }
     });
     let (record, elapsed, (server_cpu_time, client_cpu_time)) = outcome?;
-    Ok(finish(
-        target,
-        config,
-        &record,
+    Ok(Window {
+        record,
         elapsed,
-        (&server_pids, server_cpu_time, client_cpu_time),
-        preload_outcome,
-    ))
+        server_cpu_time,
+        client_cpu_time,
+    })
 }
 
 /// The result of a run, with the CPU each side spent per reply.
 fn finish(
     target: &Target,
     config: serde_json::Value,
-    record: &Recorder,
-    elapsed: Duration,
-    (server_pids, server_cpu_time, client_cpu_time): (&[u32], Option<Duration>, Duration),
+    window: &Window,
+    server_pids: &[u32],
     preload: Option<Preload>,
 ) -> RunResult {
-    let operations = record.count();
-    let server_cpu = server_cpu_time
-        .map(|cpu_time| CpuUsage::new(server_pids.to_vec(), cpu_time, operations, elapsed));
-    let client_cpu = CpuUsage::new(
-        vec![std::process::id()],
-        client_cpu_time,
-        operations,
-        elapsed,
-    );
+    let (server_cpu, client_cpu) = window.cpu_usage(server_pids);
     RunResult::new(
         target.name(),
         config,
-        record,
-        elapsed,
+        &window.record,
+        window.elapsed,
         server_cpu,
         client_cpu,
         preload,
     )
+}
+
+impl Window {
+    /// The CPU the servers (if measured) and this process spent per reply.
+    fn cpu_usage(&self, server_pids: &[u32]) -> (Option<CpuUsage>, CpuUsage) {
+        let operations = self.record.count();
+        let server_cpu = self.server_cpu_time.map(|cpu_time| {
+            CpuUsage::new(server_pids.to_vec(), cpu_time, operations, self.elapsed)
+        });
+        let client_cpu = CpuUsage::new(
+            vec![std::process::id()],
+            self.client_cpu_time,
+            operations,
+            self.elapsed,
+        );
+        (server_cpu, client_cpu)
+    }
 }
 
 /// Operations of thread `thread_index` when `count` are shared among `thread_count`.
@@ -719,16 +780,7 @@ fn run_client(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, 
     let flags = plan.flags;
     let runtime = new_runtime(flags)?;
     let (client, server_pids) = match plan.target {
-        Target::Embedded => {
-            let config = tessera_client::EmbeddedConfig {
-                cores: flags.embedded_cores,
-                durability: tessera_server::config::Durability::Memory,
-                ..tessera_client::EmbeddedConfig::default()
-            };
-            let client = tessera_client::Client::embedded(config)
-                .map_err(|error| format!("cannot start the embedded shards: {error}"))?;
-            (client, Vec::new())
-        }
+        Target::Embedded => (start_embedded(flags)?, Vec::new()),
         Target::Tessera { endpoints } => {
             let client = runtime
                 .block_on(tessera_client::Client::connect(endpoints.clone()))
@@ -748,6 +800,306 @@ fn run_client(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, 
     let outcome = run_sessions(plan, config, &runtime, callers, &server_pids);
     client.shutdown();
     outcome
+}
+
+/// Starts `--embedded-cores` shards in this process, in memory.
+fn start_embedded(flags: &Flags) -> Result<tessera_client::Client, String> {
+    let config = tessera_client::EmbeddedConfig {
+        cores: flags.embedded_cores,
+        durability: tessera_server::config::Durability::Memory,
+        ..tessera_client::EmbeddedConfig::default()
+    };
+    tessera_client::Client::embedded(config)
+        .map_err(|error| format!("cannot start the embedded shards: {error}"))
+}
+
+/// Every core's address, in topology order.
+fn addresses_of(topology: &Topology) -> Vec<String> {
+    topology
+        .nodes
+        .iter()
+        .flat_map(|node| node.cores.iter().map(|core| core.address.clone()))
+        .collect()
+}
+
+/// Puts per second of the `watch-latency` writer without `--rate`: modest, so that the
+/// latency is the delivery's and not a queue's, even with 1000 watchers.
+const WATCH_LATENCY_RATE_DEFAULT: f64 = 100.0;
+
+/// The clients and settings of a watch workload.
+struct WatchRun<'run> {
+    plan: &'run ClientRun<'run>,
+    runtime: &'run tokio::runtime::Runtime,
+    /// The writer's client (`watch-latency`; the client driver's point load).
+    writer: &'run tessera_client::Client,
+    /// The watchers' clients: watch `i` uses `watcher_clients[i / watchers_per_client]`.
+    watcher_clients: &'run [tessera_client::Client],
+    watchers_per_client: usize,
+    watcher_count: usize,
+    server_pids: &'run [u32],
+}
+
+impl WatchRun<'_> {
+    fn open_watchers(&self, epoch: Option<Instant>) -> Result<watch_load::Watchers, String> {
+        watch_load::Watchers::open(
+            self.runtime,
+            self.watcher_clients,
+            self.watchers_per_client,
+            self.watcher_count,
+            workload::KEY_PREFIX,
+            epoch,
+        )
+    }
+
+    /// The report of watchers that received `counts` in `elapsed`.
+    fn report(
+        &self,
+        counts: watch_load::Counts,
+        elapsed: Duration,
+        (server_watcher_count, server_watcher_count_end): (u64, u64),
+    ) -> WatchReport {
+        WatchReport {
+            watchers: self.watcher_count,
+            prefix: String::from_utf8_lossy(workload::KEY_PREFIX).into_owned(),
+            clients: self.watcher_clients.len(),
+            server_watcher_count,
+            server_watcher_count_end,
+            events: counts.events,
+            events_per_sec: report::per_second(counts.events, elapsed),
+            events_per_watcher_min: counts.events_per_watcher_min,
+            events_per_watcher_max: counts.events_per_watcher_max,
+            events_expected: None,
+            latency: None,
+            lagged_count: counts.lagged,
+            error_count: counts.errors,
+            peer: None,
+        }
+    }
+}
+
+/// Runs `--workload watch-latency` or `watch-fanout` against Tessera (remote or embedded):
+/// the watchers always go through the client library.
+fn run_watch(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, String> {
+    let flags = plan.flags;
+    let kind = plan.spec.kind;
+    let watcher_count = flags.watchers.unwrap_or(match kind {
+        WorkloadKind::WatchLatency => 1,
+        _ => 100,
+    });
+    if watcher_count == 0 || flags.watchers_per_client == 0 {
+        return Err("--watchers and --watchers-per-client must be at least 1".to_owned());
+    }
+    let runtime = new_runtime(flags)?;
+    // The writer has a client of its own, as a separate application would; an embedded run
+    // has one client (no connections to share out).
+    let (writer, watcher_clients, watchers_per_client, server_pids) = match plan.target {
+        Target::Embedded => {
+            let client = start_embedded(flags)?;
+            (client.clone(), vec![client], watcher_count, Vec::new())
+        }
+        Target::Tessera { endpoints } => {
+            let connect = || {
+                runtime
+                    .block_on(tessera_client::Client::connect(endpoints.clone()))
+                    .map_err(|error| format!("cannot connect: {error}"))
+            };
+            let writer = connect()?;
+            let watcher_clients = (0..watcher_count.div_ceil(flags.watchers_per_client))
+                .map(|_| connect())
+                .collect::<Result<Vec<_>, _>>()?;
+            let server_pids = server_pids_of(flags, &addresses_of(&writer.topology()));
+            (
+                writer,
+                watcher_clients,
+                flags.watchers_per_client,
+                server_pids,
+            )
+        }
+        _ => {
+            return Err(
+                "the watch workloads drive Tessera only (--endpoints or --embedded)".to_owned(),
+            )
+        }
+    };
+    let run = WatchRun {
+        plan,
+        runtime: &runtime,
+        writer: &writer,
+        watcher_clients: &watcher_clients,
+        watchers_per_client,
+        watcher_count,
+        server_pids: &server_pids,
+    };
+    let outcome = match kind {
+        WorkloadKind::WatchLatency => run_watch_latency(&run, config),
+        _ => run_watch_fanout(&run, config),
+    };
+    writer.shutdown();
+    outcome
+}
+
+/// Put-to-event latency: the watchers open first, then one writer puts stamped values at a
+/// fixed rate for the window; the events of its last puts get [`watch_load::DRAIN_TIMEOUT`]
+/// to arrive.
+fn run_watch_latency(run: &WatchRun, config: serde_json::Value) -> Result<RunResult, String> {
+    let WatchRun { plan, runtime, .. } = *run;
+    let flags = plan.flags;
+    if plan.spec.value_size < watch_load::STAMP_SIZE {
+        return Err(format!(
+            "--value-size {} cannot hold the {}-byte send stamp of watch-latency",
+            plan.spec.value_size,
+            watch_load::STAMP_SIZE
+        ));
+    }
+    let rate = flags.rate.unwrap_or(WATCH_LATENCY_RATE_DEFAULT);
+    let epoch = Instant::now();
+    let watchers = run.open_watchers(Some(epoch))?;
+    let before = watchers.snapshot();
+    let (progress_sender, progress) = mpsc::channel();
+    let (done_sender, done) = mpsc::channel::<()>();
+    let measured = Measured::start(run.server_pids);
+    let written = std::thread::scope(|scope| {
+        let watchers = &watchers;
+        scope.spawn(move || report_progress(&progress, flags.quiet));
+        scope.spawn(move || watch_load::report_progress(watchers, &done, flags.quiet));
+        let written = runtime.block_on(watch_load::write_stamped(
+            run.writer.clone(),
+            plan.spec.clone(),
+            rate,
+            plan.duration,
+            epoch,
+            Some(progress_sender),
+        ));
+        drop(done_sender);
+        written
+    });
+    let (server_cpu_time, client_cpu_time) = measured.finish();
+    let events_expected = written.put_ok_count * run.watcher_count as u64;
+    watchers.wait_for(events_expected, watch_load::DRAIN_TIMEOUT);
+    let counts = watchers.snapshot().since(&before);
+    let server_watcher_count_end =
+        runtime.block_on(watch_load::server_watcher_count(run.writer))?;
+    let mut watch = run.report(
+        counts,
+        written.elapsed,
+        (watchers.server_watcher_count, server_watcher_count_end),
+    );
+    watch.events_expected = Some(events_expected);
+    watch.latency = watchers
+        .latency()
+        .map(|histogram| report::Summary::of(&histogram, 0, written.elapsed));
+    drop(watchers);
+    let window = Window {
+        record: written.record,
+        elapsed: written.elapsed,
+        server_cpu_time,
+        client_cpu_time,
+    };
+    let mut result = finish(plan.target, config, &window, run.server_pids, None);
+    result.watch = Some(watch);
+    Ok(result)
+}
+
+/// Events per second and the point load beside them: the load's window once with no
+/// watchers (the peer), then once more with the watchers open, against the same server.
+fn run_watch_fanout(run: &WatchRun, config: serde_json::Value) -> Result<RunResult, String> {
+    let WatchRun { plan, runtime, .. } = *run;
+    let ClientRun {
+        flags,
+        target,
+        spec,
+        preload,
+        duration,
+    } = *plan;
+    let is_network = matches!(target, Target::Tessera { .. }) && flags.driver == Driver::Raw;
+    let topology = run.writer.topology();
+    let addresses = addresses_of(&topology);
+    let router = TopologyRouter::new(&topology)?;
+    let callers = std::slice::from_ref(run.writer);
+    let preload_outcome = match (preload, is_network) {
+        (false, _) => None,
+        (true, true) => {
+            let thread_count = flags.threads.min(flags.connections);
+            Some(run_preload_network(
+                flags,
+                target,
+                spec,
+                &addresses,
+                &router,
+                thread_count,
+            )?)
+        }
+        (true, false) => Some(preload_sessions(flags, spec, runtime, callers)?),
+    };
+    let measure = || {
+        if is_network {
+            measure_network(
+                flags,
+                target,
+                spec,
+                duration,
+                &addresses,
+                &router,
+                run.server_pids,
+            )
+        } else {
+            measure_sessions(flags, spec, duration, runtime, callers, run.server_pids)
+        }
+    };
+    if !flags.quiet {
+        eprintln!("peer window: no watchers");
+    }
+    let peer = measure()?;
+    let watchers = run.open_watchers(None)?;
+    if !flags.quiet {
+        eprintln!(
+            "watched window: {} watchers ({} on the server)",
+            run.watcher_count, watchers.server_watcher_count
+        );
+    }
+    let before = watchers.snapshot();
+    let started = Instant::now();
+    let (done_sender, done) = mpsc::channel::<()>();
+    let watched = std::thread::scope(|scope| {
+        let watchers = &watchers;
+        scope.spawn(move || watch_load::report_progress(watchers, &done, flags.quiet));
+        let watched = measure();
+        drop(done_sender);
+        watched
+    })?;
+    // Events count from just before the load's connections open to just after its threads
+    // end, which holds the load's window.
+    let counts = watchers.snapshot().since(&before);
+    let events_elapsed = started.elapsed();
+    let server_watcher_count_end =
+        runtime.block_on(watch_load::server_watcher_count(run.writer))?;
+    let mut watch = run.report(
+        counts,
+        events_elapsed,
+        (watchers.server_watcher_count, server_watcher_count_end),
+    );
+    drop(watchers);
+    let (peer_server_cpu, peer_client_cpu) = peer.cpu_usage(run.server_pids);
+    let mut result = finish(target, config, &watched, run.server_pids, preload_outcome);
+    let peer_total = report::Summary::of(
+        &peer.record.combined(),
+        peer.record.error_count(),
+        peer.elapsed,
+    );
+    watch.peer = Some(PeerWindow {
+        watchers: 0,
+        duration_secs: peer.elapsed.as_secs_f64(),
+        watched_ops_per_sec_ratio: if peer_total.ops_per_sec > 0.0 {
+            result.total.ops_per_sec / peer_total.ops_per_sec
+        } else {
+            0.0
+        },
+        total: peer_total,
+        server_cpu_us_per_op: peer_server_cpu.map(|usage| usage.us_per_op),
+        client_cpu_us_per_op: peer_client_cpu.us_per_op,
+    });
+    result.watch = Some(watch);
+    Ok(result)
 }
 
 /// Runs the load against one etcd member, one etcd client (and connection) per session.
@@ -798,21 +1150,50 @@ fn run_sessions<C: client_load::Caller>(
         preload,
         duration,
     } = *plan;
-    let session_count = flags.connections;
     let preload_outcome = if preload {
-        let started = Instant::now();
-        let load = client_load::ClientLoad {
-            session_count,
-            pipeline: flags.pipeline.max(PRELOAD_PIPELINE),
-            rate_per_session: None,
-            operation_count_max: None,
-            duration: None,
-        };
-        let (record, _) = client_load::run(runtime, callers, spec, &load, true, None)?;
-        Some(finish_preload(spec, &record, started.elapsed())?)
+        Some(preload_sessions(flags, spec, runtime, callers)?)
     } else {
         None
     };
+    let window = measure_sessions(flags, spec, duration, runtime, callers, server_pids)?;
+    Ok(finish(
+        target,
+        config,
+        &window,
+        server_pids,
+        preload_outcome,
+    ))
+}
+
+/// Writes every key once through the client library, before the measured window.
+fn preload_sessions<C: client_load::Caller>(
+    flags: &Flags,
+    spec: &WorkloadSpec,
+    runtime: &tokio::runtime::Runtime,
+    callers: &[C],
+) -> Result<Preload, String> {
+    let started = Instant::now();
+    let load = client_load::ClientLoad {
+        session_count: flags.connections,
+        pipeline: flags.pipeline.max(PRELOAD_PIPELINE),
+        rate_per_session: None,
+        operation_count_max: None,
+        duration: None,
+    };
+    let (record, _) = client_load::run(runtime, callers, spec, &load, true, None)?;
+    finish_preload(spec, &record, started.elapsed())
+}
+
+/// The measured window of a client-library run, one session per `--connections`.
+fn measure_sessions<C: client_load::Caller>(
+    flags: &Flags,
+    spec: &WorkloadSpec,
+    duration: Duration,
+    runtime: &tokio::runtime::Runtime,
+    callers: &[C],
+    server_pids: &[u32],
+) -> Result<Window, String> {
+    let session_count = flags.connections;
     let load = client_load::ClientLoad {
         session_count,
         pipeline: flags.pipeline,
@@ -834,14 +1215,12 @@ fn run_sessions<C: client_load::Caller>(
     });
     let (record, elapsed) = outcome?;
     let (server_cpu_time, client_cpu_time) = measured.finish();
-    Ok(finish(
-        target,
-        config,
-        &record,
+    Ok(Window {
+        record,
         elapsed,
-        (server_pids, server_cpu_time, client_cpu_time),
-        preload_outcome,
-    ))
+        server_cpu_time,
+        client_cpu_time,
+    })
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::workload::Op;
 
 /// Longest latency a histogram holds, in nanoseconds (one minute); longer ones are clamped.
-const LATENCY_NS_MAX: u64 = 60_000_000_000;
+pub const LATENCY_NS_MAX: u64 = 60_000_000_000;
 
 /// Latencies and errors of one operation.
 #[derive(Debug, Clone)]
@@ -280,6 +280,64 @@ pub struct RunResult {
     pub client_cpu: CpuUsage,
     /// Keys written before the measured window, and how long that took.
     pub preload: Option<Preload>,
+    /// What the watchers received (`--workload watch-latency` and `watch-fanout` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub watch: Option<WatchReport>,
+}
+
+/// What the watchers of a watch workload received during the measured window.
+#[derive(Debug, Clone, Serialize)]
+pub struct WatchReport {
+    /// Watches open during the window.
+    pub watchers: usize,
+    /// The key prefix they watched (every key the workload writes is under it).
+    pub prefix: String,
+    /// Clients the watches were spread over, each with one connection per core.
+    pub clients: usize,
+    /// Watchers the server's cores held once every watch was open (a prefix is watched on
+    /// every core: one per watch and core).
+    pub server_watcher_count: u64,
+    /// Watchers the cores held at the end of the window.
+    pub server_watcher_count_end: u64,
+    /// Events received by all watchers together.
+    pub events: u64,
+    /// `events` per second of the measured window.
+    pub events_per_sec: f64,
+    /// Fewest events one watcher received.
+    pub events_per_watcher_min: u64,
+    /// Most events one watcher received.
+    pub events_per_watcher_max: u64,
+    /// `watch-latency`: every acknowledged put once per watcher. Events still missing
+    /// [`crate::watch_load::DRAIN_TIMEOUT`] after the writer stopped are not counted.
+    pub events_expected: Option<u64>,
+    /// `watch-latency`: from just before a put was sent to a watcher's task receiving its
+    /// event, over every event of every watcher (`ops_per_sec` is events per second).
+    pub latency: Option<Summary>,
+    /// Watches cancelled as lagging (by the server's queue bound or the client's buffer);
+    /// each was opened again from the current revision, so it skipped events.
+    pub lagged_count: u64,
+    /// Watches that failed to open or ended with another error (each opened again).
+    pub error_count: u64,
+    /// `watch-fanout`: the same point load with no watchers, measured first in the same run.
+    pub peer: Option<PeerWindow>,
+}
+
+/// The fan-out's peer: the same point load with no watchers, against the same server.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerWindow {
+    /// Watches open during this window (none).
+    pub watchers: usize,
+    /// Length of the window, in seconds.
+    pub duration_secs: f64,
+    /// All its operations together.
+    #[serde(flatten)]
+    pub total: Summary,
+    /// Server CPU per reply, when measurable.
+    pub server_cpu_us_per_op: Option<f64>,
+    /// CPU of this process per reply.
+    pub client_cpu_us_per_op: f64,
+    /// Operations per second with the watchers over those of this window.
+    pub watched_ops_per_sec_ratio: f64,
 }
 
 /// The preload phase.
@@ -328,6 +386,7 @@ impl RunResult {
             server_cpu,
             client_cpu,
             preload,
+            watch: None,
         }
     }
 
@@ -358,6 +417,14 @@ impl RunResult {
             line(name, summary);
         }
         line("all", &self.total);
+        if let Some(watch) = &self.watch {
+            if let Some(latency) = &watch.latency {
+                line("event", latency);
+            }
+            if let Some(peer) = &watch.peer {
+                line("peer", &peer.total);
+            }
+        }
         if let Some(server) = &self.server_cpu {
             let _ = writeln!(
                 text,
@@ -370,6 +437,9 @@ impl RunResult {
             "client cpu: {:.2} µs/op, {:.2} cores busy",
             self.client_cpu.us_per_op, self.client_cpu.cores_busy
         );
+        if let Some(watch) = &self.watch {
+            watch.write_text(&mut text);
+        }
         let _ = writeln!(
             text,
             "target {} over {:.1} s; tessera-bench {}; {} cpus, kernel {}",
@@ -380,6 +450,47 @@ impl RunResult {
             self.machine.kernel
         );
         text
+    }
+}
+
+impl WatchReport {
+    /// The watch lines of the text summary: the event row is in the table above.
+    fn write_text(&self, text: &mut String) {
+        use std::fmt::Write as _;
+        let expected = self
+            .events_expected
+            .map(|expected| format!(" of {expected} expected"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            text,
+            "watch: {} watchers on {:?} over {} clients ({} server watchers, {} at the end): \
+             {} events{expected}, {:.0} events/s, {}-{} per watcher; lagged {}, errors {}",
+            self.watchers,
+            self.prefix,
+            self.clients,
+            self.server_watcher_count,
+            self.server_watcher_count_end,
+            self.events,
+            self.events_per_sec,
+            self.events_per_watcher_min,
+            self.events_per_watcher_max,
+            self.lagged_count,
+            self.error_count
+        );
+        if let Some(peer) = &self.peer {
+            let cpu =
+                |cpu: Option<f64>| cpu.map_or_else(|| "-".to_owned(), |cpu| format!("{cpu:.2}"));
+            let _ = writeln!(
+                text,
+                "peer (row `peer`): {} watchers, {:.0} ops/s, server cpu {} µs/op, client cpu \
+                 {:.2} µs/op; with the watchers {:.2}x its ops/s",
+                peer.watchers,
+                peer.total.ops_per_sec,
+                cpu(peer.server_cpu_us_per_op),
+                peer.client_cpu_us_per_op,
+                peer.watched_ops_per_sec_ratio
+            );
+        }
     }
 }
 

@@ -61,12 +61,31 @@ pub enum WorkloadKind {
     Incr,
     /// Only deletes.
     Delete,
+    /// Put-to-event latency: `--watchers` watches on the key prefix, and one writer putting
+    /// keys under it at `--rate` (100 puts/s unless given), each value carrying its send time.
+    #[value(name = "watch-latency")]
+    #[serde(rename = "watch-latency")]
+    WatchLatency,
+    /// Events delivered per second: the SET load twice in one run, first with no watchers
+    /// (the peer), then with `--watchers` watches on the prefix every key is written under.
+    #[value(name = "watch-fanout")]
+    #[serde(rename = "watch-fanout")]
+    WatchFanout,
 }
 
 impl WorkloadKind {
-    /// Whether the keys should exist before the run starts.
+    /// Whether the keys should exist before the run starts. The fan-out's two windows then
+    /// both overwrite, so neither pays for creating keys.
     pub fn wants_preload(self) -> bool {
-        matches!(self, Self::Get | Self::Mixed | Self::Delete)
+        matches!(
+            self,
+            Self::Get | Self::Mixed | Self::Delete | Self::WatchFanout
+        )
+    }
+
+    /// Whether the workload measures watches (and so needs the Tessera client library).
+    pub fn is_watch(self) -> bool {
+        matches!(self, Self::WatchLatency | Self::WatchFanout)
     }
 }
 
@@ -206,7 +225,8 @@ impl OpStream {
     pub fn next_op(&mut self) -> Op {
         match self.spec.kind {
             WorkloadKind::Get => Op::Get,
-            WorkloadKind::Set => Op::Set,
+            // The watch workloads write: their events are what the watchers receive.
+            WorkloadKind::Set | WorkloadKind::WatchLatency | WorkloadKind::WatchFanout => Op::Set,
             WorkloadKind::Incr => Op::Incr,
             WorkloadKind::Delete => Op::Delete,
             WorkloadKind::Mixed => {

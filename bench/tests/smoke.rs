@@ -1,5 +1,6 @@
 //! The benchmark's smoke test, the only part of it CI runs: a short run against an embedded
-//! server and one against Tessera over loopback must report throughput and no errors. With
+//! server and one against Tessera over loopback must report throughput and no errors, and
+//! so must each watch workload (every watcher receiving every put in `watch-latency`). With
 //! the `etcd` feature, a run against a real etcd member does the same when an `etcd` binary
 //! is installed (CI has none, so that test says it is skipped and passes), and an unreachable
 //! member must fail the run with a message rather than hang it.
@@ -90,6 +91,86 @@ fn network_run_through_the_load_generator_reports_server_cpu() {
     let stats = server.shutdown().expect("the server stops cleanly");
     let key_count: usize = stats.iter().map(|core| core.key_count).sum();
     assert_eq!(key_count, 2000, "the preload wrote every key");
+}
+
+#[test]
+fn watch_latency_reaches_every_watcher_over_the_network() {
+    let server = tessera_server::Server::start(tessera_server::Config {
+        cores: 2,
+        port: 0,
+        memory_bytes_max: 64 * 1024 * 1024,
+        durability: tessera_server::config::Durability::Memory,
+        ..tessera_server::Config::default()
+    })
+    .expect("a test server starts");
+    let endpoint = server.addresses()[0].clone();
+    // Three watches per client: the watchers are spread over two clients.
+    let result = run_bench(&[
+        "--endpoints",
+        &endpoint,
+        "--workload",
+        "watch-latency",
+        "--watchers",
+        "5",
+        "--watchers-per-client",
+        "3",
+        "--rate",
+        "200",
+        "--duration-secs",
+        "1",
+        "--keys",
+        "1000",
+    ]);
+    assert_served(&result, "tessera");
+    let watch = &result["watch"];
+    assert_eq!(watch["clients"], 2, "{result}");
+    assert_eq!(
+        watch["server_watcher_count"], 10,
+        "a prefix is watched on both cores"
+    );
+    let puts = result["ops"]["set"]["operations"].as_u64().unwrap();
+    assert_eq!(
+        watch["events_expected"].as_u64(),
+        Some(puts * 5),
+        "{result}"
+    );
+    assert_eq!(watch["events"], watch["events_expected"], "{result}");
+    assert_eq!(watch["lagged_count"], 0, "{result}");
+    assert_eq!(watch["latency"]["operations"], watch["events"], "{result}");
+    assert!(
+        watch["latency"]["p99_us"].as_f64().unwrap() > 0.0,
+        "{result}"
+    );
+    server.shutdown().expect("the server stops cleanly");
+}
+
+#[test]
+fn embedded_watch_fanout_reports_events_and_its_peer() {
+    let result = run_bench(&[
+        "--embedded",
+        "--workload",
+        "watch-fanout",
+        "--watchers",
+        "4",
+        "--duration-secs",
+        "1",
+        "--connections",
+        "4",
+        "--keys",
+        "1000",
+    ]);
+    assert_served(&result, "embedded");
+    let watch = &result["watch"];
+    assert_eq!(watch["watchers"], 4, "{result}");
+    assert!(watch["events_per_sec"].as_f64().unwrap() > 0.0, "{result}");
+    let peer = &watch["peer"];
+    assert_eq!(peer["watchers"], 0, "{result}");
+    assert!(peer["ops_per_sec"].as_f64().unwrap() > 0.0, "{result}");
+    assert!(
+        peer["watched_ops_per_sec_ratio"].as_f64().unwrap() > 0.0,
+        "{result}"
+    );
+    assert_eq!(result["preload"]["keys"], 1000, "{result}");
 }
 
 #[cfg(feature = "etcd")]
