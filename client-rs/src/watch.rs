@@ -392,8 +392,11 @@ enum Opening {
 
 /// How a shard's stream ended.
 enum Ended {
-    /// Give up: the error was sent (or the consumer is gone).
+    /// The consumer is gone.
     Finished,
+    /// For good, with this error, reported once the stream is dropped (so the server stops
+    /// sending even while the consumer has not read the error yet).
+    Failed(ClientError),
     /// The connection broke: open the watch again after the last delivered revision.
     Broken(ClientError),
 }
@@ -418,6 +421,10 @@ impl ShardWatch {
                     }
                     match self.follow(watching, stream, address).await {
                         Ended::Finished => return,
+                        Ended::Failed(error) => {
+                            self.fail(error).await;
+                            return;
+                        }
                         Ended::Broken(error) => error,
                     }
                 }
@@ -485,8 +492,11 @@ impl ShardWatch {
                     oldest_available,
                 })
             }
-            (Response::Error(reply), _) if reply.code == ErrorCode::ShuttingDown => {
-                // A server restarting: worth another try.
+            (Response::Error(reply), _)
+                if matches!(reply.code, ErrorCode::ShuttingDown | ErrorCode::Overloaded) =>
+            {
+                // A server restarting, or one whose watchers are catching up: worth another
+                // try when resuming (a first open reports it at once).
                 Opening::Broken(server_error(reply.code, reply.message))
             }
             (Response::Error(reply), _) => Opening::Failed(server_error(reply.code, reply.message)),
@@ -519,20 +529,25 @@ impl ShardWatch {
             let next = tokio::select! {
                 next = stream.next() => next,
                 changed = self.progress.changed() => {
-                    if changed.is_ok() {
-                        stream.request_progress();
+                    if changed.is_err() {
+                        // The `Watch` is gone.
+                        return Ended::Finished;
                     }
+                    stream.request_progress();
                     continue;
                 }
             };
             let response = match next {
                 StreamNext::Message(response) => response,
-                StreamNext::Overflowed => return self.lagged(last).await,
+                StreamNext::Overflowed => return self.lagged(last),
                 StreamNext::Closed => return Ended::Broken(ClientError::Disconnected { address }),
             };
             let is_open = match response {
                 Response::WatchEvents(events) => {
-                    self.forward_events(events, &mut partial, &mut last).await
+                    match self.forward_events(events, &mut partial, &mut last).await {
+                        Ok(is_open) => is_open,
+                        Err(error) => return Ended::Failed(error),
+                    }
                 }
                 Response::WatchProgress { revision } if partial.is_none() && revision >= last => {
                     last = revision;
@@ -542,17 +557,16 @@ impl ShardWatch {
                 }
                 Response::WatchProgress { .. } => true,
                 Response::WatchCancelled(WatchCancel::Lagged { last_delivered }) => {
-                    return self.lagged(last_delivered.min(last)).await
+                    return self.lagged(last_delivered.min(last))
                 }
                 Response::WatchCancelled(WatchCancel::Compacted { oldest_available }) => {
-                    let error = ClientError::Compacted {
+                    return Ended::Failed(ClientError::Compacted {
                         node_id: self.node_id,
                         core_id: self.core_id,
                         oldest_available,
-                    };
-                    return self.finish(error).await;
+                    });
                 }
-                other => return self.finish(unexpected(&other)).await,
+                other => return Ended::Failed(unexpected(&other)),
             };
             if !is_open {
                 return Ended::Finished;
@@ -562,12 +576,15 @@ impl ShardWatch {
 
     /// Hands on the whole revisions of `events`, joining one split over several messages.
     /// Returns `false` once the consumer is gone.
+    ///
+    /// # Errors
+    /// A revision marked as continued is not continued by the next message.
     async fn forward_events(
         &mut self,
         events: WatchEvents,
         partial: &mut Option<EventBatch>,
         last: &mut u64,
-    ) -> bool {
+    ) -> Result<bool> {
         let count = events.batches.len();
         for (index, batch) in events.batches.into_iter().enumerate() {
             let batch = match partial.take() {
@@ -575,7 +592,13 @@ impl ShardWatch {
                     joined.events.extend(batch.events);
                     joined
                 }
-                _ => batch,
+                Some(joined) => {
+                    return Err(ClientError::UnexpectedReply(format!(
+                        "revision {} was to continue, but revision {} came next",
+                        joined.revision, batch.revision
+                    )))
+                }
+                None => batch,
             };
             if events.continues && index + 1 == count {
                 *partial = Some(batch);
@@ -588,24 +611,18 @@ impl ShardWatch {
                 events: batch.events,
             };
             if self.output.send(Ok(message)).await.is_err() {
-                return false;
+                return Ok(false);
             }
         }
-        true
+        Ok(true)
     }
 
-    async fn lagged(&self, last_delivered: u64) -> Ended {
-        let error = ClientError::Lagged {
+    fn lagged(&self, last_delivered: u64) -> Ended {
+        Ended::Failed(ClientError::Lagged {
             node_id: self.node_id,
             core_id: self.core_id,
             last_delivered,
-        };
-        self.finish(error).await
-    }
-
-    async fn finish(&self, error: ClientError) -> Ended {
-        let _ = self.output.send(Err(error)).await;
-        Ended::Finished
+        })
     }
 }
 

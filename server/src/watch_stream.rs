@@ -135,6 +135,13 @@ fn refusal(context: &CoreContext, watch_error: &WatchError) -> Response {
                 context.core_id
             ),
         ),
+        WatchError::QueuesFull { .. } => error(
+            ErrorCode::Overloaded,
+            format!(
+                "core {}: {watch_error} (watch_queue_total_bytes_max)",
+                context.core_id
+            ),
+        ),
         WatchError::FutureRevision { .. } => error(
             ErrorCode::InvalidArgument,
             format!("core {}: {watch_error}", context.core_id),
@@ -191,7 +198,11 @@ impl Stream {
         }
         if (is_interval_due || self.is_progress_requested) && !is_waiting {
             if let Some(revision) = hub.progress(self.hub_id) {
-                emit(&Response::WatchProgress { revision });
+                // Never past what is on disk (`sync`): a resume from there must not skip
+                // revisions a crash could undo.
+                emit(&Response::WatchProgress {
+                    revision: revision.min(durable),
+                });
             }
             self.is_progress_requested = false;
         }

@@ -469,12 +469,20 @@ fn watch(
             );
             return Ok(ExitCode::from(2));
         }
+        Err(error @ ClientError::Compacted { .. }) => {
+            return Ok(finish_watch(json, WatchEnd::Failed(error), positions));
+        }
         Err(error) => return Err(error),
     };
     interrupt::install();
-    // Each core's first message gives its position, which without a snapshot would wait for
-    // its first change: ask every core where it is at once. It is printed only for
-    // --progress-ms, where it also tells a reader that every core is watching.
+    // The watch is open on every core: each one's start is a position to resume from (not
+    // a snapshot's, until its lines are printed).
+    if !arguments.snapshot {
+        for position in watch.positions() {
+            positions.advance(position);
+        }
+    }
+    // Asked at once, so with --progress-ms a reader sees that every core is watching.
     watch.request_progress();
     let format = WatchFormat {
         json,

@@ -308,8 +308,10 @@ impl ConnectionSet {
             (hub.published_count(), hub.watcher_count())
         };
         if watcher_count == 0 {
-            // Every write publishes; with no watcher there is nobody to look for.
+            // Every write publishes; with no watcher there is nobody to look for, and no
+            // progress is owed (the tick stops waking this task for it).
             self.published_seen = published;
+            self.context.watch.progress_due_ms.set(u64::MAX);
             return;
         }
         let deliverable = watch_stream::deliverable_revision(&self.context);
@@ -457,7 +459,11 @@ impl ConnectionSet {
             };
             connection.gate(self.context.gate_revision());
         }
-        if !connection.watches.is_empty() && !connection.is_discarding {
+        if !connection.watches.is_empty()
+            && !connection.is_discarding
+            && connection.close_reason.is_none()
+        {
+            // A closing connection sends what it has and ends; its watches end with it.
             connection.pump_watches(&self.context, now_ms);
         }
         let token_base = token(index, connection.generation, 0);
@@ -1051,6 +1057,10 @@ impl Connection {
             }
             pumped != Pumped::Ended
         });
+        // The first stream gets the room first: rotate, so none starves behind the others.
+        if !self.watches.is_empty() {
+            self.watches.rotate_left(1);
+        }
         context.watch.progress_due_ms.set(due_min);
     }
 

@@ -252,6 +252,11 @@ pub enum WatchError {
         /// The shard's revision.
         revision: u64,
     },
+    /// A resume's replay would take the shard's queued events past `queue_total_bytes_max`.
+    QueuesFull {
+        /// The limit.
+        queue_total_bytes_max: usize,
+    },
     /// A snapshot of the range would hold more than `keys_max` keys or `bytes_max` bytes.
     SnapshotTooLarge {
         /// The most keys a snapshot holds.
@@ -271,6 +276,13 @@ impl fmt::Display for WatchError {
             Self::TooManyWatchers { watchers_max } => {
                 write!(formatter, "the shard already has {watchers_max} watchers")
             }
+            Self::QueuesFull {
+                queue_total_bytes_max,
+            } => write!(
+                formatter,
+                "replaying the history would take the shard's queued events past \
+                 {queue_total_bytes_max} bytes; try again once watchers have caught up"
+            ),
             Self::FutureRevision { revision } => write!(
                 formatter,
                 "the shard is at revision {revision}: cannot resume after a later one"
@@ -337,6 +349,10 @@ struct Watcher {
     /// The last revision handed out by `take`.
     last_delivered: u64,
     cancelled: Option<Cancelled>,
+    /// Bytes of a resume's replay still queued (at the front). They do not count against
+    /// `queue_bytes_max`: the replay is bounded by the history, and counting it would cancel
+    /// a resume whose backlog passes the bound before it could be drained.
+    replay_bytes: usize,
 }
 
 impl Watcher {
@@ -347,6 +363,7 @@ impl Watcher {
         });
         self.queue.clear();
         self.queue_bytes = 0;
+        self.replay_bytes = 0;
     }
 }
 
@@ -570,6 +587,7 @@ impl WatchHub {
             queue_bytes: 0,
             last_delivered: after,
             cancelled: None,
+            replay_bytes: 0,
         };
         let replayed = self.history.events_after(after);
         let mut index = 0;
@@ -590,6 +608,12 @@ impl WatchHub {
             );
             index = end;
         }
+        if self.queued_bytes + watcher.queue_bytes > self.limits.queue_total_bytes_max {
+            return Err(WatchError::QueuesFull {
+                queue_total_bytes_max: self.limits.queue_total_bytes_max,
+            });
+        }
+        watcher.replay_bytes = watcher.queue_bytes;
         self.queued_bytes += watcher.queue_bytes;
         let id = self.next_id;
         self.next_id += 1;
@@ -690,6 +714,7 @@ impl WatchHub {
             }
             bytes += cost;
             watcher.queue_bytes -= cost;
+            watcher.replay_bytes = watcher.replay_bytes.saturating_sub(cost);
             self.queued_bytes -= cost;
             watcher.last_delivered = batch.revision;
             if let Some(batch) = watcher.queue.pop_front() {
@@ -759,7 +784,8 @@ fn enqueue<'a>(
     }
     let batch = Batch { revision, events };
     let cost = batch_cost(&batch);
-    if !watcher.queue.is_empty() && watcher.queue_bytes + cost > queue_bytes_max {
+    let backlog = watcher.queue_bytes - watcher.replay_bytes;
+    if !watcher.queue.is_empty() && backlog + cost > queue_bytes_max {
         watcher.cancel_lagged();
         return;
     }
@@ -778,7 +804,7 @@ mod tests {
         history_bytes_max: 1_500,
         watchers_max: 4,
         queue_bytes_max: 700,
-        queue_total_bytes_max: usize::MAX,
+        queue_total_bytes_max: 2_000,
     };
 
     fn key(index: u8) -> Box<[u8]> {
@@ -970,6 +996,42 @@ mod tests {
         assert_eq!(hub.take(fast, usize::MAX).unwrap().unwrap().len(), 1);
     }
 
+    /// A resume's backlog past the queue bound survives the next writes while it drains
+    /// (found in review: the next publish cancelled it), and a replay that would pass the
+    /// bound on all queues is refused instead of pinning memory.
+    #[test]
+    fn a_resume_backlog_drains_and_replays_respect_the_total_bound() {
+        let limits = WatchLimits {
+            history_events_max: 100,
+            history_bytes_max: 1 << 20,
+            queue_bytes_max: 700,
+            queue_total_bytes_max: 3_000,
+            ..LIMITS
+        };
+        let mut hub = WatchHub::new(limits, 0);
+        for revision in 1..=10 {
+            hub.publish(revision, &mut vec![put_event(revision, 0, 100)]);
+        }
+        let resumed = hub.watch(everything(), Start::After(0)).unwrap();
+        assert!(hub.queued_bytes() > limits.queue_bytes_max);
+        let first = hub.take(resumed, 1).unwrap().unwrap();
+        assert_eq!(first.len(), 1);
+        hub.publish(11, &mut vec![put_event(11, 0, 100)]);
+        let rest = hub.take(resumed, usize::MAX).unwrap().unwrap();
+        let revisions: Vec<u64> = rest.iter().map(|batch| batch.revision).collect();
+        assert_eq!(revisions, (2..=11).collect::<Vec<_>>());
+        // Each replay holds 10 revisions (about 1.7 KB): the second would pass 3000 bytes.
+        let held = hub.watch(everything(), Start::After(1)).unwrap();
+        assert_eq!(
+            hub.watch(everything(), Start::After(1)),
+            Err(WatchError::QueuesFull {
+                queue_total_bytes_max: 3_000
+            })
+        );
+        hub.take(held, usize::MAX).unwrap().unwrap();
+        assert!(hub.watch(everything(), Start::After(1)).is_ok());
+    }
+
     /// Batches of revisions past the limit given to `take_through` stay queued, in order.
     #[test]
     fn take_through_holds_later_revisions_back() {
@@ -1051,6 +1113,8 @@ mod tests {
         spec: WatchSpec,
         /// What it must be handed, in order, and has not been yet.
         pending: VecDeque<Batch>,
+        /// Bytes of `pending` that are still a resume's replay (exempt from the queue bound).
+        replay: usize,
         last_delivered: u64,
         lagged: bool,
     }
@@ -1102,13 +1166,31 @@ mod tests {
                         hub.publish(revision, &mut events.clone());
                         for watcher in followed.iter_mut().filter(|watcher| !watcher.lagged) {
                             if let Some(batch) = matching(&watcher.spec, revision, &events) {
-                                if !watcher.pending.is_empty() && queued_bytes(&watcher.pending) + batch_cost(&batch) > LIMITS.queue_bytes_max {
+                                let backlog = queued_bytes(&watcher.pending) - watcher.replay;
+                                if !watcher.pending.is_empty() && backlog + batch_cost(&batch) > LIMITS.queue_bytes_max {
                                     watcher.lagged = true;
                                     watcher.pending.clear();
+                                    watcher.replay = 0;
                                 } else {
                                     watcher.pending.push_back(batch);
                                 }
                             }
+                        }
+                        // Past the bound on all queues, the longest goes (the newest of equals).
+                        loop {
+                            let total: usize = followed.iter().map(|watcher| queued_bytes(&watcher.pending)).sum();
+                            if total <= LIMITS.queue_total_bytes_max {
+                                prop_assert_eq!(hub.queued_bytes(), total);
+                                break;
+                            }
+                            let longest = followed
+                                .iter_mut()
+                                .filter(|watcher| !watcher.pending.is_empty())
+                                .max_by_key(|watcher| queued_bytes(&watcher.pending));
+                            let Some(longest) = longest else { break };
+                            longest.lagged = true;
+                            longest.pending.clear();
+                            longest.replay = 0;
                         }
                         log.push((revision, events));
                     }
@@ -1133,8 +1215,21 @@ mod tests {
                                     .filter(|(at, _)| *at > after)
                                     .filter_map(|(at, events)| matching(&spec, *at, events))
                                     .collect();
+                                let replay = queued_bytes(&pending);
+                                let queued: usize = followed.iter().map(|watcher| queued_bytes(&watcher.pending)).sum();
+                                prop_assert!(queued + replay <= LIMITS.queue_total_bytes_max);
                                 let lagged = false;
-                                followed.push(Followed { id, spec, pending, last_delivered: after, lagged });
+                                followed.push(Followed { id, spec, pending, replay, last_delivered: after, lagged });
+                            }
+                            Err(WatchError::QueuesFull { .. }) => {
+                                let replay: usize = log
+                                    .iter()
+                                    .filter(|(at, _)| *at > after)
+                                    .filter_map(|(at, events)| matching(&spec, *at, events))
+                                    .map(|batch| batch_cost(&batch))
+                                    .sum();
+                                let queued: usize = followed.iter().map(|watcher| queued_bytes(&watcher.pending)).sum();
+                                prop_assert!(queued + replay > LIMITS.queue_total_bytes_max);
                             }
                             Err(WatchError::Compacted { oldest_available }) => {
                                 prop_assert!(after < oldest_available);
@@ -1159,6 +1254,7 @@ mod tests {
                                 for batch in batches {
                                     let expected = watcher.pending.pop_front();
                                     prop_assert_eq!(Some(&batch), expected.as_ref());
+                                    watcher.replay = watcher.replay.saturating_sub(batch_cost(&batch));
                                     watcher.last_delivered = batch.revision;
                                 }
                             }
