@@ -14,8 +14,13 @@
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::limits::{BATCH_COUNT_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX};
-use tessera_protocol::{FrameKind, Put, PutCondition, PutEntry, Request, RequestError, Scan};
+use tessera_protocol::limits::{
+    BATCH_COUNT_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
+    WATCH_PROGRESS_INTERVAL_MS_MIN,
+};
+use tessera_protocol::{
+    FrameKind, Put, PutCondition, PutEntry, Request, RequestError, Scan, Watch, WatchFrom,
+};
 
 /// Longest value the builder makes; `VALUE_SIZE_MAX` itself is covered by the property tests.
 const VALUE_SIZE_FUZZ_MAX: usize = 4096;
@@ -68,7 +73,7 @@ fn batch_count(input: &mut Unstructured<'_>) -> Result<usize> {
 }
 
 fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
-    let request = match input.int_in_range(0_u8..=14)? {
+    let request = match input.int_in_range(0_u8..=17)? {
         0 => Request::Hello {
             protocol_version: input.arbitrary()?,
             client_name: String::from_utf8_lossy(&bytes(input, TEXT_SIZE_MAX + 1)?).into_owned(),
@@ -124,6 +129,29 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
             key: key(input)?,
             delta: input.arbitrary()?,
         },
+        15 => Request::Watch(Box::new(Watch {
+            start: key(input)?,
+            end: if input.arbitrary()? {
+                Some(key(input)?)
+            } else {
+                None
+            },
+            from: match input.int_in_range(0_u8..=2)? {
+                0 => WatchFrom::Now,
+                1 => WatchFrom::After(input.arbitrary()?),
+                _ => WatchFrom::Snapshot,
+            },
+            puts: input.arbitrary()?,
+            deletes: input.arbitrary()?,
+            previous: input.arbitrary()?,
+            progress_interval_ms: input.arbitrary()?,
+        })),
+        16 => Request::Unwatch {
+            watch_id: input.arbitrary()?,
+        },
+        17 => Request::WatchProgress {
+            watch_id: input.arbitrary()?,
+        },
         _ => Request::Scan(Scan {
             start: key(input)?,
             end: if input.arbitrary()? {
@@ -145,7 +173,29 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
     let check_optional_ttl = |ttl_ms: Option<u64>| ttl_ms.map_or(Ok(()), codec::check_ttl);
     match request {
         Request::Hello { client_name, .. } => codec::check_text(client_name),
-        Request::Ping | Request::Stats => Ok(()),
+        Request::Ping
+        | Request::Stats
+        | Request::Unwatch { .. }
+        | Request::WatchProgress { .. } => Ok(()),
+        Request::Watch(watch) => {
+            codec::check_bounds(&watch.start, watch.end.as_deref())?;
+            if watch.end.as_ref().is_some_and(|end| *end <= watch.start) {
+                return Err(RequestError::EmptyRange);
+            }
+            if !watch.puts && !watch.deletes {
+                return Err(RequestError::WatchesNothing);
+            }
+            let interval_ms = watch.progress_interval_ms;
+            let allowed = WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX;
+            if interval_ms != 0 && !allowed.contains(&interval_ms) {
+                return Err(RequestError::ProgressIntervalOutOfRange {
+                    interval_ms,
+                    interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
+                    interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
+                });
+            }
+            Ok(())
+        }
         Request::Get { key }
         | Request::Delete { key, .. }
         | Request::Exists { key }
