@@ -9,7 +9,7 @@
 //! were sent) and is replaced by a new one on the next call.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ pub(crate) struct ConnectionSettings {
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
     pub inflight_max: usize,
+    pub watch_buffer_bytes_max: usize,
 }
 
 /// Bytes the writer gathers from the queue into one write at most.
@@ -42,14 +43,15 @@ pub(crate) type Stamped = (Option<ShardStamp>, Response);
 
 type ReplySender = oneshot::Sender<Result<Stamped>>;
 
-/// Messages a watch stream buffers before the reader takes them; past it the stream is
-/// ended as overflowed (the caller reports its watch as lagging), so a consumer that stops
-/// reading never stalls the connection's other requests or grows the client's memory.
-const STREAM_QUEUE_MESSAGES_MAX: usize = 64;
-
-/// Where the reader hands a watch's pushed messages.
+/// Where the reader hands a watch's pushed messages, with their sizes. At most
+/// `ConnectionSettings::watch_buffer_bytes_max` bytes (archived size) wait for the stream's
+/// reader, and always one message; past it the stream is ended as overflowed (the caller
+/// reports its watch as lagging), so a consumer that stops reading never stalls the
+/// connection's other requests or grows the client's memory.
 struct StreamSender {
-    sender: mpsc::Sender<Response>,
+    sender: mpsc::UnboundedSender<(Response, usize)>,
+    queued: Arc<AtomicUsize>,
+    queued_max: usize,
     overflowed: Arc<AtomicBool>,
 }
 
@@ -171,12 +173,15 @@ impl Connection {
             pending.replies.insert(request_id, reply_sender);
             if wants_stream {
                 // Registered before sending: pushes may follow the first reply at once.
-                let (sender, receiver) = mpsc::channel(STREAM_QUEUE_MESSAGES_MAX);
+                let (sender, receiver) = mpsc::unbounded_channel();
                 let overflowed = Arc::new(AtomicBool::new(false));
+                let queued = Arc::new(AtomicUsize::new(0));
                 pending.streams.insert(
                     request_id,
                     StreamSender {
                         sender,
+                        queued: queued.clone(),
+                        queued_max: self.settings.watch_buffer_bytes_max,
                         overflowed: overflowed.clone(),
                     },
                 );
@@ -184,6 +189,7 @@ impl Connection {
                     link: link.clone(),
                     watch_id: request_id,
                     receiver,
+                    queued,
                     overflowed,
                 });
             }
@@ -371,13 +377,18 @@ async fn read_replies(link: &Link, reader: &mut OwnedReadHalf, address: &str) ->
                 let _ = reply.send(Ok((stamp, response)));
             } else if let Some(stream) = pending.streams.get(&request_id) {
                 let is_last = matches!(response, Response::WatchCancelled(_));
-                if let Err(send_error) = stream.sender.try_send(response) {
-                    if matches!(send_error, mpsc::error::TrySendError::Full(_)) {
-                        stream.overflowed.store(true, Ordering::Relaxed);
+                let size = frame.body.len();
+                let queued = stream.queued.load(Ordering::Relaxed);
+                if queued > 0 && queued + size > stream.queued_max {
+                    stream.overflowed.store(true, Ordering::Relaxed);
+                    pending.streams.remove(&request_id);
+                } else {
+                    stream.queued.fetch_add(size, Ordering::Relaxed);
+                    // A reader that has gone is noticed when its stream is dropped.
+                    let is_gone = stream.sender.send((response, size)).is_err();
+                    if is_last || is_gone {
+                        pending.streams.remove(&request_id);
                     }
-                    pending.streams.remove(&request_id);
-                } else if is_last {
-                    pending.streams.remove(&request_id);
                 }
             }
         }
@@ -411,7 +422,8 @@ pub(crate) fn server_error(code: ErrorCode, message: String) -> ClientError {
 pub(crate) struct RemoteStream {
     link: Arc<Link>,
     watch_id: u64,
-    receiver: mpsc::Receiver<Response>,
+    receiver: mpsc::UnboundedReceiver<(Response, usize)>,
+    queued: Arc<AtomicUsize>,
     overflowed: Arc<AtomicBool>,
 }
 
@@ -438,7 +450,10 @@ pub(crate) enum StreamNext {
 impl RemoteStream {
     pub(crate) async fn next(&mut self) -> StreamNext {
         match self.receiver.recv().await {
-            Some(response) => StreamNext::Message(response),
+            Some((response, size)) => {
+                self.queued.fetch_sub(size, Ordering::Relaxed);
+                StreamNext::Message(response)
+            }
             None if self.overflowed.load(Ordering::Relaxed) => StreamNext::Overflowed,
             None => StreamNext::Closed,
         }

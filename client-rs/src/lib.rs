@@ -86,6 +86,10 @@ pub struct ClientConfig {
     pub wrong_shard_retry_max: usize,
     /// Name sent in the handshake, for the server's logs.
     pub client_name: String,
+    /// Bytes of pushed messages one watch stream buffers for a consumer that has not taken
+    /// them; past it the watch ends as [`ClientError::Lagged`] (default 4 MiB: a few of the
+    /// largest revisions). At least one message is always buffered.
+    pub watch_buffer_bytes_max: usize,
 }
 
 impl ClientConfig {
@@ -102,6 +106,7 @@ impl ClientConfig {
             inflight_max: 1024,
             wrong_shard_retry_max: 3,
             client_name: "tessera-client".to_owned(),
+            watch_buffer_bytes_max: 4 * 1024 * 1024,
         }
     }
 
@@ -110,6 +115,7 @@ impl ClientConfig {
             connect_timeout: self.connect_timeout,
             request_timeout: self.request_timeout,
             inflight_max: self.inflight_max.max(1),
+            watch_buffer_bytes_max: self.watch_buffer_bytes_max,
         }
     }
 }

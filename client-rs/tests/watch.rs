@@ -1534,7 +1534,7 @@ async fn resume_before_the_history_is_compacted(client: &Client) {
 /// watcher is gone from the server once the watch is dropped.
 async fn a_stalled_watcher_lags_within_its_bound(client: &Client) {
     const VALUE_BYTES: usize = 8 * 1024;
-    const PUT_COUNT: usize = 800;
+    const PUT_COUNT: usize = 1600;
     let topology = client.topology();
     let mut model = Model::new(&topology);
     let range = KeyRange::prefix("lag/");

@@ -358,7 +358,13 @@ impl Cluster {
             Mode::Embedded => unreachable!("embedded cases need the embedded feature"),
             Mode::Remote => {
                 let server = tessera_server::Server::start(config).expect("the server starts");
-                let connect = Client::connect(server.addresses());
+                // The client buffers a watch's pushes like the server's write buffer, so a
+                // watcher that never reads lags as soon in either mode.
+                let settings = tessera_client::ClientConfig {
+                    watch_buffer_bytes_max: WRITE_BUFFER_BYTES_MAX,
+                    ..tessera_client::ClientConfig::new(server.addresses())
+                };
+                let connect = Client::connect_with(settings);
                 let client = within(WAIT_TIMEOUT, "connect", connect)
                     .await
                     .expect("the server accepts the handshake");

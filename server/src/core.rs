@@ -32,7 +32,7 @@ use crate::inbox::{Inbox, PushError};
 use crate::runtime::LocalNotify;
 use crate::runtime::LocalSignal;
 use crate::shard::Shard;
-use crate::watch_stream::{self, SinkSet, WatchSink};
+use crate::watch_stream::{self, EncodedBatch, SinkSet, WatchSink};
 
 /// Work handed to a core from another thread: an archived request body and where to send
 /// the archived response body.
@@ -122,6 +122,9 @@ pub struct WatchDelivery {
     /// When a connection's watch next owes a periodic progress notification (`u64::MAX`
     /// for none): the tick wakes the connection task then.
     pub progress_due_ms: Cell<u64>,
+    /// The last lone revision archived for a watch stream, reused for the next stream of
+    /// the same spec.
+    pub encoded: RefCell<EncodedBatch>,
 }
 
 impl Default for WatchDelivery {
@@ -132,6 +135,7 @@ impl Default for WatchDelivery {
             sinks: RefCell::default(),
             published_seen: Cell::new(0),
             progress_due_ms: Cell::new(u64::MAX),
+            encoded: RefCell::default(),
         }
     }
 }

@@ -16,6 +16,7 @@
 //!   buffer, a channel's `connection_write_buffer_bytes_max`) plus the hub's queue bound,
 //!   past which the watcher is cancelled `Lagged`.
 
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -168,20 +169,30 @@ impl Stream {
     /// Emits what is due: queued events of revisions up to `durable`, about `room` bytes of
     /// them (a first revision whatever its size), then a progress notification if one is
     /// due and nothing is left queued; or the cancellation, after which the watcher is gone.
+    ///
+    /// A lone revision that another watcher of the same spec just received is sent as the
+    /// body `encoded` already holds, not encoded again: with many watchers of one prefix, a
+    /// write is archived once, not once per watcher.
     pub fn pump(
         &mut self,
         hub: &mut WatchHub,
         now_ms: u64,
         room: usize,
         durable: u64,
-        emit: &mut impl FnMut(&Response),
+        encoded: &mut EncodedBatch,
+        emit: &mut impl Emit,
     ) -> Pumped {
         if room > 0 && hub.has_pending(self.hub_id) {
             match hub.take_through(self.hub_id, room, durable) {
-                Some(Ok(batches)) => emit_events(&batches, emit),
+                Some(Ok(batches)) => match batches.as_slice() {
+                    [batch] if batch_cost(batch) <= WATCH_FRAME_BYTES_MAX => {
+                        emit.body(encoded.body_for(batch));
+                    }
+                    _ => emit_events(&batches, &mut |response| emit.response(response)),
+                },
                 Some(Err(Cancelled::Lagged { last_delivered })) => {
                     hub.unwatch(self.hub_id);
-                    emit(&Response::WatchCancelled(WatchCancel::Lagged {
+                    emit.response(&Response::WatchCancelled(WatchCancel::Lagged {
                         last_delivered,
                     }));
                     return Pumped::Ended;
@@ -200,7 +211,7 @@ impl Stream {
             if let Some(revision) = hub.progress(self.hub_id) {
                 // Never past what is on disk (`sync`): a resume from there must not skip
                 // revisions a crash could undo.
-                emit(&Response::WatchProgress {
+                emit.response(&Response::WatchProgress {
                     revision: revision.min(durable),
                 });
             }
@@ -210,9 +221,58 @@ impl Stream {
     }
 }
 
+/// Where a pump's messages go: responses to encode, or bodies already archived.
+pub trait Emit {
+    /// Sends `response` on the stream.
+    fn response(&mut self, response: &Response);
+    /// Sends an archived response body on the stream.
+    fn body(&mut self, body: &[u8]);
+}
+
+/// The archived `WatchEvents` of the last lone revision a stream was sent, kept so the
+/// watchers of the same spec (which share the batch) get the same bytes without encoding
+/// them again. One per core.
+#[derive(Debug, Default)]
+pub struct EncodedBatch {
+    /// The batch the body holds; kept alive so its address names it.
+    batch: Option<Rc<Batch>>,
+    body: FrameBuffer,
+}
+
+impl EncodedBatch {
+    /// The archived `WatchEvents` of `batch` alone, encoded unless it was the last one.
+    fn body_for(&mut self, batch: &Rc<Batch>) -> &[u8] {
+        let is_cached = self
+            .batch
+            .as_ref()
+            .is_some_and(|cached| Rc::ptr_eq(cached, batch));
+        if !is_cached {
+            let message = Response::WatchEvents(WatchEvents {
+                batches: vec![to_wire_batch(batch)],
+                continues: false,
+            });
+            // A push carries its own revisions. Under `WATCH_FRAME_BYTES_MAX` it fits a frame.
+            self.body = encode_reply_body(None, &message);
+            self.batch = Some(batch.clone());
+        }
+        &self.body
+    }
+}
+
+fn to_wire_batch(batch: &Batch) -> EventBatch {
+    EventBatch {
+        revision: batch.revision,
+        events: batch.events.iter().map(to_wire).collect(),
+    }
+}
+
+fn batch_cost(batch: &Batch) -> usize {
+    batch.events.iter().map(Event::cost).sum()
+}
+
 /// Turns taken batches into `WatchEvents` messages of about `WATCH_FRAME_BYTES_MAX` bytes
 /// each, splitting a revision too large for one.
-fn emit_events(batches: &[Batch], emit: &mut impl FnMut(&Response)) {
+fn emit_events(batches: &[Rc<Batch>], emit: &mut impl FnMut(&Response)) {
     let mut message = WatchEvents {
         batches: Vec::new(),
         continues: false,
@@ -308,6 +368,28 @@ pub struct WatchSink {
     queued: Arc<AtomicUsize>,
 }
 
+impl Emit for WatchSink {
+    fn response(&mut self, response: &Response) {
+        // A push carries its own revisions.
+        let body = encode_reply_body(None, response);
+        self.send(body);
+    }
+
+    fn body(&mut self, body: &[u8]) {
+        let mut copy = FrameBuffer::with_capacity(body.len());
+        copy.extend_from_slice(body);
+        self.send(copy);
+    }
+}
+
+impl WatchSink {
+    fn send(&self, body: FrameBuffer) {
+        self.queued.fetch_add(body.len(), Ordering::Relaxed);
+        // A reader that just went away is noticed on the next pump.
+        let _ = self.sender.unbounded_send(body);
+    }
+}
+
 /// The reader's end of an in-process watch channel: archived response bodies.
 #[derive(Debug)]
 pub struct WatchReceiver {
@@ -367,21 +449,21 @@ impl SinkSet {
     }
 
     /// Pumps every stream; drops those whose reader is gone or that ended.
-    fn pump_all(&mut self, hub: &mut WatchHub, now_ms: u64, room_max: usize, durable: u64) {
+    fn pump_all(
+        &mut self,
+        hub: &mut WatchHub,
+        now_ms: u64,
+        room_max: usize,
+        durable: u64,
+        encoded: &mut EncodedBatch,
+    ) {
         self.streams.retain_mut(|(stream, sink)| {
             if sink.sender.is_closed() {
                 hub.unwatch(stream.hub_id);
                 return false;
             }
             let room = room_max.saturating_sub(sink.queued.load(Ordering::Relaxed));
-            let mut emit = |response: &Response| {
-                // A push carries its own revisions.
-                let body = encode_reply_body(None, response);
-                sink.queued.fetch_add(body.len(), Ordering::Relaxed);
-                // A reader that just went away is noticed on the next pump.
-                let _ = sink.sender.unbounded_send(body);
-            };
-            stream.pump(hub, now_ms, room, durable, &mut emit) != Pumped::Ended
+            stream.pump(hub, now_ms, room, durable, encoded, sink) != Pumped::Ended
         });
     }
 }
@@ -407,7 +489,8 @@ pub async fn serve_sinks(context: std::rc::Rc<CoreContext>) {
         let durable = deliverable_revision(&context);
         let room_max = context.config.connection_write_buffer_bytes_max;
         let mut shard = context.shard.borrow_mut();
-        sinks.pump_all(shard.watch_hub(), now_ms, room_max, durable);
+        let mut encoded = context.watch.encoded.borrow_mut();
+        sinks.pump_all(shard.watch_hub(), now_ms, room_max, durable, &mut encoded);
     }
     // Readers see their channel end once the sinks are dropped.
     let mut sinks = context.watch.sinks.borrow_mut();
@@ -435,7 +518,8 @@ mod tests {
     /// Emits `batches` and returns the messages.
     fn emitted(batches: &[Batch]) -> Vec<WatchEvents> {
         let mut messages = Vec::new();
-        emit_events(batches, &mut |response: &Response| match response {
+        let shared: Vec<Rc<Batch>> = batches.iter().cloned().map(Rc::new).collect();
+        emit_events(&shared, &mut |response: &Response| match response {
             Response::WatchEvents(events) => messages.push(events.clone()),
             other => panic!("unexpected {other:?}"),
         });
@@ -505,5 +589,29 @@ mod tests {
             joined(&messages),
             vec![(1, per_revision), (2, per_revision)]
         );
+    }
+
+    /// Watchers of one spec share each batch, and the second is sent the bytes archived
+    /// for the first; a different batch is archived anew. Both decode to the same message.
+    #[test]
+    fn a_shared_batch_is_archived_once() {
+        let mut encoded = EncodedBatch::default();
+        let shared = Rc::new(batch(7, 2, 10));
+        let first = encoded.body_for(&shared).to_vec();
+        let first_address = encoded.body.as_ptr();
+        let again = encoded.body_for(&shared.clone()).to_vec();
+        assert_eq!(first, again);
+        assert_eq!(encoded.body.as_ptr(), first_address, "not archived again");
+        let other = Rc::new(batch(7, 2, 10));
+        let other_body = encoded.body_for(&other).to_vec();
+        assert_eq!(other_body, first, "equal batches archive equally");
+        let decoded = tessera_protocol::codec::decode_response(&first).unwrap();
+        let Response::WatchEvents(events) = decoded else {
+            panic!("unexpected {decoded:?}");
+        };
+        assert!(!events.continues);
+        assert_eq!(events.batches.len(), 1);
+        assert_eq!(events.batches[0].revision, 7);
+        assert_eq!(events.batches[0].events.len(), 2);
     }
 }

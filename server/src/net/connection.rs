@@ -1044,14 +1044,14 @@ impl Connection {
         let mut shard = context.shard.borrow_mut();
         let hub = shard.watch_hub();
         let mut due_min = context.watch.progress_due_ms.get();
+        let mut encoded = context.watch.encoded.borrow_mut();
         self.watches.retain_mut(|stream| {
             let room = buffer_max.saturating_sub(write_buffer.len() + sending);
-            let watch_id = stream.watch_id;
-            let mut emit = |response: &Response| {
-                // A push carries its own revisions.
-                encode_response_into(write_buffer, watch_id, None, response);
+            let mut emit = PushEmit {
+                buffer: write_buffer,
+                watch_id: stream.watch_id,
             };
-            let pumped = stream.pump(hub, now_ms, room, durable, &mut emit);
+            let pumped = stream.pump(hub, now_ms, room, durable, &mut encoded, &mut emit);
             if let Some(due) = stream.progress_due_ms() {
                 due_min = due_min.min(due);
             }
@@ -1148,6 +1148,27 @@ impl Connection {
                 true
             }
             _ => false,
+        }
+    }
+}
+
+/// Frames a watch's pushes into a connection's write buffer, under the watch's id.
+struct PushEmit<'a> {
+    buffer: &'a mut FrameBuffer,
+    watch_id: u64,
+}
+
+impl watch_stream::Emit for PushEmit<'_> {
+    fn response(&mut self, response: &Response) {
+        // A push carries its own revisions.
+        encode_response_into(self.buffer, self.watch_id, None, response);
+    }
+
+    fn body(&mut self, body: &[u8]) {
+        let framed =
+            codec::encode_frame_with_body(self.buffer, FrameKind::Response, self.watch_id, body);
+        if let Err(protocol_error) = framed {
+            refuse_reply(self.buffer, self.watch_id, &protocol_error);
         }
     }
 }

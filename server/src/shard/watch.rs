@@ -22,8 +22,9 @@
 //! them together `queue_total_bytes_max` (past it, the watcher with the longest queue is
 //! cancelled as lagging).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
+use std::rc::Rc;
 
 /// Identifies a watcher within its hub.
 pub type WatchId = u64;
@@ -190,7 +191,7 @@ pub struct Batch {
 }
 
 /// Which keys and changes a watcher follows.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct WatchSpec {
     /// First key (inclusive).
     pub start: Box<[u8]>,
@@ -344,7 +345,10 @@ impl Default for WatchLimits {
 #[derive(Debug)]
 struct Watcher {
     spec: WatchSpec,
-    queue: VecDeque<Batch>,
+    /// Watchers with equal specs share one id, and each publish builds their batch once.
+    spec_id: u64,
+    /// Batches, shared with the watchers of the same spec.
+    queue: VecDeque<Rc<Batch>>,
     queue_bytes: usize,
     /// The last revision handed out by `take`.
     last_delivered: u64,
@@ -505,6 +509,11 @@ pub struct WatchHub {
     queued_bytes: usize,
     /// Revisions published so far: tells whoever delivers that there may be more to take.
     published_count: u64,
+    /// The distinct specs of the watchers: id and how many watchers have it.
+    specs: HashMap<WatchSpec, (u64, usize)>,
+    next_spec_id: u64,
+    /// A publish's batch per spec id (cleared after each publish; kept for its capacity).
+    batches: HashMap<u64, Option<Rc<Batch>>>,
 }
 
 impl WatchHub {
@@ -519,6 +528,9 @@ impl WatchHub {
             next_id: 1,
             queued_bytes: 0,
             published_count: 0,
+            specs: HashMap::new(),
+            next_spec_id: 0,
+            batches: HashMap::new(),
         }
     }
 
@@ -583,6 +595,7 @@ impl WatchHub {
         };
         let mut watcher = Watcher {
             spec,
+            spec_id: 0,
             queue: VecDeque::new(),
             queue_bytes: 0,
             last_delivered: after,
@@ -600,12 +613,9 @@ impl WatchHub {
                     .count();
             // The replay is bounded by the history, not by the queue: a resume whose backlog
             // passed the queue bound would otherwise be cancelled again on every attempt.
-            enqueue(
-                &mut watcher,
-                revision,
-                replayed[index..end].iter(),
-                usize::MAX,
-            );
+            if let Some(batch) = batch_for(&watcher.spec, revision, replayed[index..end].iter()) {
+                enqueue(&mut watcher, Rc::new(batch), usize::MAX);
+            }
             index = end;
         }
         if self.queued_bytes + watcher.queue_bytes > self.limits.queue_total_bytes_max {
@@ -615,6 +625,7 @@ impl WatchHub {
         }
         watcher.replay_bytes = watcher.queue_bytes;
         self.queued_bytes += watcher.queue_bytes;
+        watcher.spec_id = self.intern(&watcher.spec);
         let id = self.next_id;
         self.next_id += 1;
         self.watchers.insert(id, watcher);
@@ -633,15 +644,19 @@ impl WatchHub {
         self.revision = revision;
         self.published_count += 1;
         for watcher in self.watchers.values_mut() {
+            if watcher.cancelled.is_some() {
+                continue;
+            }
+            let batch = self
+                .batches
+                .entry(watcher.spec_id)
+                .or_insert_with(|| batch_for(&watcher.spec, revision, events.iter()).map(Rc::new));
+            let Some(batch) = batch else { continue };
             let before = watcher.queue_bytes;
-            enqueue(
-                watcher,
-                revision,
-                events.iter(),
-                self.limits.queue_bytes_max,
-            );
+            enqueue(watcher, batch.clone(), self.limits.queue_bytes_max);
             self.queued_bytes = self.queued_bytes - before + watcher.queue_bytes;
         }
+        self.batches.clear();
         for event in events.drain(..) {
             self.history.push(&event);
         }
@@ -690,17 +705,19 @@ impl WatchHub {
     /// queued), oldest first; or why it was cancelled, once its queue is empty. `None` for an
     /// unknown watcher.
     pub fn take(&mut self, id: WatchId, bytes_max: usize) -> Option<Result<Vec<Batch>, Cancelled>> {
-        self.take_through(id, bytes_max, u64::MAX)
+        let taken = self.take_through(id, bytes_max, u64::MAX)?;
+        Some(taken.map(|batches| batches.into_iter().map(Rc::unwrap_or_clone).collect()))
     }
 
     /// Like [`WatchHub::take`], but only batches of revisions up to `revision_max` (those
-    /// already on disk, when events wait for the log like replies do).
+    /// already on disk, when events wait for the log like replies do), as shared with the
+    /// other watchers of the same spec: the same `Rc` for all of them.
     pub fn take_through(
         &mut self,
         id: WatchId,
         bytes_max: usize,
         revision_max: u64,
-    ) -> Option<Result<Vec<Batch>, Cancelled>> {
+    ) -> Option<Result<Vec<Rc<Batch>>, Cancelled>> {
         let watcher = self.watchers.get_mut(&id)?;
         if let Some(cancelled) = watcher.cancelled {
             return Some(Err(cancelled));
@@ -739,6 +756,18 @@ impl WatchHub {
         })
     }
 
+    /// The id of `spec`, shared by every watcher with an equal one.
+    fn intern(&mut self, spec: &WatchSpec) -> u64 {
+        if let Some((spec_id, count)) = self.specs.get_mut(spec) {
+            *count += 1;
+            return *spec_id;
+        }
+        let spec_id = self.next_spec_id;
+        self.next_spec_id += 1;
+        self.specs.insert(spec.clone(), (spec_id, 1));
+        spec_id
+    }
+
     /// Whether `id` has batches queued (or a cancellation to report).
     pub fn has_pending(&self, id: WatchId) -> bool {
         self.watchers
@@ -751,6 +780,12 @@ impl WatchHub {
         match self.watchers.remove(&id) {
             Some(watcher) => {
                 self.queued_bytes -= watcher.queue_bytes;
+                if let Some((_, count)) = self.specs.get_mut(&watcher.spec) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.specs.remove(&watcher.spec);
+                    }
+                }
                 true
             }
             None => false,
@@ -762,27 +797,27 @@ fn batch_cost(batch: &Batch) -> usize {
     batch.events.iter().map(Event::cost).sum()
 }
 
-/// Queues for `watcher` the events of `revision` it matches, or cancels it if they would
+/// The events of `revision` that `spec` matches, shaped for it; `None` if there are none.
+fn batch_for<'a>(
+    spec: &WatchSpec,
+    revision: u64,
+    events: impl Iterator<Item = &'a Event>,
+) -> Option<Batch> {
+    let events: Vec<Event> = events
+        .filter(|event| spec.matches(event))
+        .map(|event| spec.shaped(event))
+        .collect();
+    (!events.is_empty()).then_some(Batch { revision, events })
+}
+
+/// Queues `batch` for `watcher`, or cancels it if it would
 /// take a queue already holding something past `queue_bytes_max`. An empty queue takes any
 /// one batch: the bound limits a backlog, and a single revision larger than it (a batch of
 /// big values) must not cancel every watcher that resumes before it.
-fn enqueue<'a>(
-    watcher: &mut Watcher,
-    revision: u64,
-    events: impl Iterator<Item = &'a Event>,
-    queue_bytes_max: usize,
-) {
+fn enqueue(watcher: &mut Watcher, batch: Rc<Batch>, queue_bytes_max: usize) {
     if watcher.cancelled.is_some() {
         return;
     }
-    let events: Vec<Event> = events
-        .filter(|event| watcher.spec.matches(event))
-        .map(|event| watcher.spec.shaped(event))
-        .collect();
-    if events.is_empty() {
-        return;
-    }
-    let batch = Batch { revision, events };
     let cost = batch_cost(&batch);
     let backlog = watcher.queue_bytes - watcher.replay_bytes;
     if !watcher.queue.is_empty() && backlog + cost > queue_bytes_max {
