@@ -16,6 +16,7 @@
 //!   buffer, a channel's `connection_write_buffer_bytes_max`) plus the hub's queue bound,
 //!   past which the watcher is cancelled `Lagged`.
 
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -185,6 +186,9 @@ impl Stream {
         if room > 0 && hub.has_pending(self.hub_id) {
             match hub.take_through(self.hub_id, room, durable) {
                 Some(Ok(batches)) => match batches.as_slice() {
+                    // A watcher keeping up takes one revision at a time: archived once for
+                    // every watcher that shares it. One behind takes several, in one message
+                    // (fewer messages for a reader that is already slow).
                     [batch] if batch_cost(batch) <= WATCH_FRAME_BYTES_MAX => {
                         emit.body(encoded.body_for(batch));
                     }
@@ -229,33 +233,55 @@ pub trait Emit {
     fn body(&mut self, body: &[u8]);
 }
 
-/// The archived `WatchEvents` of the last lone revision a stream was sent, kept so the
-/// watchers of the same spec (which share the batch) get the same bytes without encoding
-/// them again. One per core.
+/// Revisions whose archived bytes a core keeps for the watchers that share them.
+const ENCODED_BATCHES_MAX: usize = 256;
+
+/// Bytes of archived revisions a core keeps (a larger one is archived, used, and dropped).
+const ENCODED_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// The archived `WatchEvents` of recent revisions, each alone, kept so the watchers of one
+/// spec (which share each batch) get the same bytes without encoding them again, whether
+/// they are level or some revisions apart. One per core; the oldest entry goes first past
+/// `ENCODED_BATCHES_MAX` entries or `ENCODED_BYTES_MAX` bytes.
 #[derive(Debug, Default)]
 pub struct EncodedBatch {
-    /// The batch the body holds; kept alive so its address names it.
-    batch: Option<Rc<Batch>>,
-    body: FrameBuffer,
+    /// By the batch's address; the `Rc` kept in the entry keeps the address from reuse.
+    entries: HashMap<usize, (Rc<Batch>, FrameBuffer)>,
+    /// Addresses, oldest first.
+    order: VecDeque<usize>,
+    bytes: usize,
 }
 
 impl EncodedBatch {
-    /// The archived `WatchEvents` of `batch` alone, encoded unless it was the last one.
+    /// The archived `WatchEvents` of `batch` alone, encoded unless it is kept.
     fn body_for(&mut self, batch: &Rc<Batch>) -> &[u8] {
-        let is_cached = self
-            .batch
-            .as_ref()
-            .is_some_and(|cached| Rc::ptr_eq(cached, batch));
-        if !is_cached {
+        let address = Rc::as_ptr(batch) as usize;
+        if !self.entries.contains_key(&address) {
             let message = Response::WatchEvents(WatchEvents {
                 batches: vec![to_wire_batch(batch)],
                 continues: false,
             });
             // A push carries its own revisions. Under `WATCH_FRAME_BYTES_MAX` it fits a frame.
-            self.body = encode_reply_body(None, &message);
-            self.batch = Some(batch.clone());
+            let body = encode_reply_body(None, &message);
+            while !self.order.is_empty()
+                && (self.order.len() >= ENCODED_BATCHES_MAX
+                    || self.bytes + body.len() > ENCODED_BYTES_MAX)
+            {
+                if let Some((_, evicted)) = self
+                    .order
+                    .pop_front()
+                    .and_then(|oldest| self.entries.remove(&oldest))
+                {
+                    self.bytes -= evicted.len();
+                }
+            }
+            self.bytes += body.len();
+            self.order.push_back(address);
+            self.entries.insert(address, (batch.clone(), body));
         }
-        &self.body
+        self.entries
+            .get(&address)
+            .map_or(&[][..], |(_, body)| &body[..])
     }
 }
 
@@ -598,13 +624,30 @@ mod tests {
         let mut encoded = EncodedBatch::default();
         let shared = Rc::new(batch(7, 2, 10));
         let first = encoded.body_for(&shared).to_vec();
-        let first_address = encoded.body.as_ptr();
-        let again = encoded.body_for(&shared.clone()).to_vec();
-        assert_eq!(first, again);
-        assert_eq!(encoded.body.as_ptr(), first_address, "not archived again");
+        let first_address = encoded.body_for(&shared).as_ptr();
+        let later = Rc::new(batch(8, 1, 10));
+        let later_body = encoded.body_for(&later).to_vec();
+        let again = encoded.body_for(&shared.clone());
+        assert_eq!(again, &first[..]);
+        assert_eq!(again.as_ptr(), first_address, "kept, not archived again");
         let other = Rc::new(batch(7, 2, 10));
         let other_body = encoded.body_for(&other).to_vec();
         assert_eq!(other_body, first, "equal batches archive equally");
+        assert_ne!(later_body, first);
+        // Past the entry bound the oldest goes; the bytes stay bounded.
+        for revision in 0..2 * ENCODED_BATCHES_MAX as u64 {
+            encoded.body_for(&Rc::new(batch(100 + revision, 1, 10)));
+        }
+        assert!(encoded.entries.len() <= ENCODED_BATCHES_MAX);
+        assert_eq!(encoded.entries.len(), encoded.order.len());
+        assert_eq!(
+            encoded.bytes,
+            encoded
+                .entries
+                .values()
+                .map(|(_, body)| body.len())
+                .sum::<usize>()
+        );
         let decoded = tessera_protocol::codec::decode_response(&first).unwrap();
         let Response::WatchEvents(events) = decoded else {
             panic!("unexpected {decoded:?}");
