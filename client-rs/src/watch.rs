@@ -19,13 +19,12 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use futures_util::Stream;
-use tessera_protocol::codec::check_bounds;
-use tessera_protocol::limits::{WATCH_PROGRESS_INTERVAL_MS_MAX, WATCH_PROGRESS_INTERVAL_MS_MIN};
+use tessera_protocol::codec::check_watch;
+use tessera_protocol::ErrorCode;
 use tessera_protocol::{
     slot_for_key, EventBatch, Request, Response, ShardLocation, Watch as WatchRequest, WatchCancel,
     WatchEvents, WatchFrom, Watching,
 };
-use tessera_protocol::{ErrorCode, RequestError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -273,31 +272,18 @@ impl Client {
     /// longer holds, `Overloaded` past a watcher limit) or cannot be reached. Nothing is left
     /// open on any shard. Errors after that arrive on the stream.
     pub async fn watch(&self, range: &KeyRange, options: WatchOptions) -> Result<Watch> {
-        check_bounds(&range.start, range.end.as_deref())?;
-        if range
-            .end
-            .as_deref()
-            .is_some_and(|end| end <= range.start.as_slice())
-        {
-            return Err(RequestError::EmptyRange.into());
-        }
-        if !options.puts && !options.deletes {
-            return Err(RequestError::WatchesNothing.into());
-        }
         let progress_interval_ms = match options.progress_interval {
             None => 0,
             // Rounded up: an interval shorter than a millisecond must not turn progress off.
             Some(interval) => u32::try_from(interval.as_millis().max(1)).unwrap_or(u32::MAX),
         };
-        let allowed = WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX;
-        if progress_interval_ms != 0 && !allowed.contains(&progress_interval_ms) {
-            return Err(RequestError::ProgressIntervalOutOfRange {
-                interval_ms: progress_interval_ms,
-                interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
-                interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
-            }
-            .into());
-        }
+        check_watch(
+            &range.start,
+            range.end.as_deref(),
+            options.puts,
+            options.deletes,
+            progress_interval_ms,
+        )?;
         let view = self.view();
         let locations: Vec<ShardLocation> = if range.is_one_key() {
             vec![view.routes.owner_of_slot(slot_for_key(&range.start))]

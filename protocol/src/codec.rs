@@ -441,6 +441,37 @@ pub fn check_text(text: &str) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// Checks a watch's arguments: its range's bounds, that the range holds a key at all, that
+/// it delivers puts or deletes, and its progress interval (0 for none).
+///
+/// # Errors
+/// The first argument out of bounds, in that order.
+pub fn check_watch(
+    start: &[u8],
+    end: Option<&[u8]>,
+    puts: bool,
+    deletes: bool,
+    progress_interval_ms: u32,
+) -> Result<(), RequestError> {
+    check_bounds(start, end)?;
+    if end.is_some_and(|end| end <= start) {
+        // A watch that can never see a key is a mistake, not a quiet stream.
+        return Err(RequestError::EmptyRange);
+    }
+    if !puts && !deletes {
+        return Err(RequestError::WatchesNothing);
+    }
+    let allowed = WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX;
+    if progress_interval_ms != 0 && !allowed.contains(&progress_interval_ms) {
+        return Err(RequestError::ProgressIntervalOutOfRange {
+            interval_ms: progress_interval_ms,
+            interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
+            interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
+        });
+    }
+    Ok(())
+}
+
 /// Checks a range's bounds: each may be empty (the start of the keyspace) but not longer
 /// than a key.
 ///
@@ -492,27 +523,13 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
         | ArchivedRequest::Stats
         | ArchivedRequest::Unwatch { .. }
         | ArchivedRequest::WatchProgress { .. } => Ok(()),
-        ArchivedRequest::Watch(watch) => {
-            let end = watch.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice);
-            check_bounds(watch.start.as_slice(), end)?;
-            if end.is_some_and(|end| end <= watch.start.as_slice()) {
-                // A watch that can never see a key is a mistake, not a quiet stream.
-                return Err(RequestError::EmptyRange);
-            }
-            if !watch.puts && !watch.deletes {
-                return Err(RequestError::WatchesNothing);
-            }
-            let interval_ms = watch.progress_interval_ms.to_native();
-            let allowed = WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX;
-            if interval_ms != 0 && !allowed.contains(&interval_ms) {
-                return Err(RequestError::ProgressIntervalOutOfRange {
-                    interval_ms,
-                    interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
-                    interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
-                });
-            }
-            Ok(())
-        }
+        ArchivedRequest::Watch(watch) => check_watch(
+            watch.start.as_slice(),
+            watch.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice),
+            watch.puts,
+            watch.deletes,
+            watch.progress_interval_ms.to_native(),
+        ),
         ArchivedRequest::Scan(scan) => {
             check_bounds(
                 scan.start.as_slice(),

@@ -14,10 +14,7 @@
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::limits::{
-    BATCH_COUNT_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
-    WATCH_PROGRESS_INTERVAL_MS_MIN,
-};
+use tessera_protocol::limits::{BATCH_COUNT_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX};
 use tessera_protocol::{
     FrameKind, Put, PutCondition, PutEntry, Request, RequestError, Scan, Watch, WatchFrom,
 };
@@ -177,25 +174,13 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
         | Request::Stats
         | Request::Unwatch { .. }
         | Request::WatchProgress { .. } => Ok(()),
-        Request::Watch(watch) => {
-            codec::check_bounds(&watch.start, watch.end.as_deref())?;
-            if watch.end.as_ref().is_some_and(|end| *end <= watch.start) {
-                return Err(RequestError::EmptyRange);
-            }
-            if !watch.puts && !watch.deletes {
-                return Err(RequestError::WatchesNothing);
-            }
-            let interval_ms = watch.progress_interval_ms;
-            let allowed = WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX;
-            if interval_ms != 0 && !allowed.contains(&interval_ms) {
-                return Err(RequestError::ProgressIntervalOutOfRange {
-                    interval_ms,
-                    interval_ms_min: WATCH_PROGRESS_INTERVAL_MS_MIN,
-                    interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
-                });
-            }
-            Ok(())
-        }
+        Request::Watch(watch) => codec::check_watch(
+            &watch.start,
+            watch.end.as_deref(),
+            watch.puts,
+            watch.deletes,
+            watch.progress_interval_ms,
+        ),
         Request::Get { key }
         | Request::Delete { key, .. }
         | Request::Exists { key }
