@@ -121,7 +121,7 @@ impl ClientConfig {
 }
 
 /// Options of a put beyond key and value.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PutOptions {
     ttl: Option<Duration>,
     keep_ttl: bool,
@@ -164,6 +164,23 @@ impl PutOptions {
         self
     }
 
+    /// Only write if the key's version is `version` (0: the key does not exist): a
+    /// compare-and-set against a version read earlier. A put that loses says the current
+    /// version in [`PutOutcome::version`] (and the entry, with
+    /// [`PutOptions::return_previous`]).
+    #[must_use]
+    pub fn if_version(mut self, version: u64) -> Self {
+        self.condition = PutCondition::IfVersion(version);
+        self
+    }
+
+    /// Only write if the key exists and holds exactly `value`.
+    #[must_use]
+    pub fn if_value(mut self, value: impl Into<Vec<u8>>) -> Self {
+        self.condition = PutCondition::IfValue(value.into());
+        self
+    }
+
     /// Return the entry the put replaced (or found, if the condition failed).
     #[must_use]
     pub fn return_previous(mut self) -> Self {
@@ -180,6 +197,9 @@ pub struct PutOutcome {
     /// The key's mod revision after the put: the shard revision the put was applied at, or
     /// the key's current mod revision if not applied (0 if absent).
     pub mod_revision: u64,
+    /// The key's version after the put: the new one if applied, else the current one (0 if
+    /// absent).
+    pub version: u64,
     /// The previous entry, if asked for and it existed.
     pub previous: Option<Entry>,
 }
@@ -422,6 +442,9 @@ impl Client {
         let (key, value) = (key.as_ref(), value.as_ref());
         check_key(key)?;
         check_value(value)?;
+        if let PutCondition::IfValue(expected) = &options.condition {
+            check_value(expected)?;
+        }
         let ttl_ms = options.ttl.map(duration_ms).transpose()?;
         let request = Request::Put(Put {
             key: key.to_vec(),
@@ -435,10 +458,12 @@ impl Client {
             Response::Put {
                 applied,
                 mod_revision,
+                version,
                 previous,
             } => Ok(PutOutcome {
                 applied,
                 mod_revision,
+                version,
                 previous,
             }),
             other => Err(unexpected(&other)),

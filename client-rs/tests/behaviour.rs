@@ -1729,11 +1729,14 @@ async fn scan_skips_expired_and_deleted_keys(client: &Client) {
     let lasting = PutOptions::new().ttl(Duration::from_secs(60));
     for index in 30..40 {
         let key = format!("{prefix}{index:03}");
-        client.put_with(&key, "brief", brief).await.unwrap();
+        client.put_with(&key, "brief", brief.clone()).await.unwrap();
     }
     for index in 40..45 {
         let key = format!("{prefix}{index:03}");
-        client.put_with(&key, "lasting", lasting).await.unwrap();
+        client
+            .put_with(&key, "lasting", lasting.clone())
+            .await
+            .unwrap();
         let entry = entry_of(client, &key).await;
         assert!(entry.expires_at_ms.is_some(), "entry={entry:?}");
         model.insert(key.into_bytes(), entry);

@@ -19,7 +19,8 @@ use crate::limits::{
     WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
 use crate::message::{
-    ArchivedReply, ArchivedRequest, ArchivedResponse, Reply, Request, Response, ShardStamp,
+    ArchivedPutCondition, ArchivedReply, ArchivedRequest, ArchivedResponse, Reply, Request,
+    Response, ShardStamp,
 };
 
 /// A byte buffer whose start is 16-byte aligned, as frames and archived bodies need.
@@ -506,6 +507,9 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
         ArchivedRequest::Put(put) => {
             check_key(put.key.as_slice())?;
             check_value(put.value.as_slice())?;
+            if let ArchivedPutCondition::IfValue(expected) = &put.condition {
+                check_value(expected.as_slice())?;
+            }
             match put.ttl_ms.as_ref() {
                 Some(ttl_ms) => check_ttl(ttl_ms.to_native()),
                 None => Ok(()),

@@ -221,9 +221,9 @@ pub fn key_after(key: &[u8]) -> Vec<u8> {
 
 /// When a put applies.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
-#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+#[rkyv(derive(Debug))]
 pub enum PutCondition {
     /// Always.
     #[default]
@@ -232,6 +232,11 @@ pub enum PutCondition {
     IfAbsent,
     /// Only if the key exists.
     IfPresent,
+    /// Only if the key's version is exactly this: a compare-and-set against a version read
+    /// earlier. Version 0 means the key does not exist.
+    IfVersion(u64),
+    /// Only if the key exists and holds exactly this value (at most `VALUE_SIZE_MAX` bytes).
+    IfValue(Vec<u8>),
 }
 
 /// The arguments of [`Request::Put`].
@@ -374,6 +379,9 @@ pub enum Response {
         /// The key's mod revision after the request: the new one if applied, else the current
         /// one (0 if the key does not exist).
         mod_revision: u64,
+        /// The key's version after the request: the new one if applied, else the current one
+        /// (0 if the key does not exist), so a compare-and-set that lost needs no second read.
+        version: u64,
         /// The previous entry, if asked for and the key existed.
         previous: Option<Entry>,
     },

@@ -87,6 +87,8 @@ fn put_condition() -> impl Strategy<Value = PutCondition> {
         Just(PutCondition::Always),
         Just(PutCondition::IfAbsent),
         Just(PutCondition::IfPresent),
+        any::<u64>().prop_map(PutCondition::IfVersion),
+        prop::collection::vec(any::<u8>(), 0..32).prop_map(PutCondition::IfValue),
     ]
 }
 
@@ -468,13 +470,18 @@ fn response() -> impl Strategy<Value = Response> {
             .prop_map(|(node_id, core_id)| Response::Pong { node_id, core_id }),
         core_stats().prop_map(|stats| Response::Stats(Box::new(stats))),
         proptest::option::of(entry()).prop_map(Response::Value),
-        (any::<bool>(), any::<u64>(), proptest::option::of(entry())).prop_map(
-            |(applied, mod_revision, previous)| Response::Put {
+        (
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::option::of(entry())
+        )
+            .prop_map(|(applied, mod_revision, version, previous)| Response::Put {
                 applied,
                 mod_revision,
+                version,
                 previous,
-            }
-        ),
+            }),
         (any::<bool>(), proptest::option::of(entry()))
             .prop_map(|(deleted, previous)| Response::Delete { deleted, previous }),
         any::<bool>().prop_map(|exists| Response::Exists { exists }),
@@ -962,10 +969,10 @@ fn every_bit_of_small_frames_is_checked() {
         Message::Request(Request::Get {
             key: b"user:1".to_vec(),
         }),
-        // A value of five bytes, so the body (the 96-byte root and the value, padded to 8) is
-        // not a multiple of 16 and the frame has padding.
+        // A value of nine bytes, so the body (the 104-byte root and the value, padded to 16)
+        // is not a multiple of 16 and the frame has padding.
         Message::Response(Response::Value(Some(Entry {
-            value: b"five!".to_vec(),
+            value: b"ninebytes".to_vec(),
             create_revision: 1,
             mod_revision: 1,
             version: 1,
@@ -1261,6 +1268,11 @@ fn requests_with_key(key: &[u8]) -> Vec<Request> {
 fn requests_with_value(value: &[u8]) -> Vec<Request> {
     vec![
         Request::Put(Put::new("k", value)),
+        // The value a compare-and-set expects is bounded like a value.
+        Request::Put(Put {
+            condition: PutCondition::IfValue(value.to_vec()),
+            ..Put::new("k", "new")
+        }),
         Request::MultiPut {
             entries: vec![
                 PutEntry {

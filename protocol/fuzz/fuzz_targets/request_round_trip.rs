@@ -83,10 +83,12 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
             value: value(input)?,
             ttl_ms: ttl_ms(input)?,
             keep_ttl: input.arbitrary()?,
-            condition: match input.int_in_range(0_u8..=2)? {
+            condition: match input.int_in_range(0_u8..=4)? {
                 0 => PutCondition::Always,
                 1 => PutCondition::IfAbsent,
-                _ => PutCondition::IfPresent,
+                2 => PutCondition::IfPresent,
+                3 => PutCondition::IfVersion(input.arbitrary()?),
+                _ => PutCondition::IfValue(bytes(input, VALUE_SIZE_FUZZ_MAX)?),
             },
             return_previous: input.arbitrary()?,
         }),
@@ -190,6 +192,9 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
         Request::Put(put) => {
             codec::check_key(&put.key)?;
             codec::check_value(&put.value)?;
+            if let PutCondition::IfValue(expected) = &put.condition {
+                codec::check_value(expected)?;
+            }
             check_optional_ttl(put.ttl_ms)
         }
         Request::Expire { key, ttl_ms } => {

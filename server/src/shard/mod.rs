@@ -23,8 +23,8 @@ use ahash::AHashSet;
 use tessera_protocol::limits::SCAN_PAGE_BYTES_MAX;
 use tessera_protocol::message::{ArchivedPutEntry, ArchivedRequest, ArchivedScan};
 use tessera_protocol::{
-    ArchivedPutCondition, Entry, ErrorCode, ErrorReply, PutCondition, Response, ScanItem, ScanPage,
-    SlotRange, TtlState,
+    ArchivedPutCondition, Entry, ErrorCode, ErrorReply, Response, ScanItem, ScanPage, SlotRange,
+    TtlState,
 };
 
 use self::store::{entry_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
@@ -370,22 +370,15 @@ impl Shard {
                 core_id: self.config.shard_id,
             },
             ArchivedRequest::Get { key } => Response::Value(self.get(now_ms, key)),
-            ArchivedRequest::Put(put) => {
-                let condition = match put.condition {
-                    ArchivedPutCondition::Always => PutCondition::Always,
-                    ArchivedPutCondition::IfAbsent => PutCondition::IfAbsent,
-                    ArchivedPutCondition::IfPresent => PutCondition::IfPresent,
-                };
-                self.put(
-                    now_ms,
-                    &put.key,
-                    &put.value,
-                    put.ttl_ms.as_ref().map(|ttl_ms| ttl_ms.to_native()),
-                    put.keep_ttl,
-                    condition,
-                    put.return_previous,
-                )
-            }
+            ArchivedRequest::Put(put) => self.put(
+                now_ms,
+                &put.key,
+                &put.value,
+                put.ttl_ms.as_ref().map(|ttl_ms| ttl_ms.to_native()),
+                put.keep_ttl,
+                Condition::of(&put.condition),
+                put.return_previous,
+            ),
             ArchivedRequest::Delete {
                 key,
                 return_previous,
@@ -704,7 +697,7 @@ impl Shard {
         value: &[u8],
         ttl_ms: Option<u64>,
         keep_ttl: bool,
-        condition: PutCondition,
+        condition: Condition<'_>,
         return_previous: bool,
     ) -> Response {
         // One lookup answers everything the put needs to know about the current entry; the
@@ -716,16 +709,16 @@ impl Shard {
             expiry: entry.expiry(),
             cost: entry.cost(),
             previous: return_previous.then(|| to_entry(entry)),
+            is_value_expected: match condition {
+                Condition::IfValue(expected) => entry.value() == expected,
+                _ => false,
+            },
         });
         if current.as_ref().is_some_and(|current| current.is_expired) {
             self.reclaim_if_expired(now_ms, key);
             current = None;
         }
-        let condition_holds = match condition {
-            PutCondition::Always => true,
-            PutCondition::IfAbsent => current.is_none(),
-            PutCondition::IfPresent => current.is_some(),
-        };
+        let condition_holds = condition.holds(current.as_ref());
         let (revisions_before, expiry_before, cost_old, previous) = match current {
             Some(current) => (
                 Some(current.revisions),
@@ -739,6 +732,7 @@ impl Shard {
             return Response::Put {
                 applied: false,
                 mod_revision: revisions_before.map_or(0, |revisions| revisions.modify),
+                version: revisions_before.map_or(0, |revisions| revisions.version),
                 previous,
             };
         }
@@ -760,6 +754,7 @@ impl Shard {
         Response::Put {
             applied: true,
             mod_revision: revision,
+            version: revisions.version,
             previous,
         }
     }
@@ -1000,6 +995,43 @@ struct Current {
     expiry: Option<Expiry>,
     cost: u64,
     previous: Option<Entry>,
+    /// For an `IfValue` put, whether the value is the one expected.
+    is_value_expected: bool,
+}
+
+/// When a put applies, borrowed from the request.
+#[derive(Debug, Clone, Copy)]
+enum Condition<'a> {
+    Always,
+    IfAbsent,
+    IfPresent,
+    IfVersion(u64),
+    IfValue(&'a [u8]),
+}
+
+impl<'a> Condition<'a> {
+    fn of(condition: &'a ArchivedPutCondition) -> Self {
+        match condition {
+            ArchivedPutCondition::Always => Self::Always,
+            ArchivedPutCondition::IfAbsent => Self::IfAbsent,
+            ArchivedPutCondition::IfPresent => Self::IfPresent,
+            ArchivedPutCondition::IfVersion(version) => Self::IfVersion(version.to_native()),
+            ArchivedPutCondition::IfValue(value) => Self::IfValue(value.as_slice()),
+        }
+    }
+
+    /// Whether a put applies to `current` (the live entry, if any).
+    fn holds(self, current: Option<&Current>) -> bool {
+        match self {
+            Self::Always => true,
+            Self::IfAbsent => current.is_none(),
+            Self::IfPresent => current.is_some(),
+            Self::IfVersion(version) => {
+                current.map_or(0, |current| current.revisions.version) == version
+            }
+            Self::IfValue(_) => current.is_some_and(|current| current.is_value_expected),
+        }
+    }
 }
 
 /// Journals that `key` now holds `value` with `revisions`, if the shard keeps a journal.
