@@ -67,7 +67,7 @@ impl TesseraRequests {
     fn new() -> Self {
         Self {
             get: Request::Get { key: Vec::new() },
-            put: Request::Put(Put::new(Vec::new(), Vec::new())),
+            put: Request::Put(Box::new(Put::new(Vec::new(), Vec::new()))),
             delete: Request::Delete {
                 key: Vec::new(),
                 return_previous: false,

@@ -446,14 +446,14 @@ impl Client {
             check_value(expected)?;
         }
         let ttl_ms = options.ttl.map(duration_ms).transpose()?;
-        let request = Request::Put(Put {
+        let request = Request::Put(Box::new(Put {
             key: key.to_vec(),
             value: value.to_vec(),
             ttl_ms,
             keep_ttl: options.keep_ttl,
             condition: options.condition,
             return_previous: options.return_previous,
-        });
+        }));
         match self.call_for_key(key, &request).await? {
             Response::Put {
                 applied,

@@ -113,6 +113,7 @@ scenarios!(
     scan_pages_of_large_values_skip_no_key,
     scan_continues_after_a_longest_key,
     reads_report_the_shard_revision,
+    compare_and_set_puts,
 );
 
 // ---------------------------------------------------------------------------------------
@@ -2065,4 +2066,56 @@ async fn reads_report_the_shard_revision(client: &Client) {
     assert_eq!(entry, None);
     assert_eq!(after_delete.core_id, shard.core_id);
     assert_eq!(after_delete.revision, shard.revision + 1);
+}
+
+/// Compare-and-set through the client: a put on a version or a value wins only while it
+/// holds, and one that loses reports the key's current version and, when asked, its entry.
+async fn compare_and_set_puts(client: &Client) {
+    let key = "cas:1";
+    let won = client
+        .put_with(key, "a", PutOptions::new().if_version(0))
+        .await
+        .unwrap();
+    assert!(won.applied);
+    assert_eq!(won.version, 1);
+    let lost = client
+        .put_with(key, "b", PutOptions::new().if_version(0).return_previous())
+        .await
+        .unwrap();
+    assert!(!lost.applied);
+    assert_eq!((lost.version, lost.mod_revision), (1, won.mod_revision));
+    assert_eq!(lost.previous.map(|entry| entry.value), Some(b"a".to_vec()));
+    let next = client
+        .put_with(key, "b", PutOptions::new().if_version(lost.version))
+        .await
+        .unwrap();
+    assert!(next.applied);
+    assert_eq!(next.version, 2);
+    let stale = client
+        .put_with(key, "c", PutOptions::new().if_value("a"))
+        .await
+        .unwrap();
+    assert!(!stale.applied);
+    assert_eq!(stale.version, 2);
+    let fresh = client
+        .put_with(key, "c", PutOptions::new().if_value("b"))
+        .await
+        .unwrap();
+    assert!(fresh.applied);
+    assert_eq!(fresh.version, 3);
+    assert_eq!(entry_of(client, key).await.value, b"c");
+    assert_invalid(
+        "an expected value over the limit",
+        client
+            .put_with(
+                key,
+                "d",
+                PutOptions::new().if_value(vec![0; VALUE_SIZE_MAX + 1]),
+            )
+            .await,
+        &RequestError::ValueTooLarge {
+            size: VALUE_SIZE_MAX + 1,
+            size_max: VALUE_SIZE_MAX,
+        },
+    );
 }

@@ -21,7 +21,7 @@
 //! use tessera_protocol::{codec, Put, Request};
 //!
 //! let mut buffer = codec::FrameBuffer::new();
-//! codec::encode_request(&mut buffer, 7, &Request::Put(Put::new("k", "v"))).unwrap();
+//! codec::encode_request(&mut buffer, 7, &Request::Put(Box::new(Put::new("k", "v")))).unwrap();
 //! let frame = codec::decode_frame(&buffer).unwrap().unwrap();
 //! assert_eq!(frame.header.request_id, 7);
 //! let request = codec::access_request(frame.body).unwrap();

@@ -33,8 +33,9 @@ pub enum Request {
         /// The key.
         key: Vec<u8>,
     },
-    /// Writes one key.
-    Put(Put),
+    /// Writes one key. Boxed, so its many fields do not widen every other request's
+    /// archive (an archived enum is as wide as its widest variant).
+    Put(Box<Put>),
     /// Removes one key.
     Delete {
         /// The key.

@@ -149,7 +149,7 @@ struct Acknowledged {
 }
 
 fn put(connection: &mut RawConnection, request_id: u64, key: &[u8], value: &[u8]) -> bool {
-    let request = Request::Put(Put::new(key, value));
+    let request = Request::Put(Box::new(Put::new(key, value)));
     if connection.send(request_id, &request).is_err() {
         return false;
     }
@@ -442,7 +442,7 @@ fn put_answer(
     value: &[u8],
 ) -> Response {
     connection
-        .send(request_id, &Request::Put(Put::new(key, value)))
+        .send(request_id, &Request::Put(Box::new(Put::new(key, value))))
         .unwrap();
     match connection.receive() {
         Ok(Some((id, response))) if id == request_id => response,

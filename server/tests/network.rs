@@ -763,10 +763,10 @@ fn keys_with_a_ttl_expire_and_are_reclaimed_by_their_owner() {
     let owner = owner_core(&routes, key);
     // Written through the other core, so the TTL travels with a forwarded request.
     let mut connection = RawConnection::open(&addresses[1 - owner]);
-    let put = Request::Put(Put {
+    let put = Request::Put(Box::new(Put {
         ttl_ms: Some(50),
         ..Put::new(key.to_vec(), b"short-lived".to_vec())
-    });
+    }));
     assert!(matches!(
         connection.call(&put),
         Response::Put { applied: true, .. }

@@ -78,7 +78,7 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
         1 => Request::Ping,
         2 => Request::Stats,
         3 => Request::Get { key: key(input)? },
-        4 => Request::Put(Put {
+        4 => Request::Put(Box::new(Put {
             key: key(input)?,
             value: value(input)?,
             ttl_ms: ttl_ms(input)?,
@@ -91,7 +91,7 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
                 _ => PutCondition::IfValue(bytes(input, VALUE_SIZE_FUZZ_MAX)?),
             },
             return_previous: input.arbitrary()?,
-        }),
+        })),
         5 => Request::Delete {
             key: key(input)?,
             return_previous: input.arbitrary()?,

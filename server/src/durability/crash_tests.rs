@@ -284,7 +284,10 @@ fn apply_change(shard: &mut Shard, step: u64) -> Option<Change> {
     let revision = shard.revision() + 1;
     let (key, value) = change_of(step);
     let response = match &value {
-        Some(value) => apply(shard, &Request::Put(Put::new(key.clone(), value.clone()))),
+        Some(value) => apply(
+            shard,
+            &Request::Put(Box::new(Put::new(key.clone(), value.clone()))),
+        ),
         None => apply(
             shard,
             &Request::Delete {
@@ -662,7 +665,7 @@ fn a_failed_sync_is_never_acknowledged() {
         for round in 1..=10_u64 {
             apply(
                 &mut shard,
-                &Request::Put(Put::new(format!("key-{round}"), "value")),
+                &Request::Put(Box::new(Put::new(format!("key-{round}"), "value"))),
             );
             let revision = shard.revision();
             log.append(shard.journal_mut().unwrap(), revision);
@@ -727,7 +730,7 @@ fn a_full_disk_limits_the_room_until_space_is_freed() {
         for round in 0..400_u64 {
             apply(
                 &mut shard,
-                &Request::Put(Put::new(format!("key-{round}"), value.clone())),
+                &Request::Put(Box::new(Put::new(format!("key-{round}"), value.clone()))),
             );
             let revision = shard.revision();
             log.append(shard.journal_mut().unwrap(), revision);

@@ -90,10 +90,10 @@ fn apply(shard: &mut Shard, now_ms: u64, request: &Request) -> Response {
 }
 
 fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, ttl_ms: Option<u64>) -> Request {
-    Request::Put(Put {
+    Request::Put(Box::new(Put {
         ttl_ms,
         ..Put::new(key, value)
-    })
+    }))
 }
 
 /// An entry as the tests compare it.
@@ -384,10 +384,10 @@ fn round_trip_requests(now_ms: u64) -> Vec<(u64, Request)> {
     // and deleted keys must stay absent.
     for index in (0..ROUND_TRIP_KEY_COUNT).step_by(3) {
         let size = usize_of(rng.below(300));
-        let overwrite = Request::Put(Put {
+        let overwrite = Request::Put(Box::new(Put {
             keep_ttl: true,
             ..Put::new(format!("key-{index}"), rng.bytes(size))
-        });
+        }));
         requests.push((now_ms, overwrite));
     }
     for index in (0..ROUND_TRIP_KEY_COUNT).step_by(11) {
@@ -527,12 +527,12 @@ fn random_request(rng: &mut TestRng) -> Request {
                 1 => PutCondition::IfPresent,
                 _ => PutCondition::Always,
             };
-            Request::Put(Put {
+            Request::Put(Box::new(Put {
                 ttl_ms,
                 keep_ttl: ttl_ms.is_none() && rng.below(4) == 0,
                 condition,
                 ..Put::new(random_key(rng), random_value(rng))
-            })
+            }))
         }
         40..=54 => Request::Delete {
             key: random_key(rng),

@@ -179,36 +179,36 @@ fn delete_returning(key: &str) -> Request {
 }
 
 fn put(key: &str, value: &str) -> Request {
-    Request::Put(Put::new(key, value))
+    Request::Put(Box::new(Put::new(key, value)))
 }
 
 fn put_ttl(key: &str, value: &str, ttl_ms: u64) -> Request {
-    Request::Put(Put {
+    Request::Put(Box::new(Put {
         ttl_ms: Some(ttl_ms),
         ..Put::new(key, value)
-    })
+    }))
 }
 
 fn put_keep_ttl(key: &str, value: &str) -> Request {
-    Request::Put(Put {
+    Request::Put(Box::new(Put {
         keep_ttl: true,
         ..Put::new(key, value)
-    })
+    }))
 }
 
 fn put_if(key: &str, value: &str, condition: PutCondition) -> Request {
-    Request::Put(Put {
+    Request::Put(Box::new(Put {
         condition,
         ..Put::new(key, value)
-    })
+    }))
 }
 
 fn put_returning(key: &str, value: &str, condition: PutCondition) -> Request {
-    Request::Put(Put {
+    Request::Put(Box::new(Put {
         condition,
         return_previous: true,
         ..Put::new(key, value)
-    })
+    }))
 }
 
 fn multi_get(keys: &[&str]) -> Request {
@@ -729,11 +729,11 @@ fn expire_and_persist_on_expired_key_see_it_absent() {
 #[test]
 fn keep_ttl_keeps_the_deadline() {
     let mut shard = new_shard();
-    let keep_ttl_but_new_ttl = Request::Put(Put {
+    let keep_ttl_but_new_ttl = Request::Put(Box::new(Put {
         ttl_ms: Some(50),
         keep_ttl: true,
         ..Put::new("k", "3")
-    });
+    }));
     run(
         &mut shard,
         &[
@@ -1845,7 +1845,7 @@ fn request_strategy() -> impl Strategy<Value = Request> {
         3 => key_strategy().prop_map(|key| Request::Get { key }),
         1 => key_strategy().prop_map(|key| Request::Exists { key }),
         2 => key_strategy().prop_map(|key| Request::Ttl { key }),
-        6 => put_strategy().prop_map(Request::Put),
+        6 => put_strategy().prop_map(|put| Request::Put(Box::new(put))),
         2 => (key_strategy(), any::<bool>())
             .prop_map(|(key, return_previous)| Request::Delete { key, return_previous }),
         2 => (key_strategy(), ttl_ms_strategy())
@@ -2150,7 +2150,7 @@ fn a_scan_page_ends_at_its_byte_bound() {
     let mut shard = new_shard();
     let value = vec![b'v'; VALUE_SIZE_MAX];
     for index in 0..6 {
-        let request = Request::Put(Put::new(format!("big{index}"), value.clone()));
+        let request = Request::Put(Box::new(Put::new(format!("big{index}"), value.clone())));
         assert!(matches!(
             apply(&mut shard, START_MS, &request),
             Response::Put { applied: true, .. }
@@ -2311,11 +2311,11 @@ fn a_snapshot_of_too_many_keys_is_refused() {
 fn compare_and_set_by_version_and_by_value() {
     let mut shard = new_shard();
     let cas = |value: &str, condition: PutCondition| {
-        Request::Put(Put {
+        Request::Put(Box::new(Put {
             condition,
             return_previous: true,
             ..Put::new("k", value)
-        })
+        }))
     };
     let outcome = |response: Response| match response {
         Response::Put {

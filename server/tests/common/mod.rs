@@ -336,7 +336,7 @@ impl RawConnection {
 
 /// An unconditional put with no TTL.
 pub fn put_request(key: &[u8], value: &[u8]) -> Request {
-    Request::Put(Put::new(key, value))
+    Request::Put(Box::new(Put::new(key, value)))
 }
 
 /// A get.
