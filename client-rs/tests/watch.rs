@@ -524,6 +524,19 @@ async fn drain(watch: &mut Watch, topology: &Topology, delivered: &mut Delivered
     read_until_progress(watch, topology, delivered, targets, true).await;
 }
 
+/// Reads `watch` until every core has caught up with the revisions `client` sees now, then
+/// checks that it delivered exactly `expected`, batch by batch.
+async fn assert_delivered_as_modelled(
+    client: &Client,
+    watch: &mut Watch,
+    topology: &Topology,
+    delivered: &mut Delivered,
+    expected: &Batches,
+) {
+    drain(watch, topology, delivered, &revisions(client).await).await;
+    assert_eq!(&delivered.batches, expected);
+}
+
 /// Each core's start as `watch.positions()` gives it (0 for a core the watch does not
 /// cover), checking that it names exactly the cores `covered` names, once each, in topology
 /// order: complete from the moment `watch()` returns.
@@ -931,17 +944,14 @@ async fn key_watch_on_a_longest_key(client: &Client) {
     let (mut delivered, _) = opened(client, &watch, &topology, owner_only(&topology, &key)).await;
     model.put(client, &key, "longest").await;
     model.delete(client, &key).await;
-    drain(
+    assert_delivered_as_modelled(
+        client,
         &mut watch,
         &topology,
         &mut delivered,
-        &revisions(client).await,
+        &model.expected(&Filter::new(&range, &options)),
     )
     .await;
-    assert_eq!(
-        delivered.batches,
-        model.expected(&Filter::new(&range, &options))
-    );
 }
 
 /// Prefix, bounded and open-ended ranges see their own keys only, at both ends of the
@@ -1775,17 +1785,14 @@ async fn watchers_per_shard_are_limited(client: &Client) {
     let (mut delivered, _) = opened(client, &again, &topology, covered).await;
     let mut model = Model::new(&topology);
     model.put(client, &full_keys[2], "seen").await;
-    drain(
+    assert_delivered_as_modelled(
+        client,
         &mut again,
         &topology,
         &mut delivered,
-        &revisions(client).await,
+        &model.expected(&Filter::new(&range, &options)),
     )
     .await;
-    assert_eq!(
-        delivered.batches,
-        model.expected(&Filter::new(&range, &options))
-    );
     drop(other);
 }
 
