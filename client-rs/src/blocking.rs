@@ -11,9 +11,9 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::{
-    Client, ClientConfig, ClientError, DeleteOutcome, Entry, KeyRange, Pong, PutOptions,
-    PutOutcome, Result, ScanOptions, ScanResult, ShardRevision, Topology, TtlState, Watch,
-    WatchMessage, WatchOptions,
+    AddOptions, Client, ClientConfig, ClientError, CounterOutcome, DeleteOptions, DeleteOutcome,
+    Entry, KeyRange, Optimistic, Pong, PutOptions, PutOutcome, Result, ScanOptions, ScanResult,
+    ShardRevision, Topology, TtlState, Txn, TxnOp, TxnOutcome, Watch, WatchMessage, WatchOptions,
 };
 
 /// Times the runtime yields when a [`BlockingWatch`] is dropped, so its aborted shard tasks
@@ -171,10 +171,9 @@ impl BlockingClient {
     pub fn delete_with(
         &self,
         key: impl AsRef<[u8]>,
-        return_previous: bool,
+        options: DeleteOptions,
     ) -> Result<DeleteOutcome> {
-        self.runtime
-            .block_on(self.client.delete_with(key, return_previous))
+        self.runtime.block_on(self.client.delete_with(key, options))
     }
 
     /// See [`Client::exists`].
@@ -207,6 +206,76 @@ impl BlockingClient {
     /// See [`ClientError`].
     pub fn add(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64> {
         self.runtime.block_on(self.client.add(key, delta))
+    }
+
+    /// See [`Client::add_with`].
+    ///
+    /// # Errors
+    /// See [`Client::add_with`].
+    pub fn add_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        delta: i64,
+        options: AddOptions,
+    ) -> Result<CounterOutcome> {
+        self.runtime
+            .block_on(self.client.add_with(key, delta, options))
+    }
+
+    /// See [`Client::counter`].
+    ///
+    /// # Errors
+    /// See [`Client::counter`].
+    pub fn counter(&self, key: impl AsRef<[u8]>) -> Result<Option<i64>> {
+        self.runtime.block_on(self.client.counter(key))
+    }
+
+    /// See [`Client::set_counter`].
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn set_counter(&self, key: impl AsRef<[u8]>, value: i64) -> Result<PutOutcome> {
+        self.runtime.block_on(self.client.set_counter(key, value))
+    }
+
+    /// See [`Client::compare_and_set_counter`].
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn compare_and_set_counter(
+        &self,
+        key: impl AsRef<[u8]>,
+        current: i64,
+        new: i64,
+    ) -> Result<bool> {
+        self.runtime
+            .block_on(self.client.compare_and_set_counter(key, current, new))
+    }
+
+    /// See [`Client::txn`].
+    ///
+    /// # Errors
+    /// See [`Client::txn`].
+    pub fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
+        self.runtime.block_on(self.client.txn(txn))
+    }
+
+    /// See [`Client::optimistic`].
+    ///
+    /// # Errors
+    /// See [`Client::optimistic`].
+    pub fn optimistic<K, T, F>(
+        &self,
+        keys: &[K],
+        retry: Optimistic,
+        decide: F,
+    ) -> Result<(T, TxnOutcome)>
+    where
+        K: AsRef<[u8]>,
+        F: FnMut(&[Option<Entry>]) -> Result<(Vec<TxnOp>, T)>,
+    {
+        self.runtime
+            .block_on(self.client.optimistic(keys, retry, decide))
     }
 
     /// See [`Client::ttl`].

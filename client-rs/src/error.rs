@@ -101,6 +101,20 @@ pub enum ClientError {
         /// The last revision delivered from that shard.
         last_delivered: u64,
     },
+    /// A counter read found a value that is not the decimal text of an `i64`.
+    #[error("the value under {key:?} ({size} bytes) is not a counter")]
+    NotACounter {
+        /// The key, as text.
+        key: String,
+        /// The value's size.
+        size: usize,
+    },
+    /// An optimistic transaction kept losing to concurrent writers.
+    #[error("optimistic transaction conflicted {attempts} times; gave up")]
+    Conflict {
+        /// Attempts made.
+        attempts: u32,
+    },
 }
 
 impl ClientError {
@@ -109,7 +123,7 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Server { code, .. } => code.is_retryable(),
-            Self::Connect { .. } => true,
+            Self::Connect { .. } | Self::Conflict { .. } => true,
             _ => false,
         }
     }

@@ -19,6 +19,8 @@
 //! - `transport`: network or in-process path to one core.
 //! - `scan`: range scans, sent to every core and merged in key order.
 //! - `watch`: watches as one stream merged across shards, resumed after reconnects.
+//! - `counter`: counters with bounds and windows.
+//! - `txn`: single-shard transactions and the optimistic read-modify-write helper.
 //! - `embedded`: shards in this process (feature `embedded`).
 //! - [`blocking`]: a synchronous wrapper.
 //! - [`error`]: the [`ClientError`] type.
@@ -39,12 +41,14 @@
 
 pub mod blocking;
 mod connection;
+mod counter;
 #[cfg(feature = "embedded")]
 mod embedded;
 pub mod error;
 mod routing;
 mod scan;
 mod transport;
+mod txn;
 mod watch;
 
 use std::sync::{Arc, PoisonError, RwLock};
@@ -54,17 +58,24 @@ use futures_util::future::join_all;
 use tessera_protocol::codec::{check_batch, check_key, check_ttl, check_value};
 use tessera_protocol::limits::{BATCH_COUNT_MAX, ENVELOPE_OVERHEAD_MAX, FRAME_BODY_SIZE_MAX};
 use tessera_protocol::{
-    Put, PutCondition, PutEntry, Request, Response, ShardLocation, PROTOCOL_VERSION,
+    Delete, DeleteCondition, Put, PutCondition, PutEntry, Request, Response, ShardLocation,
+    PROTOCOL_VERSION,
 };
 
 pub use blocking::{BlockingClient, BlockingWatch};
+pub use counter::{AddOptions, CounterOutcome};
 pub use error::{ClientError, Result};
 pub use scan::{KeyRange, ScanItem, ScanOptions, ScanResult, ShardRevision};
-pub use tessera_protocol::{CoreStats, Entry, ErrorCode, Topology, TtlState};
+pub use tessera_protocol::CounterAdd;
+pub use tessera_protocol::{
+    Check, Compare, CompareOp, CoreStats, Entry, ErrorCode, Scan, Topology, TtlState, Txn, TxnOp,
+    TxnOutcome, TxnResult,
+};
 #[cfg(feature = "embedded")]
 pub use tessera_server::config::Durability;
 #[cfg(feature = "embedded")]
 pub use tessera_server::Config as EmbeddedConfig;
+pub use txn::Optimistic;
 pub use watch::{EventKind, Watch, WatchEvent, WatchMessage, WatchOptions, WatchStart};
 
 use crate::connection::{server_error, Connection, ConnectionSettings};
@@ -204,12 +215,53 @@ pub struct PutOutcome {
     pub previous: Option<Entry>,
 }
 
+/// Options of a delete beyond the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeleteOptions {
+    condition: DeleteCondition,
+    return_previous: bool,
+}
+
+impl DeleteOptions {
+    /// An unconditional delete.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only delete if the key's version is `version` (a compare-and-delete against a version
+    /// read earlier). A delete that loses says the current version in
+    /// [`DeleteOutcome::version`].
+    #[must_use]
+    pub fn if_version(mut self, version: u64) -> Self {
+        self.condition = DeleteCondition::IfVersion(version);
+        self
+    }
+
+    /// Only delete if the key holds exactly `value`.
+    #[must_use]
+    pub fn if_value(mut self, value: impl Into<Vec<u8>>) -> Self {
+        self.condition = DeleteCondition::IfValue(value.into());
+        self
+    }
+
+    /// Return the removed entry (or the one found, if the condition failed).
+    #[must_use]
+    pub fn return_previous(mut self) -> Self {
+        self.return_previous = true;
+        self
+    }
+}
+
 /// What a delete did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteOutcome {
     /// Whether a key was removed.
     pub deleted: bool,
-    /// The removed entry, if asked for.
+    /// The key's version after the delete: 0 if it was removed or did not exist, else (the
+    /// condition failed) its current version.
+    pub version: u64,
+    /// The removed entry (or the one found, if the condition failed), if asked for.
     pub previous: Option<Entry>,
 }
 
@@ -475,26 +527,38 @@ impl Client {
     /// # Errors
     /// See [`ClientError`].
     pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
-        Ok(self.delete_with(key, false).await?.deleted)
+        Ok(self.delete_with(key, DeleteOptions::new()).await?.deleted)
     }
 
-    /// Removes a key, optionally returning the removed entry.
+    /// Removes a key with options (a condition, return the removed entry).
     ///
     /// # Errors
     /// See [`ClientError`].
     pub async fn delete_with(
         &self,
         key: impl AsRef<[u8]>,
-        return_previous: bool,
+        options: DeleteOptions,
     ) -> Result<DeleteOutcome> {
         let key = key.as_ref();
         check_key(key)?;
-        let request = Request::Delete {
+        if let DeleteCondition::IfValue(expected) = &options.condition {
+            check_value(expected)?;
+        }
+        let request = Request::Delete(Box::new(Delete {
             key: key.to_vec(),
-            return_previous,
-        };
+            condition: options.condition,
+            return_previous: options.return_previous,
+        }));
         match self.call_for_key(key, &request).await? {
-            Response::Delete { deleted, previous } => Ok(DeleteOutcome { deleted, previous }),
+            Response::Delete {
+                deleted,
+                version,
+                previous,
+            } => Ok(DeleteOutcome {
+                deleted,
+                version,
+                previous,
+            }),
             other => Err(unexpected(&other)),
         }
     }
@@ -566,25 +630,6 @@ impl Client {
             .await?
         {
             Response::Ttl(state) => Ok(state),
-            other => Err(unexpected(&other)),
-        }
-    }
-
-    /// Adds `delta` to the counter under `key` and returns the new value. A missing key
-    /// counts as 0; the counter is stored as decimal text, and the key's TTL is kept.
-    ///
-    /// # Errors
-    /// `OutOfRange` if the result would overflow `i64` or the stored value is not a counter
-    /// (nothing is applied); otherwise see [`ClientError`].
-    pub async fn add(&self, key: impl AsRef<[u8]>, delta: i64) -> Result<i64> {
-        let key = key.as_ref();
-        check_key(key)?;
-        let request = Request::Add {
-            key: key.to_vec(),
-            delta,
-        };
-        match self.call_for_key(key, &request).await? {
-            Response::Counter { value, .. } => Ok(value),
             other => Err(unexpected(&other)),
         }
     }
@@ -921,6 +966,17 @@ fn duration_ms(duration: Duration) -> Result<u64> {
     let ttl_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
     check_ttl(ttl_ms)?;
     Ok(ttl_ms)
+}
+
+/// The wait before the `failures`-th retry in a row: `base` doubled per failure up to `cap`,
+/// with up to a quarter more at random so many clients do not retry in step.
+pub(crate) fn jittered_backoff(failures: u32, base: Duration, cap: Duration) -> Duration {
+    let wait = base.saturating_mul(1 << failures.min(16)).min(cap);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.subsec_nanos());
+    let jitter_nanos = u128::from(nanos) % (wait.as_nanos() / 4 + 1);
+    wait + Duration::from_nanos(u64::try_from(jitter_nanos).unwrap_or(0))
 }
 
 fn scatter<T>(indices: &[usize], part: Vec<T>, out: &mut [T]) -> Result<()> {

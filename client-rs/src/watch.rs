@@ -612,12 +612,7 @@ impl ShardWatch {
     }
 }
 
-/// The wait before the `failures`-th attempt in a row: doubling from 50 ms to 2 s, with up
-/// to a quarter more at random so many clients do not retry in step.
+/// The wait before the `failures`-th reopen in a row: doubling from 50 ms to 2 s, jittered.
 fn backoff(failures: u32) -> Duration {
-    let base_ms = 50_u64.saturating_mul(1 << failures.min(6)).min(2_000);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| u64::from(elapsed.subsec_nanos()));
-    Duration::from_millis(base_ms + nanos % (base_ms / 4 + 1))
+    crate::jittered_backoff(failures, Duration::from_millis(50), Duration::from_secs(2))
 }

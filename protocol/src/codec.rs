@@ -18,9 +18,11 @@ use crate::limits::{
     SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
     WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
+use crate::limits::{TXN_COMPARES_MAX, TXN_OPS_MAX};
 use crate::message::{
-    ArchivedPutCondition, ArchivedReply, ArchivedRequest, ArchivedResponse, Reply, Request,
-    Response, ShardStamp,
+    ArchivedCheck, ArchivedCounterAdd, ArchivedDeleteCondition, ArchivedPutCondition,
+    ArchivedReply, ArchivedRequest, ArchivedResponse, ArchivedScan, ArchivedTxn, ArchivedTxnOp,
+    Reply, Request, Response, ShardStamp,
 };
 
 /// A byte buffer whose start is 16-byte aligned, as frames and archived bodies need.
@@ -499,11 +501,18 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
     match request {
         ArchivedRequest::Hello { client_name, .. } => check_text(client_name.as_str()),
         ArchivedRequest::Get { key }
-        | ArchivedRequest::Delete { key, .. }
         | ArchivedRequest::Exists { key }
         | ArchivedRequest::Persist { key }
-        | ArchivedRequest::Ttl { key }
-        | ArchivedRequest::Add { key, .. } => check_key(key.as_slice()),
+        | ArchivedRequest::Ttl { key } => check_key(key.as_slice()),
+        ArchivedRequest::Delete(delete) => {
+            check_key(delete.key.as_slice())?;
+            match &delete.condition {
+                ArchivedDeleteCondition::IfValue(expected) => check_value(expected.as_slice()),
+                ArchivedDeleteCondition::Always | ArchivedDeleteCondition::IfVersion(_) => Ok(()),
+            }
+        }
+        ArchivedRequest::Add(add) => check_add(add),
+        ArchivedRequest::Txn(txn) => check_txn(txn),
         ArchivedRequest::Put(put) => {
             check_key(put.key.as_slice())?;
             check_value(put.value.as_slice())?;
@@ -534,20 +543,7 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             watch.deletes,
             watch.progress_interval_ms.to_native(),
         ),
-        ArchivedRequest::Scan(scan) => {
-            check_bounds(
-                scan.start.as_slice(),
-                scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice),
-            )?;
-            let limit = scan.limit.to_native();
-            if !scan.count_only && !(1..=SCAN_LIMIT_MAX).contains(&limit) {
-                return Err(RequestError::ScanLimitOutOfRange {
-                    limit,
-                    limit_max: SCAN_LIMIT_MAX,
-                });
-            }
-            Ok(())
-        }
+        ArchivedRequest::Scan(scan) => check_scan(scan),
         ArchivedRequest::MultiPut { entries } => {
             check_batch(entries.len())?;
             entries.iter().try_for_each(|entry| {
@@ -560,4 +556,147 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             })
         }
     }
+}
+
+/// Checks a scan's bounds and limit.
+fn check_scan(scan: &ArchivedScan) -> Result<(), RequestError> {
+    check_bounds(
+        scan.start.as_slice(),
+        scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice),
+    )?;
+    let limit = scan.limit.to_native();
+    if !scan.count_only && !(1..=SCAN_LIMIT_MAX).contains(&limit) {
+        return Err(RequestError::ScanLimitOutOfRange {
+            limit,
+            limit_max: SCAN_LIMIT_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a counter add: its key, bounds that hold a value, and its TTL.
+fn check_add(add: &ArchivedCounterAdd) -> Result<(), RequestError> {
+    check_key(add.key.as_slice())?;
+    if let (Some(min), Some(max)) = (add.min.as_ref(), add.max.as_ref()) {
+        let (min, max) = (min.to_native(), max.to_native());
+        if min > max {
+            return Err(RequestError::EmptyBounds { min, max });
+        }
+    }
+    match add.ttl_ms.as_ref() {
+        Some(ttl_ms) => check_ttl(ttl_ms.to_native()),
+        None if add.refresh_ttl => Err(RequestError::RefreshWithoutTtl),
+        None => Ok(()),
+    }
+}
+
+/// Checks a transaction: its counts, every compare and op, and that no branch names a key
+/// twice. Which shard the keys live on is the server's to check.
+fn check_txn(txn: &ArchivedTxn) -> Result<(), RequestError> {
+    if txn_keys(txn).next().is_none() {
+        // A transaction is sent to the shard of its keys; with none, it has no shard.
+        return Err(RequestError::TxnWithoutKey);
+    }
+    if txn.compares.len() > TXN_COMPARES_MAX {
+        return Err(RequestError::TxnTooLarge {
+            what: "compares",
+            count: txn.compares.len(),
+            count_max: TXN_COMPARES_MAX,
+        });
+    }
+    for compare in txn.compares.iter() {
+        check_key(compare.key.as_slice())?;
+        if let ArchivedCheck::Value(_, value) = &compare.check {
+            check_value(value.as_slice())?;
+        }
+    }
+    for branch in [&txn.success, &txn.failure] {
+        if branch.len() > TXN_OPS_MAX {
+            return Err(RequestError::TxnTooLarge {
+                what: "ops",
+                count: branch.len(),
+                count_max: TXN_OPS_MAX,
+            });
+        }
+        let mut keys: Vec<&[u8]> = Vec::with_capacity(branch.len());
+        for op in branch.iter() {
+            match op {
+                ArchivedTxnOp::Get { key } | ArchivedTxnOp::Delete { key, .. } => {
+                    check_key(key.as_slice())?;
+                }
+                ArchivedTxnOp::Put {
+                    key, value, ttl_ms, ..
+                } => {
+                    check_key(key.as_slice())?;
+                    check_value(value.as_slice())?;
+                    if let Some(ttl_ms) = ttl_ms.as_ref() {
+                        check_ttl(ttl_ms.to_native())?;
+                    }
+                }
+                ArchivedTxnOp::Add(add) => check_add(add)?,
+                ArchivedTxnOp::Range(scan) => check_scan(scan)?,
+            }
+            if let Some(key) = txn_op_key(op) {
+                keys.push(key);
+            }
+        }
+        keys.sort_unstable();
+        if let Some(pair) = keys.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(RequestError::TxnDuplicateKey {
+                key: printable_key(pair[0]),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The key an archived transaction op names, or `None` for a range.
+#[must_use]
+pub fn txn_op_key(op: &ArchivedTxnOp) -> Option<&[u8]> {
+    match op {
+        ArchivedTxnOp::Get { key }
+        | ArchivedTxnOp::Put { key, .. }
+        | ArchivedTxnOp::Delete { key, .. } => Some(key.as_slice()),
+        ArchivedTxnOp::Add(add) => Some(add.key.as_slice()),
+        ArchivedTxnOp::Range(_) => None,
+    }
+}
+
+/// Every key an archived transaction names: its compares', then both branches' ops'.
+pub fn txn_keys(txn: &ArchivedTxn) -> impl Iterator<Item = &[u8]> {
+    txn.compares
+        .iter()
+        .map(|compare| compare.key.as_slice())
+        .chain(
+            txn.success
+                .iter()
+                .chain(txn.failure.iter())
+                .filter_map(txn_op_key),
+        )
+}
+
+/// A key as text for a message: UTF-8 shown as is (lossy), cut to 64 bytes.
+#[must_use]
+pub fn printable_key(key: &[u8]) -> String {
+    const SHOWN_MAX: usize = 64;
+    let shown = String::from_utf8_lossy(&key[..key.len().min(SHOWN_MAX)]).into_owned();
+    if key.len() > SHOWN_MAX {
+        format!("{shown:?}... ({} bytes)", key.len())
+    } else {
+        format!("{shown:?}")
+    }
+}
+
+/// Checks an owned request as the server will: archives it and runs [`check_request`]. For
+/// clients sending requests whose checks are not worth writing twice (transactions).
+///
+/// # Errors
+/// The request cannot be archived, or an argument is out of bounds.
+pub fn check_owned_request(request: &Request) -> Result<(), RequestError> {
+    let mut body = FrameBuffer::new();
+    let unencodable = |error: ProtocolError| RequestError::Unencodable {
+        reason: error.to_string(),
+    };
+    serialize(request, &mut body).map_err(unencodable)?;
+    check_request(access_request(&body).map_err(unencodable)?)
 }

@@ -36,6 +36,9 @@ pub enum ErrorCode {
     /// The disk holding the shard's log is full; the write was not applied. Reads still work,
     /// and writes are accepted again once space is freed.
     NoSpace,
+    /// A transaction names keys that live on different shards; the message names two of
+    /// them. Nothing was applied. Keys that share a hash tag (`{tag}`) share a shard.
+    CrossShard,
 }
 
 impl ErrorCode {
@@ -69,6 +72,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::OutOfRange => "out_of_range",
             Self::NoSpace => "no_space",
+            Self::CrossShard => "cross_shard",
         }
     }
 }
@@ -212,6 +216,42 @@ pub enum RequestError {
     /// A range's end is not after its start.
     #[error("range end is not after its start")]
     EmptyRange,
+    /// A transaction has more compares or ops than allowed.
+    #[error("transaction has {count} {what}, over the limit of {count_max}")]
+    TxnTooLarge {
+        /// "compares" or "ops".
+        what: &'static str,
+        /// How many it has.
+        count: usize,
+        /// The limit.
+        count_max: usize,
+    },
+    /// A transaction branch names a key in more than one op.
+    #[error("transaction branch names key {key} in more than one op")]
+    TxnDuplicateKey {
+        /// The key, printable.
+        key: String,
+    },
+    /// A counter's bounds are empty (`min > max`).
+    #[error("counter bounds are empty: min {min} is over max {max}")]
+    EmptyBounds {
+        /// The lower bound.
+        min: i64,
+        /// The upper bound.
+        max: i64,
+    },
+    /// A transaction names no key (only ranges), so it has no shard to run on.
+    #[error("a transaction must name a key in a compare or an op: it runs on that key's shard")]
+    TxnWithoutKey,
+    /// A request could not be archived to be checked.
+    #[error("request cannot be encoded: {reason}")]
+    Unencodable {
+        /// What encoding reported.
+        reason: String,
+    },
+    /// A counter add asks to refresh a TTL it does not give.
+    #[error("refresh_ttl needs a ttl")]
+    RefreshWithoutTtl,
     /// A name or other text field is over [`crate::limits::TEXT_SIZE_MAX`].
     #[error("text of {size} bytes is over the limit of {size_max} bytes")]
     TextTooLarge {
@@ -232,10 +272,16 @@ impl RequestError {
             | Self::ScanLimitOutOfRange { .. }
             | Self::ProgressIntervalOutOfRange { .. }
             | Self::WatchesNothing
-            | Self::EmptyRange => ErrorCode::InvalidArgument,
+            | Self::EmptyRange
+            | Self::TxnDuplicateKey { .. }
+            | Self::TxnWithoutKey
+            | Self::EmptyBounds { .. }
+            | Self::RefreshWithoutTtl => ErrorCode::InvalidArgument,
             Self::KeyTooLarge { .. }
             | Self::ValueTooLarge { .. }
             | Self::BatchTooLarge { .. }
+            | Self::TxnTooLarge { .. }
+            | Self::Unencodable { .. }
             | Self::TextTooLarge { .. } => ErrorCode::TooLarge,
         }
     }

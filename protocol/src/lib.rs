@@ -42,9 +42,10 @@ pub use error::{ErrorCode, ProtocolError, RequestError};
 pub use frame::{FrameHeader, FrameKind, MAGIC, PROTOCOL_VERSION};
 pub use message::{
     key_after, prefix_end, ArchivedPut, ArchivedPutCondition, ArchivedReply, ArchivedRequest,
-    ArchivedResponse, CoreStats, Entry, ErrorReply, EventBatch, EventKind, Put, PutCondition,
-    PutEntry, Reply, Request, Response, Scan, ScanItem, ScanPage, ShardStamp, TtlState, Watch,
-    WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching, WrongShard,
+    ArchivedResponse, Check, Compare, CompareOp, CoreStats, CounterAdd, Delete, DeleteCondition,
+    Entry, ErrorReply, EventBatch, EventKind, Put, PutCondition, PutEntry, Reply, Request,
+    Response, Scan, ScanItem, ScanPage, ShardStamp, TtlState, Txn, TxnOp, TxnOutcome, TxnResult,
+    Watch, WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching, WrongShard,
 };
 pub use routing::{hash_tag, slot_for_key, split_slots, Slot, SlotRange, SLOT_COUNT};
 pub use topology::{CoreInfo, NodeInfo, RouteTable, ShardLocation, Topology, TopologyError};

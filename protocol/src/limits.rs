@@ -32,6 +32,21 @@ pub const WATCH_PROGRESS_INTERVAL_MS_MIN: u32 = 10;
 /// Longest progress interval a watch may ask for, in milliseconds (one hour).
 pub const WATCH_PROGRESS_INTERVAL_MS_MAX: u32 = 60 * 60 * 1000;
 
+/// Most compares in one transaction.
+pub const TXN_COMPARES_MAX: usize = 128;
+
+/// Most ops in one branch of a transaction.
+pub const TXN_OPS_MAX: usize = 128;
+
+/// Bytes of keys and values one transaction's reply may carry (entries read, previous
+/// entries, range pages together). A range stops early at what is left (`more` set); a
+/// transaction whose gets or previous entries alone pass it is refused `TooLarge` before
+/// anything applies.
+pub const TXN_READ_BYTES_MAX: usize = SCAN_PAGE_BYTES_MAX;
+
+/// Most keys the range ops of one transaction return together.
+pub const TXN_RANGE_ITEMS_MAX: usize = SCAN_LIMIT_MAX as usize;
+
 /// Largest frame body (the archived message, without header or padding), in bytes.
 ///
 /// A batch is bounded by both [`BATCH_COUNT_MAX`] and this size; a reply that would exceed it
@@ -88,6 +103,15 @@ const _: () = assert!(
 // charged, so the charge bounds the frame.
 const _: () = assert!(
     WATCH_FRAME_BYTES_MAX + KEY_SIZE_MAX + 2 * VALUE_SIZE_MAX + 64 + ENVELOPE_OVERHEAD_MAX
+        <= FRAME_BODY_SIZE_MAX
+);
+// A transaction's reply at its read bounds, with the structure of every op and range item,
+// fits in one frame.
+const _: () = assert!(
+    TXN_READ_BYTES_MAX
+        + TXN_RANGE_ITEMS_MAX * 64
+        + TXN_OPS_MAX * ENVELOPE_OVERHEAD_MAX
+        + ENVELOPE_OVERHEAD_MAX
         <= FRAME_BODY_SIZE_MAX
 );
 // Body sizes travel as u32.

@@ -36,13 +36,8 @@ pub enum Request {
     /// Writes one key. Boxed, so its many fields do not widen every other request's
     /// archive (an archived enum is as wide as its widest variant).
     Put(Box<Put>),
-    /// Removes one key.
-    Delete {
-        /// The key.
-        key: Vec<u8>,
-        /// Return the removed entry.
-        return_previous: bool,
-    },
+    /// Removes one key (if its condition holds). Boxed like `Put`.
+    Delete(Box<Delete>),
     /// Whether a key exists (and has not expired).
     Exists {
         /// The key.
@@ -80,14 +75,9 @@ pub enum Request {
         /// The keys, at most `BATCH_COUNT_MAX`.
         keys: Vec<Vec<u8>>,
     },
-    /// Adds `delta` to the counter stored under `key` (a missing key counts as 0) and returns
-    /// the new value. The value is the counter in decimal text; the key's TTL is kept.
-    Add {
-        /// The key.
-        key: Vec<u8>,
-        /// The amount to add (negative to subtract).
-        delta: i64,
-    },
+    /// Adds `delta` to the counter stored under `key` and returns the new value. The value is
+    /// the counter in decimal text. Boxed: its options would widen every request's archive.
+    Add(Box<CounterAdd>),
     /// Reads the keys of a range in key order, from the shard of the core that receives it
     /// (never forwarded: the client sends one to every core and merges the pages).
     Scan(Scan),
@@ -111,6 +101,322 @@ pub enum Request {
         /// The watch's id ([`Watching::watch_id`]).
         watch_id: u64,
     },
+    /// A transaction on one shard: if every compare holds, the `success` ops run, else the
+    /// `failure` ops, in order, and all their writes take one revision. Every key must live
+    /// on one shard (use a hash tag); otherwise it is refused with `CrossShard`.
+    Txn(Box<Txn>),
+}
+
+/// The arguments of [`Request::Delete`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Delete {
+    /// The key.
+    pub key: Vec<u8>,
+    /// When the delete applies.
+    pub condition: DeleteCondition,
+    /// Return the removed entry (or the one found, when the condition failed).
+    pub return_previous: bool,
+}
+
+impl Delete {
+    /// An unconditional delete.
+    #[must_use]
+    pub fn new(key: impl Into<Vec<u8>>) -> Self {
+        Self {
+            key: key.into(),
+            condition: DeleteCondition::Always,
+            return_previous: false,
+        }
+    }
+}
+
+/// When a delete applies.
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+#[rkyv(derive(Debug))]
+pub enum DeleteCondition {
+    /// Whenever the key exists.
+    #[default]
+    Always,
+    /// Only if the key's version is exactly this (a version read earlier).
+    IfVersion(u64),
+    /// Only if the key holds exactly this value (at most `VALUE_SIZE_MAX` bytes).
+    IfValue(Vec<u8>),
+}
+
+/// The arguments of [`Request::Add`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct CounterAdd {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The amount to add (negative to subtract).
+    pub delta: i64,
+    /// The smallest value the counter may take; an add that would go below fails with
+    /// `OutOfRange` and applies nothing.
+    pub min: Option<i64>,
+    /// The largest value the counter may take, likewise.
+    pub max: Option<i64>,
+    /// Create a missing (or expired) counter at 0 before adding. Without it, an add to a
+    /// missing counter applies nothing and answers `applied: false`.
+    pub create: bool,
+    /// Time to live of a counter this add creates (a fixed window); `None` for none.
+    pub ttl_ms: Option<u64>,
+    /// Also restart an existing counter's TTL at `ttl_ms` (a sliding window). Without it an
+    /// existing counter keeps its expiry.
+    pub refresh_ttl: bool,
+}
+
+impl CounterAdd {
+    /// Adds `delta`, creating the counter at 0 if missing, without bounds or TTL.
+    #[must_use]
+    pub fn new(key: impl Into<Vec<u8>>, delta: i64) -> Self {
+        Self {
+            key: key.into(),
+            delta,
+            min: None,
+            max: None,
+            create: true,
+            ttl_ms: None,
+            refresh_ttl: false,
+        }
+    }
+}
+
+/// The arguments of [`Request::Txn`].
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+#[rkyv(derive(Debug))]
+pub struct Txn {
+    /// Checked first, all at one revision; the transaction succeeds if every one holds (an
+    /// empty list holds). At most `TXN_COMPARES_MAX`.
+    pub compares: Vec<Compare>,
+    /// Run if it succeeds. At most `TXN_OPS_MAX`; a key at most once.
+    pub success: Vec<TxnOp>,
+    /// Run if it fails. At most `TXN_OPS_MAX`; a key at most once.
+    pub failure: Vec<TxnOp>,
+}
+
+impl Txn {
+    /// A transaction with no compares and no ops.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds compares.
+    #[must_use]
+    pub fn when(mut self, compares: impl IntoIterator<Item = Compare>) -> Self {
+        self.compares.extend(compares);
+        self
+    }
+
+    /// Adds ops run if every compare holds.
+    #[must_use]
+    pub fn then(mut self, ops: impl IntoIterator<Item = TxnOp>) -> Self {
+        self.success.extend(ops);
+        self
+    }
+
+    /// Adds ops run if a compare fails.
+    #[must_use]
+    pub fn otherwise(mut self, ops: impl IntoIterator<Item = TxnOp>) -> Self {
+        self.failure.extend(ops);
+        self
+    }
+}
+
+impl Compare {
+    /// The key exists.
+    #[must_use]
+    pub fn exists(key: impl Into<Vec<u8>>) -> Self {
+        Self::of(key, Check::Exists)
+    }
+
+    /// The key does not exist.
+    #[must_use]
+    pub fn absent(key: impl Into<Vec<u8>>) -> Self {
+        Self::of(key, Check::Absent)
+    }
+
+    /// The key's value relates to `value` as `op` says (a missing key never does).
+    #[must_use]
+    pub fn value(key: impl Into<Vec<u8>>, op: CompareOp, value: impl Into<Vec<u8>>) -> Self {
+        Self::of(key, Check::Value(op, value.into()))
+    }
+
+    /// The key's version relates to `version` as `op` says (0 for a missing key).
+    #[must_use]
+    pub fn version(key: impl Into<Vec<u8>>, op: CompareOp, version: u64) -> Self {
+        Self::of(key, Check::Version(op, version))
+    }
+
+    /// The key's create revision relates to `revision` as `op` says (0 for a missing key).
+    #[must_use]
+    pub fn create_revision(key: impl Into<Vec<u8>>, op: CompareOp, revision: u64) -> Self {
+        Self::of(key, Check::CreateRevision(op, revision))
+    }
+
+    /// The key's mod revision relates to `revision` as `op` says (0 for a missing key).
+    #[must_use]
+    pub fn mod_revision(key: impl Into<Vec<u8>>, op: CompareOp, revision: u64) -> Self {
+        Self::of(key, Check::ModRevision(op, revision))
+    }
+
+    fn of(key: impl Into<Vec<u8>>, check: Check) -> Self {
+        Self {
+            key: key.into(),
+            check,
+        }
+    }
+}
+
+/// One compare of a [`Txn`]: a check of one key's current state.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Compare {
+    /// The key.
+    pub key: Vec<u8>,
+    /// What must hold of it.
+    pub check: Check,
+}
+
+/// What a [`Compare`] checks. A missing (or expired) key has version, create revision and
+/// mod revision 0, and fails every `Value` check.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub enum Check {
+    /// The key exists.
+    Exists,
+    /// The key does not exist.
+    Absent,
+    /// The key's value compared (bytewise) with this one.
+    Value(CompareOp, Vec<u8>),
+    /// The key's version compared with this one.
+    Version(CompareOp, u64),
+    /// The key's create revision compared with this one.
+    CreateRevision(CompareOp, u64),
+    /// The key's mod revision compared with this one.
+    ModRevision(CompareOp, u64),
+}
+
+/// How a [`Check`] compares the key's current field (left) with the given one (right).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum CompareOp {
+    /// `current == given`
+    Equal,
+    /// `current != given`
+    NotEqual,
+    /// `current < given`
+    Less,
+    /// `current <= given`
+    LessOrEqual,
+    /// `current > given`
+    Greater,
+    /// `current >= given`
+    GreaterOrEqual,
+}
+
+impl CompareOp {
+    /// Whether `current` relates to `given` as this operator says.
+    #[must_use]
+    pub fn holds<T: Ord + ?Sized>(self, current: &T, given: &T) -> bool {
+        let ordering = current.cmp(given);
+        match self {
+            Self::Equal => ordering.is_eq(),
+            Self::NotEqual => ordering.is_ne(),
+            Self::Less => ordering.is_lt(),
+            Self::LessOrEqual => ordering.is_le(),
+            Self::Greater => ordering.is_gt(),
+            Self::GreaterOrEqual => ordering.is_ge(),
+        }
+    }
+}
+
+/// One operation of a [`Txn`] branch.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub enum TxnOp {
+    /// Reads a key.
+    Get {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Writes a key, unconditionally (the compares are the condition).
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The new value.
+        value: Vec<u8>,
+        /// Time to live in milliseconds; `None` means no expiry (unless `keep_ttl`).
+        ttl_ms: Option<u64>,
+        /// Keep the key's current expiry when `ttl_ms` is `None`.
+        keep_ttl: bool,
+        /// Return the entry the put replaced.
+        return_previous: bool,
+    },
+    /// Removes a key.
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+        /// Return the removed entry.
+        return_previous: bool,
+    },
+    /// Adds to a counter, as [`Request::Add`] does; an add that fails fails the whole
+    /// transaction, and nothing is applied.
+    Add(CounterAdd),
+    /// Reads the keys of a range that live on the transaction's shard, in key order (after
+    /// the writes of earlier ops).
+    Range(Scan),
+}
+
+impl TxnOp {
+    /// Reads `key`.
+    #[must_use]
+    pub fn get(key: impl Into<Vec<u8>>) -> Self {
+        Self::Get { key: key.into() }
+    }
+
+    /// Writes `value` under `key`, with no TTL.
+    #[must_use]
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Self::Put {
+            key: key.into(),
+            value: value.into(),
+            ttl_ms: None,
+            keep_ttl: false,
+            return_previous: false,
+        }
+    }
+
+    /// Removes `key`.
+    #[must_use]
+    pub fn delete(key: impl Into<Vec<u8>>) -> Self {
+        Self::Delete {
+            key: key.into(),
+            return_previous: false,
+        }
+    }
+
+    /// Adds `delta` to the counter under `key`, creating it at 0 if missing.
+    #[must_use]
+    pub fn add(key: impl Into<Vec<u8>>, delta: i64) -> Self {
+        Self::Add(CounterAdd::new(key, delta))
+    }
+
+    /// The key the op names, or `None` for a range.
+    #[must_use]
+    pub fn key(&self) -> Option<&[u8]> {
+        match self {
+            Self::Get { key } | Self::Put { key, .. } | Self::Delete { key, .. } => Some(key),
+            Self::Add(add) => Some(&add.key),
+            Self::Range(_) => None,
+        }
+    }
 }
 
 /// The arguments of [`Request::Watch`]: changes to the keys in `[start, end)`.
@@ -390,7 +696,11 @@ pub enum Response {
     Delete {
         /// Whether a key was removed.
         deleted: bool,
-        /// The removed entry, if asked for and the key existed.
+        /// The key's version after the request: 0 if it was removed or did not exist, else
+        /// (the condition failed) its current version, so a caller needs no second read.
+        version: u64,
+        /// The removed entry (or the one found, when the condition failed), if asked for and
+        /// the key existed.
         previous: Option<Entry>,
     },
     /// Answer to [`Request::Exists`].
@@ -423,6 +733,9 @@ pub enum Response {
     Error(ErrorReply),
     /// Answer to [`Request::Add`].
     Counter {
+        /// Whether the add applied: false only when the counter was missing and the add did
+        /// not create it (then `value` and `mod_revision` are 0).
+        applied: bool,
         /// The counter's value after the add.
         value: i64,
         /// The key's mod revision after the add.
@@ -449,6 +762,51 @@ pub enum Response {
         /// Whether the watch existed.
         existed: bool,
     },
+    /// Answer to [`Request::Txn`].
+    Txn(TxnOutcome),
+}
+
+/// What a transaction did.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct TxnOutcome {
+    /// Whether every compare held (the `success` ops ran; else the `failure` ops).
+    pub succeeded: bool,
+    /// The revision the writes took, or the shard's revision if the branch wrote nothing.
+    pub revision: u64,
+    /// One result per op of the branch that ran, in order.
+    pub results: Vec<TxnResult>,
+}
+
+/// The result of one [`TxnOp`].
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub enum TxnResult {
+    /// The entry read, if the key exists.
+    Get(Option<Entry>),
+    /// The key's new version, and the replaced entry if asked for.
+    Put {
+        /// The key's version after the write.
+        version: u64,
+        /// The entry replaced, if asked for and the key existed.
+        previous: Option<Entry>,
+    },
+    /// Whether the key existed and was removed, and its entry if asked for.
+    Delete {
+        /// Whether a key was removed.
+        deleted: bool,
+        /// The removed entry, if asked for.
+        previous: Option<Entry>,
+    },
+    /// The counter after the add.
+    Add {
+        /// Whether the add applied (false: missing, and not created).
+        applied: bool,
+        /// Its value.
+        value: i64,
+    },
+    /// The range's page (this shard's keys only).
+    Range(ScanPage),
 }
 
 /// The first answer to [`Request::Watch`].

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use futures_channel::oneshot;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::message::ArchivedRequest;
+use tessera_protocol::message::{ArchivedRequest, ArchivedTxn};
 use tessera_protocol::{
     CoreStats, ErrorCode, ErrorReply, PutEntry, Request, Response, RouteTable, ShardLocation,
     ShardStamp, Slot, Topology, WrongShard, PROTOCOL_VERSION,
@@ -191,13 +191,18 @@ impl CoreContext {
             | ArchivedRequest::Unwatch { .. }
             | ArchivedRequest::WatchProgress { .. } => Route::Here,
             ArchivedRequest::Get { key }
-            | ArchivedRequest::Delete { key, .. }
             | ArchivedRequest::Exists { key }
             | ArchivedRequest::Expire { key, .. }
             | ArchivedRequest::Persist { key }
-            | ArchivedRequest::Ttl { key }
-            | ArchivedRequest::Add { key, .. } => self.route_key(key),
+            | ArchivedRequest::Ttl { key } => self.route_key(key),
+            ArchivedRequest::Delete(delete) => self.route_key(&delete.key),
+            ArchivedRequest::Add(add) => self.route_key(&add.key),
             ArchivedRequest::Put(put) => self.route_key(&put.key),
+            ArchivedRequest::Txn(txn) => match self.txn_shard(txn) {
+                Ok(route) => route,
+                // Answered here, with `CrossShard`.
+                Err(_) => Route::Here,
+            },
             ArchivedRequest::MultiGet { keys } | ArchivedRequest::MultiDelete { keys } => {
                 self.route_keys(keys.iter().map(rkyv::vec::ArchivedVec::as_slice))
             }
@@ -235,17 +240,34 @@ impl CoreContext {
         route
     }
 
+    /// Where every key of a transaction lives, or two keys that live on different shards.
+    fn txn_shard<'a>(&self, txn: &'a ArchivedTxn) -> Result<Route, (&'a [u8], &'a [u8])> {
+        let mut keys = codec::txn_keys(txn);
+        let Some(first) = keys.next() else {
+            return Ok(Route::Here);
+        };
+        let shard_of = |key: &[u8]| {
+            self.routes
+                .owner_of_slot(tessera_protocol::slot_for_key(key))
+        };
+        let first_shard = shard_of(first);
+        match keys.find(|key| shard_of(key) != first_shard) {
+            Some(other) => Err((first, other)),
+            None => Ok(self.route_key(first)),
+        }
+    }
+
     /// Asks the shard to bring into cache what a request it owns will read, so the misses
     /// of a batch of requests overlap. A hint only: it changes nothing.
     pub fn prefetch(&self, request: &ArchivedRequest) {
         let key = match request {
             ArchivedRequest::Get { key }
-            | ArchivedRequest::Delete { key, .. }
             | ArchivedRequest::Exists { key }
             | ArchivedRequest::Expire { key, .. }
             | ArchivedRequest::Persist { key }
-            | ArchivedRequest::Ttl { key }
-            | ArchivedRequest::Add { key, .. } => key.as_slice(),
+            | ArchivedRequest::Ttl { key } => key.as_slice(),
+            ArchivedRequest::Delete(delete) => delete.key.as_slice(),
+            ArchivedRequest::Add(add) => add.key.as_slice(),
             ArchivedRequest::Put(put) => put.key.as_slice(),
             _ => return,
         };
@@ -288,6 +310,27 @@ impl CoreContext {
             ArchivedRequest::Unwatch { .. } | ArchivedRequest::WatchProgress { .. } => {
                 Response::Unwatched { existed: false }
             }
+            ArchivedRequest::Txn(txn) => match self.txn_shard(txn) {
+                Ok(Route::Here) => self.apply(now_ms, request),
+                Ok(_) => error(
+                    ErrorCode::Internal,
+                    format!(
+                        "core {}: a transaction for another shard reached it",
+                        self.core_id
+                    ),
+                ),
+                Err((first, other)) => error(
+                    ErrorCode::CrossShard,
+                    format!(
+                        "transaction keys {} (slot {}) and {} (slot {}) live on different \
+                         shards; give every key the same hash tag, like {{user42}}name",
+                        codec::printable_key(first),
+                        tessera_protocol::slot_for_key(first),
+                        codec::printable_key(other),
+                        tessera_protocol::slot_for_key(other),
+                    ),
+                ),
+            },
             ArchivedRequest::Stats => {
                 let mut shard = self.shard.borrow_mut();
                 let hub = shard.watch_hub();
@@ -314,13 +357,16 @@ impl CoreContext {
                     watch_queued_bytes,
                 }))
             }
-            _ => {
-                if let Some(refusal) = self.refuse_without_space(request) {
-                    return refusal;
-                }
-                self.shard.borrow_mut().apply(now_ms, request)
-            }
+            _ => self.apply(now_ms, request),
         }
+    }
+
+    /// Applies a request to the shard, unless the log's disk is full and it might not fit.
+    fn apply(&self, now_ms: u64, request: &ArchivedRequest) -> Response {
+        if let Some(refusal) = self.refuse_without_space(request) {
+            return refusal;
+        }
+        self.shard.borrow_mut().apply(now_ms, request)
     }
 
     /// While the log's disk is full, the `NoSpace` answer for a write whose records might not

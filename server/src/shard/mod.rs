@@ -20,11 +20,15 @@ pub mod timer_wheel;
 pub mod watch;
 
 use ahash::AHashSet;
-use tessera_protocol::limits::SCAN_PAGE_BYTES_MAX;
-use tessera_protocol::message::{ArchivedPutEntry, ArchivedRequest, ArchivedScan};
+use tessera_protocol::codec::txn_keys;
+use tessera_protocol::limits::{SCAN_PAGE_BYTES_MAX, TXN_RANGE_ITEMS_MAX, TXN_READ_BYTES_MAX};
+use tessera_protocol::message::{
+    ArchivedCheck, ArchivedCompare, ArchivedCompareOp, ArchivedCounterAdd, ArchivedDeleteCondition,
+    ArchivedPutEntry, ArchivedRequest, ArchivedScan, ArchivedTxn, ArchivedTxnOp,
+};
 use tessera_protocol::{
-    ArchivedPutCondition, Entry, ErrorCode, ErrorReply, Response, ScanItem, ScanPage, SlotRange,
-    TtlState,
+    ArchivedPutCondition, CompareOp, Entry, ErrorCode, ErrorReply, Response, ScanItem, ScanPage,
+    SlotRange, TtlState, TxnOutcome, TxnResult,
 };
 
 use self::store::{entry_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
@@ -250,8 +254,23 @@ impl Shard {
         };
         match request {
             ArchivedRequest::Put(put) => Some(key_write(&put.key, put.value.len())),
-            ArchivedRequest::Delete { key, .. } => Some(key_write(key, 0)),
-            ArchivedRequest::Add { key, .. } => Some(key_write(key, 20)),
+            ArchivedRequest::Delete(delete) => Some(key_write(&delete.key, 0)),
+            ArchivedRequest::Add(add) => Some(key_write(&add.key, COUNTER_TEXT_MAX)),
+            ArchivedRequest::Txn(txn) => {
+                // Either branch may run; every key of the request is reclaimed first.
+                let branch = |ops: &rkyv::vec::ArchivedVec<ArchivedTxnOp>| -> u64 {
+                    ops.iter()
+                        .map(|op| match op {
+                            ArchivedTxnOp::Put { key, value, .. } => key_write(key, value.len()),
+                            ArchivedTxnOp::Delete { key, .. } => key_write(key, 0),
+                            ArchivedTxnOp::Add(add) => key_write(&add.key, COUNTER_TEXT_MAX),
+                            ArchivedTxnOp::Get { .. } | ArchivedTxnOp::Range(_) => 0,
+                        })
+                        .sum()
+                };
+                let reclaims: u64 = txn_keys(txn).map(|key| key_write(key, 0)).sum();
+                Some(reclaims + branch(&txn.success).max(branch(&txn.failure)))
+            }
             ArchivedRequest::Expire { key, .. } | ArchivedRequest::Persist { key } => {
                 let value_size = self.store.get(key).map_or(0, |entry| entry.value().len());
                 Some(key_write(key, value_size))
@@ -379,10 +398,12 @@ impl Shard {
                 Condition::of(&put.condition),
                 put.return_previous,
             ),
-            ArchivedRequest::Delete {
-                key,
-                return_previous,
-            } => self.delete(now_ms, key, *return_previous),
+            ArchivedRequest::Delete(delete) => self.delete(
+                now_ms,
+                &delete.key,
+                &delete.condition,
+                delete.return_previous,
+            ),
             ArchivedRequest::Exists { key } => Response::Exists {
                 exists: self.live_entry(now_ms, key).is_some(),
             },
@@ -395,7 +416,8 @@ impl Shard {
                 Response::Values(keys.iter().map(|key| self.get(now_ms, key)).collect())
             }
             ArchivedRequest::MultiPut { entries } => self.multi_put(now_ms, entries),
-            ArchivedRequest::Add { key, delta } => self.add(now_ms, key, delta.to_native()),
+            ArchivedRequest::Add(add) => self.add(now_ms, add),
+            ArchivedRequest::Txn(txn) => self.txn(now_ms, txn),
             ArchivedRequest::MultiDelete { keys } => self.multi_delete(now_ms, keys),
             ArchivedRequest::Scan(scan) => Response::Scan(self.scan(now_ms, scan)),
         }
@@ -431,17 +453,44 @@ impl Shard {
                 page.more = true;
                 break;
             }
-            bytes += entry.key().len();
-            let entry_out = if scan.keys_only {
-                None
-            } else {
-                bytes += entry.value().len();
-                Some(to_entry(entry))
-            };
-            page.items.push(ScanItem {
-                key: entry.key().to_vec(),
-                entry: entry_out,
-            });
+            bytes += scan_item_bytes(entry, scan.keys_only);
+            page.items.push(scan_item(entry, scan.keys_only));
+        }
+        page.count = page.items.len() as u64;
+        page
+    }
+
+    /// A transaction's range op: like a scan page, but within what is left of the
+    /// transaction's read bounds (`budget`), which it uses up; a key that would pass them ends
+    /// the page (`more`).
+    fn txn_range(&self, now_ms: u64, scan: &ArchivedScan, budget: &mut ReadBudget) -> ScanPage {
+        let end = scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice);
+        let mut live = self
+            .store
+            .range(scan.start.as_slice(), end)
+            .filter(|entry| !entry.is_expired(now_ms));
+        let mut page = ScanPage {
+            node_id: self.config.node_id,
+            core_id: self.config.shard_id,
+            revision: self.revision,
+            items: Vec::new(),
+            count: 0,
+            more: false,
+        };
+        if scan.count_only {
+            page.count = live.count() as u64;
+            return page;
+        }
+        let limit = usize::try_from(scan.limit.to_native()).unwrap_or(usize::MAX);
+        for entry in live.by_ref() {
+            let bytes = scan_item_bytes(entry, scan.keys_only);
+            if page.items.len() >= limit || budget.items == 0 || bytes > budget.bytes {
+                page.more = true;
+                break;
+            }
+            budget.items -= 1;
+            budget.bytes -= bytes;
+            page.items.push(scan_item(entry, scan.keys_only));
         }
         page.count = page.items.len() as u64;
         page
@@ -759,80 +808,337 @@ impl Shard {
         }
     }
 
-    /// Adds `delta` to the decimal counter under `key` (absent counts as 0), keeping its TTL.
-    fn add(&mut self, now_ms: u64, key: &[u8], delta: i64) -> Response {
-        self.reclaim_if_expired(now_ms, key);
-        let current = self
-            .store
-            .get(key)
-            .map(|entry| (entry.value(), entry.expiry(), entry.revisions()));
-        let (current_value, expiry_before, revisions_before) = match current {
-            None => (0, None, None),
-            Some((text, expiry, revisions)) => match parse_counter(text) {
-                Some(value) => (value, expiry, Some(revisions)),
+    /// Adds to the decimal counter under `key`, within its bounds, as the request says.
+    fn add(&mut self, now_ms: u64, add: &ArchivedCounterAdd) -> Response {
+        self.reclaim_if_expired(now_ms, &add.key);
+        let plan = match self.plan_add(now_ms, add) {
+            Ok(plan) => plan,
+            Err(refusal) => return refusal,
+        };
+        let Some(plan) = plan else {
+            return Response::Counter {
+                applied: false,
+                value: 0,
+                mod_revision: 0,
+            };
+        };
+        if plan.cost_new > plan.cost_old && !self.store.has_room_for(plan.cost_new - plan.cost_old)
+        {
+            return self.store_full(plan.cost_new - plan.cost_old);
+        }
+        let revision = self.begin_revision();
+        self.write_counter(&add.key, &plan, revision);
+        self.finish_revision();
+        Response::Counter {
+            applied: true,
+            value: plan.value,
+            mod_revision: revision,
+        }
+    }
+
+    /// What a counter add would write (`None`: the counter is missing and not created), or
+    /// the refusal: the stored value is not a counter, or the sum overflows or leaves the
+    /// bounds. Changes nothing; expired keys were reclaimed by the caller.
+    fn plan_add(
+        &self,
+        now_ms: u64,
+        add: &ArchivedCounterAdd,
+    ) -> Result<Option<CounterPlan>, Response> {
+        let key = add.key.as_slice();
+        let delta = add.delta.to_native();
+        let ttl_ms = add.ttl_ms.as_ref().map(|ttl_ms| ttl_ms.to_native());
+        let current = self.live_entry(now_ms, key);
+        let (current_value, expiry_before, revisions_before, cost_old) = match current {
+            None if !add.create => return Ok(None),
+            None => (0, None, None, 0),
+            Some(entry) => match parse_counter(entry.value()) {
+                Some(value) => (value, entry.expiry(), Some(entry.revisions()), entry.cost()),
                 None => {
-                    return Response::Error(ErrorReply::new(
+                    return Err(error(
                         ErrorCode::OutOfRange,
                         format!(
                             "the value under the key ({} bytes) is not a decimal i64 counter",
-                            text.len()
+                            entry.value().len()
                         ),
                     ))
                 }
             },
         };
         let Some(value) = current_value.checked_add(delta) else {
-            return Response::Error(ErrorReply::new(
+            return Err(error(
                 ErrorCode::OutOfRange,
                 format!("adding {delta} to {current_value} overflows i64"),
             ));
         };
-        let text = value.to_string();
-        let deadline_ms = expiry_before.map(|expiry| expiry.deadline_ms);
-        let cost_new = entry_cost(key.len(), text.len(), deadline_ms.is_some());
-        let cost_old = self.store.cost_of(key);
-        if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
-            return self.store_full(cost_new - cost_old);
+        let min = add.min.as_ref().map_or(i64::MIN, |min| min.to_native());
+        let max = add.max.as_ref().map_or(i64::MAX, |max| max.to_native());
+        if !(min..=max).contains(&value) {
+            return Err(error(
+                ErrorCode::OutOfRange,
+                format!(
+                    "adding {delta} to {current_value} gives {value}, outside {min}..={max}; \
+                     nothing was applied"
+                ),
+            ));
         }
-        let revision = self.begin_revision();
-        let revisions = revisions_before.map_or(KeyRevisions::created(revision), |before| {
-            before.written(revision)
-        });
-        self.replace_entry(key, text.as_bytes(), deadline_ms, revisions, expiry_before);
-        self.finish_revision();
-        Response::Counter {
+        let deadline_ms = match (revisions_before, ttl_ms) {
+            // A new counter starts its window; an existing one keeps it unless refreshed.
+            (None, Some(ttl_ms)) => Some(now_ms.saturating_add(ttl_ms)),
+            (Some(_), Some(ttl_ms)) if add.refresh_ttl => Some(now_ms.saturating_add(ttl_ms)),
+            _ => expiry_before.map(|expiry| expiry.deadline_ms),
+        };
+        let text = value.to_string();
+        let cost_new = entry_cost(key.len(), text.len(), deadline_ms.is_some());
+        Ok(Some(CounterPlan {
             value,
-            mod_revision: revision,
+            text,
+            deadline_ms,
+            revisions_before,
+            expiry_before,
+            cost_old,
+            cost_new,
+        }))
+    }
+
+    /// Writes a planned counter value at `revision`.
+    fn write_counter(&mut self, key: &[u8], plan: &CounterPlan, revision: u64) {
+        let revisions = plan
+            .revisions_before
+            .map_or(KeyRevisions::created(revision), |before| {
+                before.written(revision)
+            });
+        self.replace_entry(
+            key,
+            plan.text.as_bytes(),
+            plan.deadline_ms,
+            revisions,
+            plan.expiry_before,
+        );
+    }
+
+    /// Whether a transaction's compare holds now.
+    fn compare_holds(&self, now_ms: u64, compare: &ArchivedCompare) -> bool {
+        let entry = self.live_entry(now_ms, &compare.key);
+        let revisions = entry.map(EntryRef::revisions);
+        let number = |op: &ArchivedCompareOp, given: u64, field: fn(KeyRevisions) -> u64| {
+            compare_op(*op).holds(&revisions.map_or(0, field), &given)
+        };
+        match &compare.check {
+            ArchivedCheck::Exists => entry.is_some(),
+            ArchivedCheck::Absent => entry.is_none(),
+            ArchivedCheck::Value(op, value) => {
+                entry.is_some_and(|entry| compare_op(*op).holds(entry.value(), value.as_slice()))
+            }
+            ArchivedCheck::Version(op, given) => {
+                number(op, given.to_native(), |revisions| revisions.version)
+            }
+            ArchivedCheck::CreateRevision(op, given) => {
+                number(op, given.to_native(), |revisions| revisions.create)
+            }
+            ArchivedCheck::ModRevision(op, given) => {
+                number(op, given.to_native(), |revisions| revisions.modify)
+            }
         }
     }
 
-    fn delete(&mut self, now_ms: u64, key: &[u8], return_previous: bool) -> Response {
+    /// Runs a transaction: the compares, then one branch's ops in order, every write at one
+    /// revision (none if the branch writes nothing). Everything that can refuse (a counter
+    /// out of range, the memory budget, the read bounds) is checked before anything applies.
+    fn txn(&mut self, now_ms: u64, txn: &ArchivedTxn) -> Response {
+        for key in txn_keys(txn) {
+            self.reclaim_if_expired(now_ms, key);
+        }
+        let succeeded = txn
+            .compares
+            .iter()
+            .all(|compare| self.compare_holds(now_ms, compare));
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        // Plan: what each counter add writes, the memory the writes need, the bytes read.
+        let mut counters = Vec::new();
+        let (mut cost_new, mut cost_old, mut read_bytes) = (0_u64, 0_u64, 0_usize);
+        let mut writes = false;
+        for op in ops.iter() {
+            let read_entry = |key: &[u8]| {
+                self.live_entry(now_ms, key)
+                    .map_or(0, |entry| entry.key().len() + entry.value().len())
+            };
+            match op {
+                ArchivedTxnOp::Get { key } => read_bytes += read_entry(key),
+                ArchivedTxnOp::Put {
+                    key,
+                    value,
+                    ttl_ms,
+                    keep_ttl,
+                    return_previous,
+                } => {
+                    let has_expiry = ttl_ms.is_some()
+                        || (*keep_ttl
+                            && self
+                                .live_entry(now_ms, key)
+                                .is_some_and(|entry| entry.expiry().is_some()));
+                    cost_new += entry_cost(key.len(), value.len(), has_expiry);
+                    cost_old += self.store.cost_of(key);
+                    if *return_previous {
+                        read_bytes += read_entry(key);
+                    }
+                    writes = true;
+                }
+                ArchivedTxnOp::Delete {
+                    key,
+                    return_previous,
+                } => {
+                    if *return_previous {
+                        read_bytes += read_entry(key);
+                    }
+                    writes |= self.store.get(key).is_some();
+                }
+                ArchivedTxnOp::Add(add) => match self.plan_add(now_ms, add) {
+                    Err(refusal) => return refusal,
+                    Ok(plan) => {
+                        if let Some(plan) = &plan {
+                            cost_new += plan.cost_new;
+                            cost_old += plan.cost_old;
+                            writes = true;
+                        }
+                        counters.push(plan);
+                    }
+                },
+                ArchivedTxnOp::Range(_) => {}
+            }
+        }
+        if read_bytes > TXN_READ_BYTES_MAX {
+            return error(
+                ErrorCode::TooLarge,
+                format!(
+                    "the transaction's gets and previous entries read {read_bytes} bytes, over \
+                     the limit of {TXN_READ_BYTES_MAX}; nothing was applied"
+                ),
+            );
+        }
+        if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
+            return self.store_full(cost_new - cost_old);
+        }
+        let revision = if writes {
+            self.begin_revision()
+        } else {
+            self.revision
+        };
+        let mut budget = ReadBudget {
+            bytes: TXN_READ_BYTES_MAX - read_bytes,
+            items: TXN_RANGE_ITEMS_MAX,
+        };
+        let mut counters = counters.into_iter();
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops.iter() {
+            let result = match op {
+                ArchivedTxnOp::Get { key } => TxnResult::Get(self.get(now_ms, key)),
+                ArchivedTxnOp::Put {
+                    key,
+                    value,
+                    ttl_ms,
+                    keep_ttl,
+                    return_previous,
+                } => {
+                    let before = self.store.get(key);
+                    let previous = before.filter(|_| *return_previous).map(to_entry);
+                    let expiry_before = before.and_then(EntryRef::expiry);
+                    let revisions = before.map_or(KeyRevisions::created(revision), |entry| {
+                        entry.revisions().written(revision)
+                    });
+                    let deadline_ms = match ttl_ms.as_ref() {
+                        Some(ttl_ms) => Some(now_ms.saturating_add(ttl_ms.to_native())),
+                        None if *keep_ttl => expiry_before.map(|expiry| expiry.deadline_ms),
+                        None => None,
+                    };
+                    self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
+                    TxnResult::Put {
+                        version: revisions.version,
+                        previous,
+                    }
+                }
+                ArchivedTxnOp::Delete {
+                    key,
+                    return_previous,
+                } => {
+                    let removed = self.remove_entry(key, DeleteCause::Deleted);
+                    TxnResult::Delete {
+                        deleted: removed.is_some(),
+                        previous: removed
+                            .filter(|_| *return_previous)
+                            .map(|entry| into_entry(&entry)),
+                    }
+                }
+                ArchivedTxnOp::Add(add) => match counters.next().flatten() {
+                    Some(plan) => {
+                        self.write_counter(&add.key, &plan, revision);
+                        TxnResult::Add {
+                            applied: true,
+                            value: plan.value,
+                        }
+                    }
+                    None => TxnResult::Add {
+                        applied: false,
+                        value: 0,
+                    },
+                },
+                ArchivedTxnOp::Range(scan) => {
+                    TxnResult::Range(self.txn_range(now_ms, scan, &mut budget))
+                }
+            };
+            results.push(result);
+        }
+        if writes {
+            self.finish_revision();
+        }
+        Response::Txn(TxnOutcome {
+            succeeded,
+            revision,
+            results,
+        })
+    }
+
+    fn delete(
+        &mut self,
+        now_ms: u64,
+        key: &[u8],
+        condition: &ArchivedDeleteCondition,
+        return_previous: bool,
+    ) -> Response {
         self.reclaim_if_expired(now_ms, key);
-        if self.store.get(key).is_none() {
+        let Some(entry) = self.store.get(key) else {
             return Response::Delete {
                 deleted: false,
+                version: 0,
                 previous: None,
+            };
+        };
+        let holds = match condition {
+            ArchivedDeleteCondition::Always => true,
+            ArchivedDeleteCondition::IfVersion(version) => {
+                entry.revisions().version == version.to_native()
+            }
+            ArchivedDeleteCondition::IfValue(value) => entry.value() == value.as_slice(),
+        };
+        if !holds {
+            return Response::Delete {
+                deleted: false,
+                version: entry.revisions().version,
+                previous: return_previous.then(|| to_entry(entry)),
             };
         }
         self.begin_revision();
         let removed = self.remove_entry(key, DeleteCause::Deleted);
         self.finish_revision();
-        match removed {
-            Some(entry) => {
-                let previous = if return_previous {
-                    Some(into_entry(&entry))
-                } else {
-                    None
-                };
-                Response::Delete {
-                    deleted: true,
-                    previous,
-                }
-            }
-            None => Response::Delete {
-                deleted: false,
-                previous: None,
-            },
+        Response::Delete {
+            deleted: removed.is_some(),
+            version: 0,
+            previous: removed
+                .filter(|_| return_previous)
+                .map(|entry| into_entry(&entry)),
         }
     }
 
@@ -980,6 +1286,53 @@ impl Shard {
             }
         }
         Response::MultiDelete { deleted }
+    }
+}
+
+/// Longest decimal text of an `i64` (`-9223372036854775808`).
+const COUNTER_TEXT_MAX: usize = 20;
+
+/// What a counter add writes, decided before anything applies.
+struct CounterPlan {
+    value: i64,
+    text: String,
+    deadline_ms: Option<u64>,
+    revisions_before: Option<KeyRevisions>,
+    expiry_before: Option<Expiry>,
+    cost_old: u64,
+    cost_new: u64,
+}
+
+/// What is left of a transaction's read bounds for its range ops.
+struct ReadBudget {
+    bytes: usize,
+    items: usize,
+}
+
+fn error(code: ErrorCode, message: String) -> Response {
+    Response::Error(ErrorReply::new(code, message))
+}
+
+fn compare_op(op: ArchivedCompareOp) -> CompareOp {
+    match op {
+        ArchivedCompareOp::Equal => CompareOp::Equal,
+        ArchivedCompareOp::NotEqual => CompareOp::NotEqual,
+        ArchivedCompareOp::Less => CompareOp::Less,
+        ArchivedCompareOp::LessOrEqual => CompareOp::LessOrEqual,
+        ArchivedCompareOp::Greater => CompareOp::Greater,
+        ArchivedCompareOp::GreaterOrEqual => CompareOp::GreaterOrEqual,
+    }
+}
+
+/// Bytes a scan item carries: its key, and its value unless keys only.
+fn scan_item_bytes(entry: EntryRef<'_>, keys_only: bool) -> usize {
+    entry.key().len() + if keys_only { 0 } else { entry.value().len() }
+}
+
+fn scan_item(entry: EntryRef<'_>, keys_only: bool) -> ScanItem {
+    ScanItem {
+        key: entry.key().to_vec(),
+        entry: (!keys_only).then(|| to_entry(entry)),
     }
 }
 
