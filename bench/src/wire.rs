@@ -12,7 +12,7 @@
 //! replies also carry their request id, which the driver checks.
 
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::{ArchivedResponse, Put, Request};
+use tessera_protocol::{ArchivedResponse, CounterAdd, Delete, Put, Request};
 
 use crate::workload::Op;
 
@@ -68,14 +68,8 @@ impl TesseraRequests {
         Self {
             get: Request::Get { key: Vec::new() },
             put: Request::Put(Box::new(Put::new(Vec::new(), Vec::new()))),
-            delete: Request::Delete {
-                key: Vec::new(),
-                return_previous: false,
-            },
-            add: Request::Add {
-                key: Vec::new(),
-                delta: 1,
-            },
+            delete: Request::Delete(Box::new(Delete::new(Vec::new()))),
+            add: Request::Add(Box::new(CounterAdd::new(Vec::new(), 1))),
         }
     }
 
@@ -94,11 +88,17 @@ impl TesseraRequests {
             Op::Incr => &mut self.add,
         };
         match request {
-            Request::Get { key: stored }
-            | Request::Delete { key: stored, .. }
-            | Request::Add { key: stored, .. } => {
+            Request::Get { key: stored } => {
                 stored.clear();
                 stored.extend_from_slice(key);
+            }
+            Request::Delete(delete) => {
+                delete.key.clear();
+                delete.key.extend_from_slice(key);
+            }
+            Request::Add(add) => {
+                add.key.clear();
+                add.key.extend_from_slice(key);
             }
             Request::Put(put) => {
                 put.key.clear();
@@ -396,12 +396,6 @@ mod tests {
         tessera.encode(Op::Incr, b"k", b"", 1, &mut incr).unwrap();
         let frame = codec::decode_frame(&incr).unwrap().unwrap();
         let request = codec::decode_request(frame.body).unwrap();
-        assert_eq!(
-            request,
-            Request::Add {
-                key: b"k".to_vec(),
-                delta: 1
-            }
-        );
+        assert_eq!(request, Request::Add(Box::new(CounterAdd::new("k", 1))));
     }
 }

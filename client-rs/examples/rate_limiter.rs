@@ -65,7 +65,11 @@ fn main() -> Result<()> {
         println!(
             "{:>5} ms  request {request:>2}: {}",
             started.elapsed().as_millis(),
-            if verdict { "allowed" } else { "refused (limit reached)" }
+            if verdict {
+                "allowed"
+            } else {
+                "refused (limit reached)"
+            }
         );
     }
     println!("{allowed} allowed, {refused} refused (limit {LIMIT} per {WINDOW:?})");

@@ -177,8 +177,11 @@ impl Client {
     }
 
     /// Sets the counter under `key` to `new` only if it is `current` now, keeping its TTL;
-    /// `true` if it was set. A counter written by this client is always in the canonical
-    /// decimal form this compares against.
+    /// `true` if it was set.
+    ///
+    /// One round trip when the counter is stored as the server writes it (plain decimal); a
+    /// value written by hand in another form of the same number (`+7`, `007`) takes a second
+    /// one, against those exact bytes.
     ///
     /// # Errors
     /// See [`ClientError`].
@@ -188,8 +191,23 @@ impl Client {
         current: i64,
         new: i64,
     ) -> Result<bool> {
-        let options = PutOptions::new().keep_ttl().if_value(current.to_string());
-        Ok(self.put_with(key, new.to_string(), options).await?.applied)
+        let key = key.as_ref();
+        let new = new.to_string();
+        let options = PutOptions::new()
+            .keep_ttl()
+            .if_value(current.to_string())
+            .return_previous();
+        let outcome = self.put_with(key, &new, options).await?;
+        if outcome.applied {
+            return Ok(true);
+        }
+        match outcome.previous {
+            Some(found) if parse_counter(key, &found.value).ok() == Some(current) => {
+                let options = PutOptions::new().keep_ttl().if_value(found.value);
+                Ok(self.put_with(key, &new, options).await?.applied)
+            }
+            _ => Ok(false),
+        }
     }
 }
 

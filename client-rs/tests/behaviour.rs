@@ -21,6 +21,7 @@
 //! bugs found when they were first written: paging skipped keys when a shard's page ended on
 //! its byte budget, and could not continue past a key of `KEY_SIZE_MAX` bytes.
 
+#[macro_use]
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
@@ -29,58 +30,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{core_of_key, core_slot_ranges, within, CALL_TIMEOUT, CORE_COUNT};
 use tessera_client::{
-    Client, ClientError, Entry, KeyRange, PutOptions, ScanItem, ScanOptions, ScanResult,
-    ShardRevision, TtlState,
+    Client, ClientError, DeleteOptions, Entry, KeyRange, PutOptions, ScanItem, ScanOptions,
+    ScanResult, ShardRevision, TtlState,
 };
 use tessera_protocol::limits::{
     BATCH_COUNT_MAX, FRAME_BODY_SIZE_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
 };
 use tessera_protocol::Topology;
 use tessera_protocol::{slot_for_key, RequestError, SlotRange};
-
-/// Generates, for each scenario, a test against a remote client (`remote::<scenario>`) and,
-/// with the `embedded` feature, one against an embedded client (`embedded::<scenario>`).
-macro_rules! scenarios {
-    ($($scenario:ident),+ $(,)?) => {
-        /// Scenarios against a two-core server on loopback.
-        mod remote {
-            use super::common::{self, within, CALL_TIMEOUT, CORE_COUNT, SCENARIO_TIMEOUT};
-
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    let server = common::start_server(CORE_COUNT);
-                    let connect = tessera_client::Client::connect(server.addresses());
-                    let client = within(CALL_TIMEOUT, "connect", connect)
-                        .await
-                        .expect("the test server accepts the handshake");
-                    let scenario = super::$scenario(&client);
-                    within(SCENARIO_TIMEOUT, stringify!($scenario), scenario).await;
-                    // Close the connections first, so the server has nothing to wait for.
-                    drop(client);
-                    common::stop_server(server);
-                }
-            )+
-        }
-
-        /// Scenarios against two cores embedded in the test process.
-        #[cfg(feature = "embedded")]
-        mod embedded {
-            use super::common::{self, within, CORE_COUNT, SCENARIO_TIMEOUT};
-
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    let client = tessera_client::Client::embedded(common::test_config(CORE_COUNT))
-                        .expect("the embedded shards start");
-                    let scenario = super::$scenario(&client);
-                    within(SCENARIO_TIMEOUT, stringify!($scenario), scenario).await;
-                    client.shutdown();
-                }
-            )+
-        }
-    };
-}
 
 scenarios!(
     round_trip,
@@ -429,13 +386,19 @@ async fn conditional_puts_on_expired_keys(client: &Client) {
 async fn delete_returns_previous(client: &Client) {
     let key = "delete:gamma";
     let written = client.put(key, "doomed").await.unwrap();
-    let outcome = client.delete_with(key, true).await.unwrap();
+    let outcome = client
+        .delete_with(key, DeleteOptions::new().return_previous())
+        .await
+        .unwrap();
     assert!(outcome.deleted);
     assert_eq!(
         outcome.previous,
         Some(created_entry("doomed", written.mod_revision))
     );
-    let again = client.delete_with(key, true).await.unwrap();
+    let again = client
+        .delete_with(key, DeleteOptions::new().return_previous())
+        .await
+        .unwrap();
     assert!(!again.deleted);
     assert_eq!(again.previous, None);
 
@@ -445,7 +408,7 @@ async fn delete_returns_previous(client: &Client) {
         created_entry("quiet", rewritten.mod_revision),
         "a deleted key written again starts over"
     );
-    let quiet = client.delete_with(key, false).await.unwrap();
+    let quiet = client.delete_with(key, DeleteOptions::new()).await.unwrap();
     assert!(quiet.deleted);
     assert_eq!(
         quiet.previous, None,
@@ -462,7 +425,10 @@ async fn delete_returns_previous(client: &Client) {
         .unwrap();
     let entry = entry_of(client, key).await;
     assert!(entry.expires_at_ms.is_some(), "entry={entry:?}");
-    let outcome = client.delete_with(key, true).await.unwrap();
+    let outcome = client
+        .delete_with(key, DeleteOptions::new().return_previous())
+        .await
+        .unwrap();
     assert_eq!(outcome.previous, Some(entry));
 }
 
@@ -1002,7 +968,13 @@ async fn refuse_empty_keys(client: &Client) {
     let options = PutOptions::new().if_absent();
     assert_invalid("put_with", client.put_with("", "v", options).await, &empty);
     assert_invalid("delete", client.delete("").await, &empty);
-    assert_invalid("delete_with", client.delete_with("", true).await, &empty);
+    assert_invalid(
+        "delete_with",
+        client
+            .delete_with("", DeleteOptions::new().return_previous())
+            .await,
+        &empty,
+    );
     assert_invalid("exists", client.exists("").await, &empty);
     assert_invalid("expire", client.expire("", minute).await, &empty);
     assert_invalid("persist", client.persist("").await, &empty);
@@ -1079,7 +1051,10 @@ async fn limits_are_allowed(client: &Client) {
     let entry = entry_of(client, &longest_key).await;
     assert_eq!(entry.value.len(), VALUE_SIZE_MAX);
     assert!(entry.value == largest_value);
-    let outcome = client.delete_with(&longest_key, true).await.unwrap();
+    let outcome = client
+        .delete_with(&longest_key, DeleteOptions::new().return_previous())
+        .await
+        .unwrap();
     assert_eq!(outcome.previous, Some(entry));
 
     let key = "limits:longest-ttl";

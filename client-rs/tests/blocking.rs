@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{
     on_thread_within, start_server, stop_server, unused_address, CORE_COUNT, SCENARIO_TIMEOUT,
 };
-use tessera_client::{BlockingClient, ClientError, PutOptions, TtlState};
+use tessera_client::{BlockingClient, ClientError, DeleteOptions, PutOptions, TtlState};
 
 /// Put, get, TTL, batches, ping and stats through a blocking client.
 fn short_scenario(client: &BlockingClient) {
@@ -84,7 +84,9 @@ fn short_scenario(client: &BlockingClient) {
         .iter()
         .all(|&deleted| deleted));
 
-    let outcome = client.delete_with("blocking:key", true).unwrap();
+    let outcome = client
+        .delete_with("blocking:key", DeleteOptions::new().return_previous())
+        .unwrap();
     assert!(outcome.deleted);
     let removed = outcome.previous.expect("asked for the removed entry");
     assert_eq!(removed.create_revision, written.mod_revision, "{removed:?}");

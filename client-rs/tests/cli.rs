@@ -1,6 +1,10 @@
 //! The `tessera` command-line client, run as a separate process against a server started in
 //! this test process: its output (text and `-o json`) and its exit status, which scripts
-//! depend on: 0 on success, 1 when `get` finds no key, 2 on any error.
+//! depend on: 0 on success (a conditional write whose condition failed included), 1 when
+//! `get` or `counter get` finds no key or `txn` ran its failure branch, 2 on any error.
+//!
+//! `txn` reads its document from stdin ([`tessera_with_input`]); a malformed one is refused
+//! before connecting, so those cases need no server.
 //!
 //! Every run of the binary has a deadline; a run that outlives it is killed and fails the
 //! test.
@@ -17,7 +21,7 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write as _};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -58,6 +62,11 @@ impl std::fmt::Debug for Run {
 
 /// Runs `tessera` with `endpoints` and `arguments`, waiting at most [`RUN_TIMEOUT`].
 fn tessera(endpoints: &Endpoints<'_>, arguments: &[&str]) -> Run {
+    tessera_with_input(endpoints, arguments, None)
+}
+
+/// Runs `tessera` like [`tessera`], with `input` (if any) on its stdin, which is then closed.
+fn tessera_with_input(endpoints: &Endpoints<'_>, arguments: &[&str], input: Option<&str>) -> Run {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tessera"));
     // The caller's environment must not leak into the test.
     command.env_remove("TESSERA_ENDPOINTS");
@@ -71,11 +80,21 @@ fn tessera(endpoints: &Endpoints<'_>, arguments: &[&str]) -> Run {
     }
     let mut child = command
         .args(arguments)
-        .stdin(Stdio::null())
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("the tessera binary starts");
+    if let Some(input) = input {
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        // A binary that exits before reading all of it closes the pipe: not this test's
+        // failure to report.
+        let _ = stdin.write_all(input.as_bytes());
+    }
     let deadline = Instant::now() + RUN_TIMEOUT;
     // The outputs are small, so the child never blocks on a full pipe before it exits.
     while child.try_wait().expect("the child can be polled").is_none() {
@@ -126,6 +145,16 @@ impl Fixture {
         assert_eq!(
             run.status_code, status_code,
             "tessera {arguments:?}: {run:?}"
+        );
+        run
+    }
+
+    /// Runs the binary with `input` on stdin and checks that it exited with `status_code`.
+    fn run_with_input(&self, status_code: i32, arguments: &[&str], input: &str) -> Run {
+        let run = tessera_with_input(&Endpoints::Flag(&self.endpoint), arguments, Some(input));
+        assert_eq!(
+            run.status_code, status_code,
+            "tessera {arguments:?} < {input}: {run:?}"
         );
         run
     }
@@ -1311,4 +1340,631 @@ fn watch_interrupted_prints_where_to_resume() {
         "{run:?}"
     );
     fixture.stop();
+}
+
+// ---------------------------------------------------------------------------------------
+// Counters, conditional writes and transactions.
+
+/// The first key named `prefix:N` that core `core_index` owns.
+fn key_on_core(client: &BlockingClient, core_index: usize, prefix: &str) -> String {
+    let topology = client.topology();
+    // Each name lands on a given core of two with probability one half.
+    (0..1000)
+        .map(|index| format!("{prefix}:{index}"))
+        .find(|key| core_of_key(&topology, key.as_bytes()) == core_index)
+        .expect("some key hashes to each core")
+}
+
+#[test]
+fn counter_add_get_and_set() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    assert_eq!(
+        fixture
+            .run_expecting(0, &["counter", "add", "c", "5"])
+            .stdout,
+        "5\n"
+    );
+    assert_eq!(
+        fixture
+            .run_expecting(0, &["counter", "add", "c", "-7"])
+            .stdout,
+        "-2\n"
+    );
+    assert_eq!(
+        fixture.run_expecting(0, &["counter", "get", "c"]).stdout,
+        "-2\n"
+    );
+    let json = parse_json(&fixture.run_expecting(0, &["-o", "json", "counter", "add", "c", "3"]));
+    let entry = client.get("c").unwrap().expect("the counter exists");
+    assert_eq!(
+        json,
+        serde_json::json!({ "value": 1, "applied": true, "mod_revision": entry.mod_revision })
+    );
+    let json = parse_json(&fixture.run_expecting(0, &["-o", "json", "counter", "get", "c"]));
+    assert_eq!(json, serde_json::json!({ "found": true, "value": 1 }));
+
+    let set = fixture.run_expecting(0, &["counter", "set", "c", "-40"]);
+    assert!(set.stdout.starts_with("OK (mod_revision "), "{set:?}");
+    assert_eq!(client.counter("c").unwrap(), Some(-40));
+    let set = parse_json(&fixture.run_expecting(0, &["-o", "json", "counter", "set", "c", "9"]));
+    assert_eq!(set["applied"], true, "{set}");
+    assert_eq!(
+        set["mod_revision"].as_u64(),
+        Some(client.get("c").unwrap().unwrap().mod_revision),
+        "{set}"
+    );
+    assert_eq!(client.counter("c").unwrap(), Some(9));
+
+    // The existing `add` still takes a default delta of 1.
+    assert_eq!(fixture.run_expecting(0, &["add", "c"]).stdout, "10\n");
+    fixture.stop();
+}
+
+#[test]
+fn counter_get_of_a_missing_or_non_counter_key() {
+    let fixture = Fixture::start();
+    let run = fixture.run_expecting(1, &["counter", "get", "nothing"]);
+    assert_eq!(run.stdout, "", "{run:?}");
+    assert!(run.stderr.contains("not found"), "{run:?}");
+    let json = parse_json(&fixture.run_expecting(1, &["-o", "json", "counter", "get", "nothing"]));
+    assert_eq!(json, serde_json::json!({ "found": false }));
+
+    fixture.run_expecting(0, &["put", "name", "ada"]);
+    let run = fixture.run_expecting(2, &["counter", "get", "name"]);
+    assert!(run.stderr.starts_with("tessera: "), "{run:?}");
+    assert!(run.stderr.contains("not a counter"), "{run:?}");
+    fixture.stop();
+}
+
+#[test]
+fn counter_bounds_refuse_and_change_nothing() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    fixture.run_expecting(
+        0,
+        &["counter", "add", "b", "8", "--min", "0", "--max", "10"],
+    );
+    let before = client.get("b").unwrap().expect("the counter exists");
+
+    for arguments in [
+        &["counter", "add", "b", "3", "--max", "10"][..],
+        &["counter", "add", "b", "-9", "--min", "0"][..],
+        &["counter", "add", "b", "-20", "--min", "-11", "--max", "10"][..],
+    ] {
+        let run = fixture.run_expecting(2, arguments);
+        assert_eq!(run.stdout, "", "{run:?}");
+        assert!(run.stderr.starts_with("tessera: "), "{run:?}");
+        assert!(run.stderr.contains("out_of_range"), "{run:?}");
+    }
+    let run = fixture.run_expecting(
+        2,
+        &["-o", "json", "counter", "add", "b", "3", "--max", "10"],
+    );
+    let error = parse_json(&run);
+    assert_eq!(error["code"], "out_of_range", "{run:?}");
+    // Nothing applied: the same value at the same revision.
+    assert_eq!(client.get("b").unwrap(), Some(before));
+
+    // Negative bounds are numbers, not flags; on the bound is within it.
+    assert_eq!(
+        fixture
+            .run_expecting(
+                0,
+                &["counter", "add", "b", "-10", "--min", "-2", "--max", "-1"]
+            )
+            .stdout,
+        "-2\n"
+    );
+    // Empty bounds and a refresh without a TTL are refused before anything is sent.
+    fixture.run_expecting(2, &["counter", "add", "b", "1", "--min", "5", "--max", "4"]);
+    fixture.run_expecting(2, &["counter", "add", "b", "1", "--refresh-ttl"]);
+    assert_eq!(client.counter("b").unwrap(), Some(-2));
+    // Overflow, and a value that is not a counter, are out of range too.
+    fixture.run_expecting(0, &["counter", "set", "big", &i64::MAX.to_string()]);
+    let run = fixture.run_expecting(2, &["counter", "add", "big", "1"]);
+    assert!(run.stderr.contains("out_of_range"), "{run:?}");
+    fixture.run_expecting(0, &["put", "text", "abc"]);
+    let run = fixture.run_expecting(2, &["counter", "add", "text", "1"]);
+    assert!(run.stderr.contains("out_of_range"), "{run:?}");
+    fixture.stop();
+}
+
+#[test]
+fn counter_add_without_create_and_with_a_window() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let run = fixture.run_expecting(0, &["counter", "add", "absent", "1", "--no-create"]);
+    assert_eq!(run.stdout, "not applied (no counter)\n", "{run:?}");
+    let json = parse_json(&fixture.run_expecting(
+        0,
+        &["-o", "json", "counter", "add", "absent", "1", "--no-create"],
+    ));
+    assert_eq!(
+        json,
+        serde_json::json!({ "value": 0, "applied": false, "mod_revision": 0 })
+    );
+    assert_eq!(client.get("absent").unwrap(), None);
+
+    fixture.run_expecting(0, &["counter", "add", "window", "1", "--ttl-ms", "60000"]);
+    let first = client.get("window").unwrap().expect("created");
+    let deadline = first.expires_at_ms.expect("created with a TTL");
+    // A fixed window: a later add with a TTL keeps the first deadline.
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        fixture
+            .run_expecting(0, &["counter", "add", "window", "1", "--ttl-ms", "60000"])
+            .stdout,
+        "2\n"
+    );
+    assert_eq!(
+        client.get("window").unwrap().unwrap().expires_at_ms,
+        Some(deadline)
+    );
+    // A sliding one restarts it.
+    fixture.run_expecting(
+        0,
+        &[
+            "counter",
+            "add",
+            "window",
+            "1",
+            "--ttl-ms",
+            "60000",
+            "--refresh-ttl",
+        ],
+    );
+    let refreshed = client.get("window").unwrap().unwrap();
+    assert!(
+        refreshed.expires_at_ms.is_some_and(|at| at > deadline),
+        "deadline={deadline} refreshed={refreshed:?}"
+    );
+    // `--no-create` adds to an existing counter.
+    assert_eq!(
+        fixture
+            .run_expecting(0, &["counter", "add", "window", "1", "--no-create"])
+            .stdout,
+        "4\n"
+    );
+    fixture.stop();
+}
+
+#[test]
+fn put_if_version_and_if_value() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    // Version 0: only if the key does not exist.
+    fixture.run_expecting(0, &["put", "k", "one", "--if-version", "0"]);
+    let run = fixture.run_expecting(0, &["put", "k", "two", "--if-version", "1"]);
+    assert!(run.stdout.starts_with("OK (mod_revision "), "{run:?}");
+    let written = client.get("k").unwrap().expect("written");
+    assert_eq!(
+        (written.value.as_slice(), written.version),
+        (&b"two"[..], 2)
+    );
+
+    // A lost compare-and-set: the put's usual line for a failed condition, with the current
+    // version, and exit 0 like any put whose condition failed.
+    let run = fixture.run_expecting(0, &["put", "k", "three", "--if-version", "1"]);
+    assert_eq!(
+        run.stdout, "not applied (condition failed, current version 2)\n",
+        "{run:?}"
+    );
+    let run = fixture.run_expecting(0, &["put", "k", "three", "--if-value", "one"]);
+    assert_eq!(
+        run.stdout, "not applied (condition failed, current version 2)\n",
+        "{run:?}"
+    );
+    let lost = parse_json(
+        &fixture.run_expecting(0, &["-o", "json", "put", "k", "three", "--if-version", "7"]),
+    );
+    assert_eq!(
+        lost,
+        serde_json::json!({
+            "applied": false,
+            "mod_revision": written.mod_revision,
+            "version": 2,
+        })
+    );
+    assert_eq!(client.get("k").unwrap(), Some(written));
+
+    let won = parse_json(
+        &fixture.run_expecting(0, &["-o", "json", "put", "k", "three", "--if-value", "two"]),
+    );
+    assert_eq!(won["applied"], true, "{won}");
+    assert_eq!(won["version"], 3, "{won}");
+    assert_eq!(client.get("k").unwrap().unwrap().value, b"three");
+    // An --if-value put never creates a key.
+    let run = fixture.run_expecting(0, &["put", "new", "v", "--if-value", "v"]);
+    assert_eq!(
+        run.stdout, "not applied (condition failed, current version 0)\n",
+        "{run:?}"
+    );
+    assert_eq!(client.get("new").unwrap(), None);
+
+    // One condition at a time.
+    for conflicting in [
+        &["--if-version", "1", "--if-value", "x"][..],
+        &["--if-version", "1", "--if-absent"][..],
+        &["--if-value", "x", "--if-present"][..],
+    ] {
+        let mut arguments = vec!["put", "k", "v"];
+        arguments.extend_from_slice(conflicting);
+        let run = fixture.run_expecting(2, &arguments);
+        assert_eq!(run.stdout, "", "{run:?}");
+    }
+    fixture.stop();
+}
+
+#[test]
+fn del_if_version_and_if_value() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    fixture.run_expecting(0, &["put", "k", "one"]);
+    fixture.run_expecting(0, &["put", "k", "two"]);
+    let before = client.get("k").unwrap().expect("written");
+
+    // Lost: the key stays, and the line says its current version.
+    let run = fixture.run_expecting(0, &["del", "k", "--if-version", "1"]);
+    assert_eq!(
+        run.stdout, "not applied (condition failed, current version 2)\n",
+        "{run:?}"
+    );
+    let run = fixture.run_expecting(0, &["del", "k", "--if-value", "one"]);
+    assert_eq!(
+        run.stdout, "not applied (condition failed, current version 2)\n",
+        "{run:?}"
+    );
+    let lost =
+        parse_json(&fixture.run_expecting(0, &["-o", "json", "del", "k", "--if-version", "5"]));
+    assert_eq!(lost, serde_json::json!({ "deleted": false, "version": 2 }));
+    assert_eq!(client.get("k").unwrap(), Some(before));
+
+    assert_eq!(
+        fixture
+            .run_expecting(0, &["del", "k", "--if-version", "2"])
+            .stdout,
+        "deleted\n"
+    );
+    assert_eq!(client.get("k").unwrap(), None);
+    assert_eq!(
+        fixture
+            .run_expecting(0, &["del", "k", "--if-version", "2"])
+            .stdout,
+        "not found\n"
+    );
+
+    fixture.run_expecting(0, &["put", "v", "exact"]);
+    let won =
+        parse_json(&fixture.run_expecting(0, &["-o", "json", "del", "v", "--if-value", "exact"]));
+    assert_eq!(won, serde_json::json!({ "deleted": true, "version": 0 }));
+    let run = fixture.run_expecting(2, &["del", "v", "--if-version", "1", "--if-value", "x"]);
+    assert_eq!(run.stdout, "", "{run:?}");
+    fixture.stop();
+}
+
+/// Keys `{t}a` (`one`), `{t}gone` and the counter `{t}n` (5), all on one shard, and a
+/// document whose compares hold until `{t}new` exists.
+fn write_txn_keys(client: &BlockingClient) -> String {
+    let written = client.put("{t}a", "one").unwrap();
+    client.put("{t}gone", "x").unwrap();
+    client.add("{t}n", 5).unwrap();
+    let revision = written.mod_revision;
+    format!(
+        r#"{{
+            "compare": [
+                {{"key": "{{t}}a", "value": ["=", "one"]}},
+                {{"key": "{{t}}a", "exists": true}},
+                {{"key": "{{t}}new", "exists": false}},
+                {{"key": "{{t}}a", "version": ["=", 1]}},
+                {{"key": "{{t}}a", "mod_revision": [">=", {revision}]}},
+                {{"key": "{{t}}a", "create_revision": ["<=", {revision}]}}
+            ],
+            "success": [
+                {{"get": "{{t}}a"}},
+                {{"put": "{{t}}new", "value": "fresh"}},
+                {{"delete": "{{t}}gone"}},
+                {{"delete": "{{t}}never"}},
+                {{"add": "{{t}}n", "delta": 2, "min": 0, "max": 10}},
+                {{"get": "{{t}}missing"}},
+                {{"range": "{{t}}", "limit": 100}}
+            ],
+            "failure": [
+                {{"get": "{{t}}new"}},
+                {{"add": "{{t}}n", "delta": 1}}
+            ]
+        }}"#
+    )
+}
+
+#[test]
+fn txn_runs_the_success_branch_then_the_failure_branch() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let document = write_txn_keys(&client);
+
+    let run = fixture.run_with_input(0, &["txn"], &document);
+    let new = client.get("{t}new").unwrap().expect("the txn wrote it");
+    let revision = new.mod_revision;
+    assert_eq!(
+        run.stdout,
+        format!(
+            "succeeded revision={revision}\n\
+             get {{t}}a one\n\
+             put {{t}}new version=1\n\
+             delete {{t}}gone deleted\n\
+             delete {{t}}never absent\n\
+             add {{t}}n 7\n\
+             get {{t}}missing (none)\n\
+             range {{t}} 3 keys\n\
+             {{t}}a\tone\n\
+             {{t}}n\t7\n\
+             {{t}}new\tfresh\n"
+        ),
+        "{run:?}"
+    );
+    assert_eq!(run.stderr, "", "{run:?}");
+    // Every write at the one revision.
+    assert_eq!(client.get("{t}n").unwrap().unwrap().mod_revision, revision);
+    assert_eq!(client.get("{t}gone").unwrap(), None);
+
+    // `{t}new` exists now: the failure branch runs, and the exit status says so.
+    let run = fixture.run_with_input(1, &["txn"], &document);
+    let counter = client.get("{t}n").unwrap().unwrap();
+    assert_eq!(
+        run.stdout,
+        format!(
+            "failed revision={}\nget {{t}}new fresh\nadd {{t}}n 8\n",
+            counter.mod_revision
+        ),
+        "{run:?}"
+    );
+    assert!(counter.mod_revision > revision, "{counter:?}");
+
+    // A branch that writes nothing answers the shard's current revision.
+    let run = fixture.run_with_input(0, &["txn"], r#"{"success": [{"get": "{t}a"}]}"#);
+    assert_eq!(
+        run.stdout,
+        format!(
+            "succeeded revision={}\nget {{t}}a one\n",
+            counter.mod_revision
+        ),
+        "{run:?}"
+    );
+    fixture.stop();
+}
+
+#[test]
+fn txn_json_output() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let document = write_txn_keys(&client);
+
+    let run = fixture.run_with_input(0, &["-o", "json", "txn"], &document);
+    let outcome = parse_json(&run);
+    let a = client.get("{t}a").unwrap().unwrap();
+    let n = client.get("{t}n").unwrap().unwrap();
+    let new = client.get("{t}new").unwrap().unwrap();
+    let revision = new.mod_revision;
+    let item = |key: &str, entry: &tessera_client::Entry| {
+        serde_json::json!({
+            "key": key,
+            "value": String::from_utf8(entry.value.clone()).unwrap(),
+            "create_revision": entry.create_revision,
+            "mod_revision": entry.mod_revision,
+            "version": entry.version,
+            "expires_at_ms": entry.expires_at_ms,
+        })
+    };
+    let mut get_a = item("{t}a", &a);
+    get_a["op"] = "get".into();
+    get_a["found"] = true.into();
+    assert_eq!(
+        outcome,
+        serde_json::json!({
+            "succeeded": true,
+            "revision": revision,
+            "results": [
+                get_a,
+                { "op": "put", "key": "{t}new", "version": 1 },
+                { "op": "delete", "key": "{t}gone", "deleted": true },
+                { "op": "delete", "key": "{t}never", "deleted": false },
+                { "op": "add", "key": "{t}n", "applied": true, "value": 7 },
+                { "op": "get", "key": "{t}missing", "found": false },
+                {
+                    "op": "range",
+                    "prefix": "{t}",
+                    "count": 3,
+                    "more": false,
+                    "items": [item("{t}a", &a), item("{t}n", &n), item("{t}new", &new)],
+                },
+            ],
+        }),
+        "{run:?}"
+    );
+
+    let run = fixture.run_with_input(1, &["-o", "json", "txn"], &document);
+    let outcome = parse_json(&run);
+    assert_eq!(outcome["succeeded"], false, "{run:?}");
+    assert_eq!(
+        outcome["revision"].as_u64(),
+        Some(client.get("{t}n").unwrap().unwrap().mod_revision),
+        "{run:?}"
+    );
+    assert_eq!(outcome["results"][0]["op"], "get", "{run:?}");
+    assert_eq!(outcome["results"][0]["value"], "fresh", "{run:?}");
+    assert_eq!(
+        outcome["results"][1],
+        serde_json::json!({ "op": "add", "key": "{t}n", "applied": true, "value": 8 }),
+        "{run:?}"
+    );
+    fixture.stop();
+}
+
+#[test]
+fn txn_refuses_malformed_documents() {
+    // Checked before connecting: no server is needed to refuse them.
+    let endpoints = Endpoints::Flag("127.0.0.1:1");
+    let cases = [
+        ("", "EOF"),
+        ("not json", "expected"),
+        (r#"{"compare": [], "sucess": []}"#, "unknown field `sucess`"),
+        (r#"{"compare": [{"key": "k"}]}"#, "compare[0]"),
+        (
+            r#"{"compare": [{"key": "k", "exists": true, "version": ["=", 1]}]}"#,
+            "has 2 checks, not 1",
+        ),
+        (
+            r#"{"compare": [{"key": "k", "version": ["==", 1]}]}"#,
+            "unknown variant `==`",
+        ),
+        (
+            r#"{"compare": [{"key": "k", "version": ["=", "one"]}]}"#,
+            "invalid type",
+        ),
+        (
+            r#"{"compare": [{"key": "k", "versoin": ["=", 1]}]}"#,
+            "unknown field `versoin`",
+        ),
+        (
+            r#"{"success": [{"put": "k"}]}"#,
+            "success[0]: put \"k\": needs a `value`",
+        ),
+        (
+            r#"{"failure": [{"add": "n"}]}"#,
+            "failure[0]: add \"n\": needs a `delta`",
+        ),
+        (
+            r#"{"success": [{"get": "k"}, {"get": "j", "value": "v"}]}"#,
+            "success[1]: get \"j\": a get op has no field `value`",
+        ),
+        (
+            r#"{"success": [{"get": "k", "put": "k", "value": "v"}]}"#,
+            "exactly one of get, put, delete, add, range",
+        ),
+        (r#"{"success": [{"value": "v"}]}"#, "exactly one of"),
+        (
+            r#"{"success": [{"add": "n", "delta": 1, "refresh_ttl": true}]}"#,
+            "`refresh_ttl` needs a `ttl_ms`",
+        ),
+        (
+            r#"{"success": [{"frobnicate": "k"}]}"#,
+            "unknown field `frobnicate`",
+        ),
+        ("[]", "the document is an array, not an object"),
+        ("null", "the document is null, not an object"),
+        (
+            r#"{"compare": {}}"#,
+            "invalid type: map, expected a sequence",
+        ),
+        (
+            r#"{"compare": [["k", true]]}"#,
+            "compare[0]: is an array, not an object",
+        ),
+        (
+            r#"{"success": ["k"]}"#,
+            "success[0]: is a string, not an object",
+        ),
+    ];
+    for (document, expected) in cases {
+        let run = tessera_with_input(&endpoints, &["txn"], Some(document));
+        assert_eq!(run.status_code, 2, "{document}: {run:?}");
+        assert_eq!(run.stdout, "", "{document}: {run:?}");
+        assert!(
+            run.stderr
+                .starts_with("tessera: invalid transaction on stdin: "),
+            "{document}: {run:?}"
+        );
+        assert!(
+            run.stderr.contains(expected),
+            "{document}: expected {expected:?}: {run:?}"
+        );
+    }
+    let run = tessera_with_input(&endpoints, &["-o", "json", "txn"], Some("{"));
+    assert_eq!(run.status_code, 2, "{run:?}");
+    let error = parse_json(&run);
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|message| message.starts_with("invalid transaction on stdin: ")),
+        "{run:?}"
+    );
+    assert_eq!(error["code"], Value::Null, "{run:?}");
+}
+
+#[test]
+fn txn_refusals_apply_nothing() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let first = key_on_core(&client, 0, "cross");
+    let second = key_on_core(&client, 1, "cross");
+    let document = format!(
+        r#"{{"compare": [{{"key": "{first}", "exists": false}}],
+             "success": [{{"put": "{first}", "value": "1"}}, {{"put": "{second}", "value": "2"}}]}}"#
+    );
+    let run = fixture.run_with_input(2, &["txn"], &document);
+    assert_eq!(run.stdout, "", "{run:?}");
+    assert!(run.stderr.contains("cross_shard"), "{run:?}");
+    assert!(run.stderr.contains(&format!("{first:?}")), "{run:?}");
+    assert!(run.stderr.contains(&format!("{second:?}")), "{run:?}");
+    let run = fixture.run_with_input(2, &["-o", "json", "txn"], &document);
+    assert_eq!(parse_json(&run)["code"], "cross_shard", "{run:?}");
+    assert_eq!(client.get(&first).unwrap(), None);
+    assert_eq!(client.get(&second).unwrap(), None);
+
+    // A counter add out of its bounds fails the whole transaction.
+    client.add("{u}n", 9).unwrap();
+    let before = client.get("{u}n").unwrap();
+    let document = r#"{"success": [
+        {"put": "{u}a", "value": "v"},
+        {"add": "{u}n", "delta": 2, "max": 10}
+    ]}"#;
+    let run = fixture.run_with_input(2, &["txn"], document);
+    assert!(run.stderr.contains("out_of_range"), "{run:?}");
+    assert_eq!(client.get("{u}a").unwrap(), None);
+    assert_eq!(client.get("{u}n").unwrap(), before);
+
+    // A key twice in one branch, and no key at all, are refused before sending.
+    let run = fixture.run_with_input(
+        2,
+        &["txn"],
+        r#"{"success": [{"put": "{u}a", "value": "v"}, {"get": "{u}a"}]}"#,
+    );
+    assert!(run.stderr.contains("more than one op"), "{run:?}");
+    let run = fixture.run_with_input(2, &["txn"], "{}");
+    assert!(run.stderr.contains("must name a key"), "{run:?}");
+    assert_eq!(client.get("{u}a").unwrap(), None);
+    fixture.stop();
+}
+
+#[test]
+fn help_lists_the_new_commands() {
+    let endpoints = Endpoints::Flag("127.0.0.1:1");
+    let run = tessera(&endpoints, &["--help"]);
+    assert_eq!(run.status_code, 0, "{run:?}");
+    for command in ["counter", "txn", "add", "put", "del"] {
+        assert!(
+            run.stdout.contains(&format!("  {command} ")),
+            "{command}: {run:?}"
+        );
+    }
+    let run = tessera(&endpoints, &["counter", "add", "--help"]);
+    for option in ["--min", "--max", "--ttl-ms", "--refresh-ttl", "--no-create"] {
+        assert!(run.stdout.contains(option), "{option}: {run:?}");
+    }
+    let run = tessera(&endpoints, &["txn", "--help"]);
+    for part in [
+        "\"compare\"",
+        "\"success\"",
+        "\"failure\"",
+        "mod_revision",
+        "Exit status",
+    ] {
+        assert!(run.stdout.contains(part), "{part}: {run:?}");
+    }
+    let run = tessera(&endpoints, &["put", "--help"]);
+    assert!(run.stdout.contains("--if-version"), "{run:?}");
+    assert!(run.stdout.contains("--if-value"), "{run:?}");
+    let run = tessera(&endpoints, &["del", "--help"]);
+    assert!(run.stdout.contains("--if-version"), "{run:?}");
 }

@@ -40,6 +40,7 @@
 //! with `Compacted`, while one with periodic progress notifications, which tell it, resumes
 //! (`remote_watch_across_a_restart_after_writes_outside_its_range`).
 
+#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -59,52 +60,6 @@ use tessera_client::{
 use tessera_protocol::limits::KEY_SIZE_MAX;
 use tessera_protocol::RequestError;
 use tessera_server::{Config, Server};
-
-/// Generates, for each `scenario => config`, a test against a server started with `config()`
-/// (`remote::<scenario>`) and, with the `embedded` feature, one against embedded shards with
-/// the same configuration (`embedded::<scenario>`).
-macro_rules! scenarios {
-    ($($scenario:ident => $config:ident),+ $(,)?) => {
-        /// Scenarios against a two-core server on loopback.
-        mod remote {
-            use super::common::{self, within, CALL_TIMEOUT, SCENARIO_TIMEOUT};
-
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    let server = tessera_server::Server::start(super::$config())
-                        .unwrap_or_else(|error| panic!("test server did not start: {error}"));
-                    let connect = tessera_client::Client::connect(server.addresses());
-                    let client = within(CALL_TIMEOUT, "connect", connect)
-                        .await
-                        .expect("the test server accepts the handshake");
-                    let scenario = super::$scenario(&client);
-                    within(SCENARIO_TIMEOUT, stringify!($scenario), scenario).await;
-                    // Close the connections first, so the server has nothing to wait for.
-                    drop(client);
-                    common::stop_server(server);
-                }
-            )+
-        }
-
-        /// Scenarios against two cores embedded in the test process.
-        #[cfg(feature = "embedded")]
-        mod embedded {
-            use super::common::{within, SCENARIO_TIMEOUT};
-
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    let client = tessera_client::Client::embedded(super::$config())
-                        .expect("the embedded shards start");
-                    let scenario = super::$scenario(&client);
-                    within(SCENARIO_TIMEOUT, stringify!($scenario), scenario).await;
-                    client.shutdown();
-                }
-            )+
-        }
-    };
-}
 
 scenarios!(
     prefix_watch_sees_puts_and_deletes => default_config,

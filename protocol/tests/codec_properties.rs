@@ -27,15 +27,16 @@ use proptest::test_runner::TestRunner;
 use tessera_protocol::codec::{self, FrameBuffer, FrameError};
 use tessera_protocol::limits::{
     BATCH_COUNT_MAX, CORE_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE,
-    KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX,
-    WATCH_PROGRESS_INTERVAL_MS_MAX, WATCH_PROGRESS_INTERVAL_MS_MIN,
+    KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, TXN_COMPARES_MAX, TXN_OPS_MAX,
+    VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX, WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
 use tessera_protocol::{
-    hash_tag, slot_for_key, split_slots, CoreInfo, CoreStats, Entry, ErrorCode, ErrorReply,
-    EventBatch, EventKind, FrameHeader, FrameKind, NodeInfo, ProtocolError, Put, PutCondition,
-    PutEntry, Request, RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology,
-    TtlState, Watch, WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching, WrongShard,
-    PROTOCOL_VERSION, SLOT_COUNT,
+    hash_tag, slot_for_key, split_slots, Check, Compare, CompareOp, CoreInfo, CoreStats,
+    CounterAdd, Delete, DeleteCondition, Entry, ErrorCode, ErrorReply, EventBatch, EventKind,
+    FrameHeader, FrameKind, NodeInfo, ProtocolError, Put, PutCondition, PutEntry, Request,
+    RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology, TtlState, Txn, TxnOp,
+    TxnOutcome, TxnResult, Watch, WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching,
+    WrongShard, PROTOCOL_VERSION, SLOT_COUNT,
 };
 
 /// Longest generated key. Real keys may be up to `KEY_SIZE_MAX`; small ones keep cases fast.
@@ -50,12 +51,14 @@ const TEXT_CHAR_COUNT_GENERATED_MAX: usize = 16;
 const NODE_COUNT_GENERATED_MAX: usize = 3;
 /// Most cores per node in a generated topology.
 const CORE_COUNT_GENERATED_MAX: usize = 4;
+/// Most compares in a generated transaction, and most ops in one of its branches.
+const TXN_COUNT_GENERATED_MAX: usize = 4;
 /// Most frames in one generated stream.
 const FRAME_COUNT_GENERATED_MAX: usize = 8;
 /// Number of `Request` variants; `request_variant` fails to compile when one is added.
-const REQUEST_VARIANT_COUNT: usize = 18;
+const REQUEST_VARIANT_COUNT: usize = 19;
 /// Number of `Response` variants; `response_variant` fails to compile when one is added.
-const RESPONSE_VARIANT_COUNT: usize = 20;
+const RESPONSE_VARIANT_COUNT: usize = 21;
 
 // ---------------------------------------------------------------------------------------------
 // Strategies.
@@ -113,6 +116,143 @@ fn put() -> impl Strategy<Value = Put> {
         )
 }
 
+fn delete() -> impl Strategy<Value = Delete> {
+    (
+        key(),
+        prop_oneof![
+            Just(DeleteCondition::Always),
+            any::<u64>().prop_map(DeleteCondition::IfVersion),
+            value().prop_map(DeleteCondition::IfValue),
+        ],
+        any::<bool>(),
+    )
+        .prop_map(|(key, condition, return_previous)| Delete {
+            key,
+            condition,
+            return_previous,
+        })
+}
+
+/// A counter add `check_request` accepts: bounds that hold a value, and `refresh_ttl` only
+/// with a TTL.
+fn counter_add() -> impl Strategy<Value = CounterAdd> {
+    (
+        key(),
+        any::<i64>(),
+        any::<Option<i64>>(),
+        any::<Option<i64>>(),
+        any::<bool>(),
+        proptest::option::of(ttl_ms()),
+        any::<bool>(),
+    )
+        .prop_map(|(key, delta, min, max, create, ttl_ms, refresh_ttl)| {
+            let (min, max) = match (min, max) {
+                (Some(min), Some(max)) if min > max => (Some(max), Some(min)),
+                bounds => bounds,
+            };
+            CounterAdd {
+                key,
+                delta,
+                min,
+                max,
+                create,
+                ttl_ms,
+                refresh_ttl: refresh_ttl && ttl_ms.is_some(),
+            }
+        })
+}
+
+fn compare_op() -> impl Strategy<Value = CompareOp> {
+    prop_oneof![
+        Just(CompareOp::Equal),
+        Just(CompareOp::NotEqual),
+        Just(CompareOp::Less),
+        Just(CompareOp::LessOrEqual),
+        Just(CompareOp::Greater),
+        Just(CompareOp::GreaterOrEqual),
+    ]
+}
+
+fn compare() -> impl Strategy<Value = Compare> {
+    (
+        key(),
+        prop_oneof![
+            Just(Check::Exists),
+            Just(Check::Absent),
+            (compare_op(), value()).prop_map(|(op, value)| Check::Value(op, value)),
+            (compare_op(), any::<u64>()).prop_map(|(op, version)| Check::Version(op, version)),
+            (compare_op(), any::<u64>())
+                .prop_map(|(op, revision)| Check::CreateRevision(op, revision)),
+            (compare_op(), any::<u64>())
+                .prop_map(|(op, revision)| Check::ModRevision(op, revision)),
+        ],
+    )
+        .prop_map(|(key, check)| Compare { key, check })
+}
+
+fn txn_op() -> impl Strategy<Value = TxnOp> {
+    prop_oneof![
+        key().prop_map(|key| TxnOp::Get { key }),
+        (
+            key(),
+            value(),
+            proptest::option::of(ttl_ms()),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(key, value, ttl_ms, keep_ttl, return_previous)| TxnOp::Put {
+                    key,
+                    value,
+                    ttl_ms,
+                    keep_ttl,
+                    return_previous,
+                }
+            ),
+        (key(), any::<bool>()).prop_map(|(key, return_previous)| TxnOp::Delete {
+            key,
+            return_previous
+        }),
+        counter_add().prop_map(TxnOp::Add),
+        scan().prop_map(TxnOp::Range),
+    ]
+}
+
+/// A branch `check_request` accepts: each key named once (a later op on a key already named
+/// is dropped).
+fn txn_branch() -> impl Strategy<Value = Vec<TxnOp>> {
+    vec(txn_op(), 0..=TXN_COUNT_GENERATED_MAX).prop_map(|ops| {
+        let mut named = BTreeSet::new();
+        ops.into_iter()
+            .filter(|op| op.key().is_none_or(|key| named.insert(key.to_vec())))
+            .collect()
+    })
+}
+
+/// A transaction `check_request` accepts; one that names no key gets a compare.
+fn txn() -> impl Strategy<Value = Txn> {
+    (
+        vec(compare(), 0..=TXN_COUNT_GENERATED_MAX),
+        txn_branch(),
+        txn_branch(),
+        key(),
+    )
+        .prop_map(|(mut compares, success, failure, key)| {
+            let names_a_key = success.iter().chain(&failure).any(|op| op.key().is_some());
+            if compares.is_empty() && !names_a_key {
+                compares.push(Compare {
+                    key,
+                    check: Check::Exists,
+                });
+            }
+            Txn {
+                compares,
+                success,
+                failure,
+            }
+        })
+}
+
 fn put_entry() -> impl Strategy<Value = PutEntry> {
     (key(), value(), proptest::option::of(ttl_ms())).prop_map(|(key, value, ttl_ms)| PutEntry {
         key,
@@ -132,10 +272,7 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::Stats),
         key().prop_map(|key| Request::Get { key }),
         put().prop_map(|put| Request::Put(Box::new(put))),
-        (key(), any::<bool>()).prop_map(|(key, return_previous)| Request::Delete {
-            key,
-            return_previous,
-        }),
+        delete().prop_map(|delete| Request::Delete(Box::new(delete))),
         key().prop_map(|key| Request::Exists { key }),
         (key(), ttl_ms()).prop_map(|(key, ttl_ms)| Request::Expire { key, ttl_ms }),
         key().prop_map(|key| Request::Persist { key }),
@@ -144,11 +281,12 @@ fn request() -> impl Strategy<Value = Request> {
         vec(put_entry(), 0..=BATCH_COUNT_GENERATED_MAX)
             .prop_map(|entries| Request::MultiPut { entries }),
         keys().prop_map(|keys| Request::MultiDelete { keys }),
-        (key(), any::<i64>()).prop_map(|(key, delta)| Request::Add { key, delta }),
+        counter_add().prop_map(|add| Request::Add(Box::new(add))),
         scan().prop_map(Request::Scan),
         watch().prop_map(|watch| Request::Watch(Box::new(watch))),
         any::<u64>().prop_map(|watch_id| Request::Unwatch { watch_id }),
         any::<u64>().prop_map(|watch_id| Request::WatchProgress { watch_id }),
+        txn().prop_map(|txn| Request::Txn(Box::new(txn))),
     ]
 }
 
@@ -332,6 +470,32 @@ fn entry() -> impl Strategy<Value = Entry> {
         )
 }
 
+fn txn_result() -> impl Strategy<Value = TxnResult> {
+    prop_oneof![
+        proptest::option::of(entry()).prop_map(TxnResult::Get),
+        (any::<u64>(), proptest::option::of(entry()))
+            .prop_map(|(version, previous)| TxnResult::Put { version, previous }),
+        (any::<bool>(), proptest::option::of(entry()))
+            .prop_map(|(deleted, previous)| TxnResult::Delete { deleted, previous }),
+        (any::<bool>(), any::<i64>())
+            .prop_map(|(applied, value)| TxnResult::Add { applied, value }),
+        scan_page().prop_map(TxnResult::Range),
+    ]
+}
+
+fn txn_outcome() -> impl Strategy<Value = TxnOutcome> {
+    (
+        any::<bool>(),
+        any::<u64>(),
+        vec(txn_result(), 0..=TXN_COUNT_GENERATED_MAX),
+    )
+        .prop_map(|(succeeded, revision, results)| TxnOutcome {
+            succeeded,
+            revision,
+            results,
+        })
+}
+
 fn ttl_state() -> impl Strategy<Value = TtlState> {
     prop_oneof![
         Just(TtlState::Missing),
@@ -383,6 +547,9 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::InvalidArgument),
         Just(ErrorCode::StoreFull),
         Just(ErrorCode::Internal),
+        Just(ErrorCode::OutOfRange),
+        Just(ErrorCode::NoSpace),
+        Just(ErrorCode::CrossShard),
     ]
 }
 
@@ -482,8 +649,13 @@ fn response() -> impl Strategy<Value = Response> {
                 version,
                 previous,
             }),
-        (any::<bool>(), proptest::option::of(entry()))
-            .prop_map(|(deleted, previous)| Response::Delete { deleted, previous }),
+        (any::<bool>(), any::<u64>(), proptest::option::of(entry())).prop_map(
+            |(deleted, version, previous)| Response::Delete {
+                deleted,
+                version,
+                previous,
+            }
+        ),
         any::<bool>().prop_map(|exists| Response::Exists { exists }),
         (any::<bool>(), any::<u64>()).prop_map(|(applied, mod_revision)| Response::Expiry {
             applied,
@@ -497,9 +669,12 @@ fn response() -> impl Strategy<Value = Response> {
         vec(any::<bool>(), 0..=BATCH_COUNT_GENERATED_MAX)
             .prop_map(|deleted| Response::MultiDelete { deleted }),
         error_reply().prop_map(Response::Error),
-        (any::<i64>(), any::<u64>()).prop_map(|(value, mod_revision)| Response::Counter {
-            value,
-            mod_revision
+        (any::<bool>(), any::<i64>(), any::<u64>()).prop_map(|(applied, value, mod_revision)| {
+            Response::Counter {
+                applied,
+                value,
+                mod_revision,
+            }
         }),
         scan_page().prop_map(Response::Scan),
         watching().prop_map(Response::Watching),
@@ -507,6 +682,7 @@ fn response() -> impl Strategy<Value = Response> {
         any::<u64>().prop_map(|revision| Response::WatchProgress { revision }),
         watch_cancel().prop_map(Response::WatchCancelled),
         any::<bool>().prop_map(|existed| Response::Unwatched { existed }),
+        txn_outcome().prop_map(Response::Txn),
     ]
 }
 
@@ -564,7 +740,7 @@ fn request_variant(request: &Request) -> usize {
         Request::Stats => 2,
         Request::Get { .. } => 3,
         Request::Put(_) => 4,
-        Request::Delete { .. } => 5,
+        Request::Delete(_) => 5,
         Request::Exists { .. } => 6,
         Request::Expire { .. } => 7,
         Request::Persist { .. } => 8,
@@ -572,11 +748,12 @@ fn request_variant(request: &Request) -> usize {
         Request::MultiGet { .. } => 10,
         Request::MultiPut { .. } => 11,
         Request::MultiDelete { .. } => 12,
-        Request::Add { .. } => 13,
+        Request::Add(_) => 13,
         Request::Scan(_) => 14,
         Request::Watch(_) => 15,
         Request::Unwatch { .. } => 16,
         Request::WatchProgress { .. } => 17,
+        Request::Txn(_) => 18,
     }
 }
 
@@ -602,6 +779,7 @@ fn response_variant(response: &Response) -> usize {
         Response::WatchProgress { .. } => 17,
         Response::WatchCancelled(_) => 18,
         Response::Unwatched { .. } => 19,
+        Response::Txn(_) => 20,
     }
 }
 
@@ -640,6 +818,8 @@ fn check(request: &Request) -> Result<(), RequestError> {
     let result = codec::check_request(archived);
     // The archive must also come back unchanged: refusal is about meaning, not about encoding.
     assert_eq!(&codec::decode_request(&body).unwrap(), request);
+    // A client checking the owned request before sending it gets the server's answer.
+    assert_eq!(codec::check_owned_request(request), result);
     result
 }
 
@@ -1235,10 +1415,10 @@ fn requests_with_key(key: &[u8]) -> Vec<Request> {
     vec![
         Request::Get { key: key.clone() },
         Request::Put(Box::new(Put::new(key.clone(), "v"))),
-        Request::Delete {
-            key: key.clone(),
+        Request::Delete(Box::new(Delete {
             return_previous: true,
-        },
+            ..Delete::new(key.clone())
+        })),
         Request::Exists { key: key.clone() },
         Request::Expire {
             key: key.clone(),
@@ -1259,7 +1439,23 @@ fn requests_with_key(key: &[u8]) -> Vec<Request> {
         Request::MultiDelete {
             keys: vec![b"fine".to_vec(), key.clone()],
         },
-        Request::Add { key, delta: 1 },
+        Request::Add(Box::new(CounterAdd::new(key.clone(), 1))),
+        // A transaction checks the key of every compare and of every op that names one.
+        Request::Txn(Box::new(Txn::new().when([
+            Compare::exists("fine"),
+            Compare::value(key.clone(), CompareOp::Equal, "v"),
+        ]))),
+        Request::Txn(Box::new(
+            Txn::new().then([TxnOp::get("fine"), TxnOp::get(key.clone())]),
+        )),
+        Request::Txn(Box::new(Txn::new().then([TxnOp::put(key.clone(), "v")]))),
+        Request::Txn(Box::new(Txn::new().then([TxnOp::delete(key.clone())]))),
+        Request::Txn(Box::new(Txn::new().then([TxnOp::add(key.clone(), 1)]))),
+        Request::Txn(Box::new(
+            Txn::new()
+                .when([Compare::exists("fine")])
+                .otherwise([TxnOp::get(key)]),
+        )),
     ]
 }
 
@@ -1267,6 +1463,18 @@ fn requests_with_key(key: &[u8]) -> Vec<Request> {
 fn requests_with_value(value: &[u8]) -> Vec<Request> {
     vec![
         Request::Put(Box::new(Put::new("k", value))),
+        // So is the value a compare-and-delete or a transaction's compare expects.
+        Request::Delete(Box::new(Delete {
+            condition: DeleteCondition::IfValue(value.to_vec()),
+            ..Delete::new("k")
+        })),
+        Request::Txn(Box::new(Txn::new().when([
+            Compare::exists("k"),
+            Compare::value("k", CompareOp::Less, value),
+        ]))),
+        Request::Txn(Box::new(
+            Txn::new().then([TxnOp::get("fine"), TxnOp::put("k", value)]),
+        )),
         // The value a compare-and-set expects is bounded like a value.
         Request::Put(Box::new(Put {
             condition: PutCondition::IfValue(value.to_vec()),
@@ -1293,8 +1501,27 @@ fn requests_with_value(value: &[u8]) -> Vec<Request> {
 fn requests_with_ttl(ttl_ms: u64) -> Vec<Request> {
     let mut put = Put::new("k", "v");
     put.ttl_ms = Some(ttl_ms);
+    let add = CounterAdd {
+        ttl_ms: Some(ttl_ms),
+        ..CounterAdd::new("k", 1)
+    };
+    let refreshing_add = CounterAdd {
+        refresh_ttl: true,
+        ..add.clone()
+    };
+    let txn_put = TxnOp::Put {
+        key: b"k".to_vec(),
+        value: b"v".to_vec(),
+        ttl_ms: Some(ttl_ms),
+        keep_ttl: false,
+        return_previous: false,
+    };
     vec![
         Request::Put(Box::new(put)),
+        Request::Add(Box::new(add.clone())),
+        Request::Add(Box::new(refreshing_add)),
+        Request::Txn(Box::new(Txn::new().then([txn_put]))),
+        Request::Txn(Box::new(Txn::new().otherwise([TxnOp::Add(add)]))),
         Request::Expire {
             key: b"k".to_vec(),
             ttl_ms,
@@ -1631,6 +1858,168 @@ proptest! {
                 interval_ms_max: WATCH_PROGRESS_INTERVAL_MS_MAX,
             })
         );
+    }
+}
+
+/// A branch names each key in one op at most (ranges name none); the same key may appear in
+/// both branches, in several compares, or in a compare and an op.
+#[test]
+fn a_txn_branch_names_each_key_once() {
+    let range = || TxnOp::Range(Scan::prefix(b"k", 10));
+    for txn in [
+        Txn::new().then([TxnOp::get("a"), TxnOp::put("b", "v"), range(), range()]),
+        Txn::new()
+            .then([TxnOp::put("a", "v")])
+            .otherwise([TxnOp::delete("a")]),
+        Txn::new()
+            .when([
+                Compare::exists("a"),
+                Compare::version("a", CompareOp::Less, 3),
+            ])
+            .then([TxnOp::add("a", 1)]),
+    ] {
+        assert_eq!(
+            check(&Request::Txn(Box::new(txn.clone()))),
+            Ok(()),
+            "{txn:?}"
+        );
+    }
+    for txn in [
+        Txn::new().then([TxnOp::get("dup"), TxnOp::get("dup")]),
+        Txn::new().then([
+            TxnOp::put("dup", "v"),
+            TxnOp::get("other"),
+            TxnOp::add("dup", 1),
+        ]),
+        Txn::new().then([TxnOp::get("other")]).otherwise([
+            TxnOp::delete("dup"),
+            range(),
+            TxnOp::get("dup"),
+        ]),
+    ] {
+        let error = check(&Request::Txn(Box::new(txn.clone()))).unwrap_err();
+        assert!(
+            matches!(&error, RequestError::TxnDuplicateKey { key } if key.contains("dup")),
+            "{txn:?}: {error:?}"
+        );
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+}
+
+/// At most `TXN_COMPARES_MAX` compares and `TXN_OPS_MAX` ops per branch.
+#[test]
+fn txn_compares_and_ops_are_counted() {
+    let compares = |count: usize| -> Vec<Compare> {
+        (0..count)
+            .map(|index| Compare::exists(format!("k{index}")))
+            .collect()
+    };
+    let ops = |count: usize| -> Vec<TxnOp> {
+        (0..count)
+            .map(|index| TxnOp::get(format!("k{index}")))
+            .collect()
+    };
+    for txn in [
+        Txn::new().when(compares(TXN_COMPARES_MAX)),
+        Txn::new()
+            .then(ops(TXN_OPS_MAX))
+            .otherwise(ops(TXN_OPS_MAX)),
+    ] {
+        assert_eq!(check(&Request::Txn(Box::new(txn))), Ok(()));
+    }
+    for (txn, what, count_max) in [
+        (
+            Txn::new().when(compares(TXN_COMPARES_MAX + 1)),
+            "compares",
+            TXN_COMPARES_MAX,
+        ),
+        (Txn::new().then(ops(TXN_OPS_MAX + 1)), "ops", TXN_OPS_MAX),
+        (
+            Txn::new().then(ops(1)).otherwise(ops(TXN_OPS_MAX + 1)),
+            "ops",
+            TXN_OPS_MAX,
+        ),
+    ] {
+        let error = check(&Request::Txn(Box::new(txn))).unwrap_err();
+        assert_eq!(
+            error,
+            RequestError::TxnTooLarge {
+                what,
+                count: count_max + 1,
+                count_max
+            }
+        );
+        assert_eq!(error.code(), ErrorCode::TooLarge);
+    }
+}
+
+/// A transaction runs on the shard of its keys, so one that names none (no compares, only
+/// ranges or nothing) is refused.
+#[test]
+fn a_txn_must_name_a_key() {
+    let range = || TxnOp::Range(Scan::prefix(b"k", 10));
+    for txn in [
+        Txn::new(),
+        Txn::new().then([range()]),
+        Txn::new().then([range()]).otherwise([range(), range()]),
+    ] {
+        let error = check(&Request::Txn(Box::new(txn.clone()))).unwrap_err();
+        assert_eq!(error, RequestError::TxnWithoutKey, "{txn:?}");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+    for txn in [
+        Txn::new().when([Compare::absent("k")]),
+        Txn::new().then([range()]).otherwise([TxnOp::get("k")]),
+    ] {
+        assert_eq!(
+            check(&Request::Txn(Box::new(txn.clone()))),
+            Ok(()),
+            "{txn:?}"
+        );
+    }
+}
+
+/// A counter add, alone or in a transaction, must have bounds that hold some value, and may
+/// only refresh a TTL it gives.
+#[test]
+fn counter_bounds_and_refresh_are_checked() {
+    let bounded = |min, max| CounterAdd {
+        min,
+        max,
+        ..CounterAdd::new("k", 1)
+    };
+    let requests = |add: CounterAdd| {
+        [
+            Request::Add(Box::new(add.clone())),
+            Request::Txn(Box::new(Txn::new().then([TxnOp::Add(add)]))),
+        ]
+    };
+    for add in [
+        bounded(Some(3), Some(3)),
+        bounded(Some(i64::MIN), Some(i64::MAX)),
+        bounded(Some(i64::MAX), None),
+        bounded(None, Some(i64::MIN)),
+        bounded(None, None),
+    ] {
+        for request in requests(add) {
+            assert_eq!(check(&request), Ok(()), "{request:?}");
+        }
+    }
+    for (min, max) in [(4, 3), (i64::MAX, i64::MIN), (0, -1)] {
+        for request in requests(bounded(Some(min), Some(max))) {
+            let error = check(&request).unwrap_err();
+            assert_eq!(error, RequestError::EmptyBounds { min, max }, "{request:?}");
+            assert_eq!(error.code(), ErrorCode::InvalidArgument);
+        }
+    }
+    let refresh_without_ttl = CounterAdd {
+        refresh_ttl: true,
+        ..CounterAdd::new("k", 1)
+    };
+    for request in requests(refresh_without_ttl) {
+        let error = check(&request).unwrap_err();
+        assert_eq!(error, RequestError::RefreshWithoutTtl, "{request:?}");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
     }
 }
 

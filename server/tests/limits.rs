@@ -7,7 +7,7 @@ use common::{
     expect_error, get_request, keys_owned_by, put_request, route_table, start_server_with,
     test_config, RawConnection,
 };
-use tessera_protocol::{ErrorCode, Request, Response};
+use tessera_protocol::{Delete, ErrorCode, Request, Response};
 use tessera_server::Config;
 
 #[test]
@@ -89,10 +89,7 @@ fn a_full_store_refuses_writes_with_store_full_and_still_serves_reads() {
         assert_eq!(connection.get(key).expect("still there").value, value);
     }
     // Deleting makes room again.
-    let delete = Request::Delete {
-        key: written_keys[0].clone(),
-        return_previous: false,
-    };
+    let delete = Request::Delete(Box::new(Delete::new(written_keys[0].clone())));
     assert!(matches!(
         connection.call(&delete),
         Response::Delete { deleted: true, .. }

@@ -16,7 +16,7 @@ use tessera_protocol::limits::{
     BATCH_COUNT_MAX, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE, KEY_SIZE_MAX, VALUE_SIZE_MAX,
 };
 use tessera_protocol::{
-    ErrorCode, FrameHeader, FrameKind, Put, PutEntry, Request, Response, TtlState,
+    Delete, ErrorCode, FrameHeader, FrameKind, Put, PutEntry, Request, Response, TtlState,
     PROTOCOL_VERSION, SLOT_COUNT,
 };
 
@@ -205,13 +205,14 @@ fn requests_sent_to_the_wrong_core_are_forwarded_to_the_owner() {
                 kept_count_by_core[core_index] += 1;
                 continue;
             }
-            let delete = Request::Delete {
-                key: key.clone(),
+            let delete = Request::Delete(Box::new(Delete {
                 return_previous: true,
-            };
+                ..Delete::new(key.clone())
+            }));
             match connection.call(&delete) {
                 Response::Delete {
                     deleted: true,
+                    version: 0,
                     previous: Some(previous),
                 } => {
                     assert_eq!(previous.value, value);

@@ -1,8 +1,14 @@
 //! `tessera`: the command-line client.
 //!
-//! Human-readable output by default, `-o json` for scripts. Exit status: 0 on success, 1 when
-//! `get` finds no key, 2 on any error (connection, server refusal, bad arguments), and
+//! Human-readable output by default, `-o json` for scripts. Exit status: 0 on success (a
+//! conditional write whose condition failed succeeds too, and says so), 1 when `get` or
+//! `counter get` finds no key and when a transaction ran its failure branch, 2 on any error
+//! (connection, server refusal, bad arguments, a malformed transaction document), and
 //! 128 + the signal's number when `watch` is interrupted (130 for Ctrl-C).
+//!
+//! `txn` reads its transaction from stdin as JSON ([`TxnDocument`]): the document is parsed
+//! and checked before the client connects, so a malformed one fails the same way whether or
+//! not a server is reachable.
 //!
 //! `watch` prints one line per event and flushes it at once, so a pipe sees each event when it
 //! happens. When it stops, for whatever reason, it prints on stderr the positions to resume
@@ -10,20 +16,31 @@
 //! resumed watch skips no event, and repeats some only of a revision `--count` cut short.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use tessera_client::{
-    BlockingClient, ClientConfig, ClientError, Entry, EventKind, KeyRange, PutOptions, ScanOptions,
-    ShardRevision, Topology, TtlState, WatchEvent, WatchMessage, WatchOptions,
+    AddOptions, BlockingClient, ClientConfig, ClientError, Compare, CompareOp, CounterAdd,
+    DeleteOptions, Entry, EventKind, KeyRange, PutOptions, Scan, ScanItem, ScanOptions,
+    ShardRevision, Topology, TtlState, Txn, TxnOp, TxnOutcome, TxnResult, WatchEvent, WatchMessage,
+    WatchOptions,
 };
+use tessera_protocol::limits::{FRAME_BODY_SIZE_MAX, SCAN_LIMIT_MAX};
 
 #[derive(Debug, Parser)]
-#[command(name = "tessera", version, about = "Command-line client for Tessera")]
+#[command(
+    name = "tessera",
+    version,
+    about = "Command-line client for Tessera",
+    after_help = "Exit status: 0 on success (also when a conditional write's condition \
+                  failed; it says so), 1 when get or counter get finds no key or txn ran its \
+                  failure branch, 2 on an error, 130 when watch is interrupted by Ctrl-C."
+)]
 struct Cli {
     /// Comma-separated `host:port` list used to fetch the topology.
     #[arg(
@@ -61,24 +78,17 @@ enum Command {
     /// Print a key's value (exit 1 if it does not exist).
     Get { key: String },
     /// Write a key.
-    Put {
-        key: String,
-        value: String,
-        /// Expire the key after this many milliseconds.
-        #[arg(long)]
-        ttl_ms: Option<u64>,
-        /// Only write if the key does not exist.
-        #[arg(long, conflicts_with = "if_present")]
-        if_absent: bool,
-        /// Only write if the key exists.
-        #[arg(long)]
-        if_present: bool,
-        /// Keep the key's current TTL.
-        #[arg(long, conflicts_with = "ttl_ms")]
-        keep_ttl: bool,
-    },
+    ///
+    /// A conditional put whose condition fails writes nothing, prints `not applied
+    /// (condition failed, current version N)` (`-o json`: `"applied": false` and the
+    /// `version`) and exits 0.
+    Put(PutArguments),
     /// Remove a key.
-    Del { key: String },
+    ///
+    /// A conditional delete whose condition fails removes nothing, prints `not applied
+    /// (condition failed, current version N)` (`-o json`: `"deleted": false` and the
+    /// `version`) and exits 0; a missing key prints `not found`.
+    Del(DelArguments),
     /// Whether a key exists.
     Exists { key: String },
     /// A key's remaining time to live.
@@ -87,13 +97,28 @@ enum Command {
     Expire { key: String, ttl_ms: u64 },
     /// Remove a key's time to live.
     Persist { key: String },
-    /// Add to a counter (a missing key counts as 0) and print its new value.
+    /// Add to a counter (a missing key counts as 0) and print its new value (`counter add`
+    /// takes bounds and a TTL window).
     Add {
         key: String,
         /// The amount to add; negative to subtract.
         #[arg(default_value_t = 1, allow_negative_numbers = true)]
         delta: i64,
     },
+    /// Counters with bounds and TTL windows (add, get, set).
+    ///
+    /// A counter is a key holding the decimal text of an i64, changed atomically on its
+    /// shard.
+    #[command(subcommand)]
+    Counter(CounterCommand),
+    /// Run a transaction on one shard, read as JSON from stdin (exit 1 if its failure
+    /// branch ran).
+    ///
+    /// If every compare holds, the `success` ops run, else the `failure` ops, in order, and
+    /// all their writes take one revision. Exit 0 when the success branch ran, 1 when the
+    /// failure branch ran, 2 on an error.
+    #[command(after_help = TXN_AFTER_HELP)]
+    Txn,
     /// List the keys that start with a prefix, in key order across every core (one per line,
     /// `key<TAB>value`; with `-o json` one object with an `items` array).
     Scan {
@@ -126,6 +151,122 @@ enum Command {
     /// Show every core's counters (keys, revision, memory, requests).
     Stats,
 }
+
+/// The arguments of `tessera put`.
+#[derive(Debug, clap::Args)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "each is a command-line flag; clap rejects the combinations that conflict"
+)]
+struct PutArguments {
+    key: String,
+    value: String,
+    /// Expire the key after this many milliseconds.
+    #[arg(long)]
+    ttl_ms: Option<u64>,
+    /// Only write if the key does not exist.
+    #[arg(long, conflicts_with_all = ["if_present", "if_version", "if_value"])]
+    if_absent: bool,
+    /// Only write if the key exists.
+    #[arg(long, conflicts_with_all = ["if_version", "if_value"])]
+    if_present: bool,
+    /// Only write if the key's version is N (0: the key does not exist): a compare-and-set
+    /// against a version read earlier.
+    #[arg(long, value_name = "N", conflicts_with = "if_value")]
+    if_version: Option<u64>,
+    /// Only write if the key exists and holds exactly this value.
+    #[arg(long, value_name = "VALUE")]
+    if_value: Option<String>,
+    /// Keep the key's current TTL.
+    #[arg(long, conflicts_with = "ttl_ms")]
+    keep_ttl: bool,
+}
+
+/// The arguments of `tessera del`.
+#[derive(Debug, clap::Args)]
+struct DelArguments {
+    key: String,
+    /// Only delete if the key's version is N.
+    #[arg(long, value_name = "N", conflicts_with = "if_value")]
+    if_version: Option<u64>,
+    /// Only delete if the key holds exactly this value.
+    #[arg(long, value_name = "VALUE")]
+    if_value: Option<String>,
+}
+
+/// The `tessera counter` commands.
+#[derive(Debug, Subcommand)]
+enum CounterCommand {
+    /// Add to a counter and print its new value.
+    ///
+    /// With `-o json`: `{"value", "applied", "mod_revision"}`. An add that would leave the
+    /// bounds or overflow i64, or a key that is not a counter, fails with `out_of_range`
+    /// (exit 2) and changes nothing.
+    Add {
+        key: String,
+        /// The amount to add; negative to subtract.
+        #[arg(allow_negative_numbers = true)]
+        delta: i64,
+        /// The smallest value the counter may take.
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        min: Option<i64>,
+        /// The largest value the counter may take.
+        #[arg(long, value_name = "N", allow_negative_numbers = true)]
+        max: Option<i64>,
+        /// A counter this add creates expires after this many milliseconds (a fixed window:
+        /// later adds keep the expiry).
+        #[arg(long, value_name = "N")]
+        ttl_ms: Option<u64>,
+        /// Restart the TTL at --ttl-ms on every add (a sliding window).
+        #[arg(long, requires = "ttl_ms")]
+        refresh_ttl: bool,
+        /// Do not create a missing counter: print `not applied (no counter)` instead (exit 0).
+        #[arg(long)]
+        no_create: bool,
+    },
+    /// Print a counter's value (exit 1 if it does not exist, 2 if it is not a counter).
+    Get { key: String },
+    /// Set a counter's value, keeping its TTL (its window).
+    Set {
+        key: String,
+        #[arg(allow_negative_numbers = true)]
+        value: i64,
+    },
+}
+
+const TXN_AFTER_HELP: &str = r#"The document (every section optional; unknown fields are refused):
+  {
+    "compare": [
+      {"key": "k", "exists": true},          (false: the key does not exist)
+      {"key": "k", "version": ["=", 3]},
+      {"key": "k", "value": ["!=", "x"]},
+      {"key": "k", "mod_revision": [">", 10]},
+      {"key": "k", "create_revision": ["<=", 10]}
+    ],
+    "success": [
+      {"get": "k"},
+      {"put": "k", "value": "v", "ttl_ms": 1000, "keep_ttl": false},
+      {"delete": "k"},
+      {"add": "n", "delta": 1, "min": 0, "max": 10, "ttl_ms": 1000,
+       "refresh_ttl": false, "no_create": false},
+      {"range": "prefix", "limit": 100}
+    ],
+    "failure": []
+  }
+Operators: = != < <= > >=. A missing key has version, create_revision and mod_revision 0
+and fails every value compare. Every key must live on one shard: give them one hash tag,
+like {user42}name and {user42}email. A branch names a key at most once. A range lists only
+the transaction shard's keys (limit: default and most 10000), after the earlier ops' writes.
+
+Output: `succeeded revision=R` or `failed revision=R`, then one line per op of the branch
+that ran: `get <key> <value>` (or `(none)`), `put <key> version=N`, `delete <key>
+deleted|absent`, `add <key> <value>` (or `(not applied)`), `range <prefix> <count> keys`
+followed by its `<key><TAB><value>` lines. With -o json: {"succeeded", "revision",
+"results": [{"op": "get", "key", ...}, ...]}.
+
+Exit status: 0 when the success branch ran, 1 when the failure branch ran, 2 on an error
+(a malformed document, keys on different shards, a counter add out of range: nothing is
+applied)."#;
 
 /// The arguments of `tessera watch`.
 #[derive(Debug, clap::Args)]
@@ -183,13 +324,34 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(code) => code,
-        Err(error) => {
+        Err(Failure::Client(error)) => {
             // `watch` prints NDJSON, whose lines a reader tells apart by their type.
             let fields =
                 matches!(cli.command, Command::Watch(_)).then(|| json!({ "type": "error" }));
             report_error(cli.output == Output::Json, &error, fields);
             ExitCode::from(2)
         }
+        Err(Failure::Input(message)) => {
+            if cli.output == Output::Json {
+                print_json(&json!({ "error": message, "code": Value::Null }));
+            }
+            eprintln!("tessera: {message}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Why a command failed; either way it exits 2.
+enum Failure {
+    /// The client, or the server through it, refused or failed.
+    Client(ClientError),
+    /// The command's input is malformed (a transaction document); nothing was sent.
+    Input(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(error: ClientError) -> Self {
+        Self::Client(error)
     }
 }
 
@@ -216,44 +378,28 @@ fn answer(json: bool, value: &serde_json::Value, text: impl std::fmt::Display) {
     }
 }
 
-fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
+/// Connects as the global options say.
+fn connect(cli: &Cli) -> Result<BlockingClient, ClientError> {
     let mut config = ClientConfig::new(cli.endpoints.iter().cloned());
     config.request_timeout = Duration::from_millis(cli.timeout_ms);
     config.connect_timeout = Duration::from_millis(cli.timeout_ms);
     "tessera-cli".clone_into(&mut config.client_name);
-    let client = BlockingClient::connect_with(config)?;
+    BlockingClient::connect_with(config)
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, Failure> {
     let json = cli.output == Output::Json;
+    if let Command::Txn = cli.command {
+        // Read before connecting: a malformed document is the same error with or without a
+        // server.
+        let txn = read_txn_document(std::io::stdin().lock())?;
+        return Ok(run_txn(&connect(cli)?, txn, json)?);
+    }
+    let client = connect(cli)?;
     match &cli.command {
-        Command::Get { key } => return get(&client, key, json),
-        Command::Put {
-            key,
-            value,
-            ttl_ms,
-            if_absent,
-            if_present,
-            keep_ttl,
-        } => {
-            let options = put_options(*ttl_ms, *if_absent, *if_present, *keep_ttl);
-            let outcome = client.put_with(key, value, options)?;
-            if json {
-                print_json(&json!({
-                    "applied": outcome.applied,
-                    "mod_revision": outcome.mod_revision,
-                }));
-            } else if outcome.applied {
-                println!("OK (mod_revision {})", outcome.mod_revision);
-            } else {
-                println!("not applied (condition failed)");
-            }
-        }
-        Command::Del { key } => {
-            let deleted = client.delete(key)?;
-            answer(
-                json,
-                &json!({ "deleted": deleted }),
-                if deleted { "deleted" } else { "not found" },
-            );
-        }
+        Command::Get { key } => return Ok(get(&client, key, json)?),
+        Command::Put(arguments) => put(&client, arguments, json)?,
+        Command::Del(arguments) => delete(&client, arguments, json)?,
         Command::Exists { key } => {
             let exists = client.exists(key)?;
             answer(json, &json!({ "exists": exists }), exists);
@@ -297,7 +443,9 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
             let value = client.add(key, *delta)?;
             answer(json, &json!({ "value": value }), value);
         }
-        Command::Watch(arguments) => return watch(&client, arguments, json),
+        Command::Counter(command) => return Ok(counter(&client, command, json)?),
+        Command::Txn => unreachable!("`txn` is run above, before connecting"),
+        Command::Watch(arguments) => return Ok(watch(&client, arguments, json)?),
         Command::Ping => print_pongs(&client.ping()?, json),
         Command::Topology => print_topology(&client.topology(), json),
         Command::Stats => print_stats(&client.stats()?, json),
@@ -335,6 +483,533 @@ fn get(client: &BlockingClient, key: &str, json: bool) -> Result<ExitCode, Clien
     } else {
         ExitCode::from(1)
     })
+}
+
+/// Runs a `counter` command.
+fn counter(
+    client: &BlockingClient,
+    command: &CounterCommand,
+    json: bool,
+) -> Result<ExitCode, ClientError> {
+    match command {
+        CounterCommand::Add {
+            key,
+            delta,
+            min,
+            max,
+            ttl_ms,
+            refresh_ttl,
+            no_create,
+        } => {
+            let mut options = AddOptions::new();
+            if let Some(min) = min {
+                options = options.min(*min);
+            }
+            if let Some(max) = max {
+                options = options.max(*max);
+            }
+            if let Some(ttl_ms) = ttl_ms {
+                options = options.ttl(Duration::from_millis(*ttl_ms));
+            }
+            if *refresh_ttl {
+                options = options.refresh_ttl();
+            }
+            if *no_create {
+                options = options.no_create();
+            }
+            let outcome = client.add_with(key, *delta, options)?;
+            if json {
+                print_json(&json!({
+                    "value": outcome.value,
+                    "applied": outcome.applied,
+                    "mod_revision": outcome.mod_revision,
+                }));
+            } else if outcome.applied {
+                println!("{}", outcome.value);
+            } else {
+                println!("not applied (no counter)");
+            }
+        }
+        CounterCommand::Get { key } => {
+            let value = client.counter(key)?;
+            match (json, value) {
+                (true, Some(value)) => print_json(&json!({ "found": true, "value": value })),
+                (true, None) => print_json(&json!({ "found": false })),
+                (false, Some(value)) => println!("{value}"),
+                (false, None) => eprintln!("(not found)"),
+            }
+            if value.is_none() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        CounterCommand::Set { key, value } => {
+            let outcome = client.set_counter(key, *value)?;
+            print_put(json, outcome.applied, outcome.mod_revision, outcome.version);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Most bytes of a transaction document read from stdin: room for a transaction as large as
+/// one frame carries, with JSON's quoting and escapes around it.
+const TXN_DOCUMENT_BYTES_MAX: usize = 4 * FRAME_BODY_SIZE_MAX;
+
+/// A transaction as `tessera txn` reads it from stdin. See `TXN_AFTER_HELP` for an example.
+///
+/// The items stay JSON values here and are read one by one ([`document_item`]), so an error
+/// names the item, and so each must be an object: serde would also take a struct from an
+/// array of its fields in order.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TxnDocument {
+    /// [`CompareDocument`]s; all must hold for `success` to run.
+    #[serde(default)]
+    compare: Vec<Value>,
+    /// [`OpDocument`]s.
+    #[serde(default)]
+    success: Vec<Value>,
+    /// [`OpDocument`]s.
+    #[serde(default)]
+    failure: Vec<Value>,
+}
+
+/// One compare: the key and exactly one check.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompareDocument {
+    key: String,
+    /// `true`: the key exists; `false`: it does not.
+    exists: Option<bool>,
+    value: Option<(OperatorDocument, String)>,
+    version: Option<(OperatorDocument, u64)>,
+    create_revision: Option<(OperatorDocument, u64)>,
+    mod_revision: Option<(OperatorDocument, u64)>,
+}
+
+/// A compare's operator, as written in the document.
+#[derive(Debug, Clone, Copy, Deserialize)]
+enum OperatorDocument {
+    #[serde(rename = "=")]
+    Equal,
+    #[serde(rename = "!=")]
+    NotEqual,
+    #[serde(rename = "<")]
+    Less,
+    #[serde(rename = "<=")]
+    LessOrEqual,
+    #[serde(rename = ">")]
+    Greater,
+    #[serde(rename = ">=")]
+    GreaterOrEqual,
+}
+
+impl From<OperatorDocument> for CompareOp {
+    fn from(operator: OperatorDocument) -> Self {
+        match operator {
+            OperatorDocument::Equal => Self::Equal,
+            OperatorDocument::NotEqual => Self::NotEqual,
+            OperatorDocument::Less => Self::Less,
+            OperatorDocument::LessOrEqual => Self::LessOrEqual,
+            OperatorDocument::Greater => Self::Greater,
+            OperatorDocument::GreaterOrEqual => Self::GreaterOrEqual,
+        }
+    }
+}
+
+/// One op: exactly one of `get`, `put`, `delete`, `add` and `range` (naming its key, or the
+/// prefix), and the fields that kind takes. Serde sees every field as optional; which ones a
+/// kind takes is checked in [`OpDocument::to_op`], so its errors can name the op.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpDocument {
+    get: Option<String>,
+    put: Option<String>,
+    delete: Option<String>,
+    add: Option<String>,
+    range: Option<String>,
+    /// `put`: the new value.
+    value: Option<String>,
+    /// `put`, `add`: the TTL in milliseconds.
+    ttl_ms: Option<u64>,
+    /// `put`: keep the key's expiry.
+    keep_ttl: Option<bool>,
+    /// `add`: the amount to add.
+    delta: Option<i64>,
+    /// `add`: the bounds.
+    min: Option<i64>,
+    max: Option<i64>,
+    /// `add`: restart the TTL on every add.
+    refresh_ttl: Option<bool>,
+    /// `add`: do not create a missing counter.
+    no_create: Option<bool>,
+    /// `range`: most keys to return.
+    limit: Option<u32>,
+}
+
+/// Reads a transaction document (at most [`TXN_DOCUMENT_BYTES_MAX`] bytes) and turns it into
+/// a [`Txn`], or says what is wrong with it.
+fn read_txn_document(mut input: impl Read) -> Result<ParsedTxn, Failure> {
+    let invalid =
+        |reason: String| Failure::Input(format!("invalid transaction on stdin: {reason}"));
+    let mut bytes = Vec::new();
+    let limit = u64::try_from(TXN_DOCUMENT_BYTES_MAX).unwrap_or(u64::MAX);
+    input
+        .by_ref()
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|error| {
+            Failure::Input(format!("cannot read the transaction on stdin: {error}"))
+        })?;
+    if bytes.len() > TXN_DOCUMENT_BYTES_MAX {
+        return Err(invalid(format!(
+            "the document is over the limit of {TXN_DOCUMENT_BYTES_MAX} bytes"
+        )));
+    }
+    let document: Value =
+        serde_json::from_slice(&bytes).map_err(|error| invalid(error.to_string()))?;
+    if !document.is_object() {
+        return Err(invalid(format!(
+            "the document is {}, not an object",
+            json_kind(&document)
+        )));
+    }
+    let document: TxnDocument =
+        serde_json::from_value(document).map_err(|error| invalid(error.to_string()))?;
+    document.to_txn().map_err(invalid)
+}
+
+/// Item `index` of the document's `section`, which must be an object.
+fn document_item<T: serde::de::DeserializeOwned>(
+    section: &str,
+    index: usize,
+    item: &Value,
+) -> Result<T, String> {
+    if !item.is_object() {
+        return Err(format!(
+            "{section}[{index}]: is {}, not an object",
+            json_kind(item)
+        ));
+    }
+    T::deserialize(item).map_err(|error| format!("{section}[{index}]: {error}"))
+}
+
+/// What kind of JSON value `value` is, for a message.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A transaction and, for printing its results, what each op of each branch names.
+struct ParsedTxn {
+    txn: Txn,
+    /// The key (or range prefix) of each `success` op, in order.
+    success_names: Vec<String>,
+    /// The same for `failure`.
+    failure_names: Vec<String>,
+}
+
+impl TxnDocument {
+    fn to_txn(&self) -> Result<ParsedTxn, String> {
+        let compares = self
+            .compare
+            .iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let compare: CompareDocument = document_item("compare", index, item)?;
+                compare
+                    .to_compare()
+                    .map_err(|reason| format!("compare[{index}] (key {:?}): {reason}", compare.key))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let branch = |name: &str, ops: &[Value]| {
+            ops.iter()
+                .enumerate()
+                .map(|(index, item)| {
+                    let op: OpDocument = document_item(name, index, item)?;
+                    op.to_op()
+                        .map_err(|reason| format!("{name}[{index}]: {reason}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let (success, success_names): (Vec<TxnOp>, Vec<String>) =
+            branch("success", &self.success)?.into_iter().unzip();
+        let (failure, failure_names): (Vec<TxnOp>, Vec<String>) =
+            branch("failure", &self.failure)?.into_iter().unzip();
+        Ok(ParsedTxn {
+            txn: Txn::new().when(compares).then(success).otherwise(failure),
+            success_names,
+            failure_names,
+        })
+    }
+}
+
+impl CompareDocument {
+    fn to_compare(&self) -> Result<Compare, String> {
+        let key = self.key.as_bytes();
+        let mut checks = Vec::with_capacity(1);
+        if let Some(exists) = self.exists {
+            checks.push(if exists {
+                Compare::exists(key)
+            } else {
+                Compare::absent(key)
+            });
+        }
+        if let Some((operator, value)) = &self.value {
+            checks.push(Compare::value(key, (*operator).into(), value.as_bytes()));
+        }
+        if let Some((operator, version)) = self.version {
+            checks.push(Compare::version(key, operator.into(), version));
+        }
+        if let Some((operator, revision)) = self.create_revision {
+            checks.push(Compare::create_revision(key, operator.into(), revision));
+        }
+        if let Some((operator, revision)) = self.mod_revision {
+            checks.push(Compare::mod_revision(key, operator.into(), revision));
+        }
+        let check_count = checks.len();
+        match <[Compare; 1]>::try_from(checks) {
+            Ok([compare]) => Ok(compare),
+            Err(_) => Err(format!(
+                "has {check_count} checks, not 1: give exactly one of exists, value, version, \
+                 create_revision, mod_revision"
+            )),
+        }
+    }
+}
+
+impl OpDocument {
+    /// The op and the key (or prefix) it names.
+    fn to_op(&self) -> Result<(TxnOp, String), String> {
+        let kinds = [
+            ("get", &self.get),
+            ("put", &self.put),
+            ("delete", &self.delete),
+            ("add", &self.add),
+            ("range", &self.range),
+        ];
+        let given: Vec<(&str, &String)> = kinds
+            .iter()
+            .filter_map(|(kind, name)| name.as_ref().map(|name| (*kind, name)))
+            .collect();
+        let [(kind, name)] = given[..] else {
+            let kinds: Vec<&str> = given.iter().map(|(kind, _)| *kind).collect();
+            return Err(format!(
+                "an op is exactly one of get, put, delete, add, range (with its key), not \
+                 [{}]",
+                kinds.join(", ")
+            ));
+        };
+        let fields = [
+            ("value", self.value.is_some()),
+            ("ttl_ms", self.ttl_ms.is_some()),
+            ("keep_ttl", self.keep_ttl.is_some()),
+            ("delta", self.delta.is_some()),
+            ("min", self.min.is_some()),
+            ("max", self.max.is_some()),
+            ("refresh_ttl", self.refresh_ttl.is_some()),
+            ("no_create", self.no_create.is_some()),
+            ("limit", self.limit.is_some()),
+        ];
+        let allowed: &[&str] = match kind {
+            "put" => &["value", "ttl_ms", "keep_ttl"],
+            "add" => &["delta", "min", "max", "ttl_ms", "refresh_ttl", "no_create"],
+            "range" => &["limit"],
+            _ => &[],
+        };
+        if let Some((field, _)) = fields
+            .iter()
+            .find(|(field, given)| *given && !allowed.contains(field))
+        {
+            let takes = if allowed.is_empty() {
+                "no other field".to_owned()
+            } else {
+                allowed.join(", ")
+            };
+            return Err(format!(
+                "{kind} {name:?}: a {kind} op has no field `{field}` (it takes {takes})"
+            ));
+        }
+        let key = name.as_bytes();
+        let op = match kind {
+            "get" => TxnOp::get(key),
+            "delete" => TxnOp::delete(key),
+            "put" => {
+                let value = self
+                    .value
+                    .as_ref()
+                    .ok_or_else(|| format!("put {name:?}: needs a `value`"))?;
+                let keep_ttl = self.keep_ttl.unwrap_or(false);
+                if keep_ttl && self.ttl_ms.is_some() {
+                    return Err(format!(
+                        "put {name:?}: `ttl_ms` and `keep_ttl` exclude each other"
+                    ));
+                }
+                TxnOp::Put {
+                    key: key.to_vec(),
+                    value: value.as_bytes().to_vec(),
+                    ttl_ms: self.ttl_ms,
+                    keep_ttl,
+                    return_previous: false,
+                }
+            }
+            "add" => {
+                let delta = self
+                    .delta
+                    .ok_or_else(|| format!("add {name:?}: needs a `delta`"))?;
+                let refresh_ttl = self.refresh_ttl.unwrap_or(false);
+                if refresh_ttl && self.ttl_ms.is_none() {
+                    return Err(format!("add {name:?}: `refresh_ttl` needs a `ttl_ms`"));
+                }
+                TxnOp::Add(CounterAdd {
+                    min: self.min,
+                    max: self.max,
+                    create: !self.no_create.unwrap_or(false),
+                    ttl_ms: self.ttl_ms,
+                    refresh_ttl,
+                    ..CounterAdd::new(key, delta)
+                })
+            }
+            "range" => TxnOp::Range(Scan::prefix(key, self.limit.unwrap_or(SCAN_LIMIT_MAX))),
+            _ => unreachable!("op kinds are the ones listed above: {kind}"),
+        };
+        Ok((op, name.clone()))
+    }
+}
+
+/// Runs a transaction and prints its outcome; exit status 0 when the success branch ran, 1
+/// when the failure branch ran.
+fn run_txn(
+    client: &BlockingClient,
+    parsed: ParsedTxn,
+    json: bool,
+) -> Result<ExitCode, ClientError> {
+    let ParsedTxn {
+        txn,
+        success_names,
+        failure_names,
+    } = parsed;
+    let ops_by_branch = (txn.success.clone(), txn.failure.clone());
+    let outcome = client.txn(txn)?;
+    let (ops, names) = if outcome.succeeded {
+        (ops_by_branch.0, success_names)
+    } else {
+        (ops_by_branch.1, failure_names)
+    };
+    if ops.len() != outcome.results.len() {
+        return Err(ClientError::UnexpectedReply(format!(
+            "a transaction branch of {} ops answered {} results",
+            ops.len(),
+            outcome.results.len()
+        )));
+    }
+    print_txn(json, &outcome, &names);
+    Ok(if outcome.succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// Prints a transaction's outcome; `names` are the keys (or prefixes) of the ops that ran.
+fn print_txn(json: bool, outcome: &TxnOutcome, names: &[String]) {
+    let results = outcome.results.iter().zip(names);
+    if json {
+        let results: Vec<Value> = results
+            .map(|(result, name)| txn_result_json(result, name))
+            .collect();
+        print_json(&json!({
+            "succeeded": outcome.succeeded,
+            "revision": outcome.revision,
+            "results": results,
+        }));
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let branch = if outcome.succeeded {
+        "succeeded"
+    } else {
+        "failed"
+    };
+    let _ = writeln!(out, "{branch} revision={}", outcome.revision);
+    for (result, name) in results {
+        let _ = match result {
+            TxnResult::Get(Some(entry)) => {
+                writeln!(out, "get {name} {}", String::from_utf8_lossy(&entry.value))
+            }
+            TxnResult::Get(None) => writeln!(out, "get {name} (none)"),
+            TxnResult::Put { version, .. } => writeln!(out, "put {name} version={version}"),
+            TxnResult::Delete { deleted, .. } => {
+                let what = if *deleted { "deleted" } else { "absent" };
+                writeln!(out, "delete {name} {what}")
+            }
+            TxnResult::Add {
+                applied: true,
+                value,
+            } => writeln!(out, "add {name} {value}"),
+            TxnResult::Add { applied: false, .. } => writeln!(out, "add {name} (not applied)"),
+            TxnResult::Range(page) => {
+                let _ = writeln!(out, "range {name} {} keys", page.items.len());
+                for item in &page.items {
+                    let value = item
+                        .entry
+                        .as_ref()
+                        .map(|entry| String::from_utf8_lossy(&entry.value));
+                    let _ = writeln!(
+                        out,
+                        "{}\t{}",
+                        String::from_utf8_lossy(&item.key),
+                        value.unwrap_or_default()
+                    );
+                }
+                Ok(())
+            }
+        };
+    }
+}
+
+/// One result of `txn -o json`, told apart by its `op`.
+fn txn_result_json(result: &TxnResult, name: &str) -> Value {
+    match result {
+        TxnResult::Get(entry) => {
+            let mut value = entry.as_ref().map_or(json!({ "found": false }), entry_json);
+            value["op"] = Value::from("get");
+            value["key"] = Value::from(name);
+            value
+        }
+        TxnResult::Put { version, .. } => json!({ "op": "put", "key": name, "version": version }),
+        TxnResult::Delete { deleted, .. } => {
+            json!({ "op": "delete", "key": name, "deleted": deleted })
+        }
+        TxnResult::Add { applied, value } => {
+            json!({ "op": "add", "key": name, "applied": applied, "value": value })
+        }
+        TxnResult::Range(page) => {
+            let items: Vec<Value> = page.items.iter().map(scan_item_json).collect();
+            json!({
+                "op": "range",
+                "prefix": name,
+                "count": page.items.len(),
+                "more": page.more,
+                "items": items,
+            })
+        }
+    }
+}
+
+/// A key of a range, with the fields of its entry as `scan -o json` prints them.
+fn scan_item_json(item: &ScanItem) -> Value {
+    let mut value = item.entry.as_ref().map_or_else(|| json!({}), entry_json);
+    if let Some(object) = value.as_object_mut() {
+        object.remove("found");
+    }
+    value["key"] = Value::from(String::from_utf8_lossy(&item.key).as_ref());
+    value
 }
 
 /// Keys read per page when `scan` has no limit (or a larger one).
@@ -943,26 +1618,83 @@ fn revisions_json(revisions: &[ShardRevision]) -> Value {
         .collect()
 }
 
-fn put_options(
-    ttl_ms: Option<u64>,
-    if_absent: bool,
-    if_present: bool,
-    keep_ttl: bool,
-) -> PutOptions {
+/// Writes a key as `tessera put` asks.
+fn put(client: &BlockingClient, arguments: &PutArguments, json: bool) -> Result<(), ClientError> {
     let mut options = PutOptions::new();
-    if let Some(ttl_ms) = ttl_ms {
+    if let Some(ttl_ms) = arguments.ttl_ms {
         options = options.ttl(Duration::from_millis(ttl_ms));
     }
-    if if_absent {
+    // Clap lets at most one condition through.
+    if arguments.if_absent {
         options = options.if_absent();
     }
-    if if_present {
+    if arguments.if_present {
         options = options.if_present();
     }
-    if keep_ttl {
+    if let Some(version) = arguments.if_version {
+        options = options.if_version(version);
+    }
+    if let Some(value) = &arguments.if_value {
+        options = options.if_value(value.as_bytes());
+    }
+    if arguments.keep_ttl {
         options = options.keep_ttl();
     }
-    options
+    let outcome = client.put_with(&arguments.key, &arguments.value, options)?;
+    print_put(json, outcome.applied, outcome.mod_revision, outcome.version);
+    Ok(())
+}
+
+/// Removes a key as `tessera del` asks. JSON: `{"deleted", "version"}`, the version being
+/// the key's current one when the condition failed (0 otherwise).
+fn delete(
+    client: &BlockingClient,
+    arguments: &DelArguments,
+    json: bool,
+) -> Result<(), ClientError> {
+    let mut options = DeleteOptions::new();
+    if let Some(version) = arguments.if_version {
+        options = options.if_version(version);
+    }
+    if let Some(value) = &arguments.if_value {
+        options = options.if_value(value.as_bytes());
+    }
+    let outcome = client.delete_with(&arguments.key, options)?;
+    let text = if outcome.deleted {
+        "deleted".to_owned()
+    } else if outcome.version == 0 {
+        // Only an existing key has a version: this one was missing.
+        "not found".to_owned()
+    } else {
+        not_applied_text(outcome.version)
+    };
+    answer(
+        json,
+        &json!({ "deleted": outcome.deleted, "version": outcome.version }),
+        text,
+    );
+    Ok(())
+}
+
+/// What a put (or `counter set`) prints. JSON: `{"applied", "mod_revision", "version"}`.
+fn print_put(json: bool, applied: bool, mod_revision: u64, version: u64) {
+    if json {
+        print_json(&json!({
+            "applied": applied,
+            "mod_revision": mod_revision,
+            "version": version,
+        }));
+    } else if applied {
+        println!("OK (mod_revision {mod_revision})");
+    } else {
+        println!("{}", not_applied_text(version));
+    }
+}
+
+/// The line of a conditional write whose condition failed; `version` is the key's current
+/// one (0 if it does not exist), so a caller can retry without reading first.
+fn not_applied_text(version: u64) -> String {
+    format!("not applied (condition failed, current version {version})")
 }
 
 fn print_stats(all_stats: &[tessera_client::CoreStats], json: bool) {

@@ -19,6 +19,66 @@ use std::time::Duration;
 use tessera_protocol::{SlotRange, Topology};
 use tessera_server::{Config, Server};
 
+/// Generates, for each `scenario => config`, a test against a server started with `config()`
+/// (`remote::<scenario>`) and, with the `embedded` feature, one against embedded shards with
+/// the same configuration (`embedded::<scenario>`). Without `=> config`, every scenario runs
+/// with [`test_config`] of [`CORE_COUNT`] cores. A scenario is an `async fn(&Client)`; the
+/// invoking file declares `#[macro_use] mod common;`.
+#[allow(
+    unused_macros,
+    reason = "each test binary uses a different subset of the helpers"
+)]
+macro_rules! scenarios {
+    ($($scenario:ident),+ $(,)?) => {
+        /// The configuration of every scenario in this file.
+        fn scenario_config() -> tessera_server::Config {
+            common::test_config(common::CORE_COUNT)
+        }
+
+        scenarios!($($scenario => scenario_config),+);
+    };
+    ($($scenario:ident => $config:ident),+ $(,)?) => {
+        /// Scenarios against a two-core server on loopback.
+        mod remote {
+            use super::common::{self, within, CALL_TIMEOUT, SCENARIO_TIMEOUT};
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let server = tessera_server::Server::start(super::$config())
+                        .unwrap_or_else(|error| panic!("test server did not start: {error}"));
+                    let connect = tessera_client::Client::connect(server.addresses());
+                    let client = within(CALL_TIMEOUT, "connect", connect)
+                        .await
+                        .expect("the test server accepts the handshake");
+                    let scenario = super::$scenario(&client);
+                    within(SCENARIO_TIMEOUT, stringify!($scenario), scenario).await;
+                    // Close the connections first, so the server has nothing to wait for.
+                    drop(client);
+                    common::stop_server(server);
+                }
+            )+
+        }
+
+        /// Scenarios against two cores embedded in the test process.
+        #[cfg(feature = "embedded")]
+        mod embedded {
+            use super::common::{within, SCENARIO_TIMEOUT};
+
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    let client = tessera_client::Client::embedded(super::$config())
+                        .expect("the embedded shards start");
+                    let scenario = super::$scenario(&client);
+                    within(SCENARIO_TIMEOUT, stringify!($scenario), scenario).await;
+                    client.shutdown();
+                }
+            )+
+        }
+    };
+}
+
 /// Cores of every test server and embedded client: enough that keys spread over two shards.
 pub const CORE_COUNT: usize = 2;
 

@@ -7,16 +7,20 @@
 //!
 //! Sizes are bounded like redb's `BoundedU64`: keys and names reach one byte past their limit so
 //! both sides of each check are reached, while batches and values stay small enough to keep the
-//! fuzzer fast.
+//! fuzzer fast. Transactions reach one compare and one op past their limits; their keys come
+//! from a small pool as often as not, so branches that name a key twice are common.
 
 #![no_main]
 
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::limits::{BATCH_COUNT_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX};
+use tessera_protocol::limits::{
+    BATCH_COUNT_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TXN_COMPARES_MAX, TXN_OPS_MAX,
+};
 use tessera_protocol::{
-    FrameKind, Put, PutCondition, PutEntry, Request, RequestError, Scan, Watch, WatchFrom,
+    Check, Compare, CompareOp, CounterAdd, Delete, DeleteCondition, FrameKind, Put, PutCondition,
+    PutEntry, Request, RequestError, Scan, Txn, TxnOp, Watch, WatchFrom,
 };
 
 /// Longest value the builder makes; `VALUE_SIZE_MAX` itself is covered by the property tests.
@@ -69,8 +73,107 @@ fn batch_count(input: &mut Unstructured<'_>) -> Result<usize> {
     input.int_in_range(0..=BATCH_COUNT_MAX + 1)
 }
 
+/// A key of a transaction: as often as not one of four short ones, so that keys repeat.
+fn txn_key(input: &mut Unstructured<'_>) -> Result<Vec<u8>> {
+    if input.arbitrary()? {
+        Ok(vec![b'k', input.int_in_range(b'0'..=b'3')?])
+    } else {
+        key(input)
+    }
+}
+
+fn scan(input: &mut Unstructured<'_>) -> Result<Scan> {
+    Ok(Scan {
+        start: key(input)?,
+        end: if input.arbitrary()? {
+            Some(key(input)?)
+        } else {
+            None
+        },
+        limit: input.arbitrary()?,
+        keys_only: input.arbitrary()?,
+        count_only: input.arbitrary()?,
+    })
+}
+
+fn counter_add(input: &mut Unstructured<'_>, key: Vec<u8>) -> Result<CounterAdd> {
+    Ok(CounterAdd {
+        key,
+        delta: input.arbitrary()?,
+        min: input.arbitrary()?,
+        max: input.arbitrary()?,
+        create: input.arbitrary()?,
+        ttl_ms: ttl_ms(input)?,
+        refresh_ttl: input.arbitrary()?,
+    })
+}
+
+fn compare_op(input: &mut Unstructured<'_>) -> Result<CompareOp> {
+    Ok(match input.int_in_range(0_u8..=5)? {
+        0 => CompareOp::Equal,
+        1 => CompareOp::NotEqual,
+        2 => CompareOp::Less,
+        3 => CompareOp::LessOrEqual,
+        4 => CompareOp::Greater,
+        _ => CompareOp::GreaterOrEqual,
+    })
+}
+
+fn compare(input: &mut Unstructured<'_>) -> Result<Compare> {
+    let key = txn_key(input)?;
+    let check = match input.int_in_range(0_u8..=5)? {
+        0 => Check::Exists,
+        1 => Check::Absent,
+        2 => Check::Value(compare_op(input)?, value(input)?),
+        3 => Check::Version(compare_op(input)?, input.arbitrary()?),
+        4 => Check::CreateRevision(compare_op(input)?, input.arbitrary()?),
+        _ => Check::ModRevision(compare_op(input)?, input.arbitrary()?),
+    };
+    Ok(Compare { key, check })
+}
+
+fn txn_op(input: &mut Unstructured<'_>) -> Result<TxnOp> {
+    Ok(match input.int_in_range(0_u8..=4)? {
+        0 => TxnOp::Get {
+            key: txn_key(input)?,
+        },
+        1 => TxnOp::Put {
+            key: txn_key(input)?,
+            value: value(input)?,
+            ttl_ms: ttl_ms(input)?,
+            keep_ttl: input.arbitrary()?,
+            return_previous: input.arbitrary()?,
+        },
+        2 => TxnOp::Delete {
+            key: txn_key(input)?,
+            return_previous: input.arbitrary()?,
+        },
+        3 => {
+            let key = txn_key(input)?;
+            TxnOp::Add(counter_add(input, key)?)
+        }
+        _ => TxnOp::Range(scan(input)?),
+    })
+}
+
+fn txn(input: &mut Unstructured<'_>) -> Result<Txn> {
+    let compare_count = input.int_in_range(0..=TXN_COMPARES_MAX + 1)?;
+    let compares = (0..compare_count)
+        .map(|_| compare(input))
+        .collect::<Result<_>>()?;
+    let mut branch = || -> Result<Vec<TxnOp>> {
+        let op_count = input.int_in_range(0..=TXN_OPS_MAX + 1)?;
+        (0..op_count).map(|_| txn_op(input)).collect()
+    };
+    Ok(Txn {
+        compares,
+        success: branch()?,
+        failure: branch()?,
+    })
+}
+
 fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
-    let request = match input.int_in_range(0_u8..=17)? {
+    let request = match input.int_in_range(0_u8..=18)? {
         0 => Request::Hello {
             protocol_version: input.arbitrary()?,
             client_name: String::from_utf8_lossy(&bytes(input, TEXT_SIZE_MAX + 1)?).into_owned(),
@@ -92,10 +195,15 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
             },
             return_previous: input.arbitrary()?,
         })),
-        5 => Request::Delete {
+        5 => Request::Delete(Box::new(Delete {
             key: key(input)?,
+            condition: match input.int_in_range(0_u8..=2)? {
+                0 => DeleteCondition::Always,
+                1 => DeleteCondition::IfVersion(input.arbitrary()?),
+                _ => DeleteCondition::IfValue(bytes(input, VALUE_SIZE_FUZZ_MAX)?),
+            },
             return_previous: input.arbitrary()?,
-        },
+        })),
         6 => Request::Exists { key: key(input)? },
         7 => Request::Expire {
             key: key(input)?,
@@ -124,10 +232,10 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
                 .map(|_| key(input))
                 .collect::<Result<_>>()?,
         },
-        13 => Request::Add {
-            key: key(input)?,
-            delta: input.arbitrary()?,
-        },
+        13 => {
+            let key = key(input)?;
+            Request::Add(Box::new(counter_add(input, key)?))
+        }
         15 => Request::Watch(Box::new(Watch {
             start: key(input)?,
             end: if input.arbitrary()? {
@@ -151,17 +259,8 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
         17 => Request::WatchProgress {
             watch_id: input.arbitrary()?,
         },
-        _ => Request::Scan(Scan {
-            start: key(input)?,
-            end: if input.arbitrary()? {
-                Some(key(input)?)
-            } else {
-                None
-            },
-            limit: input.arbitrary()?,
-            keys_only: input.arbitrary()?,
-            count_only: input.arbitrary()?,
-        }),
+        18 => Request::Txn(Box::new(txn(input)?)),
+        _ => Request::Scan(scan(input)?),
     };
     Ok(request)
 }
@@ -184,11 +283,18 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
             watch.progress_interval_ms,
         ),
         Request::Get { key }
-        | Request::Delete { key, .. }
         | Request::Exists { key }
         | Request::Persist { key }
-        | Request::Ttl { key }
-        | Request::Add { key, .. } => codec::check_key(key),
+        | Request::Ttl { key } => codec::check_key(key),
+        Request::Delete(delete) => {
+            codec::check_key(&delete.key)?;
+            match &delete.condition {
+                DeleteCondition::IfValue(expected) => codec::check_value(expected),
+                DeleteCondition::Always | DeleteCondition::IfVersion(_) => Ok(()),
+            }
+        }
+        Request::Add(add) => check_owned_add(add),
+        Request::Txn(txn) => check_owned_txn(txn),
         Request::Put(put) => {
             codec::check_key(&put.key)?;
             codec::check_value(&put.value)?;
@@ -213,19 +319,113 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
                 check_optional_ttl(entry.ttl_ms)
             })
         }
-        Request::Scan(scan) => {
-            for bound in std::iter::once(&scan.start).chain(scan.end.as_ref()) {
-                if !bound.is_empty() {
-                    codec::check_key(bound)?;
-                }
-            }
-            if !scan.count_only && !(1..=SCAN_LIMIT_MAX).contains(&scan.limit) {
-                return Err(RequestError::ScanLimitOutOfRange {
-                    limit: scan.limit,
-                    limit_max: SCAN_LIMIT_MAX,
-                });
-            }
-            Ok(())
+        Request::Scan(scan) => check_owned_scan(scan),
+    }
+}
+
+fn check_owned_scan(scan: &Scan) -> std::result::Result<(), RequestError> {
+    for bound in std::iter::once(&scan.start).chain(scan.end.as_ref()) {
+        if !bound.is_empty() {
+            codec::check_key(bound)?;
         }
     }
+    if !scan.count_only && !(1..=SCAN_LIMIT_MAX).contains(&scan.limit) {
+        return Err(RequestError::ScanLimitOutOfRange {
+            limit: scan.limit,
+            limit_max: SCAN_LIMIT_MAX,
+        });
+    }
+    Ok(())
+}
+
+/// Key, then bounds, then TTL (and a refresh only with one).
+fn check_owned_add(add: &CounterAdd) -> std::result::Result<(), RequestError> {
+    codec::check_key(&add.key)?;
+    if let (Some(min), Some(max)) = (add.min, add.max) {
+        if min > max {
+            return Err(RequestError::EmptyBounds { min, max });
+        }
+    }
+    match add.ttl_ms {
+        Some(ttl_ms) => codec::check_ttl(ttl_ms),
+        None if add.refresh_ttl => Err(RequestError::RefreshWithoutTtl),
+        None => Ok(()),
+    }
+}
+
+/// A key first (a transaction runs on its keys' shard), then the compares' count and each
+/// compare, then each branch: its count, each op, and no key named twice.
+fn check_owned_txn(txn: &Txn) -> std::result::Result<(), RequestError> {
+    let names_a_key = !txn.compares.is_empty()
+        || txn
+            .success
+            .iter()
+            .chain(&txn.failure)
+            .any(|op| !matches!(op, TxnOp::Range(_)));
+    if !names_a_key {
+        return Err(RequestError::TxnWithoutKey);
+    }
+    if txn.compares.len() > TXN_COMPARES_MAX {
+        return Err(RequestError::TxnTooLarge {
+            what: "compares",
+            count: txn.compares.len(),
+            count_max: TXN_COMPARES_MAX,
+        });
+    }
+    for compare in &txn.compares {
+        codec::check_key(&compare.key)?;
+        if let Check::Value(_, value) = &compare.check {
+            codec::check_value(value)?;
+        }
+    }
+    for branch in [&txn.success, &txn.failure] {
+        if branch.len() > TXN_OPS_MAX {
+            return Err(RequestError::TxnTooLarge {
+                what: "ops",
+                count: branch.len(),
+                count_max: TXN_OPS_MAX,
+            });
+        }
+        let mut named = std::collections::BTreeSet::new();
+        let mut duplicate = None;
+        for op in branch {
+            let key = match op {
+                TxnOp::Get { key } | TxnOp::Delete { key, .. } => {
+                    codec::check_key(key)?;
+                    Some(key)
+                }
+                TxnOp::Put {
+                    key, value, ttl_ms, ..
+                } => {
+                    codec::check_key(key)?;
+                    codec::check_value(value)?;
+                    if let Some(ttl_ms) = ttl_ms {
+                        codec::check_ttl(*ttl_ms)?;
+                    }
+                    Some(key)
+                }
+                TxnOp::Add(add) => {
+                    check_owned_add(add)?;
+                    Some(&add.key)
+                }
+                TxnOp::Range(scan) => {
+                    check_owned_scan(scan)?;
+                    None
+                }
+            };
+            if let Some(key) = key {
+                if !named.insert(key) && duplicate.is_none_or(|earlier: &Vec<u8>| key < earlier) {
+                    duplicate = Some(key);
+                }
+            }
+        }
+        // Every op is checked before duplicates are looked for; the message names the
+        // smallest key named twice.
+        if let Some(key) = duplicate {
+            return Err(RequestError::TxnDuplicateKey {
+                key: codec::printable_key(key),
+            });
+        }
+    }
+    Ok(())
 }

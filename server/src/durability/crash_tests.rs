@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::message::Put;
-use tessera_protocol::{Request, Response};
+use tessera_protocol::{Delete, Request, Response};
 
 use crate::durability::log::{run_writer, CoreLog, Segment, WriterControl, WriterSettings};
 use crate::durability::recovery::recover;
@@ -288,13 +288,7 @@ fn apply_change(shard: &mut Shard, step: u64) -> Option<Change> {
             shard,
             &Request::Put(Box::new(Put::new(key.clone(), value.clone()))),
         ),
-        None => apply(
-            shard,
-            &Request::Delete {
-                key: key.clone(),
-                return_previous: false,
-            },
-        ),
+        None => apply(shard, &Request::Delete(Box::new(Delete::new(key.clone())))),
     };
     if shard.revision() == revision {
         Some((revision, key, value))

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use futures_lite::future::yield_now;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::{Put, PutCondition, PutEntry, Request, Response};
+use tessera_protocol::{CounterAdd, Delete, Put, PutCondition, PutEntry, Request, Response};
 
 use crate::clock::now_unix_ms;
 use crate::durability::format::{
@@ -392,13 +392,7 @@ fn round_trip_requests(now_ms: u64) -> Vec<(u64, Request)> {
     }
     for index in (0..ROUND_TRIP_KEY_COUNT).step_by(11) {
         let key = format!("key-{index}").into_bytes();
-        requests.push((
-            now_ms,
-            Request::Delete {
-                key,
-                return_previous: false,
-            },
-        ));
+        requests.push((now_ms, Request::Delete(Box::new(Delete::new(key)))));
     }
     requests
 }
@@ -534,10 +528,7 @@ fn random_request(rng: &mut TestRng) -> Request {
                 ..Put::new(random_key(rng), random_value(rng))
             }))
         }
-        40..=54 => Request::Delete {
-            key: random_key(rng),
-            return_previous: false,
-        },
+        40..=54 => Request::Delete(Box::new(Delete::new(random_key(rng)))),
         55..=64 => Request::MultiPut {
             entries: (0..2 + rng.below(4))
                 .map(|_| PutEntry {
@@ -561,10 +552,10 @@ fn random_request(rng: &mut TestRng) -> Request {
         80..=85 => Request::Persist {
             key: random_key(rng),
         },
-        _ => Request::Add {
-            key: format!("counter-{}", rng.below(COUNTER_KEY_COUNT)).into_bytes(),
-            delta: i64::try_from(rng.below(1_000)).unwrap() - 500,
-        },
+        _ => Request::Add(Box::new(CounterAdd::new(
+            format!("counter-{}", rng.below(COUNTER_KEY_COUNT)),
+            i64::try_from(rng.below(1_000)).unwrap() - 500,
+        ))),
     }
 }
 

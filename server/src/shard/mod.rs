@@ -941,23 +941,14 @@ impl Shard {
         }
     }
 
-    /// Runs a transaction: the compares, then one branch's ops in order, every write at one
-    /// revision (none if the branch writes nothing). Everything that can refuse (a counter
-    /// out of range, the memory budget, the read bounds) is checked before anything applies.
-    fn txn(&mut self, now_ms: u64, txn: &ArchivedTxn) -> Response {
-        for key in txn_keys(txn) {
-            self.reclaim_if_expired(now_ms, key);
-        }
-        let succeeded = txn
-            .compares
-            .iter()
-            .all(|compare| self.compare_holds(now_ms, compare));
-        let ops = if succeeded {
-            &txn.success
-        } else {
-            &txn.failure
-        };
-        // Plan: what each counter add writes, the memory the writes need, the bytes read.
+    /// What a transaction branch will do, decided before anything applies: each counter
+    /// add's write, the bytes its gets and previous entries read, and whether it writes;
+    /// or the refusal (a counter add, the read bound, the memory budget).
+    fn plan_txn(
+        &mut self,
+        now_ms: u64,
+        ops: &rkyv::vec::ArchivedVec<ArchivedTxnOp>,
+    ) -> Result<TxnPlan, Response> {
         let mut counters = Vec::new();
         let (mut cost_new, mut cost_old, mut read_bytes) = (0_u64, 0_u64, 0_usize);
         let mut writes = false;
@@ -994,10 +985,12 @@ impl Shard {
                     if *return_previous {
                         read_bytes += read_entry(key);
                     }
+                    // A delete frees what the key costs, for the writes beside it.
+                    cost_old += self.store.cost_of(key);
                     writes |= self.store.get(key).is_some();
                 }
                 ArchivedTxnOp::Add(add) => match self.plan_add(now_ms, add) {
-                    Err(refusal) => return refusal,
+                    Err(refusal) => return Err(refusal),
                     Ok(plan) => {
                         if let Some(plan) = &plan {
                             cost_new += plan.cost_new;
@@ -1011,17 +1004,48 @@ impl Shard {
             }
         }
         if read_bytes > TXN_READ_BYTES_MAX {
-            return error(
+            return Err(error(
                 ErrorCode::TooLarge,
                 format!(
                     "the transaction's gets and previous entries read {read_bytes} bytes, over \
                      the limit of {TXN_READ_BYTES_MAX}; nothing was applied"
                 ),
-            );
+            ));
         }
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
-            return self.store_full(cost_new - cost_old);
+            return Err(self.store_full(cost_new - cost_old));
         }
+        Ok(TxnPlan {
+            counters,
+            read_bytes,
+            writes,
+        })
+    }
+
+    /// Runs a transaction: the compares, then one branch's ops in order, every write at one
+    /// revision (none if the branch writes nothing). Everything that can refuse (a counter
+    /// out of range, the memory budget, the read bounds) is checked before anything applies.
+    fn txn(&mut self, now_ms: u64, txn: &ArchivedTxn) -> Response {
+        for key in txn_keys(txn) {
+            self.reclaim_if_expired(now_ms, key);
+        }
+        let succeeded = txn
+            .compares
+            .iter()
+            .all(|compare| self.compare_holds(now_ms, compare));
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        let TxnPlan {
+            counters,
+            read_bytes,
+            writes,
+        } = match self.plan_txn(now_ms, ops) {
+            Ok(plan) => plan,
+            Err(refusal) => return refusal,
+        };
         let revision = if writes {
             self.begin_revision()
         } else {
@@ -1301,6 +1325,14 @@ struct CounterPlan {
     expiry_before: Option<Expiry>,
     cost_old: u64,
     cost_new: u64,
+}
+
+/// What a transaction branch will do ([`Shard::plan_txn`]).
+struct TxnPlan {
+    /// Each counter add's write, in op order (`None`: missing and not created).
+    counters: Vec<Option<CounterPlan>>,
+    read_bytes: usize,
+    writes: bool,
 }
 
 /// What is left of a transaction's read bounds for its range ops.
