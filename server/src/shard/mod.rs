@@ -427,6 +427,41 @@ impl Shard {
     /// key order, at most `limit` of them and about `SCAN_PAGE_BYTES_MAX` bytes (at least
     /// one key), or only their count. The request passed `codec::check_request`.
     fn scan(&self, now_ms: u64, scan: &ArchivedScan) -> ScanPage {
+        let limit = scan_limit(scan);
+        let mut bytes = 0;
+        self.scan_page(now_ms, scan, |items, item_bytes| {
+            if items >= limit || bytes >= SCAN_PAGE_BYTES_MAX {
+                return false;
+            }
+            bytes += item_bytes;
+            true
+        })
+    }
+
+    /// A transaction's range op: like a scan page, but within what is left of the
+    /// transaction's read bounds (`budget`), which it uses up; a key that would pass them ends
+    /// the page (`more`).
+    fn txn_range(&self, now_ms: u64, scan: &ArchivedScan, budget: &mut ReadBudget) -> ScanPage {
+        let limit = scan_limit(scan);
+        self.scan_page(now_ms, scan, |items, item_bytes| {
+            if items >= limit || budget.items == 0 || item_bytes > budget.bytes {
+                return false;
+            }
+            budget.items -= 1;
+            budget.bytes -= item_bytes;
+            true
+        })
+    }
+
+    /// The live keys of a scan's range in key order while `admit(items so far, the next
+    /// key's bytes)` lets them in (the first it refuses ends the page, with `more` set), or
+    /// only their count.
+    fn scan_page(
+        &self,
+        now_ms: u64,
+        scan: &ArchivedScan,
+        mut admit: impl FnMut(usize, usize) -> bool,
+    ) -> ScanPage {
         let end = scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice);
         let live = self
             .store
@@ -444,52 +479,13 @@ impl Shard {
             page.count = live.count() as u64;
             return page;
         }
-        let limit = usize::try_from(scan.limit.to_native()).unwrap_or(usize::MAX);
-        page.items.reserve(limit.min(1024));
-        let mut bytes = 0;
+        page.items.reserve(scan_limit(scan).min(1024));
         for entry in live {
-            if page.items.len() >= limit || bytes >= SCAN_PAGE_BYTES_MAX {
+            if !admit(page.items.len(), scan_item_bytes(entry, scan.keys_only)) {
                 // One more live key exists: the range goes on after the page.
                 page.more = true;
                 break;
             }
-            bytes += scan_item_bytes(entry, scan.keys_only);
-            page.items.push(scan_item(entry, scan.keys_only));
-        }
-        page.count = page.items.len() as u64;
-        page
-    }
-
-    /// A transaction's range op: like a scan page, but within what is left of the
-    /// transaction's read bounds (`budget`), which it uses up; a key that would pass them ends
-    /// the page (`more`).
-    fn txn_range(&self, now_ms: u64, scan: &ArchivedScan, budget: &mut ReadBudget) -> ScanPage {
-        let end = scan.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice);
-        let mut live = self
-            .store
-            .range(scan.start.as_slice(), end)
-            .filter(|entry| !entry.is_expired(now_ms));
-        let mut page = ScanPage {
-            node_id: self.config.node_id,
-            core_id: self.config.shard_id,
-            revision: self.revision,
-            items: Vec::new(),
-            count: 0,
-            more: false,
-        };
-        if scan.count_only {
-            page.count = live.count() as u64;
-            return page;
-        }
-        let limit = usize::try_from(scan.limit.to_native()).unwrap_or(usize::MAX);
-        for entry in live.by_ref() {
-            let bytes = scan_item_bytes(entry, scan.keys_only);
-            if page.items.len() >= limit || budget.items == 0 || bytes > budget.bytes {
-                page.more = true;
-                break;
-            }
-            budget.items -= 1;
-            budget.bytes -= bytes;
             page.items.push(scan_item(entry, scan.keys_only));
         }
         page.count = page.items.len() as u64;
@@ -1354,6 +1350,11 @@ fn compare_op(op: ArchivedCompareOp) -> CompareOp {
         ArchivedCompareOp::Greater => CompareOp::Greater,
         ArchivedCompareOp::GreaterOrEqual => CompareOp::GreaterOrEqual,
     }
+}
+
+/// Most keys a scan's page may hold.
+fn scan_limit(scan: &ArchivedScan) -> usize {
+    usize::try_from(scan.limit.to_native()).unwrap_or(usize::MAX)
 }
 
 /// Bytes a scan item carries: its key, and its value unless keys only.
