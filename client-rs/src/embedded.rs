@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures_channel::oneshot;
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::{ErrorCode, Request, Response};
-use tessera_server::core::{CoreInboxes, CoreRequest};
+use tessera_server::core::{CoreInboxes, CoreMessage, CoreRequest};
 use tessera_server::inbox::PushError;
 use tessera_server::watch_stream::{self, WatchReceiver};
 use tessera_server::Server;
@@ -110,11 +110,11 @@ impl EmbeddedCore {
             .get(usize::from(self.core_id))
             .ok_or(ClientError::ShutDown)?;
         let (reply, receiver) = oneshot::channel();
-        match inbox.push(CoreRequest {
+        match inbox.push(CoreMessage::Request(CoreRequest {
             body,
             reply,
             stream,
-        }) {
+        })) {
             Ok(()) => {}
             Err(PushError::Full(_)) => {
                 return Err(ClientError::Server {
@@ -171,11 +171,11 @@ impl EmbeddedStream {
         if let Some(inbox) = self.core.inboxes.get(usize::from(self.core.core_id)) {
             let (reply, _) = oneshot::channel();
             // A full inbox drops the request: progress comes with the next interval.
-            let _ = inbox.push(CoreRequest {
+            let _ = inbox.push(CoreMessage::Request(CoreRequest {
                 body,
                 reply,
                 stream: None,
-            });
+            }));
         }
     }
 }

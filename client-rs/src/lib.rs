@@ -20,6 +20,7 @@
 //! - `scan`: range scans, sent to every core and merged in key order.
 //! - `watch`: watches as one stream merged across shards, resumed after reconnects.
 //! - `counter`: counters with bounds and windows.
+//! - `lease`: leases, kept alive in the background by one keeper task per client.
 //! - `txn`: single-shard transactions and the optimistic read-modify-write helper.
 //! - `embedded`: shards in this process (feature `embedded`).
 //! - [`blocking`]: a synchronous wrapper.
@@ -45,6 +46,7 @@ mod counter;
 #[cfg(feature = "embedded")]
 mod embedded;
 pub mod error;
+mod lease;
 mod routing;
 mod scan;
 mod transport;
@@ -65,6 +67,7 @@ use tessera_protocol::{
 pub use blocking::{BlockingClient, BlockingWatch};
 pub use counter::{AddOptions, CounterOutcome};
 pub use error::{ClientError, Result};
+pub use lease::{Lease, LeaseInfo};
 pub use scan::{KeyRange, ScanItem, ScanOptions, ScanResult, ShardRevision};
 pub use tessera_protocol::CounterAdd;
 pub use tessera_protocol::{
@@ -138,6 +141,7 @@ pub struct PutOptions {
     keep_ttl: bool,
     condition: PutCondition,
     return_previous: bool,
+    lease: Option<u64>,
 }
 
 impl PutOptions {
@@ -196,6 +200,14 @@ impl PutOptions {
     #[must_use]
     pub fn return_previous(mut self) -> Self {
         self.return_previous = true;
+        self
+    }
+
+    /// Attach the key to a lease ([`Lease::id`]): the server deletes it when the lease
+    /// ends. A key has at most one lease; a put without this option detaches it.
+    #[must_use]
+    pub fn lease(mut self, lease: u64) -> Self {
+        self.lease = Some(lease);
         self
     }
 }
@@ -291,6 +303,8 @@ struct Inner {
     view: RwLock<Arc<ClusterView>>,
     /// Serializes topology refreshes so a burst of `WrongShard` replies fetches once.
     refresh: tokio::sync::Mutex<()>,
+    /// The leases kept alive in the background.
+    keeper: Arc<lease::Keeper>,
     #[cfg(feature = "embedded")]
     embedded: Option<(
         Arc<embedded::EmbeddedHost>,
@@ -330,6 +344,7 @@ impl Client {
                 config,
                 view: RwLock::new(Arc::new(view)),
                 refresh: tokio::sync::Mutex::new(()),
+                keeper: Arc::default(),
                 #[cfg(feature = "embedded")]
                 embedded: None,
             }),
@@ -357,6 +372,7 @@ impl Client {
                 config: ClientConfig::new(Vec::<String>::new()),
                 view: RwLock::new(Arc::new(view)),
                 refresh: tokio::sync::Mutex::new(()),
+                keeper: Arc::default(),
                 embedded: Some((host, inboxes)),
             }),
         })
@@ -505,7 +521,11 @@ impl Client {
             keep_ttl: options.keep_ttl,
             condition: options.condition,
             return_previous: options.return_previous,
+            lease: options.lease,
         }));
+        if let Some(lease) = options.lease {
+            tessera_protocol::codec::check_lease(lease)?;
+        }
         match self.call_for_key(key, &request).await? {
             Response::Put {
                 applied,

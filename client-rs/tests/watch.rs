@@ -44,13 +44,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, RandomState};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{core_of_key, within, CALL_TIMEOUT, CORE_COUNT, SCENARIO_TIMEOUT};
+use common::{core_of_key, within, DurableServer, CALL_TIMEOUT, CORE_COUNT, SCENARIO_TIMEOUT};
 use futures_util::future::join_all;
 use futures_util::StreamExt;
 use tessera_client::{
@@ -1202,7 +1200,7 @@ fn rebuild(topology: &Topology, delivered: &Delivered) -> (BTreeMap<Vec<u8>, Ent
                         };
                         shard.insert(event.key.clone(), entry);
                     }
-                    EventKind::Deleted | EventKind::Expired => {
+                    EventKind::Deleted | EventKind::Expired | EventKind::LeaseEnded { .. } => {
                         let removed = shard.remove(&event.key);
                         assert!(removed.is_some(), "core {core}: {event:?} of a missing key");
                     }
@@ -1960,107 +1958,6 @@ async fn remote_a_first_open_that_cannot_reach_its_shards_fails_at_once() {
     within(SCENARIO_TIMEOUT, "a first open without a server", scenario).await;
 }
 
-/// A directory of the test's own, removed when dropped.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "tessera-watch-{name}-{}-{}",
-            std::process::id(),
-            RandomState::new().hash_one(0_u8)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create the test directory");
-        Self(path)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A port `base` such that `base` and `base + 1` are free now: a server's core `i` listens on
-/// `port + i`, so a restart on the same ports needs them consecutive, and port 0 (any free
-/// port per core) does not give that. Another process could take them in between, which is
-/// unlikely enough for a test.
-fn free_port_pair() -> u16 {
-    let random = RandomState::new();
-    for attempt in 0..1000_u32 {
-        // Below the usual ephemeral range, where the OS hands out ports of its own.
-        let offset = u16::try_from(random.hash_one(attempt) % 12_000).expect("fits");
-        let base = 20_000 + offset;
-        let first = std::net::TcpListener::bind(("127.0.0.1", base));
-        let second = std::net::TcpListener::bind(("127.0.0.1", base + 1));
-        if first.is_ok() && second.is_ok() {
-            return base;
-        }
-    }
-    panic!("no two consecutive free ports found");
-}
-
-/// A server with `sync` durability and a data directory of its own, which stops and starts
-/// again on the same ports.
-struct DurableServer {
-    data_dir: TestDir,
-    port: u16,
-    server: Option<Server>,
-}
-
-impl DurableServer {
-    async fn start(name: &str) -> Self {
-        let mut durable = Self {
-            data_dir: TestDir::new(name),
-            port: free_port_pair(),
-            server: None,
-        };
-        durable.server = Some(durable.start_again().await);
-        durable
-    }
-
-    fn config(&self) -> Config {
-        Config {
-            port: self.port,
-            durability: tessera_server::config::Durability::Sync,
-            data_dir: self.data_dir.0.clone(),
-            shutdown_timeout_ms: 1_000,
-            ..default_config()
-        }
-    }
-
-    async fn start_again(&self) -> Server {
-        let config = self.config();
-        tokio::task::spawn_blocking(move || Server::start(config))
-            .await
-            .expect("the start did not panic")
-            .unwrap_or_else(|error| panic!("the durable server did not start: {error}"))
-    }
-
-    fn addresses(&self) -> Vec<String> {
-        self.server.as_ref().expect("running").addresses()
-    }
-
-    /// Stops the server cleanly and starts it again on the same ports and data.
-    async fn restart(&mut self) {
-        let addresses = self.addresses();
-        let server = self.server.take().expect("running");
-        tokio::task::spawn_blocking(move || common::stop_server(server))
-            .await
-            .expect("the server stopped cleanly");
-        self.server = Some(self.start_again().await);
-        assert_eq!(self.addresses(), addresses, "the same ports");
-    }
-
-    async fn stop(mut self) {
-        let server = self.server.take().expect("running");
-        tokio::task::spawn_blocking(move || common::stop_server(server))
-            .await
-            .expect("the server stopped cleanly");
-    }
-}
-
 /// Two keys of `rs/` on each core, in core order.
 fn restart_keys(topology: &Topology) -> Vec<String> {
     let mut keys = keys_on_core(topology, 0, "rs/", 2);
@@ -2090,7 +1987,7 @@ async fn remote_watch_resumes_across_a_server_restart() {
 }
 
 async fn resume_across_restart() {
-    let mut server = DurableServer::start("restart").await;
+    let mut server = DurableServer::start("restart", default_config()).await;
     let client = within(CALL_TIMEOUT, "connect", Client::connect(server.addresses()))
         .await
         .unwrap();
@@ -2176,7 +2073,7 @@ async fn assert_compacted_at(watch: &mut Watch, topology: &Topology, recovered: 
 }
 
 async fn restart_after_writes_outside_the_range() {
-    let mut server = DurableServer::start("restart-outside").await;
+    let mut server = DurableServer::start("restart-outside", default_config()).await;
     let client = within(CALL_TIMEOUT, "connect", Client::connect(server.addresses()))
         .await
         .unwrap();

@@ -416,6 +416,17 @@ pub fn check_ttl(ttl_ms: u64) -> Result<(), RequestError> {
     Ok(())
 }
 
+/// Checks a lease id: 0 names no lease.
+///
+/// # Errors
+/// The id is 0.
+pub fn check_lease(id: u64) -> Result<(), RequestError> {
+    if id == 0 {
+        return Err(RequestError::ZeroLease);
+    }
+    Ok(())
+}
+
 /// Checks a batch's item count.
 ///
 /// # Errors
@@ -519,6 +530,9 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             if let ArchivedPutCondition::IfValue(expected) = &put.condition {
                 check_value(expected.as_slice())?;
             }
+            if let Some(lease) = put.lease.as_ref() {
+                check_lease(lease.to_native())?;
+            }
             match put.ttl_ms.as_ref() {
                 Some(ttl_ms) => check_ttl(ttl_ms.to_native()),
                 None => Ok(()),
@@ -535,7 +549,16 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
         ArchivedRequest::Ping
         | ArchivedRequest::Stats
         | ArchivedRequest::Unwatch { .. }
-        | ArchivedRequest::WatchProgress { .. } => Ok(()),
+        | ArchivedRequest::WatchProgress { .. }
+        | ArchivedRequest::LeaseList => Ok(()),
+        ArchivedRequest::LeaseGrant { ttl_ms } => check_ttl(ttl_ms.to_native()),
+        ArchivedRequest::LeaseKeepalive { ids } => {
+            check_batch(ids.len())?;
+            ids.iter().try_for_each(|id| check_lease(id.to_native()))
+        }
+        ArchivedRequest::LeaseRevoke { id } | ArchivedRequest::LeaseTimeToLive { id } => {
+            check_lease(id.to_native())
+        }
         ArchivedRequest::Watch(watch) => check_watch(
             watch.start.as_slice(),
             watch.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice),

@@ -39,6 +39,12 @@ pub enum ErrorCode {
     /// A transaction names keys that live on different shards; the message names two of
     /// them. Nothing was applied. Keys that share a hash tag (`{tag}`) share a shard.
     CrossShard,
+    /// The lease named does not live (it expired, was revoked or never was). Nothing was
+    /// applied.
+    LeaseNotFound,
+    /// A per-shard table is full (leases, keys attached to leases); nothing was applied.
+    /// Retry once some have ended.
+    TableFull,
 }
 
 impl ErrorCode {
@@ -54,6 +60,7 @@ impl ErrorCode {
                 | Self::Overloaded
                 | Self::StoreFull
                 | Self::NoSpace
+                | Self::TableFull
         )
     }
 
@@ -73,6 +80,8 @@ impl ErrorCode {
             Self::OutOfRange => "out_of_range",
             Self::NoSpace => "no_space",
             Self::CrossShard => "cross_shard",
+            Self::LeaseNotFound => "lease_not_found",
+            Self::TableFull => "table_full",
         }
     }
 }
@@ -243,6 +252,9 @@ pub enum RequestError {
     /// A transaction names no key (only ranges), so it has no shard to run on.
     #[error("a transaction must name a key in a compare or an op: it runs on that key's shard")]
     TxnWithoutKey,
+    /// A lease id is 0, which names no lease.
+    #[error("lease id 0 names no lease")]
+    ZeroLease,
     /// A request could not be archived to be checked.
     #[error("request cannot be encoded: {reason}")]
     Unencodable {
@@ -275,6 +287,7 @@ impl RequestError {
             | Self::EmptyRange
             | Self::TxnDuplicateKey { .. }
             | Self::TxnWithoutKey
+            | Self::ZeroLease
             | Self::EmptyBounds { .. }
             | Self::RefreshWithoutTtl => ErrorCode::InvalidArgument,
             Self::KeyTooLarge { .. }

@@ -43,9 +43,10 @@ pub use frame::{FrameHeader, FrameKind, MAGIC, PROTOCOL_VERSION};
 pub use message::{
     key_after, prefix_end, ArchivedPut, ArchivedPutCondition, ArchivedReply, ArchivedRequest,
     ArchivedResponse, Check, Compare, CompareOp, CoreStats, CounterAdd, Delete, DeleteCondition,
-    Entry, ErrorReply, EventBatch, EventKind, Put, PutCondition, PutEntry, Reply, Request,
-    Response, Scan, ScanItem, ScanPage, ShardStamp, TtlState, Txn, TxnOp, TxnOutcome, TxnResult,
-    Watch, WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching, WrongShard,
+    Entry, ErrorReply, EventBatch, EventKind, LeaseId, LeaseState, Put, PutCondition, PutEntry,
+    Reply, Request, Response, Scan, ScanItem, ScanPage, ShardStamp, TtlState, Txn, TxnOp,
+    TxnOutcome, TxnResult, Watch, WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching,
+    WrongShard,
 };
 pub use routing::{hash_tag, slot_for_key, split_slots, Slot, SlotRange, SLOT_COUNT};
 pub use topology::{CoreInfo, NodeInfo, RouteTable, ShardLocation, Topology, TopologyError};

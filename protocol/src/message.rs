@@ -105,6 +105,86 @@ pub enum Request {
     /// `failure` ops, in order, and all their writes take one revision. Every key must live
     /// on one shard (use a hash tag); otherwise it is refused with `CrossShard`.
     Txn(Box<Txn>),
+    /// Grants a lease homed on the shard of the core that receives it (never forwarded: the
+    /// client picks the core). Its id names that shard ([`LeaseId`]).
+    LeaseGrant {
+        /// Time to live in milliseconds, `1..=TTL_MS_MAX`; a keepalive restarts it.
+        ttl_ms: u64,
+    },
+    /// Renews leases homed on the shard of the core that receives it (the client sends one
+    /// per home core), restarting each one's TTL. At most `BATCH_COUNT_MAX` ids.
+    LeaseKeepalive {
+        /// The leases.
+        ids: Vec<u64>,
+    },
+    /// Ends a lease now: every key attached to it, on every shard, is deleted. Routed to the
+    /// lease's home core.
+    LeaseRevoke {
+        /// The lease.
+        id: u64,
+    },
+    /// What the shard of the core that receives it knows of a lease (never forwarded: the
+    /// client asks every core and merges): its TTL if homed here, and the keys attached to
+    /// it on this shard.
+    LeaseTimeToLive {
+        /// The lease.
+        id: u64,
+    },
+    /// The leases homed on the shard of the core that receives it (never forwarded).
+    LeaseList,
+}
+
+/// A lease id: the home shard (node and core) in its top bits, so any core can tell where a
+/// lease lives, and a sequence number the home shard never reuses.
+///
+/// ```text
+/// bits 63..48  node id (u16)    47..36  core id (12 bits)    35..0  sequence
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(pub u64);
+
+impl LeaseId {
+    /// Largest node id a lease can name.
+    pub const NODE_ID_MAX: u32 = u16::MAX as u32;
+    /// Largest core id a lease can name.
+    pub const CORE_ID_MAX: u16 = (1 << 12) - 1;
+    /// Largest sequence number.
+    pub const SEQUENCE_MAX: u64 = (1 << 36) - 1;
+
+    /// The id of the `sequence`-th lease of `core_id` on `node_id`, or `None` if one of them
+    /// does not fit (0 is not a sequence: no lease has id 0).
+    #[must_use]
+    pub fn new(node_id: u32, core_id: u16, sequence: u64) -> Option<Self> {
+        if node_id > Self::NODE_ID_MAX
+            || core_id > Self::CORE_ID_MAX
+            || sequence == 0
+            || sequence > Self::SEQUENCE_MAX
+        {
+            return None;
+        }
+        Some(Self(
+            (u64::from(node_id) << 48) | (u64::from(core_id) << 36) | sequence,
+        ))
+    }
+
+    /// The home node's id.
+    #[must_use]
+    pub fn node_id(self) -> u32 {
+        u32::try_from(self.0 >> 48).unwrap_or(Self::NODE_ID_MAX)
+    }
+
+    /// The home core's id.
+    #[must_use]
+    pub fn core_id(self) -> u16 {
+        // Twelve bits always fit.
+        u16::try_from((self.0 >> 36) & u64::from(Self::CORE_ID_MAX)).unwrap_or(Self::CORE_ID_MAX)
+    }
+
+    /// The sequence number within the home shard.
+    #[must_use]
+    pub fn sequence(self) -> u64 {
+        self.0 & Self::SEQUENCE_MAX
+    }
 }
 
 /// The arguments of [`Request::Delete`].
@@ -562,6 +642,9 @@ pub struct Put {
     pub condition: PutCondition,
     /// Return the entry the put replaced (or found, when the condition failed).
     pub return_previous: bool,
+    /// Attach the key to this lease (a key has at most one: a put without a lease detaches
+    /// it). The key is deleted when the lease ends. `None` for no lease.
+    pub lease: Option<u64>,
 }
 
 impl Put {
@@ -575,6 +658,7 @@ impl Put {
             keep_ttl: false,
             condition: PutCondition::Always,
             return_previous: false,
+            lease: None,
         }
     }
 }
@@ -764,6 +848,47 @@ pub enum Response {
     },
     /// Answer to [`Request::Txn`].
     Txn(TxnOutcome),
+    /// Answer to [`Request::LeaseGrant`].
+    LeaseGranted {
+        /// The lease ([`LeaseId`]).
+        id: u64,
+        /// Its time to live.
+        ttl_ms: u64,
+    },
+    /// Answer to [`Request::LeaseKeepalive`]: for each id in request order, the TTL it now
+    /// has again, or `None` if no such lease lives (it expired, was revoked or never was).
+    LeaseKeepalive {
+        /// One per id.
+        ttls_ms: Vec<Option<u64>>,
+    },
+    /// Answer to [`Request::LeaseRevoke`].
+    LeaseRevoked {
+        /// Whether the lease was alive.
+        existed: bool,
+    },
+    /// Answer to [`Request::LeaseTimeToLive`].
+    LeaseTimeToLive(LeaseState),
+    /// Answer to [`Request::LeaseList`]: the ids of the leases homed here, ascending.
+    Leases {
+        /// The ids.
+        ids: Vec<u64>,
+    },
+}
+
+/// One shard's knowledge of a lease ([`Response::LeaseTimeToLive`]).
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct LeaseState {
+    /// Whether this shard is the lease's home.
+    pub is_home: bool,
+    /// On the home: the TTL granted, or `None` if the lease does not live.
+    pub ttl_ms: Option<u64>,
+    /// On the home: milliseconds left, or `None` if the lease does not live.
+    pub remaining_ms: Option<u64>,
+    /// The keys attached to it on this shard, in key order (at most `SCAN_LIMIT_MAX`).
+    pub keys: Vec<Vec<u8>>,
+    /// Whether this shard holds more attached keys than it returned.
+    pub more: bool,
 }
 
 /// What a transaction did.
@@ -877,6 +1002,13 @@ pub enum EventKind {
     Deleted,
     /// The key's TTL passed.
     Expired,
+    /// The key's lease ended: revoked, or expired (`expired`).
+    LeaseEnded {
+        /// The lease.
+        lease: u64,
+        /// Whether the lease expired (else it was revoked).
+        expired: bool,
+    },
 }
 
 /// Why a watch ended.

@@ -33,10 +33,10 @@ use tessera_protocol::limits::{
 use tessera_protocol::{
     hash_tag, slot_for_key, split_slots, Check, Compare, CompareOp, CoreInfo, CoreStats,
     CounterAdd, Delete, DeleteCondition, Entry, ErrorCode, ErrorReply, EventBatch, EventKind,
-    FrameHeader, FrameKind, NodeInfo, ProtocolError, Put, PutCondition, PutEntry, Request,
-    RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology, TtlState, Txn, TxnOp,
-    TxnOutcome, TxnResult, Watch, WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching,
-    WrongShard, PROTOCOL_VERSION, SLOT_COUNT,
+    FrameHeader, FrameKind, LeaseId, LeaseState, NodeInfo, ProtocolError, Put, PutCondition,
+    PutEntry, Request, RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology,
+    TtlState, Txn, TxnOp, TxnOutcome, TxnResult, Watch, WatchCancel, WatchEvent, WatchEvents,
+    WatchFrom, Watching, WrongShard, PROTOCOL_VERSION, SLOT_COUNT,
 };
 
 /// Longest generated key. Real keys may be up to `KEY_SIZE_MAX`; small ones keep cases fast.
@@ -56,9 +56,9 @@ const TXN_COUNT_GENERATED_MAX: usize = 4;
 /// Most frames in one generated stream.
 const FRAME_COUNT_GENERATED_MAX: usize = 8;
 /// Number of `Request` variants; `request_variant` fails to compile when one is added.
-const REQUEST_VARIANT_COUNT: usize = 19;
+const REQUEST_VARIANT_COUNT: usize = 24;
 /// Number of `Response` variants; `response_variant` fails to compile when one is added.
-const RESPONSE_VARIANT_COUNT: usize = 21;
+const RESPONSE_VARIANT_COUNT: usize = 26;
 
 // ---------------------------------------------------------------------------------------------
 // Strategies.
@@ -85,6 +85,25 @@ fn ttl_ms() -> impl Strategy<Value = u64> {
     1..=TTL_MS_MAX
 }
 
+/// A lease id that `check_request` accepts: anything but 0, often a well-formed [`LeaseId`].
+fn lease_id() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        1..=u64::MAX,
+        (
+            0..=LeaseId::NODE_ID_MAX,
+            0..=LeaseId::CORE_ID_MAX,
+            1..=LeaseId::SEQUENCE_MAX
+        )
+            .prop_map(|(node_id, core_id, sequence)| {
+                LeaseId::new(node_id, core_id, sequence).unwrap().0
+            }),
+    ]
+}
+
+fn lease_ids() -> impl Strategy<Value = Vec<u64>> {
+    vec(lease_id(), 0..=BATCH_COUNT_GENERATED_MAX)
+}
+
 fn put_condition() -> impl Strategy<Value = PutCondition> {
     prop_oneof![
         Just(PutCondition::Always),
@@ -103,15 +122,17 @@ fn put() -> impl Strategy<Value = Put> {
         any::<bool>(),
         put_condition(),
         any::<bool>(),
+        proptest::option::of(lease_id()),
     )
         .prop_map(
-            |(key, value, ttl_ms, keep_ttl, condition, return_previous)| Put {
+            |(key, value, ttl_ms, keep_ttl, condition, return_previous, lease)| Put {
                 key,
                 value,
                 ttl_ms,
                 keep_ttl,
                 condition,
                 return_previous,
+                lease,
             },
         )
 }
@@ -287,6 +308,11 @@ fn request() -> impl Strategy<Value = Request> {
         any::<u64>().prop_map(|watch_id| Request::Unwatch { watch_id }),
         any::<u64>().prop_map(|watch_id| Request::WatchProgress { watch_id }),
         txn().prop_map(|txn| Request::Txn(Box::new(txn))),
+        ttl_ms().prop_map(|ttl_ms| Request::LeaseGrant { ttl_ms }),
+        lease_ids().prop_map(|ids| Request::LeaseKeepalive { ids }),
+        lease_id().prop_map(|id| Request::LeaseRevoke { id }),
+        lease_id().prop_map(|id| Request::LeaseTimeToLive { id }),
+        Just(Request::LeaseList),
     ]
 }
 
@@ -415,6 +441,8 @@ fn event_kind() -> impl Strategy<Value = EventKind> {
         }),
         Just(EventKind::Deleted),
         Just(EventKind::Expired),
+        (any::<u64>(), any::<bool>())
+            .prop_map(|(lease, expired)| EventKind::LeaseEnded { lease, expired }),
     ]
 }
 
@@ -550,6 +578,8 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::OutOfRange),
         Just(ErrorCode::NoSpace),
         Just(ErrorCode::CrossShard),
+        Just(ErrorCode::LeaseNotFound),
+        Just(ErrorCode::TableFull),
     ]
 }
 
@@ -683,7 +713,30 @@ fn response() -> impl Strategy<Value = Response> {
         watch_cancel().prop_map(Response::WatchCancelled),
         any::<bool>().prop_map(|existed| Response::Unwatched { existed }),
         txn_outcome().prop_map(Response::Txn),
+        (any::<u64>(), any::<u64>()).prop_map(|(id, ttl_ms)| Response::LeaseGranted { id, ttl_ms }),
+        vec(any::<Option<u64>>(), 0..=BATCH_COUNT_GENERATED_MAX)
+            .prop_map(|ttls_ms| Response::LeaseKeepalive { ttls_ms }),
+        any::<bool>().prop_map(|existed| Response::LeaseRevoked { existed }),
+        lease_state().prop_map(Response::LeaseTimeToLive),
+        vec(any::<u64>(), 0..=BATCH_COUNT_GENERATED_MAX).prop_map(|ids| Response::Leases { ids }),
     ]
+}
+
+fn lease_state() -> impl Strategy<Value = LeaseState> {
+    (
+        any::<bool>(),
+        any::<Option<u64>>(),
+        any::<Option<u64>>(),
+        keys(),
+        any::<bool>(),
+    )
+        .prop_map(|(is_home, ttl_ms, remaining_ms, keys, more)| LeaseState {
+            is_home,
+            ttl_ms,
+            remaining_ms,
+            keys,
+            more,
+        })
 }
 
 /// Either kind of message, so streams can mix them.
@@ -754,6 +807,11 @@ fn request_variant(request: &Request) -> usize {
         Request::Unwatch { .. } => 16,
         Request::WatchProgress { .. } => 17,
         Request::Txn(_) => 18,
+        Request::LeaseGrant { .. } => 19,
+        Request::LeaseKeepalive { .. } => 20,
+        Request::LeaseRevoke { .. } => 21,
+        Request::LeaseTimeToLive { .. } => 22,
+        Request::LeaseList => 23,
     }
 }
 
@@ -780,6 +838,11 @@ fn response_variant(response: &Response) -> usize {
         Response::WatchCancelled(_) => 18,
         Response::Unwatched { .. } => 19,
         Response::Txn(_) => 20,
+        Response::LeaseGranted { .. } => 21,
+        Response::LeaseKeepalive { .. } => 22,
+        Response::LeaseRevoked { .. } => 23,
+        Response::LeaseTimeToLive(_) => 24,
+        Response::Leases { .. } => 25,
     }
 }
 
@@ -1520,6 +1583,14 @@ fn requests_with_ttl(ttl_ms: u64) -> Vec<Request> {
         Request::Put(Box::new(put)),
         Request::Add(Box::new(add.clone())),
         Request::Add(Box::new(refreshing_add)),
+        // A lease's TTL is bounded like a key's.
+        Request::LeaseGrant { ttl_ms },
+        // A put's TTL is checked whether or not it names a lease.
+        Request::Put(Box::new(Put {
+            ttl_ms: Some(ttl_ms),
+            lease: Some(1),
+            ..Put::new("k", "v")
+        })),
         Request::Txn(Box::new(Txn::new().then([txn_put]))),
         Request::Txn(Box::new(Txn::new().otherwise([TxnOp::Add(add)]))),
         Request::Expire {
@@ -1540,6 +1611,9 @@ fn requests_with_ttl(ttl_ms: u64) -> Vec<Request> {
 fn batches_of(count: usize) -> Vec<Request> {
     let keys = vec![b"k".to_vec(); count];
     vec![
+        Request::LeaseKeepalive {
+            ids: vec![1; count],
+        },
         Request::MultiGet { keys: keys.clone() },
         Request::MultiDelete { keys },
         Request::MultiPut {
@@ -1751,20 +1825,149 @@ fn limits_themselves_are_accepted() {
         assert_eq!(check(&Request::Unwatch { watch_id }), Ok(()));
         assert_eq!(check(&Request::WatchProgress { watch_id }), Ok(()));
     }
+    assert_eq!(check(&Request::LeaseList), Ok(()));
+    for id in [1, u64::MAX] {
+        for request in requests_with_lease(id) {
+            assert_eq!(check(&request), Ok(()), "{request:?}");
+        }
+    }
 }
 
 #[test]
 fn a_batch_is_counted_before_its_items_are_checked() {
-    let request = Request::MultiGet {
-        keys: vec![Vec::new(); BATCH_COUNT_MAX + 1],
+    for request in [
+        Request::MultiGet {
+            keys: vec![Vec::new(); BATCH_COUNT_MAX + 1],
+        },
+        Request::LeaseKeepalive {
+            ids: vec![0; BATCH_COUNT_MAX + 1],
+        },
+    ] {
+        assert_eq!(
+            check(&request),
+            Err(RequestError::BatchTooLarge {
+                count: BATCH_COUNT_MAX + 1,
+                count_max: BATCH_COUNT_MAX
+            }),
+            "{request:?}"
+        );
+    }
+}
+
+/// One request of every variant that names a lease, naming `id`.
+fn requests_with_lease(id: u64) -> Vec<Request> {
+    vec![
+        Request::Put(Box::new(Put {
+            lease: Some(id),
+            ..Put::new("k", "v")
+        })),
+        Request::LeaseKeepalive { ids: vec![id] },
+        // Every id of a keepalive is checked, not only the first.
+        Request::LeaseKeepalive { ids: vec![7, id] },
+        Request::LeaseRevoke { id },
+        Request::LeaseTimeToLive { id },
+    ]
+}
+
+/// Lease id 0 names no lease: every request that names one refuses it, as an invalid
+/// argument. A put without a lease (`None`) is not a put naming lease 0.
+#[test]
+fn lease_zero_is_refused() {
+    for request in requests_with_lease(0) {
+        let error = check(&request).unwrap_err();
+        assert_eq!(error, RequestError::ZeroLease, "{request:?}");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+    assert_eq!(check(&Request::Put(Box::new(Put::new("k", "v")))), Ok(()));
+}
+
+/// A put is checked key, value, expected value, lease, then TTL: the first that breaks a
+/// rule is the one reported.
+#[test]
+fn a_put_checks_its_lease_after_its_value_and_before_its_ttl() {
+    let put = |value: Vec<u8>, ttl_ms: u64| {
+        Request::Put(Box::new(Put {
+            ttl_ms: Some(ttl_ms),
+            lease: Some(0),
+            ..Put::new("k", value)
+        }))
     };
     assert_eq!(
-        check(&request),
-        Err(RequestError::BatchTooLarge {
-            count: BATCH_COUNT_MAX + 1,
-            count_max: BATCH_COUNT_MAX
+        check(&put(vec![b'v'; VALUE_SIZE_MAX + 1], 0)),
+        Err(RequestError::ValueTooLarge {
+            size: VALUE_SIZE_MAX + 1,
+            size_max: VALUE_SIZE_MAX
         })
     );
+    assert_eq!(check(&put(b"v".to_vec(), 0)), Err(RequestError::ZeroLease));
+}
+
+/// A keepalive's batch bound is exactly `BATCH_COUNT_MAX` ids.
+#[test]
+fn a_keepalive_holds_at_most_a_batch_of_ids() {
+    let keepalive = |count: usize| Request::LeaseKeepalive {
+        ids: (1..=count as u64).collect(),
+    };
+    assert_eq!(check(&keepalive(0)), Ok(()));
+    assert_eq!(check(&keepalive(BATCH_COUNT_MAX)), Ok(()));
+    let error = check(&keepalive(BATCH_COUNT_MAX + 1)).unwrap_err();
+    assert_eq!(
+        error,
+        RequestError::BatchTooLarge {
+            count: BATCH_COUNT_MAX + 1,
+            count_max: BATCH_COUNT_MAX
+        }
+    );
+    assert_eq!(error.code(), ErrorCode::TooLarge);
+}
+
+/// The lease error codes: only a full table is worth retrying.
+#[test]
+fn lease_error_codes_are_named_and_only_a_full_table_is_retryable() {
+    assert!(ErrorCode::TableFull.is_retryable());
+    assert!(!ErrorCode::LeaseNotFound.is_retryable());
+    assert_eq!(ErrorCode::TableFull.as_str(), "table_full");
+    assert_eq!(ErrorCode::LeaseNotFound.as_str(), "lease_not_found");
+}
+
+/// The documented layout of a lease id: node in bits 63..48, core in 47..36, sequence in
+/// 35..0.
+#[test]
+fn lease_ids_follow_the_documented_layout() {
+    let id = LeaseId::new(0x1234, 0xABC, 0x9_8765_4321).unwrap();
+    assert_eq!(id.0, 0x1234_ABC9_8765_4321);
+    let max = LeaseId::new(
+        LeaseId::NODE_ID_MAX,
+        LeaseId::CORE_ID_MAX,
+        LeaseId::SEQUENCE_MAX,
+    )
+    .unwrap();
+    assert_eq!(max.0, u64::MAX);
+    assert_eq!(LeaseId::new(0, 0, 1).unwrap().0, 1);
+    // No lease has id 0, and each field is bounded.
+    assert_eq!(LeaseId::new(0, 0, 0), None);
+    assert_eq!(LeaseId::new(LeaseId::NODE_ID_MAX + 1, 0, 1), None);
+    assert_eq!(LeaseId::new(0, LeaseId::CORE_ID_MAX + 1, 1), None);
+    assert_eq!(LeaseId::new(0, 0, LeaseId::SEQUENCE_MAX + 1), None);
+}
+
+proptest! {
+    /// Every id `LeaseId::new` makes gives back its node, core and sequence, and ids of one
+    /// home shard sort by sequence.
+    #[test]
+    fn lease_ids_round_trip_their_fields(
+        node_id in 0..=LeaseId::NODE_ID_MAX,
+        core_id in 0..=LeaseId::CORE_ID_MAX,
+        sequence in 1..LeaseId::SEQUENCE_MAX,
+    ) {
+        let id = LeaseId::new(node_id, core_id, sequence).unwrap();
+        prop_assert_eq!(id.node_id(), node_id);
+        prop_assert_eq!(id.core_id(), core_id);
+        prop_assert_eq!(id.sequence(), sequence);
+        prop_assert_ne!(id.0, 0);
+        let next = LeaseId::new(node_id, core_id, sequence + 1).unwrap();
+        prop_assert!(next > id);
+    }
 }
 
 proptest! {

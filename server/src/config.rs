@@ -13,6 +13,7 @@ use tessera_protocol::limits::{CORE_COUNT_MAX, TEXT_SIZE_MAX};
 
 pub use crate::durability::Durability;
 use crate::error::ConfigError;
+use crate::shard::lease::LeaseLimits;
 use crate::shard::watch::WatchLimits;
 
 /// The effective configuration of one server instance.
@@ -60,6 +61,10 @@ pub struct Config {
     pub watch_queue_total_bytes_max: u64,
     /// Most watches one client connection may have open.
     pub watchers_per_connection_max: usize,
+    /// Most leases homed on one core.
+    pub leases_per_shard_max: usize,
+    /// Most keys of one core attached to leases.
+    pub lease_keys_per_shard_max: usize,
     /// Locked memory each executor registers for `io_uring`, in bytes.
     pub io_memory_bytes: usize,
     /// Longest a graceful shutdown waits for connections to finish, in milliseconds.
@@ -163,6 +168,13 @@ pub struct Flags {
     /// Watches one client connection may have open (default 1000).
     #[arg(long, env = "TESSERA_WATCHERS_PER_CONNECTION_MAX")]
     pub watchers_per_connection_max: Option<usize>,
+    /// Leases homed on one core (default 100000); past it a grant is refused `TableFull`.
+    #[arg(long, env = "TESSERA_LEASES_PER_SHARD_MAX")]
+    pub leases_per_shard_max: Option<usize>,
+    /// Keys of one core attached to leases (default 1000000); past it a put with a lease is
+    /// refused `TableFull`.
+    #[arg(long, env = "TESSERA_LEASE_KEYS_PER_SHARD_MAX")]
+    pub lease_keys_per_shard_max: Option<usize>,
     /// `io_uring` registered memory per core (accepts KiB/MiB).
     #[arg(long, env = "TESSERA_IO_MEMORY_BYTES", value_parser = parse_size)]
     pub io_memory_bytes: Option<u64>,
@@ -226,6 +238,8 @@ struct FileConfig {
     watch_queue_bytes_max: Option<u64>,
     watch_queue_total_bytes_max: Option<u64>,
     watchers_per_connection_max: Option<usize>,
+    leases_per_shard_max: Option<usize>,
+    lease_keys_per_shard_max: Option<usize>,
     io_memory_bytes: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
     log: Option<String>,
@@ -265,6 +279,8 @@ impl Default for Config {
             watch_queue_bytes_max: WatchLimits::default().queue_bytes_max as u64,
             watch_queue_total_bytes_max: WatchLimits::default().queue_total_bytes_max as u64,
             watchers_per_connection_max: 1_000,
+            leases_per_shard_max: LeaseLimits::default().leases_max,
+            lease_keys_per_shard_max: LeaseLimits::default().attached_keys_max,
             io_memory_bytes: 1024 * 1024,
             shutdown_timeout_ms: 5_000,
             log: "info".to_owned(),
@@ -327,6 +343,8 @@ impl Config {
             watch_queue_bytes_max,
             watch_queue_total_bytes_max,
             watchers_per_connection_max,
+            leases_per_shard_max,
+            lease_keys_per_shard_max,
             io_memory_bytes,
             shutdown_timeout_ms,
             log,
@@ -367,6 +385,8 @@ impl Config {
             watch_queue_bytes_max,
             watch_queue_total_bytes_max,
             watchers_per_connection_max,
+            leases_per_shard_max,
+            lease_keys_per_shard_max,
             shutdown_timeout_ms,
             log,
             data_dir,
@@ -414,6 +434,11 @@ impl Config {
             (
                 "watchers_per_connection_max",
                 self.watchers_per_connection_max as u64,
+            ),
+            ("leases_per_shard_max", self.leases_per_shard_max as u64),
+            (
+                "lease_keys_per_shard_max",
+                self.lease_keys_per_shard_max as u64,
             ),
         ] {
             if value == 0 {
@@ -542,6 +567,14 @@ impl Config {
             watchers_max: self.watchers_per_shard_max,
             queue_bytes_max: bytes(self.watch_queue_bytes_max),
             queue_total_bytes_max: bytes(self.watch_queue_total_bytes_max),
+        }
+    }
+
+    /// The bounds of each shard's lease tables.
+    pub fn lease_limits(&self) -> LeaseLimits {
+        LeaseLimits {
+            leases_max: self.leases_per_shard_max,
+            attached_keys_max: self.lease_keys_per_shard_max,
         }
     }
 

@@ -47,8 +47,39 @@ pub struct CoreRequest {
     pub stream: Option<WatchSink>,
 }
 
+/// What one core asks of another.
+#[derive(Debug)]
+pub enum CoreMessage {
+    /// A request to answer.
+    Request(CoreRequest),
+    /// Whether a lease homed on the receiving core lives (for a put on the sender's shard
+    /// attaching a key to it).
+    LeaseCheck {
+        /// The lease.
+        lease: u64,
+        /// Receives the answer.
+        reply: oneshot::Sender<bool>,
+    },
+    /// A lease homed on the sender ended: delete the keys attached to it.
+    LeaseEnded {
+        /// The lease.
+        lease: u64,
+        /// Whether it expired (else it was revoked).
+        expired: bool,
+        /// Told once the keys are deleted (and durable in `sync` mode), for a revoke that
+        /// answers only when every shard is done.
+        done: Option<oneshot::Sender<()>>,
+    },
+}
+
+impl From<CoreRequest> for CoreMessage {
+    fn from(request: CoreRequest) -> Self {
+        Self::Request(request)
+    }
+}
+
 /// Every core's inbox on this node, indexed by core id.
-pub type CoreInboxes = Arc<[Arc<Inbox<CoreRequest>>]>;
+pub type CoreInboxes = Arc<[Arc<Inbox<CoreMessage>>]>;
 
 /// Where a request must be executed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +92,11 @@ pub enum Route {
     Elsewhere(ShardLocation, Slot),
     /// A batch whose keys live on several cores of this node.
     Split,
+    /// On this core, once the given core (the home of the lease a put attaches its key to)
+    /// said the lease lives.
+    AfterLeaseCheck(u16),
+    /// A revoke of a lease homed here: answered once every core deleted its keys.
+    Revoke,
 }
 
 /// A reply that will arrive from other cores.
@@ -145,6 +181,7 @@ impl CoreContext {
     /// if the shard published events. Called after every batch of requests, expiry tick and
     /// inbox batch.
     pub fn flush_journal(&self) {
+        self.broadcast_ended_leases();
         let mut shard = self.shard.borrow_mut();
         let hub = shard.watch_hub();
         let published = hub.published_count();
@@ -189,7 +226,11 @@ impl CoreContext {
             | ArchivedRequest::Scan(_)
             | ArchivedRequest::Watch(_)
             | ArchivedRequest::Unwatch { .. }
-            | ArchivedRequest::WatchProgress { .. } => Route::Here,
+            | ArchivedRequest::WatchProgress { .. }
+            | ArchivedRequest::LeaseGrant { .. }
+            | ArchivedRequest::LeaseKeepalive { .. }
+            | ArchivedRequest::LeaseTimeToLive { .. }
+            | ArchivedRequest::LeaseList => Route::Here,
             ArchivedRequest::Get { key }
             | ArchivedRequest::Exists { key }
             | ArchivedRequest::Expire { key, .. }
@@ -197,7 +238,21 @@ impl CoreContext {
             | ArchivedRequest::Ttl { key } => self.route_key(key),
             ArchivedRequest::Delete(delete) => self.route_key(&delete.key),
             ArchivedRequest::Add(add) => self.route_key(&add.key),
-            ArchivedRequest::Put(put) => self.route_key(&put.key),
+            ArchivedRequest::Put(put) => match self.route_key(&put.key) {
+                Route::Here => match self.shard.borrow().lease_to_check(request) {
+                    Some(home) => Route::AfterLeaseCheck(home),
+                    None => Route::Here,
+                },
+                other => other,
+            },
+            ArchivedRequest::LeaseRevoke { id } => {
+                let lease = tessera_protocol::LeaseId(id.to_native());
+                if lease.node_id() == self.node_id && lease.core_id() != self.core_id {
+                    Route::Core(lease.core_id())
+                } else {
+                    Route::Revoke
+                }
+            }
             ArchivedRequest::Txn(txn) => match self.txn_shard(txn) {
                 Ok(route) => route,
                 // Answered here, with `CrossShard`.
@@ -366,7 +421,129 @@ impl CoreContext {
         if let Some(refusal) = self.refuse_without_space(request) {
             return refusal;
         }
-        self.shard.borrow_mut().apply(now_ms, request)
+        let mut shard = self.shard.borrow_mut();
+        if uses_lease_clock(request) {
+            shard.set_monotonic_ms(crate::clock::monotonic_ms());
+        }
+        shard.apply(now_ms, request)
+    }
+
+    /// For a request body from another thread that is answered later (a put whose lease
+    /// must be checked with its home first, a revoke), the pending answer.
+    fn answer_later(self: &Rc<Self>, body: &[u8]) -> Option<PendingReply> {
+        let request = codec::access_request(body).ok()?;
+        codec::check_request(request).ok()?;
+        match self.route(request) {
+            Route::AfterLeaseCheck(home) => Some(self.apply_after_lease_check(home, body)),
+            Route::Revoke => Some(self.revoke_and_wait(body)),
+            _ => None,
+        }
+    }
+
+    /// Sends every lease that ended on this shard to every other core, which deletes its
+    /// keys attached to it. These messages bypass the inboxes' bound: there is one per lease
+    /// end and core, and none may be lost.
+    pub fn broadcast_ended_leases(&self) {
+        let ended = self.shard.borrow_mut().take_ended_leases();
+        for (lease, expired) in ended {
+            self.tell_lease_ended(lease, expired, false);
+        }
+    }
+
+    /// Tells every other core that `lease` ended; with `wait`, returns a receiver per core
+    /// that is told once that core deleted its keys.
+    fn tell_lease_ended(
+        &self,
+        lease: u64,
+        expired: bool,
+        wait: bool,
+    ) -> Vec<oneshot::Receiver<()>> {
+        let mut waits = Vec::new();
+        for (core_id, inbox) in self.inboxes.iter().enumerate() {
+            if core_id == usize::from(self.core_id) {
+                continue;
+            }
+            let done = wait.then(|| {
+                let (done, receiver) = oneshot::channel();
+                waits.push(receiver);
+                done
+            });
+            // A closed inbox belongs to a core that is stopping; its keys go with it.
+            let _ = inbox.push_control(CoreMessage::LeaseEnded {
+                lease,
+                expired,
+                done,
+            });
+        }
+        waits
+    }
+
+    /// Answers a revoke of a lease homed here once every other core deleted its keys
+    /// attached to it, so no read after the answer finds one.
+    pub fn revoke_and_wait(self: &Rc<Self>, body: &[u8]) -> PendingReply {
+        let now_ms = crate::clock::now_unix_ms();
+        let response = match codec::access_request(body) {
+            Ok(request) => self.apply(now_ms, request),
+            Err(protocol_error) => error(protocol_error.code(), protocol_error.to_string()),
+        };
+        let ended = self.shard.borrow_mut().take_ended_leases();
+        let waits: Vec<_> = ended
+            .into_iter()
+            .flat_map(|(lease, expired)| self.tell_lease_ended(lease, expired, true))
+            .collect();
+        self.flush_journal();
+        let context = self.clone();
+        Box::pin(async move {
+            for wait in waits {
+                // A core that stopped took its keys with it.
+                let _ = wait.await;
+            }
+            if let (Some(revision), Some(log)) = (context.gate_revision(), &context.log) {
+                log.wait_durable(revision).await;
+            }
+            Reply::Body(encode_reply_body(Some(context.stamp()), &response))
+        })
+    }
+
+    /// Asks core `home` whether `lease` lives, then answers the put in `body` here: the
+    /// path of a put attaching its key to a lease homed on another core that this shard does
+    /// not know yet.
+    pub fn apply_after_lease_check(self: &Rc<Self>, home: u16, body: &[u8]) -> PendingReply {
+        let lease = match codec::access_request(body) {
+            Ok(ArchivedRequest::Put(put)) => put.lease.as_ref().map(|lease| lease.to_native()),
+            _ => None,
+        };
+        let (Some(lease), Some(inbox)) = (lease, self.inboxes.get(usize::from(home))) else {
+            return Box::pin(std::future::ready(Reply::Response(error(
+                ErrorCode::Internal,
+                "a lease check for a request that is not a put with a lease",
+            ))));
+        };
+        let (reply, answer) = oneshot::channel();
+        self.shard.borrow_mut().begin_lease_check(lease);
+        let pushed = inbox.push_control(CoreMessage::LeaseCheck { lease, reply });
+        let context = self.clone();
+        let mut copy = FrameBuffer::with_capacity(body.len());
+        copy.extend_from_slice(body);
+        Box::pin(async move {
+            let is_alive = pushed.is_ok() && answer.await.unwrap_or(false);
+            let usable = context.shard.borrow_mut().end_lease_check(lease, is_alive);
+            if !usable && pushed.is_err() {
+                return Reply::Response(shutting_down(home));
+            }
+            // The shard now knows whether the lease lives; the put is answered as any other
+            // (a dead lease is refused `LeaseNotFound`).
+            let now_ms = crate::clock::now_unix_ms();
+            let response = match codec::access_request(&copy) {
+                Ok(request) => context.respond_here(now_ms, request),
+                Err(protocol_error) => error(protocol_error.code(), protocol_error.to_string()),
+            };
+            context.flush_journal();
+            if let (Some(revision), Some(log)) = (context.gate_revision(), &context.log) {
+                log.wait_durable(revision).await;
+            }
+            Reply::Body(encode_reply_body(Some(context.stamp()), &response))
+        })
     }
 
     /// While the log's disk is full, the `NoSpace` answer for a write whose records might not
@@ -478,6 +655,10 @@ impl CoreContext {
                 ErrorCode::WrongShard,
                 format!("batch sent to core {} spans several cores", self.core_id),
             ),
+            Route::AfterLeaseCheck(_) | Route::Revoke => error(
+                ErrorCode::Internal,
+                "a request answered later reached the synchronous path",
+            ),
         }
     }
 
@@ -509,11 +690,11 @@ impl CoreContext {
         let mut copy = FrameBuffer::with_capacity(body.len());
         copy.extend_from_slice(body);
         let (reply, receiver) = oneshot::channel();
-        match inbox.push(CoreRequest {
+        match inbox.push(CoreMessage::Request(CoreRequest {
             body: copy,
             reply,
             stream: None,
-        }) {
+        })) {
             Ok(()) => Ok(receiver),
             Err(PushError::Full(_)) => Err(error(
                 ErrorCode::Overloaded,
@@ -575,7 +756,9 @@ impl CoreContext {
                 Route::Here => self.core_id,
                 Route::Core(core_id) => core_id,
                 Route::Elsewhere(location, slot) => return Err(self.wrong_shard(location, slot)),
-                Route::Split => return Err(error(ErrorCode::Internal, "a key cannot split")),
+                Route::Split | Route::AfterLeaseCheck(_) | Route::Revoke => {
+                    return Err(error(ErrorCode::Internal, "a key cannot split"))
+                }
             };
             match groups
                 .iter_mut()
@@ -751,6 +934,19 @@ async fn merge_parts(
     }
 }
 
+/// Whether a request reads the monotonic clock leases run on.
+fn uses_lease_clock(request: &ArchivedRequest) -> bool {
+    match request {
+        ArchivedRequest::Put(put) => put.lease.is_some(),
+        ArchivedRequest::LeaseGrant { .. }
+        | ArchivedRequest::LeaseKeepalive { .. }
+        | ArchivedRequest::LeaseRevoke { .. }
+        | ArchivedRequest::LeaseTimeToLive { .. }
+        | ArchivedRequest::LeaseList => true,
+        _ => false,
+    }
+}
+
 /// An error response with no routing detail.
 pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error(ErrorReply::new(code, message))
@@ -782,26 +978,64 @@ pub fn encode_reply_body(stamp: Option<ShardStamp>, response: &Response) -> Fram
 
 /// Answers requests from other threads until the inbox closes, then fires the core's stop.
 /// Requests already queued when the inbox closes are still answered.
-pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<CoreRequest>>) {
+pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<CoreMessage>>) {
     let mut batch = VecDeque::new();
     while inbox.receive_batch(&mut batch).await {
         let now_ms = crate::clock::now_unix_ms();
         let mut replies = Vec::with_capacity(batch.len());
-        for (position, request) in batch.drain(..).enumerate() {
-            let response = context.respond_to_body(now_ms, &request.body, request.stream);
-            replies.push((
-                request.reply,
-                encode_reply_body(Some(context.stamp()), &response),
-            ));
+        let mut lease_acks = Vec::new();
+        for (position, message) in batch.drain(..).enumerate() {
+            match message {
+                CoreMessage::Request(request) => {
+                    if let Some(pending) = context.answer_later(&request.body) {
+                        glommio::spawn_local(async move {
+                            let body = match pending.await {
+                                Reply::Body(body) => body,
+                                Reply::Response(response) => encode_reply_body(None, &response),
+                            };
+                            let _ = request.reply.send(body);
+                        })
+                        .detach();
+                        continue;
+                    }
+                    let response = context.respond_to_body(now_ms, &request.body, request.stream);
+                    replies.push((
+                        request.reply,
+                        encode_reply_body(Some(context.stamp()), &response),
+                    ));
+                }
+                CoreMessage::LeaseCheck { lease, reply } => {
+                    let mut shard = context.shard.borrow_mut();
+                    shard.set_monotonic_ms(crate::clock::monotonic_ms());
+                    let _ = reply.send(shard.is_home_lease_alive(lease));
+                }
+                CoreMessage::LeaseEnded {
+                    lease,
+                    expired,
+                    done,
+                } => {
+                    context
+                        .shard
+                        .borrow_mut()
+                        .lease_ended_elsewhere(lease, expired);
+                    if let Some(done) = done {
+                        lease_acks.push(done);
+                    }
+                }
+            }
             if position % 64 == 63 {
                 glommio::executor().yield_if_needed().await;
             }
         }
         context.flush_journal();
         // The caller may have given up (a dropped embedded future); that is not an error.
-        let send_all = |replies: Vec<(oneshot::Sender<FrameBuffer>, FrameBuffer)>| {
+        let send_all = |replies: Vec<(oneshot::Sender<FrameBuffer>, FrameBuffer)>,
+                        lease_acks: Vec<oneshot::Sender<()>>| {
             for (reply, body) in replies {
                 let _ = reply.send(body);
+            }
+            for ack in lease_acks {
+                let _ = ack.send(());
             }
         };
         match (context.gate_revision(), &context.log) {
@@ -810,11 +1044,11 @@ pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<Cor
                 let log = log.clone();
                 glommio::spawn_local(async move {
                     log.wait_durable(revision).await;
-                    send_all(replies);
+                    send_all(replies, lease_acks);
                 })
                 .detach();
             }
-            _ => send_all(replies),
+            _ => send_all(replies, lease_acks),
         }
     }
     context.stop.fire();
@@ -830,7 +1064,11 @@ pub async fn run_ticks(context: std::rc::Rc<CoreContext>) {
         .is_some()
     {
         let now_ms = crate::clock::now_unix_ms();
-        let expired_count = context.shard.borrow_mut().tick(now_ms);
+        let expired_count = {
+            let mut shard = context.shard.borrow_mut();
+            shard.set_monotonic_ms(crate::clock::monotonic_ms());
+            shard.tick(now_ms)
+        };
         context.flush_journal();
         if now_ms >= context.watch.progress_due_ms.get() {
             context.watch.wake_connections.notify();

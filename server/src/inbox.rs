@@ -82,6 +82,27 @@ impl<T> Inbox<T> {
         Ok(())
     }
 
+    /// Enqueues `item` whatever the bound, and wakes the consumer: for control messages
+    /// whose number is bounded by their cause (one per lease end and core), which must not
+    /// be refused.
+    ///
+    /// # Errors
+    /// The inbox is closed; the item is returned.
+    pub fn push_control(&self, item: T) -> Result<(), PushError<T>> {
+        let waker = {
+            let mut state = self.lock();
+            if state.is_closed {
+                return Err(PushError::Closed(item));
+            }
+            state.queue.push_back(item);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
     /// Closes the inbox: later pushes fail, and the consumer sees the close once it has
     /// drained what was already queued.
     pub fn close(&self) {

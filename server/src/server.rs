@@ -182,6 +182,7 @@ impl Server {
                     memory_bytes_max: config.memory_bytes_max_per_core(),
                     expired_per_tick_max: config.expired_per_tick_max,
                     watch_limits: config.watch_limits(),
+                    lease_limits: config.lease_limits(),
                 },
                 topology: topology.clone(),
                 inboxes: inboxes.clone(),
@@ -527,7 +528,10 @@ async fn open_shard(
     let started = std::time::Instant::now();
     let recovered = recover(&directory, core_id, &mut shard, now_ms, config.repair)
         .map_err(|error| format!("recovery of {}: {error}", directory.display()))?;
+    // Every recovered lease gets its full TTL from now, however long recovery took.
+    shard.restart_leases(crate::clock::monotonic_ms());
     tracing::info!(
+        leases = shard.leases().home_count(),
         snapshot_base = recovered.snapshot_base,
         snapshot_entries = recovered.snapshot_entry_count,
         segments = recovered.segment_count,

@@ -355,6 +355,9 @@ fn to_wire(event: &Event) -> WatchEvent {
         },
         Change::Delete(DeleteCause::Deleted) => EventKind::Deleted,
         Change::Delete(DeleteCause::Expired) => EventKind::Expired,
+        Change::Delete(DeleteCause::LeaseEnded { lease, expired }) => {
+            EventKind::LeaseEnded { lease, expired }
+        }
     };
     WatchEvent {
         key: event.key().to_vec(),

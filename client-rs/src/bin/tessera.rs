@@ -1500,6 +1500,8 @@ impl WatchFormat {
             EventKind::Put { .. } => "put",
             EventKind::Deleted => "delete",
             EventKind::Expired => "expire",
+            EventKind::LeaseEnded { expired: false, .. } => "revoke",
+            EventKind::LeaseEnded { expired: true, .. } => "lease-expire",
         };
         if self.json {
             let mut value = json!({ "type": type_name, "key": key });
@@ -1511,6 +1513,9 @@ impl WatchFormat {
                 value["value"] = Value::from(String::from_utf8_lossy(&event.value));
                 value["create_revision"] = Value::from(create_revision);
                 value["version"] = Value::from(version);
+            }
+            if let EventKind::LeaseEnded { lease, .. } = event.kind {
+                value["lease"] = Value::from(lease);
             }
             add_position(&mut value, shard);
             if self.previous {
@@ -1526,6 +1531,12 @@ impl WatchFormat {
             ),
             EventKind::Deleted | EventKind::Expired => {
                 format!("{type_name} {key} rev={}", format_position(shard))
+            }
+            EventKind::LeaseEnded { lease, .. } => {
+                format!(
+                    "{type_name} {key} rev={} lease={lease}",
+                    format_position(shard)
+                )
             }
         };
         if let Some(previous) = previous.filter(|_| self.previous) {

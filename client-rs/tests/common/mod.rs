@@ -13,6 +13,8 @@
 pub mod fake_server;
 
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -189,4 +191,109 @@ pub fn core_of_key(topology: &Topology, key: &[u8]) -> usize {
         "slot {slot} owners={owners:?} ranges={ranges:?}"
     );
     owners[0]
+}
+
+/// A directory of the test's own, removed when dropped.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "tessera-test-{name}-{}-{}",
+            std::process::id(),
+            RandomState::new().hash_one(0_u8)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create the test directory");
+        Self(path)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port `base` such that `base` and `base + 1` are free now: a server's core `i` listens on
+/// `port + i`, so a restart on the same ports needs them consecutive, and port 0 (any free
+/// port per core) does not give that. Another process could take them in between, which is
+/// unlikely enough for a test.
+pub fn free_port_pair() -> u16 {
+    let random = RandomState::new();
+    for attempt in 0..1000_u32 {
+        // Below the usual ephemeral range, where the OS hands out ports of its own.
+        let offset = u16::try_from(random.hash_one(attempt) % 12_000).expect("fits");
+        let base = 20_000 + offset;
+        let first = std::net::TcpListener::bind(("127.0.0.1", base));
+        let second = std::net::TcpListener::bind(("127.0.0.1", base + 1));
+        if first.is_ok() && second.is_ok() {
+            return base;
+        }
+    }
+    panic!("no two consecutive free ports found");
+}
+
+/// A server with `sync` durability and a data directory of its own, which stops and starts
+/// again on the same ports.
+pub struct DurableServer {
+    data_dir: TestDir,
+    port: u16,
+    base: Config,
+    server: Option<Server>,
+}
+
+impl DurableServer {
+    /// Starts a server of configuration `base` with `sync` durability in a directory of
+    /// its own.
+    pub async fn start(name: &str, base: Config) -> Self {
+        let mut durable = Self {
+            data_dir: TestDir::new(name),
+            port: free_port_pair(),
+            base,
+            server: None,
+        };
+        durable.server = Some(durable.start_again().await);
+        durable
+    }
+
+    fn config(&self) -> Config {
+        Config {
+            port: self.port,
+            durability: tessera_server::config::Durability::Sync,
+            data_dir: self.data_dir.0.clone(),
+            shutdown_timeout_ms: 1_000,
+            ..self.base.clone()
+        }
+    }
+
+    async fn start_again(&self) -> Server {
+        let config = self.config();
+        tokio::task::spawn_blocking(move || Server::start(config))
+            .await
+            .expect("the start did not panic")
+            .unwrap_or_else(|error| panic!("the durable server did not start: {error}"))
+    }
+
+    pub fn addresses(&self) -> Vec<String> {
+        self.server.as_ref().expect("running").addresses()
+    }
+
+    /// Stops the server cleanly and starts it again on the same ports and data.
+    pub async fn restart(&mut self) {
+        let addresses = self.addresses();
+        let server = self.server.take().expect("running");
+        tokio::task::spawn_blocking(move || stop_server(server))
+            .await
+            .expect("the server stopped cleanly");
+        self.server = Some(self.start_again().await);
+        assert_eq!(self.addresses(), addresses, "the same ports");
+    }
+
+    pub async fn stop(mut self) {
+        let server = self.server.take().expect("running");
+        tokio::task::spawn_blocking(move || stop_server(server))
+            .await
+            .expect("the server stopped cleanly");
+    }
 }

@@ -8,7 +8,9 @@
 //! Sizes are bounded like redb's `BoundedU64`: keys and names reach one byte past their limit so
 //! both sides of each check are reached, while batches and values stay small enough to keep the
 //! fuzzer fast. Transactions reach one compare and one op past their limits; their keys come
-//! from a small pool as often as not, so branches that name a key twice are common.
+//! from a small pool as often as not, so branches that name a key twice are common. Lease ids
+//! are 0 (which names no lease) a quarter of the time, so both sides of that check are reached
+//! too, in puts and in every lease request.
 
 #![no_main]
 
@@ -71,6 +73,15 @@ fn ttl_ms(input: &mut Unstructured<'_>) -> Result<Option<u64>> {
 
 fn batch_count(input: &mut Unstructured<'_>) -> Result<usize> {
     input.int_in_range(0..=BATCH_COUNT_MAX + 1)
+}
+
+/// A lease id: 0 a quarter of the time, otherwise any.
+fn lease_id(input: &mut Unstructured<'_>) -> Result<u64> {
+    if input.ratio(1_u8, 4_u8)? {
+        Ok(0)
+    } else {
+        input.arbitrary()
+    }
 }
 
 /// A key of a transaction: as often as not one of four short ones, so that keys repeat.
@@ -173,7 +184,7 @@ fn txn(input: &mut Unstructured<'_>) -> Result<Txn> {
 }
 
 fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
-    let request = match input.int_in_range(0_u8..=18)? {
+    let request = match input.int_in_range(0_u8..=23)? {
         0 => Request::Hello {
             protocol_version: input.arbitrary()?,
             client_name: String::from_utf8_lossy(&bytes(input, TEXT_SIZE_MAX + 1)?).into_owned(),
@@ -194,6 +205,11 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
                 _ => PutCondition::IfValue(bytes(input, VALUE_SIZE_FUZZ_MAX)?),
             },
             return_previous: input.arbitrary()?,
+            lease: if input.arbitrary()? {
+                Some(lease_id(input)?)
+            } else {
+                None
+            },
         })),
         5 => Request::Delete(Box::new(Delete {
             key: key(input)?,
@@ -260,6 +276,21 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
             watch_id: input.arbitrary()?,
         },
         18 => Request::Txn(Box::new(txn(input)?)),
+        19 => Request::LeaseGrant {
+            ttl_ms: input.arbitrary()?,
+        },
+        20 => Request::LeaseKeepalive {
+            ids: (0..batch_count(input)?)
+                .map(|_| lease_id(input))
+                .collect::<Result<_>>()?,
+        },
+        21 => Request::LeaseRevoke {
+            id: lease_id(input)?,
+        },
+        22 => Request::LeaseTimeToLive {
+            id: lease_id(input)?,
+        },
+        23 => Request::LeaseList,
         _ => Request::Scan(scan(input)?),
     };
     Ok(request)
@@ -274,7 +305,14 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
         Request::Ping
         | Request::Stats
         | Request::Unwatch { .. }
-        | Request::WatchProgress { .. } => Ok(()),
+        | Request::WatchProgress { .. }
+        | Request::LeaseList => Ok(()),
+        Request::LeaseGrant { ttl_ms } => codec::check_ttl(*ttl_ms),
+        Request::LeaseKeepalive { ids } => {
+            codec::check_batch(ids.len())?;
+            ids.iter().try_for_each(|id| codec::check_lease(*id))
+        }
+        Request::LeaseRevoke { id } | Request::LeaseTimeToLive { id } => codec::check_lease(*id),
         Request::Watch(watch) => codec::check_watch(
             &watch.start,
             watch.end.as_deref(),
@@ -300,6 +338,9 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
             codec::check_value(&put.value)?;
             if let PutCondition::IfValue(expected) = &put.condition {
                 codec::check_value(expected)?;
+            }
+            if let Some(lease) = put.lease {
+                codec::check_lease(lease)?;
             }
             check_optional_ttl(put.ttl_ms)
         }

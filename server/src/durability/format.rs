@@ -18,7 +18,10 @@ use crate::durability::DurabilityError;
 pub const SEGMENT_MAGIC: [u8; 4] = *b"TSWL";
 
 /// Version of the log format written by this build.
-pub const LOG_FORMAT_VERSION: u16 = 3;
+pub const LOG_FORMAT_VERSION: u16 = 4;
+
+/// The oldest log format this build still reads (version 3 has no lease effects).
+pub const LOG_FORMAT_VERSION_MIN: u16 = 3;
 
 /// Bytes of a segment header.
 pub const SEGMENT_HEADER_SIZE: usize = 32;
@@ -38,6 +41,9 @@ const _: () = assert!(
 
 const EFFECT_SET: u8 = 1;
 const EFFECT_REMOVE: u8 = 2;
+const EFFECT_ATTACH: u8 = 3;
+const EFFECT_LEASE_GRANT: u8 = 4;
+const EFFECT_LEASE_END: u8 = 5;
 
 /// The header at the start of every segment file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +85,7 @@ impl SegmentHeader {
             segment_id: read_u64(bytes, 8),
             revision_before: read_u64(bytes, 16),
         };
-        if header.format_version != LOG_FORMAT_VERSION {
+        if !(LOG_FORMAT_VERSION_MIN..=LOG_FORMAT_VERSION).contains(&header.format_version) {
             return Err(DurabilityError::UnsupportedFormat {
                 version: header.format_version,
                 supported: LOG_FORMAT_VERSION,
@@ -141,6 +147,26 @@ pub enum Effect<'a> {
         /// The key.
         key: &'a [u8],
     },
+    /// The key (just set by the effect before) is attached to `lease`. A `Set` without an
+    /// `Attach` after it leaves the key attached to no lease.
+    Attach {
+        /// The key.
+        key: &'a [u8],
+        /// The lease.
+        lease: u64,
+    },
+    /// A lease homed on this shard was granted with this TTL.
+    LeaseGrant {
+        /// The lease.
+        id: u64,
+        /// Its time to live.
+        ttl_ms: u64,
+    },
+    /// A lease homed on this shard ended (its keys' removals are in the same record).
+    LeaseEnd {
+        /// The lease.
+        id: u64,
+    },
 }
 
 /// Appends records to a buffer: `begin` a revision, add its effects, `finish` it.
@@ -199,6 +225,20 @@ impl RecordWriter {
             Effect::Remove { key } => {
                 self.buffer.push(EFFECT_REMOVE);
                 self.push_bytes_u16(key);
+            }
+            Effect::Attach { key, lease } => {
+                self.buffer.push(EFFECT_ATTACH);
+                self.push_bytes_u16(key);
+                self.buffer.extend_from_slice(&lease.to_le_bytes());
+            }
+            Effect::LeaseGrant { id, ttl_ms } => {
+                self.buffer.push(EFFECT_LEASE_GRANT);
+                self.buffer.extend_from_slice(&id.to_le_bytes());
+                self.buffer.extend_from_slice(&ttl_ms.to_le_bytes());
+            }
+            Effect::LeaseEnd { id } => {
+                self.buffer.push(EFFECT_LEASE_END);
+                self.buffer.extend_from_slice(&id.to_le_bytes());
             }
         }
     }
@@ -373,6 +413,15 @@ impl<'a> Iterator for Effects<'a> {
             EFFECT_REMOVE => {
                 take_u16_prefixed(rest).map(|(key, rest)| (Effect::Remove { key }, rest))
             }
+            EFFECT_ATTACH => take_u16_prefixed(rest).and_then(|(key, rest)| {
+                let (lease, rest) = take_u64(rest)?;
+                Ok((Effect::Attach { key, lease }, rest))
+            }),
+            EFFECT_LEASE_GRANT => take_u64(rest).and_then(|(id, rest)| {
+                let (ttl_ms, rest) = take_u64(rest)?;
+                Ok((Effect::LeaseGrant { id, ttl_ms }, rest))
+            }),
+            EFFECT_LEASE_END => take_u64(rest).map(|(id, rest)| (Effect::LeaseEnd { id }, rest)),
             other => Err(DurabilityError::corrupt(format!(
                 "unknown effect kind {other}"
             ))),
@@ -412,6 +461,13 @@ fn parse_set(bytes: &[u8]) -> Result<(Effect<'_>, &[u8]), DurabilityError> {
         },
         rest,
     ))
+}
+
+fn take_u64(bytes: &[u8]) -> Result<(u64, &[u8]), DurabilityError> {
+    let Some((word, rest)) = bytes.split_first_chunk::<8>() else {
+        return Err(DurabilityError::corrupt("effect cut short"));
+    };
+    Ok((u64::from_le_bytes(*word), rest))
 }
 
 pub(crate) fn take_u16_prefixed(bytes: &[u8]) -> Result<(&[u8], &[u8]), DurabilityError> {

@@ -35,6 +35,7 @@ use crate::durability::log::CoreLog;
 use crate::durability::recovery::{read_segment_header, segment_files};
 use crate::durability::storage::{Storage, StorageFile};
 use crate::durability::{io_error, numbered_files, DurabilityError};
+use crate::shard::lease::Leases;
 use crate::shard::store::{KeyRevisions, PARTITION_COUNT};
 use crate::shard::Shard;
 
@@ -42,7 +43,10 @@ use crate::shard::Shard;
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"TSSN";
 
 /// Version of the snapshot format written by this build.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 2;
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 3;
+
+/// The oldest snapshot format this build still reads (version 2 has no lease items).
+pub const SNAPSHOT_FORMAT_VERSION_MIN: u16 = 2;
 
 /// Bytes of a snapshot header.
 pub const SNAPSHOT_HEADER_SIZE: usize = 32;
@@ -57,6 +61,9 @@ pub const SNAPSHOTS_KEPT: usize = 2;
 
 const ITEM_ENTRY: u8 = 0x10;
 const ITEM_END: u8 = 0x11;
+const ITEM_LEASE: u8 = 0x12;
+const ITEM_ATTACH: u8 = 0x13;
+const ITEM_LEASE_SEQUENCE: u8 = 0x14;
 
 /// The file name of the snapshot that began at revision `base`.
 pub fn snapshot_file_name(base: u64) -> String {
@@ -122,7 +129,8 @@ impl SnapshotHeader {
             base_revision: u64_at(bytes, 8),
             taken_at_ms: u64_at(bytes, 16),
         };
-        if header.format_version != SNAPSHOT_FORMAT_VERSION {
+        if !(SNAPSHOT_FORMAT_VERSION_MIN..=SNAPSHOT_FORMAT_VERSION).contains(&header.format_version)
+        {
             return Err(DurabilityError::UnsupportedFormat {
                 version: header.format_version,
                 supported: SNAPSHOT_FORMAT_VERSION,
@@ -205,6 +213,35 @@ impl ChunkEncoder {
         push_u16_prefixed(&mut self.buffer, entry.key);
         push_u32_prefixed(&mut self.buffer, entry.value);
         self.entry_count += 1;
+        self.seal_if_full(start);
+    }
+
+    /// Adds the shard's leases: the last lease sequence granted, every lease homed on it
+    /// with its TTL, and every attachment of a key to a lease. Like entries, they may be
+    /// copied at any moment after the base: the log's lease effects set or remove one
+    /// lease or attachment each, so replaying them over the copy gives the exact state.
+    pub fn push_leases(&mut self, leases: &Leases) {
+        self.open();
+        self.buffer.push(ITEM_LEASE_SEQUENCE);
+        self.buffer
+            .extend_from_slice(&leases.last_sequence().to_le_bytes());
+        for (id, ttl_ms) in leases.home_leases() {
+            let start = self.open();
+            self.buffer.push(ITEM_LEASE);
+            self.buffer.extend_from_slice(&id.to_le_bytes());
+            self.buffer.extend_from_slice(&ttl_ms.to_le_bytes());
+            self.seal_if_full(start);
+        }
+        for (key, lease) in leases.attachments() {
+            let start = self.open();
+            self.buffer.push(ITEM_ATTACH);
+            self.buffer.extend_from_slice(&lease.to_le_bytes());
+            push_u16_prefixed(&mut self.buffer, key);
+            self.seal_if_full(start);
+        }
+    }
+
+    fn seal_if_full(&mut self, start: usize) {
         if self.buffer.len() - start - RECORD_HEADER_SIZE >= SNAPSHOT_CHUNK_BYTES {
             self.seal();
         }
@@ -393,7 +430,11 @@ async fn write_contents<F: StorageFile>(
         // Let the shard serve requests before the next partition.
         futures_lite::future::yield_now().await;
     }
-    let end_revision = shard.borrow().revision();
+    let end_revision = {
+        let shard = shard.borrow();
+        encoder.push_leases(shard.leases());
+        shard.revision()
+    };
     encoder.finish(end_revision);
     if let Some(bytes) = encoder.take_sealed(0) {
         write(bytes).await?;
@@ -591,6 +632,10 @@ fn restore_items(
                 *entry_count += 1;
                 items = rest;
             }
+            ITEM_LEASE_SEQUENCE | ITEM_LEASE | ITEM_ATTACH => {
+                items = restore_lease_item(kind, rest, shard)
+                    .map_err(|error| DurabilityError::corrupt(format!("byte {offset}: {error}")))?;
+            }
             ITEM_END if rest.len() == 16 => return Ok(Some((u64_at(rest, 0), u64_at(rest, 8)))),
             ITEM_END => {
                 return Err(DurabilityError::corrupt(format!(
@@ -605,6 +650,33 @@ fn restore_items(
         }
     }
     Ok(None)
+}
+
+/// Restores one lease item into `shard`; returns the bytes after it.
+fn restore_lease_item<'a>(
+    kind: u8,
+    bytes: &'a [u8],
+    shard: &mut Shard,
+) -> Result<&'a [u8], DurabilityError> {
+    let cut_short = || DurabilityError::corrupt("snapshot lease item cut short");
+    let (first, rest) = bytes.split_first_chunk::<8>().ok_or_else(cut_short)?;
+    let first = u64::from_le_bytes(*first);
+    match kind {
+        ITEM_LEASE_SEQUENCE => {
+            shard.restore_lease_sequence(first);
+            Ok(rest)
+        }
+        ITEM_LEASE => {
+            let (ttl_ms, rest) = rest.split_first_chunk::<8>().ok_or_else(cut_short)?;
+            shard.restore_lease(first, u64::from_le_bytes(*ttl_ms));
+            Ok(rest)
+        }
+        _ => {
+            let (key, rest) = take_u16_prefixed(rest)?;
+            shard.restore_attachment(key, first);
+            Ok(rest)
+        }
+    }
 }
 
 fn read_all(

@@ -20,6 +20,7 @@ pub(crate) fn shard_config(shard_id: u16) -> ShardConfig {
         memory_bytes_max: 1 << 32,
         expired_per_tick_max: 1000,
         watch_limits: crate::shard::watch::WatchLimits::default(),
+        lease_limits: crate::shard::lease::LeaseLimits::default(),
     }
 }
 

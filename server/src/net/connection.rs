@@ -711,7 +711,7 @@ impl Connection {
     /// overlap instead of stalling one request after another.
     fn process(
         &mut self,
-        context: &CoreContext,
+        context: &Rc<CoreContext>,
         now_ms: u64,
         forwarded: &Rc<RefCell<Vec<Forwarded>>>,
         handoff: &Handoff,
@@ -795,7 +795,7 @@ impl Connection {
     #[allow(clippy::too_many_arguments, reason = "the loop's state, passed down")]
     fn answer(
         &mut self,
-        context: &CoreContext,
+        context: &Rc<CoreContext>,
         now_ms: u64,
         header: FrameHeader,
         body: std::ops::Range<usize>,
@@ -829,7 +829,7 @@ impl Connection {
     #[allow(clippy::too_many_arguments, reason = "the loop's state, passed down")]
     fn answer_body(
         &mut self,
-        context: &CoreContext,
+        context: &Rc<CoreContext>,
         now_ms: u64,
         request_id: u64,
         body: &[u8],
@@ -907,6 +907,14 @@ impl Connection {
             Route::Elsewhere(location, slot) => {
                 let response = context.wrong_shard(location, slot);
                 self.encode_reply(request_id, &Reply::Response(response));
+            }
+            Route::AfterLeaseCheck(home) => {
+                let pending = context.apply_after_lease_check(home, body);
+                self.await_forward(pending, request_id, index, forwarded, handoff);
+            }
+            Route::Revoke => {
+                let pending = context.revoke_and_wait(body);
+                self.await_forward(pending, request_id, index, forwarded, handoff);
             }
         }
         true
@@ -1102,7 +1110,7 @@ impl Connection {
     /// whether a limit held frames back for the next pass.
     fn answer_for_shutdown(
         &mut self,
-        context: &CoreContext,
+        context: &Rc<CoreContext>,
         now_ms: u64,
         forwarded: &Rc<RefCell<Vec<Forwarded>>>,
         handoff: &Handoff,

@@ -15,22 +15,25 @@
 //! - An expired entry is never returned, whether or not its timer has fired yet.
 //! - The caller only hands the shard keys whose slot is in `slots` (checked in debug builds).
 
+pub mod lease;
 pub mod store;
 pub mod timer_wheel;
 pub mod watch;
 
 use ahash::AHashSet;
 use tessera_protocol::codec::txn_keys;
+use tessera_protocol::limits::SCAN_LIMIT_MAX;
 use tessera_protocol::limits::{SCAN_PAGE_BYTES_MAX, TXN_RANGE_ITEMS_MAX, TXN_READ_BYTES_MAX};
 use tessera_protocol::message::{
     ArchivedCheck, ArchivedCompare, ArchivedCompareOp, ArchivedCounterAdd, ArchivedDeleteCondition,
     ArchivedPutEntry, ArchivedRequest, ArchivedScan, ArchivedTxn, ArchivedTxnOp,
 };
 use tessera_protocol::{
-    ArchivedPutCondition, CompareOp, Entry, ErrorCode, ErrorReply, Response, ScanItem, ScanPage,
-    SlotRange, TtlState, TxnOutcome, TxnResult,
+    ArchivedPutCondition, CompareOp, Entry, ErrorCode, ErrorReply, LeaseId, LeaseState, Response,
+    ScanItem, ScanPage, SlotRange, TtlState, TxnOutcome, TxnResult,
 };
 
+use self::lease::{LeaseLimits, LeaseTableFull, Leases};
 use self::store::{entry_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
 use self::watch::{
@@ -57,6 +60,8 @@ pub struct ShardConfig {
     pub expired_per_tick_max: usize,
     /// Bounds of the shard's change history and watchers.
     pub watch_limits: WatchLimits,
+    /// Bounds of the shard's lease tables.
+    pub lease_limits: LeaseLimits,
 }
 
 /// Counters a shard keeps about itself.
@@ -89,6 +94,13 @@ pub struct Shard {
     events: Vec<Event>,
     /// Whether writes make events (not while recovery rebuilds the store).
     is_recording_events: bool,
+    /// Leases homed here, and the attachments of this shard's keys to leases.
+    leases: Leases,
+    /// The monotonic clock leases run on, as the core last set it.
+    mono_ms: u64,
+    /// Home leases that ended since the core last took them, with whether they expired:
+    /// every other core must delete its keys attached to them.
+    ended_leases: Vec<(u64, bool)>,
 }
 
 impl Shard {
@@ -113,8 +125,86 @@ impl Shard {
             watch: WatchHub::new(config.watch_limits, 0),
             events: Vec::new(),
             is_recording_events: true,
+            leases: Leases::new(config.lease_limits, 0),
+            mono_ms: 0,
+            ended_leases: Vec::new(),
             config,
         }
+    }
+
+    /// Moves the monotonic clock leases run on to `mono_ms` (never backwards). The core
+    /// calls this before applying requests and ticks.
+    pub fn set_monotonic_ms(&mut self, mono_ms: u64) {
+        self.mono_ms = self.mono_ms.max(mono_ms);
+    }
+
+    /// Home leases that ended since the last call, with whether they expired (else they were
+    /// revoked); the core tells every other core.
+    pub fn take_ended_leases(&mut self) -> Vec<(u64, bool)> {
+        std::mem::take(&mut self.ended_leases)
+    }
+
+    /// Whether a lease homed here lives (a check from another core).
+    pub fn is_home_lease_alive(&self, lease: u64) -> bool {
+        self.leases.home_lease(lease, self.mono_ms).is_some()
+    }
+
+    /// For a put attached to a lease homed on another core of this node that this shard does
+    /// not yet know to live: that core, which the core must ask first
+    /// ([`Shard::begin_lease_check`]).
+    pub fn lease_to_check(&self, request: &ArchivedRequest) -> Option<u16> {
+        let ArchivedRequest::Put(put) = request else {
+            return None;
+        };
+        let lease = LeaseId(put.lease.as_ref()?.to_native());
+        let is_other_core_here =
+            lease.node_id() == self.config.node_id && lease.core_id() != self.config.shard_id;
+        (is_other_core_here && !self.leases.is_foreign_alive(lease.0)).then_some(lease.core_id())
+    }
+
+    /// Records that the core is asking a lease's home whether it lives.
+    pub fn begin_lease_check(&mut self, lease: u64) {
+        self.leases.begin_check(lease);
+    }
+
+    /// Records the home's answer; returns whether the lease may be used.
+    pub fn end_lease_check(&mut self, lease: u64, is_alive: bool) -> bool {
+        self.leases.end_check(lease, is_alive)
+    }
+
+    /// A lease homed on another core ended: deletes this shard's keys attached to it, at one
+    /// revision (none if it has none).
+    pub fn lease_ended_elsewhere(&mut self, lease: u64, expired: bool) {
+        self.leases.foreign_ended(lease);
+        self.delete_lease_keys(lease, expired, false);
+    }
+
+    /// Deletes the keys attached to `lease` at one revision, journaling the lease's end too
+    /// if it was homed here (`is_home`). No revision if there is nothing to journal.
+    fn delete_lease_keys(&mut self, lease: u64, expired: bool, is_home: bool) {
+        let keys = self.leases.take_keys(lease);
+        if keys.is_empty() && !is_home {
+            return;
+        }
+        self.begin_revision();
+        let mut record_bytes = 0;
+        for key in &keys {
+            // A record holds at most so many removals; a lease with more keys than that
+            // takes consecutive revisions.
+            if record_bytes >= LEASE_END_RECORD_BYTES_MAX {
+                self.finish_revision();
+                self.begin_revision();
+                record_bytes = 0;
+            }
+            record_bytes += key.len() + 3;
+            self.remove_entry(key, DeleteCause::LeaseEnded { lease, expired });
+        }
+        if is_home {
+            if let Some(journal) = &mut self.journal {
+                journal.push(Effect::LeaseEnd { id: lease });
+            }
+        }
+        self.finish_revision();
     }
 
     /// A shard that writes a record of every revision it applies, for the core to log.
@@ -162,6 +252,8 @@ impl Shard {
                     create_revision,
                     version,
                 } => {
+                    // An `Attach` follows if the key is still attached.
+                    self.leases.detach(key);
                     if deadline_ms.is_some_and(|deadline_ms| deadline_ms <= now_ms) {
                         self.remove_entry(key, DeleteCause::Expired);
                     } else {
@@ -175,6 +267,11 @@ impl Shard {
                 }
                 Effect::Remove { key } => {
                     self.remove_entry(key, DeleteCause::Deleted);
+                }
+                Effect::Attach { key, lease } => self.restore_attachment(key, lease),
+                Effect::LeaseGrant { id, ttl_ms } => self.restore_lease(id, ttl_ms),
+                Effect::LeaseEnd { id } => {
+                    self.leases.end_home(id);
                 }
             }
         }
@@ -212,6 +309,51 @@ impl Shard {
     ) {
         let expiry_before = self.store.get(key).and_then(EntryRef::expiry);
         self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
+    }
+
+    /// Restores a lease homed here (recovery), with a full TTL from now.
+    pub fn restore_lease(&mut self, id: u64, ttl_ms: u64) {
+        // Recovery restores what the log held when it was written, within the same limit.
+        if self.leases.grant(id, ttl_ms, self.mono_ms).is_err() {
+            tracing::warn!(
+                id,
+                "lease table full while restoring a lease; it is dropped"
+            );
+        }
+    }
+
+    /// Restores that `key` is attached to `lease` (recovery), if the key came back. A lease
+    /// homed elsewhere is taken to live until its home says it ended.
+    pub fn restore_attachment(&mut self, key: &[u8], lease: u64) {
+        if self.store.get(key).is_none() {
+            return;
+        }
+        self.leases.attach(key, lease);
+        if !self.is_home(lease) {
+            self.leases.assume_foreign_alive(lease);
+        }
+    }
+
+    /// Starts every lease homed here on a full TTL from `mono_ms` (after recovery: the
+    /// owners could not renew while the server was down).
+    pub fn restart_leases(&mut self, mono_ms: u64) {
+        self.set_monotonic_ms(mono_ms);
+        self.leases.restart_all(self.mono_ms);
+    }
+
+    /// Raises the last lease sequence granted (recovery from a snapshot).
+    pub fn restore_lease_sequence(&mut self, sequence: u64) {
+        self.leases.restore_sequence(sequence);
+    }
+
+    /// The shard's leases and attachments, for a snapshot.
+    pub fn leases(&self) -> &Leases {
+        &self.leases
+    }
+
+    fn is_home(&self, lease: u64) -> bool {
+        let lease = LeaseId(lease);
+        lease.node_id() == self.config.node_id && lease.core_id() == self.config.shard_id
     }
 
     /// Sets the revision recovery continues from: the revision a snapshot began at, then the
@@ -253,7 +395,13 @@ impl Shard {
             2 * (RECORD + EFFECT + key.len() as u64) + value_size as u64
         };
         match request {
-            ArchivedRequest::Put(put) => Some(key_write(&put.key, put.value.len())),
+            ArchivedRequest::Put(put) => Some(
+                key_write(&put.key, put.value.len())
+                    + put
+                        .lease
+                        .as_ref()
+                        .map_or(0, |_| EFFECT + put.key.len() as u64),
+            ),
             ArchivedRequest::Delete(delete) => Some(key_write(&delete.key, 0)),
             ArchivedRequest::Add(add) => Some(key_write(&add.key, COUNTER_TEXT_MAX)),
             ArchivedRequest::Txn(txn) => {
@@ -284,7 +432,15 @@ impl Shard {
             ArchivedRequest::MultiDelete { keys } => {
                 Some(keys.iter().map(|key| key_write(key, 0)).sum())
             }
-            ArchivedRequest::Hello { .. }
+            ArchivedRequest::LeaseGrant { .. } => Some(RECORD + EFFECT),
+            ArchivedRequest::LeaseRevoke { id } => {
+                let (keys, _) = self.leases.keys_of(id.to_native(), usize::MAX, usize::MAX);
+                Some(RECORD + EFFECT + keys.iter().map(|key| key_write(key, 0)).sum::<u64>())
+            }
+            ArchivedRequest::LeaseKeepalive { .. }
+            | ArchivedRequest::LeaseTimeToLive { .. }
+            | ArchivedRequest::LeaseList
+            | ArchivedRequest::Hello { .. }
             | ArchivedRequest::Stats
             | ArchivedRequest::Ping
             | ArchivedRequest::Get { .. }
@@ -397,6 +553,7 @@ impl Shard {
                 put.keep_ttl,
                 Condition::of(&put.condition),
                 put.return_previous,
+                put.lease.as_ref().map(|lease| lease.to_native()),
             ),
             ArchivedRequest::Delete(delete) => self.delete(
                 now_ms,
@@ -418,6 +575,20 @@ impl Shard {
             ArchivedRequest::MultiPut { entries } => self.multi_put(now_ms, entries),
             ArchivedRequest::Add(add) => self.add(now_ms, add),
             ArchivedRequest::Txn(txn) => self.txn(now_ms, txn),
+            ArchivedRequest::LeaseGrant { ttl_ms } => self.lease_grant(ttl_ms.to_native()),
+            ArchivedRequest::LeaseKeepalive { ids } => Response::LeaseKeepalive {
+                ttls_ms: ids
+                    .iter()
+                    .map(|id| self.leases.keepalive(id.to_native(), self.mono_ms))
+                    .collect(),
+            },
+            ArchivedRequest::LeaseRevoke { id } => self.lease_revoke(id.to_native()),
+            ArchivedRequest::LeaseTimeToLive { id } => {
+                Response::LeaseTimeToLive(self.lease_state(id.to_native()))
+            }
+            ArchivedRequest::LeaseList => Response::Leases {
+                ids: self.leases.home_ids(self.mono_ms),
+            },
             ArchivedRequest::MultiDelete { keys } => self.multi_delete(now_ms, keys),
             ArchivedRequest::Scan(scan) => Response::Scan(self.scan(now_ms, scan)),
         }
@@ -522,6 +693,7 @@ impl Shard {
             // The timer has fired already, so only the entry goes.
             let revision = self.begin_revision();
             let removed = self.store.remove(&key);
+            self.leases.detach(&key);
             if let Some(journal) = &mut self.journal {
                 journal.push(Effect::Remove { key: &key });
             }
@@ -533,6 +705,13 @@ impl Shard {
         }
         self.stats.expired_count += expired_count as u64;
         self.expired_buffer = expired;
+        let mut ended = Vec::new();
+        self.leases
+            .take_expired(self.mono_ms, self.config.expired_per_tick_max, &mut ended);
+        for lease in ended {
+            self.delete_lease_keys(lease, true, true);
+            self.ended_leases.push((lease, true));
+        }
         expired_count
     }
 
@@ -574,6 +753,7 @@ impl Shard {
 
     /// Checks the invariants that cost O(n): the memory charge and the timer count. For tests.
     pub fn check_invariants(&self) {
+        self.leases.check_invariants();
         assert_eq!(
             self.store.memory_bytes(),
             self.store.memory_bytes_recomputed()
@@ -626,6 +806,7 @@ impl Shard {
     /// touching the revision.
     fn remove_entry(&mut self, key: &[u8], cause: DeleteCause) -> Option<OwnedEntry> {
         let entry = self.store.remove(key)?;
+        self.leases.detach(key);
         if let Some(journal) = &mut self.journal {
             journal.push(Effect::Remove { key });
         }
@@ -662,6 +843,8 @@ impl Shard {
     /// Writes `value` under `key` at `revision`, replacing any entry and its timer (a new
     /// key is created at `revision`; an existing one keeps its create revision).
     fn write_entry(&mut self, key: &[u8], value: &[u8], deadline_ms: Option<u64>, revision: u64) {
+        // A put-like write without a lease leaves the key attached to none.
+        self.leases.detach(key);
         let before = self
             .store
             .get(key)
@@ -715,7 +898,15 @@ impl Shard {
         if self.is_recording_events {
             self.events.push(event.unwrap_or_else(|| make_event(None)));
         }
-        journal_set(self.journal.as_mut(), key, value, deadline_ms, revisions);
+        let lease = self.leases.lease_of(key);
+        journal_set(
+            self.journal.as_mut(),
+            key,
+            value,
+            deadline_ms,
+            revisions,
+            lease,
+        );
     }
 
     fn store_full(&mut self, needed_bytes: u64) -> Response {
@@ -744,7 +935,13 @@ impl Shard {
         keep_ttl: bool,
         condition: Condition<'_>,
         return_previous: bool,
+        lease: Option<u64>,
     ) -> Response {
+        if let Some(lease) = lease {
+            if let Err(refusal) = self.check_lease_for(key, lease) {
+                return refusal;
+            }
+        }
         // One lookup answers everything the put needs to know about the current entry; the
         // write is the second (a put is on the hot path).
         self.debug_check_owned(key);
@@ -794,6 +991,7 @@ impl Shard {
         let revisions = revisions_before.map_or(KeyRevisions::created(revision), |before| {
             before.written(revision)
         });
+        self.set_lease(key, lease);
         self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
         self.finish_revision();
         Response::Put {
@@ -801,6 +999,116 @@ impl Shard {
             mod_revision: revision,
             version: revisions.version,
             previous,
+        }
+    }
+
+    /// Whether `key` may be attached to `lease`: the lease lives (homed here, or known to
+    /// live by its home on another core of this node) and the attachments have room.
+    fn check_lease_for(&self, key: &[u8], lease: u64) -> Result<(), Response> {
+        let id = LeaseId(lease);
+        if id.node_id() != self.config.node_id {
+            return Err(error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "lease {lease} is homed on node {}; a key can only be attached to a lease \
+                     of its own node",
+                    id.node_id()
+                ),
+            ));
+        }
+        let lives = if self.is_home(lease) {
+            self.leases.home_lease(lease, self.mono_ms).is_some()
+        } else {
+            self.leases.is_foreign_alive(lease)
+        };
+        if !lives {
+            return Err(error(
+                ErrorCode::LeaseNotFound,
+                format!("lease {lease} does not live (it expired, was revoked or never was)"),
+            ));
+        }
+        self.leases
+            .has_room_for_key(key)
+            .map_err(|full| self.lease_table_full(full))
+    }
+
+    fn lease_table_full(&self, full: LeaseTableFull) -> Response {
+        let what = match full {
+            LeaseTableFull::Leases(max) => format!("{max} leases are homed on it"),
+            LeaseTableFull::AttachedKeys(max) => {
+                format!("{max} of its keys are attached to leases")
+            }
+        };
+        error(
+            ErrorCode::TableFull,
+            format!("shard {} is full: {what}", self.config.shard_id),
+        )
+    }
+
+    /// Attaches a key a put-like write is writing to `lease`, or detaches it (`None`).
+    fn set_lease(&mut self, key: &[u8], lease: Option<u64>) {
+        match lease {
+            Some(lease) => self.leases.attach(key, lease),
+            None => self.leases.detach(key),
+        }
+    }
+
+    /// Grants a lease homed here, at a new revision (the grant is journaled).
+    fn lease_grant(&mut self, ttl_ms: u64) -> Response {
+        let Some(id) = self
+            .leases
+            .next_id(self.config.node_id, self.config.shard_id)
+        else {
+            return error(
+                ErrorCode::InvalidArgument,
+                format!(
+                    "node {} core {} cannot name leases (ids hold node ids up to {} and core \
+                     ids up to {}), or its lease ids ran out",
+                    self.config.node_id,
+                    self.config.shard_id,
+                    LeaseId::NODE_ID_MAX,
+                    LeaseId::CORE_ID_MAX
+                ),
+            );
+        };
+        if let Err(full) = self.leases.grant(id, ttl_ms, self.mono_ms) {
+            return self.lease_table_full(full);
+        }
+        self.begin_revision();
+        if let Some(journal) = &mut self.journal {
+            journal.push(Effect::LeaseGrant { id, ttl_ms });
+        }
+        self.finish_revision();
+        Response::LeaseGranted { id, ttl_ms }
+    }
+
+    /// Ends a lease homed here now: its keys here are deleted at one revision, and the core
+    /// tells the other cores.
+    fn lease_revoke(&mut self, lease: u64) -> Response {
+        if self.leases.home_lease(lease, self.mono_ms).is_none() {
+            return Response::LeaseRevoked { existed: false };
+        }
+        self.leases.end_home(lease);
+        self.delete_lease_keys(lease, false, true);
+        self.ended_leases.push((lease, false));
+        Response::LeaseRevoked { existed: true }
+    }
+
+    /// What this shard knows of a lease.
+    fn lease_state(&self, lease: u64) -> LeaseState {
+        let is_home = self.is_home(lease);
+        let home = is_home
+            .then(|| self.leases.home_lease(lease, self.mono_ms))
+            .flatten();
+        let (keys, more) = self
+            .leases
+            .keys_of(lease, SCAN_LIMIT_MAX as usize, SCAN_PAGE_BYTES_MAX);
+        LeaseState {
+            is_home,
+            ttl_ms: home.map(|home| home.ttl_ms),
+            remaining_ms: home.map(|home| home.deadline_ms.saturating_sub(self.mono_ms)),
+            keys,
+            more,
         }
     }
 
@@ -1074,6 +1382,7 @@ impl Shard {
                         None if *keep_ttl => expiry_before.map(|expiry| expiry.deadline_ms),
                         None => None,
                     };
+                    self.leases.detach(key);
                     self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
                     TxnResult::Put {
                         version: revisions.version,
@@ -1204,7 +1513,15 @@ impl Shard {
         assert!(is_updated, "live entry vanished while its ttl was set");
         if let Some(entry) = self.store.get(key) {
             let value = entry.value();
-            journal_set(self.journal.as_mut(), key, value, deadline_ms, revisions);
+            let lease = self.leases.lease_of(key);
+            journal_set(
+                self.journal.as_mut(),
+                key,
+                value,
+                deadline_ms,
+                revisions,
+                lease,
+            );
             if self.is_recording_events {
                 // A TTL change is a write of the same value.
                 self.events.push(Event::put(
@@ -1308,6 +1625,10 @@ impl Shard {
         Response::MultiDelete { deleted }
     }
 }
+
+/// Bytes of key removals one revision of a lease's end holds; the rest go in the next
+/// revisions, so a record stays well under `RECORD_PAYLOAD_SIZE_MAX`.
+const LEASE_END_RECORD_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// Longest decimal text of an `i64` (`-9223372036854775808`).
 const COUNTER_TEXT_MAX: usize = 20;
@@ -1427,6 +1748,7 @@ fn journal_set(
     value: &[u8],
     deadline_ms: Option<u64>,
     revisions: KeyRevisions,
+    lease: Option<u64>,
 ) {
     if let Some(journal) = journal {
         journal.push(Effect::Set {
@@ -1436,6 +1758,9 @@ fn journal_set(
             create_revision: revisions.create,
             version: revisions.version,
         });
+        if let Some(lease) = lease {
+            journal.push(Effect::Attach { key, lease });
+        }
     }
 }
 

@@ -20,12 +20,13 @@ use tessera_protocol::limits::{TXN_RANGE_ITEMS_MAX, TXN_READ_BYTES_MAX};
 use tessera_protocol::PutCondition::{Always, IfAbsent, IfPresent, IfValue, IfVersion};
 use tessera_protocol::{
     Check, Compare, CompareOp, CounterAdd, Delete, DeleteCondition, Entry, ErrorCode, ErrorReply,
-    Put, PutCondition, PutEntry, Request, Response, Scan, ScanItem, ScanPage, SlotRange, TtlState,
-    Txn, TxnOp, TxnOutcome, TxnResult, SLOT_COUNT,
+    LeaseId, LeaseState, Put, PutCondition, PutEntry, Request, Response, Scan, ScanItem, ScanPage,
+    SlotRange, TtlState, Txn, TxnOp, TxnOutcome, TxnResult, SLOT_COUNT,
 };
 
+use super::lease::LeaseLimits;
 use super::store::entry_cost;
-use super::watch::{Change, DeleteCause, Start, WatchLimits, WatchSpec};
+use super::watch::{Change, DeleteCause, Event, Start, WatchLimits, WatchSpec};
 use super::{Shard, ShardConfig, ShardId, ShardStats};
 use crate::durability::format::{read_record, ReadOutcome, RecordWriter};
 
@@ -52,6 +53,7 @@ fn config(memory_bytes_max: u64, expired_per_tick_max: usize) -> ShardConfig {
             queue_total_bytes_max: usize::MAX,
             ..WatchLimits::default()
         },
+        lease_limits: LeaseLimits::default(),
     }
 }
 
@@ -1486,12 +1488,40 @@ impl ModelEntry {
 /// the map until a write or a tick reclaims them, as in the shard, because a reclaim is a
 /// mutation and the revision must be predicted exactly. A write is refused if and only if it
 /// would leave more bytes charged than the budget and more than before.
+///
+/// Leases run on the same clock as the keys here (the test sets the shard's monotonic clock to
+/// `now_ms` before every step). A lease stays in `leases` until a tick or a revoke ends it, as
+/// in the shard: one past its deadline no longer lives, but is still listed and still counts
+/// against `leases_max` until the next tick.
 #[derive(Debug)]
 struct Model {
     entries: BTreeMap<Vec<u8>, ModelEntry>,
     revision: u64,
     memory_bytes_max: u64,
     stats: ShardStats,
+    /// Leases homed on the shard: id to (TTL, deadline).
+    leases: BTreeMap<u64, (u64, u64)>,
+    /// The last lease sequence granted.
+    last_sequence: u64,
+    /// Key to its lease.
+    attached: BTreeMap<Vec<u8>, u64>,
+    /// Leases ended since the test last took them, with whether they expired.
+    ended_leases: Vec<(u64, bool)>,
+    /// Keys deleted in this step because their lease ended: lease, and whether it expired.
+    lease_removals: BTreeMap<Vec<u8>, (u64, bool)>,
+}
+
+/// Small, so that the property test reaches both bounds.
+const MODEL_LEASE_LIMITS: LeaseLimits = LeaseLimits {
+    leases_max: 3,
+    attached_keys_max: 3,
+};
+
+fn model_config(memory_bytes_max: u64) -> ShardConfig {
+    ShardConfig {
+        lease_limits: MODEL_LEASE_LIMITS,
+        ..config(memory_bytes_max, MODEL_KEY_COUNT)
+    }
 }
 
 impl Model {
@@ -1501,6 +1531,117 @@ impl Model {
             revision: 0,
             memory_bytes_max,
             stats: ShardStats::default(),
+            leases: BTreeMap::new(),
+            last_sequence: 0,
+            attached: BTreeMap::new(),
+            ended_leases: Vec::new(),
+            lease_removals: BTreeMap::new(),
+        }
+    }
+
+    fn lease_lives(&self, now_ms: u64, id: u64) -> bool {
+        self.leases
+            .get(&id)
+            .is_some_and(|&(_, deadline_ms)| deadline_ms > now_ms)
+    }
+
+    /// Why a put may not attach `key` to `lease`, if it may not. The shard only learns that a
+    /// lease of another core lives by asking its home, which this test never does.
+    fn lease_refusal(&self, now_ms: u64, key: &[u8], lease: u64) -> Option<ErrorCode> {
+        let id = LeaseId(lease);
+        if id.node_id() != NODE_ID {
+            return Some(ErrorCode::InvalidArgument);
+        }
+        if id.core_id() != SHARD_ID || !self.lease_lives(now_ms, lease) {
+            return Some(ErrorCode::LeaseNotFound);
+        }
+        let is_full = self.attached.len() >= MODEL_LEASE_LIMITS.attached_keys_max;
+        (is_full && !self.attached.contains_key(key)).then_some(ErrorCode::TableFull)
+    }
+
+    /// A lease homed here ends: its keys go at one revision (even if it has none).
+    fn end_lease(&mut self, lease: u64, expired: bool) {
+        self.leases.remove(&lease);
+        let keys: Vec<Vec<u8>> = self
+            .attached
+            .iter()
+            .filter(|&(_, &attached_to)| attached_to == lease)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in keys {
+            self.attached.remove(&key);
+            self.entries.remove(&key);
+            self.lease_removals.insert(key, (lease, expired));
+        }
+        self.revision += 1;
+        self.ended_leases.push((lease, expired));
+    }
+
+    fn lease_state(&self, now_ms: u64, lease: u64) -> LeaseState {
+        let id = LeaseId(lease);
+        let is_home = id.node_id() == NODE_ID && id.core_id() == SHARD_ID;
+        let live = self
+            .leases
+            .get(&lease)
+            .filter(|&&(_, deadline_ms)| is_home && deadline_ms > now_ms);
+        LeaseState {
+            is_home,
+            ttl_ms: live.map(|&(ttl_ms, _)| ttl_ms),
+            remaining_ms: live.map(|&(_, deadline_ms)| deadline_ms - now_ms),
+            keys: self
+                .attached
+                .iter()
+                .filter(|&(_, &attached_to)| attached_to == lease)
+                .map(|(key, _)| key.clone())
+                .collect(),
+            more: false,
+        }
+    }
+
+    fn lease_request(&mut self, now_ms: u64, request: &Request) -> Response {
+        match request {
+            Request::LeaseGrant { ttl_ms } => {
+                if self.leases.len() >= MODEL_LEASE_LIMITS.leases_max {
+                    return error_reply(ErrorCode::TableFull);
+                }
+                self.last_sequence += 1;
+                let id = home_lease(self.last_sequence);
+                self.leases.insert(id, (*ttl_ms, now_ms + ttl_ms));
+                self.revision += 1;
+                granted(id, *ttl_ms)
+            }
+            Request::LeaseKeepalive { ids } => Response::LeaseKeepalive {
+                ttls_ms: ids
+                    .iter()
+                    .map(|id| {
+                        let lives = self.lease_lives(now_ms, *id);
+                        let (ttl_ms, deadline_ms) = self.leases.get_mut(id).filter(|_| lives)?;
+                        *deadline_ms = now_ms + *ttl_ms;
+                        Some(*ttl_ms)
+                    })
+                    .collect(),
+            },
+            Request::LeaseRevoke { id } => {
+                let existed = self.lease_lives(now_ms, *id);
+                if existed {
+                    self.end_lease(*id, false);
+                }
+                revoked(existed)
+            }
+            Request::LeaseTimeToLive { id } => {
+                Response::LeaseTimeToLive(self.lease_state(now_ms, *id))
+            }
+            Request::LeaseList => {
+                // Only live leases: one past its deadline is gone before a tick ends it.
+                let live: Vec<u64> = self
+                    .leases
+                    .keys()
+                    .copied()
+                    .filter(|id| self.lease_lives(now_ms, *id))
+                    .collect();
+                lease_list(&live)
+            }
+            _ => unreachable!("not a lease request: {request:?}"),
         }
     }
 
@@ -1537,6 +1678,7 @@ impl Model {
             .is_some_and(|entry| entry.is_expired(now_ms))
         {
             self.entries.remove(key);
+            self.attached.remove(key);
             self.revision += 1;
             self.stats.expired_count += 1;
         }
@@ -1602,6 +1744,7 @@ impl Model {
                     .iter()
                     .map(|key| {
                         self.reclaim_if_expired(now_ms, key);
+                        self.attached.remove(key);
                         self.entries.remove(key).is_some()
                     })
                     .collect();
@@ -1612,7 +1755,31 @@ impl Model {
             }
             Request::Add(add) => self.add(now_ms, add),
             Request::Scan(scan) => Response::Scan(self.scan(now_ms, scan)),
-            Request::Txn(txn) => self.txn(now_ms, txn),
+            Request::Txn(txn) => {
+                let response = self.txn(now_ms, txn);
+                if let Response::Txn(outcome) = &response {
+                    // A transaction's put leaves its key attached to no lease, and a key it
+                    // deleted is attached to none.
+                    let ops = if outcome.succeeded {
+                        &txn.success
+                    } else {
+                        &txn.failure
+                    };
+                    for op in ops {
+                        if let TxnOp::Put { key, .. } = op {
+                            self.attached.remove(key);
+                        }
+                    }
+                    let entries = &self.entries;
+                    self.attached.retain(|key, _| entries.contains_key(key));
+                }
+                response
+            }
+            Request::LeaseGrant { .. }
+            | Request::LeaseKeepalive { .. }
+            | Request::LeaseRevoke { .. }
+            | Request::LeaseTimeToLive { .. }
+            | Request::LeaseList => self.lease_request(now_ms, request),
         }
     }
 
@@ -1635,6 +1802,7 @@ impl Model {
             };
         }
         self.entries.remove(&delete.key);
+        self.attached.remove(&delete.key);
         self.revision += 1;
         Response::Delete {
             deleted: true,
@@ -1814,6 +1982,13 @@ impl Model {
     }
 
     fn put(&mut self, now_ms: u64, put: &Put) -> Response {
+        // The lease is checked first: a put it refuses does not even reclaim the key.
+        if let Some(code) = put
+            .lease
+            .and_then(|lease| self.lease_refusal(now_ms, &put.key, lease))
+        {
+            return error_reply(code);
+        }
         self.reclaim_if_expired(now_ms, &put.key);
         let current = self.entries.get(&put.key).cloned();
         let previous = if put.return_previous {
@@ -1851,6 +2026,10 @@ impl Model {
             return store_full();
         }
         self.revision = revision;
+        match put.lease {
+            Some(lease) => self.attached.insert(put.key.clone(), lease),
+            None => self.attached.remove(&put.key),
+        };
         Response::Put {
             applied: true,
             mod_revision: revision,
@@ -1902,6 +2081,9 @@ impl Model {
             return store_full();
         }
         self.revision = revision;
+        for entry in entries {
+            self.attached.remove(&entry.key);
+        }
         Response::MultiPut {
             mod_revisions: vec![revision; entries.len()],
         }
@@ -1909,12 +2091,27 @@ impl Model {
 
     /// Reclaims every expired entry: the property test gives the shard a per-tick budget no
     /// smaller than the key space, so nothing is left for a later tick.
+    ///
+    /// Then it ends every lease whose deadline the clock reached (again, the test allows more
+    /// per tick than it can grant), each at a revision of its own. Only the keys that expired
+    /// count.
     fn tick(&mut self, now_ms: u64) -> usize {
         let count_before = self.entries.len();
         self.entries.retain(|_, entry| !entry.is_expired(now_ms));
+        let entries = &self.entries;
+        self.attached.retain(|key, _| entries.contains_key(key));
         let reclaimed_count = count_before - self.entries.len();
         self.revision += reclaimed_count as u64;
         self.stats.expired_count += reclaimed_count as u64;
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|&(_, &(_, deadline_ms))| deadline_ms <= now_ms)
+            .map(|(&id, _)| id)
+            .collect();
+        for lease in expired {
+            self.end_lease(lease, true);
+        }
         reclaimed_count
     }
 }
@@ -2109,7 +2306,86 @@ enum Operation {
     Apply(Request),
     /// A transaction whose one compare is aimed at what the model holds when it runs.
     Probe(Probe),
+    /// A lease request aimed at a lease the model holds when it runs.
+    Leased(Leased),
     Tick,
+}
+
+/// A request naming the `lease_index`th live lease of the model. If none lives, it names
+/// one of the table's (past their deadline, not yet ticked) half the time, and is otherwise
+/// a grant of a lease of `ttl_ms`. Random ids mostly name leases that are gone or never
+/// were; these name the ones there are.
+#[derive(Debug, Clone)]
+struct Leased {
+    lease_index: usize,
+    ttl_ms: u64,
+    request: LeasedRequest,
+}
+
+#[derive(Debug, Clone)]
+enum LeasedRequest {
+    Put(Put),
+    Keepalive,
+    Revoke,
+    TimeToLive,
+}
+
+impl Leased {
+    fn request(&self, model: &Model, now_ms: u64) -> Request {
+        let mut ids: Vec<u64> = model
+            .leases
+            .keys()
+            .copied()
+            .filter(|&id| model.lease_lives(now_ms, id))
+            .collect();
+        if ids.is_empty() && self.lease_index % 2 == 0 {
+            ids = model.leases.keys().copied().collect();
+        }
+        if ids.is_empty() {
+            return lease_grant(self.ttl_ms);
+        }
+        let id = ids[self.lease_index % ids.len()];
+        match &self.request {
+            LeasedRequest::Put(put) => Request::Put(Box::new(Put {
+                lease: Some(id),
+                ..put.clone()
+            })),
+            LeasedRequest::Keepalive => lease_keepalive(&[id]),
+            LeasedRequest::Revoke => lease_revoke(id),
+            LeasedRequest::TimeToLive => lease_time_to_live(id),
+        }
+    }
+}
+
+fn leased_strategy() -> impl Strategy<Value = Leased> {
+    (
+        0..MODEL_LEASE_LIMITS.leases_max * 2,
+        lease_ttl_ms_strategy(),
+        prop_oneof![
+            // Mostly unconditional, so that most of them attach their key.
+            4 => (put_strategy(), prop::bool::weighted(0.6)).prop_map(|(put, always)| {
+                LeasedRequest::Put(if always { Put { condition: Always, ..put } } else { put })
+            }),
+            2 => Just(LeasedRequest::Keepalive),
+            1 => Just(LeasedRequest::Revoke),
+            1 => Just(LeasedRequest::TimeToLive),
+        ],
+    )
+        .prop_map(|(lease_index, ttl_ms, request)| Leased {
+            lease_index,
+            ttl_ms,
+            request,
+        })
+}
+
+/// Any lease id a request may name: one of the first leases this shard grants (some never
+/// are), one of another core (never known to live here) or one of another node.
+fn lease_id_strategy() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        4 => (1..=6_u64).prop_map(home_lease),
+        1 => Just(foreign_lease(1)),
+        1 => Just(LeaseId::new(NODE_ID + 1, SHARD_ID, 1).unwrap().0),
+    ]
 }
 
 /// A compare of a key the model holds (the `key_index`th live one, if any), against a number
@@ -2365,6 +2641,12 @@ fn ttl_ms_strategy() -> impl Strategy<Value = u64> {
     1..80_u64
 }
 
+/// Leases live longer than keys, so that they gather keys before they end, and the table
+/// fills up; some still end within a step or two.
+fn lease_ttl_ms_strategy() -> impl Strategy<Value = u64> {
+    prop_oneof![1 => 1..40_u64, 3 => 40..400_u64]
+}
+
 fn put_strategy() -> impl Strategy<Value = Put> {
     (
         key_strategy(),
@@ -2381,15 +2663,17 @@ fn put_strategy() -> impl Strategy<Value = Put> {
             prop_oneof![Just(Vec::new()), value_strategy()].prop_map(IfValue),
         ],
         any::<bool>(),
+        prop::option::weighted(0.1, lease_id_strategy()),
     )
         .prop_map(
-            |(key, value, ttl_ms, keep_ttl, condition, return_previous)| Put {
+            |(key, value, ttl_ms, keep_ttl, condition, return_previous, lease)| Put {
                 key,
                 value,
                 ttl_ms,
                 keep_ttl,
                 condition,
                 return_previous,
+                lease,
             },
         )
 }
@@ -2421,6 +2705,12 @@ fn request_strategy() -> impl Strategy<Value = Request> {
         3 => counter_add_strategy().prop_map(|add| Request::Add(Box::new(add))),
         2 => scan_strategy().prop_map(Request::Scan),
         4 => txn_strategy().prop_map(|txn| Request::Txn(Box::new(txn))),
+        3 => lease_ttl_ms_strategy().prop_map(|ttl_ms| Request::LeaseGrant { ttl_ms }),
+        1 => prop::collection::vec(lease_id_strategy(), 0..3)
+            .prop_map(|ids| Request::LeaseKeepalive { ids }),
+        1 => lease_id_strategy().prop_map(|id| Request::LeaseRevoke { id }),
+        1 => lease_id_strategy().prop_map(|id| Request::LeaseTimeToLive { id }),
+        1 => Just(Request::LeaseList),
     ]
 }
 
@@ -2458,6 +2748,7 @@ fn operation_strategy() -> impl Strategy<Value = Operation> {
     prop_oneof![
         11 => request_strategy().prop_map(Operation::Apply),
         1 => probe_strategy().prop_map(Operation::Probe),
+        4 => leased_strategy().prop_map(Operation::Leased),
         1 => Just(Operation::Tick),
     ]
 }
@@ -2495,7 +2786,7 @@ proptest! {
         snapshot_at in 0..50_usize,
         snapshot_start in 0..MODEL_KEY_COUNT,
     ) {
-        let mut shard = Shard::with_journal(config(memory_bytes_max, MODEL_KEY_COUNT), start_ms);
+        let mut shard = Shard::with_journal(model_config(memory_bytes_max), start_ms);
         // A watcher of part of the keys, started with a snapshot partway through.
         let mut snapshot_watcher: Option<(u64, u64, KeyValues)> = None;
         let mut model = Model::new(memory_bytes_max);
@@ -2516,10 +2807,14 @@ proptest! {
         let mut now_ms = start_ms;
         for (index, (clock_step_ms, operation)) in steps.iter().enumerate() {
             now_ms += clock_step_ms;
+            // Leases run on the same clock as keys in this test.
+            shard.set_monotonic_ms(now_ms);
             let model_before = model.entries.clone();
+            model.lease_removals.clear();
             let request = match operation {
                 Operation::Apply(request) => Some(request.clone()),
                 Operation::Probe(probe) => Some(probe.request(&model, now_ms)),
+                Operation::Leased(leased) => Some(leased.request(&model, now_ms)),
                 Operation::Tick => None,
             };
             if let Some(request) = &request {
@@ -2551,6 +2846,16 @@ proptest! {
             let expected = model.apply(now_ms, &every_key);
             prop_assert_eq!(actual, expected, "every key after step {}", index);
             prop_assert_eq!(shard.stats(), model.stats, "stats after step {}", index);
+            let mut ended = shard.take_ended_leases();
+            ended.sort_unstable();
+            model.ended_leases.sort_unstable();
+            prop_assert_eq!(&ended, &model.ended_leases, "ended leases after step {}", index);
+            model.ended_leases.clear();
+            prop_assert_eq!(shard.leases().home_count(), model.leases.len(), "leases after step {}", index);
+            prop_assert_eq!(shard.leases().attached_count(), model.attached.len(), "attached keys after step {}", index);
+            for key in (0..MODEL_KEY_COUNT).map(model_key) {
+                prop_assert_eq!(shard.leases().lease_of(&key), model.attached.get(&key).copied(), "lease of {:?} after step {}", key, index);
+            }
             let is_delete_request = matches!(
                 request,
                 Some(Request::Delete(_) | Request::MultiDelete { .. } | Request::Txn(_))
@@ -2570,13 +2875,15 @@ proptest! {
                         }
                         Change::Delete(cause) => {
                             prop_assert!(shadow.remove(event.key()).is_some());
-                            // A delete request removes live keys; anything else is expiry.
+                            // A lease's end removes its keys; a delete request removes live keys;
+                            // anything else is expiry.
                             let deadline_passed = model_deadline_passed(&model_before, event.key(), now_ms);
-                            prop_assert_eq!(
-                                cause,
-                                if is_delete_request && !deadline_passed { DeleteCause::Deleted } else { DeleteCause::Expired },
-                                "cause at step {}", index
-                            );
+                            let expected = match model.lease_removals.get(event.key()) {
+                                Some(&(lease, expired)) => DeleteCause::LeaseEnded { lease, expired },
+                                None if is_delete_request && !deadline_passed => DeleteCause::Deleted,
+                                None => DeleteCause::Expired,
+                            };
+                            prop_assert_eq!(cause, expected, "cause at step {}", index);
                         }
                     }
                 }
@@ -2635,7 +2942,10 @@ proptest! {
         // The journal rebuilds the same shard: every key reads the same, and the revision
         // continues where it was.
         let journal = shard.journal_mut().map(RecordWriter::take).unwrap_or_default();
-        let mut replayed = Shard::new(config(u64::MAX, MODEL_KEY_COUNT), start_ms);
+        let mut replayed = Shard::new(model_config(u64::MAX), start_ms);
+        // Recovered leases start a full TTL at the recovering shard's monotonic time.
+        let recovered_mono_ms = now_ms + 1_000;
+        replayed.set_monotonic_ms(recovered_mono_ms);
         let mut offset = 0;
         while let ReadOutcome::Record(record, size) = read_record(&journal[offset..]) {
             replayed.replay(now_ms, &record).unwrap();
@@ -2648,6 +2958,33 @@ proptest! {
             apply(&mut shard, now_ms, &every_key),
             "the replayed shard"
         );
+        // Every lease not ended comes back with a full TTL and the live keys attached to it.
+        let ids: Vec<u64> = model.leases.keys().copied().collect();
+        prop_assert_eq!(apply(&mut replayed, now_ms, &Request::LeaseList), lease_list(&ids));
+        for (&id, &(ttl_ms, _)) in &model.leases {
+            let mut expected = model.lease_state(now_ms, id);
+            expected.ttl_ms = Some(ttl_ms);
+            expected.remaining_ms = Some(ttl_ms);
+            expected.keys.retain(|key| model.live(now_ms, key).is_some());
+            prop_assert_eq!(
+                apply(&mut replayed, now_ms, &lease_time_to_live(id)),
+                Response::LeaseTimeToLive(expected),
+                "lease {} replayed", id
+            );
+        }
+        let live_attached = model
+            .attached
+            .keys()
+            .filter(|key| model.live(now_ms, key).is_some())
+            .count();
+        prop_assert_eq!(replayed.leases().attached_count(), live_attached);
+        // The sequence goes on where it was.
+        let grant = apply(&mut replayed, now_ms, &lease_grant(1));
+        if model.leases.len() < MODEL_LEASE_LIMITS.leases_max {
+            prop_assert_eq!(grant, granted(home_lease(model.last_sequence + 1), 1));
+        } else {
+            prop_assert!(same_response(&grant, &error_reply(ErrorCode::TableFull)));
+        }
     }
 }
 
@@ -3877,4 +4214,1003 @@ fn a_txn_delete_makes_room_for_its_writes() {
     );
     assert_eq!(shard.memory_bytes(), memory_bytes_max);
     assert_eq!(shard.stats().refused_full_count, 2);
+}
+
+// Leases. Leases run on the monotonic clock the core sets (`set_monotonic_ms`); keys' TTLs on
+// the wall clock (`now_ms`). These tests move the two independently, so a test that passes
+// cannot be relying on one standing in for the other.
+
+/// The monotonic time these tests start at: far from `START_MS`, so mixing up the clocks shows.
+const MONO_START_MS: u64 = 50_000;
+
+/// The id of this shard's `sequence`-th lease.
+fn home_lease(sequence: u64) -> u64 {
+    LeaseId::new(NODE_ID, SHARD_ID, sequence).unwrap().0
+}
+
+/// The `sequence`-th lease of another core of this node.
+fn foreign_lease(sequence: u64) -> u64 {
+    LeaseId::new(NODE_ID, SHARD_ID + 2, sequence).unwrap().0
+}
+
+fn lease_grant(ttl_ms: u64) -> Request {
+    Request::LeaseGrant { ttl_ms }
+}
+
+fn lease_keepalive(ids: &[u64]) -> Request {
+    Request::LeaseKeepalive { ids: ids.to_vec() }
+}
+
+fn lease_revoke(id: u64) -> Request {
+    Request::LeaseRevoke { id }
+}
+
+fn lease_time_to_live(id: u64) -> Request {
+    Request::LeaseTimeToLive { id }
+}
+
+fn put_leased(key: &str, value: &str, lease: u64) -> Request {
+    Request::Put(Box::new(Put {
+        lease: Some(lease),
+        ..Put::new(key, value)
+    }))
+}
+
+fn granted(id: u64, ttl_ms: u64) -> Response {
+    Response::LeaseGranted { id, ttl_ms }
+}
+
+fn revoked(existed: bool) -> Response {
+    Response::LeaseRevoked { existed }
+}
+
+fn kept_alive(ttls_ms: &[Option<u64>]) -> Response {
+    Response::LeaseKeepalive {
+        ttls_ms: ttls_ms.to_vec(),
+    }
+}
+
+fn lease_list(ids: &[u64]) -> Response {
+    Response::Leases { ids: ids.to_vec() }
+}
+
+fn error_reply(code: ErrorCode) -> Response {
+    Response::Error(ErrorReply::new(code, ""))
+}
+
+/// What the shard says of lease `id`, at its current monotonic time.
+fn lease_state(shard: &mut Shard, id: u64) -> LeaseState {
+    match apply(shard, START_MS, &lease_time_to_live(id)) {
+        Response::LeaseTimeToLive(state) => state,
+        other => panic!("lease time to live answered {other:?}"),
+    }
+}
+
+/// The keys of this shard attached to lease `id`, in key order.
+fn lease_keys(shard: &mut Shard, id: u64) -> Vec<String> {
+    let state = lease_state(shard, id);
+    assert!(!state.more, "a test attaches few keys");
+    state
+        .keys
+        .into_iter()
+        .map(|key| String::from_utf8(key).unwrap())
+        .collect()
+}
+
+/// A lease homed here that lives: its TTL and what is left of it.
+fn live_home_lease(ttl_ms: u64, remaining_ms: u64, keys: &[&str]) -> LeaseState {
+    LeaseState {
+        is_home: true,
+        ttl_ms: Some(ttl_ms),
+        remaining_ms: Some(remaining_ms),
+        keys: keys.iter().map(|key| key.as_bytes().to_vec()).collect(),
+        more: false,
+    }
+}
+
+/// What the core asks before applying `request`: the home core of its lease, if that must
+/// be asked whether the lease lives.
+fn lease_to_check(shard: &Shard, request: &Request) -> Option<u16> {
+    let mut body = FrameBuffer::new();
+    codec::encode_request_body(&mut body, request).expect("test request archives");
+    shard.lease_to_check(codec::access_request(&body).expect("archived request validates"))
+}
+
+/// A watcher of every key, with previous values.
+fn watch_everything(shard: &mut Shard) -> u64 {
+    let everything = WatchSpec {
+        start: Box::from(&b""[..]),
+        end: None,
+        puts: true,
+        deletes: true,
+        previous: true,
+    };
+    shard.watch_hub().watch(everything, Start::Now).unwrap()
+}
+
+fn take_batches(shard: &mut Shard, watcher: u64) -> Vec<super::watch::Batch> {
+    shard
+        .watch_hub()
+        .take(watcher, usize::MAX)
+        .unwrap()
+        .unwrap()
+}
+
+fn lease_ended(revision: u64, key: &str, value: &str, lease: u64, expired: bool) -> Event {
+    Event::delete(
+        revision,
+        key.as_bytes(),
+        DeleteCause::LeaseEnded { lease, expired },
+        Some(value.as_bytes()),
+    )
+}
+
+fn leased_shard(lease_limits: LeaseLimits) -> Shard {
+    let mut shard = Shard::with_journal(
+        ShardConfig {
+            lease_limits,
+            ..config(MEMORY_BYTES_UNLIMITED, EXPIRED_PER_TICK_MAX)
+        },
+        START_MS,
+    );
+    shard.set_monotonic_ms(MONO_START_MS);
+    shard
+}
+
+fn lease_shard() -> Shard {
+    leased_shard(LeaseLimits::default())
+}
+
+fn lease_tick(shard: &mut Shard, mono_ms: u64) {
+    shard.set_monotonic_ms(mono_ms);
+    tick(shard, START_MS);
+}
+
+#[test]
+fn lease_ids_name_the_home_node_and_core_and_never_repeat() {
+    let mut shard = Shard::new(
+        ShardConfig {
+            node_id: 7,
+            shard_id: 3,
+            ..config(MEMORY_BYTES_UNLIMITED, EXPIRED_PER_TICK_MAX)
+        },
+        START_MS,
+    );
+    shard.set_monotonic_ms(MONO_START_MS);
+    let mut ids = Vec::new();
+    for sequence in 1..=3 {
+        let Response::LeaseGranted { id, ttl_ms } = apply(&mut shard, START_MS, &lease_grant(500))
+        else {
+            panic!("grant refused");
+        };
+        assert_eq!(ttl_ms, 500);
+        let lease = LeaseId(id);
+        assert_eq!(
+            (lease.node_id(), lease.core_id(), lease.sequence()),
+            (7, 3, sequence)
+        );
+        // Each grant is a revision of its own (it is journaled).
+        assert_eq!(shard.revision(), sequence);
+        ids.push(id);
+    }
+    assert!(ids.windows(2).all(|pair| pair[0] < pair[1]), "{ids:?}");
+    // Ending the newest lease does not free its sequence for the next grant.
+    assert_eq!(
+        apply(&mut shard, START_MS, &lease_revoke(ids[2])),
+        revoked(true)
+    );
+    let Response::LeaseGranted { id, .. } = apply(&mut shard, START_MS, &lease_grant(500)) else {
+        panic!("grant refused");
+    };
+    assert_eq!(LeaseId(id).sequence(), 4);
+    assert_eq!(
+        apply(&mut shard, START_MS, &Request::LeaseList),
+        lease_list(&[ids[0], ids[1], id])
+    );
+}
+
+#[test]
+fn a_keepalive_restarts_the_ttl_and_takes_no_revision() {
+    let mut shard = lease_shard();
+    let lease = home_lease(1);
+    run(
+        &mut shard,
+        &[(START_MS, lease_grant(100), granted(lease, 100), 1)],
+    );
+    assert_eq!(
+        lease_state(&mut shard, lease),
+        live_home_lease(100, 100, &[])
+    );
+    shard.set_monotonic_ms(MONO_START_MS + 60);
+    assert_eq!(
+        lease_state(&mut shard, lease),
+        live_home_lease(100, 40, &[])
+    );
+    let journal_len = shard.journal_len();
+    // The answer is per id, in request order: an unknown lease does not live.
+    run(
+        &mut shard,
+        &[(
+            START_MS,
+            lease_keepalive(&[home_lease(9), lease, foreign_lease(1)]),
+            kept_alive(&[None, Some(100), None]),
+            1,
+        )],
+    );
+    assert_eq!(
+        shard.journal_len(),
+        journal_len,
+        "a keepalive is not journaled"
+    );
+    assert_eq!(
+        lease_state(&mut shard, lease),
+        live_home_lease(100, 100, &[])
+    );
+    // The old deadline (MONO_START_MS + 100) has passed; the new one has not.
+    lease_tick(&mut shard, MONO_START_MS + 159);
+    assert!(shard.take_ended_leases().is_empty());
+    assert_eq!(lease_state(&mut shard, lease), live_home_lease(100, 1, &[]));
+    lease_tick(&mut shard, MONO_START_MS + 160);
+    assert_eq!(shard.take_ended_leases(), vec![(lease, true)]);
+    run(
+        &mut shard,
+        &[(START_MS, lease_keepalive(&[lease]), kept_alive(&[None]), 2)],
+    );
+}
+
+/// A lease lives while its deadline is ahead of the monotonic clock: at the deadline it no
+/// longer does, even before a tick ends it, and the tick at the deadline deletes every key
+/// attached to it at one revision.
+#[test]
+fn a_lease_expires_at_its_deadline_and_deletes_its_keys_at_one_revision() {
+    let mut shard = lease_shard();
+    let lease = home_lease(1);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(100), granted(lease, 100), 1),
+            (START_MS, put_leased("b", "2", lease), applied(2), 2),
+            (START_MS, put_leased("a", "1", lease), applied(3), 3),
+            (START_MS, put("c", "3"), applied(4), 4),
+        ],
+    );
+    let watcher = watch_everything(&mut shard);
+    lease_tick(&mut shard, MONO_START_MS + 99);
+    assert!(shard.take_ended_leases().is_empty());
+    assert_eq!(shard.revision(), 4);
+    assert_eq!(lease_keys(&mut shard, lease), ["a", "b"]);
+
+    shard.set_monotonic_ms(MONO_START_MS + 100);
+    // Not ticked yet, but no longer alive: it takes no new key and no keepalive.
+    run(
+        &mut shard,
+        &[
+            (
+                START_MS,
+                put_leased("d", "4", lease),
+                error_reply(ErrorCode::LeaseNotFound),
+                4,
+            ),
+            (START_MS, lease_keepalive(&[lease]), kept_alive(&[None]), 4),
+        ],
+    );
+    assert_eq!(lease_state(&mut shard, lease).ttl_ms, None);
+    tick(&mut shard, START_MS);
+    assert_eq!(shard.revision(), 5, "one revision for the lease's end");
+    assert_eq!(
+        take_batches(&mut shard, watcher),
+        vec![super::watch::Batch {
+            revision: 5,
+            events: vec![
+                lease_ended(5, "a", "1", lease, true),
+                lease_ended(5, "b", "2", lease, true),
+            ],
+        }]
+    );
+    assert_eq!(shard.take_ended_leases(), vec![(lease, true)]);
+    assert!(shard.take_ended_leases().is_empty(), "taken once");
+    run(
+        &mut shard,
+        &[
+            (
+                START_MS,
+                multi_get(&["a", "b"]),
+                values(vec![None, None]),
+                5,
+            ),
+            (START_MS, get("c"), found(entry("3", 4)), 5),
+            (START_MS, Request::LeaseList, lease_list(&[]), 5),
+        ],
+    );
+    assert_eq!(
+        lease_state(&mut shard, lease),
+        LeaseState {
+            is_home: true,
+            ttl_ms: None,
+            remaining_ms: None,
+            keys: Vec::new(),
+            more: false,
+        }
+    );
+    // Lease expiry is not key expiry.
+    assert_eq!(shard.stats().expired_count, 0);
+}
+
+#[test]
+fn a_revoke_deletes_the_keys_at_one_revision_and_only_once() {
+    let mut shard = lease_shard();
+    let lease = home_lease(1);
+    let empty = home_lease(2);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(1_000), granted(lease, 1_000), 1),
+            (START_MS, lease_grant(1_000), granted(empty, 1_000), 2),
+            (START_MS, put_leased("a", "1", lease), applied(3), 3),
+            (START_MS, put_leased("b", "2", lease), applied(4), 4),
+        ],
+    );
+    let watcher = watch_everything(&mut shard);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_revoke(lease), revoked(true), 5),
+            // Gone: a second revoke changes nothing, nor does revoking what never was.
+            (START_MS, lease_revoke(lease), revoked(false), 5),
+            (START_MS, lease_revoke(home_lease(9)), revoked(false), 5),
+            (START_MS, lease_revoke(foreign_lease(1)), revoked(false), 5),
+            // A lease with no keys still ends at a revision: its end is journaled.
+            (START_MS, lease_revoke(empty), revoked(true), 6),
+            (
+                START_MS,
+                multi_get(&["a", "b"]),
+                values(vec![None, None]),
+                6,
+            ),
+        ],
+    );
+    assert_eq!(
+        take_batches(&mut shard, watcher),
+        vec![super::watch::Batch {
+            revision: 5,
+            events: vec![
+                lease_ended(5, "a", "1", lease, false),
+                lease_ended(5, "b", "2", lease, false),
+            ],
+        }]
+    );
+    assert_eq!(
+        shard.take_ended_leases(),
+        vec![(lease, false), (empty, false)]
+    );
+    // A revoked lease does not expire later.
+    lease_tick(&mut shard, MONO_START_MS + 5_000);
+    assert!(shard.take_ended_leases().is_empty());
+    assert_eq!(shard.revision(), 6);
+}
+
+/// A lease past its deadline but not yet ticked cannot be revoked: it is not alive, and the
+/// tick ends it as expired (once).
+#[test]
+fn a_lease_past_its_deadline_ends_as_expired_not_revoked() {
+    let mut shard = lease_shard();
+    let lease = home_lease(1);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(10), granted(lease, 10), 1),
+            (START_MS, put_leased("a", "1", lease), applied(2), 2),
+        ],
+    );
+    shard.set_monotonic_ms(MONO_START_MS + 10);
+    run(
+        &mut shard,
+        &[(START_MS, lease_revoke(lease), revoked(false), 2)],
+    );
+    assert!(shard.take_ended_leases().is_empty());
+    tick(&mut shard, START_MS);
+    assert_eq!(shard.take_ended_leases(), vec![(lease, true)]);
+    run(&mut shard, &[(START_MS, get("a"), not_found(), 3)]);
+}
+
+#[test]
+fn a_put_with_a_lease_that_does_not_live_is_refused_and_applies_nothing() {
+    let mut shard = lease_shard();
+    let revoked_lease = home_lease(1);
+    let expired_lease = home_lease(2);
+    let other_node = LeaseId::new(NODE_ID + 1, SHARD_ID, 1).unwrap().0;
+    run(
+        &mut shard,
+        &[
+            (
+                START_MS,
+                lease_grant(1_000),
+                granted(revoked_lease, 1_000),
+                1,
+            ),
+            (START_MS, lease_grant(10), granted(expired_lease, 10), 2),
+            (START_MS, lease_revoke(revoked_lease), revoked(true), 3),
+            (START_MS, put("k", "old"), applied(4), 4),
+        ],
+    );
+    lease_tick(&mut shard, MONO_START_MS + 10);
+    assert_eq!(shard.revision(), 5, "the expired lease ended");
+    let journal_len = shard.journal_len();
+    let refusals = [
+        (home_lease(9), ErrorCode::LeaseNotFound),
+        (revoked_lease, ErrorCode::LeaseNotFound),
+        (expired_lease, ErrorCode::LeaseNotFound),
+        // Not known to live: the core asks its home first (see the foreign lease tests).
+        (foreign_lease(1), ErrorCode::LeaseNotFound),
+        // A key can only be attached to a lease of its own node.
+        (other_node, ErrorCode::InvalidArgument),
+    ];
+    for (lease, code) in refusals {
+        for key in ["k", "new"] {
+            run(
+                &mut shard,
+                &[(START_MS, put_leased(key, "v", lease), error_reply(code), 5)],
+            );
+        }
+    }
+    assert_eq!(shard.journal_len(), journal_len);
+    run(
+        &mut shard,
+        &[(
+            START_MS,
+            multi_get(&["k", "new"]),
+            values(vec![Some(entry("old", 4)), None]),
+            5,
+        )],
+    );
+    assert_eq!(
+        lease_to_check(&shard, &put_leased("k", "v", other_node)),
+        None
+    );
+    assert_eq!(shard.leases().attached_count(), 0);
+}
+
+#[test]
+fn a_key_has_at_most_one_lease() {
+    let mut shard = lease_shard();
+    let first = home_lease(1);
+    let second = home_lease(2);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(1_000), granted(first, 1_000), 1),
+            (START_MS, lease_grant(1_000), granted(second, 1_000), 2),
+            (START_MS, put_leased("k", "1", first), applied(3), 3),
+            (START_MS, put_leased("j", "1", first), applied(4), 4),
+        ],
+    );
+    assert_eq!(lease_keys(&mut shard, first), ["j", "k"]);
+    assert_eq!(lease_keys(&mut shard, second), Vec::<String>::new());
+    // A put that does not apply moves nothing.
+    let refused = Request::Put(Box::new(Put {
+        condition: IfAbsent,
+        lease: Some(second),
+        ..Put::new("k", "2")
+    }));
+    run(&mut shard, &[(START_MS, refused, not_applied(3), 4)]);
+    assert_eq!(lease_keys(&mut shard, first), ["j", "k"]);
+    run(
+        &mut shard,
+        &[(START_MS, put_leased("k", "2", second), applied(5), 5)],
+    );
+    assert_eq!(lease_keys(&mut shard, first), ["j"]);
+    assert_eq!(lease_keys(&mut shard, second), ["k"]);
+    // The key went with its new lease: ending the old one leaves it.
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_revoke(first), revoked(true), 6),
+            (
+                START_MS,
+                multi_get(&["j", "k"]),
+                values(vec![None, Some(entry("2", 5))]),
+                6,
+            ),
+            (START_MS, lease_revoke(second), revoked(true), 7),
+            (START_MS, get("k"), not_found(), 7),
+        ],
+    );
+}
+
+/// Every put-like write without a lease (a put, a batch entry, a transaction's put) leaves the
+/// key attached to none, so the key outlives the lease.
+#[test]
+fn a_write_without_a_lease_detaches_the_key() {
+    let mut shard = lease_shard();
+    let lease = home_lease(1);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(100), granted(lease, 100), 1),
+            (START_MS, put_leased("a", "1", lease), applied(2), 2),
+            (START_MS, put_leased("b", "1", lease), applied(3), 3),
+            (START_MS, put_leased("c", "1", lease), applied(4), 4),
+            (START_MS, put_leased("d", "1", lease), applied(5), 5),
+            (START_MS, put("a", "2"), applied(6), 6),
+            (
+                START_MS,
+                multi_put(&[("b", "2", None)]),
+                multi_put_versions(&[7]),
+                7,
+            ),
+            (
+                START_MS,
+                txn(vec![], vec![op_put("c", "2")], vec![]),
+                outcome(true, 8, vec![put_result(None)]),
+                8,
+            ),
+        ],
+    );
+    assert_eq!(lease_keys(&mut shard, lease), ["d"]);
+    lease_tick(&mut shard, MONO_START_MS + 100);
+    assert_eq!(shard.take_ended_leases(), vec![(lease, true)]);
+    run(
+        &mut shard,
+        &[(
+            START_MS,
+            multi_get(&["a", "b", "c", "d"]),
+            values(vec![
+                Some(entry("2", 6)),
+                Some(entry("2", 7)),
+                Some(entry("2", 8)),
+                None,
+            ]),
+            9,
+        )],
+    );
+}
+
+/// Changing a key's value by a counter add, or its TTL, keeps its lease; the log says so too
+/// (a replayed shard agrees).
+#[test]
+fn counter_adds_expire_and_persist_keep_the_lease() {
+    let mut shard = lease_shard();
+    let lease = home_lease(1);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(1_000), granted(lease, 1_000), 1),
+            (START_MS, put_leased("n", "1", lease), applied(2), 2),
+            (START_MS, put_leased("m", "1", lease), applied(3), 3),
+            (START_MS, add("n", 1), counter(2, 4), 4),
+            (
+                START_MS,
+                txn(vec![], vec![op_add("m", 5)], vec![]),
+                outcome(
+                    true,
+                    5,
+                    vec![TxnResult::Add {
+                        applied: true,
+                        value: 6,
+                    }],
+                ),
+                5,
+            ),
+            (START_MS, expire("n", 60_000), expiry(true, 6), 6),
+            (START_MS, persist("n"), expiry(true, 7), 7),
+            (START_MS, expire("m", 60_000), expiry(true, 8), 8),
+        ],
+    );
+    assert_eq!(lease_keys(&mut shard, lease), ["m", "n"]);
+    let mut replayed = replay_journal(&mut shard, MONO_START_MS);
+    assert_eq!(lease_keys(&mut replayed, lease), ["m", "n"]);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_revoke(lease), revoked(true), 9),
+            (
+                START_MS,
+                multi_get(&["m", "n"]),
+                values(vec![None, None]),
+                9,
+            ),
+        ],
+    );
+}
+
+/// A key that stops existing (deleted, expired, deleted in a batch or a transaction) is no
+/// longer attached; a later key of the same name is attached only if its own put says so.
+#[test]
+fn a_key_that_is_removed_leaves_its_lease() {
+    let mut shard = lease_shard();
+    let lease = home_lease(1);
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(1_000), granted(lease, 1_000), 1),
+            (START_MS, put_leased("a", "1", lease), applied(2), 2),
+            (
+                START_MS,
+                Request::Put(Box::new(Put {
+                    ttl_ms: Some(50),
+                    lease: Some(lease),
+                    ..Put::new("b", "1")
+                })),
+                applied(3),
+                3,
+            ),
+            (START_MS, put_leased("c", "1", lease), applied(4), 4),
+            (START_MS, put_leased("d", "1", lease), applied(5), 5),
+            (START_MS, put_leased("e", "1", lease), applied(6), 6),
+            (START_MS, delete("a"), deleted(true), 7),
+        ],
+    );
+    assert_eq!(lease_keys(&mut shard, lease), ["b", "c", "d", "e"]);
+    // The key's own TTL (wall clock) ends it before its lease does.
+    assert_eq!(tick(&mut shard, START_MS + 50), 1);
+    assert_eq!(lease_keys(&mut shard, lease), ["c", "d", "e"]);
+    run(
+        &mut shard,
+        &[
+            (
+                START_MS + 50,
+                multi_delete(&["c"]),
+                multi_deleted(&[true]),
+                9,
+            ),
+            (
+                START_MS + 50,
+                txn(vec![], vec![op_delete("d", false)], vec![]),
+                outcome(
+                    true,
+                    10,
+                    vec![TxnResult::Delete {
+                        deleted: true,
+                        previous: None,
+                    }],
+                ),
+                10,
+            ),
+            (START_MS + 50, put("a", "again"), applied(11), 11),
+            (START_MS + 50, add("c", 1), counter(1, 12), 12),
+        ],
+    );
+    assert_eq!(lease_keys(&mut shard, lease), ["e"]);
+    run(
+        &mut shard,
+        &[
+            (START_MS + 50, lease_revoke(lease), revoked(true), 13),
+            (
+                START_MS + 50,
+                multi_get(&["a", "c", "e"]),
+                values(vec![Some(entry("again", 11)), Some(entry("1", 12)), None]),
+                13,
+            ),
+        ],
+    );
+}
+
+/// Both lease tables are bounded. A refusal is `TableFull` (retryable) and applies nothing;
+/// re-attaching a key already attached takes no room.
+#[test]
+fn the_lease_tables_are_bounded() {
+    let mut shard = leased_shard(LeaseLimits {
+        leases_max: 2,
+        attached_keys_max: 2,
+    });
+    let first = home_lease(1);
+    let second = home_lease(2);
+    let table_full = error_reply(ErrorCode::TableFull);
+    assert!(ErrorCode::TableFull.is_retryable());
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(1_000), granted(first, 1_000), 1),
+            (START_MS, lease_grant(1_000), granted(second, 1_000), 2),
+            (START_MS, lease_grant(1_000), table_full.clone(), 2),
+            (START_MS, put_leased("a", "1", first), applied(3), 3),
+            (START_MS, put_leased("b", "1", first), applied(4), 4),
+            (
+                START_MS,
+                put_leased("c", "1", second),
+                table_full.clone(),
+                4,
+            ),
+            (START_MS, get("c"), not_found(), 4),
+            // Already attached: moving or rewriting it takes no more room.
+            (START_MS, put_leased("a", "2", second), applied(5), 5),
+            (START_MS, put_leased("b", "2", first), applied(6), 6),
+            // A key without a lease needs no room.
+            (START_MS, put("c", "1"), applied(7), 7),
+            (START_MS, lease_revoke(first), revoked(true), 8),
+            (START_MS, put_leased("c", "2", second), applied(9), 9),
+            (
+                START_MS,
+                lease_grant(1_000),
+                granted(home_lease(3), 1_000),
+                10,
+            ),
+        ],
+    );
+    assert_eq!(lease_keys(&mut shard, second), ["a", "c"]);
+    assert_eq!(shard.leases().home_count(), 2);
+    assert_eq!(shard.leases().attached_count(), 2);
+}
+
+/// A put attached to a lease homed on another core of the node: the core asks the home first
+/// (`lease_to_check`, `begin_lease_check`, `end_lease_check`), then applies the put; once the
+/// shard knows the lease lives it asks no more, until the home says the lease ended
+/// (`lease_ended_elsewhere`), which deletes the shard's keys attached to it at one revision.
+#[test]
+fn a_lease_of_another_core_is_checked_with_its_home_and_ended_by_it() {
+    let mut shard = lease_shard();
+    let lease = foreign_lease(1);
+    let put_a = put_leased("a", "1", lease);
+    // Only a put attached to a lease of another core of this node needs a check.
+    assert_eq!(lease_to_check(&shard, &put("a", "1")), None);
+    assert_eq!(
+        lease_to_check(&shard, &put_leased("a", "1", home_lease(1))),
+        None
+    );
+    assert_eq!(lease_to_check(&shard, &lease_revoke(lease)), None);
+    assert_eq!(lease_to_check(&shard, &put_a), Some(SHARD_ID + 2));
+
+    // The home says it does not live: the put is refused.
+    shard.begin_lease_check(lease);
+    assert!(!shard.end_lease_check(lease, false));
+    assert_eq!(lease_to_check(&shard, &put_a), Some(SHARD_ID + 2));
+
+    shard.begin_lease_check(lease);
+    assert!(shard.end_lease_check(lease, true));
+    assert_eq!(lease_to_check(&shard, &put_a), None, "known to live");
+    run(
+        &mut shard,
+        &[
+            (START_MS, put_a, applied(1), 1),
+            (START_MS, put_leased("b", "1", lease), applied(2), 2),
+            (START_MS, put("c", "1"), applied(3), 3),
+        ],
+    );
+    assert_eq!(
+        lease_state(&mut shard, lease),
+        LeaseState {
+            is_home: false,
+            ttl_ms: None,
+            remaining_ms: None,
+            keys: vec![b"a".to_vec(), b"b".to_vec()],
+            more: false,
+        }
+    );
+    // The home lease's table knows nothing of it.
+    run(
+        &mut shard,
+        &[
+            (START_MS, Request::LeaseList, lease_list(&[]), 3),
+            (START_MS, lease_keepalive(&[lease]), kept_alive(&[None]), 3),
+        ],
+    );
+
+    let watcher = watch_everything(&mut shard);
+    shard.lease_ended_elsewhere(lease, true);
+    shard.check_invariants();
+    assert_eq!(shard.revision(), 4);
+    assert_eq!(
+        take_batches(&mut shard, watcher),
+        vec![super::watch::Batch {
+            revision: 4,
+            events: vec![
+                lease_ended(4, "a", "1", lease, true),
+                lease_ended(4, "b", "1", lease, true),
+            ],
+        }]
+    );
+    // Only the home reports the end to the other cores.
+    assert!(shard.take_ended_leases().is_empty());
+    run(
+        &mut shard,
+        &[(
+            START_MS,
+            multi_get(&["a", "b", "c"]),
+            values(vec![None, None, Some(entry("1", 3))]),
+            4,
+        )],
+    );
+    // Ended: it must be asked about again, and a put that is not is refused.
+    let put_d = put_leased("d", "1", lease);
+    assert_eq!(lease_to_check(&shard, &put_d), Some(SHARD_ID + 2));
+    run(
+        &mut shard,
+        &[(START_MS, put_d, error_reply(ErrorCode::LeaseNotFound), 4)],
+    );
+    // The end of a lease this shard has no keys of takes no revision.
+    shard.lease_ended_elsewhere(foreign_lease(2), false);
+    shard.lease_ended_elsewhere(lease, false);
+    assert_eq!(shard.revision(), 4);
+}
+
+/// The end of a lease can overtake the answer to a check: the home answered "alive", then
+/// the lease ended and the end arrived first. The check must then come back unusable, or the
+/// put would attach a key to a lease whose end this shard has already processed, and the key
+/// would never be deleted.
+#[test]
+fn an_end_that_overtakes_a_check_refuses_the_put() {
+    let mut shard = lease_shard();
+    let lease = foreign_lease(1);
+    let put_a = put_leased("a", "1", lease);
+    assert_eq!(lease_to_check(&shard, &put_a), Some(SHARD_ID + 2));
+    shard.begin_lease_check(lease);
+    shard.lease_ended_elsewhere(lease, false);
+    assert!(!shard.end_lease_check(lease, true));
+    assert_eq!(lease_to_check(&shard, &put_a), Some(SHARD_ID + 2));
+    run(
+        &mut shard,
+        &[(
+            START_MS,
+            put_a.clone(),
+            error_reply(ErrorCode::LeaseNotFound),
+            0,
+        )],
+    );
+    // Two checks in flight when the end arrives: both come back unusable.
+    shard.begin_lease_check(lease);
+    shard.begin_lease_check(lease);
+    shard.lease_ended_elsewhere(lease, true);
+    assert!(!shard.end_lease_check(lease, true));
+    assert!(!shard.end_lease_check(lease, true));
+    // A check begun after the end is answered on its own merits.
+    shard.begin_lease_check(lease);
+    assert!(shard.end_lease_check(lease, true));
+    run(&mut shard, &[(START_MS, put_a, applied(1), 1)]);
+    shard.check_invariants();
+}
+
+#[test]
+fn leases_are_listed_in_ascending_order() {
+    let mut shard = lease_shard();
+    let mut expected = Vec::new();
+    for sequence in 1..=40 {
+        run(
+            &mut shard,
+            &[(
+                START_MS,
+                lease_grant(1_000),
+                granted(home_lease(sequence), 1_000),
+                sequence,
+            )],
+        );
+        expected.push(home_lease(sequence));
+    }
+    for sequence in [3, 17, 40] {
+        apply(&mut shard, START_MS, &lease_revoke(home_lease(sequence)));
+        expected.retain(|&id| id != home_lease(sequence));
+    }
+    assert_eq!(
+        apply(&mut shard, START_MS, &Request::LeaseList),
+        lease_list(&expected)
+    );
+}
+
+/// Replays every record `shard` journaled into a fresh shard whose monotonic clock reads
+/// `mono_ms`, at wall time `START_MS`.
+fn replay_journal(shard: &mut Shard, mono_ms: u64) -> Shard {
+    let journal = shard.journal_mut().map(RecordWriter::take).unwrap();
+    let mut replayed = Shard::new(shard.config().clone(), START_MS);
+    replayed.set_monotonic_ms(mono_ms);
+    let mut offset = 0;
+    while let ReadOutcome::Record(record, size) = read_record(&journal[offset..]) {
+        replayed.replay(START_MS, &record).unwrap();
+        offset += size;
+    }
+    assert_eq!(offset, journal.len(), "every journaled byte is a record");
+    replayed.check_invariants();
+    replayed
+}
+
+/// Recovery brings back the leases that had not ended, each with a full TTL from the new
+/// shard's monotonic time (deadlines are not journaled), the keys attached to them, and the
+/// sequence (ids are never reused). Keys attached to a lease of another core come back
+/// attached to it, and it is taken to live until its home says otherwise.
+#[test]
+fn a_replayed_journal_brings_back_leases_and_attachments() {
+    let mut shard = lease_shard();
+    let (first, second, revoked_lease, expiring) =
+        (home_lease(1), home_lease(2), home_lease(3), home_lease(4));
+    let foreign = foreign_lease(1);
+    shard.begin_lease_check(foreign);
+    assert!(shard.end_lease_check(foreign, true));
+    run(
+        &mut shard,
+        &[
+            (START_MS, lease_grant(500), granted(first, 500), 1),
+            (START_MS, lease_grant(800), granted(second, 800), 2),
+            (START_MS, lease_grant(300), granted(revoked_lease, 300), 3),
+            (START_MS, lease_grant(10), granted(expiring, 10), 4),
+            (START_MS, put_leased("a", "1", first), applied(5), 5),
+            (START_MS, put_leased("b", "1", first), applied(6), 6),
+            (START_MS, put_leased("c", "1", second), applied(7), 7),
+            (START_MS, put_leased("d", "1", revoked_lease), applied(8), 8),
+            (START_MS, put_leased("f", "1", expiring), applied(9), 9),
+            (START_MS, put_leased("g", "1", foreign), applied(10), 10),
+            (START_MS, put("e", "1"), applied(11), 11),
+            (START_MS, lease_revoke(revoked_lease), revoked(true), 12),
+            // Moved to another lease, then detached.
+            (START_MS, put_leased("b", "2", second), applied(13), 13),
+            (START_MS, put_leased("e", "2", first), applied(14), 14),
+            (START_MS, put("e", "3"), applied(15), 15),
+        ],
+    );
+    lease_tick(&mut shard, MONO_START_MS + 10);
+    assert_eq!(shard.revision(), 16, "the expiring lease ended");
+    // Keepalives are not journaled: the replayed TTLs start over anyway.
+    shard.set_monotonic_ms(MONO_START_MS + 200);
+    apply(&mut shard, START_MS, &lease_keepalive(&[first]));
+
+    let recovered_mono_ms = 7_000_000;
+    let mut replayed = replay_journal(&mut shard, recovered_mono_ms);
+    assert_eq!(replayed.revision(), 16);
+    run(
+        &mut replayed,
+        &[
+            (
+                START_MS,
+                Request::LeaseList,
+                lease_list(&[first, second]),
+                16,
+            ),
+            (
+                START_MS,
+                multi_get(&["a", "b", "c", "d", "e", "f", "g"]),
+                values(vec![
+                    Some(entry("1", 5)),
+                    Some(entry("2", 13)),
+                    Some(entry("1", 7)),
+                    None,
+                    Some(entry("3", 15)),
+                    None,
+                    Some(entry("1", 10)),
+                ]),
+                16,
+            ),
+        ],
+    );
+    assert_eq!(
+        lease_state(&mut replayed, first),
+        live_home_lease(500, 500, &["a"])
+    );
+    assert_eq!(
+        lease_state(&mut replayed, second),
+        live_home_lease(800, 800, &["b", "c"])
+    );
+    assert_eq!(lease_state(&mut replayed, revoked_lease).ttl_ms, None);
+    assert_eq!(lease_state(&mut replayed, expiring).ttl_ms, None);
+    assert_eq!(lease_keys(&mut replayed, foreign), ["g"]);
+    assert_eq!(
+        lease_keys(&mut replayed, home_lease(5)),
+        Vec::<String>::new()
+    );
+    // Recovered attachments to a lease of another core count as known alive.
+    assert_eq!(
+        lease_to_check(&replayed, &put_leased("h", "1", foreign)),
+        None
+    );
+    // The sequence continues after the last lease granted, ended or not.
+    run(
+        &mut replayed,
+        &[(
+            START_MS,
+            lease_grant(10_000),
+            granted(home_lease(5), 10_000),
+            17,
+        )],
+    );
+    // The recovered leases expire a full TTL after recovery.
+    lease_tick(&mut replayed, recovered_mono_ms + 499);
+    assert!(replayed.take_ended_leases().is_empty());
+    lease_tick(&mut replayed, recovered_mono_ms + 500);
+    assert_eq!(replayed.take_ended_leases(), vec![(first, true)]);
+    replayed.lease_ended_elsewhere(foreign, true);
+    run(
+        &mut replayed,
+        &[(
+            START_MS,
+            multi_get(&["a", "b", "c", "g"]),
+            values(vec![None, Some(entry("2", 13)), Some(entry("1", 7)), None]),
+            19,
+        )],
+    );
 }

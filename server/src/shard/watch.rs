@@ -36,6 +36,13 @@ pub enum DeleteCause {
     Deleted,
     /// Its TTL passed.
     Expired,
+    /// Its lease ended: revoked, or expired.
+    LeaseEnded {
+        /// The lease.
+        lease: u64,
+        /// Whether it expired (else it was revoked).
+        expired: bool,
+    },
 }
 
 /// What happened to a key, without the bytes.
