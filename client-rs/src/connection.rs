@@ -199,7 +199,13 @@ impl Connection {
             link.pending().replies.remove(&request_id);
             return Err(self.not_sent("connection writer stopped before sending"));
         }
-        match tokio::time::timeout(self.settings.request_timeout, reply).await {
+        // A lock request may wait in line on the server for as long as it asked.
+        let request_timeout = self.settings.request_timeout
+            + match request {
+                Request::Lock { wait_ms, .. } => Duration::from_millis(u64::from(*wait_ms)),
+                _ => Duration::ZERO,
+            };
+        match tokio::time::timeout(request_timeout, reply).await {
             Ok(Ok(result)) => {
                 let (stamp, response) = result?;
                 let is_open = matches!(response, Response::Watching(_));
@@ -210,7 +216,7 @@ impl Connection {
                 link.pending().replies.remove(&request_id);
                 let timeout = ClientError::Timeout {
                     address: self.address.clone(),
-                    timeout: self.settings.request_timeout,
+                    timeout: request_timeout,
                 };
                 if link.reply_count.load(Ordering::Relaxed) == replies_before {
                     // Not one reply on this connection for a whole request timeout: the peer

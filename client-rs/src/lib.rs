@@ -21,6 +21,7 @@
 //! - `watch`: watches as one stream merged across shards, resumed after reconnects.
 //! - `counter`: counters with bounds and windows.
 //! - `lease`: leases, kept alive in the background by one keeper task per client.
+//! - `lock`: locks held by a lease, with fencing tokens, and fenced writes.
 //! - `txn`: single-shard transactions and the optimistic read-modify-write helper.
 //! - `embedded`: shards in this process (feature `embedded`).
 //! - [`blocking`]: a synchronous wrapper.
@@ -47,6 +48,7 @@ mod counter;
 mod embedded;
 pub mod error;
 mod lease;
+mod lock;
 mod routing;
 mod scan;
 mod transport;
@@ -68,6 +70,7 @@ pub use blocking::{BlockingClient, BlockingWatch};
 pub use counter::{AddOptions, CounterOutcome};
 pub use error::{ClientError, Result};
 pub use lease::{Lease, LeaseInfo};
+pub use lock::LockGrant;
 pub use scan::{KeyRange, ScanItem, ScanOptions, ScanResult, ShardRevision};
 pub use tessera_protocol::CounterAdd;
 pub use tessera_protocol::{

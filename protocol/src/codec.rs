@@ -18,7 +18,7 @@ use crate::limits::{
     SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
     WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
-use crate::limits::{TXN_COMPARES_MAX, TXN_OPS_MAX};
+use crate::limits::{LOCK_WAIT_MS_MAX, TXN_COMPARES_MAX, TXN_OPS_MAX};
 use crate::message::{
     ArchivedCheck, ArchivedCounterAdd, ArchivedDeleteCondition, ArchivedPutCondition,
     ArchivedReply, ArchivedRequest, ArchivedResponse, ArchivedScan, ArchivedTxn, ArchivedTxnOp,
@@ -559,6 +559,23 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
         ArchivedRequest::LeaseRevoke { id } | ArchivedRequest::LeaseTimeToLive { id } => {
             check_lease(id.to_native())
         }
+        ArchivedRequest::Lock {
+            name,
+            lease,
+            wait_ms,
+        } => {
+            check_key(name.as_slice())?;
+            check_lease(lease.to_native())?;
+            let wait_ms = wait_ms.to_native();
+            if wait_ms > LOCK_WAIT_MS_MAX {
+                return Err(RequestError::LockWaitOutOfRange {
+                    wait_ms,
+                    wait_ms_max: LOCK_WAIT_MS_MAX,
+                });
+            }
+            Ok(())
+        }
+        ArchivedRequest::Unlock { name, .. } => check_key(name.as_slice()),
         ArchivedRequest::Watch(watch) => check_watch(
             watch.start.as_slice(),
             watch.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice),

@@ -252,6 +252,14 @@ pub enum RequestError {
     /// A transaction names no key (only ranges), so it has no shard to run on.
     #[error("a transaction must name a key in a compare or an op: it runs on that key's shard")]
     TxnWithoutKey,
+    /// A lock request's wait is over [`crate::limits::LOCK_WAIT_MS_MAX`].
+    #[error("lock wait of {wait_ms} ms is over the limit of {wait_ms_max} ms")]
+    LockWaitOutOfRange {
+        /// The wait asked for.
+        wait_ms: u32,
+        /// The limit.
+        wait_ms_max: u32,
+    },
     /// A lease id is 0, which names no lease.
     #[error("lease id 0 names no lease")]
     ZeroLease,
@@ -288,6 +296,7 @@ impl RequestError {
             | Self::TxnDuplicateKey { .. }
             | Self::TxnWithoutKey
             | Self::ZeroLease
+            | Self::LockWaitOutOfRange { .. }
             | Self::EmptyBounds { .. }
             | Self::RefreshWithoutTtl => ErrorCode::InvalidArgument,
             Self::KeyTooLarge { .. }

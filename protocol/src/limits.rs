@@ -47,6 +47,9 @@ pub const TXN_READ_BYTES_MAX: usize = SCAN_PAGE_BYTES_MAX;
 /// Most keys the range ops of one transaction return together.
 pub const TXN_RANGE_ITEMS_MAX: usize = SCAN_LIMIT_MAX as usize;
 
+/// Longest a lock request may wait in line, in milliseconds (one hour).
+pub const LOCK_WAIT_MS_MAX: u32 = 60 * 60 * 1000;
+
 /// Largest frame body (the archived message, without header or padding), in bytes.
 ///
 /// A batch is bounded by both [`BATCH_COUNT_MAX`] and this size; a reply that would exceed it

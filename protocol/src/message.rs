@@ -132,6 +132,26 @@ pub enum Request {
     },
     /// The leases homed on the shard of the core that receives it (never forwarded).
     LeaseList,
+    /// Acquires the lock `name` for a lease, waiting up to `wait_ms` in line (first come,
+    /// first served) if another lease holds it. Routed like a key: the lock lives on the
+    /// shard of its name's slot. Answered [`Response::Locked`] when granted or when the wait
+    /// ends; the lease must live.
+    Lock {
+        /// The lock's name (a key's size limits apply).
+        name: Vec<u8>,
+        /// The lease that holds it; the lock is released when the lease ends.
+        lease: u64,
+        /// How long to wait in line, `0..=LOCK_WAIT_MS_MAX`; 0 answers at once.
+        wait_ms: u32,
+    },
+    /// Releases the lock `name` if `token` is the current holder's: a compare-and-delete on
+    /// the server, never a read then a write.
+    Unlock {
+        /// The lock's name.
+        name: Vec<u8>,
+        /// The fencing token its grant returned.
+        token: u64,
+    },
 }
 
 /// A lease id: the home shard (node and core) in its top bits, so any core can tell where a
@@ -340,6 +360,13 @@ impl Compare {
         Self::of(key, Check::CreateRevision(op, revision))
     }
 
+    /// `token` is at least the last fencing token granted for the lock `lock` (which must
+    /// live on the transaction's shard: give it the keys' hash tag).
+    #[must_use]
+    pub fn fence(lock: impl Into<Vec<u8>>, token: u64) -> Self {
+        Self::of(lock, Check::Fence(token))
+    }
+
     /// The key's mod revision relates to `revision` as `op` says (0 for a missing key).
     #[must_use]
     pub fn mod_revision(key: impl Into<Vec<u8>>, op: CompareOp, revision: u64) -> Self {
@@ -381,6 +408,10 @@ pub enum Check {
     CreateRevision(CompareOp, u64),
     /// The key's mod revision compared with this one.
     ModRevision(CompareOp, u64),
+    /// The compare's key names a lock, and this fencing token is at least the last token
+    /// granted for it (held or released since): a write guarded by it cannot come from a
+    /// holder whose lock has since been granted again.
+    Fence(u64),
 }
 
 /// How a [`Check`] compares the key's current field (left) with the given one (right).
@@ -872,6 +903,19 @@ pub enum Response {
     Leases {
         /// The ids.
         ids: Vec<u64>,
+    },
+    /// Answer to [`Request::Lock`].
+    Locked {
+        /// Whether the lease now holds the lock.
+        acquired: bool,
+        /// If acquired, the fencing token of this grant (greater than every token granted
+        /// for the lock before); else the current holder's.
+        token: u64,
+    },
+    /// Answer to [`Request::Unlock`].
+    Unlocked {
+        /// Whether the token was the holder's and the lock was released.
+        released: bool,
     },
 }
 

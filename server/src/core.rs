@@ -31,7 +31,8 @@ use crate::durability::log::CoreLog;
 use crate::inbox::{Inbox, PushError};
 use crate::runtime::LocalNotify;
 use crate::runtime::LocalSignal;
-use crate::shard::Shard;
+use crate::shard::lock::LockEvent;
+use crate::shard::{LockStep, Shard};
 use crate::watch_stream::{self, EncodedBatch, SinkSet, WatchSink};
 
 /// Work handed to a core from another thread: an archived request body and where to send
@@ -97,6 +98,8 @@ pub enum Route {
     AfterLeaseCheck(u16),
     /// A revoke of a lease homed here: answered once every core deleted its keys.
     Revoke,
+    /// A lock request of this shard: answered when granted or when its wait ends.
+    Lock,
 }
 
 /// A reply that will arrive from other cores.
@@ -141,6 +144,9 @@ pub struct CoreContext {
     pub log: Option<Rc<CoreLog>>,
     /// Who serves the shard's watchers, and when to wake them.
     pub watch: WatchDelivery,
+    /// Lock requests waiting in line, by waiter id: the lock's name and where the answer
+    /// goes. Bounded by the shard's `LockLimits::waiters_max`.
+    pub lock_waiters: RefCell<ahash::AHashMap<u64, (Box<[u8]>, oneshot::Sender<Response>)>>,
 }
 
 /// How a core's watchers reach their streams: connections pump their own watches when the
@@ -181,6 +187,7 @@ impl CoreContext {
     /// if the shard published events. Called after every batch of requests, expiry tick and
     /// inbox batch.
     pub fn flush_journal(&self) {
+        self.deliver_lock_events();
         self.broadcast_ended_leases();
         let mut shard = self.shard.borrow_mut();
         let hub = shard.watch_hub();
@@ -237,6 +244,14 @@ impl CoreContext {
             | ArchivedRequest::Persist { key }
             | ArchivedRequest::Ttl { key } => self.route_key(key),
             ArchivedRequest::Delete(delete) => self.route_key(&delete.key),
+            ArchivedRequest::Unlock { name, .. } => self.route_key(name),
+            ArchivedRequest::Lock { name, .. } => match self.route_key(name) {
+                Route::Here => match self.shard.borrow().lease_to_check(request) {
+                    Some(home) => Route::AfterLeaseCheck(home),
+                    None => Route::Lock,
+                },
+                other => other,
+            },
             ArchivedRequest::Add(add) => self.route_key(&add.key),
             ArchivedRequest::Put(put) => match self.route_key(&put.key) {
                 Route::Here => match self.shard.borrow().lease_to_check(request) {
@@ -436,6 +451,7 @@ impl CoreContext {
         match self.route(request) {
             Route::AfterLeaseCheck(home) => Some(self.apply_after_lease_check(home, body)),
             Route::Revoke => Some(self.revoke_and_wait(body)),
+            Route::Lock => Some(self.lock_and_wait(body)),
             _ => None,
         }
     }
@@ -478,6 +494,99 @@ impl CoreContext {
         waits
     }
 
+    /// Answers a lock request: now if the lock is free (or the wait is 0), else once it is
+    /// granted or its wait ends.
+    pub fn lock_and_wait(self: &Rc<Self>, body: &[u8]) -> PendingReply {
+        let step = match codec::access_request(body) {
+            Ok(ArchivedRequest::Lock {
+                name,
+                lease,
+                wait_ms,
+            }) => {
+                let mut shard = self.shard.borrow_mut();
+                shard.set_monotonic_ms(crate::clock::monotonic_ms());
+                let step = shard.lock(name, lease.to_native(), wait_ms.to_native());
+                if let LockStep::Queued(waiter) = step {
+                    let (reply, answer) = oneshot::channel();
+                    self.lock_waiters
+                        .borrow_mut()
+                        .insert(waiter, (Box::from(name.as_slice()), reply));
+                    Err(answer)
+                } else {
+                    Ok(step)
+                }
+            }
+            Ok(_) => Ok(LockStep::Done(error(
+                ErrorCode::Internal,
+                "not a lock request",
+            ))),
+            Err(protocol_error) => Ok(LockStep::Done(error(
+                protocol_error.code(),
+                protocol_error.to_string(),
+            ))),
+        };
+        self.flush_journal();
+        let context = self.clone();
+        Box::pin(async move {
+            let response = match step {
+                Ok(LockStep::Done(response)) => response,
+                Ok(LockStep::Queued(_)) => error(ErrorCode::Internal, "a waiter with no answer"),
+                Err(answer) => answer
+                    .await
+                    .unwrap_or_else(|_| shutting_down(context.core_id)),
+            };
+            if let (Some(revision), Some(log)) = (context.gate_revision(), &context.log) {
+                log.wait_durable(revision).await;
+            }
+            Reply::Body(encode_reply_body(Some(context.stamp()), &response))
+        })
+    }
+
+    /// Answers the lock requests whose wait ended. A grant whose request is gone (its
+    /// connection closed) is released at once, so no lock stays held by nobody.
+    fn deliver_lock_events(&self) {
+        loop {
+            let events = self.shard.borrow_mut().take_lock_events();
+            if events.is_empty() {
+                return;
+            }
+            for event in events {
+                let (waiter, response) = match event {
+                    LockEvent::Granted { waiter, token } => (
+                        waiter,
+                        Response::Locked {
+                            acquired: true,
+                            token,
+                        },
+                    ),
+                    LockEvent::TimedOut {
+                        waiter,
+                        holder_token,
+                    } => (
+                        waiter,
+                        Response::Locked {
+                            acquired: false,
+                            token: holder_token,
+                        },
+                    ),
+                    LockEvent::LeaseEnded { waiter } => (
+                        waiter,
+                        error(
+                            ErrorCode::LeaseNotFound,
+                            "the lease ended while its lock request waited",
+                        ),
+                    ),
+                };
+                let Some((name, reply)) = self.lock_waiters.borrow_mut().remove(&waiter) else {
+                    continue;
+                };
+                if let (Err(_), LockEvent::Granted { token, .. }) = (reply.send(response), event) {
+                    self.shard.borrow_mut().unlock(&name, token);
+                }
+            }
+        }
+    }
+
     /// Answers a revoke of a lease homed here once every other core deleted its keys
     /// attached to it, so no read after the answer finds one.
     pub fn revoke_and_wait(self: &Rc<Self>, body: &[u8]) -> PendingReply {
@@ -511,12 +620,13 @@ impl CoreContext {
     pub fn apply_after_lease_check(self: &Rc<Self>, home: u16, body: &[u8]) -> PendingReply {
         let lease = match codec::access_request(body) {
             Ok(ArchivedRequest::Put(put)) => put.lease.as_ref().map(|lease| lease.to_native()),
+            Ok(ArchivedRequest::Lock { lease, .. }) => Some(lease.to_native()),
             _ => None,
         };
         let (Some(lease), Some(inbox)) = (lease, self.inboxes.get(usize::from(home))) else {
             return Box::pin(std::future::ready(Reply::Response(error(
                 ErrorCode::Internal,
-                "a lease check for a request that is not a put with a lease",
+                "a lease check for a request that is not a put or a lock with a lease",
             ))));
         };
         let (reply, answer) = oneshot::channel();
@@ -531,8 +641,14 @@ impl CoreContext {
             if !usable && pushed.is_err() {
                 return Reply::Response(shutting_down(home));
             }
-            // The shard now knows whether the lease lives; the put is answered as any other
-            // (a dead lease is refused `LeaseNotFound`).
+            // The shard now knows whether the lease lives; the request is answered as any
+            // other (a dead lease is refused `LeaseNotFound`).
+            if matches!(
+                codec::access_request(&copy),
+                Ok(ArchivedRequest::Lock { .. })
+            ) {
+                return context.lock_and_wait(&copy).await;
+            }
             let now_ms = crate::clock::now_unix_ms();
             let response = match codec::access_request(&copy) {
                 Ok(request) => context.respond_here(now_ms, request),
@@ -655,7 +771,7 @@ impl CoreContext {
                 ErrorCode::WrongShard,
                 format!("batch sent to core {} spans several cores", self.core_id),
             ),
-            Route::AfterLeaseCheck(_) | Route::Revoke => error(
+            Route::AfterLeaseCheck(_) | Route::Revoke | Route::Lock => error(
                 ErrorCode::Internal,
                 "a request answered later reached the synchronous path",
             ),
@@ -756,7 +872,7 @@ impl CoreContext {
                 Route::Here => self.core_id,
                 Route::Core(core_id) => core_id,
                 Route::Elsewhere(location, slot) => return Err(self.wrong_shard(location, slot)),
-                Route::Split | Route::AfterLeaseCheck(_) | Route::Revoke => {
+                Route::Split | Route::AfterLeaseCheck(_) | Route::Revoke | Route::Lock => {
                     return Err(error(ErrorCode::Internal, "a key cannot split"))
                 }
             };

@@ -183,6 +183,7 @@ impl Server {
                     expired_per_tick_max: config.expired_per_tick_max,
                     watch_limits: config.watch_limits(),
                     lease_limits: config.lease_limits(),
+                    lock_limits: crate::shard::lock::LockLimits::default(),
                 },
                 topology: topology.clone(),
                 inboxes: inboxes.clone(),
@@ -713,6 +714,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         abort: LocalSignal::new(),
         log,
         watch: crate::core::WatchDelivery::default(),
+        lock_waiters: std::cell::RefCell::default(),
     });
     let writer_control = WriterControl::default();
     let snapshots_finish = LocalSignal::new();

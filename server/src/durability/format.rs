@@ -44,6 +44,8 @@ const EFFECT_REMOVE: u8 = 2;
 const EFFECT_ATTACH: u8 = 3;
 const EFFECT_LEASE_GRANT: u8 = 4;
 const EFFECT_LEASE_END: u8 = 5;
+const EFFECT_LOCK_HELD: u8 = 6;
+const EFFECT_LOCK_FREE: u8 = 7;
 
 /// The header at the start of every segment file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +169,22 @@ pub enum Effect<'a> {
         /// The lease.
         id: u64,
     },
+    /// The lock `name` is held by `lease` with fencing token `token` (the record's revision).
+    LockHeld {
+        /// The lock.
+        name: &'a [u8],
+        /// The holder's lease.
+        lease: u64,
+        /// The fencing token.
+        token: u64,
+    },
+    /// The lock `name` is free; it granted up to `token`.
+    LockFree {
+        /// The lock.
+        name: &'a [u8],
+        /// The last token granted.
+        token: u64,
+    },
 }
 
 /// Appends records to a buffer: `begin` a revision, add its effects, `finish` it.
@@ -239,6 +257,17 @@ impl RecordWriter {
             Effect::LeaseEnd { id } => {
                 self.buffer.push(EFFECT_LEASE_END);
                 self.buffer.extend_from_slice(&id.to_le_bytes());
+            }
+            Effect::LockHeld { name, lease, token } => {
+                self.buffer.push(EFFECT_LOCK_HELD);
+                self.push_bytes_u16(name);
+                self.buffer.extend_from_slice(&lease.to_le_bytes());
+                self.buffer.extend_from_slice(&token.to_le_bytes());
+            }
+            Effect::LockFree { name, token } => {
+                self.buffer.push(EFFECT_LOCK_FREE);
+                self.push_bytes_u16(name);
+                self.buffer.extend_from_slice(&token.to_le_bytes());
             }
         }
     }
@@ -422,6 +451,15 @@ impl<'a> Iterator for Effects<'a> {
                 Ok((Effect::LeaseGrant { id, ttl_ms }, rest))
             }),
             EFFECT_LEASE_END => take_u64(rest).map(|(id, rest)| (Effect::LeaseEnd { id }, rest)),
+            EFFECT_LOCK_HELD => take_u16_prefixed(rest).and_then(|(name, rest)| {
+                let (lease, rest) = take_u64(rest)?;
+                let (token, rest) = take_u64(rest)?;
+                Ok((Effect::LockHeld { name, lease, token }, rest))
+            }),
+            EFFECT_LOCK_FREE => take_u16_prefixed(rest).and_then(|(name, rest)| {
+                let (token, rest) = take_u64(rest)?;
+                Ok((Effect::LockFree { name, token }, rest))
+            }),
             other => Err(DurabilityError::corrupt(format!(
                 "unknown effect kind {other}"
             ))),

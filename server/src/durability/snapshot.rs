@@ -36,6 +36,7 @@ use crate::durability::recovery::{read_segment_header, segment_files};
 use crate::durability::storage::{Storage, StorageFile};
 use crate::durability::{io_error, numbered_files, DurabilityError};
 use crate::shard::lease::Leases;
+use crate::shard::lock::Locks;
 use crate::shard::store::{KeyRevisions, PARTITION_COUNT};
 use crate::shard::Shard;
 
@@ -64,6 +65,7 @@ const ITEM_END: u8 = 0x11;
 const ITEM_LEASE: u8 = 0x12;
 const ITEM_ATTACH: u8 = 0x13;
 const ITEM_LEASE_SEQUENCE: u8 = 0x14;
+const ITEM_LOCK: u8 = 0x15;
 
 /// The file name of the snapshot that began at revision `base`.
 pub fn snapshot_file_name(base: u64) -> String {
@@ -237,6 +239,20 @@ impl ChunkEncoder {
             self.buffer.push(ITEM_ATTACH);
             self.buffer.extend_from_slice(&lease.to_le_bytes());
             push_u16_prefixed(&mut self.buffer, key);
+            self.seal_if_full(start);
+        }
+    }
+
+    /// Adds the shard's locks: each one's last token and holder (lease and token, or none).
+    pub fn push_locks(&mut self, locks: &Locks) {
+        for (name, holder, last_token) in locks.entries() {
+            let start = self.open();
+            self.buffer.push(ITEM_LOCK);
+            self.buffer.extend_from_slice(&last_token.to_le_bytes());
+            let (lease, token) = holder.map_or((0, 0), |holder| (holder.lease, holder.token));
+            self.buffer.extend_from_slice(&lease.to_le_bytes());
+            self.buffer.extend_from_slice(&token.to_le_bytes());
+            push_u16_prefixed(&mut self.buffer, name);
             self.seal_if_full(start);
         }
     }
@@ -433,6 +449,7 @@ async fn write_contents<F: StorageFile>(
     let end_revision = {
         let shard = shard.borrow();
         encoder.push_leases(shard.leases());
+        encoder.push_locks(shard.locks());
         shard.revision()
     };
     encoder.finish(end_revision);
@@ -632,7 +649,7 @@ fn restore_items(
                 *entry_count += 1;
                 items = rest;
             }
-            ITEM_LEASE_SEQUENCE | ITEM_LEASE | ITEM_ATTACH => {
+            ITEM_LEASE_SEQUENCE | ITEM_LEASE | ITEM_ATTACH | ITEM_LOCK => {
                 items = restore_lease_item(kind, rest, shard)
                     .map_err(|error| DurabilityError::corrupt(format!("byte {offset}: {error}")))?;
             }
@@ -669,6 +686,14 @@ fn restore_lease_item<'a>(
         ITEM_LEASE => {
             let (ttl_ms, rest) = rest.split_first_chunk::<8>().ok_or_else(cut_short)?;
             shard.restore_lease(first, u64::from_le_bytes(*ttl_ms));
+            Ok(rest)
+        }
+        ITEM_LOCK => {
+            let (holder, rest) = rest.split_first_chunk::<16>().ok_or_else(cut_short)?;
+            let lease = u64_at(holder, 0);
+            let token = u64_at(holder, 8);
+            let (name, rest) = take_u16_prefixed(rest)?;
+            shard.restore_lock(name, (lease != 0).then_some((lease, token)), first);
             Ok(rest)
         }
         _ => {

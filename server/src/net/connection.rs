@@ -916,6 +916,10 @@ impl Connection {
                 let pending = context.revoke_and_wait(body);
                 self.await_forward(pending, request_id, index, forwarded, handoff);
             }
+            Route::Lock => {
+                let pending = context.lock_and_wait(body);
+                self.await_forward(pending, request_id, index, forwarded, handoff);
+            }
         }
         true
     }

@@ -16,6 +16,7 @@
 //! - The caller only hands the shard keys whose slot is in `slots` (checked in debug builds).
 
 pub mod lease;
+pub mod lock;
 pub mod store;
 pub mod timer_wheel;
 pub mod watch;
@@ -34,6 +35,7 @@ use tessera_protocol::{
 };
 
 use self::lease::{LeaseLimits, LeaseTableFull, Leases};
+use self::lock::{LockEvent, LockLimits, LockTableFull, Locks};
 use self::store::{entry_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
 use self::watch::{
@@ -62,6 +64,8 @@ pub struct ShardConfig {
     pub watch_limits: WatchLimits,
     /// Bounds of the shard's lease tables.
     pub lease_limits: LeaseLimits,
+    /// Bounds of the shard's lock table.
+    pub lock_limits: LockLimits,
 }
 
 /// Counters a shard keeps about itself.
@@ -101,6 +105,19 @@ pub struct Shard {
     /// Home leases that ended since the core last took them, with whether they expired:
     /// every other core must delete its keys attached to them.
     ended_leases: Vec<(u64, bool)>,
+    /// Locks, their holders and lines.
+    locks: Locks,
+    /// What happened to waiting lock requests since the core last took them.
+    lock_events: Vec<LockEvent>,
+}
+
+/// What a lock request does now.
+#[derive(Debug)]
+pub enum LockStep {
+    /// It is answered now.
+    Done(Response),
+    /// It waits in line as this waiter; its answer comes as a [`LockEvent`].
+    Queued(u64),
 }
 
 impl Shard {
@@ -128,6 +145,8 @@ impl Shard {
             leases: Leases::new(config.lease_limits, 0),
             mono_ms: 0,
             ended_leases: Vec::new(),
+            locks: Locks::new(config.lock_limits),
+            lock_events: Vec::new(),
             config,
         }
     }
@@ -153,10 +172,12 @@ impl Shard {
     /// not yet know to live: that core, which the core must ask first
     /// ([`Shard::begin_lease_check`]).
     pub fn lease_to_check(&self, request: &ArchivedRequest) -> Option<u16> {
-        let ArchivedRequest::Put(put) = request else {
-            return None;
+        let lease = match request {
+            ArchivedRequest::Put(put) => put.lease.as_ref()?.to_native(),
+            ArchivedRequest::Lock { lease, .. } => lease.to_native(),
+            _ => return None,
         };
-        let lease = LeaseId(put.lease.as_ref()?.to_native());
+        let lease = LeaseId(lease);
         let is_other_core_here =
             lease.node_id() == self.config.node_id && lease.core_id() != self.config.shard_id;
         (is_other_core_here && !self.leases.is_foreign_alive(lease.0)).then_some(lease.core_id())
@@ -177,6 +198,129 @@ impl Shard {
     pub fn lease_ended_elsewhere(&mut self, lease: u64, expired: bool) {
         self.leases.foreign_ended(lease);
         self.delete_lease_keys(lease, expired, false);
+        self.release_locks_of(lease);
+    }
+
+    /// What happened to waiting lock requests since the last call.
+    pub fn take_lock_events(&mut self) -> Vec<LockEvent> {
+        std::mem::take(&mut self.lock_events)
+    }
+
+    /// Acquires the lock `name` for `lease`, or puts the request in line for `wait_ms`.
+    pub fn lock(&mut self, name: &[u8], lease: u64, wait_ms: u32) -> LockStep {
+        self.debug_check_owned(name);
+        self.stats.request_count += 1;
+        if let Err(refusal) = self.check_lease_lives(lease) {
+            return LockStep::Done(refusal);
+        }
+        match self.locks.holder(name) {
+            Some(holder) if holder.lease == lease => LockStep::Done(Response::Locked {
+                acquired: true,
+                token: holder.token,
+            }),
+            Some(holder) if wait_ms == 0 => LockStep::Done(Response::Locked {
+                acquired: false,
+                token: holder.token,
+            }),
+            Some(_) => {
+                let deadline_ms = self.mono_ms.saturating_add(u64::from(wait_ms));
+                match self.locks.enqueue(name, lease, deadline_ms) {
+                    Ok(waiter) => LockStep::Queued(waiter),
+                    Err(full) => LockStep::Done(self.lock_table_full(full)),
+                }
+            }
+            None => match self.locks.has_room_for(name) {
+                Ok(()) => LockStep::Done(Response::Locked {
+                    acquired: true,
+                    token: self.grant_lock(name, lease),
+                }),
+                Err(full) => LockStep::Done(self.lock_table_full(full)),
+            },
+        }
+    }
+
+    fn lock_table_full(&self, full: LockTableFull) -> Response {
+        let what = match full {
+            LockTableFull::Locks(max) => format!("it knows {max} locks"),
+            LockTableFull::Waiters(max) => format!("{max} lock requests wait on it"),
+        };
+        error(
+            ErrorCode::TableFull,
+            format!("shard {} is full: {what}", self.config.shard_id),
+        )
+    }
+
+    /// Grants `name` to `lease` at a new revision, whose number is the fencing token.
+    fn grant_lock(&mut self, name: &[u8], lease: u64) -> u64 {
+        let token = self.begin_revision();
+        self.locks.set_holder(name, lease, token);
+        if let Some(journal) = &mut self.journal {
+            journal.push(Effect::LockHeld { name, lease, token });
+        }
+        self.finish_revision();
+        token
+    }
+
+    /// Releases `name` (held with `token`) at a new revision, then grants it to the first
+    /// waiter whose lease lives, at the next.
+    fn release_lock(&mut self, name: &[u8], token: u64) {
+        self.begin_revision();
+        self.locks.clear_holder(name, token);
+        if let Some(journal) = &mut self.journal {
+            journal.push(Effect::LockFree { name, token });
+        }
+        self.finish_revision();
+        let leases = &self.leases;
+        let mono_ms = self.mono_ms;
+        let node_id = self.config.node_id;
+        let shard_id = self.config.shard_id;
+        let lives = |lease: u64| {
+            let id = LeaseId(lease);
+            if id.node_id() == node_id && id.core_id() == shard_id {
+                leases.home_lease(lease, mono_ms).is_some()
+            } else {
+                leases.is_foreign_alive(lease)
+            }
+        };
+        let next = self.locks.next_waiter(name, lives, &mut self.lock_events);
+        if let Some((waiter, lease)) = next {
+            let token = self.grant_lock(name, lease);
+            self.lock_events.push(LockEvent::Granted { waiter, token });
+        }
+    }
+
+    /// Releases `name` if `token` is its holder's; whether it did.
+    pub fn unlock(&mut self, name: &[u8], token: u64) -> bool {
+        self.debug_check_owned(name);
+        let holds = self
+            .locks
+            .holder(name)
+            .is_some_and(|holder| holder.token == token);
+        if holds {
+            self.release_lock(name, token);
+        }
+        holds
+    }
+
+    /// Releases every lock `lease` held and ends its waits.
+    fn release_locks_of(&mut self, lease: u64) {
+        let held = self.locks.lease_ended(lease, &mut self.lock_events);
+        for (name, token) in held {
+            self.release_lock(&name, token);
+        }
+    }
+
+    /// Restores a lock's state (recovery): its holder, or none, and the last token granted.
+    pub fn restore_lock(&mut self, name: &[u8], holder: Option<(u64, u64)>, last_token: u64) {
+        self.locks.clear_holder(name, last_token);
+        if let Some((lease, token)) = holder {
+            self.locks.set_holder(name, lease, token);
+        }
+    }
+
+    /// The shard's locks, for a snapshot.
+    pub fn locks(&self) -> &Locks {
+        &self.locks
     }
 
     /// Deletes the keys attached to `lease` at one revision, journaling the lease's end too
@@ -273,6 +417,10 @@ impl Shard {
                 Effect::LeaseEnd { id } => {
                     self.leases.end_home(id);
                 }
+                Effect::LockHeld { name, lease, token } => {
+                    self.locks.set_holder(name, lease, token);
+                }
+                Effect::LockFree { name, token } => self.locks.clear_holder(name, token),
             }
         }
         Ok(())
@@ -433,6 +581,10 @@ impl Shard {
                 Some(keys.iter().map(|key| key_write(key, 0)).sum())
             }
             ArchivedRequest::LeaseGrant { .. } => Some(RECORD + EFFECT),
+            // A release and the next holder's grant.
+            ArchivedRequest::Lock { name, .. } | ArchivedRequest::Unlock { name, .. } => {
+                Some(2 * (RECORD + EFFECT + name.len() as u64))
+            }
             ArchivedRequest::LeaseRevoke { id } => {
                 let (keys, _) = self.leases.keys_of(id.to_native(), usize::MAX, usize::MAX);
                 Some(RECORD + EFFECT + keys.iter().map(|key| key_write(key, 0)).sum::<u64>())
@@ -589,6 +741,22 @@ impl Shard {
             ArchivedRequest::LeaseList => Response::Leases {
                 ids: self.leases.home_ids(self.mono_ms),
             },
+            ArchivedRequest::Lock {
+                name,
+                lease,
+                wait_ms,
+            } => match self.lock(name, lease.to_native(), wait_ms.to_native()) {
+                LockStep::Done(response) => response,
+                // The core sends waiting locks through `lock`; one that reached here answers
+                // with the holder's token, as after a wait.
+                LockStep::Queued(_) => Response::Locked {
+                    acquired: false,
+                    token: self.locks.holder(name).map_or(0, |holder| holder.token),
+                },
+            },
+            ArchivedRequest::Unlock { name, token } => Response::Unlocked {
+                released: self.unlock(name, token.to_native()),
+            },
             ArchivedRequest::MultiDelete { keys } => self.multi_delete(now_ms, keys),
             ArchivedRequest::Scan(scan) => Response::Scan(self.scan(now_ms, scan)),
         }
@@ -710,8 +878,10 @@ impl Shard {
             .take_expired(self.mono_ms, self.config.expired_per_tick_max, &mut ended);
         for lease in ended {
             self.delete_lease_keys(lease, true, true);
+            self.release_locks_of(lease);
             self.ended_leases.push((lease, true));
         }
+        self.locks.expire_waits(self.mono_ms, &mut self.lock_events);
         expired_count
     }
 
@@ -754,6 +924,7 @@ impl Shard {
     /// Checks the invariants that cost O(n): the memory charge and the timer count. For tests.
     pub fn check_invariants(&self) {
         self.leases.check_invariants();
+        self.locks.check_invariants();
         assert_eq!(
             self.store.memory_bytes(),
             self.store.memory_bytes_recomputed()
@@ -1005,6 +1176,14 @@ impl Shard {
     /// Whether `key` may be attached to `lease`: the lease lives (homed here, or known to
     /// live by its home on another core of this node) and the attachments have room.
     fn check_lease_for(&self, key: &[u8], lease: u64) -> Result<(), Response> {
+        self.check_lease_lives(lease)?;
+        self.leases
+            .has_room_for_key(key)
+            .map_err(|full| self.lease_table_full(full))
+    }
+
+    /// Whether `lease` lives, for a key or a lock of this shard to use it.
+    fn check_lease_lives(&self, lease: u64) -> Result<(), Response> {
         let id = LeaseId(lease);
         if id.node_id() != self.config.node_id {
             return Err(error(
@@ -1027,9 +1206,7 @@ impl Shard {
                 format!("lease {lease} does not live (it expired, was revoked or never was)"),
             ));
         }
-        self.leases
-            .has_room_for_key(key)
-            .map_err(|full| self.lease_table_full(full))
+        Ok(())
     }
 
     fn lease_table_full(&self, full: LeaseTableFull) -> Response {
@@ -1090,6 +1267,7 @@ impl Shard {
         }
         self.leases.end_home(lease);
         self.delete_lease_keys(lease, false, true);
+        self.release_locks_of(lease);
         self.ended_leases.push((lease, false));
         Response::LeaseRevoked { existed: true }
     }
@@ -1242,6 +1420,7 @@ impl Shard {
             ArchivedCheck::ModRevision(op, given) => {
                 number(op, given.to_native(), |revisions| revisions.modify)
             }
+            ArchivedCheck::Fence(token) => token.to_native() >= self.locks.last_token(&compare.key),
         }
     }
 

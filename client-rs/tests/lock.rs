@@ -1,0 +1,380 @@
+//! Locks through the client, run against a server on loopback (`remote::*`) and embedded
+//! shards (`embedded::*`): grants with growing fencing tokens, a first-come first-served
+//! line woken by the server, release by unlock or by the lease's end, waits that end, and
+//! writes fenced by a token.
+
+#[macro_use]
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tessera_client::{Client, ClientError, ErrorCode};
+
+scenarios!(
+    grants_carry_growing_tokens,
+    a_held_lock_is_busy_for_others,
+    waiters_are_served_in_order,
+    a_lease_end_hands_the_lock_over,
+    a_wait_ends_without_the_lock,
+    a_revoked_lease_leaves_the_line,
+    fenced_writes_refuse_a_former_holder,
+    a_dead_lease_cannot_lock,
+    contenders_never_overlap_in_fenced_writes,
+);
+
+const LONG: Duration = Duration::from_secs(30);
+
+async fn grants_carry_growing_tokens(client: &Client) {
+    let lease = client.lease(LONG).await.unwrap();
+    let first = client
+        .lock("tokens", lease.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    let again = client
+        .lock("tokens", lease.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("already held by this lease");
+    assert_eq!(again.token, first.token, "asking again returns the grant");
+    assert!(!client.unlock("tokens", first.token + 1).await.unwrap());
+    assert!(client.unlock("tokens", first.token).await.unwrap());
+    assert!(
+        !client.unlock("tokens", first.token).await.unwrap(),
+        "released once"
+    );
+    let second = client
+        .lock("tokens", lease.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free again");
+    assert!(second.token > first.token);
+}
+
+async fn a_held_lock_is_busy_for_others(client: &Client) {
+    let holder = client.lease(LONG).await.unwrap();
+    let other = client.lease(LONG).await.unwrap();
+    let grant = client
+        .lock("busy", holder.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    assert_eq!(
+        client
+            .lock("busy", other.id(), Duration::ZERO)
+            .await
+            .unwrap(),
+        None
+    );
+    assert!(client.unlock("busy", grant.token).await.unwrap());
+    assert!(client
+        .lock("busy", other.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn waiters_are_served_in_order(client: &Client) {
+    let holder = client.lease(LONG).await.unwrap();
+    let first = client
+        .lock("line", holder.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    let mut waiting = Vec::new();
+    for place in 0..3 {
+        let lease = client.lease(LONG).await.unwrap();
+        let waiter = client.clone();
+        let id = lease.id();
+        waiting.push((
+            lease,
+            tokio::spawn(async move {
+                let grant = waiter.lock("line", id, LONG).await;
+                (place, grant, Instant::now())
+            }),
+        ));
+        // Each waiter is in line before the next asks.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut token = first.token;
+    assert!(client.unlock("line", token).await.unwrap());
+    let mut granted_at = Vec::new();
+    for (lease, task) in waiting {
+        let (place, grant, at) = task.await.unwrap();
+        let grant = grant.unwrap().expect("granted in turn");
+        assert!(grant.token > token, "place {place}: tokens grow");
+        token = grant.token;
+        granted_at.push(at);
+        assert!(client.unlock("line", token).await.unwrap());
+        drop(lease);
+    }
+    assert!(
+        granted_at.windows(2).all(|pair| pair[0] <= pair[1]),
+        "in order"
+    );
+}
+
+async fn a_lease_end_hands_the_lock_over(client: &Client) {
+    // Not renewed: it ends after its TTL, and the lock passes to the waiter.
+    let ttl = Duration::from_millis(300);
+    let short = client.grant_lease(ttl).await.unwrap();
+    let first = client
+        .lock("handover", short, Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    let next = client.lease(LONG).await.unwrap();
+    let asked = Instant::now();
+    let grant = client
+        .lock("handover", next.id(), LONG)
+        .await
+        .unwrap()
+        .expect("handed over");
+    let waited = asked.elapsed();
+    assert!(grant.token > first.token);
+    // The TTL, plus a tick of the server and scheduling slack.
+    assert!(
+        waited < ttl + Duration::from_millis(500),
+        "handover took {waited:?}"
+    );
+    assert!(
+        !client.unlock("handover", first.token).await.unwrap(),
+        "the old grant is gone"
+    );
+}
+
+async fn a_wait_ends_without_the_lock(client: &Client) {
+    let holder = client.lease(LONG).await.unwrap();
+    let grant = client
+        .lock("timeout", holder.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    let other = client.lease(LONG).await.unwrap();
+    let asked = Instant::now();
+    let refused = client
+        .lock("timeout", other.id(), Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(refused, None);
+    assert!(asked.elapsed() >= Duration::from_millis(200));
+    // The wait left the line: a release now leaves the lock free.
+    assert!(client.unlock("timeout", grant.token).await.unwrap());
+    assert!(client
+        .lock("timeout", other.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+async fn a_revoked_lease_leaves_the_line(client: &Client) {
+    let holder = client.lease(LONG).await.unwrap();
+    client
+        .lock("revoked", holder.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    let waiter_lease = client.grant_lease(LONG).await.unwrap();
+    let waiter = client.clone();
+    let task = tokio::spawn(async move { waiter.lock("revoked", waiter_lease, LONG).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(client.revoke_lease(waiter_lease).await.unwrap());
+    let outcome = task.await.unwrap();
+    assert!(
+        matches!(
+            &outcome,
+            Err(ClientError::Server {
+                code: ErrorCode::LeaseNotFound,
+                ..
+            })
+        ),
+        "{outcome:?}"
+    );
+}
+
+async fn fenced_writes_refuse_a_former_holder(client: &Client) {
+    // The lock and the data share a hash tag, so one shard checks the token.
+    let (lock, data) = ("{job}lock", "{job}data");
+    let paused = client
+        .grant_lease(Duration::from_millis(200))
+        .await
+        .unwrap();
+    let old = client
+        .lock(lock, paused, Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    assert!(client
+        .put_fenced(data, "old holder", lock, old.token)
+        .await
+        .unwrap());
+    // The holder "pauses" past its lease; another takes the lock and writes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let next = client.lease(LONG).await.unwrap();
+    let new = client
+        .lock(lock, next.id(), Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("the old lease ended");
+    assert!(client
+        .put_fenced(data, "new holder", lock, new.token)
+        .await
+        .unwrap());
+    // The former holder wakes up and writes with its old token: refused.
+    assert!(!client
+        .put_fenced(data, "stale", lock, old.token)
+        .await
+        .unwrap());
+    assert_eq!(
+        client.get(data).await.unwrap().map(|entry| entry.value),
+        Some(b"new holder".to_vec())
+    );
+    // Released, the lock still remembers its last token.
+    assert!(client.unlock(lock, new.token).await.unwrap());
+    assert!(!client
+        .put_fenced(data, "stale", lock, old.token)
+        .await
+        .unwrap());
+}
+
+async fn a_dead_lease_cannot_lock(client: &Client) {
+    let id = client.grant_lease(LONG).await.unwrap();
+    assert!(client.revoke_lease(id).await.unwrap());
+    let refused = client.lock("dead", id, Duration::ZERO).await;
+    assert!(
+        matches!(
+            &refused,
+            Err(ClientError::Server {
+                code: ErrorCode::LeaseNotFound,
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+}
+
+/// Many contenders take the lock in turn; some "pause" in their critical section past their
+/// lease (no renewal), so the lock is handed to the next while they still act on it. Every
+/// write goes through the fence: the ones the server accepts must be in token order (no
+/// write from a holder whose lock was granted again), and each contender that paused must
+/// have been refused.
+async fn contenders_never_overlap_in_fenced_writes(client: &Client) {
+    const CONTENDERS: u64 = 6;
+    const ROUNDS: u64 = 8;
+    let (lock, data) = ("{mutex}lock", "{mutex}data");
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for contender in 0..CONTENDERS {
+        let client = client.clone();
+        let accepted = accepted.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut refused_after_pause = 0;
+            for round in 0..ROUNDS {
+                // Renewed in the background while waiting and working.
+                let lease = client.lease(Duration::from_millis(150)).await.unwrap();
+                let id = lease.id();
+                let Some(grant) = client.lock(lock, id, LONG).await.unwrap() else {
+                    panic!("a long wait always gets the lock");
+                };
+                let pauses = (contender + round) % 4 == 0;
+                if pauses {
+                    // The holder freezes: nothing renews its lease while it sleeps.
+                    drop(lease);
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                } else {
+                    let hold = 5 + (contender * 7 + round * 3) % 20;
+                    tokio::time::sleep(Duration::from_millis(hold)).await;
+                }
+                let value = format!("{}", grant.token);
+                let written = client
+                    .put_fenced(data, &value, lock, grant.token)
+                    .await
+                    .unwrap();
+                if written {
+                    accepted.lock().unwrap().push(grant.token);
+                } else {
+                    assert!(pauses, "a holder within its lease was fenced off");
+                    refused_after_pause += 1;
+                }
+                let _ = client.unlock(lock, grant.token).await.unwrap();
+                let _ = client.revoke_lease(id).await;
+            }
+            refused_after_pause
+        }));
+    }
+    let mut refused = 0;
+    for task in tasks {
+        refused += task.await.unwrap();
+    }
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(
+        accepted.windows(2).all(|pair| pair[0] < pair[1]),
+        "accepted writes out of token order: {accepted:?}"
+    );
+    let last = accepted.last().copied().expect("some writes were accepted");
+    assert_eq!(
+        client.get(data).await.unwrap().map(|entry| entry.value),
+        Some(last.to_string().into_bytes()),
+        "the data holds the newest holder's write"
+    );
+    assert!(refused > 0, "pauses past the lease were fenced off");
+}
+
+/// A durable server restarted: a held lock comes back with its holder (whose lease gets a
+/// full TTL again), tokens keep growing, and the fence still refuses an older token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_locks_come_back_after_a_restart() {
+    common::within(
+        common::SCENARIO_TIMEOUT,
+        "locks across a restart",
+        locks_across_a_restart(),
+    )
+    .await;
+}
+
+async fn locks_across_a_restart() {
+    let config = common::test_config(common::CORE_COUNT);
+    let mut server = common::DurableServer::start("lock-restart", config).await;
+    let client = Client::connect(server.addresses()).await.unwrap();
+    let (lock, data) = ("{restart}lock", "{restart}data");
+    let holder = client.grant_lease(LONG).await.unwrap();
+    let first = client
+        .lock(lock, holder, Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    assert!(client.unlock(lock, first.token).await.unwrap());
+    let held = client
+        .lock(lock, holder, Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free again");
+    server.restart().await;
+    let other = client.grant_lease(LONG).await.unwrap();
+    assert_eq!(
+        client.lock(lock, other, Duration::ZERO).await.unwrap(),
+        None,
+        "still held after the restart"
+    );
+    assert!(!client
+        .put_fenced(data, "stale", lock, first.token)
+        .await
+        .unwrap());
+    assert!(client
+        .put_fenced(data, "holder", lock, held.token)
+        .await
+        .unwrap());
+    assert!(client.unlock(lock, held.token).await.unwrap());
+    let next = client
+        .lock(lock, other, Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("released");
+    assert!(
+        next.token > held.token,
+        "tokens keep growing across the restart"
+    );
+    drop(client);
+    server.stop().await;
+}
