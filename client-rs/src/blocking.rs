@@ -1,9 +1,11 @@
 //! A synchronous client for scripts, tools and the CLI: the async [`Client`] driven by a
-//! private single-threaded tokio runtime. Each call blocks the calling thread until its reply.
+//! private tokio runtime with one worker thread. Each call blocks the calling thread until
+//! its reply.
 //!
-//! The runtime only runs while a call blocks in it. A [`BlockingWatch`] therefore receives
-//! only while it is being iterated: a consumer that stops reading for long enough gets
-//! [`ClientError::Lagged`], as with the async [`Watch`] it wraps.
+//! The runtime's worker runs in the background, so a [`Lease`] handle is renewed between
+//! calls and a [`BlockingWatch`] keeps receiving into its bounded buffer while it is not
+//! iterated: a consumer that stops reading for long enough gets [`ClientError::Lagged`], as
+//! with the async [`Watch`] it wraps.
 
 use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
@@ -12,8 +14,9 @@ use futures_util::StreamExt;
 
 use crate::{
     AddOptions, Client, ClientConfig, ClientError, CounterOutcome, DeleteOptions, DeleteOutcome,
-    Entry, KeyRange, Optimistic, Pong, PutOptions, PutOutcome, Result, ScanOptions, ScanResult,
-    ShardRevision, Topology, TtlState, Txn, TxnOp, TxnOutcome, Watch, WatchMessage, WatchOptions,
+    Entry, KeyRange, Lease, LeaseInfo, LockGrant, Optimistic, Pong, PutOptions, PutOutcome, Result,
+    ScanOptions, ScanResult, ShardRevision, Topology, TtlState, Txn, TxnOp, TxnOutcome, Watch,
+    WatchMessage, WatchOptions,
 };
 
 /// Times the runtime yields when a [`BlockingWatch`] is dropped, so its aborted shard tasks
@@ -30,7 +33,9 @@ pub struct BlockingClient {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("tessera-client")
         .enable_all()
         .build()
         .map_err(|error| ClientError::Topology(format!("cannot start the client runtime: {error}")))
@@ -250,6 +255,97 @@ impl BlockingClient {
     ) -> Result<bool> {
         self.runtime
             .block_on(self.client.compare_and_set_counter(key, current, new))
+    }
+
+    /// See [`Client::lease`]. The lease is renewed in the background (by the runtime's
+    /// worker) until the handle is dropped.
+    ///
+    /// # Errors
+    /// See [`Client::lease`].
+    pub fn lease(&self, ttl: Duration) -> Result<Lease> {
+        self.runtime.block_on(self.client.lease(ttl))
+    }
+
+    /// See [`Client::grant_lease`].
+    ///
+    /// # Errors
+    /// See [`Client::grant_lease`].
+    pub fn grant_lease(&self, ttl: Duration) -> Result<u64> {
+        self.runtime.block_on(self.client.grant_lease(ttl))
+    }
+
+    /// See [`Client::keepalive`].
+    ///
+    /// # Errors
+    /// See [`Client::keepalive`].
+    pub fn keepalive(&self, ids: &[u64]) -> Result<Vec<Option<Duration>>> {
+        self.runtime.block_on(self.client.keepalive(ids))
+    }
+
+    /// See [`Client::revoke_lease`].
+    ///
+    /// # Errors
+    /// See [`Client::revoke_lease`].
+    pub fn revoke_lease(&self, id: u64) -> Result<bool> {
+        self.runtime.block_on(self.client.revoke_lease(id))
+    }
+
+    /// See [`Client::lease_info`].
+    ///
+    /// # Errors
+    /// See [`Client::lease_info`].
+    pub fn lease_info(&self, id: u64) -> Result<Option<LeaseInfo>> {
+        self.runtime.block_on(self.client.lease_info(id))
+    }
+
+    /// See [`Client::leases`].
+    ///
+    /// # Errors
+    /// See [`Client::leases`].
+    pub fn leases(&self) -> Result<Vec<u64>> {
+        self.runtime.block_on(self.client.leases())
+    }
+
+    /// See [`Client::lock`].
+    ///
+    /// # Errors
+    /// See [`Client::lock`].
+    pub fn lock(
+        &self,
+        name: impl AsRef<[u8]>,
+        lease: u64,
+        wait: Duration,
+    ) -> Result<Option<LockGrant>> {
+        self.runtime.block_on(self.client.lock(name, lease, wait))
+    }
+
+    /// See [`Client::unlock`].
+    ///
+    /// # Errors
+    /// See [`Client::unlock`].
+    pub fn unlock(&self, name: impl AsRef<[u8]>, token: u64) -> Result<bool> {
+        self.runtime.block_on(self.client.unlock(name, token))
+    }
+
+    /// See [`Client::put_fenced`].
+    ///
+    /// # Errors
+    /// See [`Client::put_fenced`].
+    pub fn put_fenced(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        lock: impl AsRef<[u8]>,
+        token: u64,
+    ) -> Result<bool> {
+        self.runtime
+            .block_on(self.client.put_fenced(key, value, lock, token))
+    }
+
+    /// Runs a future of the async [`Client`] (from [`BlockingClient::client`]) on this
+    /// client's runtime, blocking until it finishes.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
     }
 
     /// See [`Client::txn`].

@@ -102,6 +102,18 @@ struct Kept {
 const RENEWALS_PER_TTL: u32 = 3;
 
 impl Keeper {
+    /// A keeper whose grants start at a core picked from the clock, so clients that grant
+    /// once each (a CLI run) still spread their leases over the cores.
+    pub(crate) fn new() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.subsec_nanos());
+        Self {
+            next_core: AtomicUsize::new(nanos as usize),
+            ..Self::default()
+        }
+    }
+
     fn kept(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Kept>> {
         self.kept.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -134,7 +146,7 @@ impl Keeper {
 
     /// Records a renewal's answer: a lease the server no longer has is lost. A renewal that
     /// failed to reach the server is tried again soon, well within the TTL.
-    fn settle(&self, id: u64, outcome: Result<Option<u64>, ()>) {
+    fn settle(&self, id: u64, outcome: Result<Option<u64>>) {
         let mut kept = self.kept();
         match outcome {
             Ok(Some(_)) => {}
@@ -144,7 +156,8 @@ impl Keeper {
                     tracing::warn!(lease = id, "lease ended before it was renewed");
                 }
             }
-            Err(()) => {
+            Err(error) => {
+                tracing::debug!(lease = id, %error, "renewal failed; retrying soon");
                 if let Some(lease) = kept.get_mut(&id) {
                     lease.due = Instant::now() + (lease.ttl / 10).min(Duration::from_millis(500));
                 }
@@ -228,9 +241,7 @@ impl Client {
     pub async fn keepalive(&self, ids: &[u64]) -> Result<Vec<Option<Duration>>> {
         let mut ttls = vec![None; ids.len()];
         for (id, outcome) in self.renew(ids).await {
-            let ttl_ms = outcome.map_err(|()| ClientError::Disconnected {
-                address: format!("the home of lease {id}"),
-            })?;
+            let ttl_ms = outcome?;
             for (slot, _) in ttls.iter_mut().zip(ids).filter(|(_, each)| **each == id) {
                 *slot = ttl_ms.map(Duration::from_millis);
             }
@@ -244,7 +255,12 @@ impl Client {
     /// See [`ClientError`].
     pub async fn revoke_lease(&self, id: u64) -> Result<bool> {
         let view = self.view();
-        let location = home_of(&view, id)?;
+        let Some(location) =
+            home_of(&view, id).filter(|location| view.transport(*location).is_some())
+        else {
+            // No core of the cluster is its home: no such lease lives.
+            return Ok(false);
+        };
         match self
             .call_at(&view, location, &Request::LeaseRevoke { id })
             .await?
@@ -322,18 +338,18 @@ impl Client {
     /// Sends keepalives for `ids`, grouped by home core, at most `BATCH_COUNT_MAX` per
     /// request, in parallel; returns each id with its TTL (`None`: ended), or `Err` where
     /// the request failed.
-    async fn renew(&self, ids: &[u64]) -> Vec<(u64, Result<Option<u64>, ()>)> {
+    async fn renew(&self, ids: &[u64]) -> Vec<(u64, Result<Option<u64>>)> {
         let view = self.view();
         let mut groups: HashMap<(u16, u16), Vec<u64>> = HashMap::new();
         let mut outcomes = Vec::with_capacity(ids.len());
         for &id in ids {
-            match home_of(&view, id) {
-                Ok(location) => groups
+            match home_of(&view, id).filter(|location| view.transport(*location).is_some()) {
+                Some(location) => groups
                     .entry((location.node_index, location.core_index))
                     .or_default()
                     .push(id),
-                // A lease of no node in the topology cannot be renewed.
-                Err(_) => outcomes.push((id, Ok(None))),
+                // No core of the cluster is its home: no such lease lives.
+                None => outcomes.push((id, Ok(None))),
             }
         }
         let calls = groups
@@ -349,17 +365,22 @@ impl Client {
                         let chunk = chunk.to_vec();
                         async move {
                             let request = Request::LeaseKeepalive { ids: chunk.clone() };
-                            match self.call_at(&view, location, &request).await {
+                            let error = match self.call_at(&view, location, &request).await {
                                 Ok(Response::LeaseKeepalive { ttls_ms })
                                     if ttls_ms.len() == chunk.len() =>
                                 {
-                                    chunk.into_iter().zip(ttls_ms.into_iter().map(Ok)).collect()
+                                    return chunk
+                                        .into_iter()
+                                        .zip(ttls_ms.into_iter().map(Ok))
+                                        .collect();
                                 }
-                                _ => chunk
-                                    .into_iter()
-                                    .map(|id| (id, Err(())))
-                                    .collect::<Vec<_>>(),
-                            }
+                                Ok(other) => unexpected(&other),
+                                Err(error) => error,
+                            };
+                            chunk
+                                .into_iter()
+                                .map(|id| (id, Err(error.clone())))
+                                .collect::<Vec<_>>()
                         }
                     })
                     .collect::<Vec<_>>()
@@ -404,22 +425,16 @@ fn locations(view: &ClusterView) -> Vec<ShardLocation> {
         .collect()
 }
 
-/// The home core of a lease, from its id.
-fn home_of(view: &ClusterView, id: u64) -> Result<ShardLocation> {
+/// The home core of a lease, from its id, if its node is in the topology.
+fn home_of(view: &ClusterView, id: u64) -> Option<ShardLocation> {
     let lease = LeaseId(id);
     let node_index = view
         .topology
         .nodes
         .iter()
-        .position(|node| node.node_id == lease.node_id())
-        .ok_or_else(|| {
-            ClientError::Topology(format!(
-                "lease {id} is homed on node {}, which is not in the topology",
-                lease.node_id()
-            ))
-        })?;
-    Ok(ShardLocation {
-        node_index: u16::try_from(node_index).unwrap_or(u16::MAX),
+        .position(|node| node.node_id == lease.node_id())?;
+    Some(ShardLocation {
+        node_index: u16::try_from(node_index).ok()?,
         core_index: lease.core_id(),
     })
 }

@@ -347,7 +347,7 @@ impl Client {
                 config,
                 view: RwLock::new(Arc::new(view)),
                 refresh: tokio::sync::Mutex::new(()),
-                keeper: Arc::default(),
+                keeper: Arc::new(lease::Keeper::new()),
                 #[cfg(feature = "embedded")]
                 embedded: None,
             }),
@@ -375,7 +375,7 @@ impl Client {
                 config: ClientConfig::new(Vec::<String>::new()),
                 view: RwLock::new(Arc::new(view)),
                 refresh: tokio::sync::Mutex::new(()),
-                keeper: Arc::default(),
+                keeper: Arc::new(lease::Keeper::new()),
                 embedded: Some((host, inboxes)),
             }),
         })

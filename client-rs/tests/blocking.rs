@@ -143,3 +143,40 @@ fn blocking_embedded_client() {
         }
     });
 }
+
+/// A lease held through a blocking client is renewed while the caller does nothing, and its
+/// lock and fenced writes work the same as through the async client.
+#[test]
+fn blocking_leases_are_renewed_between_calls() {
+    let server = start_server(CORE_COUNT);
+    let addresses = server.addresses();
+    on_thread_within(SCENARIO_TIMEOUT, "blocking leases", move || {
+        let client = BlockingClient::connect(addresses).expect("connect");
+        let lease = client.lease(Duration::from_millis(300)).expect("grant");
+        client
+            .put_with("{b}leased", "v", PutOptions::new().lease(lease.id()))
+            .expect("put");
+        let grant = client
+            .lock("{b}lock", lease.id(), Duration::ZERO)
+            .expect("lock")
+            .expect("free");
+        // No call for several TTLs: only the background renewal keeps the lease.
+        std::thread::sleep(Duration::from_millis(1_200));
+        assert!(lease.is_alive());
+        assert!(client.get("{b}leased").expect("get").is_some());
+        assert!(client
+            .put_fenced("{b}data", "x", "{b}lock", grant.token)
+            .expect("fenced put"));
+        let info = client.lease_info(lease.id()).expect("info").expect("alive");
+        assert_eq!(info.keys, vec![b"{b}leased".to_vec()]);
+        assert!(client.leases().expect("list").contains(&lease.id()));
+        drop(lease);
+        std::thread::sleep(Duration::from_millis(700));
+        assert_eq!(client.get("{b}leased").expect("get"), None);
+        assert!(
+            !client.unlock("{b}lock", grant.token).expect("unlock"),
+            "released"
+        );
+    });
+    stop_server(server);
+}

@@ -17,6 +17,10 @@
 //! deadline on each, and the process is killed if the test ends first. A test writes only
 //! once every core has answered the watch's first progress request (`--progress-ms` prints
 //! it), so no write can land before the watch and be missed.
+//!
+//! `lease` commands: nothing in the binary renews a lease in the background, so a granted
+//! lease lives exactly as long as its TTL and the `lease keepalive` runs allow; the tests of
+//! expiry rely on that. `lease keepalive --every-ms` runs in the background like a watch.
 
 mod common;
 
@@ -1942,7 +1946,7 @@ fn help_lists_the_new_commands() {
     let endpoints = Endpoints::Flag("127.0.0.1:1");
     let run = tessera(&endpoints, &["--help"]);
     assert_eq!(run.status_code, 0, "{run:?}");
-    for command in ["counter", "txn", "add", "put", "del"] {
+    for command in ["counter", "txn", "add", "put", "del", "lease"] {
         assert!(
             run.stdout.contains(&format!("  {command} ")),
             "{command}: {run:?}"
@@ -1967,4 +1971,343 @@ fn help_lists_the_new_commands() {
     assert!(run.stdout.contains("--if-value"), "{run:?}");
     let run = tessera(&endpoints, &["del", "--help"]);
     assert!(run.stdout.contains("--if-version"), "{run:?}");
+    let run = tessera(&endpoints, &["put", "--help"]);
+    assert!(run.stdout.contains("--lease <ID>"), "{run:?}");
+    let run = tessera(&endpoints, &["lease", "--help"]);
+    for command in ["grant", "keepalive", "revoke", "ttl", "list"] {
+        assert!(
+            run.stdout.contains(&format!("  {command} ")),
+            "{command}: {run:?}"
+        );
+    }
+    let run = tessera(&endpoints, &["lease", "keepalive", "--help"]);
+    assert!(run.stdout.contains("--every-ms <N>"), "{run:?}");
+    let run = tessera(&endpoints, &["lease", "ttl", "--help"]);
+    assert!(run.stdout.contains("--keys"), "{run:?}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Leases.
+
+/// Runs `lease grant <ttl_ms>` and returns the id it printed, alone on its line.
+fn grant(fixture: &Fixture, ttl_ms: u64) -> u64 {
+    let run = fixture.run_expecting(0, &["lease", "grant", &ttl_ms.to_string()]);
+    let id: u64 = run
+        .stdout
+        .trim_end()
+        .parse()
+        .unwrap_or_else(|error| panic!("grant prints an id ({error}): {run:?}"));
+    assert_eq!(run.stdout, format!("{id}\n"), "the id on its own line");
+    assert_ne!(id, 0);
+    id
+}
+
+/// The ids `lease list` prints, one per line.
+fn listed_leases(fixture: &Fixture) -> Vec<u64> {
+    let run = fixture.run_expecting(0, &["lease", "list"]);
+    run.stdout
+        .lines()
+        .map(|line| {
+            line.parse()
+                .unwrap_or_else(|error| panic!("an id per line ({error}): {run:?}"))
+        })
+        .collect()
+}
+
+/// Longest a test waits for the server to delete the keys of a lease that ended: its TTL,
+/// then the expiry and the deletes on every shard, with room for a loaded machine.
+const LEASE_END_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits until `key` is gone, at most [`LEASE_END_TIMEOUT`].
+fn wait_until_gone(client: &BlockingClient, key: &str) {
+    let start = Instant::now();
+    while client.exists(key).expect("exists") {
+        assert!(
+            start.elapsed() < LEASE_END_TIMEOUT,
+            "{key} still exists after {LEASE_END_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn lease_keys_are_listed_and_deleted_on_revoke() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let id = grant(&fixture, 60_000);
+    let id_text = id.to_string();
+    // Keys on both cores, one with a TTL of its own too (the server allows both).
+    let keys = [
+        key_on_core(&client, 0, "leased"),
+        key_on_core(&client, 1, "leased"),
+        key_on_core(&client, 1, "leased-ttl"),
+    ];
+    for key in &keys[..2] {
+        let run = fixture.run_expecting(0, &["put", key, "v", "--lease", &id_text]);
+        assert!(run.stdout.starts_with("OK (mod_revision "), "{run:?}");
+    }
+    fixture.run_expecting(
+        0,
+        &[
+            "put",
+            &keys[2],
+            "v",
+            "--lease",
+            &id_text,
+            "--ttl-ms",
+            "60000",
+            "--if-absent",
+        ],
+    );
+    // An unleased key, which the revoke must leave alone.
+    fixture.run_expecting(0, &["put", "unleased", "v"]);
+    assert!(listed_leases(&fixture).contains(&id));
+
+    let run = fixture.run_expecting(0, &["lease", "ttl", &id_text]);
+    let mut lines = run.stdout.lines();
+    let first = lines.next().unwrap_or_default();
+    let remaining_ms: u64 = first
+        .strip_prefix(&format!("id={id} ttl=60000 remaining="))
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("`id=<id> ttl=<ms> remaining=<ms>`: {run:?}"));
+    assert!(remaining_ms > 0, "{run:?}");
+    assert!(remaining_ms <= 60_000, "{run:?}");
+    assert_eq!(lines.next(), None, "keys only with --keys: {run:?}");
+
+    let run = fixture.run_expecting(0, &["lease", "ttl", &id_text, "--keys"]);
+    let mut sorted_keys = keys.to_vec();
+    sorted_keys.sort();
+    let listed: Vec<&str> = run.stdout.lines().skip(1).collect();
+    assert_eq!(
+        listed, sorted_keys,
+        "the keys of every shard, in key order: {run:?}"
+    );
+    assert!(
+        run.stdout
+            .starts_with(&format!("id={id} ttl=60000 remaining=")),
+        "{run:?}"
+    );
+    assert_eq!(run.stderr, "", "no more keys than listed: {run:?}");
+
+    assert_eq!(
+        fixture
+            .run_expecting(0, &["lease", "revoke", &id_text])
+            .stdout,
+        "revoked\n"
+    );
+    for key in &keys {
+        fixture.run_expecting(1, &["get", key]);
+    }
+    fixture.run_expecting(0, &["get", "unleased"]);
+    let run = fixture.run_expecting(1, &["lease", "revoke", &id_text]);
+    assert_eq!(run.stdout, "not found\n", "{run:?}");
+    let run = fixture.run_expecting(1, &["lease", "ttl", &id_text, "--keys"]);
+    assert_eq!(run.stdout, "not found\n", "{run:?}");
+    assert!(!listed_leases(&fixture).contains(&id));
+    fixture.stop();
+}
+
+#[test]
+fn lease_keepalive_reports_each_lease() {
+    let fixture = Fixture::start();
+    let first = grant(&fixture, 60_000);
+    let second = grant(&fixture, 30_000);
+    // An id of the same home and a sequence never granted.
+    let unknown = first + 1000;
+    let run = fixture.run_expecting(
+        1,
+        &[
+            "lease",
+            "keepalive",
+            &first.to_string(),
+            &unknown.to_string(),
+            &second.to_string(),
+        ],
+    );
+    assert_eq!(
+        run.stdout,
+        format!("{first} ttl=60000\n{unknown} not found\n{second} ttl=30000\n"),
+        "{run:?}"
+    );
+    let run = fixture.run_expecting(0, &["lease", "keepalive", &second.to_string()]);
+    assert_eq!(run.stdout, format!("{second} ttl=30000\n"), "{run:?}");
+    // A revoked lease is not found either.
+    fixture.run_expecting(0, &["lease", "revoke", &first.to_string()]);
+    let run = fixture.run_expecting(1, &["lease", "keepalive", &first.to_string()]);
+    assert_eq!(run.stdout, format!("{first} not found\n"), "{run:?}");
+    assert_eq!(listed_leases(&fixture), vec![second]);
+    // Id 0 names no lease: a usage error, nothing sent.
+    let run = fixture.run_expecting(2, &["lease", "keepalive", "0"]);
+    assert!(run.stderr.contains("names no lease"), "{run:?}");
+    fixture.stop();
+}
+
+#[test]
+fn lease_without_keepalive_expires_with_its_keys() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    // Before the grant is sent, so the lease's deadline is at least its TTL from here.
+    let before_grant = Instant::now();
+    let id = grant(&fixture, 300);
+    fixture.run_expecting(0, &["put", "short", "v", "--lease", &id.to_string()]);
+    assert!(client.exists("short").expect("exists"), "the lease lives");
+    // Nothing renews it: the key goes with the lease, after its TTL.
+    wait_until_gone(&client, "short");
+    let gone_after = before_grant.elapsed();
+    // The server counts whole milliseconds, so it may end up to one early.
+    assert!(
+        gone_after >= Duration::from_millis(299),
+        "deleted {gone_after:?} after the grant, before its TTL of 300 ms"
+    );
+    fixture.run_expecting(1, &["lease", "ttl", &id.to_string()]);
+    assert!(!listed_leases(&fixture).contains(&id));
+    fixture.stop();
+}
+
+#[cfg(unix)]
+#[test]
+fn lease_keepalive_every_keeps_a_lease_alive_until_interrupted() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let id = grant(&fixture, 400);
+    // Renewing first, so the short TTL need not cover the put's run too.
+    let mut keeper = Watcher::start(
+        &fixture,
+        &["lease", "keepalive", "--every-ms", "100", &id.to_string()],
+    );
+    assert_eq!(
+        keeper.next_line(),
+        format!("{id} ttl=400"),
+        "the first round"
+    );
+    fixture.run_expecting(0, &["put", "kept", "v", "--lease", &id.to_string()]);
+    // Well past the TTL: only the renewals keep it.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(client.exists("kept").expect("exists"), "the lease was kept");
+    let run = fixture.run_expecting(0, &["lease", "ttl", &id.to_string()]);
+    assert!(
+        run.stdout
+            .starts_with(&format!("id={id} ttl=400 remaining=")),
+        "{run:?}"
+    );
+    interrupt(&keeper.child);
+    let run = keeper.finish();
+    assert_eq!(run.status_code, 130, "128 + SIGINT: {run:?}");
+    assert_eq!(
+        run.stdout,
+        format!("{id} ttl=400\n"),
+        "no line for rounds that changed nothing: {run:?}"
+    );
+    assert_eq!(run.stderr, "", "{run:?}");
+    // Nothing renews it any more.
+    wait_until_gone(&client, "kept");
+    fixture.stop();
+}
+
+#[test]
+fn lease_json_output() {
+    let fixture = Fixture::start();
+    let granted = parse_json(&fixture.run_expecting(0, &["-o", "json", "lease", "grant", "60000"]));
+    let id = granted["id"].as_u64().expect("id is a number");
+    assert_eq!(granted["ttl_ms"].as_u64(), Some(60_000), "{granted}");
+    let id_text = id.to_string();
+    let put = parse_json(
+        &fixture.run_expecting(0, &["-o", "json", "put", "j", "v", "--lease", &id_text]),
+    );
+    assert_eq!(put["applied"], Value::Bool(true));
+
+    let ttl =
+        parse_json(&fixture.run_expecting(0, &["-o", "json", "lease", "ttl", &id_text, "--keys"]));
+    assert_eq!(ttl["id"].as_u64(), Some(id), "{ttl}");
+    assert_eq!(ttl["found"], Value::Bool(true), "{ttl}");
+    assert_eq!(ttl["ttl_ms"].as_u64(), Some(60_000), "{ttl}");
+    let remaining_ms = ttl["remaining_ms"]
+        .as_u64()
+        .expect("remaining_ms is a number");
+    assert!(remaining_ms <= 60_000, "{ttl}");
+    assert_eq!(ttl["keys"], serde_json::json!(["j"]), "{ttl}");
+    assert_eq!(ttl["more"], Value::Bool(false), "{ttl}");
+    let ttl = parse_json(&fixture.run_expecting(0, &["-o", "json", "lease", "ttl", &id_text]));
+    assert_eq!(ttl.get("keys"), None, "keys only when asked: {ttl}");
+    assert_eq!(ttl["more"], Value::Bool(false), "{ttl}");
+
+    let list = parse_json(&fixture.run_expecting(0, &["-o", "json", "lease", "list"]));
+    assert_eq!(list, serde_json::json!({ "ids": [id] }));
+
+    let unknown = id + 1000;
+    let renewed = parse_json(&fixture.run_expecting(
+        1,
+        &[
+            "-o",
+            "json",
+            "lease",
+            "keepalive",
+            &id_text,
+            &unknown.to_string(),
+        ],
+    ));
+    assert_eq!(
+        renewed,
+        serde_json::json!({ "leases": [
+            { "id": id, "found": true, "ttl_ms": 60_000 },
+            { "id": unknown, "found": false },
+        ] })
+    );
+
+    let revoked =
+        parse_json(&fixture.run_expecting(0, &["-o", "json", "lease", "revoke", &id_text]));
+    assert_eq!(revoked, serde_json::json!({ "revoked": true }));
+    let revoked =
+        parse_json(&fixture.run_expecting(1, &["-o", "json", "lease", "revoke", &id_text]));
+    assert_eq!(revoked, serde_json::json!({ "revoked": false }));
+    let ttl = parse_json(&fixture.run_expecting(1, &["-o", "json", "lease", "ttl", &id_text]));
+    assert_eq!(ttl, serde_json::json!({ "id": id, "found": false }));
+    let list = parse_json(&fixture.run_expecting(0, &["-o", "json", "lease", "list"]));
+    assert_eq!(list, serde_json::json!({ "ids": [] }));
+    fixture.stop();
+}
+
+#[test]
+fn put_with_a_lease_that_does_not_live_fails() {
+    let fixture = Fixture::start();
+    let id = grant(&fixture, 60_000);
+    let never_granted = (id + 1000).to_string();
+    let run = fixture.run_expecting(2, &["put", "orphan", "v", "--lease", &never_granted]);
+    assert_eq!(run.stdout, "", "{run:?}");
+    assert!(run.stderr.contains("lease_not_found"), "{run:?}");
+    let run = fixture.run_expecting(
+        2,
+        &[
+            "-o",
+            "json",
+            "put",
+            "orphan",
+            "v",
+            "--lease",
+            &never_granted,
+        ],
+    );
+    let error = parse_json(&run);
+    assert_eq!(error["code"], "lease_not_found", "{run:?}");
+    assert!(error["error"].as_str().is_some(), "{run:?}");
+    // A revoked lease is refused the same way.
+    fixture.run_expecting(0, &["lease", "revoke", &id.to_string()]);
+    let run = fixture.run_expecting(
+        2,
+        &[
+            "-o",
+            "json",
+            "put",
+            "orphan",
+            "v",
+            "--lease",
+            &id.to_string(),
+        ],
+    );
+    assert_eq!(parse_json(&run)["code"], "lease_not_found", "{run:?}");
+    // Nothing was written.
+    fixture.run_expecting(1, &["get", "orphan"]);
+    let run = fixture.run_expecting(2, &["put", "orphan", "v", "--lease", "0"]);
+    assert!(run.stderr.contains("names no lease"), "{run:?}");
+    fixture.stop();
 }

@@ -2,9 +2,11 @@
 //!
 //! Human-readable output by default, `-o json` for scripts. Exit status: 0 on success (a
 //! conditional write whose condition failed succeeds too, and says so), 1 when `get` or
-//! `counter get` finds no key and when a transaction ran its failure branch, 2 on any error
+//! `counter get` finds no key, when a transaction ran its failure branch and when `lease
+//! keepalive`, `lease revoke` or `lease ttl` finds a lease that does not live, 2 on any error
 //! (connection, server refusal, bad arguments, a malformed transaction document), and
-//! 128 + the signal's number when `watch` is interrupted (130 for Ctrl-C).
+//! 128 + the signal's number when `watch` or `lease keepalive --every-ms` is interrupted (130
+//! for Ctrl-C).
 //!
 //! `txn` reads its transaction from stdin as JSON ([`TxnDocument`]): the document is parsed
 //! and checked before the client connects, so a malformed one fails the same way whether or
@@ -14,18 +16,24 @@
 //! happens. When it stops, for whatever reason, it prints on stderr the positions to resume
 //! from (`resume with: --from <node>:<core>:<revision>...`): what it printed in full, so a
 //! resumed watch skips no event, and repeats some only of a revision `--count` cut short.
+//!
+//! `lease` commands run the async [`Client`] on a runtime of their own, because
+//! [`BlockingClient`] does not wrap the lease calls (and keeps its runtime private). Nothing
+//! renews a lease in the background here: that runtime only runs while a command does, so
+//! `lease grant` grants a lease nothing renews, and `lease keepalive --every-ms` is the
+//! renewing process.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::sync::mpsc::RecvTimeoutError;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tessera_client::{
-    AddOptions, BlockingClient, ClientConfig, ClientError, Compare, CompareOp, CounterAdd,
+    AddOptions, BlockingClient, Client, ClientConfig, ClientError, Compare, CompareOp, CounterAdd,
     DeleteOptions, Entry, EventKind, KeyRange, PutOptions, Scan, ScanItem, ScanOptions,
     ShardRevision, Topology, TtlState, Txn, TxnOp, TxnOutcome, TxnResult, WatchEvent, WatchMessage,
     WatchOptions,
@@ -38,8 +46,10 @@ use tessera_protocol::limits::{FRAME_BODY_SIZE_MAX, SCAN_LIMIT_MAX};
     version,
     about = "Command-line client for Tessera",
     after_help = "Exit status: 0 on success (also when a conditional write's condition \
-                  failed; it says so), 1 when get or counter get finds no key or txn ran its \
-                  failure branch, 2 on an error, 130 when watch is interrupted by Ctrl-C."
+                  failed; it says so), 1 when get or counter get finds no key, txn ran its \
+                  failure branch or lease keepalive, revoke or ttl finds a lease that does \
+                  not live, 2 on an error, 130 when watch or lease keepalive --every-ms is \
+                  interrupted by Ctrl-C."
 )]
 struct Cli {
     /// Comma-separated `host:port` list used to fetch the topology.
@@ -150,6 +160,13 @@ enum Command {
     Topology,
     /// Show every core's counters (keys, revision, memory, requests).
     Stats,
+    /// Leases: grant, keepalive, revoke, ttl, list.
+    ///
+    /// A lease is a TTL that ends unless renewed; keys put with `--lease <id>` are deleted
+    /// when it ends (revoked, or not renewed in time). Nothing renews a granted lease but
+    /// `lease keepalive`.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
 }
 
 /// The arguments of `tessera put`.
@@ -180,6 +197,10 @@ struct PutArguments {
     /// Keep the key's current TTL.
     #[arg(long, conflicts_with = "ttl_ms")]
     keep_ttl: bool,
+    /// Attach the key to this lease (`lease grant` prints its id): the key is deleted when
+    /// the lease ends. Fails with `lease_not_found` if the lease does not live.
+    #[arg(long, value_name = "ID", value_parser = parse_lease_id)]
+    lease: Option<u64>,
 }
 
 /// The arguments of `tessera del`.
@@ -232,6 +253,74 @@ enum CounterCommand {
         #[arg(allow_negative_numbers = true)]
         value: i64,
     },
+}
+
+/// The `tessera lease` commands.
+#[derive(Debug, Subcommand)]
+enum LeaseCommand {
+    /// Grant a lease of this many milliseconds and print its id.
+    ///
+    /// Nothing renews it: it ends after the TTL unless `lease keepalive` renews it. With `-o
+    /// json`: `{"id", "ttl_ms"}`.
+    Grant {
+        /// The TTL in milliseconds.
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        ttl_ms: u64,
+    },
+    /// Renew leases once, in one round, and print `<id> ttl=<ms>` or `<id> not found` for
+    /// each (exit 1 if any was not found).
+    ///
+    /// With `--every-ms N`, renew every N milliseconds until interrupted (exit 130 on
+    /// Ctrl-C), printing the first round and then a line only for a lease that changed:
+    /// `<id> not found` once it ended (it is renewed no more; exit 1 once none is left). A
+    /// round that fails is reported on stderr and tried again at the next one, until the
+    /// leases' longest TTL has passed without a renewal (exit 2). With `-o json` a round
+    /// prints one line, `{"leases": [{"id", "found", "ttl_ms"}, ...]}`, or `{"error",
+    /// "code"}` if it failed.
+    Keepalive {
+        /// The leases to renew.
+        #[arg(required = true, value_name = "ID", value_parser = parse_lease_id)]
+        ids: Vec<u64>,
+        /// Renew every this many milliseconds until interrupted; a third of the shortest
+        /// TTL leaves room for two lost rounds.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        every_ms: Option<u64>,
+    },
+    /// End a lease now, deleting its keys: prints `revoked`, or `not found` (exit 1).
+    ///
+    /// With `-o json`: `{"revoked"}`.
+    Revoke {
+        #[arg(value_parser = parse_lease_id)]
+        id: u64,
+    },
+    /// Print a lease's TTL and time left: `id=<id> ttl=<ms> remaining=<ms>` (exit 1 if it
+    /// does not live).
+    ///
+    /// With `-o json`: `{"id", "found", "ttl_ms", "remaining_ms", "keys", "more"}`, `keys`
+    /// only with `--keys`; `more` says a shard held more attached keys than it listed.
+    Ttl {
+        #[arg(value_parser = parse_lease_id)]
+        id: u64,
+        /// Also print the keys attached to it, one per line, in key order.
+        #[arg(long)]
+        keys: bool,
+    },
+    /// Print the ids of every live lease, one per line, ascending.
+    ///
+    /// With `-o json`: `{"ids": [...]}`.
+    List,
+}
+
+/// Parses a lease id, as `lease grant` prints it: a decimal u64 other than 0, which names no
+/// lease.
+fn parse_lease_id(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("lease id 0 names no lease".to_owned()),
+        Ok(id) => Ok(id),
+        Err(error) => Err(format!(
+            "{error}: a lease id is a decimal number, as `lease grant` prints it"
+        )),
+    }
 }
 
 const TXN_AFTER_HELP: &str = r#"The document (every section optional; unknown fields are refused):
@@ -331,7 +420,7 @@ fn main() -> ExitCode {
             report_error(cli.output == Output::Json, &error, fields);
             ExitCode::from(2)
         }
-        Err(Failure::Input(message)) => {
+        Err(Failure::Input(message) | Failure::Local(message)) => {
             if cli.output == Output::Json {
                 print_json(&json!({ "error": message, "code": Value::Null }));
             }
@@ -347,6 +436,8 @@ enum Failure {
     Client(ClientError),
     /// The command's input is malformed (a transaction document); nothing was sent.
     Input(String),
+    /// This process cannot do the work (its runtime did not start); nothing was sent.
+    Local(String),
 }
 
 impl From<ClientError> for Failure {
@@ -378,13 +469,18 @@ fn answer(json: bool, value: &serde_json::Value, text: impl std::fmt::Display) {
     }
 }
 
-/// Connects as the global options say.
-fn connect(cli: &Cli) -> Result<BlockingClient, ClientError> {
+/// The client settings the global options say.
+fn client_config(cli: &Cli) -> ClientConfig {
     let mut config = ClientConfig::new(cli.endpoints.iter().cloned());
     config.request_timeout = Duration::from_millis(cli.timeout_ms);
     config.connect_timeout = Duration::from_millis(cli.timeout_ms);
     "tessera-cli".clone_into(&mut config.client_name);
-    BlockingClient::connect_with(config)
+    config
+}
+
+/// Connects as the global options say.
+fn connect(cli: &Cli) -> Result<BlockingClient, ClientError> {
+    BlockingClient::connect_with(client_config(cli))
 }
 
 fn run(cli: &Cli) -> Result<ExitCode, Failure> {
@@ -394,6 +490,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         // server.
         let txn = read_txn_document(std::io::stdin().lock())?;
         return Ok(run_txn(&connect(cli)?, txn, json)?);
+    }
+    if let Command::Lease(command) = &cli.command {
+        return run_lease(cli, command);
     }
     let client = connect(cli)?;
     match &cli.command {
@@ -445,6 +544,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         }
         Command::Counter(command) => return Ok(counter(&client, command, json)?),
         Command::Txn => unreachable!("`txn` is run above, before connecting"),
+        Command::Lease(_) => unreachable!("`lease` is run above, with a client of its own"),
         Command::Watch(arguments) => return Ok(watch(&client, arguments, json)?),
         Command::Ping => print_pongs(&client.ping()?, json),
         Command::Topology => print_topology(&client.topology(), json),
@@ -1202,9 +1302,7 @@ fn watch(
 fn finish_watch(json: bool, end: WatchEnd, mut positions: ResumePositions) -> ExitCode {
     let code = match end {
         WatchEnd::Counted => ExitCode::SUCCESS,
-        WatchEnd::Interrupted(signal) => {
-            ExitCode::from(u8::try_from(128 + signal.clamp(0, 127)).unwrap_or(u8::MAX))
-        }
+        WatchEnd::Interrupted(signal) => interrupted_exit_code(signal),
         WatchEnd::Failed(error) => {
             let note = if let ClientError::Compacted {
                 node_id,
@@ -1554,8 +1652,9 @@ fn add_position(value: &mut Value, shard: ShardRevision) {
     value["revision"] = Value::from(shard.revision);
 }
 
-/// Ctrl-C (SIGINT) and SIGTERM while `watch` runs: the first asks it to stop at its next
-/// check, so it can print where to resume; a second ends the process at once.
+/// Ctrl-C (SIGINT) and SIGTERM while `watch` or `lease keepalive --every-ms` runs: the first
+/// asks it to stop at its next check (so `watch` can print where to resume); a second ends
+/// the process at once.
 ///
 /// The handler only stores the signal's number in an atomic and calls `_exit`, both safe in a
 /// signal handler. It is declared here against the C library std already links, rather than
@@ -1605,6 +1704,11 @@ mod interrupt {
     }
 }
 
+/// The exit status of a command a signal stopped: 128 + the signal's number.
+fn interrupted_exit_code(signal: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(128 + signal.clamp(0, 127)).unwrap_or(u8::MAX))
+}
+
 /// Elsewhere signals keep their default action: they end the process without the resume
 /// line.
 #[cfg(not(unix))]
@@ -1614,6 +1718,288 @@ mod interrupt {
     pub fn received() -> Option<i32> {
         None
     }
+}
+
+/// Runs a `lease` command, with an async client on a runtime of this command's own (see the
+/// module docs).
+fn run_lease(cli: &Cli, command: &LeaseCommand) -> Result<ExitCode, Failure> {
+    let json = cli.output == Output::Json;
+    // One thread suffices: the command waits on every call it makes.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| Failure::Local(format!("cannot start the client runtime: {error}")))?;
+    let config = client_config(cli);
+    let code = runtime.block_on(async move {
+        // Connected and dropped inside the runtime, which runs its connections' tasks.
+        let client = Client::connect_with(config).await?;
+        match command {
+            LeaseCommand::Grant { ttl_ms } => lease_grant(&client, *ttl_ms, json).await,
+            LeaseCommand::Keepalive {
+                ids,
+                every_ms: None,
+            } => lease_keepalive(&client, ids, json).await,
+            LeaseCommand::Keepalive {
+                ids,
+                every_ms: Some(every_ms),
+            } => keep_leases_alive(&client, ids, Duration::from_millis(*every_ms), json).await,
+            LeaseCommand::Revoke { id } => {
+                let revoked = client.revoke_lease(*id).await?;
+                answer(
+                    json,
+                    &json!({ "revoked": revoked }),
+                    if revoked { "revoked" } else { "not found" },
+                );
+                Ok(exit_found(revoked))
+            }
+            LeaseCommand::Ttl { id, keys } => lease_ttl(&client, *id, *keys, json).await,
+            LeaseCommand::List => {
+                let ids = client.leases().await?;
+                if json {
+                    print_json(&json!({ "ids": ids }));
+                } else {
+                    let mut out = std::io::stdout().lock();
+                    for id in ids {
+                        let _ = writeln!(out, "{id}");
+                    }
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+    })?;
+    Ok(code)
+}
+
+/// Exit status 0 if what the command looked for was found, else 1.
+fn exit_found(is_found: bool) -> ExitCode {
+    if is_found {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Milliseconds of a duration the server gave in milliseconds.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Grants a lease nothing renews and prints its id. JSON: `{"id", "ttl_ms"}`.
+async fn lease_grant(client: &Client, ttl_ms: u64, json: bool) -> Result<ExitCode, ClientError> {
+    let id = client.grant_lease(Duration::from_millis(ttl_ms)).await?;
+    answer(json, &json!({ "id": id, "ttl_ms": ttl_ms }), id);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A lease's answer to a keepalive: its TTL, or `None` if it does not live.
+type Renewal = (u64, Option<Duration>);
+
+/// The leases named, each once, in the order first named: each is renewed and printed once.
+fn distinct(ids: &[u64]) -> Vec<u64> {
+    let mut distinct: Vec<u64> = Vec::with_capacity(ids.len());
+    for &id in ids {
+        if !distinct.contains(&id) {
+            distinct.push(id);
+        }
+    }
+    distinct
+}
+
+/// Renews `ids` in one round; exit status 1 if any does not live.
+async fn lease_keepalive(
+    client: &Client,
+    ids: &[u64],
+    json: bool,
+) -> Result<ExitCode, ClientError> {
+    let ids = distinct(ids);
+    let renewals = renew(client, &ids).await?;
+    print_renewals(json, &renewals);
+    Ok(exit_found(renewals.iter().all(|(_, ttl)| ttl.is_some())))
+}
+
+/// One keepalive round for `ids`, each paired with its answer.
+async fn renew(client: &Client, ids: &[u64]) -> Result<Vec<Renewal>, ClientError> {
+    let ttls = client.keepalive(ids).await?;
+    assert_eq!(ttls.len(), ids.len(), "one answer per lease: ids={ids:?}");
+    Ok(ids.iter().copied().zip(ttls).collect())
+}
+
+/// Prints `<id> ttl=<ms>` or `<id> not found` per lease; JSON: one line,
+/// `{"leases": [{"id", "found", "ttl_ms"}, ...]}`.
+fn print_renewals(json: bool, renewals: &[Renewal]) {
+    if json {
+        let leases: Vec<Value> = renewals
+            .iter()
+            .map(|(id, ttl)| match ttl {
+                Some(ttl) => json!({ "id": id, "found": true, "ttl_ms": millis(*ttl) }),
+                None => json!({ "id": id, "found": false }),
+            })
+            .collect();
+        print_json(&json!({ "leases": leases }));
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    for (id, ttl) in renewals {
+        let _ = match ttl {
+            Some(ttl) => writeln!(out, "{id} ttl={}", millis(*ttl)),
+            None => writeln!(out, "{id} not found"),
+        };
+    }
+}
+
+/// How often `lease keepalive --every-ms` checks for Ctrl-C between rounds: the longest it
+/// takes to stop.
+const KEEPALIVE_INTERRUPT_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Renews `ids` every `every` until a signal (exit 128 + its number), until none lives (exit
+/// 1), or until no round has succeeded for longer than the longest TTL, by when the server
+/// has ended them all (exit 2). Prints the first round in full, then only the leases whose
+/// answer changed; a lease that ended is renewed no more, since it never comes back.
+async fn keep_leases_alive(
+    client: &Client,
+    ids: &[u64],
+    every: Duration,
+    json: bool,
+) -> Result<ExitCode, ClientError> {
+    interrupt::install();
+    let mut live = distinct(ids);
+    // What was last printed for each lease.
+    let mut printed: HashMap<u64, Option<Duration>> = HashMap::with_capacity(live.len());
+    // When the last round that succeeded was sent: every lease it renewed lives at least a
+    // TTL from then.
+    let mut renewed_at: Option<Instant> = None;
+    let mut ttl_max = Duration::ZERO;
+    let mut round_at = Instant::now();
+    loop {
+        match renew(client, &live).await {
+            Ok(renewals) => {
+                if renewed_at.is_none() {
+                    warn_if_too_slow(every, &renewals);
+                }
+                renewed_at = Some(round_at);
+                for (_, ttl) in &renewals {
+                    ttl_max = ttl_max.max(ttl.unwrap_or_default());
+                }
+                let changed: Vec<Renewal> = renewals
+                    .into_iter()
+                    .filter(|&(id, ttl)| printed.insert(id, ttl) != Some(ttl))
+                    .collect();
+                if !changed.is_empty() {
+                    print_renewals(json, &changed);
+                }
+                live.retain(|id| printed.get(id).is_some_and(Option::is_some));
+                if live.is_empty() {
+                    return Ok(ExitCode::from(1));
+                }
+            }
+            // The first round fails as the single one does: nothing is known to live.
+            Err(error) => {
+                let Some(renewed_at) = renewed_at else {
+                    return Err(error);
+                };
+                let since_renewal = renewed_at.elapsed();
+                if since_renewal > ttl_max {
+                    eprintln!(
+                        "tessera: no renewal succeeded for {} ms, longer than the longest \
+                         TTL ({} ms): the leases have ended",
+                        millis(since_renewal),
+                        millis(ttl_max)
+                    );
+                    return Err(error);
+                }
+                report_error(json, &error, None);
+                eprintln!("tessera: renewing again in {} ms", millis(every));
+            }
+        }
+        // A fixed schedule, unless a round outlasted it.
+        round_at = (round_at + every).max(Instant::now());
+        if let Some(signal) = sleep_until_interrupted(round_at).await {
+            return Ok(interrupted_exit_code(signal));
+        }
+    }
+}
+
+/// Warns when `every` is not shorter than the shortest TTL: such a lease may end between
+/// two renewals.
+fn warn_if_too_slow(every: Duration, renewals: &[Renewal]) {
+    let shortest = renewals
+        .iter()
+        .filter_map(|&(id, ttl)| Some((ttl?, id)))
+        .min();
+    if let Some((ttl, id)) = shortest.filter(|(ttl, _)| every >= *ttl) {
+        eprintln!(
+            "tessera: warning: --every-ms {} is not shorter than the TTL of lease {id} ({} \
+             ms), which may end between renewals; a third of it leaves room for two lost \
+             rounds",
+            millis(every),
+            millis(ttl)
+        );
+    }
+}
+
+/// Sleeps until `deadline`, or until a signal asks to stop: returns its number.
+async fn sleep_until_interrupted(deadline: Instant) -> Option<i32> {
+    loop {
+        if let Some(signal) = interrupt::received() {
+            return Some(signal);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        tokio::time::sleep(left.min(KEEPALIVE_INTERRUPT_CHECK_INTERVAL)).await;
+    }
+}
+
+/// Prints a lease's TTL and time left (and its keys with `keys`); exit status 1 if it does
+/// not live. JSON: `{"id", "found", "ttl_ms", "remaining_ms", "keys", "more"}`, `keys` only
+/// when asked.
+async fn lease_ttl(
+    client: &Client,
+    id: u64,
+    keys: bool,
+    json: bool,
+) -> Result<ExitCode, ClientError> {
+    let Some(info) = client.lease_info(id).await? else {
+        answer(json, &json!({ "id": id, "found": false }), "not found");
+        return Ok(ExitCode::from(1));
+    };
+    if json {
+        let mut value = json!({
+            "id": info.id,
+            "found": true,
+            "ttl_ms": millis(info.ttl),
+            "remaining_ms": millis(info.remaining),
+            "more": info.more,
+        });
+        if keys {
+            value["keys"] = info
+                .keys
+                .iter()
+                .map(|key| Value::from(String::from_utf8_lossy(key).as_ref()))
+                .collect();
+        }
+        print_json(&value);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "id={} ttl={} remaining={}",
+        info.id,
+        millis(info.ttl),
+        millis(info.remaining)
+    );
+    if keys {
+        for key in &info.keys {
+            let _ = writeln!(out, "{}", String::from_utf8_lossy(key));
+        }
+        if info.more {
+            // On stderr, so the lines on stdout stay keys.
+            eprintln!("tessera: lease {id} has more keys attached than were listed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn revisions_json(revisions: &[ShardRevision]) -> Value {
@@ -1650,6 +2036,9 @@ fn put(client: &BlockingClient, arguments: &PutArguments, json: bool) -> Result<
     }
     if arguments.keep_ttl {
         options = options.keep_ttl();
+    }
+    if let Some(lease) = arguments.lease {
+        options = options.lease(lease);
     }
     let outcome = client.put_with(&arguments.key, &arguments.value, options)?;
     print_put(json, outcome.applied, outcome.mod_revision, outcome.version);
