@@ -2311,3 +2311,65 @@ fn put_with_a_lease_that_does_not_live_fails() {
     assert!(run.stderr.contains("names no lease"), "{run:?}");
     fixture.stop();
 }
+
+/// Sends `signal` to `child`.
+#[cfg(unix)]
+fn send_signal(child: &Child, signal: i32) {
+    extern "C" {
+        fn kill(pid: i32, signal: i32) -> i32;
+    }
+    let pid = i32::try_from(child.id()).expect("a pid fits an i32");
+    // SAFETY: `kill` only sends a signal, to a child this test started and has not reaped.
+    let result = unsafe { kill(pid, signal) };
+    assert_eq!(result, 0, "kill({pid}, {signal})");
+}
+
+/// Lock safety with a real pause: a `tessera lock` holder is stopped with SIGSTOP past its
+/// lease, the lock goes to the next `tessera lock` within the TTL and a tick, the stale
+/// token is fenced off, and the old holder, continued, finds it lost the lock (exit 1). The
+/// new holder releases on Ctrl-C (exit 130).
+#[cfg(unix)]
+#[test]
+fn lock_holder_paused_past_its_lease_loses_the_lock() {
+    const SIGSTOP: i32 = 19;
+    const SIGCONT: i32 = 18;
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let (lock, data) = ("{cli}lock", "{cli}data");
+    let mut first = Watcher::start(&fixture, &["lock", lock, "--ttl-ms", "400"]);
+    let old_token: u64 = first
+        .next_line()
+        .parse()
+        .expect("the first line is the token");
+    assert!(client.put_fenced(data, "first", lock, old_token).unwrap());
+    send_signal(&first.child, SIGSTOP);
+    let stopped_at = Instant::now();
+    let mut second = Watcher::start(&fixture, &["lock", lock, "--wait-ms", "5000"]);
+    let new_token: u64 = second
+        .next_line()
+        .parse()
+        .expect("the first line is the token");
+    let handover = stopped_at.elapsed();
+    assert!(new_token > old_token, "{new_token} after {old_token}");
+    // The lease's TTL plus a tick, and two process starts of slack.
+    assert!(
+        handover < Duration::from_millis(2_500),
+        "handover took {handover:?}"
+    );
+    assert!(
+        !client.put_fenced(data, "stale", lock, old_token).unwrap(),
+        "fenced off"
+    );
+    assert!(client.put_fenced(data, "second", lock, new_token).unwrap());
+    send_signal(&first.child, SIGCONT);
+    let paused = first.finish();
+    assert_eq!(paused.status_code, 1, "{paused:?}");
+    assert!(paused.stderr.contains("lost the lock"), "{paused:?}");
+    interrupt(&second.child);
+    assert_eq!(second.finish().status_code, 130);
+    // Released on Ctrl-C: the next taker gets it at once.
+    let lease = client.lease(Duration::from_secs(10)).unwrap();
+    let grant = client.lock(lock, lease.id(), Duration::ZERO).unwrap();
+    assert!(grant.is_some_and(|grant| grant.token > new_token));
+    fixture.stop();
+}

@@ -38,7 +38,7 @@ use tessera_client::{
     ShardRevision, Topology, TtlState, Txn, TxnOp, TxnOutcome, TxnResult, WatchEvent, WatchMessage,
     WatchOptions,
 };
-use tessera_protocol::limits::{FRAME_BODY_SIZE_MAX, SCAN_LIMIT_MAX};
+use tessera_protocol::limits::{FRAME_BODY_SIZE_MAX, LOCK_WAIT_MS_MAX, SCAN_LIMIT_MAX};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -167,6 +167,22 @@ enum Command {
     /// `lease keepalive`.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Take a lock: print its fencing token on the first line, then hold it until
+    /// interrupted (Ctrl-C releases it and exits 130).
+    ///
+    /// The lock rides on a lease of `--ttl-ms` that this command renews while it runs; if the
+    /// process stops (killed, or paused past the TTL) the lock passes to the next in line.
+    /// Exit 1 if `--wait-ms` passed without the lock, or if the lease was lost while held.
+    Lock {
+        /// The lock's name (a hash tag puts it beside the keys it guards).
+        name: String,
+        /// Wait at most this long for the lock (default: until it is granted).
+        #[arg(long)]
+        wait_ms: Option<u64>,
+        /// The TTL of the lease the lock rides on.
+        #[arg(long, default_value_t = 10_000)]
+        ttl_ms: u64,
+    },
 }
 
 /// The arguments of `tessera put`.
@@ -494,6 +510,14 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
     if let Command::Lease(command) = &cli.command {
         return run_lease(cli, command);
     }
+    if let Command::Lock {
+        name,
+        wait_ms,
+        ttl_ms,
+    } = &cli.command
+    {
+        return run_lock(cli, name, *wait_ms, *ttl_ms);
+    }
     let client = connect(cli)?;
     match &cli.command {
         Command::Get { key } => return Ok(get(&client, key, json)?),
@@ -545,6 +569,7 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         Command::Counter(command) => return Ok(counter(&client, command, json)?),
         Command::Txn => unreachable!("`txn` is run above, before connecting"),
         Command::Lease(_) => unreachable!("`lease` is run above, with a client of its own"),
+        Command::Lock { .. } => unreachable!("`lock` is run above, with a client of its own"),
         Command::Watch(arguments) => return Ok(watch(&client, arguments, json)?),
         Command::Ping => print_pongs(&client.ping()?, json),
         Command::Topology => print_topology(&client.topology(), json),
@@ -1765,6 +1790,61 @@ fn run_lease(cli: &Cli, command: &LeaseCommand) -> Result<ExitCode, Failure> {
                 }
                 Ok(ExitCode::SUCCESS)
             }
+        }
+    })?;
+    Ok(code)
+}
+
+/// `tessera lock`: takes the lock on a lease this command renews, prints the token, holds
+/// the lock until interrupted, then releases it and ends the lease.
+fn run_lock(cli: &Cli, name: &str, wait_ms: Option<u64>, ttl_ms: u64) -> Result<ExitCode, Failure> {
+    let json = cli.output == Output::Json;
+    interrupt::install();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| Failure::Local(format!("cannot start the client runtime: {error}")))?;
+    let config = client_config(cli);
+    let code = runtime.block_on(async move {
+        let client = Client::connect_with(config).await?;
+        let lease = client.lease(Duration::from_millis(ttl_ms)).await?;
+        let longest = Duration::from_millis(u64::from(LOCK_WAIT_MS_MAX));
+        let wait = wait_ms.map_or(longest, |wait_ms| Duration::from_millis(wait_ms).min(longest));
+        let grant = loop {
+            let far = Instant::now() + longest;
+            tokio::select! {
+                granted = client.lock(name, lease.id(), wait) => match granted? {
+                    Some(grant) => break grant,
+                    None if wait_ms.is_some() => {
+                        let _ = client.revoke_lease(lease.id()).await;
+                        answer(json, &json!({ "acquired": false }), "busy: another holder kept the lock");
+                        return Ok::<_, ClientError>(ExitCode::from(1));
+                    }
+                    None => {}
+                },
+                signal = sleep_until_interrupted(far) => {
+                    let _ = client.revoke_lease(lease.id()).await;
+                    return Ok(signal.map_or(ExitCode::from(1), interrupted_exit_code));
+                }
+            }
+        };
+        if json {
+            print_json(&json!({ "token": grant.token, "lease": lease.id(), "name": name }));
+        } else {
+            println!("{}", grant.token);
+        }
+        let _ = std::io::stdout().flush();
+        loop {
+            if let Some(signal) = interrupt::received() {
+                let _ = client.unlock(name, grant.token).await;
+                let _ = client.revoke_lease(lease.id()).await;
+                return Ok(interrupted_exit_code(signal));
+            }
+            if !lease.is_alive() {
+                eprintln!("tessera: lost the lock {name:?}: its lease ended before it was renewed");
+                return Ok(ExitCode::from(1));
+            }
+            tokio::time::sleep(KEEPALIVE_INTERRUPT_CHECK_INTERVAL).await;
         }
     })?;
     Ok(code)
