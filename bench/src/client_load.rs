@@ -54,6 +54,8 @@ impl Caller for Client {
             Op::Set => self.put(key, value).await.map(drop),
             Op::Delete => self.delete(key).await.map(drop),
             Op::Incr => self.add(key, 1).await.map(drop),
+            // The lease workload renews through `lease_load`, never through a session.
+            Op::Keepalive => return Err(()),
         };
         outcome.map_err(|error| tracing::debug!(%error, "call failed"))
     }

@@ -10,6 +10,8 @@
 //! - `etcd_load` (feature `etcd`): etcd's v3 API through the `etcd-client` crate.
 //! - `watch_load`: watchers and the stamped writer of the watch workloads, on the client
 //!   library.
+//! - `lease_load`: the lease workload: leases granted up front, renewed in batches by
+//!   sessions on the client library (Tessera) or `etcd-client` (etcd).
 //! - `cpu`: CPU time of local processes from /proc, for server CPU per operation.
 //! - `report`: hdrhistogram records, the progress line, the text and JSON results.
 //!
@@ -25,6 +27,7 @@ mod client_load;
 mod cpu;
 #[cfg(feature = "etcd")]
 mod etcd_load;
+mod lease_load;
 mod report;
 mod uring;
 mod watch_load;
@@ -39,7 +42,8 @@ use clap::Parser;
 use serde::Serialize;
 use tessera_protocol::{slot_for_key, RouteTable, Topology, SLOT_COUNT};
 
-use crate::report::{CpuUsage, PeerWindow, Preload, Recorder, RunResult, WatchReport};
+use crate::lease_load::{LeasePlan, LeaseTarget};
+use crate::report::{CpuUsage, LeaseReport, PeerWindow, Preload, Recorder, RunResult, WatchReport};
 use crate::uring::{Router, ThreadLoad};
 use crate::wire::{EchoWire, RedisWire, TesseraWire, Wire};
 use crate::workload::{
@@ -101,6 +105,18 @@ struct Flags {
     /// all on the prefix every key of the workload is written under.
     #[arg(long)]
     watchers: Option<usize>,
+    /// Leases for `--workload lease-keepalive`, granted before the measured window and shared
+    /// out among the `--connections` sessions in contiguous slices.
+    #[arg(long, default_value_t = 10_000)]
+    leases: usize,
+    /// Lease ids per keepalive call for `--workload lease-keepalive` (a session whose slice
+    /// of the leases is smaller renews the whole slice per call).
+    #[arg(long, default_value_t = 1_000)]
+    batch: usize,
+    /// TTL of the leases of `--workload lease-keepalive`: long beside a round of renewals, so
+    /// a lease ends only if renewals stop reaching it.
+    #[arg(long, default_value_t = 60.0)]
+    lease_ttl_secs: f64,
     /// Watches per client; each client holds one connection per core, and the server allows
     /// `--watchers-per-connection-max` (1000 by default) watches on one connection.
     #[arg(long, default_value_t = 1_000)]
@@ -369,6 +385,9 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
         preload,
         duration,
     };
+    if spec.kind == WorkloadKind::LeaseKeepalive {
+        return run_leases(&client_run(&target), config);
+    }
     if spec.kind.is_watch() {
         return run_watch(&client_run(&target), config);
     }
@@ -601,7 +620,11 @@ fn finish(
 impl Window {
     /// The CPU the servers (if measured) and this process spent per reply.
     fn cpu_usage(&self, server_pids: &[u32]) -> (Option<CpuUsage>, CpuUsage) {
-        let operations = self.record.count();
+        self.cpu_usage_per(server_pids, self.record.count())
+    }
+
+    /// The CPU the servers (if measured) and this process spent per one of `operations`.
+    fn cpu_usage_per(&self, server_pids: &[u32], operations: u64) -> (Option<CpuUsage>, CpuUsage) {
         let server_cpu = self.server_cpu_time.map(|cpu_time| {
             CpuUsage::new(server_pids.to_vec(), cpu_time, operations, self.elapsed)
         });
@@ -1099,6 +1122,149 @@ fn run_watch_fanout(run: &WatchRun, config: serde_json::Value) -> Result<RunResu
         client_cpu_us_per_op: peer_client_cpu.us_per_op,
     });
     result.watch = Some(watch);
+    Ok(result)
+}
+
+/// Runs `--workload lease-keepalive`: Tessera through one shared client (remote or embedded),
+/// or etcd with one client (and connection) per session.
+fn run_leases(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, String> {
+    let flags = plan.flags;
+    if flags.rate.is_some() {
+        return Err("--workload lease-keepalive is a closed loop; drop --rate".to_owned());
+    }
+    if !(flags.lease_ttl_secs.is_finite() && flags.lease_ttl_secs < 1e9) {
+        return Err(format!(
+            "--lease-ttl-secs {} is not a usable TTL",
+            flags.lease_ttl_secs
+        ));
+    }
+    let lease_plan = LeasePlan::new(
+        flags.leases,
+        flags.batch,
+        flags.connections,
+        flags.pipeline,
+        Duration::from_secs_f64(flags.lease_ttl_secs.max(0.0)),
+    )?;
+    if lease_plan.batch_size() < flags.batch && !flags.quiet {
+        eprintln!(
+            "note: {} leases over {} sessions is at most {} per session, so each call renews              {} ids, not --batch {}",
+            flags.leases,
+            flags.connections,
+            lease_plan.batch_size(),
+            lease_plan.batch_size(),
+            flags.batch
+        );
+    }
+    let runtime = new_runtime(flags)?;
+    match plan.target {
+        Target::Embedded => {
+            let client = start_embedded(flags)?;
+            let target = lease_load::TesseraLeases::new(client.clone());
+            let outcome = measure_leases(plan, config, &runtime, &target, &lease_plan, &[]);
+            client.shutdown();
+            outcome
+        }
+        Target::Tessera { endpoints } => {
+            let client = runtime
+                .block_on(tessera_client::Client::connect(endpoints.clone()))
+                .map_err(|error| format!("cannot connect: {error}"))?;
+            let server_pids = server_pids_of(flags, &addresses_of(&client.topology()));
+            let target = lease_load::TesseraLeases::new(client);
+            measure_leases(plan, config, &runtime, &target, &lease_plan, &server_pids)
+        }
+        #[cfg(feature = "etcd")]
+        Target::Etcd { address } => {
+            let target = runtime.block_on(etcd_load::connect_leases(address, flags.connections))?;
+            let server_pids = server_pids_of(flags, std::slice::from_ref(address));
+            measure_leases(plan, config, &runtime, &target, &lease_plan, &server_pids)
+        }
+        _ => Err(
+            "--workload lease-keepalive drives Tessera (--endpoints or --embedded) or etcd \
+             (--target etcd://)"
+                .to_owned(),
+        ),
+    }
+}
+
+/// Grants the leases, renews them for the window, revokes them, and reports renewed leases
+/// as the operations.
+fn measure_leases<T: LeaseTarget>(
+    plan: &ClientRun,
+    config: serde_json::Value,
+    runtime: &tokio::runtime::Runtime,
+    target: &T,
+    lease_plan: &LeasePlan,
+    server_pids: &[u32],
+) -> Result<RunResult, String> {
+    let flags = plan.flags;
+    let granted = lease_load::grant(runtime, target, lease_plan)?;
+    if !flags.quiet {
+        eprintln!(
+            "granted {} leases in {:.2} s: {} sessions, {} ids per call, {} calls in flight \
+             per session",
+            lease_plan.lease_count,
+            granted.elapsed.as_secs_f64(),
+            lease_plan.session_count,
+            lease_plan.batch_size(),
+            lease_plan.pipeline
+        );
+    }
+    let grant_elapsed = granted.elapsed;
+    let (progress_sender, progress) = mpsc::channel();
+    let measured = Measured::start(server_pids);
+    let outcome = std::thread::scope(|scope| {
+        let reporter = scope.spawn(move || lease_load::report_progress(&progress, flags.quiet));
+        let outcome = lease_load::run(
+            runtime,
+            granted.sessions,
+            lease_plan.pipeline,
+            plan.duration,
+            Some(&progress_sender),
+        );
+        drop(progress_sender);
+        let _ = reporter.join();
+        outcome
+    });
+    let (tally, elapsed) = outcome?;
+    let (server_cpu_time, client_cpu_time) = measured.finish();
+    let (revoke_errors, revoke_failure) = lease_load::revoke(runtime, target, &granted.leases);
+    if let Some(error) = &tally.first_error {
+        eprintln!(
+            "warning: {} keepalive calls failed; the first: {error}",
+            tally.record.error_count()
+        );
+    }
+    if let Some(error) = revoke_failure {
+        eprintln!("warning: {revoke_errors} revocations failed; the first: {error}");
+    }
+    let window = Window {
+        record: tally.record,
+        elapsed,
+        server_cpu_time,
+        client_cpu_time,
+    };
+    let (server_cpu, client_cpu) = window.cpu_usage_per(server_pids, tally.renewed_count);
+    let mut result = RunResult::new(
+        plan.target.name(),
+        config,
+        &window.record,
+        elapsed,
+        server_cpu,
+        client_cpu,
+        None,
+    );
+    let keepalive_calls = window.record.count();
+    result.set_lease(LeaseReport {
+        leases: lease_plan.lease_count,
+        batch: lease_plan.batch_size(),
+        lease_ttl_secs: lease_plan.ttl.as_secs_f64(),
+        grant_duration_secs: grant_elapsed.as_secs_f64(),
+        keepalive_calls,
+        keepalive_calls_per_sec: report::per_second(keepalive_calls, elapsed),
+        leases_renewed: tally.renewed_count,
+        leases_lost: tally.lost_count,
+        revoke_errors,
+    });
     Ok(result)
 }
 

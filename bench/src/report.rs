@@ -283,6 +283,37 @@ pub struct RunResult {
     /// What the watchers received (`--workload watch-latency` and `watch-fanout` only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub watch: Option<WatchReport>,
+    /// The leases and their keepalive calls (`--workload lease-keepalive` only), beside the
+    /// other top-level fields for scripts.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<LeaseReport>,
+}
+
+/// What `--workload lease-keepalive` renewed. Its result counts renewed lease ids as the
+/// operations (`operations`, `ops_per_sec`, and CPU `us_per_op` per renewed lease), while
+/// the latencies (`p50_us` and so on, and the `keepalive` row of `ops`) are per keepalive
+/// call and `errors` are failed calls.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaseReport {
+    /// Leases granted before the measured window.
+    pub leases: usize,
+    /// Lease ids per keepalive call: `--batch`, or a session's whole slice of the leases
+    /// when that is smaller.
+    pub batch: usize,
+    /// TTL of every lease, in seconds.
+    pub lease_ttl_secs: f64,
+    /// Time granting the leases (and, for etcd, opening their streams) took, in seconds.
+    pub grant_duration_secs: f64,
+    /// Keepalive calls answered within the window, failed ones included.
+    pub keepalive_calls: u64,
+    /// `keepalive_calls` per second of the window.
+    pub keepalive_calls_per_sec: f64,
+    /// Lease ids renewed within the window (the run's `operations`).
+    pub leases_renewed: u64,
+    /// Leases a call found ended (expired or revoked); each is counted once and dropped.
+    pub leases_lost: u64,
+    /// Revocations after the window that failed.
+    pub revoke_errors: usize,
 }
 
 /// What the watchers of a watch workload received during the measured window.
@@ -387,7 +418,18 @@ impl RunResult {
             client_cpu,
             preload,
             watch: None,
+            lease: None,
         }
+    }
+
+    /// Makes this the result of a lease run: renewed lease ids become the operations.
+    pub fn set_lease(&mut self, lease: LeaseReport) {
+        self.total.operations = lease.leases_renewed;
+        self.total.ops_per_sec = per_second(
+            lease.leases_renewed,
+            Duration::from_secs_f64(self.duration_secs),
+        );
+        self.lease = Some(lease);
     }
 
     /// The human-readable summary: one line per operation, then CPU and context.
@@ -416,7 +458,15 @@ impl RunResult {
         for (name, summary) in &self.ops {
             line(name, summary);
         }
-        line("all", &self.total);
+        // A lease run's total counts renewed leases, at the latency of their calls.
+        line(
+            if self.lease.is_some() {
+                "leases"
+            } else {
+                "all"
+            },
+            &self.total,
+        );
         if let Some(watch) = &self.watch {
             if let Some(latency) = &watch.latency {
                 line("event", latency);
@@ -439,6 +489,22 @@ impl RunResult {
         );
         if let Some(watch) = &self.watch {
             watch.write_text(&mut text);
+        }
+        if let Some(lease) = &self.lease {
+            let _ = writeln!(
+                text,
+                "leases: {} of ttl {:.0} s (granted in {:.2} s), {} per call: {:.0} renewed/s in \
+                 {:.0} calls/s; lost {}, failed calls {}, failed revocations {}",
+                lease.leases,
+                lease.lease_ttl_secs,
+                lease.grant_duration_secs,
+                lease.batch,
+                self.total.ops_per_sec,
+                lease.keepalive_calls_per_sec,
+                lease.leases_lost,
+                self.total.errors,
+                lease.revoke_errors
+            );
         }
         let _ = writeln!(
             text,
@@ -557,6 +623,48 @@ mod tests {
             assert!(json.get(field).is_some(), "missing {field}: {json}");
         }
         assert!(result.to_text().contains("get"));
+    }
+
+    #[test]
+    fn lease_results_count_renewed_leases_beside_calls() {
+        let mut recorder = Recorder::new();
+        for _ in 0..10 {
+            recorder.record(Op::Keepalive, Duration::from_millis(2), false);
+        }
+        let client_cpu = CpuUsage::new(vec![1], Duration::ZERO, 0, Duration::from_secs(2));
+        let mut result = RunResult::new(
+            "test",
+            serde_json::json!({}),
+            &recorder,
+            Duration::from_secs(2),
+            None,
+            client_cpu,
+            None,
+        );
+        result.set_lease(LeaseReport {
+            leases: 1_000,
+            batch: 100,
+            lease_ttl_secs: 60.0,
+            grant_duration_secs: 0.1,
+            keepalive_calls: 10,
+            keepalive_calls_per_sec: 5.0,
+            leases_renewed: 1_000,
+            leases_lost: 0,
+            revoke_errors: 0,
+        });
+        let json = serde_json::to_value(&result).unwrap();
+        assert_eq!(json["operations"], 1_000);
+        assert_eq!(json["ops_per_sec"], 500.0);
+        assert_eq!(json["keepalive_calls_per_sec"], 5.0);
+        assert_eq!(json["leases"], 1_000);
+        assert_eq!(json["batch"], 100);
+        assert_eq!(json["ops"]["keepalive"]["operations"], 10);
+        assert!(
+            (json["p50_us"].as_f64().unwrap() - 2_000.0).abs() < 2.0,
+            "{json}"
+        );
+        let text = result.to_text();
+        assert!(text.contains("500 renewed/s in 5 calls/s"), "{text}");
     }
 
     #[test]

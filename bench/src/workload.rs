@@ -20,11 +20,14 @@ pub enum Op {
     Incr,
     /// Delete a key.
     Delete,
+    /// Renew a batch of leases (`--workload lease-keepalive`): one call of the client
+    /// library, not a keyed request, so only the lease workload issues it.
+    Keepalive,
 }
 
 impl Op {
     /// Every operation, in report order.
-    pub const ALL: [Op; 4] = [Op::Get, Op::Set, Op::Incr, Op::Delete];
+    pub const ALL: [Op; 5] = [Op::Get, Op::Set, Op::Incr, Op::Delete, Op::Keepalive];
 
     /// The name used in reports and JSON.
     pub fn name(self) -> &'static str {
@@ -33,6 +36,7 @@ impl Op {
             Op::Set => "set",
             Op::Incr => "incr",
             Op::Delete => "delete",
+            Op::Keepalive => "keepalive",
         }
     }
 
@@ -43,6 +47,7 @@ impl Op {
             Op::Set => 1,
             Op::Incr => 2,
             Op::Delete => 3,
+            Op::Keepalive => 4,
         }
     }
 }
@@ -71,6 +76,12 @@ pub enum WorkloadKind {
     #[value(name = "watch-fanout")]
     #[serde(rename = "watch-fanout")]
     WatchFanout,
+    /// Lease renewals per second: `--leases` leases granted up front, then renewed in calls
+    /// of `--batch` ids from `--connections` tasks, each owning a slice of them (against
+    /// Tessera the tasks share one client, against etcd each has its own).
+    #[value(name = "lease-keepalive")]
+    #[serde(rename = "lease-keepalive")]
+    LeaseKeepalive,
 }
 
 impl WorkloadKind {
@@ -229,6 +240,8 @@ impl OpStream {
             WorkloadKind::Set | WorkloadKind::WatchLatency | WorkloadKind::WatchFanout => Op::Set,
             WorkloadKind::Incr => Op::Incr,
             WorkloadKind::Delete => Op::Delete,
+            // The lease workload runs its own loop (`lease_load`) and draws no keys.
+            WorkloadKind::LeaseKeepalive => Op::Keepalive,
             WorkloadKind::Mixed => {
                 if self.rng.random::<f64>() < self.spec.read_fraction {
                     Op::Get

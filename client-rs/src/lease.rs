@@ -239,11 +239,15 @@ impl Client {
     /// # Errors
     /// The first request that failed; see [`ClientError`].
     pub async fn keepalive(&self, ids: &[u64]) -> Result<Vec<Option<Duration>>> {
+        let mut positions: HashMap<u64, Vec<usize>> = HashMap::with_capacity(ids.len());
+        for (position, id) in ids.iter().enumerate() {
+            positions.entry(*id).or_default().push(position);
+        }
         let mut ttls = vec![None; ids.len()];
         for (id, outcome) in self.renew(ids).await {
-            let ttl_ms = outcome?;
-            for (slot, _) in ttls.iter_mut().zip(ids).filter(|(_, each)| **each == id) {
-                *slot = ttl_ms.map(Duration::from_millis);
+            let ttl = outcome?.map(Duration::from_millis);
+            for &position in positions.get(&id).into_iter().flatten() {
+                ttls[position] = ttl;
             }
         }
         Ok(ttls)

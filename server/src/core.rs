@@ -146,8 +146,11 @@ pub struct CoreContext {
     pub watch: WatchDelivery,
     /// Lock requests waiting in line, by waiter id: the lock's name and where the answer
     /// goes. Bounded by the shard's `LockLimits::waiters_max`.
-    pub lock_waiters: RefCell<ahash::AHashMap<u64, (Box<[u8]>, oneshot::Sender<Response>)>>,
+    pub lock_waiters: RefCell<ahash::AHashMap<u64, LockWaiter>>,
 }
+
+/// A lock request waiting in line: the lock's name and where its answer goes.
+pub type LockWaiter = (Box<[u8]>, oneshot::Sender<Response>);
 
 /// How a core's watchers reach their streams: connections pump their own watches when the
 /// connection task wakes; in-process streams are pumped by their own task.
@@ -1047,6 +1050,38 @@ async fn merge_parts(
             mod_revisions: versions,
         },
         BatchKind::Delete => Response::MultiDelete { deleted },
+    }
+}
+
+/// Asks the home of every lease of another core that this shard's recovered keys or locks
+/// refer to whether it lives, and ends the ones that do not here (their keys deleted, their
+/// locks released). Until the answer comes, such a lease is taken to live.
+pub async fn reconcile_foreign_leases(context: Rc<CoreContext>) {
+    let leases = context.shard.borrow().foreign_leases();
+    for lease in leases {
+        let home = usize::from(tessera_protocol::LeaseId(lease).core_id());
+        let Some(inbox) = context.inboxes.get(home) else {
+            context
+                .shard
+                .borrow_mut()
+                .lease_ended_elsewhere(lease, true);
+            continue;
+        };
+        let (reply, answer) = oneshot::channel();
+        if inbox
+            .push_control(CoreMessage::LeaseCheck { lease, reply })
+            .is_err()
+        {
+            return;
+        }
+        // A home that stops before answering says nothing: the lease stays as it is.
+        if let Ok(false) = answer.await {
+            context
+                .shard
+                .borrow_mut()
+                .lease_ended_elsewhere(lease, true);
+            context.flush_journal();
+        }
     }
 }
 

@@ -730,6 +730,10 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     let inbox_task = glommio::spawn_local(serve_inbox(context.clone(), inbox));
     let tick_task = glommio::spawn_local(run_ticks(context.clone()));
     let sinks_task = glommio::spawn_local(crate::watch_stream::serve_sinks(context.clone()));
+    // Leases of other cores that recovered keys or locks refer to are asked after, once:
+    // one that ended while the server was down (its end logged by its home, the deletions
+    // here not yet) ends here too.
+    glommio::spawn_local(crate::core::reconcile_foreign_leases(context.clone())).detach();
     let gate = Rc::new(Gate::new());
     let handoff = crate::net::connection::Handoff::new(context.watch.wake_connections.clone());
     if listener.is_some() {

@@ -95,7 +95,7 @@ pub enum LockTableFull {
 #[derive(Debug, Default)]
 pub struct Locks {
     limits: LockLimits,
-    locks: AHashMap<Box<[u8]>, LockState>,
+    table: AHashMap<Box<[u8]>, LockState>,
     /// Every lock each lease holds or waits for.
     by_lease: AHashMap<u64, AHashSet<Box<[u8]>>>,
     waiter_count: usize,
@@ -113,12 +113,12 @@ impl Locks {
 
     /// The holder of `name`.
     pub fn holder(&self, name: &[u8]) -> Option<Holder> {
-        self.locks.get(name).and_then(|lock| lock.holder)
+        self.table.get(name).and_then(|lock| lock.holder)
     }
 
     /// The last token granted for `name` (0 if none was).
     pub fn last_token(&self, name: &[u8]) -> u64 {
-        self.locks.get(name).map_or(0, |lock| lock.last_token)
+        self.table.get(name).map_or(0, |lock| lock.last_token)
     }
 
     /// Whether a new lock `name` has room.
@@ -126,7 +126,7 @@ impl Locks {
     /// # Errors
     /// The table is full and does not know `name`.
     pub fn has_room_for(&self, name: &[u8]) -> Result<(), LockTableFull> {
-        if self.locks.len() >= self.limits.locks_max && !self.locks.contains_key(name) {
+        if self.table.len() >= self.limits.locks_max && !self.table.contains_key(name) {
             return Err(LockTableFull::Locks(self.limits.locks_max));
         }
         Ok(())
@@ -134,7 +134,7 @@ impl Locks {
 
     /// Records that `lease` holds `name` with `token` (a grant, or recovery).
     pub fn set_holder(&mut self, name: &[u8], lease: u64, token: u64) {
-        let lock = self.locks.entry(Box::from(name)).or_default();
+        let lock = self.table.entry(Box::from(name)).or_default();
         lock.holder = Some(Holder { lease, token });
         lock.last_token = lock.last_token.max(token);
         self.by_lease
@@ -146,7 +146,7 @@ impl Locks {
     /// Records that `name` is free, having granted up to `token` (a release, or recovery).
     /// Its waiters stay in line for the caller to grant.
     pub fn clear_holder(&mut self, name: &[u8], token: u64) {
-        let lock = self.locks.entry(Box::from(name)).or_default();
+        let lock = self.table.entry(Box::from(name)).or_default();
         lock.last_token = lock.last_token.max(token);
         let released = lock.holder.take();
         if let Some(holder) = released {
@@ -169,7 +169,7 @@ impl Locks {
         }
         self.last_waiter += 1;
         let id = self.last_waiter;
-        self.locks
+        self.table
             .entry(Box::from(name))
             .or_default()
             .line
@@ -195,7 +195,7 @@ impl Locks {
         events: &mut Vec<LockEvent>,
     ) -> Option<(u64, u64)> {
         loop {
-            let lock = self.locks.get_mut(name)?;
+            let lock = self.table.get_mut(name)?;
             if lock.holder.is_some() {
                 return None;
             }
@@ -215,7 +215,7 @@ impl Locks {
             return;
         }
         let mut emptied = Vec::new();
-        for (name, lock) in &mut self.locks {
+        for (name, lock) in &mut self.table {
             let holder_token = lock.holder.map_or(0, |holder| holder.token);
             let before = lock.line.len();
             lock.line.retain(|waiter| {
@@ -245,7 +245,7 @@ impl Locks {
         let names = self.by_lease.remove(&lease).unwrap_or_default();
         let mut held = Vec::new();
         for name in names {
-            let Some(lock) = self.locks.get_mut(&name) else {
+            let Some(lock) = self.table.get_mut(&name) else {
                 continue;
             };
             let before = lock.line.len();
@@ -266,7 +266,7 @@ impl Locks {
 
     /// Every lock with its holder and last token (a snapshot).
     pub fn entries(&self) -> impl Iterator<Item = (&[u8], Option<Holder>, u64)> + '_ {
-        self.locks
+        self.table
             .iter()
             .map(|(name, lock)| (&**name, lock.holder, lock.last_token))
     }
@@ -277,7 +277,7 @@ impl Locks {
     }
 
     fn forget_if_unused(&mut self, lease: u64, name: &[u8]) {
-        let Some(lock) = self.locks.get(name) else {
+        let Some(lock) = self.table.get(name) else {
             return;
         };
         let holds = lock.holder.is_some_and(|holder| holder.lease == lease);
@@ -298,9 +298,9 @@ impl Locks {
 
     /// Checks the invariants (tests).
     pub fn check_invariants(&self) {
-        let waiting: usize = self.locks.values().map(|lock| lock.line.len()).sum();
+        let waiting: usize = self.table.values().map(|lock| lock.line.len()).sum();
         assert_eq!(waiting, self.waiter_count, "waiter count");
-        for (name, lock) in &self.locks {
+        for (name, lock) in &self.table {
             assert!(
                 lock.holder.is_some() || lock.line.is_empty(),
                 "a free lock has waiters"

@@ -201,6 +201,28 @@ impl Shard {
         self.release_locks_of(lease);
     }
 
+    /// The leases homed on another core of this node that this shard's keys or locks are
+    /// attached to.
+    pub fn foreign_leases(&self) -> Vec<u64> {
+        let mut leases: Vec<u64> = self
+            .leases
+            .attachments()
+            .map(|(_, lease)| lease)
+            .chain(
+                self.locks
+                    .entries()
+                    .filter_map(|(_, holder, _)| holder.map(|holder| holder.lease)),
+            )
+            .filter(|lease| {
+                let id = LeaseId(*lease);
+                id.node_id() == self.config.node_id && id.core_id() != self.config.shard_id
+            })
+            .collect();
+        leases.sort_unstable();
+        leases.dedup();
+        leases
+    }
+
     /// What happened to waiting lock requests since the last call.
     pub fn take_lock_events(&mut self) -> Vec<LockEvent> {
         std::mem::take(&mut self.lock_events)
@@ -315,6 +337,9 @@ impl Shard {
         self.locks.clear_holder(name, last_token);
         if let Some((lease, token)) = holder {
             self.locks.set_holder(name, lease, token);
+            if !self.is_home(lease) {
+                self.leases.assume_foreign_alive(lease);
+            }
         }
     }
 
@@ -419,6 +444,9 @@ impl Shard {
                 }
                 Effect::LockHeld { name, lease, token } => {
                     self.locks.set_holder(name, lease, token);
+                    if !self.is_home(lease) {
+                        self.leases.assume_foreign_alive(lease);
+                    }
                 }
                 Effect::LockFree { name, token } => self.locks.clear_holder(name, token),
             }
