@@ -27,8 +27,8 @@ use proptest::test_runner::TestRunner;
 use tessera_protocol::codec::{self, FrameBuffer, FrameError};
 use tessera_protocol::limits::{
     BATCH_COUNT_MAX, CORE_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE,
-    KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, TXN_COMPARES_MAX, TXN_OPS_MAX,
-    VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX, WATCH_PROGRESS_INTERVAL_MS_MIN,
+    KEY_SIZE_MAX, LOCK_WAIT_MS_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, TXN_COMPARES_MAX,
+    TXN_OPS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX, WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
 use tessera_protocol::{
     hash_tag, slot_for_key, split_slots, Check, Compare, CompareOp, CoreInfo, CoreStats,
@@ -56,9 +56,9 @@ const TXN_COUNT_GENERATED_MAX: usize = 4;
 /// Most frames in one generated stream.
 const FRAME_COUNT_GENERATED_MAX: usize = 8;
 /// Number of `Request` variants; `request_variant` fails to compile when one is added.
-const REQUEST_VARIANT_COUNT: usize = 24;
+const REQUEST_VARIANT_COUNT: usize = 26;
 /// Number of `Response` variants; `response_variant` fails to compile when one is added.
-const RESPONSE_VARIANT_COUNT: usize = 26;
+const RESPONSE_VARIANT_COUNT: usize = 28;
 
 // ---------------------------------------------------------------------------------------------
 // Strategies.
@@ -206,6 +206,7 @@ fn compare() -> impl Strategy<Value = Compare> {
                 .prop_map(|(op, revision)| Check::CreateRevision(op, revision)),
             (compare_op(), any::<u64>())
                 .prop_map(|(op, revision)| Check::ModRevision(op, revision)),
+            any::<u64>().prop_map(Check::Fence),
         ],
     )
         .prop_map(|(key, check)| Compare { key, check })
@@ -313,7 +314,18 @@ fn request() -> impl Strategy<Value = Request> {
         lease_id().prop_map(|id| Request::LeaseRevoke { id }),
         lease_id().prop_map(|id| Request::LeaseTimeToLive { id }),
         Just(Request::LeaseList),
+        (key(), lease_id(), lock_wait_ms()).prop_map(|(name, lease, wait_ms)| Request::Lock {
+            name,
+            lease,
+            wait_ms,
+        }),
+        (key(), any::<u64>()).prop_map(|(name, token)| Request::Unlock { name, token }),
     ]
+}
+
+/// A lock wait that `check_request` accepts, often at one of its ends.
+fn lock_wait_ms() -> impl Strategy<Value = u32> {
+    prop_oneof![Just(0), Just(LOCK_WAIT_MS_MAX), 0..=LOCK_WAIT_MS_MAX]
 }
 
 /// A scan `check_request` accepts: bounds empty or key-sized, a limit in range (any limit
@@ -719,6 +731,9 @@ fn response() -> impl Strategy<Value = Response> {
         any::<bool>().prop_map(|existed| Response::LeaseRevoked { existed }),
         lease_state().prop_map(Response::LeaseTimeToLive),
         vec(any::<u64>(), 0..=BATCH_COUNT_GENERATED_MAX).prop_map(|ids| Response::Leases { ids }),
+        (any::<bool>(), any::<u64>())
+            .prop_map(|(acquired, token)| Response::Locked { acquired, token }),
+        any::<bool>().prop_map(|released| Response::Unlocked { released }),
     ]
 }
 
@@ -812,6 +827,8 @@ fn request_variant(request: &Request) -> usize {
         Request::LeaseRevoke { .. } => 21,
         Request::LeaseTimeToLive { .. } => 22,
         Request::LeaseList => 23,
+        Request::Lock { .. } => 24,
+        Request::Unlock { .. } => 25,
     }
 }
 
@@ -843,6 +860,8 @@ fn response_variant(response: &Response) -> usize {
         Response::LeaseRevoked { .. } => 23,
         Response::LeaseTimeToLive(_) => 24,
         Response::Leases { .. } => 25,
+        Response::Locked { .. } => 26,
+        Response::Unlocked { .. } => 27,
     }
 }
 
@@ -1517,8 +1536,21 @@ fn requests_with_key(key: &[u8]) -> Vec<Request> {
         Request::Txn(Box::new(
             Txn::new()
                 .when([Compare::exists("fine")])
-                .otherwise([TxnOp::get(key)]),
+                .otherwise([TxnOp::get(key.clone())]),
         )),
+        // A lock's name is bounded like a key, in a lock, an unlock and a fenced compare.
+        Request::Txn(Box::new(
+            Txn::new().when([Compare::exists("fine"), Compare::fence(key.clone(), 7)]),
+        )),
+        Request::Lock {
+            name: key.clone(),
+            lease: 1,
+            wait_ms: 0,
+        },
+        Request::Unlock {
+            name: key,
+            token: 1,
+        },
     ]
 }
 
@@ -1826,6 +1858,14 @@ fn limits_themselves_are_accepted() {
         assert_eq!(check(&Request::WatchProgress { watch_id }), Ok(()));
     }
     assert_eq!(check(&Request::LeaseList), Ok(()));
+    for wait_ms in [0, LOCK_WAIT_MS_MAX] {
+        let lock = Request::Lock {
+            name: b"lock".to_vec(),
+            lease: 1,
+            wait_ms,
+        };
+        assert_eq!(check(&lock), Ok(()), "{lock:?}");
+    }
     for id in [1, u64::MAX] {
         for request in requests_with_lease(id) {
             assert_eq!(check(&request), Ok(()), "{request:?}");
@@ -1866,6 +1906,11 @@ fn requests_with_lease(id: u64) -> Vec<Request> {
         Request::LeaseKeepalive { ids: vec![7, id] },
         Request::LeaseRevoke { id },
         Request::LeaseTimeToLive { id },
+        Request::Lock {
+            name: b"lock".to_vec(),
+            lease: id,
+            wait_ms: 1_000,
+        },
     ]
 }
 
@@ -1928,6 +1973,93 @@ fn lease_error_codes_are_named_and_only_a_full_table_is_retryable() {
     assert!(!ErrorCode::LeaseNotFound.is_retryable());
     assert_eq!(ErrorCode::TableFull.as_str(), "table_full");
     assert_eq!(ErrorCode::LeaseNotFound.as_str(), "lease_not_found");
+}
+
+fn lock(name: impl Into<Vec<u8>>, lease: u64, wait_ms: u32) -> Request {
+    Request::Lock {
+        name: name.into(),
+        lease,
+        wait_ms,
+    }
+}
+
+/// A lock checks its name (like a key), then its lease, then its wait: the first that breaks
+/// a rule is the one reported.
+#[test]
+fn a_lock_checks_its_name_then_its_lease_then_its_wait() {
+    let wait_over = LOCK_WAIT_MS_MAX + 1;
+    assert_eq!(check(&lock("", 0, wait_over)), Err(RequestError::EmptyKey));
+    assert_eq!(
+        check(&lock(vec![b'k'; KEY_SIZE_MAX + 1], 0, wait_over)),
+        Err(RequestError::KeyTooLarge {
+            size: KEY_SIZE_MAX + 1,
+            size_max: KEY_SIZE_MAX
+        })
+    );
+    assert_eq!(
+        check(&lock("lock", 0, wait_over)),
+        Err(RequestError::ZeroLease)
+    );
+    assert_eq!(
+        check(&lock("lock", 1, wait_over)),
+        Err(RequestError::LockWaitOutOfRange {
+            wait_ms: wait_over,
+            wait_ms_max: LOCK_WAIT_MS_MAX
+        })
+    );
+    assert_eq!(check(&lock("lock", 1, LOCK_WAIT_MS_MAX)), Ok(()));
+}
+
+/// Any token may be named: an unlock with a token never granted releases nothing, and a
+/// fence of 0 holds only for a lock never granted. Neither is the checker's to refuse.
+#[test]
+fn unlocks_and_fences_take_any_token() {
+    for token in [0, 1, u64::MAX] {
+        let unlock = Request::Unlock {
+            name: b"lock".to_vec(),
+            token,
+        };
+        assert_eq!(check(&unlock), Ok(()), "{unlock:?}");
+        let fenced = Request::Txn(Box::new(
+            Txn::new()
+                .when([Compare::fence("lock", token)])
+                .then([TxnOp::put("k", "v")]),
+        ));
+        assert_eq!(check(&fenced), Ok(()), "{fenced:?}");
+    }
+    assert_eq!(
+        Compare::fence("lock", 9),
+        Compare {
+            key: b"lock".to_vec(),
+            check: Check::Fence(9)
+        }
+    );
+}
+
+proptest! {
+    /// A wait over `LOCK_WAIT_MS_MAX` is an invalid argument, and its message carries both
+    /// numbers.
+    #[test]
+    fn lock_waits_over_the_limit_are_refused(wait_ms in LOCK_WAIT_MS_MAX + 1..=u32::MAX) {
+        let error = check(&lock("lock", 1, wait_ms)).unwrap_err();
+        prop_assert_eq!(
+            &error,
+            &RequestError::LockWaitOutOfRange { wait_ms, wait_ms_max: LOCK_WAIT_MS_MAX }
+        );
+        prop_assert_eq!(error.code(), ErrorCode::InvalidArgument);
+        let message = error.to_string();
+        prop_assert!(message.contains(&wait_ms.to_string()), "{}", message);
+        prop_assert!(message.contains(&LOCK_WAIT_MS_MAX.to_string()), "{}", message);
+    }
+
+    #[test]
+    fn lock_waits_within_the_limit_are_accepted(
+        name in key(),
+        lease in lease_id(),
+        wait_ms in 0..=LOCK_WAIT_MS_MAX,
+    ) {
+        prop_assert_eq!(check(&lock(name, lease, wait_ms)), Ok(()));
+    }
 }
 
 /// The documented layout of a lease id: node in bits 63..48, core in 47..36, sequence in

@@ -10,7 +10,9 @@
 //! fuzzer fast. Transactions reach one compare and one op past their limits; their keys come
 //! from a small pool as often as not, so branches that name a key twice are common. Lease ids
 //! are 0 (which names no lease) a quarter of the time, so both sides of that check are reached
-//! too, in puts and in every lease request.
+//! too, in puts, in every lease request and in locks. Lock waits reach one past
+//! `LOCK_WAIT_MS_MAX` as often as not (and sometimes any `u32`); fenced compares and unlocks
+//! take any token, which no check refuses.
 
 #![no_main]
 
@@ -18,7 +20,8 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::limits::{
-    BATCH_COUNT_MAX, KEY_SIZE_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TXN_COMPARES_MAX, TXN_OPS_MAX,
+    BATCH_COUNT_MAX, KEY_SIZE_MAX, LOCK_WAIT_MS_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX,
+    TXN_COMPARES_MAX, TXN_OPS_MAX,
 };
 use tessera_protocol::{
     Check, Compare, CompareOp, CounterAdd, Delete, DeleteCondition, FrameKind, Put, PutCondition,
@@ -84,6 +87,17 @@ fn lease_id(input: &mut Unstructured<'_>) -> Result<u64> {
     }
 }
 
+/// A lock wait: any `u32` an eighth of the time, otherwise up to one past the limit, at
+/// either end of it often.
+fn lock_wait_ms(input: &mut Unstructured<'_>) -> Result<u32> {
+    Ok(match input.int_in_range(0_u8..=7)? {
+        0 => input.arbitrary()?,
+        1 => LOCK_WAIT_MS_MAX,
+        2 => LOCK_WAIT_MS_MAX + 1,
+        _ => input.int_in_range(0..=LOCK_WAIT_MS_MAX + 1)?,
+    })
+}
+
 /// A key of a transaction: as often as not one of four short ones, so that keys repeat.
 fn txn_key(input: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     if input.arbitrary()? {
@@ -132,12 +146,13 @@ fn compare_op(input: &mut Unstructured<'_>) -> Result<CompareOp> {
 
 fn compare(input: &mut Unstructured<'_>) -> Result<Compare> {
     let key = txn_key(input)?;
-    let check = match input.int_in_range(0_u8..=5)? {
+    let check = match input.int_in_range(0_u8..=6)? {
         0 => Check::Exists,
         1 => Check::Absent,
         2 => Check::Value(compare_op(input)?, value(input)?),
         3 => Check::Version(compare_op(input)?, input.arbitrary()?),
         4 => Check::CreateRevision(compare_op(input)?, input.arbitrary()?),
+        5 => Check::Fence(input.arbitrary()?),
         _ => Check::ModRevision(compare_op(input)?, input.arbitrary()?),
     };
     Ok(Compare { key, check })
@@ -184,7 +199,7 @@ fn txn(input: &mut Unstructured<'_>) -> Result<Txn> {
 }
 
 fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
-    let request = match input.int_in_range(0_u8..=23)? {
+    let request = match input.int_in_range(0_u8..=25)? {
         0 => Request::Hello {
             protocol_version: input.arbitrary()?,
             client_name: String::from_utf8_lossy(&bytes(input, TEXT_SIZE_MAX + 1)?).into_owned(),
@@ -291,6 +306,15 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
             id: lease_id(input)?,
         },
         23 => Request::LeaseList,
+        24 => Request::Lock {
+            name: key(input)?,
+            lease: lease_id(input)?,
+            wait_ms: lock_wait_ms(input)?,
+        },
+        25 => Request::Unlock {
+            name: key(input)?,
+            token: input.arbitrary()?,
+        },
         _ => Request::Scan(scan(input)?),
     };
     Ok(request)
@@ -313,6 +337,22 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
             ids.iter().try_for_each(|id| codec::check_lease(*id))
         }
         Request::LeaseRevoke { id } | Request::LeaseTimeToLive { id } => codec::check_lease(*id),
+        Request::Lock {
+            name,
+            lease,
+            wait_ms,
+        } => {
+            codec::check_key(name)?;
+            codec::check_lease(*lease)?;
+            if *wait_ms > LOCK_WAIT_MS_MAX {
+                return Err(RequestError::LockWaitOutOfRange {
+                    wait_ms: *wait_ms,
+                    wait_ms_max: LOCK_WAIT_MS_MAX,
+                });
+            }
+            Ok(())
+        }
+        Request::Unlock { name, .. } => codec::check_key(name),
         Request::Watch(watch) => codec::check_watch(
             &watch.start,
             watch.end.as_deref(),

@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use futures_lite::future::yield_now;
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::{CounterAdd, Delete, Put, PutCondition, PutEntry, Request, Response};
+use tessera_protocol::{
+    Compare, CounterAdd, Delete, Put, PutCondition, PutEntry, Request, Response, Txn, TxnOp,
+};
 
 use crate::clock::now_unix_ms;
 use crate::durability::format::{
@@ -45,7 +47,7 @@ use crate::durability::test_support::{shard_config, TestDir};
 use crate::durability::{Durability, DurabilityError};
 use crate::runtime::LocalSignal;
 use crate::shard::store::{KeyRevisions, PARTITION_COUNT};
-use crate::shard::Shard;
+use crate::shard::{LockStep, Shard};
 
 const CORE_ID: u16 = 0;
 
@@ -1439,5 +1441,124 @@ fn a_snapshot_taken_during_a_slow_sync_keeps_every_record_after_its_base() {
             segment_revisions(directory.path())
         );
         assert_recovers_live_state(directory.path(), &core, &context);
+    });
+}
+
+// 8. Locks and leases ------------------------------------------------------------------------------
+
+/// Takes lock `name` for `lease` without waiting; the token.
+fn take_lock(shard: &mut Shard, name: &str, lease: u64) -> u64 {
+    match shard.lock(name.as_bytes(), lease, 0) {
+        LockStep::Done(Response::Locked {
+            acquired: true,
+            token,
+        }) => token,
+        other => panic!("lock {name:?} for {lease}: {other:?}"),
+    }
+}
+
+fn grant_lease(shard: &mut Shard, now_ms: u64, ttl_ms: u64) -> u64 {
+    match apply(shard, now_ms, &Request::LeaseGrant { ttl_ms }) {
+        Response::LeaseGranted { id, .. } => id,
+        other => panic!("grant answered {other:?}"),
+    }
+}
+
+/// A snapshot holds every lock the shard remembers: its holder (lease and token) or none,
+/// and its last token, so that after a load a fence still refuses a token older than the
+/// last grant. Waits are left out (their requests do not survive a restart). The leases
+/// and the keys attached to them come back beside the locks, each lease with a full TTL
+/// from the loading shard's monotonic time, and a lease's end still releases its locks.
+#[test]
+fn a_snapshot_brings_back_locks_with_their_leases() {
+    let directory = TestDir::new("locks");
+    run_on_executor(async {
+        let now_ms = now_unix_ms();
+        let mut live = Shard::new(shard_config(CORE_ID), now_ms);
+        live.set_monotonic_ms(1_000);
+        let first = grant_lease(&mut live, now_ms, HOUR_MS);
+        let second = grant_lease(&mut live, now_ms, 2 * HOUR_MS);
+        let stale = take_lock(&mut live, "x", first);
+        assert!(live.unlock(b"x", stale));
+        let x_token = take_lock(&mut live, "x", second);
+        let y_token = take_lock(&mut live, "y", first);
+        let z_token = take_lock(&mut live, "z", first);
+        assert!(live.unlock(b"z", z_token));
+        assert!(matches!(
+            live.lock(b"y", second, 60_000),
+            LockStep::Queued(_)
+        ));
+        let attach = Request::Put(Box::new(Put {
+            lease: Some(first),
+            ..Put::new("k", "v")
+        }));
+        assert!(matches!(
+            apply(&mut live, now_ms, &attach),
+            Response::Put { applied: true, .. }
+        ));
+        live.check_invariants();
+        let revision = live.revision();
+        let shard = RefCell::new(live);
+        let log = CoreLog::new(Durability::Sync, revision);
+        let written = write_snapshot(&GlommioStorage, directory.path(), CORE_ID, &shard, &log)
+            .await
+            .unwrap();
+
+        let mut loaded = new_shard(now_ms);
+        let loaded_mono_ms = 9_000_000;
+        loaded.set_monotonic_ms(loaded_mono_ms);
+        load_snapshot(&written.path, CORE_ID, &mut loaded, now_ms).unwrap();
+        loaded.restore_revision(written.end_revision);
+        loaded.check_invariants();
+        let lock_of = |shard: &Shard, name: &str| {
+            let holder = shard
+                .locks()
+                .holder(name.as_bytes())
+                .map(|holder| (holder.lease, holder.token));
+            (holder, shard.locks().last_token(name.as_bytes()))
+        };
+        assert_eq!(lock_of(&loaded, "x"), (Some((second, x_token)), x_token));
+        assert_eq!(lock_of(&loaded, "y"), (Some((first, y_token)), y_token));
+        assert_eq!(lock_of(&loaded, "z"), (None, z_token));
+        assert_eq!(loaded.locks().entries().count(), 3);
+        assert_eq!(
+            loaded.locks().waiter_count(),
+            0,
+            "waits are not snapshotted"
+        );
+        let mut leases: Vec<(u64, u64)> = loaded.leases().home_leases().collect();
+        leases.sort_unstable();
+        assert_eq!(leases, vec![(first, HOUR_MS), (second, 2 * HOUR_MS)]);
+        assert_eq!(loaded.leases().lease_of(b"k"), Some(first));
+        assert_eq!(loaded.journal_len(), 0, "nothing was journaled");
+
+        // A fence reads the loaded last token.
+        let fenced = |token: u64| {
+            Request::Txn(Box::new(
+                Txn::new()
+                    .when([Compare::fence("x", token)])
+                    .then([TxnOp::put("w", "fenced")]),
+            ))
+        };
+        let succeeded = |response: Response| match response {
+            Response::Txn(outcome) => outcome.succeeded,
+            other => panic!("a transaction answered {other:?}"),
+        };
+        assert!(!succeeded(apply(&mut loaded, now_ms, &fenced(stale))));
+        assert!(succeeded(apply(&mut loaded, now_ms, &fenced(x_token))));
+
+        // The holders keep their locks until their leases end, a full TTL after the load.
+        loaded.set_monotonic_ms(loaded_mono_ms + HOUR_MS - 1);
+        loaded.tick(now_ms);
+        assert_eq!(lock_of(&loaded, "y"), (Some((first, y_token)), y_token));
+        loaded.set_monotonic_ms(loaded_mono_ms + HOUR_MS);
+        loaded.tick(now_ms);
+        loaded.check_invariants();
+        assert_eq!(loaded.take_ended_leases(), vec![(first, true)]);
+        assert_eq!(lock_of(&loaded, "y"), (None, y_token));
+        assert_eq!(lock_of(&loaded, "x"), (Some((second, x_token)), x_token));
+        let next = take_lock(&mut loaded, "y", second);
+        assert_eq!(next, loaded.revision(), "a grant's token is its revision");
+        assert!(next > x_token, "token {next} after {x_token}");
     });
 }

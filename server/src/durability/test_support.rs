@@ -21,6 +21,7 @@ pub(crate) fn shard_config(shard_id: u16) -> ShardConfig {
         expired_per_tick_max: 1000,
         watch_limits: crate::shard::watch::WatchLimits::default(),
         lease_limits: crate::shard::lease::LeaseLimits::default(),
+        lock_limits: crate::shard::lock::LockLimits::default(),
     }
 }
 

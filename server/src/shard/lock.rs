@@ -12,9 +12,9 @@
 //! holder has no waiter (a release grants the next one at once); `by_lease` names every lock
 //! a lease holds or waits for.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
-use ahash::{AHashMap, AHashSet};
+use ahash::AHashMap;
 
 /// Bounds of a shard's lock table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,8 +96,9 @@ pub enum LockTableFull {
 pub struct Locks {
     limits: LockLimits,
     table: AHashMap<Box<[u8]>, LockState>,
-    /// Every lock each lease holds or waits for.
-    by_lease: AHashMap<u64, AHashSet<Box<[u8]>>>,
+    /// Every lock each lease holds or waits for, in name order (so a lease's end releases
+    /// them in the same order on every shard).
+    by_lease: AHashMap<u64, BTreeSet<Box<[u8]>>>,
     waiter_count: usize,
     last_waiter: u64,
 }
@@ -209,11 +210,22 @@ impl Locks {
         }
     }
 
-    /// Ends the waits past their deadline at `mono_ms`, pushing them onto `events`.
+    /// The locks `lease` holds or waits for, in name order.
+    pub fn names_of(&self, lease: u64) -> impl Iterator<Item = &[u8]> + '_ {
+        self.by_lease
+            .get(&lease)
+            .into_iter()
+            .flatten()
+            .map(|name| &**name)
+    }
+
+    /// Ends the waits past their deadline at `mono_ms`, pushing them onto `events` in the
+    /// order they were queued.
     pub fn expire_waits(&mut self, mono_ms: u64, events: &mut Vec<LockEvent>) {
         if self.waiter_count == 0 {
             return;
         }
+        let first = events.len();
         let mut emptied = Vec::new();
         for (name, lock) in &mut self.table {
             let holder_token = lock.holder.map_or(0, |holder| holder.token);
@@ -234,6 +246,12 @@ impl Locks {
         for (lease, name) in emptied {
             self.forget_if_unused(lease, &name);
         }
+        // The table's order is a hash's; waiter ids are the order of arrival.
+        events[first..].sort_by_key(|event| match event {
+            LockEvent::Granted { waiter, .. }
+            | LockEvent::TimedOut { waiter, .. }
+            | LockEvent::LeaseEnded { waiter } => *waiter,
+        });
     }
 
     /// The locks `lease` holds, and the waits it had (removed, onto `events`), when it ends.

@@ -230,8 +230,12 @@ impl Shard {
 
     /// Acquires the lock `name` for `lease`, or puts the request in line for `wait_ms`.
     pub fn lock(&mut self, name: &[u8], lease: u64, wait_ms: u32) -> LockStep {
-        self.debug_check_owned(name);
         self.stats.request_count += 1;
+        self.try_lock(name, lease, wait_ms)
+    }
+
+    fn try_lock(&mut self, name: &[u8], lease: u64, wait_ms: u32) -> LockStep {
+        self.debug_check_owned(name);
         if let Err(refusal) = self.check_lease_lives(lease) {
             return LockStep::Done(refusal);
         }
@@ -615,7 +619,15 @@ impl Shard {
             }
             ArchivedRequest::LeaseRevoke { id } => {
                 let (keys, _) = self.leases.keys_of(id.to_native(), usize::MAX, usize::MAX);
-                Some(RECORD + EFFECT + keys.iter().map(|key| key_write(key, 0)).sum::<u64>())
+                // Each lock it holds or waits for: a release and the next holder's grant.
+                let locks: u64 = self
+                    .locks
+                    .names_of(id.to_native())
+                    .map(|name| 2 * (RECORD + EFFECT + 8 + name.len() as u64))
+                    .sum();
+                Some(
+                    RECORD + EFFECT + locks + keys.iter().map(|key| key_write(key, 0)).sum::<u64>(),
+                )
             }
             ArchivedRequest::LeaseKeepalive { .. }
             | ArchivedRequest::LeaseTimeToLive { .. }
@@ -769,19 +781,17 @@ impl Shard {
             ArchivedRequest::LeaseList => Response::Leases {
                 ids: self.leases.home_ids(self.mono_ms),
             },
-            ArchivedRequest::Lock {
-                name,
-                lease,
-                wait_ms,
-            } => match self.lock(name, lease.to_native(), wait_ms.to_native()) {
-                LockStep::Done(response) => response,
-                // The core sends waiting locks through `lock`; one that reached here answers
-                // with the holder's token, as after a wait.
-                LockStep::Queued(_) => Response::Locked {
-                    acquired: false,
-                    token: self.locks.holder(name).map_or(0, |holder| holder.token),
-                },
-            },
+            // The core sends locks that may wait through `lock`; here one cannot, so it is
+            // answered at once, as with a wait of 0.
+            ArchivedRequest::Lock { name, lease, .. } => {
+                match self.try_lock(name, lease.to_native(), 0) {
+                    LockStep::Done(response) => response,
+                    LockStep::Queued(_) => error(
+                        ErrorCode::Internal,
+                        "a lock without a wait queued".to_owned(),
+                    ),
+                }
+            }
             ArchivedRequest::Unlock { name, token } => Response::Unlocked {
                 released: self.unlock(name, token.to_native()),
             },
@@ -905,8 +915,8 @@ impl Shard {
         self.leases
             .take_expired(self.mono_ms, self.config.expired_per_tick_max, &mut ended);
         for lease in ended {
-            self.delete_lease_keys(lease, true, true);
             self.release_locks_of(lease);
+            self.delete_lease_keys(lease, true, true);
             self.ended_leases.push((lease, true));
         }
         self.locks.expire_waits(self.mono_ms, &mut self.lock_events);
@@ -1294,8 +1304,10 @@ impl Shard {
             return Response::LeaseRevoked { existed: false };
         }
         self.leases.end_home(lease);
-        self.delete_lease_keys(lease, false, true);
+        // Locks first: the lease's end is journaled last, so a log cut between them leaves
+        // the lease alive (it comes back), never a lock held by a lease that is gone.
         self.release_locks_of(lease);
+        self.delete_lease_keys(lease, false, true);
         self.ended_leases.push((lease, false));
         Response::LeaseRevoked { existed: true }
     }
