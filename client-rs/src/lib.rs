@@ -22,6 +22,7 @@
 //! - `counter`: counters with bounds and windows.
 //! - `lease`: leases, kept alive in the background by one keeper task per client.
 //! - `lock`: locks held by a lease, with fencing tokens, and fenced writes.
+//! - `election`: leader election (campaign, resign, observe) on a lock, a lease and a watch.
 //! - `txn`: single-shard transactions and the optimistic read-modify-write helper.
 //! - `embedded`: shards in this process (feature `embedded`).
 //! - [`blocking`]: a synchronous wrapper.
@@ -44,6 +45,7 @@
 pub mod blocking;
 mod connection;
 mod counter;
+mod election;
 #[cfg(feature = "embedded")]
 mod embedded;
 pub mod error;
@@ -68,6 +70,7 @@ use tessera_protocol::{
 
 pub use blocking::{BlockingClient, BlockingWatch};
 pub use counter::{AddOptions, CounterOutcome};
+pub use election::{Election, LeaderChange, Leadership};
 pub use error::{ClientError, Result};
 pub use lease::{Lease, LeaseInfo};
 pub use lock::LockGrant;

@@ -2373,3 +2373,36 @@ fn lock_holder_paused_past_its_lease_loses_the_lock() {
     assert!(grant.is_some_and(|grant| grant.token > new_token));
     fixture.stop();
 }
+
+/// `tessera txn` with a lease compare, a put that attaches a lease and a fence: the put
+/// lands only while the token is the lock's newest.
+#[test]
+fn txn_fences_and_leases() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let lease = client.lease(Duration::from_secs(30)).unwrap();
+    let grant = client
+        .lock("{f}lock", lease.id(), Duration::ZERO)
+        .unwrap()
+        .expect("free");
+    let document = format!(
+        r#"{{"compare": [{{"key": "{{f}}lock", "fence": {token}}},
+                         {{"key": "{{f}}k", "lease": ["=", 0]}}],
+             "success": [{{"put": "{{f}}k", "value": "v", "lease": {lease}}}]}}"#,
+        token = grant.token,
+        lease = lease.id()
+    );
+    fixture.run_with_input(0, &["txn"], &document);
+    let info = client.lease_info(lease.id()).unwrap().expect("alive");
+    assert_eq!(info.keys, vec![b"{f}k".to_vec()]);
+    // Now attached: the lease compare fails, and so does a stale fence.
+    fixture.run_with_input(1, &["txn"], &document);
+    let stale = document.replace(&format!("\"fence\": {}", grant.token), "\"fence\": 1");
+    let stale = stale.replace(
+        r#"{"key": "{f}k", "lease": ["=", 0]}"#,
+        r#"{"key": "{f}k", "exists": true}"#,
+    );
+    fixture.run_with_input(1, &["txn"], &stale);
+    drop(lease);
+    fixture.stop();
+}

@@ -818,6 +818,7 @@ async fn txn_ops_take_their_options(client: &Client) {
                 ttl_ms: Some(60_000),
                 keep_ttl: false,
                 return_previous: true,
+                lease: None,
             },
             TxnOp::Delete {
                 key: flag.into(),
@@ -870,6 +871,7 @@ async fn txn_ops_take_their_options(client: &Client) {
         ttl_ms: None,
         keep_ttl: true,
         return_previous: false,
+        lease: None,
     };
     txn_ok(client, "keep_ttl", Txn::new().then([keep])).await;
     let kept = entry_of(client, b).await;

@@ -9,7 +9,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_client::{Client, ClientError, ErrorCode};
+use tessera_client::{Client, ClientError, ErrorCode, LeaderChange};
 
 scenarios!(
     grants_carry_growing_tokens,
@@ -21,6 +21,7 @@ scenarios!(
     fenced_writes_refuse_a_former_holder,
     a_dead_lease_cannot_lock,
     contenders_never_overlap_in_fenced_writes,
+    an_election_has_one_leader_at_a_time,
 );
 
 const LONG: Duration = Duration::from_secs(30);
@@ -377,4 +378,71 @@ async fn locks_across_a_restart() {
     );
     drop(client);
     server.stop().await;
+}
+
+/// Two candidates: one leads, the other waits in line; observers see each change; when the
+/// leader's lease ends (its handle dropped, as when its process dies) the other leads, and
+/// the first one's fenced writes are refused from then on.
+async fn an_election_has_one_leader_at_a_time(client: &Client) {
+    let election = client.election("pick");
+    let changes = Arc::new(Mutex::new(Vec::new()));
+    let seen = changes.clone();
+    let watching_election = election.clone();
+    let observer = tokio::spawn(async move {
+        watching_election
+            .observe(|change| {
+                let mut changes = seen.lock().unwrap();
+                changes.push(change);
+                changes.len() < 4
+            })
+            .await
+    });
+    // The observer's snapshot (nobody leads) comes before anything changes.
+    while changes.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_lease = client.lease(Duration::from_millis(300)).await.unwrap();
+    let first = election.campaign(first_lease.id(), "first").await.unwrap();
+    assert_eq!(election.leader().await.unwrap(), Some(b"first".to_vec()));
+    let second_lease = client.lease(LONG).await.unwrap();
+    let candidate = election.clone();
+    let second_id = second_lease.id();
+    let second = tokio::spawn(async move { candidate.campaign(second_id, "second").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !second.is_finished(),
+        "the second waits while the first leads"
+    );
+    // The first leader dies: nothing renews its lease.
+    drop(first_lease);
+    let second = second.await.unwrap().unwrap();
+    assert!(second.token > first.token);
+    assert_eq!(election.leader().await.unwrap(), Some(b"second".to_vec()));
+    assert!(!client
+        .put_fenced(
+            "{pick}state",
+            "from the old leader",
+            "{pick}lock",
+            first.token
+        )
+        .await
+        .unwrap());
+    assert!(client
+        .put_fenced("{pick}state", "from the leader", "{pick}lock", second.token)
+        .await
+        .unwrap());
+    election.resign(&second).await.unwrap();
+    assert_eq!(election.leader().await.unwrap(), None);
+    observer.await.unwrap().unwrap();
+    let changes = changes.lock().unwrap().clone();
+    assert_eq!(
+        changes,
+        vec![
+            LeaderChange::Vacant,
+            LeaderChange::Elected(b"first".to_vec()),
+            LeaderChange::Vacant,
+            LeaderChange::Elected(b"second".to_vec()),
+        ]
+    );
+    drop(second_lease);
 }

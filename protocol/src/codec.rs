@@ -665,12 +665,19 @@ fn check_txn(txn: &ArchivedTxn) -> Result<(), RequestError> {
                     check_key(key.as_slice())?;
                 }
                 ArchivedTxnOp::Put {
-                    key, value, ttl_ms, ..
+                    key,
+                    value,
+                    ttl_ms,
+                    lease,
+                    ..
                 } => {
                     check_key(key.as_slice())?;
                     check_value(value.as_slice())?;
                     if let Some(ttl_ms) = ttl_ms.as_ref() {
                         check_ttl(ttl_ms.to_native())?;
+                    }
+                    if let Some(lease) = lease.as_ref() {
+                        check_lease(lease.to_native())?;
                     }
                 }
                 ArchivedTxnOp::Add(add) => check_add(add)?,

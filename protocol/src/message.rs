@@ -412,6 +412,8 @@ pub enum Check {
     /// granted for it (held or released since): a write guarded by it cannot come from a
     /// holder whose lock has since been granted again.
     Fence(u64),
+    /// The key's lease compared with this one (0: attached to none).
+    Lease(CompareOp, u64),
 }
 
 /// How a [`Check`] compares the key's current field (left) with the given one (right).
@@ -469,6 +471,10 @@ pub enum TxnOp {
         keep_ttl: bool,
         /// Return the entry the put replaced.
         return_previous: bool,
+        /// Attach the key to this lease (`None` detaches it), as [`Put::lease`] does. The
+        /// lease must live and be known to the transaction's shard: homed there, or used
+        /// there before (by a put or a lock of the same hash tag).
+        lease: Option<u64>,
     },
     /// Removes a key.
     Delete {
@@ -501,6 +507,7 @@ impl TxnOp {
             ttl_ms: None,
             keep_ttl: false,
             return_previous: false,
+            lease: None,
         }
     }
 

@@ -207,6 +207,7 @@ fn compare() -> impl Strategy<Value = Compare> {
             (compare_op(), any::<u64>())
                 .prop_map(|(op, revision)| Check::ModRevision(op, revision)),
             any::<u64>().prop_map(Check::Fence),
+            (compare_op(), any::<u64>()).prop_map(|(op, lease)| Check::Lease(op, lease)),
         ],
     )
         .prop_map(|(key, check)| Compare { key, check })
@@ -229,8 +230,17 @@ fn txn_op() -> impl Strategy<Value = TxnOp> {
                     ttl_ms,
                     keep_ttl,
                     return_previous,
+                    lease: None,
                 }
             ),
+        (key(), value(), 1..u64::MAX).prop_map(|(key, value, lease)| TxnOp::Put {
+            key,
+            value,
+            ttl_ms: None,
+            keep_ttl: false,
+            return_previous: false,
+            lease: Some(lease),
+        }),
         (key(), any::<bool>()).prop_map(|(key, return_previous)| TxnOp::Delete {
             key,
             return_previous
@@ -1610,6 +1620,7 @@ fn requests_with_ttl(ttl_ms: u64) -> Vec<Request> {
         ttl_ms: Some(ttl_ms),
         keep_ttl: false,
         return_previous: false,
+        lease: None,
     };
     vec![
         Request::Put(Box::new(put)),

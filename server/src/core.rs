@@ -272,6 +272,10 @@ impl CoreContext {
                 }
             }
             ArchivedRequest::Txn(txn) => match self.txn_shard(txn) {
+                Ok(Route::Here) => match self.shard.borrow().lease_to_check(request) {
+                    Some(home) => Route::AfterLeaseCheck(home),
+                    None => Route::Here,
+                },
                 Ok(route) => route,
                 // Answered here, with `CrossShard`.
                 Err(_) => Route::Here,
@@ -621,15 +625,13 @@ impl CoreContext {
     /// path of a put attaching its key to a lease homed on another core that this shard does
     /// not know yet.
     pub fn apply_after_lease_check(self: &Rc<Self>, home: u16, body: &[u8]) -> PendingReply {
-        let lease = match codec::access_request(body) {
-            Ok(ArchivedRequest::Put(put)) => put.lease.as_ref().map(|lease| lease.to_native()),
-            Ok(ArchivedRequest::Lock { lease, .. }) => Some(lease.to_native()),
-            _ => None,
-        };
+        let lease = codec::access_request(body)
+            .ok()
+            .and_then(|request| self.shard.borrow().lease_needing_check(request));
         let (Some(lease), Some(inbox)) = (lease, self.inboxes.get(usize::from(home))) else {
             return Box::pin(std::future::ready(Reply::Response(error(
                 ErrorCode::Internal,
-                "a lease check for a request that is not a put or a lock with a lease",
+                "a lease check for a request that uses no lease of another core",
             ))));
         };
         let (reply, answer) = oneshot::channel();

@@ -346,11 +346,13 @@ const TXN_AFTER_HELP: &str = r#"The document (every section optional; unknown fi
       {"key": "k", "version": ["=", 3]},
       {"key": "k", "value": ["!=", "x"]},
       {"key": "k", "mod_revision": [">", 10]},
-      {"key": "k", "create_revision": ["<=", 10]}
+      {"key": "k", "create_revision": ["<=", 10]},
+      {"key": "k", "lease": ["=", 0]},        (the key's lease; 0: none)
+      {"key": "{job}lock", "fence": 42}        (42 >= the lock's last token)
     ],
     "success": [
       {"get": "k"},
-      {"put": "k", "value": "v", "ttl_ms": 1000, "keep_ttl": false},
+      {"put": "k", "value": "v", "ttl_ms": 1000, "keep_ttl": false, "lease": 7},
       {"delete": "k"},
       {"add": "n", "delta": 1, "min": 0, "max": 10, "ttl_ms": 1000,
        "refresh_ttl": false, "no_create": false},
@@ -709,6 +711,10 @@ struct CompareDocument {
     version: Option<(OperatorDocument, u64)>,
     create_revision: Option<(OperatorDocument, u64)>,
     mod_revision: Option<(OperatorDocument, u64)>,
+    /// The key's lease (0: none).
+    lease: Option<(OperatorDocument, u64)>,
+    /// The key names a lock, and this token is at least its last one.
+    fence: Option<u64>,
 }
 
 /// A compare's operator, as written in the document.
@@ -769,6 +775,8 @@ struct OpDocument {
     no_create: Option<bool>,
     /// `range`: most keys to return.
     limit: Option<u32>,
+    /// `put`: attach the key to this lease.
+    lease: Option<u64>,
 }
 
 /// Reads a transaction document (at most [`TXN_DOCUMENT_BYTES_MAX`] bytes) and turns it into
@@ -897,12 +905,21 @@ impl CompareDocument {
         if let Some((operator, revision)) = self.mod_revision {
             checks.push(Compare::mod_revision(key, operator.into(), revision));
         }
+        if let Some((operator, lease)) = self.lease {
+            checks.push(Compare {
+                key: key.to_vec(),
+                check: tessera_protocol::Check::Lease(operator.into(), lease),
+            });
+        }
+        if let Some(token) = self.fence {
+            checks.push(Compare::fence(key, token));
+        }
         let check_count = checks.len();
         match <[Compare; 1]>::try_from(checks) {
             Ok([compare]) => Ok(compare),
             Err(_) => Err(format!(
                 "has {check_count} checks, not 1: give exactly one of exists, value, version, \
-                 create_revision, mod_revision"
+                 create_revision, mod_revision, lease, fence"
             )),
         }
     }
@@ -940,9 +957,10 @@ impl OpDocument {
             ("refresh_ttl", self.refresh_ttl.is_some()),
             ("no_create", self.no_create.is_some()),
             ("limit", self.limit.is_some()),
+            ("lease", self.lease.is_some()),
         ];
         let allowed: &[&str] = match kind {
-            "put" => &["value", "ttl_ms", "keep_ttl"],
+            "put" => &["value", "ttl_ms", "keep_ttl", "lease"],
             "add" => &["delta", "min", "max", "ttl_ms", "refresh_ttl", "no_create"],
             "range" => &["limit"],
             _ => &[],
@@ -981,6 +999,7 @@ impl OpDocument {
                     ttl_ms: self.ttl_ms,
                     keep_ttl,
                     return_previous: false,
+                    lease: self.lease,
                 }
             }
             "add" => {

@@ -146,13 +146,14 @@ fn compare_op(input: &mut Unstructured<'_>) -> Result<CompareOp> {
 
 fn compare(input: &mut Unstructured<'_>) -> Result<Compare> {
     let key = txn_key(input)?;
-    let check = match input.int_in_range(0_u8..=6)? {
+    let check = match input.int_in_range(0_u8..=7)? {
         0 => Check::Exists,
         1 => Check::Absent,
         2 => Check::Value(compare_op(input)?, value(input)?),
         3 => Check::Version(compare_op(input)?, input.arbitrary()?),
         4 => Check::CreateRevision(compare_op(input)?, input.arbitrary()?),
         5 => Check::Fence(input.arbitrary()?),
+        6 => Check::Lease(compare_op(input)?, input.arbitrary()?),
         _ => Check::ModRevision(compare_op(input)?, input.arbitrary()?),
     };
     Ok(Compare { key, check })
@@ -169,6 +170,11 @@ fn txn_op(input: &mut Unstructured<'_>) -> Result<TxnOp> {
             ttl_ms: ttl_ms(input)?,
             keep_ttl: input.arbitrary()?,
             return_previous: input.arbitrary()?,
+            lease: if input.arbitrary()? {
+                Some(lease_id(input)?)
+            } else {
+                None
+            },
         },
         2 => TxnOp::Delete {
             key: txn_key(input)?,
@@ -476,12 +482,19 @@ fn check_owned_txn(txn: &Txn) -> std::result::Result<(), RequestError> {
                     Some(key)
                 }
                 TxnOp::Put {
-                    key, value, ttl_ms, ..
+                    key,
+                    value,
+                    ttl_ms,
+                    lease,
+                    ..
                 } => {
                     codec::check_key(key)?;
                     codec::check_value(value)?;
                     if let Some(ttl_ms) = ttl_ms {
                         codec::check_ttl(*ttl_ms)?;
+                    }
+                    if let Some(lease) = lease {
+                        codec::check_lease(*lease)?;
                     }
                     Some(key)
                 }

@@ -168,19 +168,44 @@ impl Shard {
         self.leases.home_lease(lease, self.mono_ms).is_some()
     }
 
-    /// For a put attached to a lease homed on another core of this node that this shard does
-    /// not yet know to live: that core, which the core must ask first
+    /// For a put, a lock or a transaction using a lease homed on another core of this node
+    /// that this shard does not yet know to live: that core, which the core must ask first
     /// ([`Shard::begin_lease_check`]).
     pub fn lease_to_check(&self, request: &ArchivedRequest) -> Option<u16> {
-        let lease = match request {
-            ArchivedRequest::Put(put) => put.lease.as_ref()?.to_native(),
-            ArchivedRequest::Lock { lease, .. } => lease.to_native(),
-            _ => return None,
+        self.lease_needing_check(request)
+            .map(|lease| LeaseId(lease).core_id())
+    }
+
+    /// The lease [`Shard::lease_to_check`] is about (a transaction's first such put's).
+    pub fn lease_needing_check(&self, request: &ArchivedRequest) -> Option<u64> {
+        let needs_check = |lease: u64| {
+            let id = LeaseId(lease);
+            id.node_id() == self.config.node_id
+                && id.core_id() != self.config.shard_id
+                && !self.leases.is_foreign_alive(lease)
         };
-        let lease = LeaseId(lease);
-        let is_other_core_here =
-            lease.node_id() == self.config.node_id && lease.core_id() != self.config.shard_id;
-        (is_other_core_here && !self.leases.is_foreign_alive(lease.0)).then_some(lease.core_id())
+        match request {
+            ArchivedRequest::Put(put) => put
+                .lease
+                .as_ref()
+                .map(|lease| lease.to_native())
+                .filter(|lease| needs_check(*lease)),
+            ArchivedRequest::Lock { lease, .. } => {
+                Some(lease.to_native()).filter(|lease| needs_check(*lease))
+            }
+            ArchivedRequest::Txn(txn) => txn
+                .success
+                .iter()
+                .chain(txn.failure.iter())
+                .filter_map(|op| match op {
+                    ArchivedTxnOp::Put { lease, .. } => {
+                        lease.as_ref().map(|lease| lease.to_native())
+                    }
+                    _ => None,
+                })
+                .find(|lease| needs_check(*lease)),
+            _ => None,
+        }
     }
 
     /// Records that the core is asking a lease's home whether it lives.
@@ -589,7 +614,12 @@ impl Shard {
                 let branch = |ops: &rkyv::vec::ArchivedVec<ArchivedTxnOp>| -> u64 {
                     ops.iter()
                         .map(|op| match op {
-                            ArchivedTxnOp::Put { key, value, .. } => key_write(key, value.len()),
+                            ArchivedTxnOp::Put {
+                                key, value, lease, ..
+                            } => {
+                                key_write(key, value.len())
+                                    + lease.as_ref().map_or(0, |_| EFFECT + key.len() as u64)
+                            }
                             ArchivedTxnOp::Delete { key, .. } => key_write(key, 0),
                             ArchivedTxnOp::Add(add) => key_write(&add.key, COUNTER_TEXT_MAX),
                             ArchivedTxnOp::Get { .. } | ArchivedTxnOp::Range(_) => 0,
@@ -1461,6 +1491,14 @@ impl Shard {
                 number(op, given.to_native(), |revisions| revisions.modify)
             }
             ArchivedCheck::Fence(token) => token.to_native() >= self.locks.last_token(&compare.key),
+            ArchivedCheck::Lease(op, given) => compare_op(*op).holds(
+                &self
+                    .leases
+                    .lease_of(&compare.key)
+                    .filter(|_| entry.is_some())
+                    .unwrap_or(0),
+                &given.to_native(),
+            ),
         }
     }
 
@@ -1488,7 +1526,11 @@ impl Shard {
                     ttl_ms,
                     keep_ttl,
                     return_previous,
+                    lease,
                 } => {
+                    if let Some(lease) = lease.as_ref() {
+                        self.check_lease_for(key, lease.to_native())?;
+                    }
                     let has_expiry = ttl_ms.is_some()
                         || (*keep_ttl
                             && self
@@ -1589,6 +1631,7 @@ impl Shard {
                     ttl_ms,
                     keep_ttl,
                     return_previous,
+                    lease,
                 } => {
                     let before = self.store.get(key);
                     let previous = before.filter(|_| *return_previous).map(to_entry);
@@ -1601,7 +1644,7 @@ impl Shard {
                         None if *keep_ttl => expiry_before.map(|expiry| expiry.deadline_ms),
                         None => None,
                     };
-                    self.leases.detach(key);
+                    self.set_lease(key, lease.as_ref().map(|lease| lease.to_native()));
                     self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
                     TxnResult::Put {
                         version: revisions.version,

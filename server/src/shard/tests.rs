@@ -2000,6 +2000,12 @@ impl Model {
                     .map_or(0, |lock| lock.last_token);
                 *token >= last_token
             }
+            Check::Lease(op, given) => {
+                let lease = current
+                    .and(self.attached.get(&compare.key).copied())
+                    .unwrap_or(0);
+                model_compare(*op, &lease, given)
+            }
         }
     }
 
@@ -2290,6 +2296,7 @@ impl ModelTxnRun {
                 ttl_ms,
                 keep_ttl,
                 return_previous,
+                lease: _,
             } => {
                 let current = self.after.get(key).cloned();
                 let deadline_ms = match ttl_ms {
@@ -2470,6 +2477,7 @@ impl Locking {
                     ttl_ms: None,
                     keep_ttl: false,
                     return_previous: false,
+                    lease: None,
                 }],
                 failure: Vec::new(),
             })),
@@ -2771,6 +2779,14 @@ fn compare_strategy() -> impl Strategy<Value = Compare> {
                 .prop_map(|(op, revision)| Check::CreateRevision(op, revision)),
             (compare_op_strategy(), 0..40_u64)
                 .prop_map(|(op, revision)| Check::ModRevision(op, revision)),
+            (compare_op_strategy(), 0..4_u64).prop_map(|(op, sequence)| Check::Lease(
+                op,
+                if sequence == 0 {
+                    0
+                } else {
+                    home_lease(sequence)
+                }
+            )),
         ],
     )
         .prop_map(|(key, check)| Compare { key, check });
@@ -2806,6 +2822,7 @@ fn txn_op_strategy() -> impl Strategy<Value = TxnOp> {
                 ttl_ms,
                 keep_ttl,
                 return_previous,
+                lease: None,
             }),
         2 => (key_strategy(), any::<bool>())
             .prop_map(|(key, return_previous)| TxnOp::Delete { key, return_previous }),
@@ -3785,6 +3802,7 @@ fn op_put(key: &str, value: &str) -> TxnOp {
         ttl_ms: None,
         keep_ttl: false,
         return_previous: false,
+        lease: None,
     }
 }
 
@@ -3795,6 +3813,7 @@ fn op_put_returning(key: &str, value: &str) -> TxnOp {
         ttl_ms: None,
         keep_ttl: false,
         return_previous: true,
+        lease: None,
     }
 }
 
