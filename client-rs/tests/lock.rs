@@ -446,3 +446,36 @@ async fn an_election_has_one_leader_at_a_time(client: &Client) {
     );
     drop(second_lease);
 }
+
+/// A server stopping answers the lock requests waiting in line at once (`ShuttingDown`),
+/// not at the end of their wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_a_stopping_server_answers_waiting_locks() {
+    let server = common::start_server(common::CORE_COUNT);
+    let client = Client::connect(server.addresses()).await.unwrap();
+    let holder = client.grant_lease(LONG).await.unwrap();
+    client
+        .lock("stop", holder, Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("free");
+    let waiter_lease = client.grant_lease(LONG).await.unwrap();
+    let waiter = client.clone();
+    let waiting = tokio::spawn(async move { waiter.lock("stop", waiter_lease, LONG).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped_at = Instant::now();
+    let stopping = tokio::task::spawn_blocking(move || common::stop_server(server));
+    let outcome = common::within(common::CALL_TIMEOUT, "the waiting lock", waiting)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcome, Err(error) if error.is_retryable() || error.is_indeterminate()),
+        "{outcome:?}"
+    );
+    assert!(
+        stopped_at.elapsed() < Duration::from_secs(5),
+        "answered at once"
+    );
+    drop(client);
+    stopping.await.unwrap();
+}

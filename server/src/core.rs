@@ -549,6 +549,18 @@ impl CoreContext {
         })
     }
 
+    /// Answers every lock request still waiting with `ShuttingDown` (the core is stopping).
+    /// Their waits stay in the shard's lines until they end.
+    pub fn cancel_lock_waits(&self) {
+        let mut waiters = self.lock_waiters.borrow_mut();
+        for (_, reply) in waiters.values_mut() {
+            // What is left is a sender nobody listens to: a grant that comes later anyway
+            // cannot be delivered and is released at once.
+            let (closed, _) = oneshot::channel();
+            let _ = std::mem::replace(reply, closed).send(shutting_down(self.core_id));
+        }
+    }
+
     /// Answers the lock requests whose wait ended. A grant whose request is gone (its
     /// connection closed) is released at once, so no lock stays held by nobody.
     fn deliver_lock_events(&self) {

@@ -749,6 +749,8 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         }
         None => context.stop.wait().await,
     }
+    // Lock requests waiting in line are answered now, not at the end of their wait.
+    context.cancel_lock_waits();
     close_connections(&context, &gate, start.config.shutdown_timeout_ms).await;
     inbox_task.await;
     tick_task.await;
