@@ -1310,14 +1310,8 @@ fn watch_rejects_bad_positions() {
 /// Sends SIGINT to `child`, as Ctrl-C in a terminal does.
 #[cfg(unix)]
 fn interrupt(child: &Child) {
-    extern "C" {
-        fn kill(pid: i32, signal: i32) -> i32;
-    }
     const SIGINT: i32 = 2;
-    let pid = i32::try_from(child.id()).expect("a pid fits an i32");
-    // SAFETY: `kill` only sends a signal, to a child this test started and has not reaped.
-    let result = unsafe { kill(pid, SIGINT) };
-    assert_eq!(result, 0, "kill({pid}, SIGINT)");
+    send_signal(child, SIGINT);
 }
 
 #[cfg(unix)]
@@ -2397,7 +2391,7 @@ fn txn_fences_and_leases() {
     assert_eq!(info.keys, vec![b"{f}k".to_vec()]);
     // Now attached: the lease compare fails, and so does a stale fence.
     fixture.run_with_input(1, &["txn"], &document);
-    let stale = document.replace(&format!("\"fence\": {}", grant.token), "\"fence\": 1");
+    let stale = document.replace(&format!("\"fence\": {}", grant.token), "\"fence\": 0");
     let stale = stale.replace(
         r#"{"key": "{f}k", "lease": ["=", 0]}"#,
         r#"{"key": "{f}k", "exists": true}"#,
