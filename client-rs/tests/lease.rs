@@ -187,14 +187,24 @@ async fn leases_across_a_restart() {
     }
     // A counter in a fixed window: its value and its window's end survive too.
     let window = AddOptions::new().max(10).ttl(Duration::from_secs(60));
-    client.add_with("restart/counter", 3, window.clone()).await.unwrap();
-    let counted = client.get("restart/counter").await.unwrap().expect("counted");
+    client
+        .add_with("restart/counter", 3, window.clone())
+        .await
+        .unwrap();
+    let counted = client
+        .get("restart/counter")
+        .await
+        .unwrap()
+        .expect("counted");
     tokio::time::sleep(Duration::from_secs(1)).await;
     server.restart().await;
     let recounted = client.get("restart/counter").await.unwrap().expect("kept");
     assert_eq!(recounted, counted, "value, revisions and expiry come back");
     assert_eq!(
-        client.add_with("restart/counter", 8, window).await.map_err(|error| error.code()),
+        client
+            .add_with("restart/counter", 8, window)
+            .await
+            .map_err(|error| error.code()),
         Err(Some(ErrorCode::OutOfRange)),
         "the bound still holds"
     );
