@@ -54,8 +54,9 @@ impl Caller for Client {
             Op::Set => self.put(key, value).await.map(drop),
             Op::Delete => self.delete(key).await.map(drop),
             Op::Incr => self.add(key, 1).await.map(drop),
-            // The lease workload renews through `lease_load`, never through a session.
-            Op::Keepalive => return Err(()),
+            // The lease and lock workloads call through `lease_load` and `lock_load`, never
+            // through a session.
+            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair => return Err(()),
         };
         outcome.map_err(|error| tracing::debug!(%error, "call failed"))
     }

@@ -23,17 +23,30 @@
 //! from each: as many messages as leases, where Tessera sends one request per home core.
 //! Lease channels carry no client-wide timeout (which tonic would apply to the streams'
 //! lifetime); each call and grant gets its own deadline instead.
+//!
+//! `--workload lock` ([`EtcdLocks`]): etcd's v3 lock service, `Lock` and `Unlock`. Each
+//! contender is its own `etcd_client::Client` (its own connection) with its own lease, granted
+//! before the window and renewed by a task on one keepalive stream at a third of its TTL, as
+//! Tessera's client renews its leases. `Lock` puts the key `name/<lease>` under the lease and
+//! answers once every key of the name created before it is gone (first come, first served);
+//! `Unlock` deletes that key. etcd hands out no fencing token of its own: its answer's header
+//! revision stands in, which grows strictly from one holder of a name to the next (the next
+//! holder is answered only after it saw the previous key's deletion, a later revision). A
+//! wait that reaches [`crate::lock_load::LOCK_WAIT`] is cancelled (which makes etcd delete the
+//! waiter's key) and counted as a wait that ended.
 
 use std::future::Future;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, KvClient, LeaseClient, LeaseKeepAliveStream, LeaseKeeper,
+    Client, ConnectOptions, KvClient, LeaseClient, LeaseKeepAliveStream, LeaseKeeper, LockClient,
+    LockOptions,
 };
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 
 use crate::client_load::Caller;
 use crate::lease_load::{LeaseBatch, LeaseTarget, Renewal};
+use crate::lock_load::{LockSession, LockTarget};
 use crate::workload::{Op, WorkloadKind};
 
 /// Longest one call may take before it counts as an error (etcd's own request timeout is 7 s
@@ -67,8 +80,9 @@ impl Caller for EtcdCaller {
                 Op::Set => kv.put(key, value, None).await.map(drop),
                 Op::Delete => kv.delete(key, None).await.map(drop),
                 // `check_workload` refuses the only workload that issues increments.
-                // The lease workload renews through `lease_load`, never through a session.
-                Op::Incr | Op::Keepalive => return Err(()),
+                // The lease and lock workloads call through `lease_load` and `lock_load`,
+                // never through a session.
+                Op::Incr | Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair => return Err(()),
             };
             outcome.map_err(|error| tracing::debug!(%error, "etcd call failed"))
         }
@@ -238,6 +252,134 @@ impl LeaseBatch for EtcdBatch {
             Err(_) => Err(format!("no answer in {} s", CALL_TIMEOUT.as_secs())),
         };
         (self, outcome)
+    }
+}
+
+/// etcd's locks: each session opens its own client (and connection) to the member.
+pub struct EtcdLocks {
+    address: String,
+}
+
+impl EtcdLocks {
+    /// Locks on the etcd member at `address` (`host:port`).
+    pub fn new(address: &str) -> Self {
+        Self {
+            address: address.to_owned(),
+        }
+    }
+}
+
+impl LockTarget for EtcdLocks {
+    type Session = EtcdLockSession;
+
+    async fn open(&self, session_index: usize, ttl: Duration) -> Result<EtcdLockSession, String> {
+        let endpoint = format!("http://{}", self.address);
+        let client = Client::connect([endpoint.as_str()], None)
+            .await
+            .map_err(|error| format!("etcd endpoint {endpoint}: {error}"))?;
+        let mut kv = client.kv_client();
+        deadline(kv.get(PROBE_KEY, None)).await.map_err(|error| {
+            format!(
+                "cannot reach etcd at {} (client {session_index}): {error}",
+                self.address
+            )
+        })?;
+        let mut leases = client.lease_client();
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let lease_id = deadline(leases.grant(ttl_secs, None)).await?.id();
+        let (keeper, answers) = deadline(leases.keep_alive(lease_id)).await?;
+        let renewal = tokio::spawn(renew_lease(keeper, answers, ttl / 3));
+        Ok(EtcdLockSession {
+            locks: client.lock_client(),
+            leases,
+            lease_id,
+            renewal,
+        })
+    }
+
+    async fn close(&self, mut session: EtcdLockSession) -> Result<(), String> {
+        session.renewal.abort();
+        let lease_id = session.lease_id;
+        deadline(session.leases.revoke(lease_id))
+            .await
+            .map(drop)
+            .map_err(|error| format!("revoke lease {lease_id}: {error}"))
+    }
+}
+
+/// Renews one lease every `interval` on its keepalive stream until the stream fails or the
+/// lease is gone (then its locks fail, and the run counts errors).
+async fn renew_lease(
+    mut keeper: LeaseKeeper,
+    mut answers: LeaseKeepAliveStream,
+    interval: Duration,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once; the lease was just granted.
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let renewed = async {
+            keeper
+                .keep_alive()
+                .await
+                .map_err(|error| error.to_string())?;
+            match answers.message().await {
+                Ok(Some(answer)) if answer.ttl() > 0 => Ok(()),
+                Ok(Some(_)) => Err("the lease had ended".to_owned()),
+                Ok(None) => Err("the keepalive stream ended".to_owned()),
+                Err(error) => Err(error.to_string()),
+            }
+        };
+        if let Err(error) = deadline(renewed).await {
+            tracing::warn!(lease = keeper.id(), %error, "etcd lease renewal failed");
+            return;
+        }
+    }
+}
+
+/// One etcd contender: its client's lock service, its lease and the task renewing it.
+pub struct EtcdLockSession {
+    locks: LockClient,
+    leases: LeaseClient,
+    lease_id: i64,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for EtcdLockSession {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+impl LockSession for EtcdLockSession {
+    /// The ownership key `Lock` answered, which `Unlock` deletes.
+    type Grant = Vec<u8>;
+
+    async fn lock(
+        &mut self,
+        name: &[u8],
+        wait: Duration,
+    ) -> Result<Option<(u64, Vec<u8>)>, String> {
+        let options = LockOptions::new().with_lease(self.lease_id);
+        let answer = match tokio::time::timeout(wait, self.locks.lock(name, Some(options))).await {
+            Err(_) => return Ok(None),
+            Ok(Err(error)) => return Err(error.to_string()),
+            Ok(Ok(answer)) => answer,
+        };
+        let revision = answer
+            .header()
+            .map(etcd_client::ResponseHeader::revision)
+            .ok_or("etcd's lock answer has no header")?;
+        let token = u64::try_from(revision)
+            .map_err(|_| format!("etcd's lock answer has revision {revision}"))?;
+        Ok(Some((token, answer.key().to_vec())))
+    }
+
+    async fn unlock(&mut self, _name: &[u8], key: Vec<u8>) -> Result<bool, String> {
+        // etcd's `Unlock` deletes the key whatever it holds and says nothing of it.
+        deadline(self.locks.unlock(key)).await.map(|_| true)
     }
 }
 

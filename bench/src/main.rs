@@ -12,6 +12,8 @@
 //!   library.
 //! - `lease_load`: the lease workload: leases granted up front, renewed in batches by
 //!   sessions on the client library (Tessera) or `etcd-client` (etcd).
+//! - `lock_load`: the lock workload: contenders with a lease each, locking and unlocking in a
+//!   loop, with the overlap and fencing-token checks.
 //! - `cpu`: CPU time of local processes from /proc, for server CPU per operation.
 //! - `report`: hdrhistogram records, the progress line, the text and JSON results.
 //!
@@ -28,6 +30,7 @@ mod cpu;
 #[cfg(feature = "etcd")]
 mod etcd_load;
 mod lease_load;
+mod lock_load;
 mod report;
 mod uring;
 mod watch_load;
@@ -43,9 +46,13 @@ use serde::Serialize;
 use tessera_protocol::{slot_for_key, RouteTable, Topology, SLOT_COUNT};
 
 use crate::lease_load::{LeasePlan, LeaseTarget};
-use crate::report::{CpuUsage, LeaseReport, PeerWindow, Preload, Recorder, RunResult, WatchReport};
+use crate::lock_load::{LockNames, LockPlan, LockTarget};
+use crate::report::{
+    CpuUsage, LeaseReport, LockReport, PeerWindow, Preload, Recorder, RunResult, WatchReport,
+};
 use crate::uring::{Router, ThreadLoad};
 use crate::wire::{EchoWire, RedisWire, TesseraWire, Wire};
+use crate::workload::Op;
 use crate::workload::{
     parse_ratio, KeyDistribution, KeyPlan, OpStream, WorkloadKind, WorkloadSpec,
 };
@@ -113,10 +120,19 @@ struct Flags {
     /// of the leases is smaller renews the whole slice per call).
     #[arg(long, default_value_t = 1_000)]
     batch: usize,
-    /// TTL of the leases of `--workload lease-keepalive`: long beside a round of renewals, so
-    /// a lease ends only if renewals stop reaching it.
+    /// TTL of the leases of `--workload lease-keepalive` and `lock`: long beside a round of
+    /// renewals, so a lease ends only if renewals stop reaching it.
     #[arg(long, default_value_t = 60.0)]
     lease_ttl_secs: f64,
+    /// Sessions of `--workload lock`, each with its own lease, locking and unlocking in a loop
+    /// (against Tessera they share one client, against etcd each has its own). Replaces
+    /// `--connections` for this workload.
+    #[arg(long, default_value_t = 50)]
+    contenders: usize,
+    /// Lock names of `--workload lock`: `one` (every contender on one lock) or `per-session`
+    /// (each on its own: uncontended).
+    #[arg(long, value_enum, default_value_t = LockNames::One)]
+    lock_names: LockNames,
     /// Watches per client; each client holds one connection per core, and the server allows
     /// `--watchers-per-connection-max` (1000 by default) watches on one connection.
     #[arg(long, default_value_t = 1_000)]
@@ -387,6 +403,9 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
     };
     if spec.kind == WorkloadKind::LeaseKeepalive {
         return run_leases(&client_run(&target), config);
+    }
+    if spec.kind == WorkloadKind::Lock {
+        return run_locks(&client_run(&target), config);
     }
     if spec.kind.is_watch() {
         return run_watch(&client_run(&target), config);
@@ -1147,7 +1166,8 @@ fn run_leases(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, 
     )?;
     if lease_plan.batch_size() < flags.batch && !flags.quiet {
         eprintln!(
-            "note: {} leases over {} sessions is at most {} per session, so each call renews              {} ids, not --batch {}",
+            "note: {} leases over {} sessions is at most {} per session, so each call renews \
+             {} ids, not --batch {}",
             flags.leases,
             flags.connections,
             lease_plan.batch_size(),
@@ -1265,6 +1285,165 @@ fn measure_leases<T: LeaseTarget>(
         leases_lost: tally.lost_count,
         revoke_errors,
     });
+    Ok(result)
+}
+
+/// Runs `--workload lock`: Tessera through one shared client (remote or embedded), or etcd
+/// with one client (and connection) per contender.
+fn run_locks(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, String> {
+    let flags = plan.flags;
+    if flags.rate.is_some() || flags.pipeline != 1 {
+        return Err(
+            "--workload lock is a closed loop of one lock call at a time per contender; drop \
+             --rate and --pipeline"
+                .to_owned(),
+        );
+    }
+    if !(flags.lease_ttl_secs.is_finite() && flags.lease_ttl_secs < 1e9) {
+        return Err(format!(
+            "--lease-ttl-secs {} is not a usable TTL",
+            flags.lease_ttl_secs
+        ));
+    }
+    let lock_plan = LockPlan::new(
+        flags.contenders,
+        flags.lock_names,
+        Duration::from_secs_f64(flags.lease_ttl_secs.max(0.0)),
+    )?;
+    let runtime = new_runtime(flags)?;
+    match plan.target {
+        Target::Embedded => {
+            let client = start_embedded(flags)?;
+            let target = lock_load::TesseraLocks::new(client.clone());
+            let outcome = measure_locks(plan, config, &runtime, &target, &lock_plan, &[]);
+            client.shutdown();
+            outcome
+        }
+        Target::Tessera { endpoints } => {
+            let client = runtime
+                .block_on(tessera_client::Client::connect(endpoints.clone()))
+                .map_err(|error| format!("cannot connect: {error}"))?;
+            let server_pids = server_pids_of(flags, &addresses_of(&client.topology()));
+            let target = lock_load::TesseraLocks::new(client);
+            measure_locks(plan, config, &runtime, &target, &lock_plan, &server_pids)
+        }
+        #[cfg(feature = "etcd")]
+        Target::Etcd { address } => {
+            let target = etcd_load::EtcdLocks::new(address);
+            let server_pids = server_pids_of(flags, std::slice::from_ref(address));
+            measure_locks(plan, config, &runtime, &target, &lock_plan, &server_pids)
+        }
+        _ => Err(
+            "--workload lock drives Tessera (--endpoints or --embedded) or etcd \
+             (--target etcd://)"
+                .to_owned(),
+        ),
+    }
+}
+
+/// Opens the contenders (a lease each), runs their pairs for the window, closes them, and
+/// reports completed pairs as the operations.
+fn measure_locks<T: LockTarget>(
+    plan: &ClientRun,
+    config: serde_json::Value,
+    runtime: &tokio::runtime::Runtime,
+    target: &T,
+    lock_plan: &LockPlan,
+    server_pids: &[u32],
+) -> Result<RunResult, String> {
+    let flags = plan.flags;
+    let opened = lock_load::open(runtime, target, lock_plan)?;
+    if !flags.quiet {
+        eprintln!(
+            "opened {} contenders (a lease each) in {:.2} s, on {} lock(s) ({})",
+            lock_plan.contender_count,
+            opened.elapsed.as_secs_f64(),
+            lock_plan.lock_count(),
+            lock_plan.names.name()
+        );
+    }
+    let setup_elapsed = opened.elapsed;
+    let progress = std::sync::Arc::new(lock_load::Progress::default());
+    let (done_sender, done) = mpsc::channel::<()>();
+    let measured = Measured::start(server_pids);
+    let outcome = std::thread::scope(|scope| {
+        let reporter = {
+            let progress = &progress;
+            scope.spawn(move || lock_load::report_progress(progress, &done, flags.quiet))
+        };
+        let outcome = lock_load::run(
+            runtime,
+            lock_plan,
+            opened.sessions,
+            plan.duration,
+            Some(&progress),
+        );
+        drop(done_sender);
+        let _ = reporter.join();
+        outcome
+    });
+    let (sessions, tally, elapsed) = outcome?;
+    let (server_cpu_time, client_cpu_time) = measured.finish();
+    let (close_errors, close_failure) = lock_load::close(runtime, target, sessions);
+    if let Some(error) = &tally.first_error {
+        eprintln!(
+            "warning: {} lock calls failed; the first: {error}",
+            tally.record.error_count()
+        );
+    }
+    if let Some(error) = close_failure {
+        eprintln!("warning: {close_errors} lease revocations failed; the first: {error}");
+    }
+    if tally.overlap_count > 0 || tally.token_violation_count > 0 {
+        eprintln!(
+            "warning: the lock broke its promise: {} overlaps, {} token violations",
+            tally.overlap_count, tally.token_violation_count
+        );
+    }
+    let window = Window {
+        record: tally.record,
+        elapsed,
+        server_cpu_time,
+        client_cpu_time,
+    };
+    let pair_count = window.record.op(Op::LockPair).count();
+    let (server_cpu, client_cpu) = window.cpu_usage_per(server_pids, pair_count);
+    let mut result = RunResult::new(
+        plan.target.name(),
+        config,
+        &window.record,
+        elapsed,
+        server_cpu,
+        client_cpu,
+        None,
+    );
+    let summary_of = |op: Op| {
+        let record = window.record.op(op);
+        report::Summary::of(&record.histogram, record.error_count, elapsed)
+    };
+    let acquire = summary_of(Op::Lock);
+    let pair = summary_of(Op::LockPair);
+    result.set_lock(
+        LockReport {
+            contenders: lock_plan.contender_count,
+            lock_names: lock_plan.names.name(),
+            locks: lock_plan.lock_count(),
+            lock_wait_secs: lock_load::LOCK_WAIT.as_secs_f64(),
+            lease_ttl_secs: lock_plan.ttl.as_secs_f64(),
+            setup_duration_secs: setup_elapsed.as_secs_f64(),
+            pairs: pair_count,
+            acquire_p50_us: acquire.p50_us,
+            acquire_p99_us: acquire.p99_us,
+            acquire_max_us: acquire.max_us,
+            lock_timeouts: tally.lock_timeout_count,
+            unlocks_refused: tally.unlock_refused_count,
+            overlaps: tally.overlap_count,
+            token_violations: tally.token_violation_count,
+            drained_pairs: tally.drained_pair_count,
+            close_errors,
+        },
+        &pair,
+    );
     Ok(result)
 }
 

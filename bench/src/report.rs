@@ -44,7 +44,17 @@ impl OpRecord {
 /// One thread's (or the merged) record of every operation.
 #[derive(Debug, Clone)]
 pub struct Recorder {
-    ops: Vec<OpRecord>,
+    /// One record per [`Op::ALL`] entry, made when the operation is first recorded or merged
+    /// in: a histogram holds about 220 KiB of counts, and a workload issues a few of the
+    /// operations, so a session's records (and the copies it sends the progress reporter)
+    /// hold only what it uses.
+    ops: Vec<Option<OpRecord>>,
+}
+
+/// The record of an operation that was never recorded.
+fn empty_record() -> &'static OpRecord {
+    static EMPTY: std::sync::OnceLock<OpRecord> = std::sync::OnceLock::new();
+    EMPTY.get_or_init(OpRecord::new)
 }
 
 impl Default for Recorder {
@@ -57,13 +67,13 @@ impl Recorder {
     /// An empty record.
     pub fn new() -> Self {
         Self {
-            ops: Op::ALL.iter().map(|_| OpRecord::new()).collect(),
+            ops: Op::ALL.iter().map(|_| None).collect(),
         }
     }
 
     /// Records one reply that took `latency`.
     pub fn record(&mut self, op: Op, latency: Duration, is_error: bool) {
-        let record = &mut self.ops[op.index()];
+        let record = self.ops[op.index()].get_or_insert_with(OpRecord::new);
         let latency_ns = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX);
         record
             .histogram
@@ -74,6 +84,8 @@ impl Recorder {
     /// Adds everything `other` recorded.
     pub fn merge(&mut self, other: &Recorder) {
         for (mine, theirs) in self.ops.iter_mut().zip(&other.ops) {
+            let Some(theirs) = theirs else { continue };
+            let mine = mine.get_or_insert_with(OpRecord::new);
             // Histograms with the same bounds always merge.
             let _ = mine.histogram.add(&theirs.histogram);
             mine.error_count += theirs.error_count;
@@ -82,31 +94,46 @@ impl Recorder {
 
     /// Empties the record, keeping its allocations.
     pub fn reset(&mut self) {
-        for record in &mut self.ops {
+        for record in self.ops.iter_mut().flatten() {
             record.histogram.reset();
             record.error_count = 0;
         }
     }
 
+    /// Makes the record of every operation in `ops` now and touches its memory, so that
+    /// the first replies of a measured window pay for neither.
+    pub fn prepare(&mut self, ops: &[Op]) {
+        for &op in ops {
+            let record = self.ops[op.index()].get_or_insert_with(OpRecord::new);
+            record.histogram.reset();
+        }
+    }
+
     /// The record of one operation.
     pub fn op(&self, op: Op) -> &OpRecord {
-        &self.ops[op.index()]
+        self.ops[op.index()]
+            .as_ref()
+            .unwrap_or_else(|| empty_record())
     }
 
     /// Replies recorded across all operations.
     pub fn count(&self) -> u64 {
-        self.ops.iter().map(OpRecord::count).sum()
+        self.ops.iter().flatten().map(OpRecord::count).sum()
     }
 
     /// Error replies across all operations.
     pub fn error_count(&self) -> u64 {
-        self.ops.iter().map(|record| record.error_count).sum()
+        self.ops
+            .iter()
+            .flatten()
+            .map(|record| record.error_count)
+            .sum()
     }
 
     /// All operations' latencies in one histogram.
     pub fn combined(&self) -> Histogram<u64> {
         let mut combined = OpRecord::new().histogram;
-        for record in &self.ops {
+        for record in self.ops.iter().flatten() {
             let _ = combined.add(&record.histogram);
         }
         combined
@@ -287,6 +314,50 @@ pub struct RunResult {
     /// other top-level fields for scripts.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub lease: Option<LeaseReport>,
+    /// The contenders and what the checks found (`--workload lock` only), beside the other
+    /// top-level fields for scripts.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockReport>,
+}
+
+/// What `--workload lock` did. Its result counts completed lock/unlock pairs as the
+/// operations (`operations`, `ops_per_sec`, CPU `us_per_op` per pair) at the latency of the
+/// pair (`p50_us` and so on; the `pair` row of `ops`), beside the acquire latency (the `lock`
+/// row, and `acquire_p50_us`/`acquire_p99_us` here); `errors` are failed calls.
+#[derive(Debug, Clone, Serialize)]
+pub struct LockReport {
+    /// Sessions, each with its own lease, locking in a loop.
+    pub contenders: usize,
+    /// `one` (every session on one lock) or `per-session` (each on its own).
+    pub lock_names: &'static str,
+    /// Distinct lock names.
+    pub locks: usize,
+    /// Longest one lock call waits in line, in seconds.
+    pub lock_wait_secs: f64,
+    /// TTL of every session's lease (renewed in the background), in seconds.
+    pub lease_ttl_secs: f64,
+    /// Time granting the leases (and, for etcd, opening the clients) took, in seconds.
+    pub setup_duration_secs: f64,
+    /// Pairs completed within the window (the run's `operations`).
+    pub pairs: u64,
+    /// Median time from asking for the lock to holding it.
+    pub acquire_p50_us: f64,
+    /// 99th percentile of the same.
+    pub acquire_p99_us: f64,
+    /// Largest of the same.
+    pub acquire_max_us: f64,
+    /// Lock calls whose wait ended without the lock.
+    pub lock_timeouts: u64,
+    /// Unlocks the target refused (the grant was no longer the holder's).
+    pub unlocks_refused: u64,
+    /// Grants that arrived while another session held the lock; must be 0.
+    pub overlaps: u64,
+    /// Grants whose fencing token did not exceed every earlier token of its lock; must be 0.
+    pub token_violations: u64,
+    /// Pairs that ended after the window: checked, not counted.
+    pub drained_pairs: u64,
+    /// Lease revocations after the window that failed.
+    pub close_errors: usize,
 }
 
 /// What `--workload lease-keepalive` renewed. Its result counts renewed lease ids as the
@@ -419,7 +490,18 @@ impl RunResult {
             preload,
             watch: None,
             lease: None,
+            lock: None,
         }
+    }
+
+    /// Makes this the result of a lock run: completed pairs (`pair`, their summary) become
+    /// the operations; the errors stay those of every call.
+    pub fn set_lock(&mut self, lock: LockReport, pair: &Summary) {
+        self.total = Summary {
+            errors: self.total.errors,
+            ..pair.clone()
+        };
+        self.lock = Some(lock);
     }
 
     /// Makes this the result of a lease run: renewed lease ids become the operations.
@@ -458,15 +540,16 @@ impl RunResult {
         for (name, summary) in &self.ops {
             line(name, summary);
         }
-        // A lease run's total counts renewed leases, at the latency of their calls.
-        line(
-            if self.lease.is_some() {
-                "leases"
-            } else {
-                "all"
-            },
-            &self.total,
-        );
+        // A lease run's total counts renewed leases, at the latency of their calls; a lock
+        // run's counts pairs.
+        let total_name = if self.lease.is_some() {
+            "leases"
+        } else if self.lock.is_some() {
+            "pairs"
+        } else {
+            "all"
+        };
+        line(total_name, &self.total);
         if let Some(watch) = &self.watch {
             if let Some(latency) = &watch.latency {
                 line("event", latency);
@@ -506,6 +589,9 @@ impl RunResult {
                 lease.revoke_errors
             );
         }
+        if let Some(lock) = &self.lock {
+            lock.write_text(&self.total, &mut text);
+        }
         let _ = writeln!(
             text,
             "target {} over {:.1} s; tessera-bench {}; {} cpus, kernel {}",
@@ -516,6 +602,35 @@ impl RunResult {
             self.machine.kernel
         );
         text
+    }
+}
+
+impl LockReport {
+    /// The lock line of the text summary, for a run whose pairs are `total`.
+    fn write_text(&self, total: &Summary, text: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            text,
+            "locks: {} contenders on {} lock(s) ({}), leases of ttl {:.0} s (opened in {:.2} \
+             s): {:.0} pairs/s, acquire p50 {:.1} µs p99 {:.1} µs; overlaps {}, token \
+             violations {}, timeouts {}, refused unlocks {}, failed calls {}, failed \
+             revocations {}, {} pairs after the window",
+            self.contenders,
+            self.locks,
+            self.lock_names,
+            self.lease_ttl_secs,
+            self.setup_duration_secs,
+            total.ops_per_sec,
+            self.acquire_p50_us,
+            self.acquire_p99_us,
+            self.overlaps,
+            self.token_violations,
+            self.lock_timeouts,
+            self.unlocks_refused,
+            total.errors,
+            self.close_errors,
+            self.drained_pairs
+        );
     }
 }
 
@@ -665,6 +780,71 @@ mod tests {
         );
         let text = result.to_text();
         assert!(text.contains("500 renewed/s in 5 calls/s"), "{text}");
+    }
+
+    #[test]
+    fn lock_results_count_pairs_beside_the_acquire_latency() {
+        let mut recorder = Recorder::new();
+        for _ in 0..100 {
+            recorder.record(Op::Lock, Duration::from_micros(100), false);
+            recorder.record(Op::Unlock, Duration::from_micros(50), false);
+            recorder.record(Op::LockPair, Duration::from_micros(150), false);
+        }
+        recorder.record(Op::Unlock, Duration::from_micros(50), true);
+        let client_cpu = CpuUsage::new(vec![1], Duration::ZERO, 0, Duration::from_secs(2));
+        let mut result = RunResult::new(
+            "test",
+            serde_json::json!({}),
+            &recorder,
+            Duration::from_secs(2),
+            None,
+            client_cpu,
+            None,
+        );
+        let pair = Summary::of(
+            &recorder.op(Op::LockPair).histogram,
+            0,
+            Duration::from_secs(2),
+        );
+        let acquire = Summary::of(&recorder.op(Op::Lock).histogram, 0, Duration::from_secs(2));
+        result.set_lock(
+            LockReport {
+                contenders: 50,
+                lock_names: "one",
+                locks: 1,
+                lock_wait_secs: 10.0,
+                lease_ttl_secs: 60.0,
+                setup_duration_secs: 0.01,
+                pairs: pair.operations,
+                acquire_p50_us: acquire.p50_us,
+                acquire_p99_us: acquire.p99_us,
+                acquire_max_us: acquire.max_us,
+                lock_timeouts: 0,
+                unlocks_refused: 1,
+                overlaps: 0,
+                token_violations: 0,
+                drained_pairs: 49,
+                close_errors: 0,
+            },
+            &pair,
+        );
+        let json = serde_json::to_value(&result).unwrap();
+        assert_eq!(json["operations"], 100);
+        assert_eq!(json["ops_per_sec"], 50.0);
+        assert_eq!(json["errors"], 1, "every failed call");
+        assert_eq!(json["contenders"], 50);
+        assert_eq!(json["overlaps"], 0);
+        assert_eq!(json["token_violations"], 0);
+        assert_eq!(json["lock_names"], "one");
+        assert!((json["acquire_p50_us"].as_f64().unwrap() - 100.0).abs() < 0.1);
+        assert!(
+            (json["p50_us"].as_f64().unwrap() - 150.0).abs() < 0.2,
+            "{json}"
+        );
+        assert_eq!(json["ops"]["unlock"]["operations"], 101);
+        let text = result.to_text();
+        assert!(text.contains("50 contenders on 1 lock(s) (one)"), "{text}");
+        assert!(text.contains("\npairs "), "{text}");
     }
 
     #[test]

@@ -54,9 +54,11 @@ pub trait Wire {
     fn reply_size_needed(&self, bytes: &[u8]) -> Option<usize>;
 }
 
-/// Why a lease renewal cannot travel through a [`Wire`]: the lease workload drives it
-/// through the client library (`lease_load`), which groups ids by their home core.
-const NOT_KEYED: &str = "a lease keepalive is not a keyed request; the raw driver cannot send it";
+/// Why a lease renewal or a lock call cannot travel through a [`Wire`]: the lease and lock
+/// workloads drive them through the client library (`lease_load`, which groups ids by their
+/// home core, and `lock_load`, which waits in line).
+const NOT_KEYED: &str =
+    "a lease keepalive or lock call is not a keyed request; the raw driver cannot send it";
 
 /// Reusable requests, so encoding allocates nothing once warm.
 #[derive(Debug)]
@@ -90,7 +92,9 @@ impl TesseraRequests {
             Op::Set => &mut self.put,
             Op::Delete => &mut self.delete,
             Op::Incr => &mut self.add,
-            Op::Keepalive => return Err(NOT_KEYED.to_owned()),
+            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair => {
+                return Err(NOT_KEYED.to_owned())
+            }
         };
         match request {
             Request::Get { key: stored } => {
@@ -263,7 +267,9 @@ impl Wire for RedisWire {
             Op::Set => out.extend_from_slice(b"*3\r\n$3\r\nSET\r\n"),
             Op::Incr => out.extend_from_slice(b"*2\r\n$4\r\nINCR\r\n"),
             Op::Delete => out.extend_from_slice(b"*2\r\n$3\r\nDEL\r\n"),
-            Op::Keepalive => return Err(NOT_KEYED.to_owned()),
+            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair => {
+                return Err(NOT_KEYED.to_owned())
+            }
         }
         Self::push_bulk(out, key);
         if op == Op::Set {

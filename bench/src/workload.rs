@@ -23,11 +23,27 @@ pub enum Op {
     /// Renew a batch of leases (`--workload lease-keepalive`): one call of the client
     /// library, not a keyed request, so only the lease workload issues it.
     Keepalive,
+    /// Acquire a lock (`--workload lock`), from asking to holding it.
+    Lock,
+    /// Release a lock (`--workload lock`).
+    Unlock,
+    /// One lock and its unlock (`--workload lock`), from asking for the lock to the unlock's
+    /// answer: the unit the lock workload counts.
+    LockPair,
 }
 
 impl Op {
     /// Every operation, in report order.
-    pub const ALL: [Op; 5] = [Op::Get, Op::Set, Op::Incr, Op::Delete, Op::Keepalive];
+    pub const ALL: [Op; 8] = [
+        Op::Get,
+        Op::Set,
+        Op::Incr,
+        Op::Delete,
+        Op::Keepalive,
+        Op::Lock,
+        Op::Unlock,
+        Op::LockPair,
+    ];
 
     /// The name used in reports and JSON.
     pub fn name(self) -> &'static str {
@@ -37,6 +53,9 @@ impl Op {
             Op::Incr => "incr",
             Op::Delete => "delete",
             Op::Keepalive => "keepalive",
+            Op::Lock => "lock",
+            Op::Unlock => "unlock",
+            Op::LockPair => "pair",
         }
     }
 
@@ -48,6 +67,9 @@ impl Op {
             Op::Incr => 2,
             Op::Delete => 3,
             Op::Keepalive => 4,
+            Op::Lock => 5,
+            Op::Unlock => 6,
+            Op::LockPair => 7,
         }
     }
 }
@@ -82,6 +104,10 @@ pub enum WorkloadKind {
     #[value(name = "lease-keepalive")]
     #[serde(rename = "lease-keepalive")]
     LeaseKeepalive,
+    /// Lock acquire/release pairs per second: `--contenders` sessions, each with its own
+    /// lease, lock and unlock in a loop, all on one lock name or each on its own
+    /// (`--lock-names`).
+    Lock,
 }
 
 impl WorkloadKind {
@@ -242,6 +268,8 @@ impl OpStream {
             WorkloadKind::Delete => Op::Delete,
             // The lease workload runs its own loop (`lease_load`) and draws no keys.
             WorkloadKind::LeaseKeepalive => Op::Keepalive,
+            // So does the lock workload (`lock_load`).
+            WorkloadKind::Lock => Op::Lock,
             WorkloadKind::Mixed => {
                 if self.rng.random::<f64>() < self.spec.read_fraction {
                     Op::Get

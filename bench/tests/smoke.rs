@@ -1,6 +1,7 @@
 //! The benchmark's smoke test, the only part of it CI runs: a short run against an embedded
 //! server and one against Tessera over loopback must report throughput and no errors, and
-//! so must each watch workload (every watcher receiving every put in `watch-latency`). With
+//! so must each watch workload (every watcher receiving every put in `watch-latency`) and the
+//! lock workload (with no overlapping holders and no fencing token out of order). With
 //! the `etcd` feature, a run against a real etcd member does the same when an `etcd` binary
 //! is installed (CI has none, so that test says it is skipped and passes), and an unreachable
 //! member must fail the run with a message rather than hang it.
@@ -173,6 +174,65 @@ fn embedded_watch_fanout_reports_events_and_its_peer() {
     assert_eq!(result["preload"]["keys"], 1000, "{result}");
 }
 
+/// Checks a `--workload lock` result: pairs were counted, and the lock kept its promises.
+fn assert_locked(result: &serde_json::Value, target: &str, contenders: u64, locks: u64) {
+    assert_served(result, target);
+    assert_eq!(result["contenders"], contenders, "{result}");
+    assert_eq!(result["locks"], locks, "{result}");
+    assert_eq!(result["pairs"], result["operations"], "{result}");
+    assert_eq!(
+        result["ops"]["pair"]["operations"], result["pairs"],
+        "{result}"
+    );
+    assert_eq!(
+        result["ops"]["lock"]["operations"], result["pairs"],
+        "{result}"
+    );
+    for field in [
+        "overlaps",
+        "token_violations",
+        "lock_timeouts",
+        "unlocks_refused",
+    ] {
+        assert_eq!(result[field], 0, "{field}: {result}");
+    }
+    assert_eq!(
+        result["close_errors"], 0,
+        "every lease was revoked: {result}"
+    );
+    assert!(result["acquire_p99_us"].as_f64().unwrap() > 0.0, "{result}");
+}
+
+#[test]
+fn lock_run_counts_pairs_uncontended_and_on_one_lock() {
+    let server = tessera_server::Server::start(tessera_server::Config {
+        cores: 2,
+        port: 0,
+        memory_bytes_max: 64 * 1024 * 1024,
+        durability: tessera_server::config::Durability::Memory,
+        ..tessera_server::Config::default()
+    })
+    .expect("a test server starts");
+    let endpoint = server.addresses()[0].clone();
+    for (names, locks) in [("one", 1), ("per-session", 5)] {
+        let result = run_bench(&[
+            "--endpoints",
+            &endpoint,
+            "--workload",
+            "lock",
+            "--contenders",
+            "5",
+            "--lock-names",
+            names,
+            "--duration-secs",
+            "1",
+        ]);
+        assert_locked(&result, "tessera", 5, locks);
+        assert_eq!(result["lock_names"], names, "{result}");
+    }
+    server.shutdown().expect("the server stops cleanly");
+}
+
 #[cfg(feature = "etcd")]
 #[test]
 fn unreachable_etcd_fails_the_run_with_a_message() {
@@ -308,4 +368,26 @@ fn etcd_run_reports_throughput_and_no_errors() {
         result["server_cpu_us_per_op"].as_f64().unwrap() > 0.0,
         "etcd's CPU is found by its port: {result}"
     );
+}
+
+#[cfg(feature = "etcd")]
+#[test]
+fn etcd_lock_run_counts_pairs_and_keeps_its_promises() {
+    let Some(member) = EtcdMember::start() else {
+        println!("skipped: no `etcd` binary on PATH (Debian: apt-get install etcd-server)");
+        return;
+    };
+    member.wait_until_healthy();
+    let target = format!("etcd://127.0.0.1:{}", member.client_port);
+    let result = run_bench(&[
+        "--target",
+        &target,
+        "--workload",
+        "lock",
+        "--contenders",
+        "4",
+        "--duration-secs",
+        "1",
+    ]);
+    assert_locked(&result, "etcd", 4, 1);
 }
