@@ -274,7 +274,9 @@ impl Shard {
                 token: holder.token,
             }),
             Some(_) => {
-                let deadline_ms = self.mono_ms.saturating_add(u64::from(wait_ms));
+                // The clock counts whole milliseconds, and `mono_ms` may be most of one
+                // behind the real time: one more keeps the wait at least `wait_ms` long.
+                let deadline_ms = self.mono_ms.saturating_add(u64::from(wait_ms) + 1);
                 match self.locks.enqueue(name, lease, deadline_ms) {
                     Ok(waiter) => LockStep::Queued(waiter),
                     Err(full) => LockStep::Done(self.lock_table_full(full)),

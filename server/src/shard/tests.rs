@@ -5736,7 +5736,8 @@ fn waiters_are_granted_in_the_order_they_queued() {
 
 /// A wait ends at its deadline (on the tick that reaches it), answered with the holder's
 /// token; it leaves the line, so a later release passes it by. Ending a wait takes no
-/// revision.
+/// revision. The deadline is one millisecond past the wait, since the clock counts whole
+/// milliseconds: a wait is never shorter than asked.
 #[test]
 fn a_wait_that_times_out_leaves_the_line() {
     let mut shard = lock_shard();
@@ -5744,10 +5745,10 @@ fn a_wait_that_times_out_leaves_the_line() {
     assert_eq!(lock_now(&mut shard, "a", leases[0], 0), locked(true, 4));
     let early = lock_queued(&mut shard, "a", leases[1], 100);
     let late = lock_queued(&mut shard, "a", leases[2], 300);
-    lease_tick(&mut shard, MONO_START_MS + 99);
+    lease_tick(&mut shard, MONO_START_MS + 100);
     assert!(shard.take_lock_events().is_empty());
     assert_eq!(shard.locks().waiter_count(), 2);
-    lease_tick(&mut shard, MONO_START_MS + 100);
+    lease_tick(&mut shard, MONO_START_MS + 101);
     assert_eq!(
         shard.take_lock_events(),
         vec![LockEvent::TimedOut {
