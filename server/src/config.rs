@@ -14,6 +14,7 @@ use tessera_protocol::limits::{CORE_COUNT_MAX, TEXT_SIZE_MAX};
 pub use crate::durability::Durability;
 use crate::error::ConfigError;
 use crate::shard::lease::LeaseLimits;
+use crate::shard::lock::LockLimits;
 use crate::shard::watch::WatchLimits;
 
 /// The effective configuration of one server instance.
@@ -65,6 +66,10 @@ pub struct Config {
     pub leases_per_shard_max: usize,
     /// Most keys of one core attached to leases.
     pub lease_keys_per_shard_max: usize,
+    /// Most locks one core remembers (held or released).
+    pub locks_per_shard_max: usize,
+    /// Most lock requests waiting in line on one core.
+    pub lock_waiters_per_shard_max: usize,
     /// Locked memory each executor registers for `io_uring`, in bytes.
     pub io_memory_bytes: usize,
     /// Longest a graceful shutdown waits for connections to finish, in milliseconds.
@@ -175,6 +180,14 @@ pub struct Flags {
     /// refused `TableFull`.
     #[arg(long, env = "TESSERA_LEASE_KEYS_PER_SHARD_MAX")]
     pub lease_keys_per_shard_max: Option<usize>,
+    /// Locks one core remembers, held or released (default 100000); a lock of a new name
+    /// past it is refused `TableFull`.
+    #[arg(long, env = "TESSERA_LOCKS_PER_SHARD_MAX")]
+    pub locks_per_shard_max: Option<usize>,
+    /// Lock requests waiting in line on one core (default 100000); past it a request that
+    /// would wait is refused `TableFull`.
+    #[arg(long, env = "TESSERA_LOCK_WAITERS_PER_SHARD_MAX")]
+    pub lock_waiters_per_shard_max: Option<usize>,
     /// `io_uring` registered memory per core (accepts KiB/MiB).
     #[arg(long, env = "TESSERA_IO_MEMORY_BYTES", value_parser = parse_size)]
     pub io_memory_bytes: Option<u64>,
@@ -240,6 +253,8 @@ struct FileConfig {
     watchers_per_connection_max: Option<usize>,
     leases_per_shard_max: Option<usize>,
     lease_keys_per_shard_max: Option<usize>,
+    locks_per_shard_max: Option<usize>,
+    lock_waiters_per_shard_max: Option<usize>,
     io_memory_bytes: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
     log: Option<String>,
@@ -281,6 +296,8 @@ impl Default for Config {
             watchers_per_connection_max: 1_000,
             leases_per_shard_max: LeaseLimits::default().leases_max,
             lease_keys_per_shard_max: LeaseLimits::default().attached_keys_max,
+            locks_per_shard_max: LockLimits::default().locks_max,
+            lock_waiters_per_shard_max: LockLimits::default().waiters_max,
             io_memory_bytes: 1024 * 1024,
             shutdown_timeout_ms: 5_000,
             log: "info".to_owned(),
@@ -345,6 +362,8 @@ impl Config {
             watchers_per_connection_max,
             leases_per_shard_max,
             lease_keys_per_shard_max,
+            locks_per_shard_max,
+            lock_waiters_per_shard_max,
             io_memory_bytes,
             shutdown_timeout_ms,
             log,
@@ -387,6 +406,8 @@ impl Config {
             watchers_per_connection_max,
             leases_per_shard_max,
             lease_keys_per_shard_max,
+            locks_per_shard_max,
+            lock_waiters_per_shard_max,
             shutdown_timeout_ms,
             log,
             data_dir,
@@ -439,6 +460,11 @@ impl Config {
             (
                 "lease_keys_per_shard_max",
                 self.lease_keys_per_shard_max as u64,
+            ),
+            ("locks_per_shard_max", self.locks_per_shard_max as u64),
+            (
+                "lock_waiters_per_shard_max",
+                self.lock_waiters_per_shard_max as u64,
             ),
         ] {
             if value == 0 {
@@ -567,6 +593,14 @@ impl Config {
             watchers_max: self.watchers_per_shard_max,
             queue_bytes_max: bytes(self.watch_queue_bytes_max),
             queue_total_bytes_max: bytes(self.watch_queue_total_bytes_max),
+        }
+    }
+
+    /// The bounds of each shard's lock table.
+    pub fn lock_limits(&self) -> LockLimits {
+        LockLimits {
+            locks_max: self.locks_per_shard_max,
+            waiters_max: self.lock_waiters_per_shard_max,
         }
     }
 

@@ -183,7 +183,7 @@ impl Server {
                     expired_per_tick_max: config.expired_per_tick_max,
                     watch_limits: config.watch_limits(),
                     lease_limits: config.lease_limits(),
-                    lock_limits: crate::shard::lock::LockLimits::default(),
+                    lock_limits: config.lock_limits(),
                 },
                 topology: topology.clone(),
                 inboxes: inboxes.clone(),
