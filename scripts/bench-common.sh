@@ -1,5 +1,5 @@
-# Helpers the comparison scripts share (sourced by bench-vs-redis.sh and bench-vs-etcd.sh,
-# never run): messages, installing a Debian package, free loopback ports, waiting for a
+# Helpers the comparison scripts share (sourced by bench-vs-redis.sh, bench-vs-etcd.sh and the
+# other scripts/bench-*.sh, never run): messages, installing a Debian package, free loopback ports, waiting for a
 # server, and stopping every server a script started, whatever ends the script.
 #
 # A script adds each server's PID to PIDS as it starts it, and calls `stop_on_exit` once:
@@ -89,4 +89,75 @@ stop_on_exit() {
   trap stop_servers EXIT
   trap 'exit 130' INT
   trap 'exit 143' TERM
+}
+
+# The setup bench-leases.sh and bench-locks.sh share. Each expects ETCD (1 or 0) and
+# RESULTS_DIR set, and SERVER_CPUS for `start_tessera`.
+
+# Checks that etcd can be installed when ETCD=1 (else sets ETCD=0), builds tessera-server and
+# tessera-bench (with the etcd feature when ETCD=1) into BIN, and empties RESULTS_DIR of the
+# results of an earlier run, which must not pass for this one's.
+build_for_etcd_comparison() {
+  if [ "$ETCD" = 1 ] && ! ensure_package etcd-server etcd; then
+    say "etcd-server could not be installed: Tessera only"
+    ETCD=0
+  fi
+  local features=()
+  if [ "$ETCD" = 1 ]; then
+    features=(--features tessera-bench/etcd)
+  fi
+  say "building (release)"
+  cargo build --release --locked -q -p tessera-server -p tessera-bench "${features[@]}"
+  BIN=target/release
+  mkdir -p "$RESULTS_DIR"
+  rm -f "$RESULTS_DIR"/*.json "$RESULTS_DIR"/*.stderr
+}
+
+# Directories made for server data. A script that fills it defines
+# `cleanup_extra() { remove_data_dirs; }` before `stop_on_exit`, so they go when it ends.
+DATA_DIRS=()
+remove_data_dirs() {
+  for dir in "${DATA_DIRS[@]}"; do
+    rm -rf -- "$dir"
+  done
+}
+
+# Starts `tessera-server --cores 2` pinned to SERVER_CPUS on a free port (TESSERA_PORT), with
+# the extra flags "$@", logging to RESULTS_DIR/tessera.log; sets TESSERA_PID and waits for it.
+start_tessera() {
+  TESSERA_PORT=$(free_port)
+  "$BIN/tessera-server" --cores 2 --cpus "$SERVER_CPUS" --port "$TESSERA_PORT" \
+    "$@" >"$RESULTS_DIR/tessera.log" 2>&1 &
+  PIDS+=($!)
+  TESSERA_PID=$!
+  wait_for_port "$TESSERA_PORT" tessera
+}
+
+# etcd serves requests only once its one member has elected itself leader; /health says so.
+etcd_is_healthy() {
+  python3 -c "import json,sys,urllib.request; sys.exit(0 if json.load(urllib.request.urlopen('http://127.0.0.1:$1/health', timeout=1)).get('health') == 'true' else 1)"
+}
+
+# Starts one etcd member pinned to SERVER_CPU on free ports (ETCD_CLIENT_PORT, ETCD_PEER_PORT),
+# its data in a new directory under RESULTS_DIR/data (added to DATA_DIRS), logging to
+# RESULTS_DIR/etcd.log; sets ETCD_PID and waits until it is healthy.
+start_etcd() {
+  mkdir -p "$RESULTS_DIR/data"
+  ETCD_DIR=$(mktemp -d "$(cd "$RESULTS_DIR/data" && pwd)/etcd.XXXXXX")
+  DATA_DIRS+=("$ETCD_DIR")
+  ETCD_CLIENT_PORT=$(free_port)
+  ETCD_PEER_PORT=$(free_port)
+  taskset -c "$SERVER_CPU" etcd --name bench --data-dir "$ETCD_DIR" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+    --initial-cluster "bench=http://127.0.0.1:$ETCD_PEER_PORT" \
+    --logger zap --log-outputs stderr \
+    >"$RESULTS_DIR/etcd.log" 2>&1 &
+  PIDS+=($!)
+  ETCD_PID=$!
+  wait_for_port "$ETCD_CLIENT_PORT" etcd
+  wait_until "etcd on port $ETCD_CLIENT_PORT did not become healthy" \
+    etcd_is_healthy "$ETCD_CLIENT_PORT"
 }

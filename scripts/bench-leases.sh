@@ -37,59 +37,15 @@ read -r -a BATCH1_PIPELINES <<<"${BATCH1_PIPELINES:-1 16}"
 SERVER_CPUS="${SERVER_CPUS:-$SERVER_CPU}"
 ETCD="${ETCD:-1}"
 
-if [ "$ETCD" = 1 ] && ! ensure_package etcd-server etcd; then
-  say "etcd-server could not be installed: Tessera only"
-  ETCD=0
-fi
-features=()
-if [ "$ETCD" = 1 ]; then
-  features=(--features tessera-bench/etcd)
-fi
-say "building (release)"
-cargo build --release --locked -q -p tessera-server -p tessera-bench "${features[@]}"
-BIN=target/release
-mkdir -p "$RESULTS_DIR"
-# Results of an earlier run must not pass for this one's.
-rm -f "$RESULTS_DIR"/*.json "$RESULTS_DIR"/*.stderr
+build_for_etcd_comparison
 
-DATA_DIRS=()
-cleanup_extra() {
-  for dir in "${DATA_DIRS[@]}"; do
-    rm -rf -- "$dir"
-  done
-}
+cleanup_extra() { remove_data_dirs; }
 stop_on_exit
 
-TESSERA_PORT=$(free_port)
-"$BIN/tessera-server" --cores 2 --cpus "$SERVER_CPUS" --port "$TESSERA_PORT" \
-  --durability memory >"$RESULTS_DIR/tessera.log" 2>&1 &
-PIDS+=($!)
-TESSERA_PID=$!
-wait_for_port "$TESSERA_PORT" tessera
+start_tessera --durability memory
 
-# etcd serves requests only once its one member has elected itself leader; /health says so.
-etcd_is_healthy() {
-  python3 -c "import json,sys,urllib.request; sys.exit(0 if json.load(urllib.request.urlopen('http://127.0.0.1:$1/health', timeout=1)).get('health') == 'true' else 1)"
-}
 if [ "$ETCD" = 1 ]; then
-  mkdir -p "$RESULTS_DIR/data"
-  ETCD_DIR=$(mktemp -d "$(cd "$RESULTS_DIR/data" && pwd)/etcd.XXXXXX")
-  DATA_DIRS+=("$ETCD_DIR")
-  ETCD_CLIENT_PORT=$(free_port)
-  ETCD_PEER_PORT=$(free_port)
-  taskset -c "$SERVER_CPU" etcd --name bench --data-dir "$ETCD_DIR" \
-    --listen-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
-    --advertise-client-urls "http://127.0.0.1:$ETCD_CLIENT_PORT" \
-    --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-    --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
-    --initial-cluster "bench=http://127.0.0.1:$ETCD_PEER_PORT" \
-    --logger zap --log-outputs stderr \
-    >"$RESULTS_DIR/etcd.log" 2>&1 &
-  PIDS+=($!)
-  ETCD_PID=$!
-  wait_for_port "$ETCD_CLIENT_PORT" etcd
-  wait_until "etcd on port $ETCD_CLIENT_PORT did not become healthy" \
-    etcd_is_healthy "$ETCD_CLIENT_PORT"
+  start_etcd
   say "$(etcd --version 2>&1 | sed -n 1p), pid $ETCD_PID; tessera-server pid $TESSERA_PID"
 fi
 

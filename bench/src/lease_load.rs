@@ -29,14 +29,12 @@ use futures_util::stream::{self, FuturesUnordered, StreamExt};
 use tessera_client::Client;
 
 use crate::report::{self, Recorder};
+use crate::setup::{self, SETUP_CONCURRENCY};
 use crate::workload::Op;
 
 /// Most leases one run grants: the bench holds every id (and, for etcd, a stream per lease),
 /// and a Tessera shard holds 100 000 by default.
 pub const LEASE_COUNT_MAX: usize = 10_000_000;
-
-/// Grants, batch openings and revocations in flight at once while setting up and tearing down.
-const SETUP_CONCURRENCY: usize = 64;
 
 /// How often a session hands its interval tally to the progress reporter.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -259,20 +257,12 @@ pub fn revoke<T: LeaseTarget>(
     target: &T,
     leases: &[(usize, u64)],
 ) -> (usize, Option<String>) {
-    runtime.block_on(async {
-        let mut revocations = stream::iter(leases.iter().copied())
-            .map(|(session_index, id)| target.revoke(session_index, id))
-            .buffer_unordered(SETUP_CONCURRENCY);
-        let mut failed_count = 0;
-        let mut first_failure = None;
-        while let Some(outcome) = revocations.next().await {
-            if let Err(error) = outcome {
-                failed_count += 1;
-                first_failure.get_or_insert(error);
-            }
-        }
-        (failed_count, first_failure)
-    })
+    setup::count_failures(
+        runtime,
+        leases
+            .iter()
+            .map(|&(session_index, id)| target.revoke(session_index, id)),
+    )
 }
 
 /// Calls, their latencies and what they renewed, over some span of a run.

@@ -37,6 +37,7 @@ use futures_util::stream::{self, StreamExt};
 use tessera_client::{Client, Lease, LockGrant};
 
 use crate::report::{self, Recorder};
+use crate::setup::{self, SETUP_CONCURRENCY};
 use crate::workload::Op;
 
 /// How long one lock call waits in line before it gives up.
@@ -49,9 +50,6 @@ pub const CONTENDER_COUNT_MAX: usize = 10_000;
 /// Prefix of every lock name: outside the benchmark's key space (`workload::KEY_PREFIX`),
 /// so etcd's lock keys (`name/lease`) are never read, written or watched by other workloads.
 pub const LOCK_PREFIX: &str = "tessera-bench:lock:";
-
-/// Sessions opened and closed at once while setting up and tearing down.
-const SETUP_CONCURRENCY: usize = 64;
 
 /// How often a session adds its interval tally to the shared [`Progress`].
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -384,20 +382,10 @@ pub fn close<T: LockTarget>(
     target: &T,
     sessions: Vec<T::Session>,
 ) -> (usize, Option<String>) {
-    runtime.block_on(async {
-        let mut closing = stream::iter(sessions)
-            .map(|session| target.close(session))
-            .buffer_unordered(SETUP_CONCURRENCY);
-        let mut failed_count = 0;
-        let mut first_failure = None;
-        while let Some(outcome) = closing.next().await {
-            if let Err(error) = outcome {
-                failed_count += 1;
-                first_failure.get_or_insert(error);
-            }
-        }
-        (failed_count, first_failure)
-    })
+    setup::count_failures(
+        runtime,
+        sessions.into_iter().map(|session| target.close(session)),
+    )
 }
 
 /// Runs every session's pairs for `duration` on `runtime`; returns the sessions (to close),

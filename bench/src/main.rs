@@ -32,6 +32,7 @@ mod etcd_load;
 mod lease_load;
 mod lock_load;
 mod report;
+mod setup;
 mod uring;
 mod watch_load;
 mod wire;
@@ -624,7 +625,27 @@ fn finish(
     server_pids: &[u32],
     preload: Option<Preload>,
 ) -> RunResult {
-    let (server_cpu, client_cpu) = window.cpu_usage(server_pids);
+    finish_per(
+        target,
+        config,
+        window,
+        server_pids,
+        window.record.count(),
+        preload,
+    )
+}
+
+/// The result of a run, with the CPU each side spent per one of `operations` (renewed leases,
+/// lock pairs), which need not be replies.
+fn finish_per(
+    target: &Target,
+    config: serde_json::Value,
+    window: &Window,
+    server_pids: &[u32],
+    operations: u64,
+    preload: Option<Preload>,
+) -> RunResult {
+    let (server_cpu, client_cpu) = window.cpu_usage_per(server_pids, operations);
     RunResult::new(
         target.name(),
         config,
@@ -1151,18 +1172,13 @@ fn run_leases(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, 
     if flags.rate.is_some() {
         return Err("--workload lease-keepalive is a closed loop; drop --rate".to_owned());
     }
-    if !(flags.lease_ttl_secs.is_finite() && flags.lease_ttl_secs < 1e9) {
-        return Err(format!(
-            "--lease-ttl-secs {} is not a usable TTL",
-            flags.lease_ttl_secs
-        ));
-    }
+    let lease_ttl = lease_ttl_of(flags)?;
     let lease_plan = LeasePlan::new(
         flags.leases,
         flags.batch,
         flags.connections,
         flags.pipeline,
-        Duration::from_secs_f64(flags.lease_ttl_secs.max(0.0)),
+        lease_ttl,
     )?;
     if lease_plan.batch_size() < flags.batch && !flags.quiet {
         eprintln!(
@@ -1176,11 +1192,61 @@ fn run_leases(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, 
         );
     }
     let runtime = new_runtime(flags)?;
+    run_coordination(
+        plan,
+        config,
+        &runtime,
+        "lease-keepalive",
+        |config, client, server_pids| {
+            let target = lease_load::TesseraLeases::new(client);
+            measure_leases(plan, config, &runtime, &target, &lease_plan, server_pids)
+        },
+        #[cfg(feature = "etcd")]
+        |config, address| {
+            let target = runtime.block_on(etcd_load::connect_leases(address, flags.connections))?;
+            let server_pids = server_pids_of(flags, std::slice::from_ref(address));
+            measure_leases(plan, config, &runtime, &target, &lease_plan, &server_pids)
+        },
+    )
+}
+
+/// The lease TTL `--lease-ttl-secs` asks for (negative is zero).
+///
+/// # Errors
+/// The flag is not finite, or too large to be a duration.
+fn lease_ttl_of(flags: &Flags) -> Result<Duration, String> {
+    if !(flags.lease_ttl_secs.is_finite() && flags.lease_ttl_secs < 1e9) {
+        return Err(format!(
+            "--lease-ttl-secs {} is not a usable TTL",
+            flags.lease_ttl_secs
+        ));
+    }
+    Ok(Duration::from_secs_f64(flags.lease_ttl_secs.max(0.0)))
+}
+
+/// Runs a coordination `workload` (lease-keepalive, lock) on its target: `measure_tessera` gets
+/// one shared Tessera client (an embedded server's, shut down afterwards, or one connected to
+/// `--endpoints`) and the server PIDs; `measure_etcd` gets the etcd address.
+fn run_coordination(
+    plan: &ClientRun,
+    config: serde_json::Value,
+    runtime: &tokio::runtime::Runtime,
+    workload: &str,
+    measure_tessera: impl FnOnce(
+        serde_json::Value,
+        tessera_client::Client,
+        &[u32],
+    ) -> Result<RunResult, String>,
+    #[cfg(feature = "etcd")] measure_etcd: impl FnOnce(
+        serde_json::Value,
+        &String,
+    ) -> Result<RunResult, String>,
+) -> Result<RunResult, String> {
+    let flags = plan.flags;
     match plan.target {
         Target::Embedded => {
             let client = start_embedded(flags)?;
-            let target = lease_load::TesseraLeases::new(client.clone());
-            let outcome = measure_leases(plan, config, &runtime, &target, &lease_plan, &[]);
+            let outcome = measure_tessera(config, client.clone(), &[]);
             client.shutdown();
             outcome
         }
@@ -1189,20 +1255,14 @@ fn run_leases(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, 
                 .block_on(tessera_client::Client::connect(endpoints.clone()))
                 .map_err(|error| format!("cannot connect: {error}"))?;
             let server_pids = server_pids_of(flags, &addresses_of(&client.topology()));
-            let target = lease_load::TesseraLeases::new(client);
-            measure_leases(plan, config, &runtime, &target, &lease_plan, &server_pids)
+            measure_tessera(config, client, &server_pids)
         }
         #[cfg(feature = "etcd")]
-        Target::Etcd { address } => {
-            let target = runtime.block_on(etcd_load::connect_leases(address, flags.connections))?;
-            let server_pids = server_pids_of(flags, std::slice::from_ref(address));
-            measure_leases(plan, config, &runtime, &target, &lease_plan, &server_pids)
-        }
-        _ => Err(
-            "--workload lease-keepalive drives Tessera (--endpoints or --embedded) or etcd \
+        Target::Etcd { address } => measure_etcd(config, address),
+        _ => Err(format!(
+            "--workload {workload} drives Tessera (--endpoints or --embedded) or etcd \
              (--target etcd://)"
-                .to_owned(),
-        ),
+        )),
     }
 }
 
@@ -1263,14 +1323,12 @@ fn measure_leases<T: LeaseTarget>(
         server_cpu_time,
         client_cpu_time,
     };
-    let (server_cpu, client_cpu) = window.cpu_usage_per(server_pids, tally.renewed_count);
-    let mut result = RunResult::new(
-        plan.target.name(),
+    let mut result = finish_per(
+        plan.target,
         config,
-        &window.record,
-        elapsed,
-        server_cpu,
-        client_cpu,
+        &window,
+        server_pids,
+        tally.renewed_count,
         None,
     );
     let keepalive_calls = window.record.count();
@@ -1299,46 +1357,25 @@ fn run_locks(plan: &ClientRun, config: serde_json::Value) -> Result<RunResult, S
                 .to_owned(),
         );
     }
-    if !(flags.lease_ttl_secs.is_finite() && flags.lease_ttl_secs < 1e9) {
-        return Err(format!(
-            "--lease-ttl-secs {} is not a usable TTL",
-            flags.lease_ttl_secs
-        ));
-    }
-    let lock_plan = LockPlan::new(
-        flags.contenders,
-        flags.lock_names,
-        Duration::from_secs_f64(flags.lease_ttl_secs.max(0.0)),
-    )?;
+    let lease_ttl = lease_ttl_of(flags)?;
+    let lock_plan = LockPlan::new(flags.contenders, flags.lock_names, lease_ttl)?;
     let runtime = new_runtime(flags)?;
-    match plan.target {
-        Target::Embedded => {
-            let client = start_embedded(flags)?;
-            let target = lock_load::TesseraLocks::new(client.clone());
-            let outcome = measure_locks(plan, config, &runtime, &target, &lock_plan, &[]);
-            client.shutdown();
-            outcome
-        }
-        Target::Tessera { endpoints } => {
-            let client = runtime
-                .block_on(tessera_client::Client::connect(endpoints.clone()))
-                .map_err(|error| format!("cannot connect: {error}"))?;
-            let server_pids = server_pids_of(flags, &addresses_of(&client.topology()));
+    run_coordination(
+        plan,
+        config,
+        &runtime,
+        "lock",
+        |config, client, server_pids| {
             let target = lock_load::TesseraLocks::new(client);
-            measure_locks(plan, config, &runtime, &target, &lock_plan, &server_pids)
-        }
+            measure_locks(plan, config, &runtime, &target, &lock_plan, server_pids)
+        },
         #[cfg(feature = "etcd")]
-        Target::Etcd { address } => {
+        |config, address| {
             let target = etcd_load::EtcdLocks::new(address);
             let server_pids = server_pids_of(flags, std::slice::from_ref(address));
             measure_locks(plan, config, &runtime, &target, &lock_plan, &server_pids)
-        }
-        _ => Err(
-            "--workload lock drives Tessera (--endpoints or --embedded) or etcd \
-             (--target etcd://)"
-                .to_owned(),
-        ),
-    }
+        },
+    )
 }
 
 /// Opens the contenders (a lease each), runs their pairs for the window, closes them, and
@@ -1407,16 +1444,7 @@ fn measure_locks<T: LockTarget>(
         client_cpu_time,
     };
     let pair_count = window.record.op(Op::LockPair).count();
-    let (server_cpu, client_cpu) = window.cpu_usage_per(server_pids, pair_count);
-    let mut result = RunResult::new(
-        plan.target.name(),
-        config,
-        &window.record,
-        elapsed,
-        server_cpu,
-        client_cpu,
-        None,
-    );
+    let mut result = finish_per(plan.target, config, &window, server_pids, pair_count, None);
     let summary_of = |op: Op| {
         let record = window.record.op(op);
         report::Summary::of(&record.histogram, record.error_count, elapsed)

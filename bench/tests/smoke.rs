@@ -36,6 +36,21 @@ fn assert_served(result: &serde_json::Value, target: &str) {
     }
 }
 
+/// Starts a two-core in-memory Tessera server on a free loopback port; returns it and the
+/// endpoint to give `--endpoints`.
+fn start_server() -> (tessera_server::Server, String) {
+    let server = tessera_server::Server::start(tessera_server::Config {
+        cores: 2,
+        port: 0,
+        memory_bytes_max: 64 * 1024 * 1024,
+        durability: tessera_server::config::Durability::Memory,
+        ..tessera_server::Config::default()
+    })
+    .expect("a test server starts");
+    let endpoint = server.addresses()[0].clone();
+    (server, endpoint)
+}
+
 #[test]
 fn embedded_run_reports_throughput_and_no_errors() {
     let result = run_bench(&[
@@ -59,15 +74,7 @@ fn embedded_run_reports_throughput_and_no_errors() {
 
 #[test]
 fn network_run_through_the_load_generator_reports_server_cpu() {
-    let server = tessera_server::Server::start(tessera_server::Config {
-        cores: 2,
-        port: 0,
-        memory_bytes_max: 64 * 1024 * 1024,
-        durability: tessera_server::config::Durability::Memory,
-        ..tessera_server::Config::default()
-    })
-    .expect("a test server starts");
-    let endpoint = server.addresses()[0].clone();
+    let (server, endpoint) = start_server();
     let result = run_bench(&[
         "--endpoints",
         &endpoint,
@@ -96,15 +103,7 @@ fn network_run_through_the_load_generator_reports_server_cpu() {
 
 #[test]
 fn watch_latency_reaches_every_watcher_over_the_network() {
-    let server = tessera_server::Server::start(tessera_server::Config {
-        cores: 2,
-        port: 0,
-        memory_bytes_max: 64 * 1024 * 1024,
-        durability: tessera_server::config::Durability::Memory,
-        ..tessera_server::Config::default()
-    })
-    .expect("a test server starts");
-    let endpoint = server.addresses()[0].clone();
+    let (server, endpoint) = start_server();
     // Three watches per client: the watchers are spread over two clients.
     let result = run_bench(&[
         "--endpoints",
@@ -205,15 +204,7 @@ fn assert_locked(result: &serde_json::Value, target: &str, contenders: u64, lock
 
 #[test]
 fn lock_run_counts_pairs_uncontended_and_on_one_lock() {
-    let server = tessera_server::Server::start(tessera_server::Config {
-        cores: 2,
-        port: 0,
-        memory_bytes_max: 64 * 1024 * 1024,
-        durability: tessera_server::config::Durability::Memory,
-        ..tessera_server::Config::default()
-    })
-    .expect("a test server starts");
-    let endpoint = server.addresses()[0].clone();
+    let (server, endpoint) = start_server();
     for (names, locks) in [("one", 1), ("per-session", 5)] {
         let result = run_bench(&[
             "--endpoints",
@@ -305,6 +296,18 @@ impl EtcdMember {
         }
     }
 
+    /// Starts a member and waits until it is healthy; returns it with its `--target`, or says
+    /// the test is skipped and returns `None` when no `etcd` binary is installed.
+    fn start_healthy() -> Option<(Self, String)> {
+        let Some(member) = Self::start() else {
+            println!("skipped: no `etcd` binary on PATH (Debian: apt-get install etcd-server)");
+            return None;
+        };
+        member.wait_until_healthy();
+        let target = format!("etcd://127.0.0.1:{}", member.client_port);
+        Some((member, target))
+    }
+
     /// Waits until the member has elected itself leader and answers (`/health`), at most
     /// `ETCD_START_TIMEOUT`.
     fn wait_until_healthy(&self) {
@@ -340,12 +343,9 @@ impl Drop for EtcdMember {
 #[cfg(feature = "etcd")]
 #[test]
 fn etcd_run_reports_throughput_and_no_errors() {
-    let Some(member) = EtcdMember::start() else {
-        println!("skipped: no `etcd` binary on PATH (Debian: apt-get install etcd-server)");
+    let Some((_member, target)) = EtcdMember::start_healthy() else {
         return;
     };
-    member.wait_until_healthy();
-    let target = format!("etcd://127.0.0.1:{}", member.client_port);
     let result = run_bench(&[
         "--target",
         &target,
@@ -373,12 +373,9 @@ fn etcd_run_reports_throughput_and_no_errors() {
 #[cfg(feature = "etcd")]
 #[test]
 fn etcd_lock_run_counts_pairs_and_keeps_its_promises() {
-    let Some(member) = EtcdMember::start() else {
-        println!("skipped: no `etcd` binary on PATH (Debian: apt-get install etcd-server)");
+    let Some((_member, target)) = EtcdMember::start_healthy() else {
         return;
     };
-    member.wait_until_healthy();
-    let target = format!("etcd://127.0.0.1:{}", member.client_port);
     let result = run_bench(&[
         "--target",
         &target,
