@@ -257,6 +257,8 @@ impl CoreContext {
             },
             ArchivedRequest::Add(add) => self.route_key(&add.key),
             ArchivedRequest::Put(put) => match self.route_key(&put.key) {
+                // A put without a lease, the common one, needs no look at the shard.
+                Route::Here if put.lease.is_none() => Route::Here,
                 Route::Here => match self.shard.borrow().lease_to_check(request) {
                     Some(home) => Route::AfterLeaseCheck(home),
                     None => Route::Here,
