@@ -49,4 +49,6 @@ pub use message::{
     WrongShard,
 };
 pub use routing::{hash_tag, slot_for_key, split_slots, Slot, SlotRange, SLOT_COUNT};
-pub use topology::{CoreInfo, NodeInfo, RouteTable, ShardLocation, Topology, TopologyError};
+pub use topology::{
+    CoreInfo, NodeHealth, NodeInfo, NodeState, RouteTable, ShardLocation, Topology, TopologyError,
+};

@@ -11,7 +11,7 @@
 #![allow(missing_docs)]
 
 use crate::error::ErrorCode;
-use crate::topology::Topology;
+use crate::topology::{NodeHealth, Topology};
 
 /// A request from client to server.
 #[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -788,6 +788,8 @@ pub enum Response {
         server_name: String,
         /// The whole cluster.
         topology: Topology,
+        /// Every node's health as the answering node sees it, in topology order.
+        health: Vec<NodeHealth>,
     },
     /// Answer to [`Request::Ping`].
     Pong {

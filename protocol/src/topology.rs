@@ -45,6 +45,36 @@ pub struct CoreInfo {
     pub slots: SlotRange,
 }
 
+/// Whether a node answers its peers, as the answering node's failure detector sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug, PartialEq, Eq))]
+pub enum NodeState {
+    /// A heartbeat arrived within the failure timeout (or it is the answering node).
+    Up,
+    /// No heartbeat for longer than the failure timeout.
+    Down,
+    /// Nothing heard yet, and the node started less than a failure timeout ago.
+    Unknown,
+}
+
+/// One node's health, as the answering node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct NodeHealth {
+    /// The node.
+    pub node_id: u32,
+    /// Up, down or not heard yet.
+    pub state: NodeState,
+    /// Milliseconds since its last heartbeat arrived; `None` if none has (0 for the answering
+    /// node itself).
+    pub last_heard_ms: Option<u64>,
+    /// The topology epoch its last heartbeat carried (0 if none arrived). A peer at another
+    /// epoch runs another slot assignment.
+    pub epoch: u64,
+    /// Times the node was seen to restart (a heartbeat with a new start stamp).
+    pub restarts: u64,
+}
+
 /// Where a slot lives: indexes into [`Topology::nodes`] and that node's `cores`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ShardLocation {

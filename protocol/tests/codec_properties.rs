@@ -33,7 +33,7 @@ use tessera_protocol::limits::{
 use tessera_protocol::{
     hash_tag, slot_for_key, split_slots, Check, Compare, CompareOp, CoreInfo, CoreStats,
     CounterAdd, Delete, DeleteCondition, Entry, ErrorCode, ErrorReply, EventBatch, EventKind,
-    FrameHeader, FrameKind, LeaseId, LeaseState, NodeInfo, ProtocolError, Put, PutCondition,
+    FrameHeader, FrameKind, LeaseId, LeaseState, NodeHealth, NodeInfo, NodeState, ProtocolError, Put, PutCondition,
     PutEntry, Request, RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology,
     TtlState, Txn, TxnOp, TxnOutcome, TxnResult, Watch, WatchCancel, WatchEvent, WatchEvents,
     WatchFrom, Watching, WrongShard, PROTOCOL_VERSION, SLOT_COUNT,
@@ -674,17 +674,48 @@ fn topology() -> impl Strategy<Value = Topology> {
         .prop_map(|(epoch, node_id_base, nodes)| build_topology(epoch, node_id_base, &nodes))
 }
 
+fn node_health() -> impl Strategy<Value = NodeHealth> {
+    (
+        any::<u32>(),
+        prop_oneof![
+            Just(NodeState::Up),
+            Just(NodeState::Down),
+            Just(NodeState::Unknown)
+        ],
+        proptest::option::of(any::<u64>()),
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(
+            |(node_id, state, last_heard_ms, epoch, restarts)| NodeHealth {
+                node_id,
+                state,
+                last_heard_ms,
+                epoch,
+                restarts,
+            },
+        )
+}
+
 /// Every response variant.
 fn response() -> impl Strategy<Value = Response> {
     prop_oneof![
-        (any::<u16>(), any::<u32>(), text(), topology()).prop_map(
-            |(protocol_version, node_id, server_name, topology)| Response::Hello {
-                protocol_version,
-                node_id,
-                server_name,
-                topology,
-            }
-        ),
+        (
+            any::<u16>(),
+            any::<u32>(),
+            text(),
+            topology(),
+            vec(node_health(), 0..4)
+        )
+            .prop_map(
+                |(protocol_version, node_id, server_name, topology, health)| Response::Hello {
+                    protocol_version,
+                    node_id,
+                    server_name,
+                    topology,
+                    health,
+                }
+            ),
         (any::<u32>(), any::<u16>())
             .prop_map(|(node_id, core_id)| Response::Pong { node_id, core_id }),
         core_stats().prop_map(|stats| Response::Stats(Box::new(stats))),

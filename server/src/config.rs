@@ -11,6 +11,8 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tessera_protocol::limits::{CORE_COUNT_MAX, TEXT_SIZE_MAX};
 
+use crate::cluster::{derived_port, Own, ADMIN_PORT_OFFSET, PEER_PORT_OFFSET};
+pub use crate::cluster::{ClusterConfig, ClusterNode};
 pub use crate::durability::Durability;
 use crate::error::ConfigError;
 use crate::shard::lease::LeaseLimits;
@@ -31,6 +33,14 @@ pub struct Config {
     pub port: u16,
     /// Host clients are told to connect to; defaults to `host`.
     pub advertise_host: Option<String>,
+    /// Port of the admin HTTP endpoint (`/metrics`, `/health`); defaults to `port + 1000`
+    /// (any free port when `port` is 0).
+    pub admin_port: Option<u16>,
+    /// UDP port this node receives peers' heartbeats on; defaults to `port + 2000` (any free
+    /// port when `port` is 0).
+    pub peer_port: Option<u16>,
+    /// The cluster this instance belongs to. Without it the instance is a cluster of one.
+    pub cluster: Option<ClusterConfig>,
     /// Number of cores (shards). Each runs one pinned executor.
     pub cores: usize,
     /// CPUs to pin core `i` to (`cpus[i % len]`); defaults to the online CPUs in order.
@@ -126,6 +136,16 @@ pub struct Flags {
     /// Host advertised to clients in the topology (default: --host).
     #[arg(long, env = "TESSERA_ADVERTISE_HOST")]
     pub advertise_host: Option<String>,
+    /// Port of the admin HTTP endpoint, `/metrics` and `/health` (default: --port + 1000).
+    #[arg(long, env = "TESSERA_ADMIN_PORT")]
+    pub admin_port: Option<u16>,
+    /// UDP port for peers' heartbeats (default: --port + 2000).
+    #[arg(long, env = "TESSERA_PEER_PORT")]
+    pub peer_port: Option<u16>,
+    /// TOML file with the cluster's nodes (the `[cluster]` table's contents); overrides a
+    /// `[cluster]` table in --config.
+    #[arg(long, env = "TESSERA_CLUSTER_FILE")]
+    pub cluster_file: Option<PathBuf>,
     /// Number of cores/shards (default: all online CPUs, or the length of --cpus).
     #[arg(long, env = "TESSERA_CORES")]
     pub cores: Option<usize>,
@@ -236,6 +256,10 @@ struct FileConfig {
     host: Option<String>,
     port: Option<u16>,
     advertise_host: Option<String>,
+    admin_port: Option<u16>,
+    peer_port: Option<u16>,
+    cluster: Option<ClusterConfig>,
+    cluster_file: Option<PathBuf>,
     cores: Option<usize>,
     cpus: Option<Vec<usize>>,
     connection_count_max: Option<usize>,
@@ -279,6 +303,9 @@ impl Default for Config {
             host: "127.0.0.1".to_owned(),
             port: PORT_DEFAULT,
             advertise_host: None,
+            admin_port: None,
+            peer_port: None,
+            cluster: None,
             cores: online_cpus,
             cpus: None,
             connection_count_max: 10_000,
@@ -319,10 +346,21 @@ impl Config {
     /// # Errors
     /// The file cannot be read or parsed, or a setting is invalid.
     pub fn from_flags(flags: &Flags) -> Result<Self, ConfigError> {
-        let file = match &flags.config {
+        let mut file = match &flags.config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let cluster_file = flags.cluster_file.as_ref().or(file.cluster_file.as_ref());
+        if let Some(path) = cluster_file {
+            // A relative path in a config file is relative to that file.
+            let path = match (&flags.cluster_file, &flags.config) {
+                (None, Some(config_path)) if path.is_relative() => config_path
+                    .parent()
+                    .map_or_else(|| path.clone(), |directory| directory.join(path)),
+                _ => path.clone(),
+            };
+            file.cluster = Some(read_toml(&path)?);
+        }
         let file_sets_cores = file.cores.is_some();
         let mut config = Self::default();
         config.overlay_file(file);
@@ -378,6 +416,15 @@ impl Config {
         if file.advertise_host.is_some() {
             self.advertise_host = file.advertise_host;
         }
+        if file.admin_port.is_some() {
+            self.admin_port = file.admin_port;
+        }
+        if file.peer_port.is_some() {
+            self.peer_port = file.peer_port;
+        }
+        if file.cluster.is_some() {
+            self.cluster = file.cluster;
+        }
         if file.cpus.is_some() {
             self.cpus = file.cpus;
         }
@@ -432,6 +479,12 @@ impl Config {
         }
         if flags.advertise_host.is_some() {
             self.advertise_host.clone_from(&flags.advertise_host);
+        }
+        if flags.admin_port.is_some() {
+            self.admin_port = flags.admin_port;
+        }
+        if flags.peer_port.is_some() {
+            self.peer_port = flags.peer_port;
         }
         if let Some(cpus) = &flags.cpus {
             self.cpus = Some(cpus.0.clone());
@@ -575,7 +628,40 @@ impl Config {
                 ),
             );
         }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(self.own())?;
+        }
         Ok(())
+    }
+
+    /// What this instance is, as its cluster entry must say.
+    fn own(&self) -> Own<'_> {
+        Own {
+            node_id: self.node_id,
+            port: self.port,
+            cores: self.cores,
+            advertised_host: self.advertised_host(),
+            peer_port: self.peer_port(),
+        }
+    }
+
+    /// The cluster this instance serves: its `[cluster]` table, or a cluster of itself alone.
+    pub fn effective_cluster(&self) -> ClusterConfig {
+        self.cluster
+            .clone()
+            .unwrap_or_else(|| ClusterConfig::single(self.own(), &self.name))
+    }
+
+    /// The admin port, given or derived from `port`.
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+            .unwrap_or_else(|| derived_port(self.port, ADMIN_PORT_OFFSET))
+    }
+
+    /// The peer (heartbeat) port, given or derived from `port`.
+    pub fn peer_port(&self) -> u16 {
+        self.peer_port
+            .unwrap_or_else(|| derived_port(self.port, PEER_PORT_OFFSET))
     }
 
     /// Memory budget of each core's shard.
@@ -635,6 +721,10 @@ impl Config {
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    read_toml(path)
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::File {
         path: path.to_owned(),
         source,

@@ -121,6 +121,8 @@ pub struct CoreContext {
     pub node_id: u32,
     /// This node's index in `topology.nodes`.
     pub node_index: u16,
+    /// Every node's health as this node's failure detector sees it (read for handshakes).
+    pub health: Arc<crate::cluster::heartbeat::ClusterHealth>,
     /// This core's id within the node.
     pub core_id: u16,
     /// The cluster topology, immutable for the life of the process.
@@ -380,6 +382,7 @@ impl CoreContext {
                     node_id: self.node_id,
                     server_name: node_name.unwrap_or_default(),
                     topology: (*self.topology).clone(),
+                    health: self.health.snapshot(self.topology.epoch),
                 }
             }
             ArchivedRequest::Watch(_) => error(

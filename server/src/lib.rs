@@ -8,6 +8,7 @@
 //!
 //! # Layout
 //! - [`server`]: startup (bind, topology, one executor per core) and graceful shutdown.
+//! - [`cluster`]: the cluster's nodes, the topology they all derive, heartbeats.
 //! - [`config`]: flags, `TESSERA_*` environment and TOML file, validated once.
 //! - [`core`]: a core's context and the routing decision for each request.
 //! - [`shard`]: the sans-I/O state machine (`apply(now, request)`), its store and timer wheel.
@@ -29,6 +30,7 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod durability;

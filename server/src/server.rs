@@ -21,7 +21,10 @@ use std::time::Duration;
 use glommio::sync::Gate;
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
-use tessera_protocol::{split_slots, CoreInfo, NodeInfo, RouteTable, Topology};
+use tessera_protocol::{RouteTable, Topology};
+
+use crate::cluster::format_address;
+use crate::cluster::heartbeat::{ClusterHealth, Detector};
 
 use crate::config::Config;
 use crate::core::{run_ticks, serve_inbox, CoreContext, CoreInboxes};
@@ -87,6 +90,11 @@ pub struct CoreSummary {
 #[derive(Debug)]
 pub struct Server {
     topology: Arc<Topology>,
+    /// This node's index in `topology.nodes`.
+    node_index: usize,
+    health: Arc<ClusterHealth>,
+    /// The failure detector's thread (only in a cluster of several nodes); stops on drop.
+    detector: Option<Detector>,
     inboxes: CoreInboxes,
     threads: Vec<(u16, JoinHandle<Result<CoreSummary, String>>)>,
     events: mpsc::Receiver<ServerEvent>,
@@ -99,6 +107,8 @@ struct CoreStart {
     listener: Option<OwnedFd>,
     shard_config: ShardConfig,
     topology: Arc<Topology>,
+    node_index: u16,
+    health: Arc<ClusterHealth>,
     inboxes: CoreInboxes,
     config: Arc<Config>,
     connection_count: Arc<AtomicUsize>,
@@ -121,16 +131,7 @@ impl Server {
     /// Invalid configuration, a port that cannot be bound, or a core that cannot start.
     pub fn start_with_mode(mut config: Config, mode: Mode) -> Result<Self, StartError> {
         config.validate()?;
-        // Every later use of the directory (glommio's among them) sees an absolute path, and
-        // logs name the directory unambiguously.
-        if config.durability != Durability::Memory {
-            config.data_dir = std::path::absolute(&config.data_dir).map_err(|error| {
-                StartError::Config(crate::error::ConfigError::Invalid {
-                    field: "data_dir",
-                    reason: format!("{}: {error}", config.data_dir.display()),
-                })
-            })?;
-        }
+        make_data_dir_absolute(&mut config)?;
         let config = Arc::new(config);
         let core_count = config.cores;
         if config.durability != Durability::Memory {
@@ -140,8 +141,9 @@ impl Server {
             Mode::Network => bind_listeners(&config)?,
             Mode::Embedded => Vec::new(),
         };
-        let topology = Arc::new(build_topology(&config, &listeners)?);
-        RouteTable::new(&topology)?;
+        let (topology, node_index, health, detector) =
+            start_cluster(&config, mode, &listeners)?;
+        let topology = Arc::new(topology);
         let online_cpus = online_cpus();
         let inboxes: CoreInboxes = (0..core_count)
             .map(|_| Arc::new(Inbox::new(config.inbox_capacity)))
@@ -152,6 +154,9 @@ impl Server {
         let (events_sender, events) = mpsc::channel();
         let mut server = Self {
             topology: topology.clone(),
+            node_index,
+            health: health.clone(),
+            detector,
             inboxes: inboxes.clone(),
             threads: Vec::with_capacity(core_count),
             events,
@@ -178,7 +183,7 @@ impl Server {
                 shard_config: ShardConfig {
                     node_id: config.node_id,
                     shard_id: core_id,
-                    slots: topology.nodes[0].cores[core_index].slots,
+                    slots: topology.nodes[node_index].cores[core_index].slots,
                     memory_bytes_max: config.memory_bytes_max_per_core(),
                     expired_per_tick_max: config.expired_per_tick_max,
                     watch_limits: config.watch_limits(),
@@ -186,6 +191,8 @@ impl Server {
                     lock_limits: config.lock_limits(),
                 },
                 topology: topology.clone(),
+                node_index: u16::try_from(node_index).unwrap_or(u16::MAX),
+                health: health.clone(),
                 inboxes: inboxes.clone(),
                 config: config.clone(),
                 connection_count: connection_count.clone(),
@@ -229,11 +236,22 @@ impl Server {
 
     /// Each core's advertised address, in core order.
     pub fn addresses(&self) -> Vec<String> {
-        self.topology.nodes[0]
+        self.topology.nodes[self.node_index]
             .cores
             .iter()
             .map(|core| core.address.clone())
             .collect()
+    }
+
+    /// Every node's health as this node's failure detector sees it, in topology order.
+    pub fn health(&self) -> Vec<tessera_protocol::NodeHealth> {
+        self.health.snapshot(self.topology.epoch)
+    }
+
+    /// The address the failure detector receives heartbeats on, in a cluster of several
+    /// nodes.
+    pub fn peer_address(&self) -> Option<SocketAddr> {
+        self.detector.as_ref().map(Detector::address)
     }
 
     /// Every core's inbox, for in-process callers (embedded mode).
@@ -355,36 +373,73 @@ fn bind_listeners(config: &Config) -> Result<Vec<(SocketAddr, Socket)>, StartErr
         .collect()
 }
 
-fn build_topology(
+/// Every later use of the data directory (glommio's among them) sees an absolute path, and
+/// logs name the directory unambiguously.
+fn make_data_dir_absolute(config: &mut Config) -> Result<(), StartError> {
+    if config.durability != Durability::Memory {
+        config.data_dir = std::path::absolute(&config.data_dir).map_err(|error| {
+            StartError::Config(crate::error::ConfigError::Invalid {
+                field: "data_dir",
+                reason: format!("{}: {error}", config.data_dir.display()),
+            })
+        })?;
+    }
+    Ok(())
+}
+
+/// The topology this node serves, its index in it, and the failure detector (started in a
+/// network cluster of several nodes).
+fn start_cluster(
     config: &Config,
+    mode: Mode,
     listeners: &[(SocketAddr, Socket)],
-) -> Result<Topology, StartError> {
-    let ranges = split_slots(config.cores);
-    let cores = ranges
-        .into_iter()
-        .enumerate()
-        .map(|(core_index, slots)| {
-            let address = match listeners.get(core_index) {
-                Some((local, _)) => format_address(config.advertised_host(), local.port()),
-                None => format!("embedded:{core_index}"),
-            };
-            CoreInfo {
-                core_id: u16::try_from(core_index).unwrap_or(u16::MAX),
-                address,
-                slots,
-            }
-        })
-        .collect();
-    let topology = Topology {
-        epoch: 1,
-        nodes: vec![NodeInfo {
-            node_id: config.node_id,
-            name: config.name.clone(),
-            cores,
-        }],
+) -> Result<(Topology, usize, Arc<ClusterHealth>, Option<Detector>), StartError> {
+    let cluster = config.effective_cluster();
+    let own_addresses: Option<Vec<String>> = match mode {
+        Mode::Network => Some(
+            listeners
+                .iter()
+                .map(|(local, _)| format_address(config.advertised_host(), local.port()))
+                .collect(),
+        ),
+        Mode::Embedded => Some(
+            (0..config.cores)
+                .map(|core_index| format!("embedded:{core_index}"))
+                .collect(),
+        ),
     };
-    topology.check()?;
-    Ok(topology)
+    let topology = crate::cluster::topology(
+        &cluster,
+        config.node_id,
+        own_addresses.as_deref(),
+    )?;
+    RouteTable::new(&topology)?;
+    let node_index = cluster.node_index(config.node_id).ok_or_else(|| {
+        StartError::Config(crate::error::ConfigError::Invalid {
+            field: "node_id",
+            reason: format!("node {} is not in the cluster", config.node_id),
+        })
+    })?;
+    let health = Arc::new(ClusterHealth::new(&cluster, config.node_id));
+    // A cluster of one has no peer to hear from: no peer port is bound.
+    let detector = if cluster.nodes.len() > 1 && mode == Mode::Network {
+        let detector = Detector::start(
+            &cluster,
+            config.node_id,
+            &config.host,
+            config.peer_port(),
+            health.clone(),
+        )
+        .map_err(|source| StartError::Bind {
+            core_id: u16::MAX,
+            address: format_address(&config.host, config.peer_port()),
+            source,
+        })?;
+        Some(detector)
+    } else {
+        None
+    };
+    Ok((topology, node_index, health, detector))
 }
 
 /// Runs the accept loop until the core stops, then takes the socket out of `LISTEN`.
@@ -577,14 +632,6 @@ struct DurableCore {
     backlog_bytes: u64,
 }
 
-fn format_address(host: &str, port: u16) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 fn online_cpus() -> Vec<usize> {
     let mut cpus: Vec<usize> = glommio::CpuSet::online()
         .map(|set| set.iter().map(|location| location.cpu).collect())
@@ -702,7 +749,8 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
     let log = durable.as_ref().map(|durable| durable.log.clone());
     let context = Rc::new(CoreContext {
         node_id: start.config.node_id,
-        node_index: 0,
+        node_index: start.node_index,
+        health: start.health,
         core_id: start.core_id,
         topology: start.topology,
         routes,

@@ -35,6 +35,7 @@ fn handshake_returns_every_core_with_its_address_and_slots() {
             node_id,
             server_name,
             topology,
+            health,
         } = connection.call(&hello_request())
         else {
             panic!("core {core_index} did not answer the handshake with Hello");
@@ -45,6 +46,8 @@ fn handshake_returns_every_core_with_its_address_and_slots() {
         assert!(topology.epoch >= 1, "epoch={}", topology.epoch);
         assert_eq!(&topology, server.topology());
         assert_eq!(topology.nodes.len(), 1);
+        assert_eq!(health.len(), 1);
+        assert_eq!(health[0].state, tessera_protocol::NodeState::Up);
         let cores = &topology.nodes[0].cores;
         assert_eq!(cores.len(), 3);
         let mut slot_next = 0;

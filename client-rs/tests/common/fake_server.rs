@@ -169,6 +169,7 @@ async fn serve(
                     node_id: FAKE_NODE_ID,
                     server_name: "fake".to_owned(),
                     topology: (*topology).clone(),
+                    health: Vec::new(),
                 }),
                 other => script(connection_index, &other),
             };
