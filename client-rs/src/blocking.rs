@@ -414,6 +414,14 @@ impl BlockingClient {
         self.runtime.block_on(self.client.ping())
     }
 
+    /// See [`Client::cluster_status`].
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn cluster_status(&self) -> Result<crate::ClusterStatus> {
+        self.runtime.block_on(self.client.cluster_status())
+    }
+
     /// See [`Client::stats`].
     ///
     /// # Errors

@@ -7,11 +7,17 @@
 //!
 //! A broken connection fails every request in flight as `Disconnected` (indeterminate: they
 //! were sent) and is replaced by a new one on the next call.
+//!
+//! Health: a connection that cannot connect, or whose peer stops answering (requests
+//! outstanding, a ping sent, and nothing received for `liveness_timeout`), marks its node
+//! down. While down every call fails at once with [`ClientError::Unavailable`] (nothing
+//! sent), and a background probe reconnects with jittered exponential backoff; once the node
+//! answers a ping it is up again and the client is told to refresh its topology.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::limits::FRAME_HEADER_SIZE;
@@ -19,7 +25,7 @@ use tessera_protocol::{ErrorCode, Request, Response, ShardStamp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
 
 use crate::error::{ClientError, Result};
 
@@ -30,6 +36,30 @@ pub(crate) struct ConnectionSettings {
     pub request_timeout: Duration,
     pub inflight_max: usize,
     pub watch_buffer_bytes_max: usize,
+    /// A connection with requests outstanding that receives nothing (a ping included) for
+    /// this long is closed and its node marked down.
+    pub liveness_timeout: Duration,
+    /// First wait of the background probe of a node marked down; doubled per failure.
+    pub reconnect_backoff_base: Duration,
+    /// Longest wait between probes.
+    pub reconnect_backoff_max: Duration,
+    /// Notified when a node marked down answers again (the topology may have changed).
+    pub recovered: Arc<Notify>,
+}
+
+/// Whether a connection's node answers, shared with its background probe.
+#[derive(Debug, Default)]
+struct Health {
+    /// Set while the node is marked down: since when, and why.
+    down: Option<(Instant, String)>,
+    /// Failed attempts in a row (connects and probes).
+    failures: u32,
+}
+
+type SharedHealth = Arc<Mutex<Health>>;
+
+fn lock_health(health: &Mutex<Health>) -> MutexGuard<'_, Health> {
+    health.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Bytes the writer gathers from the queue into one write at most.
@@ -74,6 +104,12 @@ struct Link {
     /// Replies received so far; a request that times out with no reply received meanwhile
     /// marks the connection silent.
     reply_count: AtomicU64,
+    /// When the link was made; the two stamps below count milliseconds from it.
+    started: Instant,
+    /// The last sign of life: a frame received, or a request sent while none was outstanding.
+    progress_ms: AtomicU64,
+    /// When the liveness check last sent a ping (0: never).
+    ping_ms: AtomicU64,
 }
 
 impl Link {
@@ -84,6 +120,14 @@ impl Link {
 
     fn is_closed(&self) -> bool {
         self.pending().is_closed
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn made_progress(&self) {
+        self.progress_ms.store(self.elapsed_ms(), Ordering::Relaxed);
     }
 
     /// Marks the link dead and fails every request in flight with `error`.
@@ -108,6 +152,7 @@ pub(crate) struct Connection {
     address: String,
     settings: ConnectionSettings,
     link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    health: SharedHealth,
 }
 
 impl std::fmt::Debug for Connection {
@@ -125,7 +170,31 @@ impl Connection {
             address,
             settings,
             link: tokio::sync::Mutex::new(None),
+            health: SharedHealth::default(),
         }
+    }
+
+    /// Why and since when the node is marked down, if it is.
+    pub(crate) fn down(&self) -> Option<(Duration, String)> {
+        lock_health(&self.health)
+            .down
+            .as_ref()
+            .map(|(since, reason)| (since.elapsed(), reason.clone()))
+    }
+
+    fn unavailable(&self) -> Option<ClientError> {
+        self.down()
+            .map(|(down_for, reason)| ClientError::Unavailable {
+                address: self.address.clone(),
+                reason,
+                down_for,
+            })
+    }
+
+    /// Marks the node down (if it is not already) and starts the background probe that
+    /// marks it up again.
+    fn mark_down(&self, reason: String) {
+        mark_down(&self.health, &self.address, &self.settings, reason);
     }
 
     pub(crate) fn address(&self) -> &str {
@@ -169,6 +238,10 @@ impl Connection {
             if pending.is_closed {
                 // Nothing was sent on this link; the caller may retry.
                 return Err(self.not_sent("connection closed before sending"));
+            }
+            if pending.replies.is_empty() {
+                // The liveness check measures silence from the first outstanding request.
+                link.made_progress();
             }
             pending.replies.insert(request_id, reply_sender);
             if wants_stream {
@@ -221,7 +294,9 @@ impl Connection {
                 if link.reply_count.load(Ordering::Relaxed) == replies_before {
                     // Not one reply on this connection for a whole request timeout: the peer
                     // is gone or stuck (a crashed host, a partition). TCP may take many
-                    // minutes to notice, so drop the link and let the next call reconnect.
+                    // minutes to notice, so drop the link; the next call connects again. (A
+                    // node is marked down only by a failed connect or by the liveness check,
+                    // whose ping tells a stuck node from a slow request.)
                     tracing::debug!(address = %self.address, "silent connection; closing");
                     link.close(&timeout);
                 }
@@ -243,26 +318,30 @@ impl Connection {
         }
     }
 
-    /// The live link, connecting if there is none or the last one broke.
+    /// The live link, connecting if there is none or the last one broke; fails at once while
+    /// the node is marked down.
     async fn link(&self) -> Result<Arc<Link>> {
+        if let Some(unavailable) = self.unavailable() {
+            return Err(unavailable);
+        }
         let mut slot = self.link.lock().await;
         if let Some(link) = slot.as_ref() {
             if !link.is_closed() {
                 return Ok(link.clone());
             }
         }
-        let stream = tokio::time::timeout(
-            self.settings.connect_timeout,
-            TcpStream::connect(&self.address),
-        )
-        .await
-        .map_err(|_| {
-            self.not_sent(&format!(
-                "connect timed out after {:?}",
-                self.settings.connect_timeout
-            ))
-        })?
-        .map_err(|io_error| self.not_sent(&io_error.to_string()))?;
+        // Callers that queued behind a failed attempt do not try again.
+        if let Some(unavailable) = self.unavailable() {
+            return Err(unavailable);
+        }
+        let stream = match connect(&self.address, self.settings.connect_timeout).await {
+            Ok(stream) => stream,
+            Err(reason) => {
+                self.mark_down(reason.clone());
+                return Err(self.not_sent(&reason));
+            }
+        };
+        lock_health(&self.health).failures = 0;
         stream
             .set_nodelay(true)
             .map_err(|io_error| self.not_sent(&io_error.to_string()))?;
@@ -278,7 +357,16 @@ impl Connection {
             // Request id 0 is reserved for replies about the connection itself.
             next_request_id: AtomicU64::new(1),
             reply_count: AtomicU64::new(0),
+            started: Instant::now(),
+            progress_ms: AtomicU64::new(0),
+            ping_ms: AtomicU64::new(0),
         });
+        tokio::spawn(check_liveness(
+            Arc::downgrade(&link),
+            self.health.clone(),
+            self.address.clone(),
+            self.settings.clone(),
+        ));
         tokio::spawn(write_loop(
             link.clone(),
             writer,
@@ -366,6 +454,7 @@ async fn read_replies(link: &Link, reader: &mut OwnedReadHalf, address: &str) ->
                 })?;
             let request_id = frame.header.request_id;
             link.reply_count.fetch_add(1, Ordering::Relaxed);
+            link.made_progress();
             if request_id == 0 {
                 // A message about the connection itself (such as the connection limit).
                 return Err(match response {
@@ -416,6 +505,169 @@ async fn read_replies(link: &Link, reader: &mut OwnedReadHalf, address: &str) ->
             return Ok(());
         }
         filled += read_size;
+    }
+}
+
+/// Opens a TCP connection within `timeout`; the error says why not.
+async fn connect(address: &str, timeout: Duration) -> std::result::Result<TcpStream, String> {
+    match tokio::time::timeout(timeout, TcpStream::connect(address)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(io_error)) => Err(io_error.to_string()),
+        Err(_) => Err(format!("connect timed out after {timeout:?}")),
+    }
+}
+
+/// Marks `health` down for `reason` and, unless it already was, starts the probe.
+fn mark_down(health: &SharedHealth, address: &str, settings: &ConnectionSettings, reason: String) {
+    {
+        let mut state = lock_health(health);
+        state.failures = state.failures.saturating_add(1);
+        if state.down.is_some() {
+            return;
+        }
+        tracing::warn!(%address, %reason, "node marked down");
+        state.down = Some((Instant::now(), reason));
+    }
+    tokio::spawn(probe(
+        Arc::downgrade(health),
+        address.to_owned(),
+        settings.clone(),
+    ));
+}
+
+/// Probes a node marked down until it answers a ping, then marks it up. Ends early if the
+/// connection is dropped.
+async fn probe(
+    health: std::sync::Weak<Mutex<Health>>,
+    address: String,
+    settings: ConnectionSettings,
+) {
+    loop {
+        let failures = match health.upgrade() {
+            Some(health) => lock_health(&health).failures,
+            None => return,
+        };
+        tokio::time::sleep(crate::jittered_backoff(
+            failures.saturating_sub(1),
+            settings.reconnect_backoff_base,
+            settings.reconnect_backoff_max,
+        ))
+        .await;
+        let Some(health) = health.upgrade() else {
+            return;
+        };
+        // A throwaway connection of its own, so the probe shares no state with callers.
+        let answered = match connect(&address, settings.connect_timeout).await {
+            Ok(stream) => ping_once(stream, settings.liveness_timeout).await,
+            Err(reason) => Err(reason),
+        };
+        let mut state = lock_health(&health);
+        match answered {
+            Ok(()) => {
+                let down_for = state.down.take().map(|(since, _)| since.elapsed());
+                state.failures = 0;
+                drop(state);
+                tracing::info!(%address, ?down_for, "node answers again");
+                settings.recovered.notify_one();
+                return;
+            }
+            Err(reason) => {
+                state.failures = state.failures.saturating_add(1);
+                tracing::debug!(%address, %reason, failures = state.failures, "probe failed");
+            }
+        }
+    }
+}
+
+/// Sends one ping on `stream` and waits up to `timeout` for its answer.
+async fn ping_once(mut stream: TcpStream, timeout: Duration) -> std::result::Result<(), String> {
+    let mut frame = FrameBuffer::new();
+    codec::encode_request(&mut frame, 1, &Request::Ping).map_err(|error| error.to_string())?;
+    let exchange = async {
+        stream
+            .write_all(&frame)
+            .await
+            .map_err(|error| error.to_string())?;
+        let mut received = vec![0_u8; READ_BUFFER_SIZE];
+        let mut filled = 0;
+        loop {
+            let read = stream
+                .read(&mut received[filled..])
+                .await
+                .map_err(|error| error.to_string())?;
+            if read == 0 {
+                return Err("closed before answering the ping".to_owned());
+            }
+            filled += read;
+            match codec::decode_frame(&received[..filled]) {
+                Ok(Some(frame)) => {
+                    return match codec::decode_reply(frame.body) {
+                        Ok((_, Response::Pong { .. })) => Ok(()),
+                        Ok((_, other)) => Err(format!("answered the ping with {other:?}")),
+                        Err(error) => Err(error.to_string()),
+                    };
+                }
+                Ok(None) if filled < received.len() => {}
+                Ok(None) => return Err("the ping's answer is too large".to_owned()),
+                Err(error) => return Err(error.error.to_string()),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("no answer to a ping within {timeout:?}"))?
+}
+
+/// While the link lives: with requests outstanding and nothing received for half the
+/// liveness timeout, sends a ping; with nothing received for the whole timeout, closes the
+/// link (its requests fail as timed out) and marks the node down.
+async fn check_liveness(
+    link: std::sync::Weak<Link>,
+    health: SharedHealth,
+    address: String,
+    settings: ConnectionSettings,
+) {
+    let timeout = settings.liveness_timeout;
+    let timeout_ms = u64::try_from(timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(4);
+    loop {
+        tokio::time::sleep(timeout / 4).await;
+        let Some(link) = link.upgrade() else { return };
+        if link.is_closed() {
+            return;
+        }
+        if link.pending().replies.is_empty() {
+            continue;
+        }
+        let now = link.elapsed_ms();
+        let progress = link.progress_ms.load(Ordering::Relaxed);
+        let silent_ms = now.saturating_sub(progress);
+        if silent_ms >= timeout_ms {
+            tracing::debug!(%address, silent_ms, "no answer, not even to a ping; closing");
+            // Down first, so a caller woken by the close does not connect again.
+            mark_down(
+                &health,
+                &address,
+                &settings,
+                format!("no answer, not even to a ping, within {timeout:?}"),
+            );
+            link.close(&ClientError::Timeout {
+                address: address.clone(),
+                timeout,
+            });
+            return;
+        }
+        let pinged = link.ping_ms.load(Ordering::Relaxed);
+        if silent_ms >= timeout_ms / 2 && pinged <= progress {
+            link.ping_ms.store(now.max(1), Ordering::Relaxed);
+            let request_id = link.next_request_id.fetch_add(1, Ordering::Relaxed);
+            let mut frame = FrameBuffer::new();
+            if codec::encode_request(&mut frame, request_id, &Request::Ping).is_ok() {
+                // Its answer goes to an id nobody waits for; receiving it is what counts.
+                let _ = link.outbound.send(frame);
+            }
+        }
     }
 }
 

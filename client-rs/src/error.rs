@@ -28,6 +28,18 @@ pub enum ClientError {
         /// Why.
         reason: String,
     },
+    /// The node is marked down: a connection to it failed, or it stopped answering. The
+    /// request was not sent. The client probes the node in the background (with jittered
+    /// exponential backoff) and sends to it again once it answers.
+    #[error("node at {address} is down ({reason}); not sent")]
+    Unavailable {
+        /// The core's address.
+        address: String,
+        /// What marked it down.
+        reason: String,
+        /// How long it has been down.
+        down_for: Duration,
+    },
     /// The connection broke after the request was sent: it may or may not have applied.
     #[error("connection to {address} lost before the reply")]
     Disconnected {
@@ -123,7 +135,7 @@ impl ClientError {
     pub fn is_retryable(&self) -> bool {
         match self {
             Self::Server { code, .. } => code.is_retryable(),
-            Self::Connect { .. } | Self::Conflict { .. } => true,
+            Self::Connect { .. } | Self::Unavailable { .. } | Self::Conflict { .. } => true,
             _ => false,
         }
     }

@@ -17,6 +17,7 @@
 //! - `connection`: one pipelined TCP connection per core, replies matched by request id.
 //! - `routing`: the topology, its route table, and a transport per core.
 //! - `transport`: network or in-process path to one core.
+//! - `cluster`: every node's state, as the client and the nodes' failure detectors see it.
 //! - `scan`: range scans, sent to every core and merged in key order.
 //! - `watch`: watches as one stream merged across shards, resumed after reconnects.
 //! - `counter`: counters with bounds and windows.
@@ -43,6 +44,7 @@
 //! ```
 
 pub mod blocking;
+mod cluster;
 mod connection;
 mod counter;
 mod election;
@@ -69,6 +71,7 @@ use tessera_protocol::{
 };
 
 pub use blocking::{BlockingClient, BlockingWatch};
+pub use cluster::{ClusterStatus, NodeStatus};
 pub use counter::{AddOptions, CounterOutcome};
 pub use election::{Election, LeaderChange, Leadership};
 pub use error::{ClientError, Result};
@@ -77,8 +80,8 @@ pub use lock::LockGrant;
 pub use scan::{KeyRange, ScanItem, ScanOptions, ScanResult, ShardRevision};
 pub use tessera_protocol::CounterAdd;
 pub use tessera_protocol::{
-    Check, Compare, CompareOp, CoreStats, Entry, ErrorCode, Scan, Topology, TtlState, Txn, TxnOp,
-    TxnOutcome, TxnResult,
+    Check, Compare, CompareOp, CoreStats, Entry, ErrorCode, NodeHealth, NodeState, Scan, Topology,
+    TtlState, Txn, TxnOp, TxnOutcome, TxnResult,
 };
 #[cfg(feature = "embedded")]
 pub use tessera_server::config::Durability;
@@ -94,7 +97,8 @@ use crate::transport::Transport;
 /// How a [`Client`] connects and behaves.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `host:port` addresses tried in order to fetch the topology.
+    /// `host:port` addresses tried in order (first = preferred) to fetch the topology, at
+    /// connect and at every refresh, before the cores the current topology names.
     pub endpoints: Vec<String>,
     /// Longest a connection attempt may take.
     pub connect_timeout: Duration,
@@ -110,6 +114,18 @@ pub struct ClientConfig {
     /// them; past it the watch ends as [`ClientError::Lagged`] (default 4 MiB: a few of the
     /// largest revisions). At least one message is always buffered.
     pub watch_buffer_bytes_max: usize,
+    /// A connection with requests outstanding that receives nothing for this long, not even
+    /// the answer to the ping it sends at half of it, is closed and its node marked down:
+    /// calls to it then fail at once with [`ClientError::Unavailable`] (default 2 s).
+    pub liveness_timeout: Duration,
+    /// First wait before probing a node marked down; doubled per failed probe, with
+    /// jitter (default 100 ms).
+    pub reconnect_backoff_base: Duration,
+    /// Longest wait between probes of a node marked down (default 5 s).
+    pub reconnect_backoff_max: Duration,
+    /// How often the topology is fetched again in the background; `None`: only after
+    /// `WrongShard` and when a node comes back (default 30 s).
+    pub topology_refresh_interval: Option<Duration>,
 }
 
 impl ClientConfig {
@@ -127,15 +143,23 @@ impl ClientConfig {
             wrong_shard_retry_max: 3,
             client_name: "tessera-client".to_owned(),
             watch_buffer_bytes_max: 4 * 1024 * 1024,
+            liveness_timeout: Duration::from_secs(2),
+            reconnect_backoff_base: Duration::from_millis(100),
+            reconnect_backoff_max: Duration::from_secs(5),
+            topology_refresh_interval: Some(Duration::from_secs(30)),
         }
     }
 
-    fn connection_settings(&self) -> ConnectionSettings {
+    fn connection_settings(&self, recovered: Arc<tokio::sync::Notify>) -> ConnectionSettings {
         ConnectionSettings {
             connect_timeout: self.connect_timeout,
             request_timeout: self.request_timeout,
             inflight_max: self.inflight_max.max(1),
             watch_buffer_bytes_max: self.watch_buffer_bytes_max,
+            liveness_timeout: self.liveness_timeout.max(Duration::from_millis(4)),
+            reconnect_backoff_base: self.reconnect_backoff_base,
+            reconnect_backoff_max: self.reconnect_backoff_max.max(self.reconnect_backoff_base),
+            recovered,
         }
     }
 }
@@ -306,6 +330,8 @@ pub struct Client {
 #[derive(Debug)]
 struct Inner {
     config: ClientConfig,
+    /// What every connection is made with.
+    settings: ConnectionSettings,
     view: RwLock<Arc<ClusterView>>,
     /// Serializes topology refreshes so a burst of `WrongShard` replies fetches once.
     refresh: tokio::sync::Mutex<()>,
@@ -339,22 +365,28 @@ impl Client {
         if config.endpoints.is_empty() {
             return Err(ClientError::Topology("no endpoints given".to_owned()));
         }
-        let settings = config.connection_settings();
-        let topology = fetch_topology(&config, &config.endpoints, &settings, None).await?;
-        let view = ClusterView::new(topology, None, |address, _| {
+        let recovered = Arc::new(tokio::sync::Notify::new());
+        let settings = config.connection_settings(recovered.clone());
+        let handshake = fetch_topology(&config, &config.endpoints, &settings, None, 0).await?;
+        let view = ClusterView::new(handshake.topology, handshake.health, None, |address, _| {
             Transport::Remote(Connection::new(address.to_owned(), settings.clone()))
         })
         .map_err(|error| ClientError::Topology(error.to_string()))?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                config,
-                view: RwLock::new(Arc::new(view)),
-                refresh: tokio::sync::Mutex::new(()),
-                keeper: Arc::new(lease::Keeper::new()),
-                #[cfg(feature = "embedded")]
-                embedded: None,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            config,
+            settings,
+            view: RwLock::new(Arc::new(view)),
+            refresh: tokio::sync::Mutex::new(()),
+            keeper: Arc::new(lease::Keeper::new()),
+            #[cfg(feature = "embedded")]
+            embedded: None,
+        });
+        tokio::spawn(keep_topology_fresh(
+            Arc::downgrade(&inner),
+            recovered,
+            inner.config.topology_refresh_interval,
+        ));
+        Ok(Self { inner })
     }
 
     /// Starts the server's shards inside this process and returns a client for them. The
@@ -365,7 +397,19 @@ impl Client {
     #[cfg(feature = "embedded")]
     pub fn embedded(config: EmbeddedConfig) -> Result<Self> {
         let (host, topology, inboxes) = embedded::start(config)?;
-        let view = ClusterView::new(topology, None, |address, core_id| {
+        // One node, in this process: always up.
+        let health = topology
+            .nodes
+            .iter()
+            .map(|node| NodeHealth {
+                node_id: node.node_id,
+                state: tessera_protocol::NodeState::Up,
+                last_heard_ms: Some(0),
+                epoch: topology.epoch,
+                restarts: 0,
+            })
+            .collect();
+        let view = ClusterView::new(topology, health, None, |address, core_id| {
             Transport::Embedded(embedded::EmbeddedCore::new(
                 address.to_owned(),
                 core_id,
@@ -375,6 +419,8 @@ impl Client {
         .map_err(|error| ClientError::Topology(error.to_string()))?;
         Ok(Self {
             inner: Arc::new(Inner {
+                settings: ClientConfig::new(Vec::<String>::new())
+                    .connection_settings(Arc::default()),
                 config: ClientConfig::new(Vec::<String>::new()),
                 view: RwLock::new(Arc::new(view)),
                 refresh: tokio::sync::Mutex::new(()),
@@ -399,6 +445,13 @@ impl Client {
         self.view().topology.clone()
     }
 
+    /// Every node's health as reported with the current topology by the server that served
+    /// it (refreshed with the topology; [`Client::cluster_status`] asks every node now).
+    #[must_use]
+    pub fn health(&self) -> Vec<NodeHealth> {
+        self.view().health.clone()
+    }
+
     fn view(&self) -> Arc<ClusterView> {
         self.inner
             .view
@@ -412,6 +465,13 @@ impl Client {
     /// # Errors
     /// No server answered the handshake.
     pub async fn refresh_topology(&self) -> Result<()> {
+        self.refresh_to_epoch(0).await
+    }
+
+    /// Fetches the topology again, asking the endpoints and then the current topology's
+    /// cores in order until one serves at least epoch `wanted` (else the newest answer);
+    /// routes by it if it is at least as new as the current one.
+    async fn refresh_to_epoch(&self, wanted: u64) -> Result<()> {
         #[cfg(feature = "embedded")]
         if self.inner.embedded.is_some() {
             // An embedded topology never changes.
@@ -420,24 +480,42 @@ impl Client {
         let epoch_before = self.view().topology.epoch;
         let _guard = self.inner.refresh.lock().await;
         let current = self.view();
-        if current.topology.epoch > epoch_before {
+        if current.topology.epoch > epoch_before && current.topology.epoch >= wanted {
             // Another caller refreshed while we waited.
             return Ok(());
         }
-        let settings = self.inner.config.connection_settings();
-        let mut candidates: Vec<String> = current
-            .all_transports()
-            .map(|(_, transport)| transport.address().to_owned())
-            .collect();
-        candidates.extend(self.inner.config.endpoints.iter().cloned());
-        let topology =
-            fetch_topology(&self.inner.config, &candidates, &settings, Some(&current)).await?;
-        if topology.epoch < current.topology.epoch {
+        let settings = &self.inner.settings;
+        let mut candidates: Vec<String> = self.inner.config.endpoints.clone();
+        for (_, transport) in current.all_transports() {
+            if !candidates.iter().any(|known| known == transport.address()) {
+                candidates.push(transport.address().to_owned());
+            }
+        }
+        let wanted = wanted.max(current.topology.epoch);
+        let handshake = fetch_topology(
+            &self.inner.config,
+            &candidates,
+            settings,
+            Some(&current),
+            wanted,
+        )
+        .await?;
+        if handshake.topology.epoch < current.topology.epoch {
             return Ok(());
         }
-        let view = ClusterView::new(topology, Some(&current), |address, _| {
-            Transport::Remote(Connection::new(address.to_owned(), settings.clone()))
-        })
+        if handshake.topology.epoch > current.topology.epoch {
+            tracing::info!(
+                from = current.topology.epoch,
+                to = handshake.topology.epoch,
+                "topology changed"
+            );
+        }
+        let view = ClusterView::new(
+            handshake.topology,
+            handshake.health,
+            Some(&current),
+            |address, _| Transport::Remote(Connection::new(address.to_owned(), settings.clone())),
+        )
         .map_err(|error| ClientError::Topology(error.to_string()))?;
         *self
             .inner
@@ -826,7 +904,7 @@ impl Client {
                 {
                     attempt += 1;
                     tracing::debug!(attempt, message = %reply.message, "wrong shard; refreshing topology");
-                    self.refresh_topology().await?;
+                    self.refresh_to_epoch(wrong_shard_epoch(&reply)).await?;
                 }
                 (_, Response::Error(reply)) => return Err(server_error(reply.code, reply.message)),
                 stamped => return Ok(stamped),
@@ -866,6 +944,7 @@ impl Client {
                 }
             });
             let mut misrouted = Vec::new();
+            let mut wanted_epoch = 0;
             for result in join_all(calls).await {
                 let (location, mut indices, response) = result?;
                 match response {
@@ -873,6 +952,7 @@ impl Client {
                         if reply.code == ErrorCode::WrongShard
                             && attempt < self.inner.config.wrong_shard_retry_max =>
                     {
+                        wanted_epoch = wanted_epoch.max(wrong_shard_epoch(&reply));
                         misrouted.extend(indices);
                     }
                     Response::Error(reply)
@@ -890,7 +970,7 @@ impl Client {
             }
             if !misrouted.is_empty() {
                 attempt += 1;
-                self.refresh_topology().await?;
+                self.refresh_to_epoch(wanted_epoch).await?;
                 parts.extend(group_by_owner(&self.view(), keys, misrouted, &weight));
             }
         }
@@ -938,17 +1018,27 @@ fn group_by_owner(
         .collect()
 }
 
+/// One server's answer to the handshake.
+struct Handshake {
+    topology: Topology,
+    health: Vec<NodeHealth>,
+}
+
+/// Asks `candidates` in order for the topology until one serves at least epoch `wanted`;
+/// returns that answer, or else the newest one (or the last error if none answered).
 async fn fetch_topology(
     config: &ClientConfig,
     candidates: &[String],
     settings: &ConnectionSettings,
     current: Option<&ClusterView>,
-) -> Result<Topology> {
+    wanted: u64,
+) -> Result<Handshake> {
     let hello = Request::Hello {
         protocol_version: PROTOCOL_VERSION,
         client_name: config.client_name.clone(),
     };
     let mut last_error = ClientError::Topology("no endpoint to ask".to_owned());
+    let mut newest: Option<Handshake> = None;
     for address in candidates {
         // Reuse a live connection of the current view when the address is one of its cores.
         let reused = current.and_then(|view| {
@@ -967,9 +1057,20 @@ async fn fetch_topology(
             Ok(Response::Hello {
                 topology,
                 protocol_version,
+                health,
                 ..
             }) if protocol_version == PROTOCOL_VERSION => {
-                return Ok(topology);
+                if topology.epoch >= wanted {
+                    return Ok(Handshake { topology, health });
+                }
+                tracing::debug!(%address, epoch = topology.epoch, wanted, "topology older than wanted");
+                if newest
+                    .as_ref()
+                    .is_none_or(|known| known.topology.epoch < topology.epoch)
+                {
+                    newest = Some(Handshake { topology, health });
+                }
+                continue;
             }
             Ok(Response::Hello {
                 protocol_version, ..
@@ -985,7 +1086,37 @@ async fn fetch_topology(
         }
         tracing::debug!(%address, error = %last_error, "handshake failed");
     }
-    Err(last_error)
+    newest.ok_or(last_error)
+}
+
+/// The epoch a `WrongShard` reply was decided under (0 if it does not say).
+fn wrong_shard_epoch(reply: &tessera_protocol::ErrorReply) -> u64 {
+    reply.wrong_shard.as_ref().map_or(0, |wrong| wrong.epoch)
+}
+
+/// Refreshes the topology every `interval` and whenever a node marked down answers again,
+/// until the client is dropped.
+async fn keep_topology_fresh(
+    inner: std::sync::Weak<Inner>,
+    recovered: Arc<tokio::sync::Notify>,
+    interval: Option<Duration>,
+) {
+    loop {
+        match interval {
+            Some(interval) => {
+                tokio::select! {
+                    () = recovered.notified() => {}
+                    () = tokio::time::sleep(interval) => {}
+                }
+            }
+            None => recovered.notified().await,
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let client = Client { inner };
+        if let Err(error) = client.refresh_topology().await {
+            tracing::debug!(%error, "background topology refresh failed");
+        }
+    }
 }
 
 fn duration_ms(duration: Duration) -> Result<u64> {

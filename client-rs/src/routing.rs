@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tessera_protocol::{RouteTable, ShardLocation, Topology};
+use tessera_protocol::{NodeHealth, RouteTable, ShardLocation, Topology};
 
 use crate::transport::Transport;
 
@@ -12,6 +12,8 @@ use crate::transport::Transport;
 #[derive(Debug)]
 pub(crate) struct ClusterView {
     pub topology: Topology,
+    /// Every node's health as the server that served the topology saw it.
+    pub health: Vec<NodeHealth>,
     pub routes: RouteTable,
     /// `transports[node_index][core_index]`.
     pub transports: Vec<Vec<Arc<Transport>>>,
@@ -21,6 +23,7 @@ impl ClusterView {
     /// Builds a view, taking existing transports from `previous` where the address matches.
     pub(crate) fn new(
         topology: Topology,
+        health: Vec<NodeHealth>,
         previous: Option<&ClusterView>,
         mut make: impl FnMut(&str, u16) -> Transport,
     ) -> Result<Self, tessera_protocol::TopologyError> {
@@ -41,6 +44,7 @@ impl ClusterView {
             .collect();
         Ok(Self {
             topology,
+            health,
             routes,
             transports,
         })

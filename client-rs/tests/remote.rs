@@ -181,7 +181,8 @@ async fn requests_fail_when_the_server_stops() {
                 code: ErrorCode::ShuttingDown,
                 ..
             }
-            | ClientError::Connect { .. } => assert!(error.is_retryable(), "{error:?}"),
+            | ClientError::Connect { .. }
+            | ClientError::Unavailable { .. } => assert!(error.is_retryable(), "{error:?}"),
             ClientError::Disconnected { .. } | ClientError::Timeout { .. } => {
                 assert!(error.is_indeterminate(), "{error:?}");
             }
@@ -198,7 +199,7 @@ async fn requests_fail_when_the_server_stops() {
     loop {
         let result = within(CALL_TIMEOUT, "a get after the stop", client.get("after")).await;
         match result {
-            Err(error @ ClientError::Connect { .. }) => {
+            Err(error @ (ClientError::Connect { .. } | ClientError::Unavailable { .. })) => {
                 assert!(error.is_retryable(), "{error:?}");
                 assert!(!error.is_indeterminate(), "{error:?}");
                 break;

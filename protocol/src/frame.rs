@@ -25,7 +25,7 @@ pub const MAGIC: [u8; 4] = *b"TSRA";
 
 /// The protocol version this crate speaks. A peer announcing another version is refused with
 /// `UnsupportedVersion`.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 1;
 
 /// What the body of a frame holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -33,10 +33,10 @@ use tessera_protocol::limits::{
 use tessera_protocol::{
     hash_tag, slot_for_key, split_slots, Check, Compare, CompareOp, CoreInfo, CoreStats,
     CounterAdd, Delete, DeleteCondition, Entry, ErrorCode, ErrorReply, EventBatch, EventKind,
-    FrameHeader, FrameKind, LeaseId, LeaseState, NodeHealth, NodeInfo, NodeState, ProtocolError, Put, PutCondition,
-    PutEntry, Request, RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology,
-    TtlState, Txn, TxnOp, TxnOutcome, TxnResult, Watch, WatchCancel, WatchEvent, WatchEvents,
-    WatchFrom, Watching, WrongShard, PROTOCOL_VERSION, SLOT_COUNT,
+    FrameHeader, FrameKind, LeaseId, LeaseState, NodeHealth, NodeInfo, NodeState, ProtocolError,
+    Put, PutCondition, PutEntry, Request, RequestError, Response, RouteTable, Scan, ScanItem,
+    ScanPage, Topology, TtlState, Txn, TxnOp, TxnOutcome, TxnResult, Watch, WatchCancel,
+    WatchEvent, WatchEvents, WatchFrom, Watching, WrongShard, PROTOCOL_VERSION, SLOT_COUNT,
 };
 
 /// Longest generated key. Real keys may be up to `KEY_SIZE_MAX`; small ones keep cases fast.

@@ -141,8 +141,7 @@ impl Server {
             Mode::Network => bind_listeners(&config)?,
             Mode::Embedded => Vec::new(),
         };
-        let (topology, node_index, health, detector) =
-            start_cluster(&config, mode, &listeners)?;
+        let (topology, node_index, health, detector) = start_cluster(&config, mode, &listeners)?;
         let topology = Arc::new(topology);
         let online_cpus = online_cpus();
         let inboxes: CoreInboxes = (0..core_count)
@@ -408,11 +407,7 @@ fn start_cluster(
                 .collect(),
         ),
     };
-    let topology = crate::cluster::topology(
-        &cluster,
-        config.node_id,
-        own_addresses.as_deref(),
-    )?;
+    let topology = crate::cluster::topology(&cluster, config.node_id, own_addresses.as_deref())?;
     RouteTable::new(&topology)?;
     let node_index = cluster.node_index(config.node_id).ok_or_else(|| {
         StartError::Config(crate::error::ConfigError::Invalid {

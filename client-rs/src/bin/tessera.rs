@@ -84,6 +84,13 @@ enum Output {
 }
 
 #[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Every node: whether it answers this client, the epoch it serves, and what the other
+    /// nodes' failure detectors report of it. Exit 0 if every node is up, 1 otherwise.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Print a key's value (exit 1 if it does not exist).
     Get { key: String },
@@ -158,6 +165,9 @@ enum Command {
     Ping,
     /// Show nodes, cores, addresses and slot ranges.
     Topology,
+    /// The cluster: `tessera cluster status` lists every node with its state.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Show every core's counters (keys, revision, memory, requests).
     Stats,
     /// Leases: grant, keepalive, revoke, ttl, list.
@@ -575,6 +585,9 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         Command::Watch(arguments) => return Ok(watch(&client, arguments, json)?),
         Command::Ping => print_pongs(&client.ping()?, json),
         Command::Topology => print_topology(&client.topology(), json),
+        Command::Cluster(ClusterCommand::Status) => {
+            return Ok(print_cluster_status(&client.cluster_status()?, json));
+        }
         Command::Stats => print_stats(&client.stats()?, json),
         Command::Scan {
             prefix,
@@ -2264,6 +2277,94 @@ fn print_pongs(pongs: &[tessera_client::Pong], json: bool) {
                 pong.round_trip.as_micros()
             );
         }
+    }
+}
+
+fn node_state_name(state: tessera_client::NodeState) -> &'static str {
+    match state {
+        tessera_client::NodeState::Up => "up",
+        tessera_client::NodeState::Down => "down",
+        tessera_client::NodeState::Unknown => "unknown",
+    }
+}
+
+/// Prints every node's state; exit status 1 unless every node is up.
+fn print_cluster_status(status: &tessera_client::ClusterStatus, json: bool) -> ExitCode {
+    let all_up = status
+        .nodes
+        .iter()
+        .all(|node| node.state == tessera_client::NodeState::Up);
+    if json {
+        let nodes: Vec<Value> = status
+            .nodes
+            .iter()
+            .map(|node| {
+                let seen_by: Vec<Value> = node
+                    .seen_by
+                    .iter()
+                    .map(|(observer, seen)| {
+                        json!({
+                            "observer": observer,
+                            "state": node_state_name(seen.state),
+                            "last_heard_ms": seen.last_heard_ms,
+                            "epoch": seen.epoch,
+                            "restarts": seen.restarts,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "node_id": node.node_id,
+                    "name": node.name,
+                    "addresses": node.addresses,
+                    "state": node_state_name(node.state),
+                    "answered": node.answer.is_ok(),
+                    "round_trip_us": node.answer.as_ref().ok().map(Duration::as_micros),
+                    "error": node.answer.as_ref().err(),
+                    "epoch": node.epoch,
+                    "seen_by": seen_by,
+                })
+            })
+            .collect();
+        print_json(&json!({ "epoch": status.epoch, "nodes": nodes }));
+    } else {
+        println!("epoch {}", status.epoch);
+        println!(
+            "{:<6} {:<16} {:<24} {:<6} {:<8} {:<8} detail",
+            "node", "name", "address", "cores", "epoch", "state"
+        );
+        for node in &status.nodes {
+            let down_views = node
+                .seen_by
+                .iter()
+                .filter(|(_, seen)| seen.state == tessera_client::NodeState::Down)
+                .map(|(observer, seen)| match seen.last_heard_ms {
+                    Some(ms) => format!("node {observer}: no heartbeat for {ms} ms"),
+                    None => format!("node {observer}: never heard"),
+                })
+                .collect::<Vec<_>>();
+            let mut detail = match &node.answer {
+                Ok(round_trip) => format!("answered in {} us", round_trip.as_micros()),
+                Err(error) => format!("no answer: {error}"),
+            };
+            if !down_views.is_empty() {
+                detail = format!("{detail}; down for {}", down_views.join(", "));
+            }
+            println!(
+                "{:<6} {:<16} {:<24} {:<6} {:<8} {:<8} {detail}",
+                node.node_id,
+                node.name,
+                node.addresses.first().map_or("", String::as_str),
+                node.addresses.len(),
+                node.epoch
+                    .map_or_else(|| "-".to_owned(), |epoch| epoch.to_string()),
+                node_state_name(node.state),
+            );
+        }
+    }
+    if all_up {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }
 

@@ -220,18 +220,29 @@ impl Drop for TestDir {
 /// port per core) does not give that. Another process could take them in between, which is
 /// unlikely enough for a test.
 pub fn free_port_pair() -> u16 {
+    free_port_run("127.0.0.1", 2)
+}
+
+/// A port `base` such that `base..base + count` are free on `host` now, for TCP and UDP.
+pub fn free_port_run(host: &str, count: u16) -> u16 {
     let random = RandomState::new();
     for attempt in 0..1000_u32 {
         // Below the usual ephemeral range, where the OS hands out ports of its own.
         let offset = u16::try_from(random.hash_one(attempt) % 12_000).expect("fits");
         let base = 20_000 + offset;
-        let first = std::net::TcpListener::bind(("127.0.0.1", base));
-        let second = std::net::TcpListener::bind(("127.0.0.1", base + 1));
-        if first.is_ok() && second.is_ok() {
+        let held: Vec<_> = (base..base + count)
+            .map(|port| {
+                (
+                    std::net::TcpListener::bind((host, port)),
+                    std::net::UdpSocket::bind((host, port)),
+                )
+            })
+            .collect();
+        if held.iter().all(|(tcp, udp)| tcp.is_ok() && udp.is_ok()) {
             return base;
         }
     }
-    panic!("no two consecutive free ports found");
+    panic!("no {count} consecutive free ports found on {host}");
 }
 
 /// A server with `sync` durability and a data directory of its own, which stops and starts
