@@ -139,6 +139,19 @@ impl Drop for Cluster {
     }
 }
 
+/// Runs `change` on a blocking thread (servers start and stop synchronously).
+async fn change(
+    mut cluster: Cluster,
+    change: impl FnOnce(&mut Cluster) + Send + 'static,
+) -> Cluster {
+    tokio::task::spawn_blocking(move || {
+        change(&mut cluster);
+        cluster
+    })
+    .await
+    .expect("the change did not panic")
+}
+
 /// A client of short timeouts, bootstrapped from node 1 only.
 async fn connect(cluster: &Cluster) -> Client {
     let mut config = ClientConfig::new([cluster.first_address()]);
@@ -237,7 +250,7 @@ async fn keys_land_on_the_node_and_core_that_own_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_topology_is_followed_without_errors() {
-    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(1))
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(1))
         .await
         .expect("started");
     let client = connect(&cluster).await;
@@ -246,12 +259,7 @@ async fn a_changed_topology_is_followed_without_errors() {
         client.put(key, "epoch 1").await.expect("put");
     }
     // Every slot moves: node 3's slots come first now, then node 1's, then node 2's.
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.reassign(2, &[3, 1, 2]);
-        cluster
-    })
-    .await
-    .expect("reassigned");
+    let cluster = change(cluster, |cluster| cluster.reassign(2, &[3, 1, 2])).await;
     // Let the client's readers see the old connections close.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(client.topology().epoch, 1, "the client has not looked yet");
@@ -303,18 +311,13 @@ async fn put_all(client: &Client, keys: &[(u32, String)], down: Option<u32>) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_node_fails_only_its_keys_and_recovers() {
-    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(1))
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(1))
         .await
         .expect("started");
     let client = connect(&cluster).await;
     let keys = keys_by_node(&client, "k", 90);
     assert_eq!(put_all(&client, &keys, None).await, 0);
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.stop(2);
-        cluster
-    })
-    .await
-    .expect("stopped");
+    let cluster = change(cluster, |cluster| cluster.stop(2)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let on_node_3 = keys.iter().filter(|(node_id, _)| *node_id == 3).count();
     assert!(on_node_3 > 10);
@@ -342,13 +345,7 @@ async fn a_stopped_node_fails_only_its_keys_and_recovers() {
     )
     .await;
     assert!(detected < Duration::from_secs(5), "{detected:?}");
-    let mut cluster = cluster;
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.restart(2);
-        cluster
-    })
-    .await
-    .expect("restarted");
+    let cluster = change(cluster, |cluster| cluster.restart(2)).await;
     // Each of its cores' connections is probed on its own.
     eventually(
         Duration::from_secs(10),
@@ -374,7 +371,7 @@ async fn a_stopped_node_fails_only_its_keys_and_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_node_is_marked_down_instead_of_hanging() {
-    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(1))
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(1))
         .await
         .expect("started");
     let client = connect(&cluster).await;
@@ -383,12 +380,7 @@ async fn a_silent_node_is_marked_down_instead_of_hanging() {
     // Node 3 stops, and something takes its ports that accepts connections and never
     // answers: a hung process, a host behind a black hole.
     let config = cluster.configs[2].clone();
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.stop(2);
-        cluster
-    })
-    .await
-    .expect("stopped");
+    let cluster = change(cluster, |cluster| cluster.stop(2)).await;
     let silent: Vec<std::net::TcpListener> = (0..CORES_PER_NODE)
         .map(|core| {
             let port = config.port + u16::try_from(core).expect("fits");
@@ -421,13 +413,7 @@ async fn a_silent_node_is_marked_down_instead_of_hanging() {
         client.put(key, "y").await.expect("a live node");
     }
     drop(silent);
-    let mut cluster = cluster;
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.restart(2);
-        cluster
-    })
-    .await
-    .expect("restarted");
+    let cluster = change(cluster, |cluster| cluster.restart(2)).await;
     eventually(
         Duration::from_secs(10),
         "node 3 answers again",
@@ -556,12 +542,7 @@ async fn the_cli_lists_every_node_with_its_state() {
         assert!(line.contains(&format!("node-{id}")), "{line}");
         assert!(line.contains(" up "), "{line}");
     }
-    cluster = tokio::task::spawn_blocking(move || {
-        cluster.stop(1);
-        cluster
-    })
-    .await
-    .expect("stopped");
+    cluster = change(cluster, |cluster| cluster.stop(1)).await;
     eventually(
         Duration::from_secs(10),
         "node 2 reported down",
