@@ -857,6 +857,56 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_comes_inline_or_from_its_own_file() {
+        let directory =
+            std::env::temp_dir().join(format!("tessera-cluster-config-{}", std::process::id()));
+        std::fs::create_dir_all(&directory).unwrap();
+        let nodes = "[[nodes]]\nid = 1\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 7100\ncores = 2\n\n\
+                     [[nodes]]\nid = 2\nname = \"b\"\nhost = \"127.0.0.2\"\nport = 7100\ncores = 1\n";
+        std::fs::write(
+            directory.join("cluster.toml"),
+            format!("epoch = 3\n{nodes}"),
+        )
+        .unwrap();
+        let instance = directory.join("a.toml");
+        std::fs::write(
+            &instance,
+            "name = \"a\"\nnode_id = 1\nport = 7100\ncores = 2\ncluster_file = \"cluster.toml\"\n",
+        )
+        .unwrap();
+        let config = parse(&["--config", instance.to_str().unwrap()]).unwrap();
+        let cluster = config.cluster.clone().unwrap();
+        assert_eq!(cluster.epoch, 3);
+        assert_eq!(cluster.nodes.len(), 2);
+        assert_eq!(config.peer_port(), 9100);
+        assert_eq!(config.admin_port(), 8100);
+        // The printed configuration carries the cluster inline and reads back.
+        let printed = directory.join("printed.toml");
+        std::fs::write(&printed, config.to_toml().unwrap()).unwrap();
+        assert_eq!(
+            parse(&["--config", printed.to_str().unwrap()]).unwrap(),
+            config
+        );
+        // An instance its cluster entry does not describe is refused.
+        let error = parse(&["--config", instance.to_str().unwrap(), "--cores", "3"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("core count is 3"), "{error}");
+        std::fs::write(
+            &instance,
+            format!(
+                "name = \"b\"\nnode_id = 2\nhost = \"127.0.0.2\"\nport = 7100\ncores = 1\n\n\
+                 [cluster]\n{}",
+                nodes.replace("[[nodes]]", "[[cluster.nodes]]")
+            ),
+        )
+        .unwrap();
+        let config = parse(&["--config", instance.to_str().unwrap()]).unwrap();
+        assert_eq!(config.cluster.unwrap().epoch, 1, "the default epoch");
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    #[test]
     fn invalid_settings_name_the_field() {
         let error = parse(&["--cores", "0"]).unwrap_err();
         assert!(

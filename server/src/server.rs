@@ -394,6 +394,14 @@ fn start_cluster(
     listeners: &[(SocketAddr, Socket)],
 ) -> Result<(Topology, usize, Arc<ClusterHealth>, Option<Detector>), StartError> {
     let cluster = config.effective_cluster();
+    if mode == Mode::Embedded && cluster.nodes.len() > 1 {
+        return Err(StartError::Config(crate::error::ConfigError::Invalid {
+            field: "cluster",
+            reason: "embedded shards are a cluster of one: they have no address for other \
+                     nodes to reach or to send their clients to"
+                .to_owned(),
+        }));
+    }
     let own_addresses: Option<Vec<String>> = match mode {
         Mode::Network => Some(
             listeners

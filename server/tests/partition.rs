@@ -67,7 +67,9 @@ impl Partitionable {
             ip(&["netns", "add", namespace])?;
         }
         let [link_a, link_b] = &created.links;
-        ip(&["link", "add", link_a, "type", "veth", "peer", "name", link_b])?;
+        ip(&[
+            "link", "add", link_a, "type", "veth", "peer", "name", link_b,
+        ])?;
         for index in 0..2 {
             let (namespace, link) = (&created.namespaces[index], &created.links[index]);
             ip(&["link", "set", link, "netns", namespace])?;
@@ -121,7 +123,8 @@ impl Partitionable {
                 command.env_remove(name);
             }
         }
-        self.servers.push(command.spawn().expect("the server starts"));
+        self.servers
+            .push(command.spawn().expect("the server starts"));
     }
 
     /// Node `index + 1`'s view of every node, asked inside its namespace; `None` until it
