@@ -11,6 +11,7 @@
 
 mod common;
 
+use std::fmt::Write as _;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
@@ -56,7 +57,7 @@ impl Partitionable {
     fn create() -> Result<Self, String> {
         let tag = std::process::id() % 100_000;
         let subnet = 1 + tag % 250;
-        let mut created = Self {
+        let created = Self {
             namespaces: [format!("tessera-a-{tag}"), format!("tessera-b-{tag}")],
             links: [format!("tsa{tag}"), format!("tsb{tag}")],
             addresses: [format!("10.213.{subnet}.1"), format!("10.213.{subnet}.2")],
@@ -88,12 +89,13 @@ impl Partitionable {
              failure_timeout_ms = {FAILURE_TIMEOUT_MS}\n"
         );
         for (index, address) in self.addresses.iter().enumerate() {
-            table.push_str(&format!(
+            let _ = write!(
+                table,
                 "\n[[cluster.nodes]]\nid = {}\nname = \"node-{}\"\nhost = \"{address}\"\n\
                  port = {PORT}\ncores = 1\n",
                 index + 1,
                 index + 1
-            ));
+            );
         }
         table
     }
@@ -151,21 +153,21 @@ impl Partitionable {
         .expect("the query thread")
     }
 
-    /// The state node `observer + 1` reports of node `observed + 1`.
-    fn state(&self, observer: usize, observed: usize) -> Option<NodeState> {
+    /// The state node `observer + 1` reports of node `subject + 1`.
+    fn state(&self, observer: usize, subject: usize) -> Option<NodeState> {
         let health = self.health(observer)?;
-        Some(health[observed].state)
+        Some(health[subject].state)
     }
 
-    /// Polls until node `observer + 1` reports `state` of `observed + 1`; the time it took.
-    fn wait_for(&self, observer: usize, observed: usize, state: NodeState) -> Duration {
+    /// Polls until node `observer + 1` reports `state` of `subject + 1`; the time it took.
+    fn wait_for(&self, observer: usize, subject: usize, state: NodeState) -> Duration {
         let started = Instant::now();
-        while self.state(observer, observed) != Some(state) {
+        while self.state(observer, subject) != Some(state) {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
                 "node {} never reported node {} {state:?}",
                 observer + 1,
-                observed + 1
+                subject + 1
             );
             std::thread::sleep(Duration::from_millis(5));
         }
