@@ -149,6 +149,7 @@ print("the client library (get, pipeline 1), client CPU per request with routing
 for size in sizes:
     row = load(f"client-{size}", "get", 1)
     print(f"  {size} instance(s): {row['ops_per_sec']:>8.0f} ops/s, client "
-          f"{row['client_cpu_us_per_op']:.2f} us/op, server {row.get('server_cpu_us_per_op') or 0:.2f} us/op"
+          f"{row['client_cpu']['us_per_op']:.2f} us/op, server "
+          f"{row.get('server_cpu_us_per_op') or 0:.2f} us/op"
           + (f"  ({row['errors']} errors)" if row["errors"] else ""))
 EOF
