@@ -10,7 +10,7 @@
 //!
 //! Health: a connection that cannot connect, or whose peer stops answering (requests
 //! outstanding, a ping sent, and nothing received for `liveness_timeout`), marks its node
-//! down. While down every call fails at once with [`ClientError::Unavailable`] (nothing
+//! down (the health is shared by the connections to the node's cores). While down every call fails at once with [`ClientError::Unavailable`] (nothing
 //! sent), and a background probe reconnects with jittered exponential backoff; once the node
 //! answers a ping it is up again and the client is told to refresh its topology.
 
@@ -49,14 +49,16 @@ pub(crate) struct ConnectionSettings {
 
 /// Whether a connection's node answers, shared with its background probe.
 #[derive(Debug, Default)]
-struct Health {
+pub(crate) struct Health {
     /// Set while the node is marked down: since when, and why.
     down: Option<(Instant, String)>,
     /// Failed attempts in a row (connects and probes).
     failures: u32,
 }
 
-type SharedHealth = Arc<Mutex<Health>>;
+/// One node's health, shared by the connections to its cores: one of them failing marks the
+/// node down for all, and one probe brings it back.
+pub(crate) type SharedHealth = Arc<Mutex<Health>>;
 
 fn lock_health(health: &Mutex<Health>) -> MutexGuard<'_, Health> {
     health.lock().unwrap_or_else(PoisonError::into_inner)
@@ -165,12 +167,13 @@ impl std::fmt::Debug for Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(address: String, settings: ConnectionSettings) -> Self {
+    /// A connection to `address` whose node's health is `health`.
+    pub(crate) fn new(address: String, settings: ConnectionSettings, health: SharedHealth) -> Self {
         Self {
             address,
             settings,
             link: tokio::sync::Mutex::new(None),
-            health: SharedHealth::default(),
+            health,
         }
     }
 

@@ -368,9 +368,18 @@ impl Client {
         let recovered = Arc::new(tokio::sync::Notify::new());
         let settings = config.connection_settings(recovered.clone());
         let handshake = fetch_topology(&config, &config.endpoints, &settings, None, 0).await?;
-        let view = ClusterView::new(handshake.topology, handshake.health, None, |address, _| {
-            Transport::Remote(Connection::new(address.to_owned(), settings.clone()))
-        })
+        let view = ClusterView::new(
+            handshake.topology,
+            handshake.health,
+            None,
+            |address, _, health| {
+                Transport::Remote(Connection::new(
+                    address.to_owned(),
+                    settings.clone(),
+                    health.clone(),
+                ))
+            },
+        )
         .map_err(|error| ClientError::Topology(error.to_string()))?;
         let inner = Arc::new(Inner {
             config,
@@ -409,7 +418,7 @@ impl Client {
                 restarts: 0,
             })
             .collect();
-        let view = ClusterView::new(topology, health, None, |address, core_id| {
+        let view = ClusterView::new(topology, health, None, |address, core_id, _| {
             Transport::Embedded(embedded::EmbeddedCore::new(
                 address.to_owned(),
                 core_id,
@@ -514,7 +523,13 @@ impl Client {
             handshake.topology,
             handshake.health,
             Some(&current),
-            |address, _| Transport::Remote(Connection::new(address.to_owned(), settings.clone())),
+            |address, _, health| {
+                Transport::Remote(Connection::new(
+                    address.to_owned(),
+                    settings.clone(),
+                    health.clone(),
+                ))
+            },
         )
         .map_err(|error| ClientError::Topology(error.to_string()))?;
         *self
@@ -1048,7 +1063,7 @@ async fn fetch_topology(
         });
         let answer = match reused {
             Some(transport) => transport.call(&hello).await,
-            None => Connection::new(address.clone(), settings.clone())
+            None => Connection::new(address.clone(), settings.clone(), Arc::default())
                 .call(&hello)
                 .await
                 .map(|(_, response)| response),

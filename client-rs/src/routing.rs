@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tessera_protocol::{NodeHealth, RouteTable, ShardLocation, Topology};
 
+use crate::connection::SharedHealth;
 use crate::transport::Transport;
 
 /// One topology epoch as the client uses it.
@@ -17,6 +18,9 @@ pub(crate) struct ClusterView {
     pub routes: RouteTable,
     /// `transports[node_index][core_index]`.
     pub transports: Vec<Vec<Arc<Transport>>>,
+    /// The health of each node's connections, `node_health[node_index]`, kept across
+    /// views by node id.
+    node_health: Vec<(u32, SharedHealth)>,
 }
 
 impl ClusterView {
@@ -25,19 +29,35 @@ impl ClusterView {
         topology: Topology,
         health: Vec<NodeHealth>,
         previous: Option<&ClusterView>,
-        mut make: impl FnMut(&str, u16) -> Transport,
+        mut make: impl FnMut(&str, u16, &SharedHealth) -> Transport,
     ) -> Result<Self, tessera_protocol::TopologyError> {
         let routes = RouteTable::new(&topology)?;
-        let transports = topology
+        let node_health: Vec<(u32, SharedHealth)> = topology
             .nodes
             .iter()
             .map(|node| {
+                let known = previous.and_then(|view| {
+                    view.node_health
+                        .iter()
+                        .find(|(node_id, _)| *node_id == node.node_id)
+                });
+                (
+                    node.node_id,
+                    known.map_or_else(SharedHealth::default, |(_, health)| health.clone()),
+                )
+            })
+            .collect();
+        let transports = topology
+            .nodes
+            .iter()
+            .zip(&node_health)
+            .map(|(node, (_, health))| {
                 node.cores
                     .iter()
                     .map(|core| {
                         previous
                             .and_then(|view| view.transport_by_address(&core.address))
-                            .unwrap_or_else(|| Arc::new(make(&core.address, core.core_id)))
+                            .unwrap_or_else(|| Arc::new(make(&core.address, core.core_id, health)))
                     })
                     .collect()
             })
@@ -47,6 +67,7 @@ impl ClusterView {
             health,
             routes,
             transports,
+            node_health,
         })
     }
 

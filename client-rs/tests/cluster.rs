@@ -346,7 +346,7 @@ async fn a_stopped_node_fails_only_its_keys_and_recovers() {
     .await;
     assert!(detected < Duration::from_secs(5), "{detected:?}");
     let cluster = change(cluster, |cluster| cluster.restart(2)).await;
-    // Each of its cores' connections is probed on its own.
+    // Every key of the node works again, whichever core it is on.
     eventually(
         Duration::from_secs(10),
         "node 3's keys work again",
@@ -402,6 +402,27 @@ async fn a_silent_node_is_marked_down_instead_of_hanging() {
     assert!(
         matches!(second, ClientError::Unavailable { .. }),
         "{second:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        started.elapsed()
+    );
+    // The node is down for every one of its cores, not only the one that went silent.
+    let topology = client.topology();
+    let routes = RouteTable::new(&topology).expect("valid");
+    let first_core = routes.owner_of_key(key.as_bytes()).core_index;
+    let (_, other_core_key) = keys
+        .iter()
+        .find(|(node_id, other)| {
+            *node_id == 3 && routes.owner_of_key(other.as_bytes()).core_index != first_core
+        })
+        .expect("a key on node 3's other core");
+    let started = Instant::now();
+    let other = client.put(other_core_key, "x").await.expect_err("down");
+    assert!(
+        matches!(other, ClientError::Unavailable { .. }),
+        "{other:?}"
     );
     assert!(
         started.elapsed() < Duration::from_millis(100),
