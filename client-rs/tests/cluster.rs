@@ -589,3 +589,28 @@ async fn the_cli_lists_every_node_with_its_state() {
     assert_eq!(seen_by_node_1["state"], "down");
     drop(cluster);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_are_tried_in_order_and_the_topology_is_refreshed_in_the_background() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(1))
+        .await
+        .expect("started");
+    let node_2 = format!("{}:{}", cluster.configs[1].host, cluster.configs[1].port);
+    // The first endpoint is down: the handshake goes to the next one.
+    let mut config = ClientConfig::new([common::unused_address(), node_2]);
+    config.connect_timeout = Duration::from_secs(1);
+    config.topology_refresh_interval = Some(Duration::from_millis(100));
+    let client = within(CALL_TIMEOUT, "connect", Client::connect_with(config))
+        .await
+        .expect("the second endpoint answers");
+    assert_eq!(client.topology().epoch, 1);
+    assert_eq!(client.topology().nodes.len(), 3);
+    let cluster = change(cluster, |cluster| cluster.reassign(5, &[2, 3, 1])).await;
+    // Without a request of its own, the client learns the new assignment.
+    eventually(Duration::from_secs(10), "epoch 5 learned", async || {
+        client.topology().epoch == 5
+    })
+    .await;
+    assert_eq!(client.topology().nodes[0].node_id, 2);
+    drop(cluster);
+}
