@@ -28,6 +28,9 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "tests"
 cargo test --workspace --all-features --locked
 
+step "systemd units and example configs"
+scripts/check-units.sh
+
 step "fuzz target builds"
 scripts/fuzz.sh check
 
