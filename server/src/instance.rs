@@ -530,9 +530,16 @@ fn live_registrations(directory: &Path) -> Result<Vec<(PathBuf, InstanceRecord)>
         };
         match try_flock(&file, false).map_err(io_error("lock", &path))? {
             LockOutcome::Locked => {
-                tracing::info!(path = %path.display(), "removing a stale registration");
-                if let Err(error) = std::fs::remove_file(&path) {
-                    tracing::warn!(%error, path = %path.display(), "cannot remove a stale registration");
+                // Either its process is gone, or it just stopped and removed the file itself
+                // (then the removal finds nothing).
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::info!(path = %path.display(), "removed a stale registration");
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(error) => {
+                        tracing::warn!(%error, path = %path.display(), "cannot remove a stale registration");
+                    }
                 }
             }
             LockOutcome::HeldByAnother => {
