@@ -28,6 +28,28 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 step "tests"
 cargo test --workspace --all-features --locked
 
+step "systemd units and example configs"
+scripts/check-units.sh
+
+step "local cluster smoke (scripts/cluster-up.sh, ping, scripts/cluster-down.sh)"
+# The binaries the tests built; the first base port whose ports are all free.
+export TESSERA_CLUSTER_DIR=target/cluster-ci
+export TESSERA_SERVER_BIN=target/debug/tessera-server TESSERA_CLI_BIN=target/debug/tessera
+trap 'scripts/cluster-down.sh >/dev/null 2>&1 || true' EXIT
+for base_port in 17000 21000 25000 29000; do
+  if up="$(TESSERA_BASE_PORT=$base_port timeout 60 scripts/cluster-up.sh)"; then
+    endpoints="$(tail -n 1 <<<"$up")"
+    [[ "$endpoints" == TESSERA_ENDPOINTS=* ]] || { echo "cluster-up printed: $up"; exit 1; }
+    timeout 30 "$TESSERA_CLI_BIN" --endpoints "${endpoints#TESSERA_ENDPOINTS=}" ping
+    break
+  fi
+  scripts/cluster-down.sh >/dev/null
+  [ "$base_port" != 29000 ] || { echo "no local cluster could start"; exit 1; }
+done
+timeout 30 scripts/cluster-down.sh
+trap - EXIT
+unset TESSERA_CLUSTER_DIR TESSERA_SERVER_BIN TESSERA_CLI_BIN
+
 step "fuzz target builds"
 scripts/fuzz.sh check
 

@@ -86,6 +86,11 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     /// Log filter (`tracing_subscriber::EnvFilter` syntax), e.g. `info` or `tessera_server=debug`.
     pub log: String,
+    /// Where log lines go: `stderr`, or `file:/path` (appended to).
+    pub log_target: LogTarget,
+    /// The directory where every running instance on this host registers its CPUs and ports
+    /// (`<name>.<pid>.instance`), so a second instance that would share them is refused.
+    pub instance_dir: PathBuf,
     /// Where the write-ahead logs live (one directory per core inside it).
     pub data_dir: PathBuf,
     /// How writes are made durable: `sync`, `async` or `memory`.
@@ -217,6 +222,13 @@ pub struct Flags {
     /// Log filter, e.g. `info` or `tessera_server=debug`.
     #[arg(long, env = "TESSERA_LOG")]
     pub log: Option<String>,
+    /// Where log lines go: `stderr` (default) or `file:/path` (appended to).
+    #[arg(long, env = "TESSERA_LOG_TARGET", value_parser = parse_log_target)]
+    pub log_target: Option<LogTarget>,
+    /// Directory where running instances register their CPUs and ports (default:
+    /// `$XDG_RUNTIME_DIR/tessera`, else `/run/tessera` as root, else `<temp>/tessera-<uid>`).
+    #[arg(long, env = "TESSERA_INSTANCE_DIR")]
+    pub instance_dir: Option<PathBuf>,
     /// Directory of the write-ahead logs (default `tessera-data`).
     #[arg(long, env = "TESSERA_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -241,6 +253,80 @@ pub struct Flags {
     /// Start despite a log damaged before its end, dropping what follows the damage.
     #[arg(long, env = "TESSERA_REPAIR")]
     pub repair: bool,
+}
+
+/// Where the server writes its log lines.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum LogTarget {
+    /// Standard error (under systemd, the journal).
+    Stderr,
+    /// A file, opened for appending (created if missing).
+    File(PathBuf),
+}
+
+impl std::str::FromStr for LogTarget {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix("file:") {
+            Some("") => {
+                Err("log target file: needs a path, e.g. file:/var/log/tessera.log".to_owned())
+            }
+            Some(path) => Ok(Self::File(PathBuf::from(path))),
+            None if text == "stderr" => Ok(Self::Stderr),
+            None => Err(format!(
+                "log target {text:?} is neither stderr nor file:/path"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for LogTarget {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Stderr => formatter.write_str("stderr"),
+            Self::File(path) => write!(formatter, "file:{}", path.display()),
+        }
+    }
+}
+
+impl TryFrom<String> for LogTarget {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        text.parse()
+    }
+}
+
+impl From<LogTarget> for String {
+    fn from(target: LogTarget) -> Self {
+        target.to_string()
+    }
+}
+
+/// Parses a log target: `stderr` or `file:/path`.
+///
+/// # Errors
+/// The text is neither.
+pub fn parse_log_target(text: &str) -> Result<LogTarget, String> {
+    text.parse()
+}
+
+/// The instance registry's directory when none is configured: the user's runtime directory
+/// if the session has one, `/run/tessera` for root (where systemd's `RuntimeDirectory=`
+/// puts it too), else a directory of this user's own under the temporary directory.
+pub fn default_instance_dir() -> PathBuf {
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").filter(|value| !value.is_empty()) {
+        return PathBuf::from(runtime).join("tessera");
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        PathBuf::from("/run/tessera")
+    } else {
+        std::env::temp_dir().join(format!("tessera-{uid}"))
+    }
 }
 
 /// A parsed CPU list such as `0-3,6`.
@@ -282,6 +368,8 @@ struct FileConfig {
     io_memory_bytes: Option<usize>,
     shutdown_timeout_ms: Option<u64>,
     log: Option<String>,
+    log_target: Option<LogTarget>,
+    instance_dir: Option<PathBuf>,
     data_dir: Option<PathBuf>,
     durability: Option<Durability>,
     flush_interval_ms: Option<u64>,
@@ -328,6 +416,8 @@ impl Default for Config {
             io_memory_bytes: 1024 * 1024,
             shutdown_timeout_ms: 5_000,
             log: "info".to_owned(),
+            log_target: LogTarget::Stderr,
+            instance_dir: default_instance_dir(),
             data_dir: PathBuf::from("tessera-data"),
             durability: Durability::Sync,
             flush_interval_ms: 100,
@@ -405,6 +495,8 @@ impl Config {
             io_memory_bytes,
             shutdown_timeout_ms,
             log,
+            log_target,
+            instance_dir,
             data_dir,
             durability,
             flush_interval_ms,
@@ -457,6 +549,8 @@ impl Config {
             lock_waiters_per_shard_max,
             shutdown_timeout_ms,
             log,
+            log_target,
+            instance_dir,
             data_dir,
             durability,
             flush_interval_ms,
@@ -556,6 +650,9 @@ impl Config {
             if cpus.is_empty() {
                 return invalid("cpus", "the CPU list is empty".to_owned());
             }
+        }
+        if self.instance_dir.as_os_str().is_empty() {
+            return invalid("instance_dir", "must not be empty".to_owned());
         }
         if self.connection_count_max == 0 {
             return invalid("connection_count_max", "must be at least 1".to_owned());
@@ -973,6 +1070,27 @@ mod tests {
         assert!(parse_size("99999999999999T").is_err());
         assert_eq!(parse_cpu_list("0-2,5").unwrap().0, vec![0, 1, 2, 5]);
         assert!(parse_cpu_list("3-1").is_err());
+    }
+
+    #[test]
+    fn log_targets_parse_and_print_back() {
+        let config = parse(&["--log-target", "file:/var/log/t.log"]).unwrap();
+        assert_eq!(
+            config.log_target,
+            LogTarget::File(PathBuf::from("/var/log/t.log"))
+        );
+        assert_eq!(config.log_target.to_string(), "file:/var/log/t.log");
+        assert_eq!(parse(&[]).unwrap().log_target, LogTarget::Stderr);
+        assert!(parse_log_target("file:").is_err());
+        let error = parse_log_target("syslog").unwrap_err();
+        assert!(error.contains("neither stderr nor file:/path"), "{error}");
+    }
+
+    #[test]
+    fn instance_dir_comes_from_flags() {
+        let config = parse(&["--instance-dir", "/tmp/registry"]).unwrap();
+        assert_eq!(config.instance_dir, PathBuf::from("/tmp/registry"));
+        assert!(!parse(&[]).unwrap().instance_dir.as_os_str().is_empty());
     }
 
     #[test]

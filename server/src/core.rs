@@ -1225,7 +1225,7 @@ pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<Cor
 }
 
 /// Reclaims expired keys every `tick_ms` until the core stops.
-pub async fn run_ticks(context: std::rc::Rc<CoreContext>) {
+pub async fn run_ticks(context: std::rc::Rc<CoreContext>, progress: crate::server::CoreProgress) {
     let tick = Duration::from_millis(context.config.tick_ms);
     while context
         .stop
@@ -1233,6 +1233,10 @@ pub async fn run_ticks(context: std::rc::Rc<CoreContext>) {
         .await
         .is_some()
     {
+        // One count per tick: the watchdog's proof that this core's executor still runs.
+        if let Some(count) = progress.get(usize::from(context.core_id)) {
+            count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let now_ms = crate::clock::now_unix_ms();
         let expired_count = {
             let mut shard = context.shard.borrow_mut();

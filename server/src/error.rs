@@ -64,6 +64,60 @@ pub enum StartError {
     /// The topology built from the configuration is invalid (a bug or impossible settings).
     #[error("invalid topology: {0}")]
     Topology(#[from] tessera_protocol::TopologyError),
+    /// Another instance holds the data directory, or already uses this instance's CPUs or
+    /// ports.
+    #[error(transparent)]
+    Instance(#[from] InstanceError),
+}
+
+/// This instance cannot run beside the instances already running on the host.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstanceError {
+    /// Another live process holds the data directory's lock.
+    #[error(
+        "data directory {data_dir} is in use by instance {holder}; two instances must never \
+         share one (give this one its own data_dir, or stop the other)"
+    )]
+    DataDirLocked {
+        /// The data directory.
+        data_dir: PathBuf,
+        /// The holder as its lock file names it, e.g. `a (pid 1234)`.
+        holder: String,
+    },
+    /// A running instance already uses some of this instance's CPUs or ports.
+    #[error(
+        "instance {other} (pid {pid}, registered in {registration}) already uses {overlap}; \
+         give this instance other cpus or ports, or stop the other"
+    )]
+    Conflict {
+        /// The other instance's name.
+        other: String,
+        /// Its process id.
+        pid: u32,
+        /// Its registration file.
+        registration: PathBuf,
+        /// What both would use, e.g. `cpus 2,3 and ports 7001 on 127.0.0.1`.
+        overlap: String,
+    },
+    /// The instance registry stayed locked by another starting instance for too long.
+    #[error("the instance registry {directory} stayed locked for {waited_ms} ms")]
+    RegistryBusy {
+        /// The registry directory.
+        directory: PathBuf,
+        /// How long this instance waited.
+        waited_ms: u64,
+    },
+    /// A lock or registration file cannot be created, locked, read or written.
+    #[error("cannot {operation} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        operation: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
 }
 
 /// A core stopped abnormally while the server ran.

@@ -10,6 +10,8 @@
 //! - [`server`]: startup (bind, topology, one executor per core) and graceful shutdown.
 //! - [`cluster`]: the cluster's nodes, the topology they all derive, heartbeats.
 //! - [`config`]: flags, `TESSERA_*` environment and TOML file, validated once.
+//! - [`instance`]: the data directory's lock and the host's instance registry (CPUs, ports).
+//! - [`systemd`]: readiness, stopping and watchdog notifications to the service manager.
 //! - [`core`]: a core's context and the routing decision for each request.
 //! - [`shard`]: the sans-I/O state machine (`apply(now, request)`), its store and timer wheel.
 //! - [`net`]: the accept loop with the connection limit, and pipelined connections.
@@ -36,10 +38,12 @@ pub mod core;
 pub mod durability;
 pub mod error;
 pub mod inbox;
+pub mod instance;
 pub mod net;
 pub mod runtime;
 pub mod server;
 pub mod shard;
+pub mod systemd;
 pub mod watch_stream;
 
 pub use config::Config;

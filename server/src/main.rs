@@ -1,12 +1,17 @@
 //! `tessera-server`: parses the configuration, starts one executor per core, and runs until
 //! SIGINT or SIGTERM, then shuts down gracefully and exits 0. A core that fails to start or
 //! dies makes the process exit non-zero with a message.
+//!
+//! Under systemd (`Type=notify`) it reports `READY=1` only once [`Server::start`] returned
+//! (recovery done, every core listening), `STOPPING=1` when a signal starts the stop, and,
+//! if the unit has `WatchdogSec=`, pings the watchdog while every core makes progress.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use signal_hook::consts::{SIGINT, SIGTERM};
-use tessera_server::config::{Config, Flags};
+use tessera_server::config::{Config, Flags, LogTarget};
+use tessera_server::systemd::{self, Watchdog};
 use tessera_server::{Server, ServerEvent};
 
 fn main() -> ExitCode {
@@ -30,7 +35,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(&config.log);
+    if let Err(reason) = init_logging(&config.log, &config.log_target) {
+        eprintln!("tessera-server: {reason}");
+        return ExitCode::from(2);
+    }
     let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
         Ok(signals) => signals,
         Err(signal_error) => {
@@ -38,11 +46,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tick_ms = config.tick_ms;
     let server = match Server::start(config) {
         Ok(server) => server,
         Err(start_error) => {
             tracing::error!(%start_error, "cannot start");
             eprintln!("tessera-server: {start_error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addresses = server.addresses();
+    systemd::notify_ready(&format!(
+        "serving {} cores on {}",
+        addresses.len(),
+        addresses.join(",")
+    ));
+    let watchdog = match Watchdog::start_if_enabled(server.core_progress(), tick_ms) {
+        Ok(watchdog) => watchdog,
+        Err(spawn_error) => {
+            eprintln!("tessera-server: cannot start the watchdog thread: {spawn_error}");
             return ExitCode::FAILURE;
         }
     };
@@ -56,9 +78,13 @@ fn main() -> ExitCode {
     let event = server.next_event();
     signal_handle.close();
     let _ = signal_thread.join();
+    // systemd stops watching once the unit stops; a core that stops ticking while it
+    // drains must not look stuck meanwhile.
+    drop(watchdog);
     match event {
         Some(ServerEvent::Signal(signal)) => {
             tracing::info!(signal, "shutting down");
+            systemd::notify_stopping();
             match server.shutdown() {
                 Ok(_summaries) => {
                     tracing::info!("stopped");
@@ -93,7 +119,8 @@ fn main() -> ExitCode {
 /// (no polled I/O) is the right one for a file that is only written.
 const GLOMMIO_PROBE_DIRECTIVE: &str = "glommio::reactor=off";
 
-fn init_logging(filter: &str) {
+/// Installs the log subscriber writing to `target`.
+fn init_logging(filter: &str, target: &LogTarget) -> Result<(), String> {
     let filter = if filter.contains("glommio") {
         filter.to_owned()
     } else {
@@ -101,8 +128,22 @@ fn init_logging(filter: &str) {
     };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match target {
+        LogTarget::Stderr => builder.with_writer(std::io::stderr).init(),
+        LogTarget::File(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|error| {
+                    format!("cannot open log target file:{}: {error}", path.display())
+                })?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+    }
+    Ok(())
 }

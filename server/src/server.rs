@@ -13,7 +13,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -35,6 +35,7 @@ use crate::durability::storage::{GlommioFile, GlommioStorage};
 use crate::durability::Durability;
 use crate::error::{ServerError, StartError};
 use crate::inbox::Inbox;
+use crate::instance::InstanceGuard;
 use crate::runtime::{LocalNotify, LocalSignal};
 use crate::shard::{Shard, ShardConfig};
 
@@ -73,6 +74,11 @@ pub enum ServerEvent {
     },
 }
 
+/// One counter per core, in core order, that the core's expiry ticker increments once per
+/// tick (never per request): a counter that stops advancing means its core's executor is
+/// stuck. Read by the systemd watchdog ([`crate::systemd`]).
+pub type CoreProgress = Arc<[AtomicU64]>;
+
 /// What a core had done when it stopped, as reported by [`Server::shutdown`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CoreSummary {
@@ -99,6 +105,10 @@ pub struct Server {
     threads: Vec<(u16, JoinHandle<Result<CoreSummary, String>>)>,
     events: mpsc::Receiver<ServerEvent>,
     events_sender: mpsc::Sender<ServerEvent>,
+    progress: CoreProgress,
+    /// The data directory's lock and the instance's registration (network mode). Declared
+    /// last so it is released only after the cores stopped (fields drop after `Drop::drop`).
+    instance: Option<InstanceGuard>,
 }
 
 struct CoreStart {
@@ -114,6 +124,7 @@ struct CoreStart {
     connection_count: Arc<AtomicUsize>,
     ready: mpsc::Sender<(u16, Result<(), String>)>,
     events: mpsc::Sender<ServerEvent>,
+    progress: CoreProgress,
 }
 
 impl Server {
@@ -132,11 +143,9 @@ impl Server {
     pub fn start_with_mode(mut config: Config, mode: Mode) -> Result<Self, StartError> {
         config.validate()?;
         make_data_dir_absolute(&mut config)?;
+        let instance = prepare_instance(&config, mode)?;
         let config = Arc::new(config);
         let core_count = config.cores;
-        if config.durability != Durability::Memory {
-            prepare_data_dir(&config.data_dir, core_count)?;
-        }
         let listeners = match mode {
             Mode::Network => bind_listeners(&config)?,
             Mode::Embedded => Vec::new(),
@@ -151,6 +160,7 @@ impl Server {
         let connection_count = Arc::new(AtomicUsize::new(0));
         let (ready_sender, ready) = mpsc::channel();
         let (events_sender, events) = mpsc::channel();
+        let progress: CoreProgress = (0..core_count).map(|_| AtomicU64::new(0)).collect();
         let mut server = Self {
             topology: topology.clone(),
             node_index,
@@ -160,6 +170,8 @@ impl Server {
             threads: Vec::with_capacity(core_count),
             events,
             events_sender: events_sender.clone(),
+            progress: progress.clone(),
+            instance,
         };
         let mut listeners = listeners
             .into_iter()
@@ -197,6 +209,7 @@ impl Server {
                 connection_count: connection_count.clone(),
                 ready: ready_sender.clone(),
                 events: events_sender.clone(),
+                progress: progress.clone(),
             };
             let thread = std::thread::Builder::new()
                 .name(format!("tessera-core-{core_id}"))
@@ -226,6 +239,24 @@ impl Server {
             "server ready"
         );
         Ok(server)
+    }
+
+    /// Each core's progress counter (ticks run), in core order.
+    pub fn core_progress(&self) -> CoreProgress {
+        self.progress.clone()
+    }
+
+    /// Each core's progress counter now, in core order.
+    pub fn core_progress_counts(&self) -> Vec<u64> {
+        self.progress
+            .iter()
+            .map(|count| count.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// This instance's registration file in the instance registry (network mode).
+    pub fn registration(&self) -> Option<&std::path::Path> {
+        self.instance.as_ref().and_then(InstanceGuard::registration)
     }
 
     /// The topology this server serves.
@@ -370,6 +401,21 @@ fn bind_listeners(config: &Config) -> Result<Vec<(SocketAddr, Socket)>, StartErr
             Ok((local, socket))
         })
         .collect()
+}
+
+/// Claims the instance's data directory and registers its CPUs and ports (network mode),
+/// then prepares the data directory: nothing touches it before it is known to be this
+/// instance's alone.
+fn prepare_instance(config: &Config, mode: Mode) -> Result<Option<InstanceGuard>, StartError> {
+    crate::instance::warn_on_cpus_outside_affinity(config);
+    let instance = match mode {
+        Mode::Network => Some(InstanceGuard::acquire(config)?),
+        Mode::Embedded => None,
+    };
+    if config.durability != Durability::Memory {
+        prepare_data_dir(&config.data_dir, config.cores)?;
+    }
+    Ok(instance)
 }
 
 /// Every later use of the data directory (glommio's among them) sees an absolute path, and
@@ -779,7 +825,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         )
     });
     let inbox_task = glommio::spawn_local(serve_inbox(context.clone(), inbox));
-    let tick_task = glommio::spawn_local(run_ticks(context.clone()));
+    let tick_task = glommio::spawn_local(run_ticks(context.clone(), start.progress.clone()));
     let sinks_task = glommio::spawn_local(crate::watch_stream::serve_sinks(context.clone()));
     // Leases of other cores that recovered keys or locks refer to are asked after, once:
     // one that ended while the server was down (its end logged by its home, the deletions

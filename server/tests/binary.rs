@@ -100,8 +100,10 @@ fn start_binary() -> (ServerProcess, u16) {
         loop {
             if let Some(status) = process.child.try_wait().expect("wait for the binary") {
                 let stderr = process.stderr();
+                // Another process took the ports, or registered them (its admin or peer
+                // port, instance.rs): try others.
                 assert!(
-                    stderr.contains("cannot listen"),
+                    stderr.contains("cannot listen") || stderr.contains("already uses"),
                     "the binary exited with {status} before serving: {stderr}"
                 );
                 break;
@@ -207,4 +209,54 @@ fn invalid_settings_exit_non_zero_naming_the_setting() {
     }
     let output = run(&["--no-such-flag"]);
     assert!(!output.status.success(), "an unknown flag was accepted");
+}
+
+#[test]
+fn log_lines_go_to_the_log_target_file() {
+    let directory = std::env::temp_dir().join(format!("tessera-log-target-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory).expect("create the test directory");
+    let log_path = directory.join("server.log");
+    std::fs::write(&log_path, "an earlier line\n").expect("write the log file");
+    let target = format!("file:{}", log_path.display());
+    let child = server_command()
+        .args([
+            "--cores",
+            "1",
+            "--port",
+            "0",
+            "--memory-bytes-max",
+            "256MiB",
+        ])
+        .args(["--log", "info", "--log-target", &target])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the binary");
+    let mut process = ServerProcess { child };
+    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        common::wait_until(START_DURATION_MAX, || read_log().contains("server ready")),
+        "no 'server ready' in the log file: {}",
+        read_log()
+    );
+    process.signal("-TERM");
+    let status = process
+        .wait_timeout(EXIT_DURATION_MAX)
+        .expect("exits after SIGTERM");
+    let stderr = process.stderr();
+    assert!(status.success(), "exit status {status}: {stderr}");
+    let log = read_log();
+    // Appended, not truncated; plain text (no colour codes); stderr has no log line.
+    assert!(log.starts_with("an earlier line\n"), "{log}");
+    assert!(log.contains("stopped"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log}");
+    assert!(!stderr.contains("server ready"), "{stderr}");
+
+    let unwritable = format!("file:{}", directory.join("missing/server.log").display());
+    let output = run(&["--port", "0", "--log-target", &unwritable]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot open log target"), "{stderr}");
+    std::fs::remove_dir_all(&directory).expect("remove the test directory");
 }
