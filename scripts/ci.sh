@@ -31,7 +31,7 @@ cargo test --workspace --all-features --locked
 step "systemd units and example configs"
 scripts/check-units.sh
 
-step "local cluster smoke (scripts/cluster-up.sh, ping, scripts/cluster-down.sh)"
+step "local cluster smoke (scripts/cluster-up.sh, ping, cluster status, scripts/cluster-down.sh)"
 # The binaries the tests built; the first base port whose ports are all free.
 export TESSERA_CLUSTER_DIR=target/cluster-ci
 export TESSERA_SERVER_BIN=target/debug/tessera-server TESSERA_CLI_BIN=target/debug/tessera
@@ -41,6 +41,8 @@ for base_port in 17000 21000 25000 29000; do
     endpoints="$(tail -n 1 <<<"$up")"
     [[ "$endpoints" == TESSERA_ENDPOINTS=* ]] || { echo "cluster-up printed: $up"; exit 1; }
     timeout 30 "$TESSERA_CLI_BIN" --endpoints "${endpoints#TESSERA_ENDPOINTS=}" ping
+    # Every node answers, so every one is listed up (exit 0).
+    timeout 30 "$TESSERA_CLI_BIN" --endpoints "${endpoints#TESSERA_ENDPOINTS=}" cluster status
     break
   fi
   scripts/cluster-down.sh >/dev/null
