@@ -126,6 +126,16 @@ impl<T> Inbox<T> {
         self.capacity
     }
 
+    /// Items queued now (control messages included, so it may pass `capacity`).
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Whether nothing is queued now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Waits until items are queued, then moves all of them into `batch` (which must be
     /// empty). Returns `false`, with `batch` empty, once the inbox is closed and drained.
     pub async fn receive_batch(&self, batch: &mut VecDeque<T>) -> bool {

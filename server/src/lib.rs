@@ -15,6 +15,7 @@
 //! - [`net`]: the accept loop with the connection limit, and pipelined connections.
 //! - [`watch_stream`]: a shard's watchers served to connections and in-process channels.
 //! - [`inbox`]: the bounded cross-thread queue into a core.
+//! - [`metrics`]: per-core counters and histograms, and their Prometheus text format.
 //! - [`runtime`]: the core-local stop signal over glommio.
 //! - [`clock`]: the wall clock, read once per batch and passed down as `now_ms`.
 //! - [`error`]: configuration, startup and run-time errors.
@@ -36,6 +37,7 @@ pub mod core;
 pub mod durability;
 pub mod error;
 pub mod inbox;
+pub mod metrics;
 pub mod net;
 pub mod runtime;
 pub mod server;

@@ -763,6 +763,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         log,
         watch: crate::core::WatchDelivery::default(),
         lock_waiters: std::cell::RefCell::default(),
+        metrics: std::cell::RefCell::default(),
     });
     let writer_control = WriterControl::default();
     let snapshots_finish = LocalSignal::new();
