@@ -23,6 +23,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 use tessera_protocol::{RouteTable, Topology};
 
+use crate::admin::AdminServer;
 use crate::cluster::format_address;
 use crate::cluster::heartbeat::{ClusterHealth, Detector};
 
@@ -99,6 +100,8 @@ pub struct Server {
     threads: Vec<(u16, JoinHandle<Result<CoreSummary, String>>)>,
     events: mpsc::Receiver<ServerEvent>,
     events_sender: mpsc::Sender<ServerEvent>,
+    /// The admin endpoint (`/metrics`, `/health`), in network mode.
+    admin: Option<AdminServer>,
 }
 
 struct CoreStart {
@@ -141,8 +144,7 @@ impl Server {
             Mode::Network => bind_listeners(&config)?,
             Mode::Embedded => Vec::new(),
         };
-        let (topology, node_index, health, detector) =
-            start_cluster(&config, mode, &listeners)?;
+        let (topology, node_index, health, detector) = start_cluster(&config, mode, &listeners)?;
         let topology = Arc::new(topology);
         let online_cpus = online_cpus();
         let inboxes: CoreInboxes = (0..core_count)
@@ -161,6 +163,7 @@ impl Server {
             threads: Vec::with_capacity(core_count),
             events,
             events_sender: events_sender.clone(),
+            admin: None,
         };
         let mut listeners = listeners
             .into_iter()
@@ -221,6 +224,9 @@ impl Server {
                 }
             }
         }
+        if mode == Mode::Network {
+            server.admin = Some(AdminServer::start(&config, inboxes, connection_count)?);
+        }
         tracing::info!(
             cores = core_count,
             addresses = ?server.addresses(),
@@ -254,6 +260,11 @@ impl Server {
         self.detector.as_ref().map(Detector::address)
     }
 
+    /// The address of the admin endpoint (`/metrics`, `/health`), in network mode.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::address)
+    }
+
     /// Every core's inbox, for in-process callers (embedded mode).
     pub fn inboxes(&self) -> CoreInboxes {
         self.inboxes.clone()
@@ -278,6 +289,9 @@ impl Server {
     }
 
     fn stop_and_join(&mut self) -> Result<Vec<CoreSummary>, ServerError> {
+        if let Some(admin) = &self.admin {
+            admin.begin_shutdown();
+        }
         for inbox in self.inboxes.iter() {
             inbox.close();
         }
@@ -294,6 +308,10 @@ impl Server {
             };
             tracing::error!(%outcome, "core stopped abnormally");
             first_error.get_or_insert(outcome);
+        }
+        // Until here `/health` answered 503 to load balancers.
+        if let Some(mut admin) = self.admin.take() {
+            admin.stop();
         }
         first_error.map_or(Ok(summaries), Err)
     }
@@ -408,11 +426,7 @@ fn start_cluster(
                 .collect(),
         ),
     };
-    let topology = crate::cluster::topology(
-        &cluster,
-        config.node_id,
-        own_addresses.as_deref(),
-    )?;
+    let topology = crate::cluster::topology(&cluster, config.node_id, own_addresses.as_deref())?;
     RouteTable::new(&topology)?;
     let node_index = cluster.node_index(config.node_id).ok_or_else(|| {
         StartError::Config(crate::error::ConfigError::Invalid {
