@@ -276,6 +276,10 @@ const ERROR_CODES: [ErrorCode; 14] = [
     ErrorCode::TableFull,
 ];
 
+/// The largest archived error reply: its message and the owner's address in a `WrongShard`
+/// are at most `TEXT_SIZE_MAX` bytes each, and the rest is a few fixed fields.
+const ERROR_BODY_BYTES_MAX: usize = 4 * tessera_protocol::limits::TEXT_SIZE_MAX;
+
 /// Error counters per op: one per code in [`ERROR_CODES`] and one for any other.
 const ERROR_SLOT_COUNT: usize = ERROR_CODES.len() + 1;
 
@@ -330,7 +334,8 @@ impl RequestMetrics {
     pub fn count_reply(&mut self, op: Op, reply: &Reply) {
         match reply {
             Reply::Response(response) => self.count_response(op, response),
-            Reply::Body(body) => {
+            // A larger body cannot be an error reply; it is not validated a second time.
+            Reply::Body(body) if body.len() <= ERROR_BODY_BYTES_MAX => {
                 if let Ok(ArchivedResponse::Error(error)) = codec::access_response(body) {
                     if let Ok(code) =
                         rkyv::deserialize::<ErrorCode, rkyv::rancor::Error>(&error.code)
@@ -339,6 +344,7 @@ impl RequestMetrics {
                     }
                 }
             }
+            Reply::Body(_) => {}
         }
     }
 

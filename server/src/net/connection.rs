@@ -766,8 +766,9 @@ impl Connection {
         let mut handled_count = 0;
         let mut is_held_back = false;
         let mut batch = std::mem::take(&mut self.batch);
-        // The clock is read once per batch: its service time is each of its requests'.
-        let mut batch_started = Instant::now();
+        // The clock is read once per batch (and not at all with nothing to read): the batch's
+        // service time is each of its requests'.
+        let mut batch_started = None;
         loop {
             if self.is_paused(context) {
                 break;
@@ -778,6 +779,10 @@ impl Connection {
                 is_held_back = true;
                 break;
             }
+            if offset == self.filled {
+                break;
+            }
+            let started = *batch_started.get_or_insert_with(Instant::now);
             // First pass: frame each request (checking its checksum) and prefetch what it
             // will read.
             batch.clear();
@@ -810,14 +815,7 @@ impl Connection {
                 let body_start = frame_start + FRAME_HEADER_SIZE;
                 let body = body_start..body_start + header.body_size as usize;
                 let answered = self.answer(
-                    context,
-                    now_ms,
-                    header,
-                    body,
-                    forwarded,
-                    handoff,
-                    index,
-                    batch_started,
+                    context, now_ms, header, body, forwarded, handoff, index, started,
                 );
                 if !answered {
                     is_closing = true;
@@ -843,12 +841,12 @@ impl Connection {
             }
             if !self.answered.is_empty() {
                 let now = Instant::now();
-                let latency_us = elapsed_us(batch_started, now);
+                let latency_us = elapsed_us(started, now);
                 let mut metrics = context.metrics.borrow_mut();
                 for op in self.answered.drain(..) {
                     metrics.requests.record(op, latency_us, 1);
                 }
-                batch_started = now;
+                batch_started = Some(now);
             }
             if is_closing || was_empty {
                 break;
