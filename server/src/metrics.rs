@@ -614,6 +614,14 @@ impl Collector for Scrape {
         )?;
         family(
             encoder,
+            "tessera_node_id",
+            "This instance's node id in its cluster.",
+            None,
+            MetricType::Gauge,
+            |metric| gauge(metric, &[], u64::from(self.node_id)),
+        )?;
+        family(
+            encoder,
             "tessera_node_connections",
             "Open client connections across the instance.",
             None,
@@ -1090,6 +1098,7 @@ mod tests {
         for expected in [
             "tessera_core_up{core=\"0\"} 1",
             "tessera_inbox_depth{core=\"0\"} 4",
+            "tessera_node_id 1",
             "tessera_node_connections 3",
             "tessera_requests_total{core=\"0\",op=\"get\"} 4",
             "tessera_requests_total{core=\"0\",op=\"put\"} 1",
