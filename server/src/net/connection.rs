@@ -971,6 +971,11 @@ impl Connection {
             }
             _ => {}
         }
+        let asked = Asked {
+            request_id,
+            op,
+            started,
+        };
         match context.route(request) {
             Route::Here => {
                 let response = context.respond_here(now_ms, request);
@@ -982,19 +987,24 @@ impl Connection {
                 self.count_answered(context, op, &response);
                 self.encode_reply(request_id, &Reply::Response(response));
             }
-            route => {
-                let pending = match route {
-                    Route::Core(core_id) => context.forward(core_id, body),
-                    Route::Split => context.split(now_ms, request),
-                    Route::AfterLeaseCheck(home) => context.apply_after_lease_check(home, body),
-                    Route::Revoke => context.revoke_and_wait(body),
-                    _ => context.lock_and_wait(body),
-                };
-                let asked = Asked {
-                    request_id,
-                    op,
-                    started,
-                };
+            Route::Core(core_id) => {
+                let pending = context.forward(core_id, body);
+                self.await_forward(pending, asked, index, forwarded, handoff);
+            }
+            Route::Split => {
+                let pending = context.split(now_ms, request);
+                self.await_forward(pending, asked, index, forwarded, handoff);
+            }
+            Route::AfterLeaseCheck(home) => {
+                let pending = context.apply_after_lease_check(home, body);
+                self.await_forward(pending, asked, index, forwarded, handoff);
+            }
+            Route::Revoke => {
+                let pending = context.revoke_and_wait(body);
+                self.await_forward(pending, asked, index, forwarded, handoff);
+            }
+            Route::Lock => {
+                let pending = context.lock_and_wait(body);
                 self.await_forward(pending, asked, index, forwarded, handoff);
             }
         }
