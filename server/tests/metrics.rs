@@ -10,9 +10,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::{
-    expect_error, get_request, keys_owned_by, put_request, route_table, start_server, RawConnection,
+    expect_error, get_request, keys_owned_by, put_request, route_table, start_server,
+    start_server_with, test_config, wait_until, RawConnection,
 };
-use tessera_protocol::{ErrorCode, Response};
+use tessera_protocol::{ErrorCode, Put, Request, Response};
 
 /// An HTTP answer: status code and body.
 #[derive(Debug)]
@@ -201,4 +202,87 @@ fn health_is_ok_unknown_paths_are_404_and_the_endpoint_stops_with_the_server() {
         TcpStream::connect_timeout(&admin, Duration::from_secs(1)).is_err(),
         "the admin endpoint still listens after shutdown"
     );
+}
+
+/// A directory of this test's own, removed when dropped.
+struct TestDir(std::path::PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("tessera-metrics-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// With a log, every acknowledged put was synced: the log's counters and histograms account
+/// for each record. A key whose TTL passes is reclaimed by the wheel and its lag counted.
+#[test]
+fn metrics_report_the_log_and_the_expiry_wheel() {
+    let data_dir = TestDir::new("log");
+    let server = start_server_with(tessera_server::Config {
+        durability: tessera_server::config::Durability::Sync,
+        data_dir: data_dir.0.clone(),
+        ..test_config(1)
+    });
+    let admin = server
+        .admin_address()
+        .expect("network mode has an admin endpoint");
+    let mut connection = RawConnection::open(&server.addresses()[0]);
+    for index in 0..4 {
+        connection.put(format!("logged-{index}").as_bytes(), b"value");
+    }
+    let expiring = Request::Put(Box::new(Put {
+        ttl_ms: Some(20),
+        ..Put::new(b"expiring".to_vec(), b"value".to_vec())
+    }));
+    assert!(matches!(
+        connection.call(&expiring),
+        Response::Put { applied: true, .. }
+    ));
+    let mut text = String::new();
+    let is_reclaimed = wait_until(Duration::from_secs(5), || {
+        text = get(admin, "/metrics").body;
+        value(&text, "tessera_expired_keys_total{core=\"0\"}").is_some_and(|expired| expired >= 1.0)
+    });
+    assert!(is_reclaimed, "the wheel never reclaimed the key:\n{text}");
+    assert_eq!(count(&text, "tessera_expired_keys_total{core=\"0\"}"), 1);
+    assert_eq!(
+        count(&text, "tessera_expiry_lag_seconds_count{core=\"0\"}"),
+        1
+    );
+    assert_eq!(count(&text, "tessera_ttl_timers{core=\"0\"}"), 0);
+    // The expiry's record may still be on its way to the disk; the five puts' are there.
+    let records = count(&text, "tessera_log_records_total{core=\"0\"}");
+    assert!((5..=6).contains(&records), "records={records}");
+    let syncs = count(&text, "tessera_log_syncs_total{core=\"0\"}");
+    assert!((1..=records).contains(&syncs), "syncs={syncs}");
+    assert_eq!(
+        count(
+            &text,
+            "tessera_log_flush_duration_seconds_count{core=\"0\"}"
+        ),
+        syncs
+    );
+    assert_eq!(
+        count(&text, "tessera_log_sync_records_count{core=\"0\"}"),
+        syncs
+    );
+    assert_eq!(
+        count(&text, "tessera_log_sync_records_sum{core=\"0\"}"),
+        records
+    );
+    assert_eq!(
+        count(&text, "tessera_log_written_bytes_total{core=\"0\"}"),
+        count(&text, "tessera_log_sync_bytes_sum{core=\"0\"}")
+    );
+    server.shutdown().expect("shutdown");
 }
