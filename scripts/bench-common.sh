@@ -14,6 +14,9 @@ CONNECTIONS="${CONNECTIONS:-50}"
 KEYS="${KEYS:-100000}"
 KEY_SIZE="${KEY_SIZE:-16}"
 VALUE_SIZE="${VALUE_SIZE:-32}"
+# The servers' admin endpoints on any free port: the default, `--port` + 1000, is not checked
+# free by `free_port` (a script that scrapes passes `--admin-port` itself).
+export TESSERA_ADMIN_PORT="${TESSERA_ADMIN_PORT:-0}"
 SERVER_CPU="${SERVER_CPU:-1}"
 LOAD_CPU="${LOAD_CPU:-0}"
 if [ "$(nproc)" -lt 2 ]; then

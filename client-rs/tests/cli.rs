@@ -358,6 +358,71 @@ fn ping_prints_one_pong_per_core() {
     fixture.stop();
 }
 
+/// `stats --count 2 --interval-ms 200` prints the header, then two lines of totals across
+/// every core: the keys written, rates only from the second line on.
+#[test]
+fn stats_rolling_view_prints_totals_under_a_header() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    for index in 0..3 {
+        client
+            .put(format!("rolling-{index}"), "value")
+            .expect("the put applies");
+    }
+    let run = fixture.run_expecting(0, &["stats", "--count", "2", "--interval-ms", "200"]);
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{run:?}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "keys",
+            "memory",
+            "mem%",
+            "req/s",
+            "conns",
+            "expired/s",
+            "watchers",
+            "syncs/s",
+            "rec/sync"
+        ],
+        "{run:?}"
+    );
+    let column = |line: &str, name: &str| -> String {
+        let index = header.iter().position(|column| *column == name).unwrap();
+        line.split_whitespace().nth(index).unwrap().to_owned()
+    };
+    for line in &lines[1..] {
+        assert_eq!(line.split_whitespace().count(), header.len(), "{line}");
+        assert_eq!(column(line, "keys"), "3", "{run:?}");
+        assert_eq!(column(line, "watchers"), "0", "{run:?}");
+        // The command's own connection, at least.
+        assert!(
+            column(line, "conns").parse::<u64>().unwrap() >= 1,
+            "{run:?}"
+        );
+        assert_ne!(column(line, "memory"), "0B", "{run:?}");
+    }
+    assert_eq!(
+        column(lines[1], "req/s"),
+        "-",
+        "no rate on the first line: {run:?}"
+    );
+    let rate: f64 = column(lines[2], "req/s")
+        .parse()
+        .expect("a rate on the second line");
+    assert!(rate >= 0.0, "{run:?}");
+    // In memory mode nothing is synced.
+    assert_eq!(column(lines[2], "syncs/s"), "0", "{run:?}");
+    assert_eq!(column(lines[2], "rec/sync"), "-", "{run:?}");
+
+    let run = fixture.run_expecting(0, &["-o", "json", "stats", "--count", "1"]);
+    let line = parse_json(&run);
+    assert_eq!(line["key_count"].as_u64(), Some(3), "{run:?}");
+    assert_eq!(line["requests_per_second"], Value::Null, "{run:?}");
+    fixture.stop();
+}
+
 #[test]
 fn unreachable_endpoint_exits_2() {
     let address = unused_address();

@@ -71,6 +71,12 @@ pub enum CoreMessage {
         /// answers only when every shard is done.
         done: Option<oneshot::Sender<()>>,
     },
+    /// The admin endpoint's scrape: answer a snapshot of the core's metrics. At most one per
+    /// core is in flight (the admin thread sends no other until this one is answered).
+    Metrics {
+        /// Receives the snapshot; the scrape may have given up on it already.
+        reply: std::sync::mpsc::Sender<crate::metrics::CoreSnapshot>,
+    },
 }
 
 impl From<CoreRequest> for CoreMessage {
@@ -149,6 +155,8 @@ pub struct CoreContext {
     /// Lock requests waiting in line, by waiter id: the lock's name and where the answer
     /// goes. Bounded by the shard's `LockLimits::waiters_max`.
     pub lock_waiters: RefCell<ahash::AHashMap<u64, LockWaiter>>,
+    /// What the core counts for `/metrics`: plain counters on the core's own thread.
+    pub metrics: RefCell<crate::metrics::CoreMetrics>,
 }
 
 /// A lock request waiting in line: the lock's name and where its answer goes.
@@ -1154,6 +1162,7 @@ pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<Cor
         let now_ms = crate::clock::now_unix_ms();
         let mut replies = Vec::with_capacity(batch.len());
         let mut lease_acks = Vec::new();
+        context.metrics.borrow_mut().inbox_messages += batch.len() as u64;
         for (position, message) in batch.drain(..).enumerate() {
             match message {
                 CoreMessage::Request(request) => {
@@ -1191,6 +1200,9 @@ pub async fn serve_inbox(context: std::rc::Rc<CoreContext>, inbox: Arc<Inbox<Cor
                     if let Some(done) = done {
                         lease_acks.push(done);
                     }
+                }
+                CoreMessage::Metrics { reply } => {
+                    let _ = reply.send(context.metrics_snapshot());
                 }
             }
             if position % 64 == 63 {

@@ -1,8 +1,8 @@
 //! A bounded queue into one core that any thread may push to.
 //!
 //! This is the only way work crosses between threads: requests forwarded from another core,
-//! calls from an embedded caller's threads (a tokio runtime, a blocking script) and the stop
-//! signal (closing the inbox) all arrive here. The owning core drains the whole queue on each
+//! calls from an embedded caller's threads (a tokio runtime, a blocking script), the admin
+//! endpoint's metrics probes and the stop signal (closing the inbox) all arrive here. The owning core drains the whole queue on each
 //! wake, so a burst costs one wake-up, not one per item.
 //!
 //! Wakers are plain `std::task::Waker`s: glommio lets other threads wake its tasks, which
@@ -83,8 +83,8 @@ impl<T> Inbox<T> {
     }
 
     /// Enqueues `item` whatever the bound, and wakes the consumer: for control messages
-    /// whose number is bounded by their cause (one per lease end and core), which must not
-    /// be refused.
+    /// whose number is bounded by their cause (one per lease end and core, one metrics probe
+    /// per core in flight), which must not be refused.
     ///
     /// # Errors
     /// The inbox is closed; the item is returned.
@@ -124,6 +124,16 @@ impl<T> Inbox<T> {
     /// The most items the inbox holds.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Items queued now (control messages included, so it may pass `capacity`).
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Whether nothing is queued now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Waits until items are queued, then moves all of them into `batch` (which must be

@@ -92,7 +92,16 @@ impl InstanceRecord {
             cpus: config.cpus.clone(),
             client_ports,
             admin_port: config.admin_port(),
-            peer_port: config.peer_port(),
+            // A cluster of one binds no peer port.
+            peer_port: if config
+                .cluster
+                .as_ref()
+                .is_some_and(|cluster| cluster.nodes.len() > 1)
+            {
+                config.peer_port()
+            } else {
+                0
+            },
             data_dir: (config.durability != Durability::Memory).then(|| config.data_dir.clone()),
         }
     }

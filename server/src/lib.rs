@@ -17,6 +17,8 @@
 //! - [`net`]: the accept loop with the connection limit, and pipelined connections.
 //! - [`watch_stream`]: a shard's watchers served to connections and in-process channels.
 //! - [`inbox`]: the bounded cross-thread queue into a core.
+//! - [`metrics`]: per-core counters and histograms, and their Prometheus text format.
+//! - [`admin`]: the admin HTTP endpoint (`/metrics`, `/health`) on a thread of its own.
 //! - [`runtime`]: the core-local stop signal over glommio.
 //! - [`clock`]: the wall clock, read once per batch and passed down as `now_ms`.
 //! - [`error`]: configuration, startup and run-time errors.
@@ -31,6 +33,7 @@
 
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod admin;
 pub mod clock;
 pub mod cluster;
 pub mod config;
@@ -39,6 +42,7 @@ pub mod durability;
 pub mod error;
 pub mod inbox;
 pub mod instance;
+pub mod metrics;
 pub mod net;
 pub mod runtime;
 pub mod server;

@@ -23,6 +23,7 @@ use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 use tessera_protocol::{RouteTable, Topology};
 
+use crate::admin::AdminServer;
 use crate::cluster::format_address;
 use crate::cluster::heartbeat::{ClusterHealth, Detector};
 
@@ -105,6 +106,8 @@ pub struct Server {
     threads: Vec<(u16, JoinHandle<Result<CoreSummary, String>>)>,
     events: mpsc::Receiver<ServerEvent>,
     events_sender: mpsc::Sender<ServerEvent>,
+    /// The admin endpoint (`/metrics`, `/health`), in network mode.
+    admin: Option<AdminServer>,
     progress: CoreProgress,
     /// The data directory's lock and the instance's registration (network mode). Declared
     /// last so it is released only after the cores stopped (fields drop after `Drop::drop`).
@@ -170,6 +173,7 @@ impl Server {
             threads: Vec::with_capacity(core_count),
             events,
             events_sender: events_sender.clone(),
+            admin: None,
             progress: progress.clone(),
             instance,
         };
@@ -221,17 +225,9 @@ impl Server {
             server.threads.push((core_id, thread));
         }
         drop(ready_sender);
-        for _ in 0..core_count {
-            match ready.recv_timeout(CORE_START_TIMEOUT) {
-                Ok((_, Ok(()))) => {}
-                Ok((core_id, Err(reason))) => return Err(StartError::Core { core_id, reason }),
-                Err(_) => {
-                    return Err(StartError::Core {
-                        core_id: u16::MAX,
-                        reason: format!("cores did not start within {CORE_START_TIMEOUT:?}"),
-                    })
-                }
-            }
+        wait_until_ready(&ready, core_count)?;
+        if mode == Mode::Network {
+            server.admin = Some(AdminServer::start(&config, inboxes, connection_count)?);
         }
         tracing::info!(
             cores = core_count,
@@ -284,6 +280,11 @@ impl Server {
         self.detector.as_ref().map(Detector::address)
     }
 
+    /// The address of the admin endpoint (`/metrics`, `/health`), in network mode.
+    pub fn admin_address(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::address)
+    }
+
     /// Every core's inbox, for in-process callers (embedded mode).
     pub fn inboxes(&self) -> CoreInboxes {
         self.inboxes.clone()
@@ -308,6 +309,9 @@ impl Server {
     }
 
     fn stop_and_join(&mut self) -> Result<Vec<CoreSummary>, ServerError> {
+        if let Some(admin) = &self.admin {
+            admin.begin_shutdown();
+        }
         for inbox in self.inboxes.iter() {
             inbox.close();
         }
@@ -324,6 +328,10 @@ impl Server {
             };
             tracing::error!(%outcome, "core stopped abnormally");
             first_error.get_or_insert(outcome);
+        }
+        // Until here `/health` answered 503 to load balancers.
+        if let Some(mut admin) = self.admin.take() {
+            admin.stop();
         }
         first_error.map_or(Ok(summaries), Err)
     }
@@ -416,6 +424,26 @@ fn prepare_instance(config: &Config, mode: Mode) -> Result<Option<InstanceGuard>
         prepare_data_dir(&config.data_dir, config.cores)?;
     }
     Ok(instance)
+}
+
+/// Waits until each of `core_count` cores reported it started, or one failed.
+fn wait_until_ready(
+    ready: &mpsc::Receiver<(u16, Result<(), String>)>,
+    core_count: usize,
+) -> Result<(), StartError> {
+    for _ in 0..core_count {
+        match ready.recv_timeout(CORE_START_TIMEOUT) {
+            Ok((_, Ok(()))) => {}
+            Ok((core_id, Err(reason))) => return Err(StartError::Core { core_id, reason }),
+            Err(_) => {
+                return Err(StartError::Core {
+                    core_id: u16::MAX,
+                    reason: format!("cores did not start within {CORE_START_TIMEOUT:?}"),
+                })
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every later use of the data directory (glommio's among them) sees an absolute path, and
@@ -812,6 +840,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         log,
         watch: crate::core::WatchDelivery::default(),
         lock_waiters: std::cell::RefCell::default(),
+        metrics: std::cell::RefCell::default(),
     });
     let writer_control = WriterControl::default();
     let snapshots_finish = LocalSignal::new();

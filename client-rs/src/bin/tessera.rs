@@ -5,8 +5,8 @@
 //! `counter get` finds no key, when a transaction ran its failure branch and when `lease
 //! keepalive`, `lease revoke` or `lease ttl` finds a lease that does not live, 2 on any error
 //! (connection, server refusal, bad arguments, a malformed transaction document), and
-//! 128 + the signal's number when `watch` or `lease keepalive --every-ms` is interrupted (130
-//! for Ctrl-C).
+//! 128 + the signal's number when `watch`, `lease keepalive --every-ms` or the rolling `stats`
+//! view is interrupted (130 for Ctrl-C).
 //!
 //! `txn` reads its transaction from stdin as JSON ([`TxnDocument`]): the document is parsed
 //! and checked before the client connects, so a malformed one fails the same way whether or
@@ -48,8 +48,8 @@ use tessera_protocol::limits::{FRAME_BODY_SIZE_MAX, LOCK_WAIT_MS_MAX, SCAN_LIMIT
     after_help = "Exit status: 0 on success (also when a conditional write's condition \
                   failed; it says so), 1 when get or counter get finds no key, txn ran its \
                   failure branch or lease keepalive, revoke or ttl finds a lease that does \
-                  not live, 2 on an error, 130 when watch or lease keepalive --every-ms is \
-                  interrupted by Ctrl-C."
+                  not live, 2 on an error, 130 when watch, lease keepalive --every-ms or \
+                  stats --interval-ms is interrupted by Ctrl-C."
 )]
 struct Cli {
     /// Comma-separated `host:port` list used to fetch the topology.
@@ -81,6 +81,18 @@ struct Cli {
 enum Output {
     Text,
     Json,
+}
+
+/// Arguments of `stats`.
+#[derive(Debug, clap::Args)]
+struct StatsArguments {
+    /// Print a rolling line of totals every this many milliseconds (default 1000 when
+    /// `--count` is given).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    interval_ms: Option<u64>,
+    /// Stop the rolling view after this many lines.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,8 +180,16 @@ enum Command {
     /// The cluster: `tessera cluster status` lists every node with its state.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// Show every core's counters (keys, revision, memory, requests).
-    Stats,
+    /// Show every core's counters (keys, revision, memory, requests); with `--count` or
+    /// `--interval-ms`, a rolling one-line view of the totals instead.
+    ///
+    /// The rolling view prints, every `--interval-ms`, one line with the totals across every
+    /// core of every node: keys, memory used, requests/s, connections, expired keys/s,
+    /// watchers, log syncs/s and log records per sync since the line before (rates are `-`
+    /// on the first line). A header line comes first and again every 20 lines; `-o json`
+    /// prints one object per line instead. It stops after `--count` lines, or on Ctrl-C
+    /// (exit 130).
+    Stats(StatsArguments),
     /// Leases: grant, keepalive, revoke, ttl, list.
     ///
     /// A lease is a TTL that ends unless renewed; keys put with `--lease <id>` are deleted
@@ -588,7 +608,12 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         Command::Cluster(ClusterCommand::Status) => {
             return Ok(print_cluster_status(&client.cluster_status()?, json));
         }
-        Command::Stats => print_stats(&client.stats()?, json),
+        Command::Stats(arguments)
+            if arguments.interval_ms.is_some() || arguments.count.is_some() =>
+        {
+            return Ok(stats_rolling(&client, arguments, json)?);
+        }
+        Command::Stats(_) => print_stats(&client.stats()?, json),
         Command::Scan {
             prefix,
             limit,
@@ -2251,6 +2276,203 @@ fn print_stats(all_stats: &[tessera_client::CoreStats], json: bool) {
             stats.expired_count
         );
     }
+}
+
+/// Lines of the rolling `stats` view between two headers.
+const STATS_HEADER_EVERY: u64 = 20;
+
+/// The rolling view's interval when only `--count` is given.
+const STATS_INTERVAL_MS_DEFAULT: u64 = 1000;
+
+/// How often the rolling view looks for Ctrl-C while it waits for the next line.
+const STATS_INTERRUPT_CHECK: Duration = Duration::from_millis(50);
+
+/// One sample of the totals across every core of every node.
+#[derive(Debug, Clone, Copy, Default)]
+struct StatsTotals {
+    key_count: u64,
+    memory_bytes: u64,
+    memory_bytes_max: u64,
+    request_count: u64,
+    /// Summed per node: every core of a node reports the node's count.
+    connection_count: u64,
+    expired_count: u64,
+    watcher_count: u64,
+    log_sync_count: u64,
+    log_record_count: u64,
+}
+
+impl StatsTotals {
+    fn of(all_stats: &[tessera_client::CoreStats]) -> Self {
+        let mut totals = Self::default();
+        let mut connections_by_node: HashMap<u32, u64> = HashMap::new();
+        for stats in all_stats {
+            totals.key_count += stats.key_count;
+            totals.memory_bytes += stats.memory_bytes;
+            totals.memory_bytes_max += stats.memory_bytes_max;
+            totals.request_count += stats.request_count;
+            totals.expired_count += stats.expired_count;
+            totals.watcher_count += stats.watcher_count;
+            totals.log_sync_count += stats.log_sync_count;
+            totals.log_record_count += stats.log_record_count;
+            let node = connections_by_node.entry(stats.node_id).or_default();
+            *node = (*node).max(stats.connection_count);
+        }
+        totals.connection_count = connections_by_node.values().sum();
+        totals
+    }
+}
+
+/// Rates between two samples; `None` on the first line.
+#[derive(Debug, Clone, Copy)]
+struct StatsRates {
+    requests_per_second: f64,
+    expired_per_second: f64,
+    syncs_per_second: f64,
+    /// Records the logs wrote per sync since the last line (`None` with no sync).
+    records_per_sync: Option<f64>,
+}
+
+impl StatsRates {
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "counter deltas per interval are far below 2^52"
+    )]
+    fn between(previous: &StatsTotals, current: &StatsTotals, elapsed: Duration) -> Self {
+        let seconds = elapsed.as_secs_f64().max(f64::EPSILON);
+        let delta = |now: u64, before: u64| now.saturating_sub(before) as f64;
+        let syncs = delta(current.log_sync_count, previous.log_sync_count);
+        let records = delta(current.log_record_count, previous.log_record_count);
+        Self {
+            requests_per_second: delta(current.request_count, previous.request_count) / seconds,
+            expired_per_second: delta(current.expired_count, previous.expired_count) / seconds,
+            syncs_per_second: syncs / seconds,
+            records_per_sync: (syncs > 0.0).then(|| records / syncs),
+        }
+    }
+}
+
+/// Prints a line of totals every interval until `--count` lines, Ctrl-C or an error.
+fn stats_rolling(
+    client: &BlockingClient,
+    arguments: &StatsArguments,
+    json: bool,
+) -> Result<ExitCode, ClientError> {
+    interrupt::install();
+    let interval =
+        Duration::from_millis(arguments.interval_ms.unwrap_or(STATS_INTERVAL_MS_DEFAULT));
+    let mut previous: Option<(Instant, StatsTotals)> = None;
+    let mut printed_count = 0_u64;
+    loop {
+        let sampled = Instant::now();
+        let totals = StatsTotals::of(&client.stats()?);
+        let rates = previous
+            .map(|(before, earlier)| StatsRates::between(&earlier, &totals, sampled - before));
+        if json {
+            print_stats_json_line(&totals, rates.as_ref());
+        } else {
+            if printed_count % STATS_HEADER_EVERY == 0 {
+                println!(
+                    "{:>12} {:>10} {:>6} {:>10} {:>6} {:>10} {:>8} {:>8} {:>8}",
+                    "keys",
+                    "memory",
+                    "mem%",
+                    "req/s",
+                    "conns",
+                    "expired/s",
+                    "watchers",
+                    "syncs/s",
+                    "rec/sync"
+                );
+            }
+            print_stats_line(&totals, rates.as_ref());
+        }
+        let _ = std::io::stdout().flush();
+        printed_count += 1;
+        if arguments.count.is_some_and(|count| printed_count >= count) {
+            return Ok(ExitCode::SUCCESS);
+        }
+        previous = Some((sampled, totals));
+        let next = sampled + interval;
+        loop {
+            if let Some(signal) = interrupt::received() {
+                return Ok(interrupted_exit_code(signal));
+            }
+            let now = Instant::now();
+            if now >= next {
+                break;
+            }
+            std::thread::sleep((next - now).min(STATS_INTERRUPT_CHECK));
+        }
+    }
+}
+
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "a percentage for people to read"
+)]
+fn print_stats_line(totals: &StatsTotals, rates: Option<&StatsRates>) {
+    let rate =
+        |value: Option<f64>| value.map_or_else(|| "-".to_owned(), |value| format!("{value:.0}"));
+    let memory_percent = if totals.memory_bytes_max == 0 {
+        "-".to_owned()
+    } else {
+        format!(
+            "{:.1}",
+            totals.memory_bytes as f64 * 100.0 / totals.memory_bytes_max as f64
+        )
+    };
+    println!(
+        "{:>12} {:>10} {:>6} {:>10} {:>6} {:>10} {:>8} {:>8} {:>8}",
+        totals.key_count,
+        human_bytes(totals.memory_bytes),
+        memory_percent,
+        rate(rates.map(|rates| rates.requests_per_second)),
+        totals.connection_count,
+        rate(rates.map(|rates| rates.expired_per_second)),
+        totals.watcher_count,
+        rate(rates.map(|rates| rates.syncs_per_second)),
+        rates
+            .and_then(|rates| rates.records_per_sync)
+            .map_or_else(|| "-".to_owned(), |records| format!("{records:.1}")),
+    );
+}
+
+fn print_stats_json_line(totals: &StatsTotals, rates: Option<&StatsRates>) {
+    println!(
+        "{}",
+        json!({
+            "key_count": totals.key_count,
+            "memory_bytes": totals.memory_bytes,
+            "memory_bytes_max": totals.memory_bytes_max,
+            "request_count": totals.request_count,
+            "connection_count": totals.connection_count,
+            "expired_count": totals.expired_count,
+            "watcher_count": totals.watcher_count,
+            "log_sync_count": totals.log_sync_count,
+            "log_record_count": totals.log_record_count,
+            "requests_per_second": rates.map(|rates| rates.requests_per_second),
+            "expired_per_second": rates.map(|rates| rates.expired_per_second),
+            "syncs_per_second": rates.map(|rates| rates.syncs_per_second),
+            "records_per_sync": rates.and_then(|rates| rates.records_per_sync),
+        })
+    );
+}
+
+/// `bytes` in binary units with one decimal (`512B`, `1.5K`, `12.0M`, `3.2G`).
+#[allow(clippy::cast_precision_loss, reason = "one decimal for people to read")]
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    if bytes < 1024 {
+        return format!("{bytes}B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1}{}", UNITS[unit])
 }
 
 fn print_pongs(pongs: &[tessera_client::Pong], json: bool) {

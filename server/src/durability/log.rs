@@ -70,6 +70,14 @@ pub struct LogStats {
     pub no_space_count: u64,
 }
 
+/// What each written batch is counted in, for metrics.
+#[derive(Debug, Default)]
+struct BatchHistograms {
+    flush_latency_us: crate::metrics::LatencyHistogram,
+    records_per_sync: crate::metrics::Histogram<{ crate::metrics::SYNC_RECORD_BUCKET_COUNT }>,
+    bytes_per_sync: crate::metrics::Histogram<{ crate::metrics::SYNC_BYTE_BUCKET_COUNT }>,
+}
+
 #[derive(Debug, Default)]
 struct LogState {
     /// Records appended and not yet taken by the writer.
@@ -85,6 +93,8 @@ struct LogState {
     /// While the disk is full: bytes the current segment can still take.
     room: Option<u64>,
     stats: LogStats,
+    /// Histograms of every batch written: its write and sync time, its records and bytes.
+    batches: BatchHistograms,
     /// Woken whenever `durable_revision` advances.
     subscribers: Vec<LocalNotify>,
 }
@@ -181,6 +191,17 @@ impl CoreLog {
         self.state.borrow().stats
     }
 
+    /// The log's counters and the histograms of its batches, for metrics.
+    pub fn metrics(&self) -> crate::metrics::LogMetrics {
+        let state = self.state.borrow();
+        crate::metrics::LogMetrics {
+            stats: state.stats,
+            flush_latency_us: state.batches.flush_latency_us,
+            records_per_sync: state.batches.records_per_sync,
+            bytes_per_sync: state.batches.bytes_per_sync,
+        }
+    }
+
     /// Wakes `notify` every time the durable revision advances.
     pub fn subscribe(&self, notify: LocalNotify) {
         self.state.borrow_mut().subscribers.push(notify);
@@ -212,7 +233,15 @@ impl CoreLog {
         Some((records, state.appended_revision, record_count))
     }
 
-    fn mark_durable(&self, revision: u64, byte_count: u64, record_count: u64) {
+    /// Notes a batch of `record_count` records and `byte_count` bytes on disk up to
+    /// `revision`, whose write and sync took `flush_latency_us`.
+    fn mark_durable(
+        &self,
+        revision: u64,
+        byte_count: u64,
+        record_count: u64,
+        flush_latency_us: u64,
+    ) {
         let subscribers = {
             let mut state = self.state.borrow_mut();
             state.durable_revision = state.durable_revision.max(revision);
@@ -220,6 +249,9 @@ impl CoreLog {
             state.stats.sync_count += 1;
             state.stats.byte_count += byte_count;
             state.stats.record_count += record_count;
+            state.batches.flush_latency_us.record(flush_latency_us);
+            state.batches.records_per_sync.record(record_count);
+            state.batches.bytes_per_sync.record(byte_count);
             state.subscribers.clone()
         };
         for subscriber in subscribers {
@@ -639,12 +671,14 @@ pub async fn run_writer<S: Storage>(
         let is_finishing = control.finish.is_fired();
         if let Some((records, revision, record_count)) = log.take_batch() {
             let byte_count = records.len() as u64;
+            let started = std::time::Instant::now();
             if let Err(error) = segments.write_batch(records, durable_revision).await {
                 log.fail(error.to_string());
                 return log.failure();
             }
+            let flush_latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             durable_revision = revision;
-            log.mark_durable(revision, byte_count, record_count);
+            log.mark_durable(revision, byte_count, record_count, flush_latency_us);
             if log.mode == Durability::Sync && record_count > 1 && !is_finishing {
                 wait_for_writers(&log, record_count, group_commit_wait, &control).await;
             }

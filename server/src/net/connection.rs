@@ -27,6 +27,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::limits::{FRAME_ALIGNMENT, FRAME_HEADER_SIZE, FRAME_SIZE_MAX};
@@ -34,6 +35,7 @@ use tessera_protocol::message::{ArchivedRequest, ArchivedWatch};
 use tessera_protocol::{ErrorCode, FrameHeader, FrameKind, ProtocolError, Response, ShardStamp};
 
 use crate::core::{error, CoreContext, PendingReply, Reply, Route};
+use crate::metrics::Op;
 use crate::net::ring::Completion;
 pub use crate::net::ring::SocketRing;
 use crate::runtime::LocalNotify;
@@ -117,12 +119,24 @@ impl Handoff {
     }
 }
 
+/// A request answered later: its id, what it asked and when its batch began.
+#[derive(Clone, Copy)]
+struct Asked {
+    request_id: u64,
+    op: Op,
+    started: Instant,
+}
+
 /// A reply computed on another core, on its way back to the connection that asked.
 struct Forwarded {
     index: usize,
     generation: u32,
     request_id: u64,
     reply: Reply,
+    /// What was asked, and when its batch began: the request's latency ends when its reply
+    /// is framed.
+    op: Op,
+    started: Instant,
 }
 
 #[allow(
@@ -160,6 +174,9 @@ struct Connection {
     /// Frames of the batch being answered `(header, start, size)`, reused so answering a
     /// batch allocates nothing once warm.
     batch: Vec<(FrameHeader, usize, usize)>,
+    /// The ops of the batch's requests answered at once, counted with the batch's service
+    /// time when it is done (at most [`PREFETCH_BATCH_MAX`] plus a terminal frame).
+    answered: Vec<Op>,
     /// The watches opened on this connection, named by their `Watch` request ids.
     watches: Vec<Stream>,
 }
@@ -405,9 +422,14 @@ impl ConnectionSet {
                     is_ready: false,
                     marks: VecDeque::new(),
                     batch: Vec::with_capacity(PREFETCH_BATCH_MAX),
+                    answered: Vec::with_capacity(PREFETCH_BATCH_MAX + 1),
                     watches: Vec::new(),
                 }),
             );
+            let mut metrics = self.context.metrics.borrow_mut();
+            metrics.connections_open += 1;
+            metrics.connections_accepted += 1;
+            drop(metrics);
             self.mark_ready(index);
         }
     }
@@ -415,13 +437,24 @@ impl ConnectionSet {
     /// Frames the replies other cores have sent back into their connections' write buffers.
     fn deliver_forwarded(&mut self) {
         let forwarded: Vec<Forwarded> = self.forwarded.borrow_mut().drain(..).collect();
+        if forwarded.is_empty() {
+            return;
+        }
+        // One clock read for every reply delivered in this pass.
+        let now = Instant::now();
         for Forwarded {
             index,
             generation,
             request_id,
             reply,
+            op,
+            started,
         } in forwarded
         {
+            let mut metrics = self.context.metrics.borrow_mut();
+            metrics.requests.record(op, elapsed_us(started, now), 1);
+            metrics.requests.count_reply(op, &reply);
+            drop(metrics);
             let Some((_, Some(connection))) = self.slots.get_mut(index) else {
                 continue;
             };
@@ -526,6 +559,7 @@ impl ConnectionSet {
                 shard.watch_hub().unwatch(stream.hub_id);
             }
             drop(shard);
+            self.context.metrics.borrow_mut().connections_open -= 1;
             self.slots[index].1 = None;
             self.free_slots.push(index);
             return;
@@ -610,6 +644,13 @@ impl ConnectionSet {
         }
         self.mark_all_ready();
     }
+}
+
+/// Microseconds from `started` to `now`, rounded up (a batch that took any time took at least
+/// 1 µs).
+fn elapsed_us(started: Instant, now: Instant) -> u64 {
+    let nanos = now.saturating_duration_since(started).as_nanos();
+    u64::try_from(nanos.div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
 fn token(index: usize, generation: u32, kind: u64) -> u64 {
@@ -725,7 +766,10 @@ impl Connection {
         let mut handled_count = 0;
         let mut is_held_back = false;
         let mut batch = std::mem::take(&mut self.batch);
-        'batches: loop {
+        // The clock is read once per batch (and not at all with nothing to read): the batch's
+        // service time is each of its requests'.
+        let mut batch_started = None;
+        loop {
             if self.is_paused(context) {
                 break;
             }
@@ -735,6 +779,10 @@ impl Connection {
                 is_held_back = true;
                 break;
             }
+            if offset == self.filled {
+                break;
+            }
+            let started = *batch_started.get_or_insert_with(Instant::now);
             // First pass: frame each request (checking its checksum) and prefetch what it
             // will read.
             batch.clear();
@@ -760,26 +808,47 @@ impl Connection {
             }
             let was_empty = batch.is_empty();
             // Second pass: answer them, in order.
+            let mut is_closing = false;
             for (header, frame_start, frame_size) in batch.drain(..) {
                 handled_count += 1;
                 offset = frame_start + frame_size;
                 let body_start = frame_start + FRAME_HEADER_SIZE;
                 let body = body_start..body_start + header.body_size as usize;
-                if !self.answer(context, now_ms, header, body, forwarded, handoff, index) {
-                    break 'batches;
+                let answered = self.answer(
+                    context, now_ms, header, body, forwarded, handoff, index, started,
+                );
+                if !answered {
+                    is_closing = true;
+                    break;
                 }
             }
-            if let Some(frame_error) = terminal {
+            if let Some(frame_error) = terminal.filter(|_| !is_closing) {
                 tracing::debug!(%frame_error, "closing connection on an invalid frame");
-                let response = error(frame_error.error.code(), frame_error.error.to_string());
+                let code = frame_error.error.code();
+                let response = error(code, frame_error.error.to_string());
                 self.encode_reply(
                     frame_error.request_id.unwrap_or(0),
                     &Reply::Response(response),
                 );
+                context
+                    .metrics
+                    .borrow_mut()
+                    .requests
+                    .count_error(Op::Invalid, code);
+                self.answered.push(Op::Invalid);
                 self.close_reason = Some("invalid frame");
-                break;
+                is_closing = true;
             }
-            if was_empty {
+            if !self.answered.is_empty() {
+                let now = Instant::now();
+                let latency_us = elapsed_us(started, now);
+                let mut metrics = context.metrics.borrow_mut();
+                for op in self.answered.drain(..) {
+                    metrics.requests.record(op, latency_us, 1);
+                }
+                batch_started = Some(now);
+            }
+            if is_closing || was_empty {
                 break;
             }
         }
@@ -802,10 +871,12 @@ impl Connection {
         forwarded: &Rc<RefCell<Vec<Forwarded>>>,
         handoff: &Handoff,
         index: usize,
+        started: Instant,
     ) -> bool {
         let request_id = header.request_id;
         if header.frame_kind() != Some(FrameKind::Request) {
             let response = error(ErrorCode::BadFrame, "clients may only send request frames");
+            self.count_answered(context, Op::Invalid, &response);
             self.encode_reply(request_id, &Reply::Response(response));
             self.close_reason = Some("response frame from a client");
             return false;
@@ -821,6 +892,7 @@ impl Connection {
             forwarded,
             handoff,
             index,
+            started,
         );
         self.read_buffer = read_buffer;
         outcome
@@ -836,33 +908,40 @@ impl Connection {
         forwarded: &Rc<RefCell<Vec<Forwarded>>>,
         handoff: &Handoff,
         index: usize,
+        started: Instant,
     ) -> bool {
         let request = match codec::access_request(body) {
             Ok(request) => request,
             Err(protocol_error) => {
                 tracing::debug!(%protocol_error, "closing connection on an invalid body");
                 let response = error(protocol_error.code(), protocol_error.to_string());
+                self.count_answered(context, Op::Invalid, &response);
                 self.encode_reply(request_id, &Reply::Response(response));
                 self.close_reason = Some("invalid body");
                 return false;
             }
         };
+        let op = Op::of(request);
         if let Err(request_error) = codec::check_request(request) {
             let response = error(request_error.code(), request_error.to_string());
+            self.count_answered(context, op, &response);
             self.encode_reply(request_id, &Reply::Response(response));
             return true;
         }
         if context.stop.is_fired() {
             let response = error(ErrorCode::ShuttingDown, "server is shutting down");
+            self.count_answered(context, op, &response);
             self.encode_reply(request_id, &Reply::Response(response));
             return true;
         }
         match request {
             ArchivedRequest::Watch(watch) => {
+                self.answered.push(op);
                 self.open_watch(context, now_ms, request_id, watch);
                 return true;
             }
             ArchivedRequest::Unwatch { watch_id } => {
+                self.answered.push(op);
                 let existed = self.close_watch(context, watch_id.to_native());
                 let response = Response::Unwatched { existed };
                 self.encode_stamped(request_id, context.stamp(), &response);
@@ -885,50 +964,71 @@ impl Connection {
                     }
                     None => Response::Unwatched { existed: false },
                 };
+                self.answered.push(op);
                 self.encode_stamped(request_id, context.stamp(), &response);
                 // The stream's queued events, then its progress, go out in this step.
                 return true;
             }
             _ => {}
         }
+        let asked = Asked {
+            request_id,
+            op,
+            started,
+        };
         match context.route(request) {
             Route::Here => {
                 let response = context.respond_here(now_ms, request);
+                self.count_answered(context, op, &response);
                 self.encode_stamped(request_id, context.stamp(), &response);
-            }
-            Route::Core(core_id) => {
-                let pending = context.forward(core_id, body);
-                self.await_forward(pending, request_id, index, forwarded, handoff);
-            }
-            Route::Split => {
-                let pending = context.split(now_ms, request);
-                self.await_forward(pending, request_id, index, forwarded, handoff);
             }
             Route::Elsewhere(location, slot) => {
                 let response = context.wrong_shard(location, slot);
+                self.count_answered(context, op, &response);
                 self.encode_reply(request_id, &Reply::Response(response));
+            }
+            Route::Core(core_id) => {
+                let pending = context.forward(core_id, body);
+                self.await_forward(pending, asked, index, forwarded, handoff);
+            }
+            Route::Split => {
+                let pending = context.split(now_ms, request);
+                self.await_forward(pending, asked, index, forwarded, handoff);
             }
             Route::AfterLeaseCheck(home) => {
                 let pending = context.apply_after_lease_check(home, body);
-                self.await_forward(pending, request_id, index, forwarded, handoff);
+                self.await_forward(pending, asked, index, forwarded, handoff);
             }
             Route::Revoke => {
                 let pending = context.revoke_and_wait(body);
-                self.await_forward(pending, request_id, index, forwarded, handoff);
+                self.await_forward(pending, asked, index, forwarded, handoff);
             }
             Route::Lock => {
                 let pending = context.lock_and_wait(body);
-                self.await_forward(pending, request_id, index, forwarded, handoff);
+                self.await_forward(pending, asked, index, forwarded, handoff);
             }
         }
         true
+    }
+
+    /// Counts a request answered in this batch (its latency is counted with the batch's),
+    /// and its error if `response` is one.
+    fn count_answered(&mut self, context: &CoreContext, op: Op, response: &Response) {
+        self.answered.push(op);
+        if let Response::Error(reply) = response {
+            context
+                .metrics
+                .borrow_mut()
+                .requests
+                .count_error(op, reply.code);
+        }
     }
 
     /// Waits for another core's reply in a task of its own and hands it back to the loop.
     fn await_forward(
         &mut self,
         pending: PendingReply,
-        request_id: u64,
+        asked: Asked,
         index: usize,
         forwarded: &Rc<RefCell<Vec<Forwarded>>>,
         handoff: &Handoff,
@@ -937,6 +1037,11 @@ impl Connection {
         let forwarded = forwarded.clone();
         let notify = handoff.notify.clone();
         let generation = self.generation;
+        let Asked {
+            request_id,
+            op,
+            started,
+        } = asked;
         glommio::spawn_local(async move {
             let reply = pending.await;
             forwarded.borrow_mut().push(Forwarded {
@@ -944,6 +1049,8 @@ impl Connection {
                 generation,
                 request_id,
                 reply,
+                op,
+                started,
             });
             notify.notify();
         })

@@ -77,7 +77,15 @@ pub struct ShardStats {
     pub expired_count: u64,
     /// Writes refused because the memory budget was used up.
     pub refused_full_count: u64,
+    /// How far past its deadline each key the wheel reclaimed was, in ms (`tick`'s `now_ms`
+    /// minus the deadline): a wheel that falls behind (bounded by `expired_per_tick_max`)
+    /// holds memory for keys reads already treat as gone.
+    pub expiry_lag_ms: ExpiryLagHistogram,
 }
+
+/// Buckets of [`ShardStats::expiry_lag_ms`]: 1 ms to about 65 s, doubling.
+pub type ExpiryLagHistogram =
+    crate::metrics::Histogram<{ crate::metrics::EXPIRY_LAG_BUCKET_COUNT }>;
 
 /// One core's keys, timers and revision.
 #[derive(Debug)]
@@ -939,6 +947,7 @@ impl Shard {
                 self.record_removal(revision, &key, &removed, DeleteCause::Expired);
             }
             self.finish_revision();
+            self.stats.expiry_lag_ms.record(now_ms - deadline_ms);
             expired_count += 1;
         }
         self.stats.expired_count += expired_count as u64;

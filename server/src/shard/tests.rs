@@ -1377,14 +1377,41 @@ fn stats_count_requests_expiries_and_refusals() {
         ],
     );
     assert_eq!(tick(&mut shard, 1100), 1);
+    let mut expiry_lag_ms = crate::shard::ExpiryLagHistogram::default();
+    expiry_lag_ms.record(0);
     assert_eq!(
         shard.stats(),
         ShardStats {
             request_count: 3,
             expired_count: 1,
             refused_full_count: 1,
+            expiry_lag_ms,
         }
     );
+}
+
+/// The wheel reports how late it reclaimed each key: a tick that comes 250 ms after a key's
+/// deadline, or one held back by `expired_per_tick_max`, shows up as lag.
+#[test]
+fn tick_records_how_far_past_its_deadline_each_key_was_reclaimed() {
+    let mut shard = Shard::new(config(1 << 20, 1), START_MS);
+    run(
+        &mut shard,
+        &[
+            (1000, put_ttl("a", "v", 100), applied(1), 1),
+            (1000, put_ttl("b", "v", 100), applied(2), 2),
+        ],
+    );
+    // Deadline 1100; one key per tick.
+    assert_eq!(tick(&mut shard, 1350), 1);
+    assert_eq!(tick(&mut shard, 1400), 1);
+    let lag = shard.stats().expiry_lag_ms;
+    assert_eq!(lag.count(), 2);
+    assert_eq!(lag.sum(), 250 + 300);
+    // 250 ms falls in the bucket up to 256 ms, 300 ms in the one up to 512 ms.
+    assert_eq!(lag.buckets()[8], 1);
+    assert_eq!(lag.buckets()[9], 1);
+    assert_eq!(lag.buckets().iter().sum::<u64>(), 2);
 }
 
 /// `mod.rs` promises that a key outside the shard's slots is caught in debug builds, so a
@@ -2209,6 +2236,11 @@ impl Model {
     /// count.
     fn tick(&mut self, now_ms: u64) -> usize {
         let count_before = self.entries.len();
+        for entry in self.entries.values() {
+            if let Some(deadline_ms) = entry.deadline_ms.filter(|_| entry.is_expired(now_ms)) {
+                self.stats.expiry_lag_ms.record(now_ms - deadline_ms);
+            }
+        }
         self.entries.retain(|_, entry| !entry.is_expired(now_ms));
         let entries = &self.entries;
         self.attached.retain(|key, _| entries.contains_key(key));

@@ -516,6 +516,9 @@ pub struct WatchHub {
     queued_bytes: usize,
     /// Revisions published so far: tells whoever delivers that there may be more to take.
     published_count: u64,
+    /// Watchers cancelled as `Lagged` so far (their own queue or all queues together past
+    /// the bound), for metrics.
+    lagged_count: u64,
     /// The distinct specs of the watchers: id and how many watchers have it.
     specs: HashMap<WatchSpec, (u64, usize)>,
     next_spec_id: u64,
@@ -535,6 +538,7 @@ impl WatchHub {
             next_id: 1,
             queued_bytes: 0,
             published_count: 0,
+            lagged_count: 0,
             specs: HashMap::new(),
             next_spec_id: 0,
             batches: HashMap::new(),
@@ -563,6 +567,11 @@ impl WatchHub {
     /// to take.
     pub fn published_count(&self) -> u64 {
         self.published_count
+    }
+
+    /// Watchers cancelled as `Lagged` since the hub started.
+    pub fn lagged_count(&self) -> u64 {
+        self.lagged_count
     }
 
     /// Bytes queued across all watchers.
@@ -662,6 +671,9 @@ impl WatchHub {
             let before = watcher.queue_bytes;
             enqueue(watcher, batch.clone(), self.limits.queue_bytes_max);
             self.queued_bytes = self.queued_bytes - before + watcher.queue_bytes;
+            if watcher.cancelled.is_some() {
+                self.lagged_count += 1;
+            }
         }
         self.batches.clear();
         for event in events.drain(..) {
@@ -685,6 +697,7 @@ impl WatchHub {
             };
             self.queued_bytes -= longest.queue_bytes;
             longest.cancel_lagged();
+            self.lagged_count += 1;
         }
     }
 

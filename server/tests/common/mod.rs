@@ -372,9 +372,9 @@ pub fn frame_bytes(header: &tessera_protocol::FrameHeader, body: &[u8]) -> Vec<u
     bytes
 }
 
-/// A port `base` such that `base` and `base + 1` are free now. Candidates lie below Linux's
-/// ephemeral range (32768 and up), where other tests' port-0 listeners and client sockets do
-/// not land.
+/// A port `base` such that `base` and `base + 1` are free now, and `base + 1000`, the admin
+/// port a server on `base` derives. Candidates lie below Linux's ephemeral range (32768 and
+/// up), where other tests' port-0 listeners and client sockets do not land.
 pub fn free_port_pair() -> u16 {
     let random = RandomState::new();
     for attempt in 0..1000_u32 {
@@ -382,9 +382,10 @@ pub fn free_port_pair() -> u16 {
         let base = 20_000 + offset;
         let first = TcpListener::bind(("127.0.0.1", base));
         let second = TcpListener::bind(("127.0.0.1", base + 1));
-        if first.is_ok() && second.is_ok() {
+        let admin = TcpListener::bind(("127.0.0.1", base + 1000));
+        if first.is_ok() && second.is_ok() && admin.is_ok() {
             return base;
         }
     }
-    panic!("no two consecutive free ports found");
+    panic!("no free base, base + 1 and base + 1000 found");
 }
