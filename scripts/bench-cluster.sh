@@ -12,7 +12,8 @@
 # For each size N, N `tessera-server` instances form one cluster (a shared cluster file, nodes
 # 1..N on free loopback ports, one core each, durability memory), all pinned to SERVER_CPU, so
 # the servers of every size have the same CPU to share: what changes is how the keys are
-# split. `tessera-bench`, pinned to LOAD_CPU, is given the first instance only, fetches the
+# split. (Each instance gets a registry directory of its own, since the shared one refuses
+# a second instance on the same CPU, which is the point here.) `tessera-bench`, pinned to LOAD_CPU, is given the first instance only, fetches the
 # topology from it and sends every request to the owning instance: the `raw` driver (the
 # io_uring load generator with the client's routing and codec) for get and set at pipeline 1
 # and 16, and the `client` driver (the full async client, one `Client` shared by every
@@ -83,6 +84,7 @@ for count in $INSTANCES; do
     "$BIN/tessera-server" --name "n$node" --node-id "$node" --cores 1 --cpus "$SERVER_CPU" \
       --port "${ports[$((node - 1))]}" --peer-port "${peer_ports[$((node - 1))]}" \
       --admin-port 0 --durability memory --cluster-file "$cluster_file" \
+      --instance-dir "$RESULTS_DIR/registry-n$node" \
       >"$RESULTS_DIR/tessera-$count-n$node.log" 2>&1 &
     PIDS+=($!)
     instance_pids+=(--server-pid "$!")

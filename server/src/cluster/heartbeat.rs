@@ -318,6 +318,11 @@ fn run(
             }
             health.report_down(&mut reported);
         }
+        // Wake for the next send on time, and at least every quarter interval for a stop.
+        let until_send = next_send
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(1), interval / 4);
+        let _ = socket.set_read_timeout(Some(until_send));
         match socket.recv_from(&mut buffer) {
             Ok((size, from)) => match Heartbeat::decode(&buffer[..size]) {
                 Some(received) if health.heard(&received) => {}
