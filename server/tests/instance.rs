@@ -6,36 +6,11 @@
 
 mod common;
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::test_config;
+use common::{test_config, TestDir};
 use tessera_server::config::Durability;
 use tessera_server::{Config, Server, StartError};
-
-/// A directory of this test's own, removed when dropped.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "tessera-{name}-{}-{}",
-            std::process::id(),
-            RandomState::new().hash_one(0_u8)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A one-core server on free ports that registers in `registry`.
 fn config(name: &str, registry: &TestDir) -> Config {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::{
     expect_error, get_request, keys_owned_by, put_request, route_table, start_server,
-    start_server_with, test_config, wait_until, RawConnection,
+    start_server_with, test_config, wait_until, RawConnection, TestDir,
 };
 use tessera_protocol::{ErrorCode, Put, Request, Response};
 
@@ -202,25 +202,6 @@ fn health_is_ok_unknown_paths_are_404_and_the_endpoint_stops_with_the_server() {
         TcpStream::connect_timeout(&admin, Duration::from_secs(1)).is_err(),
         "the admin endpoint still listens after shutdown"
     );
-}
-
-/// A directory of this test's own, removed when dropped.
-struct TestDir(std::path::PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("tessera-metrics-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap();
-        Self(path)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// With a log, every acknowledged put was synced: the log's counters and histograms account

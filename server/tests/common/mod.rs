@@ -389,3 +389,25 @@ pub fn free_port_pair() -> u16 {
     }
     panic!("no free base, base + 1 and base + 1000 found");
 }
+
+/// A directory of the test's own under the temporary directory, removed when dropped.
+pub struct TestDir(pub std::path::PathBuf);
+
+impl TestDir {
+    pub fn new(name: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "tessera-{name}-{}-{}",
+            std::process::id(),
+            RandomState::new().hash_one(0_u8)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create the test directory");
+        Self(path)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
