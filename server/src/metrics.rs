@@ -7,10 +7,10 @@
 //! [`CoreSnapshot`] (plain data, sent back to the admin thread), and [`encode`] writes the
 //! snapshots with `prometheus-client`, never by hand.
 //!
-//! Latency is measured cheaply: the connection task reads the clock once per batch of
-//! requests it answers and attributes the batch's service time to every request in it; a
-//! request answered later (a forward, a lock wait, a lease check) is timed from its batch
-//! to the moment its reply reaches the connection task.
+//! Latency is measured cheaply: the connection task reads the clock at the start and end of
+//! each pass over its ready connections and attributes the pass's time to every request
+//! answered in it; a request answered later (a forward, a lock wait, a lease check) is timed
+//! from its pass to the moment its reply reaches the connection task.
 //!
 //! **Invariant:** every array here has a fixed size (operations × buckets, operations ×
 //! error codes); counting allocates nothing and never grows.

@@ -202,6 +202,7 @@ pub async fn serve(context: Rc<CoreContext>, handoff: Handoff, ring: SocketRing)
         durable_revision_seen: 0,
         published_seen: 0,
         deliverable_seen: 0,
+        answered: Vec::new(),
     };
     set.run().await;
 }
@@ -239,6 +240,9 @@ struct ConnectionSet {
     /// The revision up to which events could leave when watching connections were last
     /// woken.
     deliverable_seen: u64,
+    /// The ops of the requests answered in this pass, counted with the pass's service time
+    /// when it ends (at most `connection_inflight_max` per connection stepped).
+    answered: Vec<Op>,
 }
 
 impl ConnectionSet {
@@ -255,12 +259,17 @@ impl ConnectionSet {
             self.deliver_forwarded();
             self.release_durable();
             let now_ms = crate::clock::now_unix_ms();
+            // The clock is read twice per pass (not per request, nor per connection): a
+            // request answered in the pass took the pass's time, from the completions that
+            // brought it to the sends that carry its reply.
+            let pass_started = Instant::now();
             self.wake_watching(now_ms);
             std::mem::swap(&mut stepping, &mut self.ready);
             for &index in &stepping {
-                self.step(index, now_ms);
+                self.step(index, now_ms, pass_started);
             }
             stepping.clear();
+            self.record_pass(pass_started);
             // What this pass applied goes to the log now, so it is in the writer's next batch.
             self.context.flush_journal();
             if let Err(ring_error) = self.ring.submit() {
@@ -282,6 +291,19 @@ impl ConnectionSet {
             } else {
                 glommio::yield_if_needed().await;
             }
+        }
+    }
+
+    /// Counts the requests answered in the pass that began at `pass_started`, each with the
+    /// pass's time.
+    fn record_pass(&mut self, pass_started: Instant) {
+        if self.answered.is_empty() {
+            return;
+        }
+        let latency_us = elapsed_us(pass_started, Instant::now());
+        let mut metrics = self.context.metrics.borrow_mut();
+        for op in self.answered.drain(..) {
+            metrics.requests.record(op, latency_us, 1);
         }
     }
 
@@ -473,7 +495,7 @@ impl ConnectionSet {
     /// Everything one connection can do now: answer buffered frames, queue a send and a
     /// receive, or close. A connection that still has work no completion will bring back
     /// (frames held back for fairness) is queued for the next pass.
-    fn step(&mut self, index: usize, now_ms: u64) {
+    fn step(&mut self, index: usize, now_ms: u64, pass_started: Instant) {
         let Some(connection) = self.slots[index].1.as_mut() else {
             return;
         };
@@ -484,12 +506,21 @@ impl ConnectionSet {
                 connection.answer_for_shutdown(
                     &self.context,
                     now_ms,
+                    pass_started,
                     &self.forwarded,
                     &self.handoff,
                 )
             } else {
-                connection.process(&self.context, now_ms, &self.forwarded, &self.handoff, index)
+                connection.process(
+                    &self.context,
+                    now_ms,
+                    pass_started,
+                    &self.forwarded,
+                    &self.handoff,
+                    index,
+                )
             };
+            self.answered.append(&mut connection.answered);
             connection.gate(self.context.gate_revision());
         }
         if !connection.watches.is_empty()
@@ -754,6 +785,7 @@ impl Connection {
         &mut self,
         context: &Rc<CoreContext>,
         now_ms: u64,
+        started: Instant,
         forwarded: &Rc<RefCell<Vec<Forwarded>>>,
         handoff: &Handoff,
         index: usize,
@@ -766,9 +798,6 @@ impl Connection {
         let mut handled_count = 0;
         let mut is_held_back = false;
         let mut batch = std::mem::take(&mut self.batch);
-        // The clock is read once per batch (and not at all with nothing to read): the batch's
-        // service time is each of its requests'.
-        let mut batch_started = None;
         loop {
             if self.is_paused(context) {
                 break;
@@ -782,7 +811,6 @@ impl Connection {
             if offset == self.filled {
                 break;
             }
-            let started = *batch_started.get_or_insert_with(Instant::now);
             // First pass: frame each request (checking its checksum) and prefetch what it
             // will read.
             batch.clear();
@@ -838,15 +866,6 @@ impl Connection {
                 self.answered.push(Op::Invalid);
                 self.close_reason = Some("invalid frame");
                 is_closing = true;
-            }
-            if !self.answered.is_empty() {
-                let now = Instant::now();
-                let latency_us = elapsed_us(started, now);
-                let mut metrics = context.metrics.borrow_mut();
-                for op in self.answered.drain(..) {
-                    metrics.requests.record(op, latency_us, 1);
-                }
-                batch_started = Some(now);
             }
             if is_closing || was_empty {
                 break;
@@ -1223,6 +1242,7 @@ impl Connection {
         &mut self,
         context: &Rc<CoreContext>,
         now_ms: u64,
+        started: Instant,
         forwarded: &Rc<RefCell<Vec<Forwarded>>>,
         handoff: &Handoff,
     ) -> bool {
@@ -1231,9 +1251,16 @@ impl Connection {
         }
         loop {
             // While stopping nothing is routed, so nothing is forwarded (index unused).
-            if self.process(context, now_ms, forwarded, handoff, usize::MAX)
-                || self.is_paused(context)
-            {
+            let is_held_back =
+                self.process(context, now_ms, started, forwarded, handoff, usize::MAX);
+            // Counted at once: this loop reads until the socket is empty.
+            let latency_us = elapsed_us(started, Instant::now());
+            let mut metrics = context.metrics.borrow_mut();
+            for op in self.answered.drain(..) {
+                metrics.requests.record(op, latency_us, 1);
+            }
+            drop(metrics);
+            if is_held_back || self.is_paused(context) {
                 return true;
             }
             if self.close_reason.is_some() || !self.receive_available() {
