@@ -661,6 +661,19 @@ async fn open_shard(
     let started = std::time::Instant::now();
     let recovered = recover(&directory, core_id, &mut shard, now_ms, config.repair)
         .map_err(|error| format!("recovery of {}: {error}", directory.display()))?;
+    // Keys of slots this core no longer owns (the cluster table changed) would be served
+    // by scans and never by point reads: refuse rather than serve or drop them.
+    let (unowned, example) = shard.unowned_keys();
+    if unowned > 0 {
+        return Err(format!(
+            "{} holds {unowned} keys of slots core {core_id} does not own under this cluster \
+             table (slots {}; one is {}): the table changed, and data does not move between \
+             nodes yet. Start with the previous table, or move this data directory aside",
+            directory.display(),
+            shard_config.slots,
+            tessera_protocol::codec::printable_key(example.as_deref().unwrap_or_default()),
+        ));
+    }
     // Every recovered lease gets its full TTL from now, however long recovery took.
     shard.restart_leases(crate::clock::monotonic_ms());
     tracing::info!(

@@ -1011,6 +1011,27 @@ impl Shard {
         self.store.check_order();
     }
 
+    /// How many stored keys (expired ones included) are of slots this shard does not own,
+    /// and the first found: after recovery under a changed cluster table, the keys of slots
+    /// that moved away.
+    pub fn unowned_keys(&self) -> (usize, Option<Vec<u8>>) {
+        let mut count = 0;
+        let mut first = None;
+        for partition in 0..store::PARTITION_COUNT {
+            for entry in self.store.partition(partition) {
+                if !self
+                    .config
+                    .slots
+                    .contains(tessera_protocol::slot_for_key(entry.key()))
+                {
+                    count += 1;
+                    first.get_or_insert_with(|| entry.key().to_vec());
+                }
+            }
+        }
+        (count, first)
+    }
+
     fn debug_check_owned(&self, key: &[u8]) {
         debug_assert!(
             self.config
