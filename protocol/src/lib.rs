@@ -12,6 +12,8 @@
 //! - [`message`]: one request variant per command, one response variant per answer.
 //! - [`codec`]: encode into a caller's buffer; decode into incomplete, invalid or validated.
 //! - [`limits`]: every size a peer can send, with compile-time relations between them.
+//! - [`query`]: typed field values and query predicates: checks, evaluation, the readable
+//!   syntax.
 //! - [`routing`]: `slot = crc32(hash_tag(key)) mod 16384`.
 //! - [`topology`]: nodes, cores, slot ranges and the route table built from them.
 //! - [`error`]: wire error codes and decoding errors.
@@ -35,6 +37,7 @@ pub mod error;
 pub mod frame;
 pub mod limits;
 pub mod message;
+pub mod query;
 pub mod routing;
 pub mod topology;
 

@@ -76,6 +76,21 @@ pub const TTL_MS_MAX: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
 /// Longest string the server or client puts in names and error messages, in bytes.
 pub const TEXT_SIZE_MAX: usize = 1024;
 
+/// Longest name of an indexed field, in bytes.
+pub const FIELD_NAME_SIZE_MAX: usize = 64;
+
+/// Longest string value of an indexed field (or string in a query), in bytes.
+pub const FIELD_STRING_SIZE_MAX: usize = 1024;
+
+/// Most nodes (comparisons and operators) in one query.
+pub const QUERY_NODES_MAX: usize = 64;
+
+/// Most values one `in` of a query lists.
+pub const QUERY_IN_VALUES_MAX: usize = 256;
+
+/// Longest query text `parse_query` reads, in bytes.
+pub const QUERY_TEXT_SIZE_MAX: usize = 16 * 1024;
+
 /// Most nodes in one topology.
 pub const NODE_COUNT_MAX: usize = 1024;
 
@@ -119,6 +134,8 @@ const _: () = assert!(
 );
 // Body sizes travel as u32.
 const _: () = assert!(FRAME_BODY_SIZE_MAX <= u32::MAX as usize);
+// Query operands are numbered with u16.
+const _: () = assert!(QUERY_NODES_MAX <= u16::MAX as usize);
 // A node's cores are numbered with u16.
 const _: () = assert!(CORE_COUNT_MAX <= u16::MAX as usize);
 const _: () = assert!(TTL_MS_MAX < u64::MAX / 2);
