@@ -15,6 +15,7 @@
 //! - An expired entry is never returned, whether or not its timer has fired yet.
 //! - The caller only hands the shard keys whose slot is in `slots` (checked in debug builds).
 
+pub mod index;
 pub mod lease;
 pub mod lock;
 pub mod store;
