@@ -562,56 +562,32 @@ fn per_core(
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> FmtResult {
         let encoder = &mut encoder;
-        family(
-            encoder,
-            "tessera_core_up",
-            "Whether the core answered the scrape within the bound (1) or not (0).",
-            None,
-            MetricType::Gauge,
-            |metric| {
+        for (name, help, value) in [
+            (
+                "tessera_core_up",
+                "Whether the core answered the scrape within the bound (1) or not (0).",
+                (|core| u64::from(core.snapshot.is_some())) as fn(&CoreReport) -> u64,
+            ),
+            (
+                "tessera_inbox_depth",
+                "Messages waiting in the core's inbox.",
+                |core| core.inbox_depth as u64,
+            ),
+            (
+                "tessera_inbox_capacity",
+                "The bound of the core's inbox for requests.",
+                |core| core.inbox_capacity as u64,
+            ),
+        ] {
+            // Every core, answered or not: these come from the admin side of the scrape.
+            family(encoder, name, help, None, MetricType::Gauge, |metric| {
                 for core in &self.cores {
                     let label = core.core_id.to_string();
-                    gauge(
-                        metric,
-                        &[("core", label.as_str())],
-                        u64::from(core.snapshot.is_some()),
-                    )?;
+                    gauge(metric, &[("core", label.as_str())], value(core))?;
                 }
                 Ok(())
-            },
-        )?;
-        family(
-            encoder,
-            "tessera_inbox_depth",
-            "Messages waiting in the core's inbox.",
-            None,
-            MetricType::Gauge,
-            |metric| {
-                for core in &self.cores {
-                    let label = core.core_id.to_string();
-                    gauge(metric, &[("core", label.as_str())], core.inbox_depth as u64)?;
-                }
-                Ok(())
-            },
-        )?;
-        family(
-            encoder,
-            "tessera_inbox_capacity",
-            "The bound of the core's inbox for requests.",
-            None,
-            MetricType::Gauge,
-            |metric| {
-                for core in &self.cores {
-                    let label = core.core_id.to_string();
-                    gauge(
-                        metric,
-                        &[("core", label.as_str())],
-                        core.inbox_capacity as u64,
-                    )?;
-                }
-                Ok(())
-            },
-        )?;
+            })?;
+        }
         family(
             encoder,
             "tessera_node_id",
@@ -693,8 +669,9 @@ impl Scrape {
         family(
             encoder,
             "tessera_request_duration",
-            "Service time of requests by op: a batch's processing time for each request in \
-             it, or the time to the reply for requests answered later (forwards, lock waits).",
+            "Service time of requests by op: the connection task's pass that answered them \
+             (from its completions to its sends), or the time to the reply for requests \
+             answered later (forwards, lock waits).",
             Some(&Unit::Seconds),
             MetricType::Histogram,
             |metric| {
