@@ -9,7 +9,7 @@
 //! were sent) and is replaced by a new one on the next call.
 //!
 //! Health: a connection that cannot connect, or whose peer stops answering (requests
-//! outstanding, a ping sent, and nothing received for `liveness_timeout`), marks its node
+//! outstanding or watches open, a ping sent, and nothing received for `liveness_timeout`), marks its node
 //! down (the health is shared by the connections to the node's cores). While down every call fails at once with [`ClientError::Unavailable`] (nothing
 //! sent), and a background probe reconnects with jittered exponential backoff; once the node
 //! answers a ping it is up again and the client is told to refresh its topology.
@@ -621,9 +621,11 @@ async fn ping_once(mut stream: TcpStream, timeout: Duration) -> std::result::Res
         .map_err(|_| format!("no answer to a ping within {timeout:?}"))?
 }
 
-/// While the link lives: with requests outstanding and nothing received for half the
-/// liveness timeout, sends a ping; with nothing received for the whole timeout, closes the
-/// link (its requests fail as timed out) and marks the node down.
+/// While the link lives and has work (requests outstanding, or watch streams open): with
+/// nothing received for half the liveness timeout, sends a ping; if that ping goes unanswered
+/// for half the timeout more, with nothing received for the whole timeout, closes the link
+/// (its requests fail as timed out, its streams end and their watches reopen) and marks the
+/// node down.
 async fn check_liveness(
     link: std::sync::Weak<Link>,
     health: SharedHealth,
@@ -640,13 +642,23 @@ async fn check_liveness(
         if link.is_closed() {
             return;
         }
-        if link.pending().replies.is_empty() {
+        let has_work = {
+            let pending = link.pending();
+            !pending.replies.is_empty() || !pending.streams.is_empty()
+        };
+        if !has_work {
             continue;
         }
         let now = link.elapsed_ms();
         let progress = link.progress_ms.load(Ordering::Relaxed);
         let silent_ms = now.saturating_sub(progress);
-        if silent_ms >= timeout_ms {
+        let pinged = link.ping_ms.load(Ordering::Relaxed);
+        // A ping sent after the last frame received is still unanswered.
+        let is_ping_unanswered = pinged > progress;
+        if is_ping_unanswered
+            && silent_ms >= timeout_ms
+            && now.saturating_sub(pinged) >= timeout_ms / 2
+        {
             tracing::debug!(%address, silent_ms, "no answer, not even to a ping; closing");
             // Down first, so a caller woken by the close does not connect again.
             mark_down(
@@ -661,8 +673,7 @@ async fn check_liveness(
             });
             return;
         }
-        let pinged = link.ping_ms.load(Ordering::Relaxed);
-        if silent_ms >= timeout_ms / 2 && pinged <= progress {
+        if silent_ms >= timeout_ms / 2 && !is_ping_unanswered {
             link.ping_ms.store(now.max(1), Ordering::Relaxed);
             let request_id = link.next_request_id.fetch_add(1, Ordering::Relaxed);
             let mut frame = FrameBuffer::new();

@@ -614,3 +614,140 @@ async fn endpoints_are_tried_in_order_and_the_topology_is_refreshed_in_the_backg
     assert_eq!(client.topology().nodes[0].node_id, 2);
     drop(cluster);
 }
+
+/// A TCP proxy from `listen` to `target` that can freeze: once frozen it forwards nothing,
+/// in either direction, on any connection, and keeps every socket open (a host gone silent
+/// without closing anything).
+struct FreezingProxy {
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingProxy {
+    async fn start(listen: String, target: String) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .expect("bind the proxy");
+        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let task_frozen = frozen.clone();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                for (mut from, mut to, frozen) in [
+                    (
+                        Box::new(in_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(out_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                        task_frozen.clone(),
+                    ),
+                    (Box::new(out_read), Box::new(in_write), task_frozen.clone()),
+                ] {
+                    held.push(tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buffer = vec![0_u8; 64 * 1024];
+                        loop {
+                            let Ok(read) = from.read(&mut buffer).await else {
+                                return;
+                            };
+                            if read == 0 {
+                                return;
+                            }
+                            // Frozen: what arrives is dropped and nothing closes.
+                            while frozen.load(Ordering::Relaxed) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            if to.write_all(&buffer[..read]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }));
+                }
+            }
+            drop(held);
+        });
+        Self { frozen, task }
+    }
+
+    fn freeze(&self) {
+        self.frozen
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_node_that_goes_silent_ends_instead_of_hanging() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(1))
+        .await
+        .expect("started");
+    // Node 3 moves behind proxies: it listens on 127.0.0.4 and is reached (as the topology
+    // says) at 127.0.0.3, where the proxies forward to it.
+    let cluster = change(cluster, |cluster| {
+        cluster.stop(2);
+        cluster.configs[2].advertise_host = Some("127.0.0.3".to_owned());
+        cluster.configs[2].host = "127.0.0.4".to_owned();
+        cluster.restart(2);
+    })
+    .await;
+    let port = cluster.configs[2].port;
+    let mut proxies = Vec::new();
+    for core in 0..u16::try_from(CORES_PER_NODE).expect("fits") {
+        proxies.push(
+            FreezingProxy::start(
+                format!("127.0.0.3:{}", port + core),
+                format!("127.0.0.4:{}", port + core),
+            )
+            .await,
+        );
+    }
+    let client = connect(&cluster).await;
+    let keys = keys_by_node(&client, "w:", 60);
+    let (_, key) = keys.iter().find(|(node_id, _)| *node_id == 3).expect("one");
+    let mut options = WatchOptions::new();
+    options.resume_attempts_max = 2;
+    let mut watch = client
+        .watch(&KeyRange::prefix("w:"), options)
+        .await
+        .expect("watch");
+    client.put(key, "v").await.expect("put");
+    loop {
+        let message = within(CALL_TIMEOUT, "the event", watch.next())
+            .await
+            .expect("the watch goes on")
+            .expect("no error");
+        if matches!(message, WatchMessage::Events { shard, .. } if shard.node_id == 3) {
+            break;
+        }
+    }
+    // Node 3 goes silent without closing anything, and nothing else is asked of it: only the
+    // watch's connection can notice.
+    for proxy in &proxies {
+        proxy.freeze();
+    }
+    let started = Instant::now();
+    let ended = loop {
+        match within(CALL_TIMEOUT, "the watch to notice", watch.next()).await {
+            Some(Ok(_)) => {}
+            Some(Err(error)) => break error,
+            None => panic!("the stream ended without an error"),
+        }
+    };
+    assert!(ended.is_node_failure(), "{ended:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "noticed after {:?} (liveness timeout 500 ms, 2 reopen attempts)",
+        started.elapsed()
+    );
+    drop(proxies);
+    drop(cluster);
+}
