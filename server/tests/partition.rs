@@ -243,13 +243,15 @@ fn a_node_cut_off_is_reported_down_within_the_failure_timeout() {
         failure_timeout_ms(),
         heartbeat_interval_ms()
     );
-    // The last heartbeat arrived at most one interval before the cut (plus scheduling).
-    let earliest =
-        Duration::from_millis(failure_timeout_ms().saturating_sub(heartbeat_interval_ms()));
-    let latest = Duration::from_millis(failure_timeout_ms() + 250);
+    // The last heartbeat arrived at most one interval before the cut, so on an idle machine
+    // the cut is seen between `timeout - interval` and `timeout` after it. The bounds leave
+    // room for a loaded one (CI runs many tests at once): within the timeout and a second,
+    // and never in less than half the timeout (that would be a detector that does not wait).
+    let earliest = Duration::from_millis(failure_timeout_ms() / 2);
+    let latest = Duration::from_millis(failure_timeout_ms() + 1000);
     for detected in [detected_by_a, detected_by_b] {
         assert!(
-            detected >= earliest.saturating_sub(Duration::from_millis(30)) && detected <= latest,
+            detected >= earliest && detected <= latest,
             "detected after {detected:?}, outside {earliest:?}..={latest:?}"
         );
     }
