@@ -152,6 +152,21 @@ async fn change(
     .expect("the change did not panic")
 }
 
+/// The body of `GET /metrics` from an admin endpoint.
+fn scrape_metrics(address: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the admin port");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: tessera\r\nConnection: close\r\n\r\n")
+        .expect("send the request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    answer
+}
+
 /// A client of short timeouts, bootstrapped from node 1 only.
 async fn connect(cluster: &Cluster) -> Client {
     let mut config = ClientConfig::new([cluster.first_address()]);
@@ -345,6 +360,14 @@ async fn a_stopped_node_fails_only_its_keys_and_recovers() {
     )
     .await;
     assert!(detected < Duration::from_secs(5), "{detected:?}");
+    // Node 1's metrics say so too, for alerting.
+    let admin = cluster.servers[0]
+        .as_ref()
+        .and_then(Server::admin_address)
+        .expect("node 1 serves metrics");
+    let metrics = scrape_metrics(admin);
+    assert!(metrics.contains("tessera_peer_up{node=\"3\"} 0"), "{metrics}");
+    assert!(metrics.contains("tessera_peer_up{node=\"2\"} 1"), "{metrics}");
     let cluster = change(cluster, |cluster| cluster.restart(2)).await;
     // Every key of the node works again, whichever core it is on.
     eventually(

@@ -26,6 +26,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::cluster::heartbeat::ClusterHealth;
 use crate::config::Config;
 use crate::core::{CoreInboxes, CoreMessage};
 use crate::error::StartError;
@@ -63,8 +64,10 @@ struct Shared {
 #[derive(Debug)]
 struct Instance {
     node_id: u32,
+    epoch: u64,
     connection_count: Arc<AtomicUsize>,
     connection_count_max: u64,
+    health: Arc<ClusterHealth>,
 }
 
 impl AdminServer {
@@ -76,6 +79,8 @@ impl AdminServer {
         config: &Config,
         inboxes: CoreInboxes,
         connection_count: Arc<AtomicUsize>,
+        health: Arc<ClusterHealth>,
+        epoch: u64,
     ) -> Result<Self, StartError> {
         let address_text = crate::cluster::format_address(&config.host, config.admin_port());
         let bind_error = |source| StartError::Bind {
@@ -90,8 +95,10 @@ impl AdminServer {
         let shared = Arc::new(Shared::default());
         let instance = Instance {
             node_id: config.node_id,
+            epoch,
             connection_count,
             connection_count_max: config.connection_count_max as u64,
+            health,
         };
         let probes = Probes::new(inboxes, PROBE_TIMEOUT);
         let thread_shared = shared.clone();
@@ -352,6 +359,7 @@ fn route(head: &str, shared: &Shared, probes: &mut Probes, instance: &Instance) 
                 connection_count: instance.connection_count.load(Ordering::Relaxed) as u64,
                 connection_count_max: instance.connection_count_max,
                 cores: probes.gather(),
+                nodes: instance.health.snapshot(instance.epoch),
             };
             match crate::metrics::encode(scrape) {
                 Ok(body) => Answer {

@@ -456,6 +456,8 @@ pub struct Scrape {
     pub connection_count_max: u64,
     /// Every core, in core order.
     pub cores: Vec<CoreReport>,
+    /// Every node of the cluster as this node's failure detector sees it (this one included).
+    pub nodes: Vec<tessera_protocol::NodeHealth>,
 }
 
 /// Writes `scrape` in the Prometheus (`OpenMetrics`) text format.
@@ -612,6 +614,7 @@ impl Collector for Scrape {
             MetricType::Gauge,
             |metric| gauge(metric, &[], self.connection_count_max),
         )?;
+        self.encode_nodes(encoder)?;
         self.encode_requests(encoder)?;
         self.encode_store(encoder)?;
         self.encode_connections(encoder)?;
@@ -621,6 +624,46 @@ impl Collector for Scrape {
 }
 
 impl Scrape {
+    /// The failure detector's view: each node up or not, and how long since it was heard.
+    fn encode_nodes(&self, encoder: &mut DescriptorEncoder<'_>) -> FmtResult {
+        family(
+            encoder,
+            "tessera_peer_up",
+            "Whether this node's failure detector hears the node (1) or not (0: down, or not \
+             heard yet); this node is always 1.",
+            None,
+            MetricType::Gauge,
+            |metric| {
+                for node in &self.nodes {
+                    let label = node.node_id.to_string();
+                    let up = node.state == tessera_protocol::NodeState::Up;
+                    gauge(metric, &[("node", label.as_str())], u64::from(up))?;
+                }
+                Ok(())
+            },
+        )?;
+        family(
+            encoder,
+            "tessera_peer_last_heard",
+            "Time since the node's last heartbeat arrived (absent until one has).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+            |metric| {
+                for node in &self.nodes {
+                    if let Some(ms) = node.last_heard_ms {
+                        let label = node.node_id.to_string();
+                        #[allow(clippy::cast_precision_loss, reason = "milliseconds as seconds")]
+                        let seconds = ms as f64 / 1000.0;
+                        metric
+                            .encode_family(&[("node", label.as_str())])?
+                            .encode_gauge(&seconds)?;
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+
     fn encode_requests(&self, encoder: &mut DescriptorEncoder<'_>) -> FmtResult {
         family(
             encoder,
@@ -1051,6 +1094,29 @@ mod tests {
             connection_count: 3,
             connection_count_max: 100,
             cores,
+            nodes: vec![
+                tessera_protocol::NodeHealth {
+                    node_id: 1,
+                    state: tessera_protocol::NodeState::Up,
+                    last_heard_ms: Some(0),
+                    epoch: 1,
+                    restarts: 0,
+                },
+                tessera_protocol::NodeHealth {
+                    node_id: 2,
+                    state: tessera_protocol::NodeState::Down,
+                    last_heard_ms: Some(2500),
+                    epoch: 1,
+                    restarts: 0,
+                },
+                tessera_protocol::NodeHealth {
+                    node_id: 3,
+                    state: tessera_protocol::NodeState::Unknown,
+                    last_heard_ms: None,
+                    epoch: 0,
+                    restarts: 0,
+                },
+            ],
         })
         .unwrap()
     }
@@ -1091,12 +1157,21 @@ mod tests {
             "tessera_watch_lagged_total{core=\"0\"} 1",
             "tessera_request_duration_seconds_count{core=\"0\",op=\"get\"} 4",
             "tessera_expiry_lag_seconds_count{core=\"0\"} 1",
+            "tessera_peer_up{node=\"1\"} 1",
+            "tessera_peer_up{node=\"2\"} 0",
+            "tessera_peer_up{node=\"3\"} 0",
+            "tessera_peer_last_heard_seconds{node=\"2\"} 2.5",
         ] {
             assert!(
                 lines.contains(&expected),
                 "{expected} missing from:\n{text}"
             );
         }
+        // A node never heard has no time since.
+        assert!(
+            !text.contains("tessera_peer_last_heard_seconds{node=\"3\"}"),
+            "{text}"
+        );
         // Ops never seen have no series; no log without durability.
         assert!(!text.contains("op=\"scan\""), "{text}");
         assert!(!text.contains("tessera_log_"), "{text}");

@@ -227,7 +227,13 @@ impl Server {
         drop(ready_sender);
         wait_until_ready(&ready, core_count)?;
         if mode == Mode::Network {
-            server.admin = Some(AdminServer::start(&config, inboxes, connection_count)?);
+            server.admin = Some(AdminServer::start(
+                &config,
+                inboxes,
+                connection_count,
+                health,
+                topology.epoch,
+            )?);
         }
         tracing::info!(
             cores = core_count,

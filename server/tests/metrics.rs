@@ -115,6 +115,12 @@ fn metrics_report_requests_errors_and_store_per_core() {
     let text = &answer.body;
     assert_eq!(count(text, "tessera_core_up{core=\"0\"}"), 1);
     assert_eq!(count(text, "tessera_core_up{core=\"1\"}"), 1);
+    // A cluster of one: the node itself, always up.
+    assert_eq!(count(text, "tessera_peer_up{node=\"1\"}"), 1);
+    assert_eq!(
+        count(text, "tessera_peer_last_heard_seconds{node=\"1\"}"),
+        0
+    );
     // Five puts applied plus the refused one, four gets (one of them forwarded).
     assert_eq!(
         count(text, "tessera_requests_total{core=\"0\",op=\"put\"}"),
