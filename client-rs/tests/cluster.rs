@@ -366,8 +366,14 @@ async fn a_stopped_node_fails_only_its_keys_and_recovers() {
         .and_then(Server::admin_address)
         .expect("node 1 serves metrics");
     let metrics = scrape_metrics(admin);
-    assert!(metrics.contains("tessera_peer_up{node=\"3\"} 0"), "{metrics}");
-    assert!(metrics.contains("tessera_peer_up{node=\"2\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tessera_peer_up{node=\"3\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tessera_peer_up{node=\"2\"} 1"),
+        "{metrics}"
+    );
     let cluster = change(cluster, |cluster| cluster.restart(2)).await;
     // Every key of the node works again, whichever core it is on.
     eventually(
