@@ -29,10 +29,7 @@ RESULTS_DIR="${RESULTS_DIR:-target/bench-cluster}"
 INSTANCES="${INSTANCES:-1 2 3}"
 
 ensure_package redis-server redis-server
-say "building (release)"
-cargo build --release --locked -q -p tessera-server -p tessera-bench
-BIN=target/release
-mkdir -p "$RESULTS_DIR"
+build_release
 rm -f "$RESULTS_DIR"/*.json "$RESULTS_DIR"/*.toml
 
 stop_on_exit

@@ -97,6 +97,15 @@ stop_on_exit() {
 # The setup bench-leases.sh and bench-locks.sh share. Each expects ETCD (1 or 0) and
 # RESULTS_DIR set, and SERVER_CPUS for `start_tessera`.
 
+# Builds tessera-server and tessera-bench in release (with the cargo flags "$@"), sets BIN to
+# where they are, and makes RESULTS_DIR.
+build_release() {
+  say "building (release)"
+  cargo build --release --locked -q -p tessera-server -p tessera-bench "$@"
+  BIN=target/release
+  mkdir -p "$RESULTS_DIR"
+}
+
 # Checks that etcd can be installed when ETCD=1 (else sets ETCD=0), builds tessera-server and
 # tessera-bench (with the etcd feature when ETCD=1) into BIN, and empties RESULTS_DIR of the
 # results of an earlier run, which must not pass for this one's.
@@ -109,10 +118,7 @@ build_for_etcd_comparison() {
   if [ "$ETCD" = 1 ]; then
     features=(--features tessera-bench/etcd)
   fi
-  say "building (release)"
-  cargo build --release --locked -q -p tessera-server -p tessera-bench "${features[@]}"
-  BIN=target/release
-  mkdir -p "$RESULTS_DIR"
+  build_release "${features[@]}"
   rm -f "$RESULTS_DIR"/*.json "$RESULTS_DIR"/*.stderr
 }
 

@@ -26,10 +26,7 @@ RESULTS_DIR="${RESULTS_DIR:-target/bench-vs-redis}"
 
 ensure_package redis-server redis-server
 
-say "building (release)"
-cargo build --release --locked -q -p tessera-server -p tessera-bench
-BIN=target/release
-mkdir -p "$RESULTS_DIR"
+build_release
 
 stop_on_exit
 
