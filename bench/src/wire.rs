@@ -378,6 +378,7 @@ mod tests {
             mod_revision: 3,
             version: 2,
             expires_at_ms: None,
+            fields: Vec::new(),
         }));
         codec::encode_response(&mut out, 41, &response).unwrap();
         let error = Response::Error(tessera_protocol::ErrorReply::new(

@@ -81,6 +81,7 @@ impl Election {
                 keep_ttl: false,
                 return_previous: false,
                 lease: Some(lease),
+                fields: Vec::new(),
             }]);
         if !self.client.txn(publish).await?.succeeded {
             // Granted again already: this candidate's lease ended meanwhile.

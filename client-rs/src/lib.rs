@@ -621,6 +621,7 @@ impl Client {
             condition: options.condition,
             return_previous: options.return_previous,
             lease: options.lease,
+            fields: Vec::new(),
         }));
         if let Some(lease) = options.lease {
             tessera_protocol::codec::check_lease(lease)?;
@@ -807,6 +808,7 @@ impl Client {
                             key: entries[index].0.as_ref().to_vec(),
                             value: entries[index].1.as_ref().to_vec(),
                             ttl_ms: None,
+                            fields: Vec::new(),
                         })
                         .collect(),
                 },
@@ -1184,6 +1186,7 @@ mod tests {
                 key: vec![u8::try_from(index % 256).unwrap(); key_size],
                 value: vec![7; value_size],
                 ttl_ms: Some(1),
+                fields: Vec::new(),
             })
             .collect();
         let mut body = FrameBuffer::new();

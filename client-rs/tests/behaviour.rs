@@ -95,6 +95,7 @@ fn created_entry(value: impl Into<Vec<u8>>, revision: u64) -> Entry {
         mod_revision: revision,
         version: 1,
         expires_at_ms: None,
+        fields: Vec::new(),
     }
 }
 
@@ -197,6 +198,7 @@ async fn round_trip(client: &Client) {
             mod_revision: second.mod_revision,
             version: 2,
             expires_at_ms: None,
+            fields: Vec::new(),
         },
         "an overwrite keeps the create revision and counts one more write"
     );
@@ -308,6 +310,7 @@ async fn conditional_puts(client: &Client) {
             mod_revision: quiet.mod_revision,
             version: 3,
             expires_at_ms: None,
+            fields: Vec::new(),
         })
     );
     let fifth_entry = entry_of(client, key).await;
@@ -754,6 +757,7 @@ async fn batches_preserve_order(client: &Client) {
             mod_revision: batch_revision,
             version: 2,
             expires_at_ms: None,
+            fields: Vec::new(),
         },
         "a key named twice in one batch is written twice"
     );

@@ -819,6 +819,7 @@ async fn txn_ops_take_their_options(client: &Client) {
                 keep_ttl: false,
                 return_previous: true,
                 lease: None,
+                fields: Vec::new(),
             },
             TxnOp::Delete {
                 key: flag.into(),
@@ -872,6 +873,7 @@ async fn txn_ops_take_their_options(client: &Client) {
         keep_ttl: true,
         return_previous: false,
         lease: None,
+        fields: Vec::new(),
     };
     txn_ok(client, "keep_ttl", Txn::new().then([keep])).await;
     let kept = entry_of(client, b).await;

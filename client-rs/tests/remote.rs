@@ -387,6 +387,7 @@ async fn wrong_shard_refreshes_and_retries() {
             mod_revision: 9,
             version: 2,
             expires_at_ms: None,
+            fields: Vec::new(),
         }))),
         _ => Reply::Nothing,
     })

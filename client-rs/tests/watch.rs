@@ -265,6 +265,7 @@ impl Model {
                 mod_revision: revision,
                 version,
                 expires_at_ms: None,
+                fields: Vec::new(),
             },
         );
         let core = self.core_of(key);
@@ -1197,6 +1198,7 @@ fn rebuild(topology: &Topology, delivered: &Delivered) -> (BTreeMap<Vec<u8>, Ent
                             mod_revision: *revision,
                             version,
                             expires_at_ms: None,
+                            fields: Vec::new(),
                         };
                         shard.insert(event.key.clone(), entry);
                     }

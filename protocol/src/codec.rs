@@ -13,17 +13,22 @@ use rkyv::util::AlignedVec;
 
 use crate::error::{ProtocolError, RequestError};
 use crate::frame::{frame_size_for_body, FrameHeader, FrameKind, PROTOCOL_VERSION};
+use crate::index::ArchivedQueryRequest;
 use crate::limits::{
     BATCH_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE, KEY_SIZE_MAX,
     SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
     WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
-use crate::limits::{LOCK_WAIT_MS_MAX, TXN_COMPARES_MAX, TXN_OPS_MAX};
+use crate::limits::{
+    FIELD_NAME_SIZE_MAX, INDEX_NAME_SIZE_MAX, LOCK_WAIT_MS_MAX, QUERY_LIMIT_MAX,
+    QUERY_ORDER_BY_MAX, TXN_COMPARES_MAX, TXN_OPS_MAX,
+};
 use crate::message::{
     ArchivedCheck, ArchivedCounterAdd, ArchivedDeleteCondition, ArchivedPutCondition,
     ArchivedReply, ArchivedRequest, ArchivedResponse, ArchivedScan, ArchivedTxn, ArchivedTxnOp,
     Reply, Request, Response, ShardStamp,
 };
+use crate::query::{check_fields, check_query, shown_name, Query};
 
 /// A byte buffer whose start is 16-byte aligned, as frames and archived bodies need.
 pub type FrameBuffer = AlignedVec<FRAME_ALIGNMENT>;
@@ -527,6 +532,7 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
         ArchivedRequest::Put(put) => {
             check_key(put.key.as_slice())?;
             check_value(put.value.as_slice())?;
+            check_fields(&put.fields)?;
             if let ArchivedPutCondition::IfValue(expected) = &put.condition {
                 check_value(expected.as_slice())?;
             }
@@ -584,11 +590,30 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             watch.progress_interval_ms.to_native(),
         ),
         ArchivedRequest::Scan(scan) => check_scan(scan),
+        ArchivedRequest::CreateIndex(spec) => {
+            check_index_name(spec.name.as_str())?;
+            check_bound_key(spec.prefix.as_slice())?;
+            let field = spec.field.as_str();
+            if field.is_empty() || field.len() > FIELD_NAME_SIZE_MAX {
+                return Err(RequestError::BadIndex {
+                    name: shown_name(spec.name.as_str()),
+                    reason: format!(
+                        "a field name has 1..={FIELD_NAME_SIZE_MAX} bytes, this one {}",
+                        field.len()
+                    ),
+                });
+            }
+            Ok(())
+        }
+        ArchivedRequest::DropIndex { name } => check_index_name(name.as_str()),
+        ArchivedRequest::ListIndexes => Ok(()),
+        ArchivedRequest::Query(query) => check_query_request(query),
         ArchivedRequest::MultiPut { entries } => {
             check_batch(entries.len())?;
             entries.iter().try_for_each(|entry| {
                 check_key(entry.key.as_slice())?;
                 check_value(entry.value.as_slice())?;
+                check_fields(&entry.fields)?;
                 match entry.ttl_ms.as_ref() {
                     Some(ttl_ms) => check_ttl(ttl_ms.to_native()),
                     None => Ok(()),
@@ -596,6 +621,80 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             })
         }
     }
+}
+
+/// Checks an index's name: 1..=`INDEX_NAME_SIZE_MAX` bytes.
+fn check_index_name(name: &str) -> Result<(), RequestError> {
+    if name.is_empty() || name.len() > INDEX_NAME_SIZE_MAX {
+        return Err(RequestError::BadIndex {
+            name: shown_name(name),
+            reason: format!(
+                "a name has 1..={INDEX_NAME_SIZE_MAX} bytes, this one {}",
+                name.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Checks a key used as a bound or prefix: empty, or a key's size.
+fn check_bound_key(key: &[u8]) -> Result<(), RequestError> {
+    if key.is_empty() {
+        Ok(())
+    } else {
+        check_key(key)
+    }
+}
+
+/// Checks a query's prefix, predicate, order, limit and cursor.
+fn check_query_request(query: &ArchivedQueryRequest) -> Result<(), RequestError> {
+    check_bound_key(query.prefix.as_slice())?;
+    if let Some(filter) = query.filter.as_ref() {
+        let filter = rkyv::deserialize::<Query, rancor::BoxedError>(filter).map_err(|error| {
+            RequestError::Unencodable {
+                reason: error.to_string(),
+            }
+        })?;
+        check_query(&filter)?;
+    }
+    let bad = |reason: String| RequestError::BadQueryRequest { reason };
+    if query.order_by.len() > QUERY_ORDER_BY_MAX {
+        return Err(bad(format!(
+            "order_by has {} fields, over the limit of {QUERY_ORDER_BY_MAX}",
+            query.order_by.len()
+        )));
+    }
+    for order in query.order_by.iter() {
+        let field = order.field.as_str();
+        if field.is_empty() || field.len() > FIELD_NAME_SIZE_MAX {
+            return Err(bad(format!(
+                "an order_by field name has 1..={FIELD_NAME_SIZE_MAX} bytes, this one {}",
+                field.len()
+            )));
+        }
+    }
+    let limit = query.limit.to_native();
+    if !query.count_only && !(1..=QUERY_LIMIT_MAX).contains(&limit) {
+        return Err(bad(format!(
+            "limit {limit} is outside 1..={QUERY_LIMIT_MAX}"
+        )));
+    }
+    if let Some(after) = query.after.as_ref() {
+        check_bound_key(after.key.as_slice())?;
+        if after.sort.len() != query.order_by.len() {
+            return Err(bad(format!(
+                "the cursor has {} sort values for {} order_by fields",
+                after.sort.len(),
+                query.order_by.len()
+            )));
+        }
+        for value in after.sort.iter().flatten() {
+            if !value.to_owned_value().is_valid() {
+                return Err(bad("a cursor value is invalid".to_owned()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Checks a scan's bounds and limit.
@@ -669,10 +768,12 @@ fn check_txn(txn: &ArchivedTxn) -> Result<(), RequestError> {
                     value,
                     ttl_ms,
                     lease,
+                    fields,
                     ..
                 } => {
                     check_key(key.as_slice())?;
                     check_value(value.as_slice())?;
+                    check_fields(fields)?;
                     if let Some(ttl_ms) = ttl_ms.as_ref() {
                         check_ttl(ttl_ms.to_native())?;
                     }

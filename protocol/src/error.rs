@@ -45,6 +45,9 @@ pub enum ErrorCode {
     /// A per-shard table is full (leases, keys attached to leases); nothing was applied.
     /// Retry once some have ended.
     TableFull,
+    /// A query passed a bound of the core answering it: its time budget, or more matches
+    /// to sort than the core keeps. Nothing was applied; narrow the query, or add an index.
+    BudgetExceeded,
 }
 
 impl ErrorCode {
@@ -82,6 +85,7 @@ impl ErrorCode {
             Self::CrossShard => "cross_shard",
             Self::LeaseNotFound => "lease_not_found",
             Self::TableFull => "table_full",
+            Self::BudgetExceeded => "budget_exceeded",
         }
     }
 }
@@ -280,6 +284,39 @@ pub enum RequestError {
         /// The limit.
         size_max: usize,
     },
+    /// An entry carries more indexed fields than [`crate::limits::FIELDS_PER_VALUE_MAX`].
+    #[error("{count} fields are over the limit of {count_max} per entry")]
+    TooManyFields {
+        /// Fields given.
+        count: usize,
+        /// The limit.
+        count_max: usize,
+    },
+    /// A field's name or value breaks a rule (size, a name given twice, a NaN).
+    #[error("field {name:?}: {reason}")]
+    BadField {
+        /// The field's name (cut to the name limit).
+        name: String,
+        /// The rule broken.
+        reason: String,
+    },
+    /// An index definition breaks a rule (its name or field's size).
+    #[error("index {name:?}: {reason}")]
+    BadIndex {
+        /// The index's name (cut to the name limit).
+        name: String,
+        /// The rule broken.
+        reason: String,
+    },
+    /// A query's predicate breaks a rule of [`crate::query::check_query`].
+    #[error("query: {0}")]
+    BadQuery(#[from] crate::query::QueryError),
+    /// A query's other arguments break a rule (limit, order, cursor).
+    #[error("query: {reason}")]
+    BadQueryRequest {
+        /// The rule broken.
+        reason: String,
+    },
 }
 
 impl RequestError {
@@ -298,13 +335,18 @@ impl RequestError {
             | Self::ZeroLease
             | Self::LockWaitOutOfRange { .. }
             | Self::EmptyBounds { .. }
-            | Self::RefreshWithoutTtl => ErrorCode::InvalidArgument,
+            | Self::RefreshWithoutTtl
+            | Self::BadField { .. }
+            | Self::BadIndex { .. }
+            | Self::BadQuery(_)
+            | Self::BadQueryRequest { .. } => ErrorCode::InvalidArgument,
             Self::KeyTooLarge { .. }
             | Self::ValueTooLarge { .. }
             | Self::BatchTooLarge { .. }
             | Self::TxnTooLarge { .. }
             | Self::Unencodable { .. }
-            | Self::TextTooLarge { .. } => ErrorCode::TooLarge,
+            | Self::TextTooLarge { .. }
+            | Self::TooManyFields { .. } => ErrorCode::TooLarge,
         }
     }
 }

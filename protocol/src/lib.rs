@@ -12,6 +12,7 @@
 //! - [`message`]: one request variant per command, one response variant per answer.
 //! - [`codec`]: encode into a caller's buffer; decode into incomplete, invalid or validated.
 //! - [`limits`]: every size a peer can send, with compile-time relations between them.
+//! - [`index`]: index definitions and states, query requests, pages and plans.
 //! - [`query`]: typed field values and query predicates: checks, evaluation, the readable
 //!   syntax.
 //! - [`routing`]: `slot = crc32(hash_tag(key)) mod 16384`.
@@ -35,6 +36,7 @@
 pub mod codec;
 pub mod error;
 pub mod frame;
+pub mod index;
 pub mod limits;
 pub mod message;
 pub mod query;
@@ -43,6 +45,10 @@ pub mod topology;
 
 pub use error::{ErrorCode, ProtocolError, RequestError};
 pub use frame::{FrameHeader, FrameKind, MAGIC, PROTOCOL_VERSION};
+pub use index::{
+    IndexInfo, IndexKind, IndexSpec, IndexState, OrderBy, Projection, QueryAccess, QueryCursor,
+    QueryItem, QueryPage, QueryPlan, QueryRequest,
+};
 pub use message::{
     key_after, prefix_end, ArchivedPut, ArchivedPutCondition, ArchivedReply, ArchivedRequest,
     ArchivedResponse, Check, Compare, CompareOp, CoreStats, CounterAdd, Delete, DeleteCondition,
@@ -51,6 +57,7 @@ pub use message::{
     TxnOutcome, TxnResult, Watch, WatchCancel, WatchEvent, WatchEvents, WatchFrom, Watching,
     WrongShard,
 };
+pub use query::{Field, FieldValue, Query};
 pub use routing::{hash_tag, slot_for_key, split_slots, Slot, SlotRange, SLOT_COUNT};
 pub use topology::{
     CoreInfo, NodeHealth, NodeInfo, NodeState, RouteTable, ShardLocation, Topology, TopologyError,

@@ -91,6 +91,24 @@ pub const QUERY_IN_VALUES_MAX: usize = 256;
 /// Longest query text `parse_query` reads, in bytes.
 pub const QUERY_TEXT_SIZE_MAX: usize = 16 * 1024;
 
+/// Most indexed fields one entry carries.
+pub const FIELDS_PER_VALUE_MAX: usize = 16;
+
+/// Longest index name, in bytes.
+pub const INDEX_NAME_SIZE_MAX: usize = 64;
+
+/// Most indexes one shard keeps.
+pub const INDEXES_MAX: usize = 64;
+
+/// Most indexes whose prefixes cover one key: each is updated by every write of the key.
+pub const INDEXES_PER_PREFIX_MAX: usize = 8;
+
+/// Most items of one query page per core.
+pub const QUERY_LIMIT_MAX: u32 = SCAN_LIMIT_MAX;
+
+/// Most `order_by` fields of a query.
+pub const QUERY_ORDER_BY_MAX: usize = 4;
+
 /// Most nodes in one topology.
 pub const NODE_COUNT_MAX: usize = 1024;
 

@@ -11,6 +11,8 @@
 #![allow(missing_docs)]
 
 use crate::error::ErrorCode;
+use crate::index::{IndexInfo, IndexSpec, QueryPage, QueryRequest};
+use crate::query::Field;
 use crate::topology::{NodeHealth, Topology};
 
 /// A request from client to server.
@@ -152,6 +154,23 @@ pub enum Request {
         /// The fencing token its grant returned.
         token: u64,
     },
+    /// Defines a secondary index on the shard of the core that receives it (never
+    /// forwarded: the client sends one to every core of every node, which is what makes a
+    /// definition cluster-wide). Journaled like a write. Filing the keys that exist runs in
+    /// bounded slices after the answer. Creating an index that exists with the same
+    /// definition changes nothing; another definition under its name is refused.
+    CreateIndex(Box<IndexSpec>),
+    /// Removes an index from the shard of the core that receives it (never forwarded).
+    DropIndex {
+        /// The index.
+        name: String,
+    },
+    /// The indexes of the shard of the core that receives it (never forwarded).
+    ListIndexes,
+    /// Finds the live entries under a prefix whose fields match a predicate, on the shard of
+    /// the core that receives it (never forwarded: the client asks every core and merges).
+    /// Boxed so its many fields do not widen every other request's archive.
+    Query(Box<QueryRequest>),
 }
 
 /// A lease id: the home shard (node and core) in its top bits, so any core can tell where a
@@ -475,6 +494,8 @@ pub enum TxnOp {
         /// lease must live and be known to the transaction's shard: homed there, or used
         /// there before (by a put or a lock of the same hash tag).
         lease: Option<u64>,
+        /// The entry's indexed fields, as [`Put::fields`].
+        fields: Vec<Field>,
     },
     /// Removes a key.
     Delete {
@@ -508,6 +529,7 @@ impl TxnOp {
             keep_ttl: false,
             return_previous: false,
             lease: None,
+            fields: Vec::new(),
         }
     }
 
@@ -683,6 +705,9 @@ pub struct Put {
     /// Attach the key to this lease (a key has at most one: a put without a lease detaches
     /// it). The key is deleted when the lease ends. `None` for no lease.
     pub lease: Option<u64>,
+    /// The entry's indexed fields (at most `FIELDS_PER_VALUE_MAX`, names unique). They
+    /// replace the entry's fields as the value replaces its value.
+    pub fields: Vec<Field>,
 }
 
 impl Put {
@@ -697,6 +722,7 @@ impl Put {
             condition: PutCondition::Always,
             return_previous: false,
             lease: None,
+            fields: Vec::new(),
         }
     }
 }
@@ -711,6 +737,8 @@ pub struct PutEntry {
     pub value: Vec<u8>,
     /// Time to live in milliseconds; `None` means no expiry.
     pub ttl_ms: Option<u64>,
+    /// The entry's indexed fields, as [`Put::fields`].
+    pub fields: Vec<Field>,
 }
 
 /// A stored value as returned to clients.
@@ -727,6 +755,8 @@ pub struct Entry {
     pub version: u64,
     /// Absolute expiry in Unix milliseconds, if the key has a TTL.
     pub expires_at_ms: Option<u64>,
+    /// The entry's indexed fields, ordered by name.
+    pub fields: Vec<Field>,
 }
 
 /// A key's time to live.
@@ -926,6 +956,21 @@ pub enum Response {
         /// Whether the token was the holder's and the lock was released.
         released: bool,
     },
+    /// Answer to [`Request::CreateIndex`].
+    IndexCreated {
+        /// Whether the index is new (false: it existed with the same definition).
+        created: bool,
+    },
+    /// Answer to [`Request::DropIndex`].
+    IndexDropped {
+        /// Whether the index existed.
+        dropped: bool,
+    },
+    /// Answer to [`Request::ListIndexes`]: the shard's indexes, by name.
+    Indexes(Vec<IndexInfo>),
+    /// Answer to [`Request::Query`]. Boxed: a page with its plan would widen every
+    /// response's archive.
+    Query(Box<QueryPage>),
 }
 
 /// One shard's knowledge of a lease ([`Response::LeaseTimeToLive`]).

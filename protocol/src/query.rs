@@ -22,9 +22,10 @@
 use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
 
+use crate::error::RequestError;
 use crate::limits::{
-    FIELD_NAME_SIZE_MAX, FIELD_STRING_SIZE_MAX, QUERY_IN_VALUES_MAX, QUERY_NODES_MAX,
-    QUERY_TEXT_SIZE_MAX,
+    FIELDS_PER_VALUE_MAX, FIELD_NAME_SIZE_MAX, FIELD_STRING_SIZE_MAX, QUERY_IN_VALUES_MAX,
+    QUERY_NODES_MAX, QUERY_TEXT_SIZE_MAX,
 };
 
 /// An `f64` that is never NaN and has one zero, so values are totally ordered and equal by
@@ -98,6 +99,156 @@ impl FieldValue {
             Self::Timestamp(_) => "timestamp",
         }
     }
+}
+
+impl FieldValue {
+    /// Where the value's type sorts among the others: strings, numbers (`i64` and `f64`
+    /// together), booleans, timestamps.
+    pub fn type_rank(&self) -> u8 {
+        match self {
+            Self::Str(_) => 0,
+            Self::I64(_) | Self::F64(_) => 1,
+            Self::Bool(_) => 2,
+            Self::Timestamp(_) => 3,
+        }
+    }
+
+    /// A total order over every value: by [`FieldValue::type_rank`], then within a type by
+    /// [`FieldValue::compare`]. Indexes and `order_by` sort by it; `2` and `2.0` are equal.
+    pub fn total_cmp(&self, other: &FieldValue) -> Ordering {
+        self.type_rank()
+            .cmp(&other.type_rank())
+            .then_with(|| self.compare(other).unwrap_or(Ordering::Equal))
+    }
+
+    /// Whether the value may be stored or sent: a string within [`FIELD_STRING_SIZE_MAX`],
+    /// an `f64` that is not NaN and not `-0.0` (bits from the wire are not trusted).
+    pub fn is_valid(&self) -> bool {
+        match self {
+            Self::Str(text) => text.len() <= FIELD_STRING_SIZE_MAX,
+            Self::F64(number) => F64::new(number.get()) == Some(*number),
+            Self::I64(_) | Self::Bool(_) | Self::Timestamp(_) => true,
+        }
+    }
+}
+
+/// How one sort key of a query result compares with another: a value before no value
+/// (entries without the field sort last), values by [`FieldValue::total_cmp`].
+pub fn sort_value_cmp(left: Option<&FieldValue>, right: Option<&FieldValue>) -> Ordering {
+    match (left, right) {
+        (Some(left), Some(right)) => left.total_cmp(right),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => Ordering::Equal,
+    }
+}
+
+/// One indexed field of an entry: a name (1..=[`FIELD_NAME_SIZE_MAX`] bytes) and its value.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[rkyv(derive(Debug))]
+pub struct Field {
+    /// The name.
+    pub name: String,
+    /// The value.
+    pub value: FieldValue,
+}
+
+impl Field {
+    /// A field named `name` holding `value`.
+    pub fn new(name: impl Into<String>, value: FieldValue) -> Self {
+        Self {
+            name: name.into(),
+            value,
+        }
+    }
+}
+
+impl ArchivedF64 {
+    /// The number, as stored (bits from the wire may be NaN or `-0.0`).
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.bits.to_native())
+    }
+}
+
+impl ArchivedFieldValue {
+    /// The value, owned.
+    pub fn to_owned_value(&self) -> FieldValue {
+        match self {
+            Self::Str(text) => FieldValue::Str(text.as_str().to_owned()),
+            Self::I64(number) => FieldValue::I64(number.to_native()),
+            Self::F64(number) => FieldValue::F64(F64 {
+                bits: number.bits.to_native(),
+            }),
+            Self::Bool(value) => FieldValue::Bool(*value),
+            Self::Timestamp(ms) => FieldValue::Timestamp(ms.to_native()),
+        }
+    }
+}
+
+impl ArchivedField {
+    /// The field, owned.
+    pub fn to_field(&self) -> Field {
+        Field::new(self.name.as_str(), self.value.to_owned_value())
+    }
+}
+
+/// Checks an entry's archived fields: at most [`FIELDS_PER_VALUE_MAX`], every name
+/// 1..=[`FIELD_NAME_SIZE_MAX`] bytes and given once, every value valid
+/// ([`FieldValue::is_valid`]).
+///
+/// # Errors
+/// The first rule broken.
+pub fn check_fields(fields: &[ArchivedField]) -> Result<(), RequestError> {
+    if fields.len() > FIELDS_PER_VALUE_MAX {
+        return Err(RequestError::TooManyFields {
+            count: fields.len(),
+            count_max: FIELDS_PER_VALUE_MAX,
+        });
+    }
+    for (index, field) in fields.iter().enumerate() {
+        let name = field.name.as_str();
+        let bad = |reason: String| RequestError::BadField {
+            name: shown_name(name),
+            reason,
+        };
+        if name.is_empty() || name.len() > FIELD_NAME_SIZE_MAX {
+            return Err(bad(format!(
+                "a name has 1..={FIELD_NAME_SIZE_MAX} bytes, this one {}",
+                name.len()
+            )));
+        }
+        if fields[..index]
+            .iter()
+            .any(|earlier| earlier.name.as_str() == name)
+        {
+            return Err(bad("the name is given twice".to_owned()));
+        }
+        match &field.value {
+            ArchivedFieldValue::Str(text) if text.len() > FIELD_STRING_SIZE_MAX => {
+                return Err(bad(format!(
+                    "a string of {} bytes is over the limit of {FIELD_STRING_SIZE_MAX}",
+                    text.len()
+                )));
+            }
+            ArchivedFieldValue::F64(number)
+                if F64::new(number.get()).map(|valid| valid.bits)
+                    != Some(number.bits.to_native()) =>
+            {
+                return Err(bad("an f64 is NaN or -0.0".to_owned()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A name as an error shows it: cut to [`FIELD_NAME_SIZE_MAX`] bytes at a character boundary.
+pub fn shown_name(name: &str) -> String {
+    let mut end = name.len().min(FIELD_NAME_SIZE_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name[..end].to_owned()
 }
 
 /// `integer` against `float` by value, exactly (no rounding of large integers).
@@ -221,6 +372,12 @@ pub enum QueryError {
         /// Values found.
         count: usize,
     },
+    /// An `f64` value is NaN or `-0.0` (only bits from the wire can be).
+    #[error("f64 value with bits {bits:#018x} is NaN or -0.0")]
+    Float {
+        /// Its bits.
+        bits: u64,
+    },
     /// The text could not be parsed.
     #[error("at byte {position}: {message}")]
     Syntax {
@@ -313,6 +470,9 @@ fn check_string(text: &str) -> Result<(), QueryError> {
 fn check_value(value: &FieldValue) -> Result<(), QueryError> {
     match value {
         FieldValue::Str(text) => check_string(text),
+        FieldValue::F64(number) if !value.is_valid() => Err(QueryError::Float {
+            bits: number.get().to_bits(),
+        }),
         _ => Ok(()),
     }
 }

@@ -56,9 +56,9 @@ const TXN_COUNT_GENERATED_MAX: usize = 4;
 /// Most frames in one generated stream.
 const FRAME_COUNT_GENERATED_MAX: usize = 8;
 /// Number of `Request` variants; `request_variant` fails to compile when one is added.
-const REQUEST_VARIANT_COUNT: usize = 26;
+const REQUEST_VARIANT_COUNT: usize = 30;
 /// Number of `Response` variants; `response_variant` fails to compile when one is added.
-const RESPONSE_VARIANT_COUNT: usize = 28;
+const RESPONSE_VARIANT_COUNT: usize = 32;
 
 // ---------------------------------------------------------------------------------------------
 // Strategies.
@@ -133,6 +133,7 @@ fn put() -> impl Strategy<Value = Put> {
                 condition,
                 return_previous,
                 lease,
+                fields: Vec::new(),
             },
         )
 }
@@ -231,6 +232,7 @@ fn txn_op() -> impl Strategy<Value = TxnOp> {
                     keep_ttl,
                     return_previous,
                     lease: None,
+                    fields: Vec::new(),
                 }
             ),
         (key(), value(), 1..u64::MAX).prop_map(|(key, value, lease)| TxnOp::Put {
@@ -240,6 +242,7 @@ fn txn_op() -> impl Strategy<Value = TxnOp> {
             keep_ttl: false,
             return_previous: false,
             lease: Some(lease),
+            fields: Vec::new(),
         }),
         (key(), any::<bool>()).prop_map(|(key, return_previous)| TxnOp::Delete {
             key,
@@ -290,6 +293,7 @@ fn put_entry() -> impl Strategy<Value = PutEntry> {
         key,
         value,
         ttl_ms,
+        fields: Vec::new(),
     })
 }
 
@@ -516,6 +520,7 @@ fn entry() -> impl Strategy<Value = Entry> {
                 mod_revision,
                 version,
                 expires_at_ms,
+                fields: Vec::new(),
             },
         )
 }
@@ -870,6 +875,10 @@ fn request_variant(request: &Request) -> usize {
         Request::LeaseList => 23,
         Request::Lock { .. } => 24,
         Request::Unlock { .. } => 25,
+        Request::CreateIndex(_) => 26,
+        Request::DropIndex { .. } => 27,
+        Request::ListIndexes => 28,
+        Request::Query(_) => 29,
     }
 }
 
@@ -903,6 +912,10 @@ fn response_variant(response: &Response) -> usize {
         Response::Leases { .. } => 25,
         Response::Locked { .. } => 26,
         Response::Unlocked { .. } => 27,
+        Response::IndexCreated { .. } => 28,
+        Response::IndexDropped { .. } => 29,
+        Response::Indexes(_) => 30,
+        Response::Query(_) => 31,
     }
 }
 
@@ -1279,6 +1292,7 @@ fn every_bit_of_small_frames_is_checked() {
             mod_revision: 1,
             version: 1,
             expires_at_ms: None,
+            fields: Vec::new(),
         }))),
     ];
     for message in &frames {
@@ -1557,6 +1571,7 @@ fn requests_with_key(key: &[u8]) -> Vec<Request> {
                 key: key.clone(),
                 value: b"v".to_vec(),
                 ttl_ms: None,
+                fields: Vec::new(),
             }],
         },
         Request::MultiDelete {
@@ -1622,11 +1637,13 @@ fn requests_with_value(value: &[u8]) -> Vec<Request> {
                     key: b"fine".to_vec(),
                     value: Vec::new(),
                     ttl_ms: None,
+                    fields: Vec::new(),
                 },
                 PutEntry {
                     key: b"k".to_vec(),
                     value: value.to_vec(),
                     ttl_ms: None,
+                    fields: Vec::new(),
                 },
             ],
         },
@@ -1652,6 +1669,7 @@ fn requests_with_ttl(ttl_ms: u64) -> Vec<Request> {
         keep_ttl: false,
         return_previous: false,
         lease: None,
+        fields: Vec::new(),
     };
     vec![
         Request::Put(Box::new(put)),
@@ -1676,6 +1694,7 @@ fn requests_with_ttl(ttl_ms: u64) -> Vec<Request> {
                 key: b"k".to_vec(),
                 value: b"v".to_vec(),
                 ttl_ms: Some(ttl_ms),
+                fields: Vec::new(),
             }],
         },
     ]
@@ -1696,6 +1715,7 @@ fn batches_of(count: usize) -> Vec<Request> {
                     key: b"k".to_vec(),
                     value: Vec::new(),
                     ttl_ms: None,
+                    fields: Vec::new(),
                 };
                 count
             ],

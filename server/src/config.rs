@@ -59,6 +59,12 @@ pub struct Config {
     pub tick_ms: u64,
     /// Most keys one core reclaims per tick, so a mass expiry cannot stall it.
     pub expired_per_tick_max: usize,
+    /// How long one core may spend on one query, in milliseconds, before it refuses it
+    /// with `BudgetExceeded` (the core serves nothing else meanwhile).
+    pub query_time_budget_ms: u64,
+    /// Most matches one core collects to sort for one query (an `order_by` no index gives,
+    /// or candidates from an index out of key order); past it the query is refused.
+    pub query_sort_items_max: usize,
     /// Most change events each core keeps for watchers to resume from.
     pub watch_history_events_max: usize,
     /// Most bytes of change events each core keeps for watchers to resume from.
@@ -178,6 +184,12 @@ pub struct Flags {
     /// Keys reclaimed per core per tick at most.
     #[arg(long, env = "TESSERA_EXPIRED_PER_TICK_MAX")]
     pub expired_per_tick_max: Option<usize>,
+    /// Time one core may spend on one query, in milliseconds.
+    #[arg(long, env = "TESSERA_QUERY_TIME_BUDGET_MS")]
+    pub query_time_budget_ms: Option<u64>,
+    /// Matches one core collects to sort for one query at most.
+    #[arg(long, env = "TESSERA_QUERY_SORT_ITEMS_MAX")]
+    pub query_sort_items_max: Option<usize>,
     /// Change events each core keeps for watchers to resume from (default 1024).
     #[arg(long, env = "TESSERA_WATCH_HISTORY_EVENTS_MAX")]
     pub watch_history_events_max: Option<usize>,
@@ -355,6 +367,8 @@ struct FileConfig {
     inbox_capacity: Option<usize>,
     tick_ms: Option<u64>,
     expired_per_tick_max: Option<usize>,
+    query_time_budget_ms: Option<u64>,
+    query_sort_items_max: Option<usize>,
     watch_history_events_max: Option<usize>,
     watch_history_bytes_max: Option<u64>,
     watchers_per_shard_max: Option<usize>,
@@ -403,6 +417,8 @@ impl Default for Config {
             inbox_capacity: 4096,
             tick_ms: 10,
             expired_per_tick_max: 10_000,
+            query_time_budget_ms: 1000,
+            query_sort_items_max: 100_000,
             watch_history_events_max: WatchLimits::default().history_events_max,
             watch_history_bytes_max: WatchLimits::default().history_bytes_max as u64,
             watchers_per_shard_max: WatchLimits::default().watchers_max,
@@ -482,6 +498,8 @@ impl Config {
             inbox_capacity,
             tick_ms,
             expired_per_tick_max,
+            query_time_budget_ms,
+            query_sort_items_max,
             watch_history_events_max,
             watch_history_bytes_max,
             watchers_per_shard_max,
@@ -537,6 +555,8 @@ impl Config {
             inbox_capacity,
             tick_ms,
             expired_per_tick_max,
+            query_time_budget_ms,
+            query_sort_items_max,
             watch_history_events_max,
             watch_history_bytes_max,
             watchers_per_shard_max,
@@ -687,6 +707,15 @@ impl Config {
         }
         if self.expired_per_tick_max == 0 {
             return invalid("expired_per_tick_max", "must be at least 1".to_owned());
+        }
+        if self.query_time_budget_ms == 0 || self.query_time_budget_ms > 60_000 {
+            return invalid(
+                "query_time_budget_ms",
+                format!("{} is outside 1..=60000", self.query_time_budget_ms),
+            );
+        }
+        if self.query_sort_items_max == 0 {
+            return invalid("query_sort_items_max", "must be at least 1".to_owned());
         }
         self.validate_watch_limits()?;
         if self.group_commit_wait_us > 100_000 {

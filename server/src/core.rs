@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use futures_channel::oneshot;
 use tessera_protocol::codec::{self, FrameBuffer};
+use tessera_protocol::index::ArchivedQueryRequest;
 use tessera_protocol::message::{ArchivedRequest, ArchivedTxn};
+use tessera_protocol::query::ArchivedField;
+use tessera_protocol::QueryRequest;
 use tessera_protocol::{
     CoreStats, ErrorCode, ErrorReply, PutEntry, Request, Response, RouteTable, ShardLocation,
     ShardStamp, Slot, Topology, WrongShard, PROTOCOL_VERSION,
@@ -157,6 +160,8 @@ pub struct CoreContext {
     pub lock_waiters: RefCell<ahash::AHashMap<u64, LockWaiter>>,
     /// What the core counts for `/metrics`: plain counters on the core's own thread.
     pub metrics: RefCell<crate::metrics::CoreMetrics>,
+    /// Whether a task is filing keys for an index being built ([`build_indexes`]).
+    pub index_build_running: std::cell::Cell<bool>,
 }
 
 /// A lock request waiting in line: the lock's name and where its answer goes.
@@ -250,7 +255,11 @@ impl CoreContext {
             | ArchivedRequest::LeaseGrant { .. }
             | ArchivedRequest::LeaseKeepalive { .. }
             | ArchivedRequest::LeaseTimeToLive { .. }
-            | ArchivedRequest::LeaseList => Route::Here,
+            | ArchivedRequest::LeaseList
+            | ArchivedRequest::CreateIndex(_)
+            | ArchivedRequest::DropIndex { .. }
+            | ArchivedRequest::ListIndexes
+            | ArchivedRequest::Query(_) => Route::Here,
             ArchivedRequest::Get { key }
             | ArchivedRequest::Exists { key }
             | ArchivedRequest::Expire { key, .. }
@@ -447,8 +456,26 @@ impl CoreContext {
                     watch_queued_bytes,
                 }))
             }
+            ArchivedRequest::Query(query) => self.query(now_ms, query),
             _ => self.apply(now_ms, request),
         }
+    }
+
+    /// Answers a query from this core's shard within the configured time budget.
+    fn query(&self, now_ms: u64, query: &ArchivedQueryRequest) -> Response {
+        let query = match rkyv::deserialize::<QueryRequest, rkyv::rancor::BoxedError>(query) {
+            Ok(query) => query,
+            Err(decode) => return error(ErrorCode::Internal, decode.to_string()),
+        };
+        let time_budget_ms = self.config.query_time_budget_ms;
+        let deadline = std::time::Instant::now() + Duration::from_millis(time_budget_ms);
+        let mut time_left = || std::time::Instant::now() < deadline;
+        let mut budget = crate::shard::query::QueryBudget {
+            time_left: &mut time_left,
+            time_budget_ms,
+            sort_items_max: self.config.query_sort_items_max,
+        };
+        self.shard.borrow().query(now_ms, &query, &mut budget)
     }
 
     /// Applies a request to the shard, unless the log's disk is full and it might not fit.
@@ -954,6 +981,11 @@ impl CoreContext {
                                     key: entry.key.to_vec(),
                                     value: entry.value.to_vec(),
                                     ttl_ms: entry.ttl_ms.as_ref().map(|ttl_ms| ttl_ms.to_native()),
+                                    fields: entry
+                                        .fields
+                                        .iter()
+                                        .map(ArchivedField::to_field)
+                                        .collect(),
                                 }
                             })
                             .collect();
@@ -1266,5 +1298,35 @@ pub async fn run_ticks(context: std::rc::Rc<CoreContext>, progress: crate::serve
         if expired_count > 0 {
             tracing::trace!(expired_count, "reclaimed expired keys");
         }
+        if !context.index_build_running.get() && context.shard.borrow().indexes().is_building() {
+            context.index_build_running.set(true);
+            glommio::spawn_local(build_indexes(context.clone())).detach();
+        }
     }
+}
+
+/// Keys an index build files between two chances for everything else on the core to run:
+/// short enough that a point request waits little behind a slice.
+pub const INDEX_BUILD_SLICE_KEYS: usize = 256;
+
+/// Files the keys of indexes being built, a slice at a time, yielding to the core's other
+/// tasks after each, until none is building or the core stops.
+pub async fn build_indexes(context: Rc<CoreContext>) {
+    let started = std::time::Instant::now();
+    while !context.stop.is_fired() {
+        let more = context
+            .shard
+            .borrow_mut()
+            .build_indexes(INDEX_BUILD_SLICE_KEYS);
+        if !more {
+            break;
+        }
+        futures_lite::future::yield_now().await;
+    }
+    tracing::info!(
+        core = context.core_id,
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "index build finished"
+    );
+    context.index_build_running.set(false);
 }

@@ -147,12 +147,16 @@ pub enum Op {
     LeaseList,
     Lock,
     Unlock,
+    CreateIndex,
+    DropIndex,
+    ListIndexes,
+    Query,
     /// A frame or body that could not be decoded, or a frame that was not a request.
     Invalid,
 }
 
 /// Number of [`Op`]s.
-pub const OP_COUNT: usize = 27;
+pub const OP_COUNT: usize = 31;
 
 impl Op {
     /// Every op, in index order.
@@ -183,6 +187,10 @@ impl Op {
         Op::LeaseList,
         Op::Lock,
         Op::Unlock,
+        Op::CreateIndex,
+        Op::DropIndex,
+        Op::ListIndexes,
+        Op::Query,
         Op::Invalid,
     ];
 
@@ -215,6 +223,10 @@ impl Op {
             ArchivedRequest::LeaseList => Op::LeaseList,
             ArchivedRequest::Lock { .. } => Op::Lock,
             ArchivedRequest::Unlock { .. } => Op::Unlock,
+            ArchivedRequest::CreateIndex(_) => Op::CreateIndex,
+            ArchivedRequest::DropIndex { .. } => Op::DropIndex,
+            ArchivedRequest::ListIndexes => Op::ListIndexes,
+            ArchivedRequest::Query(_) => Op::Query,
         }
     }
 
@@ -247,6 +259,10 @@ impl Op {
             Op::LeaseList => "lease_list",
             Op::Lock => "lock",
             Op::Unlock => "unlock",
+            Op::CreateIndex => "create_index",
+            Op::DropIndex => "drop_index",
+            Op::ListIndexes => "list_indexes",
+            Op::Query => "query",
             Op::Invalid => "invalid",
         }
     }

@@ -860,6 +860,7 @@ async fn run_core(start: CoreStart) -> Option<CoreSummary> {
         watch: crate::core::WatchDelivery::default(),
         lock_waiters: std::cell::RefCell::default(),
         metrics: std::cell::RefCell::default(),
+        index_build_running: std::cell::Cell::new(false),
     });
     let writer_control = WriterControl::default();
     let snapshots_finish = LocalSignal::new();

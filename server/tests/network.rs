@@ -293,6 +293,7 @@ fn batches_spanning_cores_answer_in_request_order() {
             key: key.clone(),
             value: batch_value_of(key),
             ttl_ms: None,
+            fields: Vec::new(),
         })
         .collect();
     let mut connection = RawConnection::open(&addresses[1]);

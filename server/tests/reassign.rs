@@ -67,6 +67,7 @@ fn a_changed_table_that_moved_stored_keys_refuses_to_start() {
             condition: PutCondition::Always,
             return_previous: false,
             lease: None,
+            fields: Vec::new(),
         })));
         assert!(
             matches!(reply, Response::Put { applied: true, .. }),

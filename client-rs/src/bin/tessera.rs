@@ -1038,6 +1038,7 @@ impl OpDocument {
                     keep_ttl,
                     return_previous: false,
                     lease: self.lease,
+                    fields: Vec::new(),
                 }
             }
             "add" => {

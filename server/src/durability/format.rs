@@ -12,15 +12,18 @@
 //! what a crash during an append leaves); and a record that is present but wrong, which recovery
 //! must not skip silently.
 
+use tessera_protocol::IndexKind;
+
 use crate::durability::DurabilityError;
 
 /// Identifies a log segment file.
 pub const SEGMENT_MAGIC: [u8; 4] = *b"TSWL";
 
 /// Version of the log format written by this build.
-pub const LOG_FORMAT_VERSION: u16 = 4;
+pub const LOG_FORMAT_VERSION: u16 = 5;
 
-/// The oldest log format this build still reads (version 3 has no lease effects).
+/// The oldest log format this build still reads (version 3 has no lease effects, 4 no
+/// fields and indexes).
 pub const LOG_FORMAT_VERSION_MIN: u16 = 3;
 
 /// Bytes of a segment header.
@@ -46,6 +49,12 @@ const EFFECT_LEASE_GRANT: u8 = 4;
 const EFFECT_LEASE_END: u8 = 5;
 const EFFECT_LOCK_HELD: u8 = 6;
 const EFFECT_LOCK_FREE: u8 = 7;
+const EFFECT_FIELDS: u8 = 8;
+const EFFECT_INDEX_CREATE: u8 = 9;
+const EFFECT_INDEX_DROP: u8 = 10;
+
+const INDEX_KIND_EQUALITY: u8 = 1;
+const INDEX_KIND_RANGE: u8 = 2;
 
 /// The header at the start of every segment file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +194,30 @@ pub enum Effect<'a> {
         /// The last token granted.
         token: u64,
     },
+    /// The key (just set by the effect before) carries these indexed fields (the shard's
+    /// blob, `shard::fields`). A `Set` without a `Fields` after it leaves the key without.
+    Fields {
+        /// The key.
+        key: &'a [u8],
+        /// The fields blob.
+        fields: &'a [u8],
+    },
+    /// An index was defined.
+    IndexCreate {
+        /// Its name (UTF-8).
+        name: &'a [u8],
+        /// The keys it covers.
+        prefix: &'a [u8],
+        /// Its field (UTF-8).
+        field: &'a [u8],
+        /// Equality or range.
+        kind: IndexKind,
+    },
+    /// An index was dropped.
+    IndexDrop {
+        /// Its name (UTF-8).
+        name: &'a [u8],
+    },
 }
 
 /// Appends records to a buffer: `begin` a revision, add its effects, `finish` it.
@@ -268,6 +301,30 @@ impl RecordWriter {
                 self.buffer.push(EFFECT_LOCK_FREE);
                 self.push_bytes_u16(name);
                 self.buffer.extend_from_slice(&token.to_le_bytes());
+            }
+            Effect::Fields { key, fields } => {
+                self.buffer.push(EFFECT_FIELDS);
+                self.push_bytes_u16(key);
+                self.push_bytes_u32(fields);
+            }
+            Effect::IndexCreate {
+                name,
+                prefix,
+                field,
+                kind,
+            } => {
+                self.buffer.push(EFFECT_INDEX_CREATE);
+                self.push_bytes_u16(name);
+                self.push_bytes_u16(prefix);
+                self.push_bytes_u16(field);
+                self.buffer.push(match kind {
+                    IndexKind::Equality => INDEX_KIND_EQUALITY,
+                    IndexKind::Range => INDEX_KIND_RANGE,
+                });
+            }
+            Effect::IndexDrop { name } => {
+                self.buffer.push(EFFECT_INDEX_DROP);
+                self.push_bytes_u16(name);
             }
         }
     }
@@ -460,6 +517,14 @@ impl<'a> Iterator for Effects<'a> {
                 let (token, rest) = take_u64(rest)?;
                 Ok((Effect::LockFree { name, token }, rest))
             }),
+            EFFECT_FIELDS => take_u16_prefixed(rest).and_then(|(key, rest)| {
+                let (fields, rest) = take_u32_prefixed(rest)?;
+                Ok((Effect::Fields { key, fields }, rest))
+            }),
+            EFFECT_INDEX_CREATE => parse_index_create(rest),
+            EFFECT_INDEX_DROP => {
+                take_u16_prefixed(rest).map(|(name, rest)| (Effect::IndexDrop { name }, rest))
+            }
             other => Err(DurabilityError::corrupt(format!(
                 "unknown effect kind {other}"
             ))),
@@ -496,6 +561,33 @@ fn parse_set(bytes: &[u8]) -> Result<(Effect<'_>, &[u8]), DurabilityError> {
             deadline_ms: (deadline_ms != 0).then_some(deadline_ms),
             create_revision: number(1),
             version: number(2),
+        },
+        rest,
+    ))
+}
+
+fn parse_index_create(bytes: &[u8]) -> Result<(Effect<'_>, &[u8]), DurabilityError> {
+    let (name, rest) = take_u16_prefixed(bytes)?;
+    let (prefix, rest) = take_u16_prefixed(rest)?;
+    let (field, rest) = take_u16_prefixed(rest)?;
+    let Some((&kind, rest)) = rest.split_first() else {
+        return Err(DurabilityError::corrupt("index effect cut short"));
+    };
+    let kind = match kind {
+        INDEX_KIND_EQUALITY => IndexKind::Equality,
+        INDEX_KIND_RANGE => IndexKind::Range,
+        other => {
+            return Err(DurabilityError::corrupt(format!(
+                "unknown index kind {other}"
+            )))
+        }
+    };
+    Ok((
+        Effect::IndexCreate {
+            name,
+            prefix,
+            field,
+            kind,
         },
         rest,
     ))

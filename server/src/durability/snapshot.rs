@@ -35,18 +35,21 @@ use crate::durability::log::CoreLog;
 use crate::durability::recovery::{read_segment_header, segment_files};
 use crate::durability::storage::{Storage, StorageFile};
 use crate::durability::{io_error, numbered_files, DurabilityError};
+use crate::shard::indexes::Indexes;
 use crate::shard::lease::Leases;
 use crate::shard::lock::Locks;
 use crate::shard::store::{KeyRevisions, PARTITION_COUNT};
 use crate::shard::Shard;
+use tessera_protocol::{IndexKind, IndexSpec};
 
 /// Identifies a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"TSSN";
 
 /// Version of the snapshot format written by this build.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 3;
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 4;
 
-/// The oldest snapshot format this build still reads (version 2 has no lease items).
+/// The oldest snapshot format this build still reads (version 2 has no lease items, 3 no
+/// fields and index items).
 pub const SNAPSHOT_FORMAT_VERSION_MIN: u16 = 2;
 
 /// Bytes of a snapshot header.
@@ -66,6 +69,8 @@ const ITEM_LEASE: u8 = 0x12;
 const ITEM_ATTACH: u8 = 0x13;
 const ITEM_LEASE_SEQUENCE: u8 = 0x14;
 const ITEM_LOCK: u8 = 0x15;
+const ITEM_ENTRY_FIELDS: u8 = 0x16;
+const ITEM_INDEX: u8 = 0x17;
 
 /// The file name of the snapshot that began at revision `base`.
 pub fn snapshot_file_name(base: u64) -> String {
@@ -155,6 +160,8 @@ pub struct SnapshotEntry<'a> {
     pub key: &'a [u8],
     /// The value.
     pub value: &'a [u8],
+    /// The fields blob (`shard::fields`); empty without fields.
+    pub fields: &'a [u8],
     /// The entry's create and mod revisions and version.
     pub revisions: KeyRevisions,
     /// Absolute expiry in Unix milliseconds, if any.
@@ -199,7 +206,11 @@ impl ChunkEncoder {
     /// Adds an entry.
     pub fn push(&mut self, entry: &SnapshotEntry<'_>) {
         let start = self.open();
-        self.buffer.push(ITEM_ENTRY);
+        self.buffer.push(if entry.fields.is_empty() {
+            ITEM_ENTRY
+        } else {
+            ITEM_ENTRY_FIELDS
+        });
         self.buffer
             .extend_from_slice(&entry.revisions.modify.to_le_bytes());
         self.buffer
@@ -214,6 +225,9 @@ impl ChunkEncoder {
         );
         push_u16_prefixed(&mut self.buffer, entry.key);
         push_u32_prefixed(&mut self.buffer, entry.value);
+        if !entry.fields.is_empty() {
+            push_u32_prefixed(&mut self.buffer, entry.fields);
+        }
         self.entry_count += 1;
         self.seal_if_full(start);
     }
@@ -239,6 +253,23 @@ impl ChunkEncoder {
             self.buffer.push(ITEM_ATTACH);
             self.buffer.extend_from_slice(&lease.to_le_bytes());
             push_u16_prefixed(&mut self.buffer, key);
+            self.seal_if_full(start);
+        }
+    }
+
+    /// Adds the shard's index definitions. Loading one files the entries loaded before it,
+    /// and the log's index effects after the base replay over it in order.
+    pub fn push_indexes(&mut self, indexes: &Indexes) {
+        for index in indexes.iter() {
+            let start = self.open();
+            self.buffer.push(ITEM_INDEX);
+            push_u16_prefixed(&mut self.buffer, index.spec.name.as_bytes());
+            push_u16_prefixed(&mut self.buffer, &index.spec.prefix);
+            push_u16_prefixed(&mut self.buffer, index.spec.field.as_bytes());
+            self.buffer.push(match index.spec.kind {
+                IndexKind::Equality => 1,
+                IndexKind::Range => 2,
+            });
             self.seal_if_full(start);
         }
     }
@@ -434,6 +465,7 @@ async fn write_contents<F: StorageFile>(
                 encoder.push(&SnapshotEntry {
                     key: entry.key(),
                     value: entry.value(),
+                    fields: entry.fields(),
                     revisions: entry.revisions(),
                     deadline_ms: entry.deadline_ms(),
                 });
@@ -450,6 +482,7 @@ async fn write_contents<F: StorageFile>(
         let shard = shard.borrow();
         encoder.push_leases(shard.leases());
         encoder.push_locks(shard.locks());
+        encoder.push_indexes(shard.indexes());
         shard.revision()
     };
     encoder.finish(end_revision);
@@ -636,18 +669,28 @@ fn restore_items(
 ) -> Result<Option<(u64, u64)>, DurabilityError> {
     while let Some((&kind, rest)) = items.split_first() {
         match kind {
-            ITEM_ENTRY => {
-                let (entry, rest) = parse_entry(rest)
-                    .map_err(|error| DurabilityError::corrupt(format!("byte {offset}: {error}")))?;
-                shard.restore_entry(
-                    now_ms,
-                    entry.key,
-                    entry.value,
-                    entry.revisions,
-                    entry.deadline_ms,
-                );
+            ITEM_ENTRY | ITEM_ENTRY_FIELDS => {
+                let at_byte = |error: DurabilityError| {
+                    DurabilityError::corrupt(format!("byte {offset}: {error}"))
+                };
+                let (entry, rest) =
+                    parse_entry(rest, kind == ITEM_ENTRY_FIELDS).map_err(at_byte)?;
+                shard
+                    .restore_entry(
+                        now_ms,
+                        entry.key,
+                        entry.fields,
+                        entry.value,
+                        entry.revisions,
+                        entry.deadline_ms,
+                    )
+                    .map_err(at_byte)?;
                 *entry_count += 1;
                 items = rest;
+            }
+            ITEM_INDEX => {
+                items = restore_index_item(rest, shard)
+                    .map_err(|error| DurabilityError::corrupt(format!("byte {offset}: {error}")))?;
             }
             ITEM_LEASE_SEQUENCE | ITEM_LEASE | ITEM_ATTACH | ITEM_LOCK => {
                 items = restore_lease_item(kind, rest, shard)
@@ -721,7 +764,40 @@ fn read_all(
     })
 }
 
-fn parse_entry(bytes: &[u8]) -> Result<(SnapshotEntry<'_>, &[u8]), DurabilityError> {
+/// Restores one index definition into `shard`; returns the bytes after it.
+fn restore_index_item<'a>(bytes: &'a [u8], shard: &mut Shard) -> Result<&'a [u8], DurabilityError> {
+    let text = |bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| DurabilityError::corrupt("index name or field not UTF-8"))
+    };
+    let (name, rest) = take_u16_prefixed(bytes)?;
+    let (prefix, rest) = take_u16_prefixed(rest)?;
+    let (field, rest) = take_u16_prefixed(rest)?;
+    let Some((&kind, rest)) = rest.split_first() else {
+        return Err(DurabilityError::corrupt("snapshot index item cut short"));
+    };
+    let kind = match kind {
+        1 => IndexKind::Equality,
+        2 => IndexKind::Range,
+        other => {
+            return Err(DurabilityError::corrupt(format!(
+                "unknown index kind {other}"
+            )))
+        }
+    };
+    shard.restore_index(IndexSpec {
+        name: text(name)?,
+        prefix: prefix.to_vec(),
+        field: text(field)?,
+        kind,
+    });
+    Ok(rest)
+}
+
+fn parse_entry(
+    bytes: &[u8],
+    has_fields: bool,
+) -> Result<(SnapshotEntry<'_>, &[u8]), DurabilityError> {
     let Some((fixed, rest)) = bytes.split_first_chunk::<32>() else {
         return Err(DurabilityError::corrupt("snapshot entry cut short"));
     };
@@ -733,10 +809,16 @@ fn parse_entry(bytes: &[u8]) -> Result<(SnapshotEntry<'_>, &[u8]), DurabilityErr
     let deadline_ms = u64_at(fixed, 24);
     let (key, rest) = take_u16_prefixed(rest)?;
     let (value, rest) = take_u32_prefixed(rest)?;
+    let (fields, rest) = if has_fields {
+        take_u32_prefixed(rest)?
+    } else {
+        (&[][..], rest)
+    };
     Ok((
         SnapshotEntry {
             key,
             value,
+            fields,
             revisions,
             deadline_ms: (deadline_ms != 0).then_some(deadline_ms),
         },

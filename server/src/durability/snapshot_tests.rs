@@ -537,6 +537,7 @@ fn random_request(rng: &mut TestRng) -> Request {
                     key: random_key(rng),
                     value: random_value(rng),
                     ttl_ms: random_ttl(rng),
+                    fields: Vec::new(),
                 })
                 .collect(),
         },
@@ -1155,6 +1156,7 @@ fn a_snapshot_interrupted_before_its_rename_is_removed_and_never_loaded() {
                 value: b"never written",
                 revisions: KeyRevisions::created(ghost_base),
                 deadline_ms: None,
+                fields: &[],
             }],
         );
         let ghost_path = directory.path().join(format!("snap-{ghost_base:020}.tmp"));

@@ -33,14 +33,7 @@ pub fn pair_cost(key: &[u8], value: &FieldValue) -> u64 {
     (key.len() + value_bytes) as u64 + PAIR_OVERHEAD_BYTES
 }
 
-/// How an index finds entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexKind {
-    /// Exact values (`=`, `in`), by hash.
-    Equality,
-    /// Ordered values (`<`, `>=`, `between`, `prefix` on strings, and equality too).
-    Range,
-}
+pub use tessera_protocol::IndexKind;
 
 /// A value as an equality index files it: integral floats as integers, so `2.0` finds `2`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -84,12 +77,7 @@ struct Ordered(FieldValue);
 
 impl Ordered {
     fn rank(&self) -> u8 {
-        match self.0 {
-            FieldValue::Str(_) => 0,
-            FieldValue::I64(_) | FieldValue::F64(_) => 1,
-            FieldValue::Bool(_) => 2,
-            FieldValue::Timestamp(_) => 3,
-        }
+        self.0.type_rank()
     }
 }
 
@@ -109,9 +97,7 @@ impl PartialOrd for Ordered {
 
 impl Ord for Ordered {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.rank()
-            .cmp(&other.rank())
-            .then_with(|| self.0.compare(&other.0).unwrap_or(Ordering::Equal))
+        self.0.total_cmp(&other.0)
     }
 }
 
@@ -255,6 +241,30 @@ impl Index {
             })
             .map(|(_, key)| key.as_slice())
             .collect()
+    }
+
+    /// The keys filed under a string starting with `prefix`, in value order then key order
+    /// (a range index; an equality index answers nothing).
+    pub fn prefix(&self, prefix: &str) -> Vec<&[u8]> {
+        let Pairs::Range(set) = &self.pairs else {
+            return Vec::new();
+        };
+        let start = (Ordered(FieldValue::Str(prefix.to_owned())), Vec::new());
+        set.range((StdBound::Included(start), StdBound::Unbounded))
+            .take_while(
+                |(value, _)| matches!(&value.0, FieldValue::Str(text) if text.starts_with(prefix)),
+            )
+            .map(|(_, key)| key.as_slice())
+            .collect()
+    }
+
+    /// Whether `other` holds exactly the same pairs (tests: an index against one rebuilt).
+    pub fn same_pairs(&self, other: &Index) -> bool {
+        match (&self.pairs, &other.pairs) {
+            (Pairs::Equality(mine), Pairs::Equality(theirs)) => mine == theirs,
+            (Pairs::Range(mine), Pairs::Range(theirs)) => mine == theirs,
+            _ => false,
+        }
     }
 
     /// Pairs held.

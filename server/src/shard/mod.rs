@@ -15,9 +15,12 @@
 //! - An expired entry is never returned, whether or not its timer has fired yet.
 //! - The caller only hands the shard keys whose slot is in `slots` (checked in debug builds).
 
+pub mod fields;
 pub mod index;
+pub mod indexes;
 pub mod lease;
 pub mod lock;
+pub mod query;
 pub mod store;
 pub mod timer_wheel;
 pub mod watch;
@@ -35,9 +38,10 @@ use tessera_protocol::{
     ScanItem, ScanPage, SlotRange, TtlState, TxnOutcome, TxnResult,
 };
 
+use self::indexes::Indexes;
 use self::lease::{LeaseLimits, LeaseTableFull, Leases};
 use self::lock::{LockEvent, LockLimits, LockTableFull, Locks};
-use self::store::{entry_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
+use self::store::{entry_cost, fields_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
 use self::watch::{
     DeleteCause, Event, Start, WatchError, WatchHub, WatchId, WatchLimits, WatchSpec,
@@ -118,6 +122,8 @@ pub struct Shard {
     locks: Locks,
     /// What happened to waiting lock requests since the core last took them.
     lock_events: Vec<LockEvent>,
+    /// Secondary indexes, updated in the same step as every write.
+    indexes: Indexes,
 }
 
 /// What a lock request does now.
@@ -156,6 +162,7 @@ impl Shard {
             ended_leases: Vec::new(),
             locks: Locks::new(config.lock_limits),
             lock_events: Vec::new(),
+            indexes: Indexes::new(),
             config,
         }
     }
@@ -452,7 +459,8 @@ impl Shard {
     }
 
     fn replay_effects(&mut self, now_ms: u64, record: &Record<'_>) -> Result<(), DurabilityError> {
-        for effect in record.effects() {
+        let mut effects = record.effects().peekable();
+        while let Some(effect) = effects.next() {
             match effect? {
                 Effect::Set {
                     key,
@@ -461,6 +469,19 @@ impl Shard {
                     create_revision,
                     version,
                 } => {
+                    // A `Fields` of the same key right after carries its fields.
+                    let fields = match effects.peek() {
+                        Some(Ok(Effect::Fields {
+                            key: fields_key,
+                            fields,
+                        })) if *fields_key == key => {
+                            let fields = *fields;
+                            effects.next();
+                            check_fields_blob(fields)?;
+                            fields
+                        }
+                        _ => &[],
+                    };
                     // An `Attach` follows if the key is still attached.
                     self.leases.detach(key);
                     if deadline_ms.is_some_and(|deadline_ms| deadline_ms <= now_ms) {
@@ -471,8 +492,34 @@ impl Shard {
                             modify: record.revision,
                             version,
                         };
-                        self.restore(key, value, revisions, deadline_ms);
+                        self.restore(key, fields, value, revisions, deadline_ms);
                     }
+                }
+                Effect::Fields { .. } => {
+                    return Err(DurabilityError::corrupt(
+                        "a fields effect that does not follow its key's set",
+                    ));
+                }
+                Effect::IndexCreate {
+                    name,
+                    prefix,
+                    field,
+                    kind,
+                } => {
+                    let text = |bytes: &[u8]| {
+                        String::from_utf8(bytes.to_vec())
+                            .map_err(|_| DurabilityError::corrupt("index name or field not UTF-8"))
+                    };
+                    let spec = tessera_protocol::IndexSpec {
+                        name: text(name)?,
+                        prefix: prefix.to_vec(),
+                        field: text(field)?,
+                        kind,
+                    };
+                    self.restore_index(spec);
+                }
+                Effect::IndexDrop { name } => {
+                    self.indexes.drop_index(&String::from_utf8_lossy(name));
                 }
                 Effect::Remove { key } => {
                     self.remove_entry(key, DeleteCause::Deleted);
@@ -497,34 +544,66 @@ impl Shard {
     /// Stores one entry of a snapshot (recovery): `value` under `key` with its `revisions`,
     /// expiring at `deadline_ms`. Dropped if it expired by `now_ms`. Nothing is journaled and
     /// the revision is left alone ([`Shard::restore_revision`] sets it).
+    ///
+    /// # Errors
+    /// The fields blob is damaged.
     pub fn restore_entry(
         &mut self,
         now_ms: u64,
         key: &[u8],
+        fields: &[u8],
         value: &[u8],
         revisions: KeyRevisions,
         deadline_ms: Option<u64>,
-    ) {
+    ) -> Result<(), DurabilityError> {
+        check_fields_blob(fields)?;
         if deadline_ms.is_some_and(|deadline_ms| deadline_ms <= now_ms) {
-            return;
+            return Ok(());
         }
         let journal = self.journal.take();
         self.is_recording_events = false;
-        self.restore(key, value, revisions, deadline_ms);
+        self.restore(key, fields, value, revisions, deadline_ms);
         self.is_recording_events = true;
         self.journal = journal;
+        Ok(())
     }
 
-    /// Stores `value` under `key` with exactly `revisions` (recovery), replacing any entry.
+    /// Stores `value` and `fields` under `key` with exactly `revisions` (recovery),
+    /// replacing any entry.
     fn restore(
         &mut self,
         key: &[u8],
+        fields: &[u8],
         value: &[u8],
         revisions: KeyRevisions,
         deadline_ms: Option<u64>,
     ) {
         let expiry_before = self.store.get(key).and_then(EntryRef::expiry);
-        self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
+        self.replace_entry(key, fields, value, deadline_ms, revisions, expiry_before);
+    }
+
+    /// Restores an index definition (recovery) and files every key it covers now, so it is
+    /// ready when the shard serves. A definition that breaks a limit (which the log cannot
+    /// hold) is dropped with a warning.
+    pub fn restore_index(&mut self, spec: tessera_protocol::IndexSpec) {
+        let name = spec.name.clone();
+        match self.indexes.create(spec, &self.store) {
+            Ok(_) => self.indexes.build_all(&self.store),
+            Err(refusal) => {
+                tracing::warn!(index = name, %refusal, "index not restored");
+            }
+        }
+    }
+
+    /// The shard's indexes.
+    pub fn indexes(&self) -> &Indexes {
+        &self.indexes
+    }
+
+    /// Files up to `keys_max` more keys for an index still building; whether a build is
+    /// left. The core calls it between requests while it returns true.
+    pub fn build_indexes(&mut self, keys_max: usize) -> bool {
+        self.indexes.build_step(&self.store, keys_max)
     }
 
     /// Restores a lease homed here (recovery), with a full TTL from now.
@@ -610,29 +689,65 @@ impl Shard {
         let key_write = |key: &[u8], value_size: usize| {
             2 * (RECORD + EFFECT + key.len() as u64) + value_size as u64
         };
+        // A `Fields` effect after the set, if the entry has fields.
+        fn fields_write(key: &[u8], fields_size: usize) -> u64 {
+            if fields_size == 0 {
+                0
+            } else {
+                EFFECT + (key.len() + fields_size) as u64
+            }
+        }
+        fn archived_fields_write(
+            key: &[u8],
+            fields: &[tessera_protocol::query::ArchivedField],
+        ) -> u64 {
+            fields_write(key, fields::encoded_size_archived(fields))
+        }
         match request {
             ArchivedRequest::Put(put) => Some(
                 key_write(&put.key, put.value.len())
+                    + archived_fields_write(&put.key, &put.fields)
                     + put
                         .lease
                         .as_ref()
                         .map_or(0, |_| EFFECT + put.key.len() as u64),
             ),
             ArchivedRequest::Delete(delete) => Some(key_write(&delete.key, 0)),
-            ArchivedRequest::Add(add) => Some(key_write(&add.key, COUNTER_TEXT_MAX)),
+            ArchivedRequest::Add(add) => Some(
+                key_write(&add.key, COUNTER_TEXT_MAX)
+                    + fields_write(
+                        &add.key,
+                        self.store
+                            .get(&add.key)
+                            .map_or(0, |entry| entry.fields().len()),
+                    ),
+            ),
             ArchivedRequest::Txn(txn) => {
                 // Either branch may run; every key of the request is reclaimed first.
                 let branch = |ops: &rkyv::vec::ArchivedVec<ArchivedTxnOp>| -> u64 {
                     ops.iter()
                         .map(|op| match op {
                             ArchivedTxnOp::Put {
-                                key, value, lease, ..
+                                key,
+                                value,
+                                lease,
+                                fields,
+                                ..
                             } => {
                                 key_write(key, value.len())
+                                    + archived_fields_write(key, fields)
                                     + lease.as_ref().map_or(0, |_| EFFECT + key.len() as u64)
                             }
                             ArchivedTxnOp::Delete { key, .. } => key_write(key, 0),
-                            ArchivedTxnOp::Add(add) => key_write(&add.key, COUNTER_TEXT_MAX),
+                            ArchivedTxnOp::Add(add) => {
+                                key_write(&add.key, COUNTER_TEXT_MAX)
+                                    + fields_write(
+                                        &add.key,
+                                        self.store
+                                            .get(&add.key)
+                                            .map_or(0, |entry| entry.fields().len()),
+                                    )
+                            }
                             ArchivedTxnOp::Get { .. } | ArchivedTxnOp::Range(_) => 0,
                         })
                         .sum()
@@ -641,19 +756,29 @@ impl Shard {
                 Some(reclaims + branch(&txn.success).max(branch(&txn.failure)))
             }
             ArchivedRequest::Expire { key, .. } | ArchivedRequest::Persist { key } => {
-                let value_size = self.store.get(key).map_or(0, |entry| entry.value().len());
-                Some(key_write(key, value_size))
+                let (value_size, fields_size) = self
+                    .store
+                    .get(key)
+                    .map_or((0, 0), |entry| (entry.value().len(), entry.fields().len()));
+                Some(key_write(key, value_size) + fields_write(key, fields_size))
             }
             ArchivedRequest::MultiPut { entries } => Some(
                 entries
                     .iter()
-                    .map(|entry| key_write(&entry.key, entry.value.len()))
+                    .map(|entry| {
+                        key_write(&entry.key, entry.value.len())
+                            + archived_fields_write(&entry.key, &entry.fields)
+                    })
                     .sum(),
             ),
             ArchivedRequest::MultiDelete { keys } => {
                 Some(keys.iter().map(|key| key_write(key, 0)).sum())
             }
             ArchivedRequest::LeaseGrant { .. } => Some(RECORD + EFFECT),
+            ArchivedRequest::CreateIndex(spec) => Some(
+                RECORD + EFFECT + (spec.name.len() + spec.prefix.len() + spec.field.len()) as u64,
+            ),
+            ArchivedRequest::DropIndex { name } => Some(RECORD + EFFECT + name.len() as u64),
             // A release and the next holder's grant.
             ArchivedRequest::Lock { name, .. } | ArchivedRequest::Unlock { name, .. } => {
                 Some(2 * (RECORD + EFFECT + name.len() as u64))
@@ -680,6 +805,8 @@ impl Shard {
             | ArchivedRequest::Exists { .. }
             | ArchivedRequest::Ttl { .. }
             | ArchivedRequest::MultiGet { .. }
+            | ArchivedRequest::ListIndexes
+            | ArchivedRequest::Query(_)
             | ArchivedRequest::Scan(_)
             | ArchivedRequest::Watch(_)
             | ArchivedRequest::Unwatch { .. }
@@ -769,10 +896,23 @@ impl Shard {
             | ArchivedRequest::Stats
             | ArchivedRequest::Watch(_)
             | ArchivedRequest::Unwatch { .. }
-            | ArchivedRequest::WatchProgress { .. } => Response::Error(ErrorReply::new(
+            | ArchivedRequest::WatchProgress { .. }
+            | ArchivedRequest::Query(_) => Response::Error(ErrorReply::new(
                 ErrorCode::Internal,
-                "hello, stats and watches are answered by the core",
+                "hello, stats, watches and queries are answered by the core",
             )),
+            ArchivedRequest::CreateIndex(spec) => {
+                match rkyv::deserialize::<tessera_protocol::IndexSpec, rkyv::rancor::BoxedError>(
+                    &**spec,
+                ) {
+                    Ok(spec) => self.create_index(spec),
+                    Err(decode) => error(ErrorCode::Internal, decode.to_string()),
+                }
+            }
+            ArchivedRequest::DropIndex { name } => self.drop_index(name.as_str()),
+            ArchivedRequest::ListIndexes => {
+                Response::Indexes(self.indexes.iter().map(indexes::ShardIndex::info).collect())
+            }
             ArchivedRequest::Ping => Response::Pong {
                 node_id: self.config.node_id,
                 core_id: self.config.shard_id,
@@ -781,6 +921,7 @@ impl Shard {
             ArchivedRequest::Put(put) => self.put(
                 now_ms,
                 &put.key,
+                &fields_blob(&put.fields),
                 &put.value,
                 put.ttl_ms.as_ref().map(|ttl_ms| ttl_ms.to_native()),
                 put.keep_ttl,
@@ -940,6 +1081,10 @@ impl Shard {
             // The timer has fired already, so only the entry goes.
             let revision = self.begin_revision();
             let removed = self.store.remove(&key);
+            if let Some(removed) = &removed {
+                self.indexes
+                    .on_write(&key, Some(removed.view().fields()), None);
+            }
             self.leases.detach(&key);
             if let Some(journal) = &mut self.journal {
                 journal.push(Effect::Remove { key: &key });
@@ -1078,6 +1223,8 @@ impl Shard {
     /// touching the revision.
     fn remove_entry(&mut self, key: &[u8], cause: DeleteCause) -> Option<OwnedEntry> {
         let entry = self.store.remove(key)?;
+        self.indexes
+            .on_write(key, Some(entry.view().fields()), None);
         self.leases.detach(key);
         if let Some(journal) = &mut self.journal {
             journal.push(Effect::Remove { key });
@@ -1114,7 +1261,14 @@ impl Shard {
 
     /// Writes `value` under `key` at `revision`, replacing any entry and its timer (a new
     /// key is created at `revision`; an existing one keeps its create revision).
-    fn write_entry(&mut self, key: &[u8], value: &[u8], deadline_ms: Option<u64>, revision: u64) {
+    fn write_entry(
+        &mut self,
+        key: &[u8],
+        fields: &[u8],
+        value: &[u8],
+        deadline_ms: Option<u64>,
+        revision: u64,
+    ) {
         // A put-like write without a lease leaves the key attached to none.
         self.leases.detach(key);
         let before = self
@@ -1125,14 +1279,16 @@ impl Shard {
             revisions.written(revision)
         });
         let expiry_before = before.and_then(|(_, expiry)| expiry);
-        self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
+        self.replace_entry(key, fields, value, deadline_ms, revisions, expiry_before);
     }
 
-    /// Stores `value` under `key` with `revisions`, replacing the entry whose expiry (looked
-    /// up by the caller) was `expiry_before`, and its timer.
+    /// Stores `value` and the fields blob `fields` under `key` with `revisions`, replacing
+    /// the entry whose expiry (looked up by the caller) was `expiry_before`, and its timer,
+    /// and keeps the indexes in step.
     fn replace_entry(
         &mut self,
         key: &[u8],
+        fields: &[u8],
         value: &[u8],
         deadline_ms: Option<u64>,
         revisions: KeyRevisions,
@@ -1161,12 +1317,19 @@ impl Shard {
             )
         };
         let mut event = None;
+        let mut existed = false;
+        let indexes = &mut self.indexes;
         self.store
-            .insert_with(key, value, revisions, expiry, |before| {
+            .insert_with(key, fields, value, revisions, expiry, |before| {
+                existed = true;
+                indexes.on_write(key, Some(before.fields()), Some(fields));
                 if self.is_recording_events {
                     event = Some(make_event(Some(before.value())));
                 }
             });
+        if !existed {
+            self.indexes.on_write(key, None, Some(fields));
+        }
         if self.is_recording_events {
             self.events.push(event.unwrap_or_else(|| make_event(None)));
         }
@@ -1174,6 +1337,7 @@ impl Shard {
         journal_set(
             self.journal.as_mut(),
             key,
+            fields,
             value,
             deadline_ms,
             revisions,
@@ -1202,6 +1366,7 @@ impl Shard {
         &mut self,
         now_ms: u64,
         key: &[u8],
+        fields: &[u8],
         value: &[u8],
         ttl_ms: Option<u64>,
         keep_ttl: bool,
@@ -1255,7 +1420,11 @@ impl Shard {
             None if keep_ttl => expiry_before.map(|expiry| expiry.deadline_ms),
             None => None,
         };
-        let cost_new = entry_cost(key.len(), value.len(), deadline_ms.is_some());
+        let cost_new = entry_cost(
+            key.len(),
+            value.len() + fields_cost(fields.len()),
+            deadline_ms.is_some(),
+        );
         if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
@@ -1264,7 +1433,7 @@ impl Shard {
             before.written(revision)
         });
         self.set_lease(key, lease);
-        self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
+        self.replace_entry(key, fields, value, deadline_ms, revisions, expiry_before);
         self.finish_revision();
         Response::Put {
             applied: true,
@@ -1473,10 +1642,19 @@ impl Shard {
             _ => expiry_before.map(|expiry| expiry.deadline_ms),
         };
         let text = value.to_string();
-        let cost_new = entry_cost(key.len(), text.len(), deadline_ms.is_some());
+        // A counter keeps its fields: only the number changes.
+        let fields = current
+            .map(|entry| entry.fields().to_vec())
+            .unwrap_or_default();
+        let cost_new = entry_cost(
+            key.len(),
+            text.len() + fields_cost(fields.len()),
+            deadline_ms.is_some(),
+        );
         Ok(Some(CounterPlan {
             value,
             text,
+            fields,
             deadline_ms,
             revisions_before,
             expiry_before,
@@ -1494,6 +1672,7 @@ impl Shard {
             });
         self.replace_entry(
             key,
+            &plan.fields,
             plan.text.as_bytes(),
             plan.deadline_ms,
             revisions,
@@ -1560,6 +1739,7 @@ impl Shard {
                     keep_ttl,
                     return_previous,
                     lease,
+                    fields,
                 } => {
                     if let Some(lease) = lease.as_ref() {
                         self.check_lease_for(key, lease.to_native())?;
@@ -1569,7 +1749,9 @@ impl Shard {
                             && self
                                 .live_entry(now_ms, key)
                                 .is_some_and(|entry| entry.expiry().is_some()));
-                    cost_new += entry_cost(key.len(), value.len(), has_expiry);
+                    let fields = fields::encoded_size_archived(fields);
+                    cost_new +=
+                        entry_cost(key.len(), value.len() + fields_cost(fields), has_expiry);
                     cost_old += self.store.cost_of(key);
                     if *return_previous {
                         read_bytes += read_entry(key);
@@ -1665,7 +1847,9 @@ impl Shard {
                     keep_ttl,
                     return_previous,
                     lease,
+                    fields,
                 } => {
+                    let fields = fields_blob(fields);
                     let before = self.store.get(key);
                     let previous = before.filter(|_| *return_previous).map(to_entry);
                     let expiry_before = before.and_then(EntryRef::expiry);
@@ -1678,7 +1862,7 @@ impl Shard {
                         None => None,
                     };
                     self.set_lease(key, lease.as_ref().map(|lease| lease.to_native()));
-                    self.replace_entry(key, value, deadline_ms, revisions, expiry_before);
+                    self.replace_entry(key, &fields, value, deadline_ms, revisions, expiry_before);
                     TxnResult::Put {
                         version: revisions.version,
                         previous,
@@ -1766,6 +1950,55 @@ impl Shard {
         }
     }
 
+    /// Defines an index at a new revision (journaled); its build runs later, in slices.
+    fn create_index(&mut self, spec: tessera_protocol::IndexSpec) -> Response {
+        let name = spec.name.clone();
+        let journaled = spec.clone();
+        match self.indexes.create(spec, &self.store) {
+            Ok(indexes::Created::Exists) => Response::IndexCreated { created: false },
+            Ok(_) => {
+                self.begin_revision();
+                if let Some(journal) = &mut self.journal {
+                    journal.push(Effect::IndexCreate {
+                        name: journaled.name.as_bytes(),
+                        prefix: &journaled.prefix,
+                        field: journaled.field.as_bytes(),
+                        kind: journaled.kind,
+                    });
+                }
+                self.finish_revision();
+                Response::IndexCreated { created: true }
+            }
+            Err(refusal) => error(
+                match refusal {
+                    indexes::CreateError::NameTaken { .. } => ErrorCode::InvalidArgument,
+                    indexes::CreateError::TooMany | indexes::CreateError::TooManyForPrefix => {
+                        ErrorCode::TableFull
+                    }
+                },
+                format!(
+                    "index {name:?} on shard {}: {refusal}",
+                    self.config.shard_id
+                ),
+            ),
+        }
+    }
+
+    /// Removes an index at a new revision (journaled), if it exists.
+    fn drop_index(&mut self, name: &str) -> Response {
+        if !self.indexes.drop_index(name) {
+            return Response::IndexDropped { dropped: false };
+        }
+        self.begin_revision();
+        if let Some(journal) = &mut self.journal {
+            journal.push(Effect::IndexDrop {
+                name: name.as_bytes(),
+            });
+        }
+        self.finish_revision();
+        Response::IndexDropped { dropped: true }
+    }
+
     /// Sets (`Some`) or removes (`None`) a live key's deadline.
     fn set_ttl(&mut self, now_ms: u64, key: &[u8], deadline_ms: Option<u64>) -> Response {
         self.reclaim_if_expired(now_ms, key);
@@ -1812,6 +2045,7 @@ impl Shard {
             journal_set(
                 self.journal.as_mut(),
                 key,
+                entry.fields(),
                 value,
                 deadline_ms,
                 revisions,
@@ -1871,7 +2105,12 @@ impl Shard {
         for entry in entries.iter().rev() {
             if seen.insert(entry.key.as_slice()) {
                 let has_expiry = entry.ttl_ms.is_some();
-                cost_new += entry_cost(entry.key.len(), entry.value.len(), has_expiry);
+                let fields = fields::encoded_size_archived(&entry.fields);
+                cost_new += entry_cost(
+                    entry.key.len(),
+                    entry.value.len() + fields_cost(fields),
+                    has_expiry,
+                );
                 cost_old += self.store.cost_of(&entry.key);
             }
         }
@@ -1884,7 +2123,13 @@ impl Shard {
                 .ttl_ms
                 .as_ref()
                 .map(|ttl_ms| now_ms.saturating_add(ttl_ms.to_native()));
-            self.write_entry(&entry.key, &entry.value, deadline_ms, revision);
+            self.write_entry(
+                &entry.key,
+                &fields_blob(&entry.fields),
+                &entry.value,
+                deadline_ms,
+                revision,
+            );
         }
         self.finish_revision();
         Response::MultiPut {
@@ -1932,6 +2177,8 @@ const COUNTER_TEXT_MAX: usize = 20;
 struct CounterPlan {
     value: i64,
     text: String,
+    /// The fields the counter keeps.
+    fields: Vec<u8>,
     deadline_ms: Option<u64>,
     revisions_before: Option<KeyRevisions>,
     expiry_before: Option<Expiry>,
@@ -2040,6 +2287,7 @@ impl<'a> Condition<'a> {
 fn journal_set(
     journal: Option<&mut RecordWriter>,
     key: &[u8],
+    fields: &[u8],
     value: &[u8],
     deadline_ms: Option<u64>,
     revisions: KeyRevisions,
@@ -2053,13 +2301,16 @@ fn journal_set(
             create_revision: revisions.create,
             version: revisions.version,
         });
+        if !fields.is_empty() {
+            journal.push(Effect::Fields { key, fields });
+        }
         if let Some(lease) = lease {
             journal.push(Effect::Attach { key, lease });
         }
     }
 }
 
-fn to_entry(entry: EntryRef<'_>) -> Entry {
+pub(crate) fn to_entry(entry: EntryRef<'_>) -> Entry {
     let revisions = entry.revisions();
     Entry {
         value: entry.value().to_vec(),
@@ -2067,7 +2318,22 @@ fn to_entry(entry: EntryRef<'_>) -> Entry {
         mod_revision: revisions.modify,
         version: revisions.version,
         expires_at_ms: entry.deadline_ms(),
+        fields: fields::to_fields(entry.fields()),
     }
+}
+
+/// Checks a fields blob read from disk before it is stored.
+fn check_fields_blob(blob: &[u8]) -> Result<(), DurabilityError> {
+    fields::decode(blob)
+        .map(|_| ())
+        .map_err(|error| DurabilityError::corrupt(error.to_string()))
+}
+
+/// A request's fields as the store keeps them.
+fn fields_blob(fields: &[tessera_protocol::query::ArchivedField]) -> Vec<u8> {
+    let mut blob = Vec::new();
+    fields::encode_archived(fields, &mut blob);
+    blob
 }
 
 fn into_entry(entry: &OwnedEntry) -> Entry {

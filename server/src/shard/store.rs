@@ -19,10 +19,12 @@
 //! [8, 16)   create_revision     u64
 //! [16, 24)  version             u64   writes since the key was created
 //! [24, 26)  key size            u16   (KEY_SIZE_MAX fits)
-//! [26]      flags               u8    bit 0: the entry has an expiry
+//! [26]      flags               u8    bit 0: the entry has an expiry; bit 1: it has fields
 //! [27, 35)  deadline_ms         u64   only with an expiry
 //! [35, 43)  timer               u32 index, u32 generation; only with an expiry
-//! then the key, then the value (to the end of the allocation)
+//! then      fields size         u32   only with fields
+//! then the key, then the fields blob (`fields`), then the value (to the end of the
+//! allocation)
 //! ```
 //!
 //! The map is split into [`PARTITION_COUNT`] hash tables by bits of the key's hash that the
@@ -76,7 +78,50 @@ const HEADER_SIZE: usize = 27;
 const KEY_SIZE_AT: usize = 24;
 const FLAGS_AT: usize = 26;
 const EXPIRY_SIZE: usize = 16;
+const FIELDS_SIZE_SIZE: usize = 4;
 const FLAG_EXPIRY: u8 = 1;
+const FLAG_FIELDS: u8 = 2;
+
+/// Bytes an entry's fields blob adds to it: the blob and its size (none without fields).
+pub fn fields_cost(fields_size: usize) -> usize {
+    if fields_size == 0 {
+        0
+    } else {
+        fields_size + FIELDS_SIZE_SIZE
+    }
+}
+
+/// Where an entry's parts lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    key_size: usize,
+    fields_size: usize,
+    has_expiry: bool,
+}
+
+impl Layout {
+    fn data_start(self) -> usize {
+        HEADER_SIZE
+            + if self.has_expiry { EXPIRY_SIZE } else { 0 }
+            + if self.fields_size > 0 {
+                FIELDS_SIZE_SIZE
+            } else {
+                0
+            }
+    }
+
+    fn fields_start(self) -> usize {
+        self.data_start() + self.key_size
+    }
+
+    fn value_start(self) -> usize {
+        self.fields_start() + self.fields_size
+    }
+
+    fn size(self, value_size: usize) -> usize {
+        self.value_start() + value_size
+    }
+}
 
 /// The revisions an entry carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,19 +182,38 @@ impl<'a> EntryRef<'a> {
         self.bytes[FLAGS_AT] & FLAG_EXPIRY != 0
     }
 
-    fn data_start(self) -> usize {
-        HEADER_SIZE + if self.has_expiry() { EXPIRY_SIZE } else { 0 }
+    fn layout(self) -> Layout {
+        let has_expiry = self.has_expiry();
+        let fields_size = if self.bytes[FLAGS_AT] & FLAG_FIELDS == 0 {
+            0
+        } else {
+            let at = HEADER_SIZE + if has_expiry { EXPIRY_SIZE } else { 0 };
+            let mut size = [0; 4];
+            size.copy_from_slice(&self.bytes[at..at + FIELDS_SIZE_SIZE]);
+            u32::from_le_bytes(size) as usize
+        };
+        Layout {
+            key_size: self.key_size(),
+            fields_size,
+            has_expiry,
+        }
     }
 
     /// The key.
     pub fn key(self) -> &'a [u8] {
-        let start = self.data_start();
-        &self.bytes[start..start + self.key_size()]
+        let layout = self.layout();
+        &self.bytes[layout.data_start()..layout.fields_start()]
+    }
+
+    /// The fields blob (`fields`); empty without fields.
+    pub fn fields(self) -> &'a [u8] {
+        let layout = self.layout();
+        &self.bytes[layout.fields_start()..layout.value_start()]
     }
 
     /// The value.
     pub fn value(self) -> &'a [u8] {
-        &self.bytes[self.data_start() + self.key_size()..]
+        &self.bytes[self.layout().value_start()..]
     }
 
     /// The shard revision of the entry's last modification.
@@ -188,7 +252,12 @@ impl<'a> EntryRef<'a> {
 
     /// Bytes this entry is charged against the budget.
     pub fn cost(self) -> u64 {
-        entry_cost(self.key_size(), self.value().len(), self.has_expiry())
+        let layout = self.layout();
+        entry_cost(
+            layout.key_size,
+            self.value().len() + fields_cost(layout.fields_size),
+            layout.has_expiry,
+        )
     }
 }
 
@@ -222,72 +291,86 @@ fn read_u64(bytes: &[u8], offset: usize) -> u64 {
     u64::from_le_bytes(word)
 }
 
-fn entry_size(key_size: usize, value_size: usize, has_expiry: bool) -> usize {
-    HEADER_SIZE + if has_expiry { EXPIRY_SIZE } else { 0 } + key_size + value_size
+/// What [`write_entry`] writes besides the header: each part given is copied in, each
+/// `None` left as it is.
+struct Parts<'a> {
+    key: Option<&'a [u8]>,
+    fields: Option<&'a [u8]>,
+    value: Option<&'a [u8]>,
 }
 
-/// Writes an entry's header into `bytes`, which holds exactly the entry's size, and the key
-/// and value that are given (`None` leaves those bytes as they are).
+/// Writes an entry's header into `bytes`, which holds exactly the entry's size for
+/// `layout`, and the parts that are given.
 fn write_entry(
     bytes: &mut [u8],
-    key: Option<&[u8]>,
-    key_size: usize,
-    value: Option<&[u8]>,
+    layout: Layout,
+    parts: &Parts<'_>,
     revisions: KeyRevisions,
     expiry: Option<Expiry>,
 ) {
-    // Keys are checked against KEY_SIZE_MAX (4 KiB) before they reach the store.
-    let key_size_field = u16::try_from(key_size).unwrap_or(u16::MAX);
+    // Keys are checked against KEY_SIZE_MAX (4 KiB) and fields against their limits
+    // before they reach the store.
+    let key_size_field = u16::try_from(layout.key_size).unwrap_or(u16::MAX);
     assert!(
-        usize::from(key_size_field) == key_size,
-        "key of {key_size} bytes does not fit the header"
+        usize::from(key_size_field) == layout.key_size,
+        "key of {} bytes does not fit the header",
+        layout.key_size
     );
-    let data_start = HEADER_SIZE + if expiry.is_some() { EXPIRY_SIZE } else { 0 };
     assert!(
-        bytes.len() >= data_start + key_size,
-        "entry of {} bytes cannot hold a {key_size}-byte key",
+        layout.has_expiry == expiry.is_some() && bytes.len() >= layout.value_start(),
+        "entry of {} bytes does not fit its layout {layout:?}",
         bytes.len()
     );
     bytes[0..8].copy_from_slice(&revisions.modify.to_le_bytes());
     bytes[8..16].copy_from_slice(&revisions.create.to_le_bytes());
     bytes[16..24].copy_from_slice(&revisions.version.to_le_bytes());
     bytes[KEY_SIZE_AT..KEY_SIZE_AT + 2].copy_from_slice(&key_size_field.to_le_bytes());
-    let mut start = HEADER_SIZE;
-    match expiry {
-        Some(expiry) => {
-            bytes[FLAGS_AT] = FLAG_EXPIRY;
-            bytes[HEADER_SIZE..HEADER_SIZE + 8].copy_from_slice(&expiry.deadline_ms.to_le_bytes());
-            bytes[HEADER_SIZE + 8..HEADER_SIZE + 16]
-                .copy_from_slice(&expiry.timer.to_raw().to_le_bytes());
-            start += EXPIRY_SIZE;
-        }
-        None => bytes[FLAGS_AT] = 0,
+    let mut flags = 0;
+    let mut at = HEADER_SIZE;
+    if let Some(expiry) = expiry {
+        flags |= FLAG_EXPIRY;
+        bytes[at..at + 8].copy_from_slice(&expiry.deadline_ms.to_le_bytes());
+        bytes[at + 8..at + 16].copy_from_slice(&expiry.timer.to_raw().to_le_bytes());
+        at += EXPIRY_SIZE;
     }
-    debug_assert_eq!(start, data_start);
-    if let Some(key) = key {
-        bytes[start..start + key_size].copy_from_slice(key);
+    if layout.fields_size > 0 {
+        flags |= FLAG_FIELDS;
+        let size = u32::try_from(layout.fields_size).unwrap_or(u32::MAX);
+        bytes[at..at + FIELDS_SIZE_SIZE].copy_from_slice(&size.to_le_bytes());
+        at += FIELDS_SIZE_SIZE;
     }
-    if let Some(value) = value {
-        bytes[start + key_size..].copy_from_slice(value);
+    bytes[FLAGS_AT] = flags;
+    debug_assert_eq!(at, layout.data_start());
+    if let Some(key) = parts.key {
+        bytes[layout.data_start()..layout.fields_start()].copy_from_slice(key);
+    }
+    if let Some(fields) = parts.fields {
+        bytes[layout.fields_start()..layout.value_start()].copy_from_slice(fields);
+    }
+    if let Some(value) = parts.value {
+        bytes[layout.value_start()..].copy_from_slice(value);
     }
 }
 
 fn new_entry(
     key: &[u8],
+    fields: &[u8],
     value: &[u8],
     revisions: KeyRevisions,
     expiry: Option<Expiry>,
 ) -> Box<[u8]> {
-    let mut bytes =
-        vec![0; entry_size(key.len(), value.len(), expiry.is_some())].into_boxed_slice();
-    write_entry(
-        &mut bytes,
-        Some(key),
-        key.len(),
-        Some(value),
-        revisions,
-        expiry,
-    );
+    let layout = Layout {
+        key_size: key.len(),
+        fields_size: fields.len(),
+        has_expiry: expiry.is_some(),
+    };
+    let mut bytes = vec![0; layout.size(value.len())].into_boxed_slice();
+    let parts = Parts {
+        key: Some(key),
+        fields: Some(fields),
+        value: Some(value),
+    };
+    write_entry(&mut bytes, layout, &parts, revisions, expiry);
     bytes
 }
 
@@ -424,17 +507,18 @@ impl Store {
         self.get(key).map_or(0, EntryRef::cost)
     }
 
-    /// Stores `value` under `key` with `revisions`, replacing any entry. The caller has checked
-    /// the budget; the accounting follows whatever was stored. An entry of the same size is
-    /// overwritten in place.
+    /// Stores `value` and the fields blob `fields` under `key` with `revisions`, replacing
+    /// any entry. The caller has checked the budget; the accounting follows whatever was
+    /// stored. An entry of the same layout and size is overwritten in place.
     pub fn insert(
         &mut self,
         key: &[u8],
+        fields: &[u8],
         value: &[u8],
         revisions: KeyRevisions,
         expiry: Option<Expiry>,
     ) {
-        self.insert_with(key, value, revisions, expiry, |_| {});
+        self.insert_with(key, fields, value, revisions, expiry, |_| {});
     }
 
     /// [`Store::insert`], showing the entry it replaces (if any) to `replaced` first, in the
@@ -442,14 +526,24 @@ impl Store {
     pub fn insert_with(
         &mut self,
         key: &[u8],
+        fields: &[u8],
         value: &[u8],
         revisions: KeyRevisions,
         expiry: Option<Expiry>,
         replaced: impl FnOnce(EntryRef<'_>),
     ) {
         let hash = self.hash(key);
-        let size = entry_size(key.len(), value.len(), expiry.is_some());
-        let cost = entry_cost(key.len(), value.len(), expiry.is_some());
+        let layout = Layout {
+            key_size: key.len(),
+            fields_size: fields.len(),
+            has_expiry: expiry.is_some(),
+        };
+        let size = layout.size(value.len());
+        let cost = entry_cost(
+            key.len(),
+            value.len() + fields_cost(fields.len()),
+            expiry.is_some(),
+        );
         let hasher = &self.hasher;
         #[allow(clippy::borrowed_box, reason = "the table's element type is Box<[u8]>")]
         let rehash = |bytes: &Box<[u8]>| hasher.hash_one(EntryRef { bytes }.key());
@@ -460,18 +554,23 @@ impl Store {
                 let before = EntryRef { bytes: stored };
                 let released = before.cost();
                 replaced(before);
-                // Same size and the same header layout (with or without an expiry): the key is
-                // already in place; rewrite header and value. Same size alone is not enough:
-                // a TTL dropped and a value 16 bytes longer would shift the key.
-                if stored.len() == size && before.has_expiry() == expiry.is_some() {
-                    write_entry(stored, None, key.len(), Some(value), revisions, expiry);
+                // Same size and the same layout (expiry, fields size): the key is already in
+                // place; rewrite header, fields and value. Same size alone is not enough: a
+                // TTL dropped and a value 16 bytes longer would shift the key.
+                if stored.len() == size && before.layout() == layout {
+                    let parts = Parts {
+                        key: None,
+                        fields: Some(fields),
+                        value: Some(value),
+                    };
+                    write_entry(stored, layout, &parts, revisions, expiry);
                 } else {
-                    *stored = new_entry(key, value, revisions, expiry);
+                    *stored = new_entry(key, fields, value, revisions, expiry);
                 }
                 released
             }
             TableEntry::Vacant(vacant) => {
-                vacant.insert(new_entry(key, value, revisions, expiry));
+                vacant.insert(new_entry(key, fields, value, revisions, expiry));
                 self.order.insert(OrderKey::from_slice(key));
                 self.len += 1;
                 0
@@ -496,7 +595,7 @@ impl Store {
         Some(entry)
     }
 
-    /// Sets the revisions and expiry of the entry under `key`, keeping its value. Re-charges
+    /// Sets the revisions and expiry of the entry under `key`, keeping its value and fields. Re-charges
     /// the entry when the expiry was added or removed. Returns whether the key was found.
     pub fn update(&mut self, key: &[u8], revisions: KeyRevisions, expiry: Option<Expiry>) -> bool {
         let hash = self.hash(key);
@@ -508,12 +607,19 @@ impl Store {
         };
         let before = EntryRef { bytes: stored };
         let cost_before = before.cost();
-        if before.has_expiry() == expiry.is_some() {
-            // The header keeps its size: the key and value stay where they are.
-            write_entry(stored, None, key.len(), None, revisions, expiry);
+        let layout = before.layout();
+        if layout.has_expiry == expiry.is_some() {
+            // The header keeps its size: the key, fields and value stay where they are.
+            let parts = Parts {
+                key: None,
+                fields: None,
+                value: None,
+            };
+            write_entry(stored, layout, &parts, revisions, expiry);
         } else {
+            let fields = before.fields().to_vec();
             let value = before.value().to_vec();
-            *stored = new_entry(key, &value, revisions, expiry);
+            *stored = new_entry(key, &fields, &value, revisions, expiry);
         }
         let cost_after = EntryRef { bytes: stored }.cost();
         self.memory_bytes += cost_after;
@@ -613,8 +719,8 @@ mod tests {
     #[test]
     fn entries_read_back_what_was_written() {
         let mut store = Store::new(1 << 20);
-        store.insert(b"plain", b"value", rev(3), None);
-        store.insert(b"timed", b"", rev(4), Some(expiry(99)));
+        store.insert(b"plain", b"", b"value", rev(3), None);
+        store.insert(b"timed", b"", b"", rev(4), Some(expiry(99)));
         let plain = store.get(b"plain").unwrap();
         assert_eq!(plain.key(), b"plain");
         assert_eq!(plain.value(), b"value");
@@ -633,19 +739,19 @@ mod tests {
     #[test]
     fn overwrites_updates_and_removes_keep_the_accounting() {
         let mut store = Store::new(1 << 20);
-        store.insert(b"k", b"aaaa", rev(1), None);
+        store.insert(b"k", b"", b"aaaa", rev(1), None);
         // Same size: in place.
-        store.insert(b"k", b"bbbb", rev(2), None);
+        store.insert(b"k", b"", b"bbbb", rev(2), None);
         assert_eq!(store.get(b"k").unwrap().value(), b"bbbb");
         // The same total size with another layout: an expiry dropped, 16 more value bytes.
-        store.insert(b"t", b"v", rev(1), Some(expiry(5)));
-        store.insert(b"t", &[b'w'; 17], rev(2), None);
+        store.insert(b"t", b"", b"v", rev(1), Some(expiry(5)));
+        store.insert(b"t", b"", &[b'w'; 17], rev(2), None);
         let replaced = store.get(b"t").unwrap();
         assert_eq!(replaced.value(), [b'w'; 17]);
         assert_eq!(replaced.expiry(), None);
         store.remove(b"t");
         // Another size, then an expiry added and removed.
-        store.insert(b"k", b"cc", rev(3), None);
+        store.insert(b"k", b"", b"cc", rev(3), None);
         assert!(store.update(b"k", rev(4), Some(expiry(10))));
         assert_eq!(store.get(b"k").unwrap().value(), b"cc");
         assert_eq!(store.get(b"k").unwrap().mod_revision(), 4);
@@ -664,11 +770,52 @@ mod tests {
     }
 
     #[test]
+    fn fields_sit_between_key_and_value_in_every_layout() {
+        let mut store = Store::new(1 << 20);
+        store.insert(b"f", b"FIELDS", b"value", rev(1), None);
+        let entry = store.get(b"f").unwrap();
+        assert_eq!(
+            (entry.key(), entry.fields(), entry.value()),
+            (&b"f"[..], &b"FIELDS"[..], &b"value"[..])
+        );
+        // Same size and layout: in place.
+        store.insert(b"f", b"fields", b"VALUE", rev(2), None);
+        assert_eq!(store.get(b"f").unwrap().fields(), b"fields");
+        // The same total size, fields moved into the value: another layout.
+        store.insert(b"f", b"", b"0123456789ab", rev(3), Some(expiry(7)));
+        let entry = store.get(b"f").unwrap();
+        assert_eq!(
+            (entry.fields(), entry.value()),
+            (&b""[..], &b"0123456789ab"[..])
+        );
+        store.insert(b"f", b"xy", b"v", rev(4), Some(expiry(7)));
+        // A TTL added or dropped keeps the fields and value.
+        assert!(store.update(b"f", rev(5), None));
+        let entry = store.get(b"f").unwrap();
+        assert_eq!(
+            (entry.fields(), entry.value(), entry.expiry()),
+            (&b"xy"[..], &b"v"[..], None)
+        );
+        assert!(store.update(b"f", rev(6), Some(expiry(9))));
+        let entry = store.get(b"f").unwrap();
+        assert_eq!(
+            (entry.key(), entry.fields(), entry.value()),
+            (&b"f"[..], &b"xy"[..], &b"v"[..])
+        );
+        assert_eq!(store.memory_bytes(), store.memory_bytes_recomputed());
+        assert_eq!(
+            store.get(b"f").unwrap().cost(),
+            entry_cost(1, 1 + fields_cost(2), true)
+        );
+    }
+
+    #[test]
     fn many_keys_survive_growth() {
         let mut store = Store::new(u64::MAX);
         for index in 0..10_000_u32 {
             store.insert(
                 &index.to_le_bytes(),
+                b"",
                 &index.to_be_bytes(),
                 KeyRevisions::created(u64::from(index)),
                 None,

@@ -257,6 +257,7 @@ fn multi_put(entries: &[(&str, &str, Option<u64>)]) -> Request {
                 key: key.into(),
                 value: value.into(),
                 ttl_ms,
+                fields: Vec::new(),
             })
             .collect(),
     }
@@ -279,6 +280,7 @@ fn entry(value: &str, mod_revision: u64) -> Entry {
         mod_revision,
         version: 0,
         expires_at_ms: None,
+        fields: Vec::new(),
     }
 }
 
@@ -1527,6 +1529,7 @@ impl ModelEntry {
             mod_revision: self.mod_revision,
             version: self.version,
             expires_at_ms: self.deadline_ms,
+            fields: Vec::new(),
         }
     }
 }
@@ -1820,7 +1823,11 @@ impl Model {
             | Request::Stats
             | Request::Watch(_)
             | Request::Unwatch { .. }
-            | Request::WatchProgress { .. } => unreachable!("not generated: {request:?}"),
+            | Request::WatchProgress { .. }
+            | Request::CreateIndex(_)
+            | Request::DropIndex { .. }
+            | Request::ListIndexes
+            | Request::Query(_) => unreachable!("not generated: {request:?}"),
             Request::Ping => Response::Pong {
                 node_id: NODE_ID,
                 core_id: SHARD_ID,
@@ -2329,6 +2336,7 @@ impl ModelTxnRun {
                 keep_ttl,
                 return_previous,
                 lease: _,
+                fields: _,
             } => {
                 let current = self.after.get(key).cloned();
                 let deadline_ms = match ttl_ms {
@@ -2510,6 +2518,7 @@ impl Locking {
                     keep_ttl: false,
                     return_previous: false,
                     lease: None,
+                    fields: Vec::new(),
                 }],
                 failure: Vec::new(),
             })),
@@ -2854,7 +2863,7 @@ fn txn_op_strategy() -> impl Strategy<Value = TxnOp> {
                 ttl_ms,
                 keep_ttl,
                 return_previous,
-                lease: None,
+                lease: None, fields: Vec::new(),
             }),
         2 => (key_strategy(), any::<bool>())
             .prop_map(|(key, return_previous)| TxnOp::Delete { key, return_previous }),
@@ -2932,6 +2941,7 @@ fn put_strategy() -> impl Strategy<Value = Put> {
                 condition,
                 return_previous,
                 lease,
+                fields: Vec::new(),
             },
         )
 }
@@ -2942,7 +2952,12 @@ fn put_entry_strategy() -> impl Strategy<Value = PutEntry> {
         value_strategy(),
         prop::option::of(ttl_ms_strategy()),
     )
-        .prop_map(|(key, value, ttl_ms)| PutEntry { key, value, ttl_ms })
+        .prop_map(|(key, value, ttl_ms)| PutEntry {
+            key,
+            value,
+            ttl_ms,
+            fields: Vec::new(),
+        })
 }
 
 fn request_strategy() -> impl Strategy<Value = Request> {
@@ -3467,11 +3482,13 @@ fn revisions_count_writes_and_creation() {
                 key: b"k".to_vec(),
                 value: b"1".to_vec(),
                 ttl_ms: Some(10),
+                fields: Vec::new(),
             },
             PutEntry {
                 key: b"k".to_vec(),
                 value: b"2".to_vec(),
                 ttl_ms: Some(10),
+                fields: Vec::new(),
             },
         ],
     };
@@ -3835,6 +3852,7 @@ fn op_put(key: &str, value: &str) -> TxnOp {
         keep_ttl: false,
         return_previous: false,
         lease: None,
+        fields: Vec::new(),
     }
 }
 
@@ -3846,6 +3864,7 @@ fn op_put_returning(key: &str, value: &str) -> TxnOp {
         keep_ttl: false,
         return_previous: true,
         lease: None,
+        fields: Vec::new(),
     }
 }
 
