@@ -21,6 +21,7 @@ use futures_util::future::join_all;
 use futures_util::Stream;
 use tessera_protocol::codec::check_watch;
 use tessera_protocol::ErrorCode;
+use tessera_protocol::Query;
 use tessera_protocol::{
     slot_for_key, EventBatch, Request, Response, ShardLocation, Watch as WatchRequest, WatchCancel,
     WatchEvents, WatchFrom, Watching,
@@ -69,6 +70,10 @@ pub struct WatchOptions {
     /// Times a shard's watch is reopened in a row after its connection fails before the
     /// stream gives up with the error (default 20, about half a minute of backoff).
     pub resume_attempts_max: u32,
+    /// Follow the result set of this predicate over the keys' fields: keys entering or
+    /// changing in it come as puts, keys leaving it as [`EventKind::Left`] (still there,
+    /// no longer matching) or as their delete; a snapshot holds only matching keys.
+    pub query: Option<Query>,
 }
 
 impl Default for WatchOptions {
@@ -80,6 +85,7 @@ impl Default for WatchOptions {
             previous: false,
             progress_interval: None,
             resume_attempts_max: 20,
+            query: None,
         }
     }
 }
@@ -130,6 +136,13 @@ impl WatchOptions {
     #[must_use]
     pub fn progress_every(mut self, interval: Duration) -> Self {
         self.progress_interval = Some(interval);
+        self
+    }
+
+    /// Only changes to the result set of `query` (see [`WatchOptions::query`]).
+    #[must_use]
+    pub fn query(mut self, query: Query) -> Self {
+        self.query = Some(query);
         self
     }
 }
@@ -284,6 +297,10 @@ impl Client {
             options.deletes,
             progress_interval_ms,
         )?;
+        if let Some(query) = &options.query {
+            tessera_protocol::query::check_query(query)
+                .map_err(tessera_protocol::RequestError::from)?;
+        }
         let view = self.view();
         let locations: Vec<ShardLocation> = if range.is_one_key() {
             vec![view.routes.owner_of_slot(slot_for_key(&range.start))]
@@ -338,6 +355,7 @@ impl Client {
                     deletes: options.deletes,
                     previous: options.previous,
                     progress_interval_ms,
+                    query: options.query.clone(),
                 },
                 resume_attempts_max: options.resume_attempts_max,
                 output: output.clone(),

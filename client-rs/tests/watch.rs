@@ -277,6 +277,7 @@ impl Model {
             },
             value: value.to_vec(),
             previous: previous.map(|entry| entry.value),
+            fields: Vec::new(),
         };
         self.push(core, revision, event);
     }
@@ -291,6 +292,7 @@ impl Model {
             kind,
             value: Vec::new(),
             previous: Some(previous.value),
+            fields: Vec::new(),
         };
         self.push(self.core_of(key), revision, event);
     }
@@ -1206,6 +1208,7 @@ fn rebuild(topology: &Topology, delivered: &Delivered) -> (BTreeMap<Vec<u8>, Ent
                         let removed = shard.remove(&event.key);
                         assert!(removed.is_some(), "core {core}: {event:?} of a missing key");
                     }
+                    EventKind::Left { .. } => panic!("core {core}: {event:?} without a query"),
                 }
             }
         }

@@ -510,6 +510,7 @@ impl Model {
             },
             value: value.to_vec(),
             previous: before.map(|state| state.value),
+            fields: Vec::new(),
         }
     }
 
@@ -520,6 +521,7 @@ impl Model {
             kind: EventKind::Deleted,
             value: Vec::new(),
             previous: Some(before.value),
+            fields: Vec::new(),
         })
     }
 
@@ -1791,6 +1793,7 @@ fn check_expiry(
             kind: EventKind::Expired,
             value: Vec::new(),
             previous: Some(ttl_put.value.clone()),
+            fields: Vec::new(),
         },
         "core {core_id}: the expiry at revision {revision}"
     );

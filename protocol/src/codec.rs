@@ -582,13 +582,19 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             Ok(())
         }
         ArchivedRequest::Unlock { name, .. } => check_key(name.as_slice()),
-        ArchivedRequest::Watch(watch) => check_watch(
-            watch.start.as_slice(),
-            watch.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice),
-            watch.puts,
-            watch.deletes,
-            watch.progress_interval_ms.to_native(),
-        ),
+        ArchivedRequest::Watch(watch) => {
+            check_watch(
+                watch.start.as_slice(),
+                watch.end.as_ref().map(rkyv::vec::ArchivedVec::as_slice),
+                watch.puts,
+                watch.deletes,
+                watch.progress_interval_ms.to_native(),
+            )?;
+            match watch.query.as_ref() {
+                Some(query) => check_query(&owned_query(query)?).map_err(RequestError::from),
+                None => Ok(()),
+            }
+        }
         ArchivedRequest::Scan(scan) => check_scan(scan),
         ArchivedRequest::CreateIndex(spec) => {
             check_index_name(spec.name.as_str())?;
@@ -650,12 +656,7 @@ fn check_bound_key(key: &[u8]) -> Result<(), RequestError> {
 fn check_query_request(query: &ArchivedQueryRequest) -> Result<(), RequestError> {
     check_bound_key(query.prefix.as_slice())?;
     if let Some(filter) = query.filter.as_ref() {
-        let filter = rkyv::deserialize::<Query, rancor::BoxedError>(filter).map_err(|error| {
-            RequestError::Unencodable {
-                reason: error.to_string(),
-            }
-        })?;
-        check_query(&filter)?;
+        check_query(&owned_query(filter)?)?;
     }
     let bad = |reason: String| RequestError::BadQueryRequest { reason };
     if query.order_by.len() > QUERY_ORDER_BY_MAX {
@@ -695,6 +696,18 @@ fn check_query_request(query: &ArchivedQueryRequest) -> Result<(), RequestError>
         }
     }
     Ok(())
+}
+
+/// An archived query, owned (to be checked and evaluated).
+///
+/// # Errors
+/// It cannot be deserialized (it passed validation, so this does not happen).
+pub fn owned_query(query: &crate::query::ArchivedQuery) -> Result<Query, RequestError> {
+    rkyv::deserialize::<Query, rancor::BoxedError>(query).map_err(|error| {
+        RequestError::Unencodable {
+            reason: error.to_string(),
+        }
+    })
 }
 
 /// Checks a scan's bounds and limit.

@@ -578,6 +578,11 @@ pub struct Watch {
     /// Push a progress notification this often, in milliseconds; 0 for never. Otherwise
     /// `WATCH_PROGRESS_INTERVAL_MS_MIN..=WATCH_PROGRESS_INTERVAL_MS_MAX`.
     pub progress_interval_ms: u32,
+    /// Follow the result set of this predicate over the keys' fields instead of every
+    /// change: a key entering it or changing in it is a put (with `puts`), a key leaving
+    /// it is [`EventKind::Left`] or its delete (with `deletes`); changes outside it are not
+    /// delivered. A snapshot holds only the keys that match.
+    pub query: Option<crate::query::Query>,
 }
 
 impl Watch {
@@ -592,6 +597,7 @@ impl Watch {
             deletes: true,
             previous: false,
             progress_interval_ms: 0,
+            query: None,
         }
     }
 }
@@ -1083,6 +1089,8 @@ pub struct WatchEvent {
     pub value: Vec<u8>,
     /// The value before, if the watch asked for it and the key existed.
     pub previous: Option<Vec<u8>>,
+    /// The key's indexed fields after a put (or a `Left`); empty for deletes.
+    pub fields: Vec<Field>,
 }
 
 /// What happened to a key.
@@ -1106,6 +1114,14 @@ pub enum EventKind {
         lease: u64,
         /// Whether the lease expired (else it was revoked).
         expired: bool,
+    },
+    /// Only on a watch with a query: the key was written and no longer matches it (it
+    /// left the result set). `value` is its new value.
+    Left {
+        /// The revision that created the key.
+        create_revision: u64,
+        /// Writes since it was created, this one included.
+        version: u64,
     },
 }
 

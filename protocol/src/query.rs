@@ -274,7 +274,7 @@ fn compare_integer_float(integer: i64, float: f64) -> Ordering {
 }
 
 /// One end of a range.
-#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug))]
 pub enum Bound {
     /// No limit on this side.
@@ -286,7 +286,7 @@ pub enum Bound {
 }
 
 /// One node of a query: a comparison of one field, or an operator over earlier nodes.
-#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug))]
 pub enum QueryNode {
     /// The field equals the value.
@@ -329,7 +329,7 @@ pub enum QueryNode {
 
 /// A predicate over an entry's fields: nodes in order, each operator after its operands, the
 /// last node the whole predicate.
-#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug))]
 pub struct Query {
     /// The nodes; the last one is the root.

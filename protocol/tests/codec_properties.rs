@@ -402,6 +402,7 @@ fn watch() -> impl Strategy<Value = Watch> {
                     deletes,
                     previous,
                     progress_interval_ms,
+                    query: None,
                 }
             },
         )
@@ -479,6 +480,7 @@ fn watch_event() -> impl Strategy<Value = WatchEvent> {
             kind,
             value,
             previous,
+            fields: Vec::new(),
         },
     )
 }

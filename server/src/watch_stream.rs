@@ -82,6 +82,13 @@ pub fn open(
         puts: watch.puts,
         deletes: watch.deletes,
         previous: watch.previous,
+        query: match watch.query.as_ref() {
+            Some(query) => Some(
+                tessera_protocol::codec::owned_query(query)
+                    .map_err(|decode| error(ErrorCode::Internal, decode.to_string()))?,
+            ),
+            None => None,
+        },
     };
     let mut shard = context.shard.borrow_mut();
     let opened = match watch.from {
@@ -358,12 +365,20 @@ fn to_wire(event: &Event) -> WatchEvent {
         Change::Delete(DeleteCause::LeaseEnded { lease, expired }) => {
             EventKind::LeaseEnded { lease, expired }
         }
+        Change::Left {
+            create_revision,
+            version,
+        } => EventKind::Left {
+            create_revision,
+            version,
+        },
     };
     WatchEvent {
         key: event.key().to_vec(),
         kind,
         value: event.value().unwrap_or_default().to_vec(),
         previous: event.previous().map(<[u8]>::to_vec),
+        fields: crate::shard::fields::to_fields(event.fields()),
     }
 }
 

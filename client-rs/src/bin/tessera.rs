@@ -1683,10 +1683,15 @@ impl WatchFormat {
             EventKind::Expired => "expire",
             EventKind::LeaseEnded { expired: false, .. } => "revoke",
             EventKind::LeaseEnded { expired: true, .. } => "lease-expire",
+            EventKind::Left { .. } => "left",
         };
         if self.json {
             let mut value = json!({ "type": type_name, "key": key });
             if let EventKind::Put {
+                create_revision,
+                version,
+            }
+            | EventKind::Left {
                 create_revision,
                 version,
             } = event.kind
@@ -1705,8 +1710,8 @@ impl WatchFormat {
             return value.to_string();
         }
         let mut line = match event.kind {
-            EventKind::Put { version, .. } => format!(
-                "put {key} {} rev={} version={version}",
+            EventKind::Put { version, .. } | EventKind::Left { version, .. } => format!(
+                "{type_name} {key} {} rev={} version={version}",
                 String::from_utf8_lossy(&event.value),
                 format_position(shard)
             ),

@@ -44,7 +44,7 @@ use self::lock::{LockEvent, LockLimits, LockTableFull, Locks};
 use self::store::{entry_cost, fields_cost, EntryRef, Expiry, KeyRevisions, OwnedEntry, Store};
 use self::timer_wheel::{TimerId, TimerWheel};
 use self::watch::{
-    DeleteCause, Event, Start, WatchError, WatchHub, WatchId, WatchLimits, WatchSpec,
+    Before, DeleteCause, Event, Start, WatchError, WatchHub, WatchId, WatchLimits, WatchSpec,
 };
 use crate::durability::format::{Effect, Record, RecordWriter};
 use crate::durability::DurabilityError;
@@ -868,6 +868,11 @@ impl Shard {
             .store
             .range(&spec.start, spec.end.as_deref())
             .filter(|entry| !entry.is_expired(now_ms))
+            .filter(|entry| {
+                spec.query
+                    .as_ref()
+                    .is_none_or(|query| watch::fields_match(query, entry.fields()))
+            })
         {
             bytes += entry.key().len() + entry.value().len();
             if items.len() == keys_max || bytes > SCAN_PAGE_BYTES_MAX {
@@ -1250,11 +1255,14 @@ impl Shard {
         cause: DeleteCause,
     ) {
         if self.is_recording_events {
-            self.events.push(Event::delete(
+            self.events.push(Event::delete_with_fields(
                 revision,
                 key,
                 cause,
-                Some(removed.view().value()),
+                Some(Before {
+                    value: removed.view().value(),
+                    fields: removed.view().fields(),
+                }),
             ));
         }
     }
@@ -1306,11 +1314,12 @@ impl Shard {
             deadline_ms,
             timer: self.wheel.insert(deadline_ms, Box::from(key)),
         });
-        let make_event = |previous: Option<&[u8]>| {
-            Event::put(
+        let make_event = |previous: Option<Before<'_>>| {
+            Event::put_with_fields(
                 revisions.modify,
                 key,
                 value,
+                fields,
                 revisions.create,
                 revisions.version,
                 previous,
@@ -1324,7 +1333,10 @@ impl Shard {
                 existed = true;
                 indexes.on_write(key, Some(before.fields()), Some(fields));
                 if self.is_recording_events {
-                    event = Some(make_event(Some(before.value())));
+                    event = Some(make_event(Some(Before {
+                        value: before.value(),
+                        fields: before.fields(),
+                    })));
                 }
             });
         if !existed {
@@ -2052,14 +2064,18 @@ impl Shard {
                 lease,
             );
             if self.is_recording_events {
-                // A TTL change is a write of the same value.
-                self.events.push(Event::put(
+                // A TTL change is a write of the same value and fields.
+                self.events.push(Event::put_with_fields(
                     revision,
                     key,
                     value,
+                    entry.fields(),
                     revisions.create,
                     revisions.version,
-                    Some(value),
+                    Some(Before {
+                        value,
+                        fields: entry.fields(),
+                    }),
                 ));
             }
         }

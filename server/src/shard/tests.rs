@@ -3086,7 +3086,7 @@ proptest! {
             end: None,
             puts: true,
             deletes: true,
-            previous: true,
+            previous: true, query: None,
         };
         let watcher = shard.watch_hub().watch(everything, Start::Now).unwrap();
         let mut shadow: BTreeMap<Vec<u8>, (Vec<u8>, u64, u64, u64)> = BTreeMap::new();
@@ -3189,6 +3189,7 @@ proptest! {
                             };
                             prop_assert_eq!(cause, expected, "cause at step {}", index);
                         }
+                        Change::Left { .. } => prop_assert!(false, "left event without a query"),
                     }
                 }
             }
@@ -3205,7 +3206,7 @@ proptest! {
                     end: None,
                     puts: true,
                     deletes: true,
-                    previous: false,
+                    previous: false, query: None,
                 };
                 let (id, revision, items) = shard.watch_with_snapshot(now_ms, spec, 100).unwrap();
                 prop_assert_eq!(revision, shard.revision());
@@ -3513,6 +3514,7 @@ fn a_snapshot_of_too_many_keys_is_refused() {
         puts: true,
         deletes: true,
         previous: false,
+        query: None,
     };
     assert_eq!(
         shard
@@ -4037,6 +4039,7 @@ fn txn_writes_share_one_revision_and_one_watch_batch() {
         puts: true,
         deletes: true,
         previous: true,
+        query: None,
     };
     let watcher = shard.watch_hub().watch(everything, Start::Now).unwrap();
     run(
@@ -4147,6 +4150,7 @@ fn a_failing_counter_add_in_a_txn_applies_nothing() {
                 puts: true,
                 deletes: true,
                 previous: false,
+                query: None,
             },
             Start::Now,
         )
@@ -4376,6 +4380,7 @@ fn a_txn_that_writes_nothing_takes_no_revision() {
                 puts: true,
                 deletes: true,
                 previous: false,
+                query: None,
             },
             Start::Now,
         )
@@ -4638,6 +4643,7 @@ fn watch_everything(shard: &mut Shard) -> u64 {
         puts: true,
         deletes: true,
         previous: true,
+        query: None,
     };
     shard.watch_hub().watch(everything, Start::Now).unwrap()
 }

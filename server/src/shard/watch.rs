@@ -26,6 +26,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::rc::Rc;
 
+use tessera_protocol::Query;
+
 /// Identifies a watcher within its hub.
 pub type WatchId = u64;
 
@@ -57,10 +59,19 @@ pub enum Change {
     },
     /// The key no longer exists.
     Delete(DeleteCause),
+    /// Only in what a watcher with a query is handed: the key was written and left the
+    /// query's result set (the event was recorded as a `Put`).
+    Left {
+        /// The revision that created the key.
+        create_revision: u64,
+        /// Writes since the key was created, this one included.
+        version: u64,
+    },
 }
 
-/// One change to one key at one revision. The key, the new value (puts) and the previous
-/// value share one allocation: every write makes an event, so it costs one allocation.
+/// One change to one key at one revision. The key, the new value (puts), the previous
+/// value and both versions of the key's fields blob share one allocation: every write makes
+/// an event, so it costs one allocation.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Event {
     /// The shard revision of the change.
@@ -70,8 +81,19 @@ pub struct Event {
     key_len: u32,
     value_len: u32,
     previous_len: Option<u32>,
-    /// The key, then the value, then the previous value.
+    fields_len: u32,
+    previous_fields_len: u32,
+    /// The key, the value, the previous value, the fields, the previous fields.
     bytes: Box<[u8]>,
+}
+
+/// What a key held before an event: its value and its fields blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Before<'a> {
+    /// The value.
+    pub value: &'a [u8],
+    /// The fields blob (`shard::fields`).
+    pub fields: &'a [u8],
 }
 
 impl fmt::Debug for Event {
@@ -94,6 +116,7 @@ fn length(bytes: &[u8]) -> u32 {
 
 impl Event {
     /// `key` was written with `value` at `revision`; it held `previous` before, if anything.
+    /// Neither has fields.
     pub fn put(
         revision: u64,
         key: &[u8],
@@ -102,21 +125,50 @@ impl Event {
         version: u64,
         previous: Option<&[u8]>,
     ) -> Self {
-        Self::new(
+        let previous = previous.map(|value| Before { value, fields: &[] });
+        Self::put_with_fields(
             revision,
-            Change::Put {
-                create_revision,
-                version,
-            },
             key,
             value,
+            &[],
+            create_revision,
+            version,
             previous,
         )
     }
 
-    /// `key`, which held `previous`, stopped existing at `revision`.
+    /// `key` was written with `value` and the fields blob `fields` at `revision`; it held
+    /// `previous` before, if anything.
+    pub fn put_with_fields(
+        revision: u64,
+        key: &[u8],
+        value: &[u8],
+        fields: &[u8],
+        create_revision: u64,
+        version: u64,
+        previous: Option<Before<'_>>,
+    ) -> Self {
+        let change = Change::Put {
+            create_revision,
+            version,
+        };
+        Self::new(revision, change, key, value, fields, previous)
+    }
+
+    /// `key`, which held `previous` (without fields), stopped existing at `revision`.
     pub fn delete(revision: u64, key: &[u8], cause: DeleteCause, previous: Option<&[u8]>) -> Self {
-        Self::new(revision, Change::Delete(cause), key, &[], previous)
+        let previous = previous.map(|value| Before { value, fields: &[] });
+        Self::delete_with_fields(revision, key, cause, previous)
+    }
+
+    /// `key`, which held `previous`, stopped existing at `revision`.
+    pub fn delete_with_fields(
+        revision: u64,
+        key: &[u8],
+        cause: DeleteCause,
+        previous: Option<Before<'_>>,
+    ) -> Self {
+        Self::new(revision, Change::Delete(cause), key, &[], &[], previous)
     }
 
     fn new(
@@ -124,21 +176,45 @@ impl Event {
         change: Change,
         key: &[u8],
         value: &[u8],
-        previous: Option<&[u8]>,
+        fields: &[u8],
+        previous: Option<Before<'_>>,
     ) -> Self {
-        let previous_bytes = previous.unwrap_or(&[]);
-        let mut bytes = Vec::with_capacity(key.len() + value.len() + previous_bytes.len());
+        let (previous_value, previous_fields) =
+            previous.map_or((&[][..], &[][..]), |before| (before.value, before.fields));
+        let mut bytes = Vec::with_capacity(
+            key.len() + value.len() + previous_value.len() + fields.len() + previous_fields.len(),
+        );
         bytes.extend_from_slice(key);
         bytes.extend_from_slice(value);
-        bytes.extend_from_slice(previous_bytes);
+        bytes.extend_from_slice(previous_value);
+        bytes.extend_from_slice(fields);
+        bytes.extend_from_slice(previous_fields);
         Self {
             revision,
             change,
             key_len: length(key),
             value_len: length(value),
-            previous_len: previous.map(length),
+            previous_len: previous.map(|before| length(before.value)),
+            fields_len: length(fields),
+            previous_fields_len: length(previous_fields),
             bytes: bytes.into_boxed_slice(),
         }
+    }
+
+    /// The key's fields blob after a put (empty otherwise, and without fields).
+    pub fn fields(&self) -> &[u8] {
+        let start = (self.key_len + self.value_len + self.previous_len.unwrap_or(0)) as usize;
+        &self.bytes[start..start + self.fields_len as usize]
+    }
+
+    /// The key's fields blob before the change, if it existed and the previous value was
+    /// kept.
+    pub fn previous_fields(&self) -> Option<&[u8]> {
+        let start =
+            (self.key_len + self.value_len + self.previous_len.unwrap_or(0) + self.fields_len)
+                as usize;
+        self.previous_len
+            .map(|_| &self.bytes[start..start + self.previous_fields_len as usize])
     }
 
     /// The key.
@@ -150,7 +226,9 @@ impl Event {
     pub fn value(&self) -> Option<&[u8]> {
         let start = self.key_len as usize;
         match self.change {
-            Change::Put { .. } => Some(&self.bytes[start..start + self.value_len as usize]),
+            Change::Put { .. } | Change::Left { .. } => {
+                Some(&self.bytes[start..start + self.value_len as usize])
+            }
             Change::Delete(_) => None,
         }
     }
@@ -162,16 +240,31 @@ impl Event {
             .map(|previous_len| &self.bytes[start..start + previous_len as usize])
     }
 
+    /// The same event without its previous value (and fields), as `change`.
+    #[must_use]
+    fn shaped_as(&self, change: Change, keep_previous: bool) -> Self {
+        let previous = if keep_previous {
+            self.previous().map(|value| Before {
+                value,
+                fields: self.previous_fields().unwrap_or_default(),
+            })
+        } else {
+            None
+        };
+        Self::new(
+            self.revision,
+            change,
+            self.key(),
+            self.value().unwrap_or(&[]),
+            self.fields(),
+            previous,
+        )
+    }
+
     /// The same event without its previous value.
     #[must_use]
     pub fn without_previous(&self) -> Self {
-        Self::new(
-            self.revision,
-            self.change,
-            self.key(),
-            self.value().unwrap_or(&[]),
-            None,
-        )
+        self.shaped_as(self.change, false)
     }
 
     /// Bytes the event is charged in the history and in queues: its key, values and a fixed
@@ -210,27 +303,61 @@ pub struct WatchSpec {
     pub deletes: bool,
     /// Keep events' previous values (dropped otherwise, to save queue bytes).
     pub previous: bool,
+    /// Follow this predicate's result set over the keys' fields (`Watch::query`).
+    pub query: Option<Query>,
 }
 
 impl WatchSpec {
-    fn matches(&self, event: &Event) -> bool {
+    /// The event as this watcher is handed it, or `None` if it does not follow it.
+    fn admit(&self, event: &Event) -> Option<Event> {
         let key = event.key();
-        key >= &*self.start
-            && self.end.as_deref().is_none_or(|end| key < end)
-            && if event.is_put() {
-                self.puts
-            } else {
-                self.deletes
+        if key < &*self.start || self.end.as_deref().is_some_and(|end| key >= end) {
+            return None;
+        }
+        let change = match &self.query {
+            None if event.is_put() => self.puts.then_some(event.change),
+            None => self.deletes.then_some(event.change),
+            Some(query) => {
+                let before = event
+                    .previous_fields()
+                    .is_some_and(|fields| fields_match(query, fields));
+                let after = event.is_put() && fields_match(query, event.fields());
+                match (before, after, event.change) {
+                    // Entering the result set, or changing in it.
+                    (_, true, change) => self.puts.then_some(change),
+                    (
+                        true,
+                        false,
+                        Change::Put {
+                            create_revision,
+                            version,
+                        },
+                    ) => self.deletes.then_some(Change::Left {
+                        create_revision,
+                        version,
+                    }),
+                    (true, false, change) => self.deletes.then_some(change),
+                    (false, false, _) => None,
+                }
             }
-    }
-
-    fn shaped(&self, event: &Event) -> Event {
-        if self.previous {
-            event.clone()
+        }?;
+        if change == event.change && self.previous {
+            Some(event.clone())
         } else {
-            event.without_previous()
+            Some(event.shaped_as(change, self.previous))
         }
     }
+}
+
+/// Whether a fields blob matches `query`.
+pub fn fields_match(query: &Query, blob: &[u8]) -> bool {
+    let fields = super::fields::to_fields(blob);
+    query.matches(|name| {
+        fields
+            .iter()
+            .find(|field| field.name == name)
+            .map(|field| &field.value)
+    })
 }
 
 /// Where a new watcher starts.
@@ -392,6 +519,8 @@ struct Recorded {
     key_len: u32,
     value_len: u32,
     previous_len: Option<u32>,
+    fields_len: u32,
+    previous_fields_len: u32,
     /// Sequence number of the chunk holding its bytes.
     chunk: u64,
     /// Where they start in it.
@@ -445,6 +574,8 @@ impl History {
             key_len: event.key_len,
             value_len: event.value_len,
             previous_len: event.previous_len,
+            fields_len: event.fields_len,
+            previous_fields_len: event.previous_fields_len,
             chunk,
             offset,
             len,
@@ -493,6 +624,8 @@ impl History {
                     key_len: recorded.key_len,
                     value_len: recorded.value_len,
                     previous_len: recorded.previous_len,
+                    fields_len: recorded.fields_len,
+                    previous_fields_len: recorded.previous_fields_len,
                     bytes: Box::from(bytes),
                 })
             })
@@ -823,10 +956,7 @@ fn batch_for<'a>(
     revision: u64,
     events: impl Iterator<Item = &'a Event>,
 ) -> Option<Batch> {
-    let events: Vec<Event> = events
-        .filter(|event| spec.matches(event))
-        .map(|event| spec.shaped(event))
-        .collect();
+    let events: Vec<Event> = events.filter_map(|event| spec.admit(event)).collect();
     (!events.is_empty()).then_some(Batch { revision, events })
 }
 
@@ -882,7 +1012,117 @@ mod tests {
             puts: true,
             deletes: true,
             previous: true,
+            query: None,
         }
+    }
+
+    fn blob(age: i64) -> Vec<u8> {
+        let mut blob = Vec::new();
+        crate::shard::fields::encode_owned(
+            &[tessera_protocol::Field::new(
+                "age",
+                tessera_protocol::FieldValue::I64(age),
+            )],
+            &mut blob,
+        );
+        blob
+    }
+
+    /// A watch on `age >= 20` sees keys enter, change in and leave its result set, and
+    /// nothing of keys outside it.
+    #[test]
+    fn a_query_watch_follows_its_result_set() {
+        let mut hub = WatchHub::new(LIMITS, 0);
+        let query = tessera_protocol::query::parse_query("age >= 20").unwrap();
+        let spec = WatchSpec {
+            query: Some(query),
+            previous: false,
+            ..everything()
+        };
+        let id = hub.watch(spec, Start::Now).unwrap();
+        let (young, old, older) = (blob(10), blob(30), blob(40));
+        let put = |revision, key: &[u8], fields: &[u8], before: Option<&[u8]>| {
+            Event::put_with_fields(
+                revision,
+                key,
+                b"v",
+                fields,
+                1,
+                revision,
+                before.map(|fields| Before {
+                    value: b"v",
+                    fields,
+                }),
+            )
+        };
+        let steps = [
+            // Outside the set: nothing.
+            put(1, b"a", &young, None),
+            // Enters.
+            put(2, b"a", &old, Some(&young)),
+            // Changes in it.
+            put(3, b"a", &older, Some(&old)),
+            // Leaves, still existing.
+            put(4, b"a", &young, Some(&older)),
+            // Enters again, then is deleted while in it.
+            put(5, b"a", &old, Some(&young)),
+            Event::delete_with_fields(
+                6,
+                b"a",
+                DeleteCause::Deleted,
+                Some(Before {
+                    value: b"v",
+                    fields: &old,
+                }),
+            ),
+            // A delete of a key outside it: nothing.
+            Event::delete_with_fields(
+                7,
+                b"b",
+                DeleteCause::Expired,
+                Some(Before {
+                    value: b"v",
+                    fields: &young,
+                }),
+            ),
+        ];
+        for event in steps {
+            let revision = event.revision;
+            hub.publish(revision, &mut vec![event]);
+        }
+        let batches = hub.take(id, usize::MAX).unwrap().unwrap();
+        let seen: Vec<(u64, Change)> = batches
+            .iter()
+            .flat_map(|batch| {
+                batch
+                    .events
+                    .iter()
+                    .map(|event| (event.revision, event.change))
+            })
+            .collect();
+        let put_change = |version| Change::Put {
+            create_revision: 1,
+            version,
+        };
+        assert_eq!(
+            seen,
+            [
+                (2, put_change(2)),
+                (3, put_change(3)),
+                (
+                    4,
+                    Change::Left {
+                        create_revision: 1,
+                        version: 4
+                    }
+                ),
+                (5, put_change(5)),
+                (6, Change::Delete(DeleteCause::Deleted)),
+            ]
+        );
+        // The fields travel with the event; the previous value was not asked for.
+        assert_eq!(batches[0].events[0].fields(), &old[..]);
+        assert_eq!(batches[0].events[0].previous(), None);
     }
 
     #[test]
@@ -1177,8 +1417,7 @@ mod tests {
     fn matching(spec: &WatchSpec, revision: u64, events: &[Event]) -> Option<Batch> {
         let events: Vec<Event> = events
             .iter()
-            .filter(|event| spec.matches(event))
-            .map(|event| spec.shaped(event))
+            .filter_map(|event| spec.admit(event))
             .collect();
         (!events.is_empty()).then_some(Batch { revision, events })
     }
@@ -1255,7 +1494,7 @@ mod tests {
                             end: (start + width < 7).then(|| key(start + width)),
                             puts: filter != 1,
                             deletes: filter != 2,
-                            previous: start % 2 == 0,
+                            previous: start % 2 == 0, query: None,
                         };
                         let start_at = after.map_or(Start::Now, Start::After);
                         let result = hub.watch(spec.clone(), start_at);
