@@ -159,6 +159,11 @@ struct Flags {
     /// Seed of the key sequence.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Every write carries three indexed i64 fields: `p10000`, `p100` and `p10`, the key's
+    /// index modulo 10000, 100 and 10 (an equality on each matches 0.01%, 1% and 10% of the
+    /// keys).
+    #[arg(long)]
+    fields: bool,
     /// Server processes to measure CPU time of (repeatable). Default: the local processes
     /// listening on the target's ports, if any.
     #[arg(long = "server-pid")]
@@ -370,6 +375,7 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
         distribution: flags.distribution,
         zipf_exponent: flags.zipf_exponent,
         seed: flags.seed,
+        fields: flags.fields,
     };
     spec.validate()?;
     if flags.connections == 0 || flags.pipeline == 0 || flags.threads == 0 {
@@ -459,11 +465,11 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
     not(feature = "etcd"),
     allow(clippy::unnecessary_wraps, reason = "only etcd has no wire")
 )]
-fn new_wire(target: &Target) -> Result<Box<dyn Wire>, String> {
+fn new_wire(target: &Target, spec: &WorkloadSpec) -> Result<Box<dyn Wire>, String> {
     match target {
         Target::Redis { .. } => Ok(Box::new(RedisWire)),
         Target::Echo { .. } => Ok(Box::new(EchoWire::new())),
-        Target::Tessera { .. } | Target::Embedded => Ok(Box::new(TesseraWire::new())),
+        Target::Tessera { .. } | Target::Embedded => Ok(Box::new(TesseraWire::new(spec.fields))),
         #[cfg(feature = "etcd")]
         Target::Etcd { .. } => Err("etcd speaks gRPC: it is driven by client_load".to_owned()),
     }
@@ -571,7 +577,7 @@ fn measure_network(
                         .map(|count| share_of(count, thread_count, thread_index)),
                     duration: Some(duration),
                 };
-                let mut wire = new_wire(target)?;
+                let mut wire = new_wire(target, spec)?;
                 uring::run_thread(
                     streams,
                     router,
@@ -782,7 +788,7 @@ fn run_preload_network(
                         operation_count_max: None,
                         duration: None,
                     };
-                    let mut wire = new_wire(target)?;
+                    let mut wire = new_wire(target, spec)?;
                     uring::run_thread(streams, router, wire.as_mut(), spec, load, None)
                 })
             })
@@ -1657,7 +1663,7 @@ mod tests {
             value_size: 1,
             distribution: KeyDistribution::Uniform,
             zipf_exponent: 1.0,
-            seed: 0,
+            seed: 0, fields: false,
         };
         for index in 0..1_000 {
             spec.write_key(index, &mut key);

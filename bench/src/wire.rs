@@ -12,9 +12,9 @@
 //! replies also carry their request id, which the driver checks.
 
 use tessera_protocol::codec::{self, FrameBuffer};
-use tessera_protocol::{ArchivedResponse, CounterAdd, Delete, Put, Request};
+use tessera_protocol::{ArchivedResponse, CounterAdd, Delete, Field, FieldValue, Put, Request};
 
-use crate::workload::Op;
+use crate::workload::{key_index, Op, FIELD_MODULI};
 
 /// One reply found at the front of a receive buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,15 +67,25 @@ struct TesseraRequests {
     put: Request,
     delete: Request,
     add: Request,
+    /// Whether puts carry the fields of `FIELD_MODULI`.
+    fields: bool,
 }
 
 impl TesseraRequests {
-    fn new() -> Self {
+    fn new(fields: bool) -> Self {
+        let mut put = Put::new(Vec::new(), Vec::new());
+        if fields {
+            put.fields = FIELD_MODULI
+                .iter()
+                .map(|(name, _)| Field::new(*name, FieldValue::I64(0)))
+                .collect();
+        }
         Self {
             get: Request::Get { key: Vec::new() },
-            put: Request::Put(Box::new(Put::new(Vec::new(), Vec::new()))),
+            put: Request::Put(Box::new(put)),
             delete: Request::Delete(Box::new(Delete::new(Vec::new()))),
             add: Request::Add(Box::new(CounterAdd::new(Vec::new(), 1))),
+            fields,
         }
     }
 
@@ -114,6 +124,12 @@ impl TesseraRequests {
                 put.key.extend_from_slice(key);
                 put.value.clear();
                 put.value.extend_from_slice(value);
+                if self.fields {
+                    let index = key_index(key);
+                    for (field, (_, modulus)) in put.fields.iter_mut().zip(FIELD_MODULI) {
+                        field.value = FieldValue::I64(i64::try_from(index % modulus).unwrap_or(0));
+                    }
+                }
             }
             _ => {}
         }
@@ -128,10 +144,10 @@ pub struct TesseraWire {
 }
 
 impl TesseraWire {
-    /// A codec with empty reusable requests.
-    pub fn new() -> Self {
+    /// A codec with empty reusable requests; puts carry the benchmark's fields if `fields`.
+    pub fn new(fields: bool) -> Self {
         Self {
-            requests: TesseraRequests::new(),
+            requests: TesseraRequests::new(fields),
         }
     }
 }
@@ -175,7 +191,7 @@ impl EchoWire {
     /// A codec with empty reusable requests.
     pub fn new() -> Self {
         Self {
-            requests: TesseraRequests::new(),
+            requests: TesseraRequests::new(false),
         }
     }
 }
@@ -386,7 +402,7 @@ mod tests {
             "busy",
         ));
         codec::encode_response(&mut out, 42, &error).unwrap();
-        let wire = TesseraWire::new();
+        let wire = TesseraWire::new(false);
         let first = wire.decode(&out).unwrap().unwrap();
         assert_eq!(first.request_id, Some(41));
         assert!(!first.is_error);
@@ -404,7 +420,7 @@ mod tests {
         let reply = wire.decode(&out).unwrap().unwrap();
         assert_eq!(reply.size, out.len());
         assert_eq!(reply.request_id, Some(9));
-        let mut tessera = TesseraWire::new();
+        let mut tessera = TesseraWire::new(false);
         let mut incr = FrameBuffer::new();
         tessera.encode(Op::Incr, b"k", b"", 1, &mut incr).unwrap();
         let frame = codec::decode_frame(&incr).unwrap().unwrap();

@@ -156,6 +156,25 @@ pub struct WorkloadSpec {
     pub zipf_exponent: f64,
     /// Seed of the first load thread; thread `i` uses `seed + i`.
     pub seed: u64,
+    /// Whether every write carries the indexed fields of [`FIELD_MODULI`].
+    pub fields: bool,
+}
+
+/// The indexed fields a write carries with `--fields`: field `name` holds the key's index
+/// modulo `modulus`, so an equality on it matches one key in `modulus`: 0.01%, 1% and 10%
+/// of the keys.
+pub const FIELD_MODULI: [(&str, u64); 3] = [("p10000", 10_000), ("p100", 100), ("p10", 10)];
+
+/// The index a benchmark key was written for (its decimal digits after [`KEY_PREFIX`]).
+pub fn key_index(key: &[u8]) -> u64 {
+    key.get(KEY_PREFIX.len()..)
+        .unwrap_or_default()
+        .iter()
+        .fold(0_u64, |index, digit| {
+            index
+                .wrapping_mul(10)
+                .wrapping_add(u64::from(digit.wrapping_sub(b'0')))
+        })
 }
 
 /// Prefix of every key the benchmark writes.
@@ -363,7 +382,7 @@ mod tests {
             value_size: 32,
             distribution,
             zipf_exponent: 0.99,
-            seed: 7,
+            seed: 7, fields: false,
         }
     }
 
