@@ -62,6 +62,7 @@ use crate::workload::{
 /// workload.
 #[derive(Debug, Clone, Parser, Serialize)]
 #[command(name = "tessera-bench", version, about)]
+#[allow(clippy::struct_excessive_bools, reason = "command-line switches")]
 struct Flags {
     /// Tessera endpoints (host:port, comma separated); the topology is fetched from them.
     #[arg(long, env = "TESSERA_ENDPOINTS", value_delimiter = ',')]
@@ -1663,7 +1664,8 @@ mod tests {
             value_size: 1,
             distribution: KeyDistribution::Uniform,
             zipf_exponent: 1.0,
-            seed: 0, fields: false,
+            seed: 0,
+            fields: false,
         };
         for index in 0..1_000 {
             spec.write_key(index, &mut key);

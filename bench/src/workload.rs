@@ -382,7 +382,8 @@ mod tests {
             value_size: 32,
             distribution,
             zipf_exponent: 0.99,
-            seed: 7, fields: false,
+            seed: 7,
+            fields: false,
         }
     }
 

@@ -606,8 +606,28 @@ impl Config {
         Ok(())
     }
 
+    fn validate_query_limits(&self) -> Result<(), ConfigError> {
+        if self.query_time_budget_ms == 0 || self.query_time_budget_ms > 60_000 {
+            return Err(ConfigError::Invalid {
+                field: "query_time_budget_ms",
+                reason: format!("{} is outside 1..=60000", self.query_time_budget_ms),
+            });
+        }
+        if self.query_sort_items_max == 0 {
+            return Err(ConfigError::Invalid {
+                field: "query_sort_items_max",
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the table limits that must be at least 1 (watches, leases, locks, the inbox,
+    /// keys reclaimed per tick).
     fn validate_watch_limits(&self) -> Result<(), ConfigError> {
         for (name, value) in [
+            ("inbox_capacity", self.inbox_capacity as u64),
+            ("expired_per_tick_max", self.expired_per_tick_max as u64),
             (
                 "watch_history_events_max",
                 self.watch_history_events_max as u64,
@@ -699,24 +719,10 @@ impl Config {
                 ),
             );
         }
-        if self.inbox_capacity == 0 {
-            return invalid("inbox_capacity", "must be at least 1".to_owned());
-        }
         if self.tick_ms == 0 || self.tick_ms > 1000 {
             return invalid("tick_ms", format!("{} is outside 1..=1000", self.tick_ms));
         }
-        if self.expired_per_tick_max == 0 {
-            return invalid("expired_per_tick_max", "must be at least 1".to_owned());
-        }
-        if self.query_time_budget_ms == 0 || self.query_time_budget_ms > 60_000 {
-            return invalid(
-                "query_time_budget_ms",
-                format!("{} is outside 1..=60000", self.query_time_budget_ms),
-            );
-        }
-        if self.query_sort_items_max == 0 {
-            return invalid("query_sort_items_max", "must be at least 1".to_owned());
-        }
+        self.validate_query_limits()?;
         self.validate_watch_limits()?;
         if self.group_commit_wait_us > 100_000 {
             return invalid(

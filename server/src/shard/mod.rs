@@ -684,25 +684,8 @@ impl Shard {
     pub fn journal_bound(&self, request: &ArchivedRequest) -> Option<u64> {
         // A record's header and revision, an effect's kind, sizes and deadline, and the
         // removal of an expired entry the write may reclaim first (its own record).
-        const RECORD: u64 = 16;
-        const EFFECT: u64 = 31;
-        let key_write = |key: &[u8], value_size: usize| {
-            2 * (RECORD + EFFECT + key.len() as u64) + value_size as u64
-        };
-        // A `Fields` effect after the set, if the entry has fields.
-        fn fields_write(key: &[u8], fields_size: usize) -> u64 {
-            if fields_size == 0 {
-                0
-            } else {
-                EFFECT + (key.len() + fields_size) as u64
-            }
-        }
-        fn archived_fields_write(
-            key: &[u8],
-            fields: &[tessera_protocol::query::ArchivedField],
-        ) -> u64 {
-            fields_write(key, fields::encoded_size_archived(fields))
-        }
+        const RECORD: u64 = JOURNAL_RECORD_BOUND;
+        const EFFECT: u64 = JOURNAL_EFFECT_BOUND;
         match request {
             ArchivedRequest::Put(put) => Some(
                 key_write(&put.key, put.value.len())
@@ -722,39 +705,7 @@ impl Shard {
                             .map_or(0, |entry| entry.fields().len()),
                     ),
             ),
-            ArchivedRequest::Txn(txn) => {
-                // Either branch may run; every key of the request is reclaimed first.
-                let branch = |ops: &rkyv::vec::ArchivedVec<ArchivedTxnOp>| -> u64 {
-                    ops.iter()
-                        .map(|op| match op {
-                            ArchivedTxnOp::Put {
-                                key,
-                                value,
-                                lease,
-                                fields,
-                                ..
-                            } => {
-                                key_write(key, value.len())
-                                    + archived_fields_write(key, fields)
-                                    + lease.as_ref().map_or(0, |_| EFFECT + key.len() as u64)
-                            }
-                            ArchivedTxnOp::Delete { key, .. } => key_write(key, 0),
-                            ArchivedTxnOp::Add(add) => {
-                                key_write(&add.key, COUNTER_TEXT_MAX)
-                                    + fields_write(
-                                        &add.key,
-                                        self.store
-                                            .get(&add.key)
-                                            .map_or(0, |entry| entry.fields().len()),
-                                    )
-                            }
-                            ArchivedTxnOp::Get { .. } | ArchivedTxnOp::Range(_) => 0,
-                        })
-                        .sum()
-                };
-                let reclaims: u64 = txn_keys(txn).map(|key| key_write(key, 0)).sum();
-                Some(reclaims + branch(&txn.success).max(branch(&txn.failure)))
-            }
+            ArchivedRequest::Txn(txn) => Some(self.txn_journal_bound(txn)),
             ArchivedRequest::Expire { key, .. } | ArchivedRequest::Persist { key } => {
                 let (value_size, fields_size) = self
                     .store
@@ -812,6 +763,42 @@ impl Shard {
             | ArchivedRequest::Unwatch { .. }
             | ArchivedRequest::WatchProgress { .. } => None,
         }
+    }
+
+    /// At most how many bytes of log a transaction can write.
+    fn txn_journal_bound(&self, txn: &ArchivedTxn) -> u64 {
+        const EFFECT: u64 = JOURNAL_EFFECT_BOUND;
+        // Either branch may run; every key of the request is reclaimed first.
+        let branch = |ops: &rkyv::vec::ArchivedVec<ArchivedTxnOp>| -> u64 {
+            ops.iter()
+                .map(|op| match op {
+                    ArchivedTxnOp::Put {
+                        key,
+                        value,
+                        lease,
+                        fields,
+                        ..
+                    } => {
+                        key_write(key, value.len())
+                            + archived_fields_write(key, fields)
+                            + lease.as_ref().map_or(0, |_| EFFECT + key.len() as u64)
+                    }
+                    ArchivedTxnOp::Delete { key, .. } => key_write(key, 0),
+                    ArchivedTxnOp::Add(add) => {
+                        key_write(&add.key, COUNTER_TEXT_MAX)
+                            + fields_write(
+                                &add.key,
+                                self.store
+                                    .get(&add.key)
+                                    .map_or(0, |entry| entry.fields().len()),
+                            )
+                    }
+                    ArchivedTxnOp::Get { .. } | ArchivedTxnOp::Range(_) => 0,
+                })
+                .sum()
+        };
+        let reclaims: u64 = txn_keys(txn).map(|key| key_write(key, 0)).sum();
+        reclaims + branch(&txn.success).max(branch(&txn.failure))
     }
 
     /// Starts the next revision and its record.
@@ -1852,34 +1839,7 @@ impl Shard {
         for op in ops.iter() {
             let result = match op {
                 ArchivedTxnOp::Get { key } => TxnResult::Get(self.get(now_ms, key)),
-                ArchivedTxnOp::Put {
-                    key,
-                    value,
-                    ttl_ms,
-                    keep_ttl,
-                    return_previous,
-                    lease,
-                    fields,
-                } => {
-                    let fields = fields_blob(fields);
-                    let before = self.store.get(key);
-                    let previous = before.filter(|_| *return_previous).map(to_entry);
-                    let expiry_before = before.and_then(EntryRef::expiry);
-                    let revisions = before.map_or(KeyRevisions::created(revision), |entry| {
-                        entry.revisions().written(revision)
-                    });
-                    let deadline_ms = match ttl_ms.as_ref() {
-                        Some(ttl_ms) => Some(now_ms.saturating_add(ttl_ms.to_native())),
-                        None if *keep_ttl => expiry_before.map(|expiry| expiry.deadline_ms),
-                        None => None,
-                    };
-                    self.set_lease(key, lease.as_ref().map(|lease| lease.to_native()));
-                    self.replace_entry(key, &fields, value, deadline_ms, revisions, expiry_before);
-                    TxnResult::Put {
-                        version: revisions.version,
-                        previous,
-                    }
-                }
+                ArchivedTxnOp::Put { .. } => self.txn_put(now_ms, op, revision),
                 ArchivedTxnOp::Delete {
                     key,
                     return_previous,
@@ -1919,6 +1879,43 @@ impl Shard {
             revision,
             results,
         })
+    }
+
+    /// Applies a transaction's put op at `revision`.
+    fn txn_put(&mut self, now_ms: u64, op: &ArchivedTxnOp, revision: u64) -> TxnResult {
+        let ArchivedTxnOp::Put {
+            key,
+            value,
+            ttl_ms,
+            keep_ttl,
+            return_previous,
+            lease,
+            fields,
+        } = op
+        else {
+            return TxnResult::Put {
+                version: 0,
+                previous: None,
+            };
+        };
+        let fields = fields_blob(fields);
+        let before = self.store.get(key);
+        let previous = before.filter(|_| *return_previous).map(to_entry);
+        let expiry_before = before.and_then(EntryRef::expiry);
+        let revisions = before.map_or(KeyRevisions::created(revision), |entry| {
+            entry.revisions().written(revision)
+        });
+        let deadline_ms = match ttl_ms.as_ref() {
+            Some(ttl_ms) => Some(now_ms.saturating_add(ttl_ms.to_native())),
+            None if *keep_ttl => expiry_before.map(|expiry| expiry.deadline_ms),
+            None => None,
+        };
+        self.set_lease(key, lease.as_ref().map(|lease| lease.to_native()));
+        self.replace_entry(key, &fields, value, deadline_ms, revisions, expiry_before);
+        TxnResult::Put {
+            version: revisions.version,
+            previous,
+        }
     }
 
     fn delete(
@@ -2180,6 +2177,32 @@ impl Shard {
         }
         Response::MultiDelete { deleted }
     }
+}
+
+/// Bytes of a record's header and revision in [`Shard::journal_bound`].
+const JOURNAL_RECORD_BOUND: u64 = 16;
+
+/// Bytes of an effect's kind, sizes and deadline in [`Shard::journal_bound`].
+const JOURNAL_EFFECT_BOUND: u64 = 31;
+
+/// Log bytes of a write of `key` with a value of `value_size` bytes, and of the removal of
+/// an expired entry the write may reclaim first (its own record).
+fn key_write(key: &[u8], value_size: usize) -> u64 {
+    2 * (JOURNAL_RECORD_BOUND + JOURNAL_EFFECT_BOUND + key.len() as u64) + value_size as u64
+}
+
+/// Log bytes of the `Fields` effect after a set, if the entry has fields.
+fn fields_write(key: &[u8], fields_size: usize) -> u64 {
+    if fields_size == 0 {
+        0
+    } else {
+        JOURNAL_EFFECT_BOUND + (key.len() + fields_size) as u64
+    }
+}
+
+/// [`fields_write`] for a request's fields.
+fn archived_fields_write(key: &[u8], fields: &[tessera_protocol::query::ArchivedField]) -> u64 {
+    fields_write(key, fields::encoded_size_archived(fields))
 }
 
 /// Bytes of key removals one revision of a lease's end holds; the rest go in the next

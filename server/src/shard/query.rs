@@ -168,10 +168,46 @@ impl Shard {
         budget: &mut QueryBudget<'_>,
     ) -> Response {
         let plan = self.plan(query);
+        let mut found = match self.collect(now_ms, query, &plan, budget) {
+            Ok(found) => found,
+            Err(refusal) => return refusal,
+        };
+        if found.sorted {
+            self.page_sorted(query, &mut found);
+        }
+        let count = if query.count_only {
+            found.matched
+        } else {
+            found.items.len() as u64
+        };
+        Response::Query(Box::new(QueryPage {
+            node_id: self.config.node_id,
+            core_id: self.config.shard_id,
+            revision: self.revision,
+            items: found.items,
+            count,
+            more: found.more,
+            plan: QueryPlan {
+                access: plan.access,
+                examined: found.examined,
+                matched: found.matched,
+                building: plan.building,
+                sorted: found.sorted,
+            },
+        }))
+    }
+
+    /// Reads the plan's candidates and checks each against the filter: the page itself when
+    /// matches come in the page's order, else the matches after the cursor to sort.
+    fn collect<'s: 'p, 'p>(
+        &'s self,
+        now_ms: u64,
+        query: &QueryRequest,
+        plan: &'p Plan<'s>,
+        budget: &mut QueryBudget<'_>,
+    ) -> Result<Found<'s>, Response> {
         let order_by = &query.order_by;
-        let limit = query.limit as usize;
         let after = query.after.as_ref();
-        let prefix_end = prefix_end(&query.prefix);
         let key_ordered = plan.keys.as_ref().is_none_or(|(_, ordered)| *ordered);
         let streams = order_by.is_empty() && key_ordered && !query.count_only;
         // Key order with a cursor: only keys after it.
@@ -183,41 +219,36 @@ impl Shard {
             }
             _ => query.prefix.clone(),
         };
-        let candidates: Box<dyn Iterator<Item = EntryRef<'_>>> = match &plan.keys {
-            Some((keys, _)) => Box::new(
-                keys.iter()
-                    .filter(|key| key.starts_with(&query.prefix) && ***key >= *start.as_slice())
-                    .filter_map(|key| self.store.get(key)),
-            ),
+        let prefix_end = prefix_end(&query.prefix);
+        let candidates: Box<dyn Iterator<Item = EntryRef<'s>> + 'p> = match &plan.keys {
+            Some((keys, _)) => {
+                let prefix = query.prefix.clone();
+                let start = start.clone();
+                Box::new(
+                    keys.iter()
+                        .copied()
+                        .filter(move |key| key.starts_with(&prefix) && *key >= start.as_slice())
+                        .filter_map(|key| self.store.get(key)),
+                )
+            }
             None => Box::new(self.store.range(&start, prefix_end.as_deref())),
         };
-        let mut examined = 0_u64;
-        let mut matched = 0_u64;
-        let mut items = Vec::new();
-        let mut bytes = 0;
-        let mut more = false;
-        let mut sorting: Vec<Match<'_>> = Vec::new();
+        let mut found = Found {
+            examined: 0,
+            matched: 0,
+            items: Vec::new(),
+            bytes: 0,
+            more: false,
+            sorted: !streams && !query.count_only,
+            to_sort: Vec::new(),
+        };
         for entry in candidates {
             if entry.is_expired(now_ms) {
                 continue;
             }
-            examined += 1;
-            if examined % BUDGET_CHECK_EVERY == 0 && !(budget.time_left)() {
-                let building = if plan.building.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; index {} is still building and was not used",
-                        plan.building.join(", ")
-                    )
-                };
-                return budget_refusal(format!(
-                    "query passed its time budget of {} ms on core {} after examining {examined} \
-                     entries by {}{building}",
-                    budget.time_budget_ms,
-                    self.config.shard_id,
-                    access_text(&plan.access),
-                ));
+            found.examined += 1;
+            if found.examined % BUDGET_CHECK_EVERY == 0 && !(budget.time_left)() {
+                return Err(self.time_refusal(plan, budget, found.examined));
             }
             let entry_fields = fields::to_fields(entry.fields());
             let holds = query
@@ -227,86 +258,110 @@ impl Shard {
             if !holds {
                 continue;
             }
-            matched += 1;
+            found.matched += 1;
             if query.count_only {
                 continue;
             }
             if streams {
-                if items.len() == limit || bytes >= SCAN_PAGE_BYTES_MAX {
-                    more = true;
+                if found.is_full(query) {
+                    found.more = true;
                     break;
                 }
-                bytes += item_bytes(entry, query.projection);
-                items.push(item(entry, Vec::new(), entry_fields, query.projection));
+                found.bytes += item_bytes(entry, query.projection);
+                found
+                    .items
+                    .push(item(entry, Vec::new(), entry_fields, query.projection));
                 continue;
             }
             let sort: Vec<Option<FieldValue>> = order_by
                 .iter()
                 .map(|order| field_value(&entry_fields, &order.field).cloned())
                 .collect();
-            if let Some(after) = after {
-                if cursor_cmp(order_by, &sort, entry.key(), &after.sort, &after.key)
+            if after.is_some_and(|after| {
+                cursor_cmp(order_by, &sort, entry.key(), &after.sort, &after.key)
                     != Ordering::Greater
-                {
-                    continue;
-                }
+            }) {
+                continue;
             }
-            if sorting.len() >= budget.sort_items_max {
-                return budget_refusal(format!(
+            if found.to_sort.len() >= budget.sort_items_max {
+                return Err(budget_refusal(format!(
                     "query matches more than {} entries on core {} to sort (by {}); narrow it, \
                      or page through it with a smaller order",
                     budget.sort_items_max,
                     self.config.shard_id,
                     access_text(&plan.access),
-                ));
+                )));
             }
-            sorting.push(Match {
+            found.to_sort.push(Match {
                 sort,
                 key: entry.key(),
             });
         }
-        let sorted = !streams && !query.count_only;
-        if sorted {
-            sorting.sort_unstable_by(|left, right| {
-                cursor_cmp(order_by, &left.sort, left.key, &right.sort, right.key)
-            });
-            for found in sorting {
-                if items.len() == limit || bytes >= SCAN_PAGE_BYTES_MAX {
-                    more = true;
-                    break;
-                }
-                let Some(entry) = self.store.get(found.key) else {
-                    continue;
-                };
-                bytes += item_bytes(entry, query.projection);
-                let entry_fields = if query.projection == Projection::Fields {
-                    fields::to_fields(entry.fields())
-                } else {
-                    Vec::new()
-                };
-                items.push(item(entry, found.sort, entry_fields, query.projection));
+        Ok(found)
+    }
+
+    /// Sorts the collected matches and takes the page from them.
+    fn page_sorted(&self, query: &QueryRequest, found: &mut Found<'_>) {
+        let order_by = &query.order_by;
+        let mut to_sort = std::mem::take(&mut found.to_sort);
+        to_sort.sort_unstable_by(|left, right| {
+            cursor_cmp(order_by, &left.sort, left.key, &right.sort, right.key)
+        });
+        for matched in to_sort {
+            if found.is_full(query) {
+                found.more = true;
+                break;
             }
+            let Some(entry) = self.store.get(matched.key) else {
+                continue;
+            };
+            found.bytes += item_bytes(entry, query.projection);
+            let entry_fields = if query.projection == Projection::Fields {
+                fields::to_fields(entry.fields())
+            } else {
+                Vec::new()
+            };
+            found
+                .items
+                .push(item(entry, matched.sort, entry_fields, query.projection));
         }
-        let count = if query.count_only {
-            matched
+    }
+
+    fn time_refusal(&self, plan: &Plan<'_>, budget: &QueryBudget<'_>, examined: u64) -> Response {
+        let building = if plan.building.is_empty() {
+            String::new()
         } else {
-            items.len() as u64
+            format!(
+                "; index {} is still building and was not used",
+                plan.building.join(", ")
+            )
         };
-        Response::Query(Box::new(QueryPage {
-            node_id: self.config.node_id,
-            core_id: self.config.shard_id,
-            revision: self.revision,
-            items,
-            count,
-            more,
-            plan: QueryPlan {
-                access: plan.access,
-                examined,
-                matched,
-                building: plan.building,
-                sorted,
-            },
-        }))
+        budget_refusal(format!(
+            "query passed its time budget of {} ms on core {} after examining {examined} \
+             entries by {}{building}",
+            budget.time_budget_ms,
+            self.config.shard_id,
+            access_text(&plan.access),
+        ))
+    }
+}
+
+/// What a query found on the shard.
+struct Found<'a> {
+    examined: u64,
+    matched: u64,
+    items: Vec<QueryItem>,
+    bytes: usize,
+    more: bool,
+    /// Whether the page comes from sorting `to_sort`.
+    sorted: bool,
+    to_sort: Vec<Match<'a>>,
+}
+
+impl Found<'_> {
+    /// Whether the page can take no more items.
+    fn is_full(&self, query: &QueryRequest) -> bool {
+        self.items.len() == query.limit as usize || self.bytes >= SCAN_PAGE_BYTES_MAX
     }
 }
 

@@ -4023,6 +4023,7 @@ fn txn_compares_see_a_missing_key_as_zero_and_valueless() {
 /// A transaction's writes (puts, deletes, adds) all take one new revision and reach a
 /// watcher as one batch at that revision, in op order; reads in the same branch need none.
 #[test]
+#[allow(clippy::too_many_lines, reason = "one scenario, step by step")]
 fn txn_writes_share_one_revision_and_one_watch_batch() {
     let mut shard = new_shard();
     run(
