@@ -234,6 +234,27 @@ pub fn to_fields(blob: &[u8]) -> Vec<Field> {
         .collect()
 }
 
+/// Decoded fields, borrowing their names from the blob: what a query checks an entry with.
+/// Only string values allocate.
+pub type Values<'a> = smallvec::SmallVec<[(&'a str, FieldValue); 8]>;
+
+/// The fields of a blob the shard wrote, as [`Values`] (none if it does not decode).
+pub fn values(blob: &[u8]) -> Values<'_> {
+    decode(blob)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, value)| (name, value.to_value()))
+        .collect()
+}
+
+/// The value of `name` among decoded fields.
+pub fn value_in<'v>(values: &'v Values<'_>, name: &str) -> Option<&'v FieldValue> {
+    values
+        .iter()
+        .find(|(field, _)| *field == name)
+        .map(|(_, value)| value)
+}
+
 /// The value of field `name` in a blob the shard wrote.
 pub fn lookup<'a>(blob: &'a [u8], name: &str) -> Option<ValueRef<'a>> {
     decode(blob)

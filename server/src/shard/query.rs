@@ -20,7 +20,7 @@ use tessera_protocol::index::cursor_cmp;
 use tessera_protocol::limits::SCAN_PAGE_BYTES_MAX;
 use tessera_protocol::query::{Bound, QueryNode};
 use tessera_protocol::{
-    key_after, prefix_end, ErrorCode, ErrorReply, Field, FieldValue, IndexKind, Projection, Query,
+    key_after, prefix_end, ErrorCode, ErrorReply, FieldValue, IndexKind, Projection, Query,
     QueryAccess, QueryItem, QueryPage, QueryPlan, QueryRequest, Response,
 };
 
@@ -250,11 +250,11 @@ impl Shard {
             if found.examined % BUDGET_CHECK_EVERY == 0 && !(budget.time_left)() {
                 return Err(self.time_refusal(plan, budget, found.examined));
             }
-            let entry_fields = fields::to_fields(entry.fields());
+            let values = fields::values(entry.fields());
             let holds = query
                 .filter
                 .as_ref()
-                .is_none_or(|filter| filter.matches(|name| field_value(&entry_fields, name)));
+                .is_none_or(|filter| filter.matches(|name| fields::value_in(&values, name)));
             if !holds {
                 continue;
             }
@@ -268,14 +268,12 @@ impl Shard {
                     break;
                 }
                 found.bytes += item_bytes(entry, query.projection);
-                found
-                    .items
-                    .push(item(entry, Vec::new(), entry_fields, query.projection));
+                found.items.push(item(entry, Vec::new(), query.projection));
                 continue;
             }
             let sort: Vec<Option<FieldValue>> = order_by
                 .iter()
-                .map(|order| field_value(&entry_fields, &order.field).cloned())
+                .map(|order| fields::value_in(&values, &order.field).cloned())
                 .collect();
             if after.is_some_and(|after| {
                 cursor_cmp(order_by, &sort, entry.key(), &after.sort, &after.key)
@@ -316,14 +314,9 @@ impl Shard {
                 continue;
             };
             found.bytes += item_bytes(entry, query.projection);
-            let entry_fields = if query.projection == Projection::Fields {
-                fields::to_fields(entry.fields())
-            } else {
-                Vec::new()
-            };
             found
                 .items
-                .push(item(entry, matched.sort, entry_fields, query.projection));
+                .push(item(entry, matched.sort, query.projection));
         }
     }
 
@@ -365,13 +358,6 @@ impl Found<'_> {
     }
 }
 
-fn field_value<'a>(fields: &'a [Field], name: &str) -> Option<&'a FieldValue> {
-    fields
-        .iter()
-        .find(|field| field.name == name)
-        .map(|field| &field.value)
-}
-
 fn access_text(access: &QueryAccess) -> String {
     match access {
         QueryAccess::Index { name, lookup, .. } => format!("index {name} ({lookup})"),
@@ -388,17 +374,12 @@ fn item_bytes(entry: EntryRef<'_>, projection: Projection) -> usize {
         }
 }
 
-fn item(
-    entry: EntryRef<'_>,
-    sort: Vec<Option<FieldValue>>,
-    entry_fields: Vec<Field>,
-    projection: Projection,
-) -> QueryItem {
+fn item(entry: EntryRef<'_>, sort: Vec<Option<FieldValue>>, projection: Projection) -> QueryItem {
     QueryItem {
         key: entry.key().to_vec(),
         sort,
         fields: if projection == Projection::Fields {
-            entry_fields
+            fields::to_fields(entry.fields())
         } else {
             Vec::new()
         },

@@ -351,13 +351,8 @@ impl WatchSpec {
 
 /// Whether a fields blob matches `query`.
 pub fn fields_match(query: &Query, blob: &[u8]) -> bool {
-    let fields = super::fields::to_fields(blob);
-    query.matches(|name| {
-        fields
-            .iter()
-            .find(|field| field.name == name)
-            .map(|field| &field.value)
-    })
+    let values = super::fields::values(blob);
+    query.matches(|name| super::fields::value_in(&values, name))
 }
 
 /// Where a new watcher starts.
