@@ -253,6 +253,14 @@ impl Indexes {
         while self.build_step(store, usize::MAX) {}
     }
 
+    /// Bytes the indexes are charged, together.
+    pub fn memory_bytes(&self) -> u64 {
+        self.list
+            .iter()
+            .map(|index| index.index.memory_bytes())
+            .sum()
+    }
+
     /// Whether any index is building.
     pub fn is_building(&self) -> bool {
         self.list.iter().any(|index| index.build.is_some())
@@ -294,5 +302,150 @@ fn value_of<'a>(fields: &[(&str, ValueRef<'a>)], name: &str) -> Option<ValueRef<
 fn file(index: &mut Index, field: &str, entry: EntryRef<'_>) {
     if let Some(value) = fields::lookup(entry.fields(), field) {
         index.insert(entry.key(), &value.to_value());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_protocol::{Field, FieldValue, IndexKind};
+
+    use super::*;
+    use crate::shard::fields::encode_owned;
+    use crate::shard::store::KeyRevisions;
+
+    fn blob(age: i64) -> Vec<u8> {
+        let mut blob = Vec::new();
+        encode_owned(&[Field::new("age", FieldValue::I64(age))], &mut blob);
+        blob
+    }
+
+    fn spec(name: &str, prefix: &str, kind: IndexKind) -> IndexSpec {
+        IndexSpec {
+            name: name.to_owned(),
+            prefix: prefix.as_bytes().to_vec(),
+            field: "age".to_owned(),
+            kind,
+        }
+    }
+
+    /// Writes `key` with `age` in the store and tells the indexes, as the shard does.
+    fn put(store: &mut Store, indexes: &mut Indexes, key: &str, age: Option<i64>) {
+        let fields = age.map(blob).unwrap_or_default();
+        let before = store
+            .get(key.as_bytes())
+            .map(|entry| entry.fields().to_vec());
+        store.insert(
+            key.as_bytes(),
+            &fields,
+            b"v",
+            KeyRevisions::created(1),
+            None,
+        );
+        indexes.on_write(key.as_bytes(), before.as_deref(), Some(&fields));
+    }
+
+    fn remove(store: &mut Store, indexes: &mut Indexes, key: &str) {
+        if let Some(removed) = store.remove(key.as_bytes()) {
+            indexes.on_write(key.as_bytes(), Some(removed.view().fields()), None);
+        }
+    }
+
+    /// A build over existing keys runs in slices while writes land before and after its
+    /// position; at every step the index equals the store up to the position, and once done
+    /// the whole store.
+    #[test]
+    fn a_build_in_slices_stays_in_step_with_writes_around_it() {
+        let mut store = Store::new(u64::MAX);
+        let mut indexes = Indexes::new();
+        for number in 0..100 {
+            put(
+                &mut store,
+                &mut indexes,
+                &format!("u:{number:03}"),
+                Some(number % 7),
+            );
+        }
+        put(&mut store, &mut indexes, "other", Some(3));
+        assert_eq!(
+            indexes.create(spec("by_age", "u:", IndexKind::Range), &store),
+            Ok(Created::Building)
+        );
+        let mut steps = 0;
+        loop {
+            let more = indexes.build_step(&store, 9);
+            indexes.check(&store);
+            steps += 1;
+            // Writes on both sides of the build's position, and removals.
+            put(
+                &mut store,
+                &mut indexes,
+                &format!("u:{:03}", steps * 7 % 100),
+                Some(steps),
+            );
+            put(
+                &mut store,
+                &mut indexes,
+                &format!("u:{:03}", 99 - steps),
+                None,
+            );
+            remove(
+                &mut store,
+                &mut indexes,
+                &format!("u:{:03}", steps * 13 % 100),
+            );
+            put(
+                &mut store,
+                &mut indexes,
+                &format!("u:{:03}", 100 + steps),
+                Some(1),
+            );
+            indexes.check(&store);
+            if !more {
+                break;
+            }
+        }
+        assert!(steps > 5, "{steps} steps");
+        let index = indexes.get("by_age").unwrap();
+        assert!(index.is_ready());
+        // Keys outside the prefix are not filed; every key under it with the field is.
+        let with_field = store
+            .range(b"u:", Some(b"u;"))
+            .filter(|entry| !entry.fields().is_empty())
+            .count();
+        assert_eq!(index.index.len(), with_field);
+        assert_eq!(indexes.memory_bytes(), index.index.memory_bytes());
+    }
+
+    #[test]
+    fn definitions_are_checked_against_the_existing_ones_and_the_limits() {
+        let store = Store::new(u64::MAX);
+        let mut indexes = Indexes::new();
+        let by_age = spec("by_age", "u:", IndexKind::Equality);
+        // No key under the prefix: ready at once.
+        assert_eq!(indexes.create(by_age.clone(), &store), Ok(Created::Ready));
+        assert_eq!(indexes.create(by_age, &store), Ok(Created::Exists));
+        assert!(matches!(
+            indexes.create(spec("by_age", "u:", IndexKind::Range), &store),
+            Err(CreateError::NameTaken { .. })
+        ));
+        for number in 1..INDEXES_PER_PREFIX_MAX {
+            let name = format!("nested{number}");
+            let prefix = format!("u:{}", "x".repeat(number));
+            indexes
+                .create(spec(&name, &prefix, IndexKind::Equality), &store)
+                .unwrap();
+        }
+        // Every key under "u:xxx..." is covered by all of them already.
+        assert_eq!(
+            indexes.create(spec("one_more", "u:", IndexKind::Range), &store),
+            Err(CreateError::TooManyForPrefix)
+        );
+        // A prefix no other covers is fine.
+        assert_eq!(
+            indexes.create(spec("elsewhere", "v:", IndexKind::Range), &store),
+            Ok(Created::Ready)
+        );
+        assert!(indexes.drop_index("elsewhere"));
+        assert!(!indexes.drop_index("elsewhere"));
     }
 }

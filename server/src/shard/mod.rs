@@ -1123,9 +1123,16 @@ impl Shard {
         self.wheel.len()
     }
 
-    /// Bytes charged against the memory budget.
+    /// Bytes charged against the memory budget: entries and secondary indexes.
     pub fn memory_bytes(&self) -> u64 {
-        self.store.memory_bytes()
+        self.store.memory_bytes() + self.indexes.memory_bytes()
+    }
+
+    /// Whether `additional_bytes` more would still fit in the budget, which entries and
+    /// indexes share. A write's own index pairs are charged once it applied, so the budget
+    /// can be passed by one write's pairs at most.
+    fn has_room_for(&self, additional_bytes: u64) -> bool {
+        self.memory_bytes().saturating_add(additional_bytes) <= self.store.memory_bytes_max()
     }
 
     /// The shard's counters.
@@ -1349,10 +1356,12 @@ impl Shard {
         Response::Error(ErrorReply::new(
             ErrorCode::StoreFull,
             format!(
-                "shard {} memory budget exhausted: {} of {} bytes used, write needs {needed_bytes} more",
+                "shard {} memory budget exhausted: {} of {} bytes used ({} by indexes), write \
+                 needs {needed_bytes} more",
                 self.config.shard_id,
-                self.store.memory_bytes(),
-                self.store.memory_bytes_max()
+                self.memory_bytes(),
+                self.store.memory_bytes_max(),
+                self.indexes.memory_bytes()
             ),
         ))
     }
@@ -1424,7 +1433,7 @@ impl Shard {
             value.len() + fields_cost(fields.len()),
             deadline_ms.is_some(),
         );
-        if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
+        if cost_new > cost_old && !self.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
         let revision = self.begin_revision();
@@ -1575,8 +1584,7 @@ impl Shard {
                 mod_revision: 0,
             };
         };
-        if plan.cost_new > plan.cost_old && !self.store.has_room_for(plan.cost_new - plan.cost_old)
-        {
+        if plan.cost_new > plan.cost_old && !self.has_room_for(plan.cost_new - plan.cost_old) {
             return self.store_full(plan.cost_new - plan.cost_old);
         }
         let revision = self.begin_revision();
@@ -1791,7 +1799,7 @@ impl Shard {
                 ),
             ));
         }
-        if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
+        if cost_new > cost_old && !self.has_room_for(cost_new - cost_old) {
             return Err(self.store_full(cost_new - cost_old));
         }
         Ok(TxnPlan {
@@ -2028,7 +2036,7 @@ impl Shard {
         }
         if current_expiry.is_none() {
             let timer_cost = entry_cost(key.len(), 0, true) - entry_cost(key.len(), 0, false);
-            if !self.store.has_room_for(timer_cost) {
+            if !self.has_room_for(timer_cost) {
                 return self.store_full(timer_cost);
             }
         }
@@ -2127,7 +2135,7 @@ impl Shard {
                 cost_old += self.store.cost_of(&entry.key);
             }
         }
-        if cost_new > cost_old && !self.store.has_room_for(cost_new - cost_old) {
+        if cost_new > cost_old && !self.has_room_for(cost_new - cost_old) {
             return self.store_full(cost_new - cost_old);
         }
         let revision = self.begin_revision();
