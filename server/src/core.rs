@@ -1305,23 +1305,35 @@ pub async fn run_ticks(context: std::rc::Rc<CoreContext>, progress: crate::serve
     }
 }
 
-/// Keys an index build files between two chances for everything else on the core to run:
-/// short enough that a point request waits little behind a slice.
-pub const INDEX_BUILD_SLICE_KEYS: usize = 256;
+/// Keys an index build files per call into the shard.
+pub const INDEX_BUILD_SLICE_KEYS: usize = 64;
 
-/// Files the keys of indexes being built, a slice at a time, yielding to the core's other
-/// tasks after each, until none is building or the core stops.
+/// How long an index build runs before it lets the core's connections in: short beside a
+/// point request's latency.
+pub const INDEX_BUILD_SLICE: Duration = Duration::from_micros(100);
+
+/// The pause between two slices of a build. A task that only yields stays runnable, and
+/// glommio runs a task queue's runnable tasks before it polls the ring again, so the build
+/// sleeps on a timer instead: the ring is polled and the connections served before it goes
+/// on.
+pub const INDEX_BUILD_PAUSE: Duration = Duration::from_micros(20);
+
+/// Files the keys of indexes being built, a time slice at a time, letting the core's other
+/// work in between, until none is building or the core stops.
 pub async fn build_indexes(context: Rc<CoreContext>) {
     let started = std::time::Instant::now();
-    while !context.stop.is_fired() {
-        let more = context
-            .shard
-            .borrow_mut()
-            .build_indexes(INDEX_BUILD_SLICE_KEYS);
-        if !more {
-            break;
+    let mut more = true;
+    while more && !context.stop.is_fired() {
+        let slice_started = std::time::Instant::now();
+        while more && slice_started.elapsed() < INDEX_BUILD_SLICE {
+            more = context
+                .shard
+                .borrow_mut()
+                .build_indexes(INDEX_BUILD_SLICE_KEYS);
         }
-        futures_lite::future::yield_now().await;
+        if more {
+            glommio::timer::sleep(INDEX_BUILD_PAUSE).await;
+        }
     }
     tracing::info!(
         core = context.core_id,
