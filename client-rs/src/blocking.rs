@@ -14,9 +14,10 @@ use futures_util::StreamExt;
 
 use crate::{
     AddOptions, Client, ClientConfig, ClientError, CounterOutcome, DeleteOptions, DeleteOutcome,
-    Entry, KeyRange, Lease, LeaseInfo, LockGrant, Optimistic, Pong, PutOptions, PutOutcome, Result,
-    ScanOptions, ScanResult, ShardRevision, Topology, TtlState, Txn, TxnOp, TxnOutcome, Watch,
-    WatchMessage, WatchOptions,
+    Entry, IndexChange, IndexSpec, IndexStatus, KeyRange, Lease, LeaseInfo, LockGrant, Optimistic,
+    Pong, PutEntry, PutOptions, PutOutcome, QueryOptions, QueryResult, Result, ScanOptions,
+    ScanResult, ShardRevision, Topology, TtlState, Txn, TxnOp, TxnOutcome, Watch, WatchMessage,
+    WatchOptions,
 };
 
 /// Times the runtime yields when a [`BlockingWatch`] is dropped, so its aborted shard tasks
@@ -396,6 +397,56 @@ impl BlockingClient {
     /// See [`ClientError`].
     pub fn mput<K: AsRef<[u8]>, V: AsRef<[u8]>>(&self, entries: &[(K, V)]) -> Result<Vec<u64>> {
         self.runtime.block_on(self.client.mput(entries))
+    }
+
+    /// See [`Client::mput_entries`].
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn mput_entries(&self, entries: &[PutEntry]) -> Result<Vec<u64>> {
+        self.runtime.block_on(self.client.mput_entries(entries))
+    }
+
+    /// See [`Client::create_index`].
+    ///
+    /// # Errors
+    /// See [`Client::create_index`].
+    pub fn create_index(&self, spec: &IndexSpec) -> Result<IndexChange> {
+        self.runtime.block_on(self.client.create_index(spec))
+    }
+
+    /// See [`Client::drop_index`].
+    ///
+    /// # Errors
+    /// See [`Client::drop_index`].
+    pub fn drop_index(&self, name: &str) -> Result<IndexChange> {
+        self.runtime.block_on(self.client.drop_index(name))
+    }
+
+    /// See [`Client::list_indexes`].
+    ///
+    /// # Errors
+    /// See [`ClientError`].
+    pub fn list_indexes(&self) -> Result<Vec<IndexStatus>> {
+        self.runtime.block_on(self.client.list_indexes())
+    }
+
+    /// See [`Client::query`].
+    ///
+    /// ```no_run
+    /// # fn example() -> tessera_client::Result<()> {
+    /// use tessera_client::{BlockingClient, QueryOptions};
+    ///
+    /// let client = BlockingClient::connect(["127.0.0.1:7000"])?;
+    /// let page = client.query(&QueryOptions::new().prefix("user:").filter_text("age >= 20")?)?;
+    /// println!("{} matches, more: {}", page.items.len(), page.has_more());
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// See [`Client::query`].
+    pub fn query(&self, options: &QueryOptions) -> Result<QueryResult> {
+        self.runtime.block_on(self.client.query(options))
     }
 
     /// See [`Client::mdelete`].

@@ -19,6 +19,8 @@
 //! - `transport`: network or in-process path to one core.
 //! - `cluster`: every node's state, as the client and the nodes' failure detectors see it.
 //! - `scan`: range scans, sent to every core and merged in key order.
+//! - `query`: secondary indexes (create, drop, list on every core) and queries by the
+//!   entries' fields, sent to every core and merged in the query's order.
 //! - `watch`: watches as one stream merged across shards, resumed after reconnects.
 //! - `counter`: counters with bounds and windows.
 //! - `lease`: leases, kept alive in the background by one keeper task per client.
@@ -53,6 +55,7 @@ mod embedded;
 pub mod error;
 mod lease;
 mod lock;
+mod query;
 mod routing;
 mod scan;
 mod transport;
@@ -63,11 +66,12 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use tessera_protocol::codec::{check_batch, check_key, check_ttl, check_value};
+use tessera_protocol::codec::{
+    check_batch, check_key, check_owned_request, check_ttl, check_value,
+};
 use tessera_protocol::limits::{BATCH_COUNT_MAX, ENVELOPE_OVERHEAD_MAX, FRAME_BODY_SIZE_MAX};
 use tessera_protocol::{
-    Delete, DeleteCondition, Put, PutCondition, PutEntry, Request, Response, ShardLocation,
-    PROTOCOL_VERSION,
+    Delete, DeleteCondition, Put, PutCondition, Request, Response, ShardLocation, PROTOCOL_VERSION,
 };
 
 pub use blocking::{BlockingClient, BlockingWatch};
@@ -77,11 +81,16 @@ pub use election::{Election, LeaderChange, Leadership};
 pub use error::{ClientError, Result};
 pub use lease::{Lease, LeaseInfo};
 pub use lock::LockGrant;
+pub use query::{
+    CoreIndexChange, CoreIndexStatus, CorePlan, Field, FieldValue, IndexChange, IndexInfo,
+    IndexKind, IndexSpec, IndexState, IndexStatus, OrderBy, Projection, Query, QueryAccess,
+    QueryCursor, QueryError, QueryItem, QueryOptions, QueryPlan, QueryResult, QUERY_LIMIT_DEFAULT,
+};
 pub use scan::{KeyRange, ScanItem, ScanOptions, ScanResult, ShardRevision};
 pub use tessera_protocol::CounterAdd;
 pub use tessera_protocol::{
-    Check, Compare, CompareOp, CoreStats, Entry, ErrorCode, NodeHealth, NodeState, Scan, Topology,
-    TtlState, Txn, TxnOp, TxnOutcome, TxnResult,
+    Check, Compare, CompareOp, CoreStats, Entry, ErrorCode, NodeHealth, NodeState, PutEntry, Scan,
+    Topology, TtlState, Txn, TxnOp, TxnOutcome, TxnResult,
 };
 #[cfg(feature = "embedded")]
 pub use tessera_server::config::Durability;
@@ -172,6 +181,7 @@ pub struct PutOptions {
     condition: PutCondition,
     return_previous: bool,
     lease: Option<u64>,
+    fields: Vec<Field>,
 }
 
 impl PutOptions {
@@ -238,6 +248,31 @@ impl PutOptions {
     #[must_use]
     pub fn lease(mut self, lease: u64) -> Self {
         self.lease = Some(lease);
+        self
+    }
+
+    /// Give the entry the indexed field `name` (repeatable): indexes file the entry by it
+    /// and queries match on it ([`Client::query`]). At most `FIELDS_PER_VALUE_MAX` fields,
+    /// each name given once. Fields belong to the value: a put replaces them all, so a put
+    /// without fields leaves the entry with none.
+    ///
+    /// ```
+    /// use tessera_client::{FieldValue, PutOptions};
+    ///
+    /// let options = PutOptions::new()
+    ///     .field("age", FieldValue::I64(36))
+    ///     .field("city", FieldValue::Str("Oslo".to_owned()));
+    /// ```
+    #[must_use]
+    pub fn field(mut self, name: impl Into<String>, value: FieldValue) -> Self {
+        self.fields.push(Field::new(name, value));
+        self
+    }
+
+    /// Give the entry these indexed fields too (see [`PutOptions::field`]).
+    #[must_use]
+    pub fn fields(mut self, fields: impl IntoIterator<Item = Field>) -> Self {
+        self.fields.extend(fields);
         self
     }
 }
@@ -612,6 +647,7 @@ impl Client {
         if let PutCondition::IfValue(expected) = &options.condition {
             check_value(expected)?;
         }
+        check_fields(&options.fields)?;
         let ttl_ms = options.ttl.map(duration_ms).transpose()?;
         let request = Request::Put(Box::new(Put {
             key: key.to_vec(),
@@ -621,7 +657,7 @@ impl Client {
             condition: options.condition,
             return_previous: options.return_previous,
             lease: options.lease,
-            fields: Vec::new(),
+            fields: options.fields,
         }));
         if let Some(lease) = options.lease {
             tessera_protocol::codec::check_lease(lease)?;
@@ -783,7 +819,8 @@ impl Client {
 
     /// Writes many keys, one request per owning core, in parallel; returns each entry's new mod
     /// revision, in entry order. Entries on one core are applied at one revision (so they share
-    /// a mod revision); the batch is not atomic across cores.
+    /// a mod revision); the batch is not atomic across cores. The entries get no TTL and no
+    /// fields ([`Client::mput_entries`] gives them).
     ///
     /// # Errors
     /// See [`ClientError`]; parts on other cores may have applied.
@@ -796,25 +833,78 @@ impl Client {
             check_key(key.as_ref())?;
             check_value(value.as_ref())?;
         }
+        self.multi_put(
+            &keys,
+            |index| keys[index].len() + entries[index].1.as_ref().len(),
+            |index| PutEntry {
+                key: entries[index].0.as_ref().to_vec(),
+                value: entries[index].1.as_ref().to_vec(),
+                ttl_ms: None,
+                fields: Vec::new(),
+            },
+        )
+        .await
+    }
+
+    /// Writes many entries, each with its own TTL (`ttl_ms`) and indexed fields, like
+    /// [`Client::mput`]: one request per owning core, in parallel; returns each entry's new
+    /// mod revision, in entry order. An entry's fields replace the key's, as in
+    /// [`PutOptions::field`].
+    ///
+    /// ```no_run
+    /// # async fn example(client: &tessera_client::Client) -> tessera_client::Result<()> {
+    /// use tessera_client::{Field, FieldValue, PutEntry};
+    ///
+    /// let entries: Vec<PutEntry> = (0..100)
+    ///     .map(|index| PutEntry {
+    ///         key: format!("user:{index}").into_bytes(),
+    ///         value: b"{}".to_vec(),
+    ///         ttl_ms: None,
+    ///         fields: vec![Field::new("age", FieldValue::I64(20 + index % 50))],
+    ///     })
+    ///     .collect();
+    /// client.mput_entries(&entries).await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::InvalidRequest`] for an entry out of bounds (before anything is sent);
+    /// otherwise see [`ClientError`]; parts on other cores may have applied.
+    pub async fn mput_entries(&self, entries: &[PutEntry]) -> Result<Vec<u64>> {
+        let keys: Vec<&[u8]> = entries.iter().map(|entry| entry.key.as_slice()).collect();
+        for entry in entries {
+            check_key(&entry.key)?;
+            check_value(&entry.value)?;
+            if let Some(ttl_ms) = entry.ttl_ms {
+                check_ttl(ttl_ms)?;
+            }
+            check_fields(&entry.fields)?;
+        }
+        self.multi_put(
+            &keys,
+            |index| {
+                let entry = &entries[index];
+                entry.key.len() + entry.value.len() + fields_size(&entry.fields)
+            },
+            |index| entries[index].clone(),
+        )
+        .await
+    }
+
+    /// Sends the entries `entry(index)` of `keys` as `MultiPut`s, one per owning core
+    /// (`weight(index)` is one entry's share of a request), and gathers the mod revisions.
+    async fn multi_put(
+        &self,
+        keys: &[&[u8]],
+        weight: impl Fn(usize) -> usize,
+        entry: impl Fn(usize) -> PutEntry,
+    ) -> Result<Vec<u64>> {
         let parts = self
-            .call_batch(
-                &keys,
-                |index| keys[index].len() + entries[index].1.as_ref().len(),
-                false,
-                |indices| Request::MultiPut {
-                    entries: indices
-                        .iter()
-                        .map(|&index| PutEntry {
-                            key: entries[index].0.as_ref().to_vec(),
-                            value: entries[index].1.as_ref().to_vec(),
-                            ttl_ms: None,
-                            fields: Vec::new(),
-                        })
-                        .collect(),
-                },
-            )
+            .call_batch(keys, weight, false, |indices| Request::MultiPut {
+                entries: indices.iter().map(|&index| entry(index)).collect(),
+            })
             .await?;
-        let mut mod_revisions = vec![0; entries.len()];
+        let mut mod_revisions = vec![0; keys.len()];
         for (indices, response) in parts {
             let Response::MultiPut {
                 mod_revisions: part,
@@ -1001,6 +1091,40 @@ const BATCH_BODY_SIZE_MAX: usize = FRAME_BODY_SIZE_MAX - ENVELOPE_OVERHEAD_MAX;
 /// Bytes of archive structure one batch item adds beyond its key and value (relative
 /// pointers, lengths, an optional TTL, alignment): see the test `batch_item_overhead_covers_the_archive`.
 const BATCH_ITEM_OVERHEAD: usize = 64;
+
+/// Bytes of archive structure one field adds beyond its name and string value (the name's
+/// and value's headers, the value's tag, alignment): see the test
+/// `field_overhead_covers_the_archive`.
+const FIELD_OVERHEAD: usize = 48;
+
+/// The bytes `fields` add to a batch item, for splitting batches by size.
+fn fields_size(fields: &[Field]) -> usize {
+    fields
+        .iter()
+        .map(|field| {
+            let value_size = match &field.value {
+                FieldValue::Str(text) => text.len(),
+                _ => 0,
+            };
+            field.name.len() + value_size + FIELD_OVERHEAD
+        })
+        .sum()
+}
+
+/// Checks an entry's fields as the server will (count, names, sizes, no NaN): archives a
+/// put of only them and runs the protocol's check, so the rules live in one place. Costs
+/// nothing for an entry without fields.
+fn check_fields(fields: &[Field]) -> Result<()> {
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let probe = Request::Put(Box::new(Put {
+        fields: fields.to_vec(),
+        ..Put::new("fields", Vec::new())
+    }));
+    check_owned_request(&probe)?;
+    Ok(())
+}
 
 /// Groups `indices` by the core that owns their key, in parts within `BATCH_COUNT_MAX` items
 /// and `BATCH_BODY_SIZE_MAX` bytes. Every index lands in exactly one part, in order.
@@ -1192,6 +1316,72 @@ mod tests {
         let mut body = FrameBuffer::new();
         encode_request_body(&mut body, &Request::MultiPut { entries }).unwrap();
         body.len()
+    }
+
+    fn multi_put_with_fields_body_size(field_count: usize, name_size: usize) -> usize {
+        let fields: Vec<Field> = (0..field_count)
+            .map(|index| {
+                let mut name = "n".repeat(name_size);
+                name.push_str(&index.to_string());
+                Field::new(name, FieldValue::Str("v".repeat(100)))
+            })
+            .collect();
+        let entries = vec![PutEntry {
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            ttl_ms: None,
+            fields,
+        }];
+        let mut body = FrameBuffer::new();
+        encode_request_body(&mut body, &Request::MultiPut { entries }).unwrap();
+        body.len()
+    }
+
+    #[test]
+    fn field_overhead_covers_the_archive() {
+        for name_size in [1, 9, 60] {
+            let none = multi_put_with_fields_body_size(0, name_size);
+            let many = multi_put_with_fields_body_size(10, name_size);
+            let fields: Vec<Field> = (0..10)
+                .map(|index| {
+                    Field::new(
+                        format!("{}{index}", "n".repeat(name_size)),
+                        FieldValue::Str("v".repeat(100)),
+                    )
+                })
+                .collect();
+            assert!(
+                many - none <= fields_size(&fields),
+                "name_size={name_size} archived={} estimated={}",
+                many - none,
+                fields_size(&fields)
+            );
+        }
+    }
+
+    #[test]
+    fn fields_are_checked_before_sending() {
+        let too_many: Vec<Field> = (0..=tessera_protocol::limits::FIELDS_PER_VALUE_MAX)
+            .map(|index| Field::new(format!("f{index}"), FieldValue::I64(1)))
+            .collect();
+        assert!(matches!(
+            check_fields(&too_many),
+            Err(ClientError::InvalidRequest(
+                tessera_protocol::RequestError::TooManyFields { .. }
+            ))
+        ));
+        let twice = vec![
+            Field::new("a", FieldValue::I64(1)),
+            Field::new("a", FieldValue::Bool(true)),
+        ];
+        assert!(matches!(
+            check_fields(&twice),
+            Err(ClientError::InvalidRequest(
+                tessera_protocol::RequestError::BadField { .. }
+            ))
+        ));
+        assert!(check_fields(&[]).is_ok());
+        assert!(check_fields(&too_many[..3]).is_ok());
     }
 
     #[test]

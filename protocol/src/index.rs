@@ -55,6 +55,31 @@ pub struct IndexSpec {
     pub kind: IndexKind,
 }
 
+impl IndexSpec {
+    /// The index `name` of the keys starting with `prefix`, filed by their `field`.
+    ///
+    /// ```
+    /// use tessera_protocol::{IndexKind, IndexSpec};
+    ///
+    /// let spec = IndexSpec::new("user_age", "user:", "age", IndexKind::Range);
+    /// assert_eq!(spec.prefix, b"user:");
+    /// ```
+    #[must_use]
+    pub fn new(
+        name: impl Into<String>,
+        prefix: impl Into<Vec<u8>>,
+        field: impl Into<String>,
+        kind: IndexKind,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            prefix: prefix.into(),
+            field: field.into(),
+            kind,
+        }
+    }
+}
+
 /// Whether an index can answer queries yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
