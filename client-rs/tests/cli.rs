@@ -18,6 +18,10 @@
 //! once every core has answered the watch's first progress request (`--progress-ms` prints
 //! it), so no write can land before the watch and be missed.
 //!
+//! `put --field`, `get` with fields, `index` and `query` (the module [`fields_indexes_and_
+//! queries`]) check the text forms against the values the client reads, and page through a
+//! query with the cursor the binary prints until it prints none.
+//!
 //! `lease` commands: nothing in the binary renews a lease in the background, so a granted
 //! lease lives exactly as long as its TTL and the `lease keepalive` runs allow; the tests of
 //! expiry rely on that. `lease keepalive --every-ms` runs in the background like a watch.
@@ -2464,4 +2468,512 @@ fn txn_fences_and_leases() {
     fixture.run_with_input(1, &["txn"], &stale);
     drop(lease);
     fixture.stop();
+}
+
+/// `put --field`, `get`, `index` and `query` through the binary.
+mod fields_indexes_and_queries {
+    use std::cmp::Reverse;
+
+    use serde_json::json;
+    use tessera_client::{Field, FieldValue, IndexKind, IndexSpec, PutEntry};
+
+    use super::*;
+
+    /// The people these tests write: (key, age, city).
+    fn people() -> Vec<(String, i64, &'static str)> {
+        (0..30)
+            .map(|index| {
+                let age = 20 + (index * 7) % 30;
+                let city = ["Oslo", "Bergen", "Tromso"][usize::try_from(index % 3).unwrap()];
+                (format!("person:{index:02}"), age, city)
+            })
+            .collect()
+    }
+
+    fn write_people(client: &BlockingClient) -> Vec<(String, i64, &'static str)> {
+        let people = people();
+        let entries: Vec<PutEntry> = people
+            .iter()
+            .map(|(key, age, city)| PutEntry {
+                key: key.clone().into_bytes(),
+                value: format!("v{key}").into_bytes(),
+                ttl_ms: None,
+                fields: vec![
+                    Field::new("age", FieldValue::I64(*age)),
+                    Field::new("city", FieldValue::Str((*city).to_owned())),
+                ],
+            })
+            .collect();
+        client.mput_entries(&entries).unwrap();
+        people
+    }
+
+    fn wait_until_ready(client: &BlockingClient) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !client
+            .list_indexes()
+            .unwrap()
+            .iter()
+            .all(tessera_client::IndexStatus::is_ready)
+        {
+            assert!(Instant::now() < deadline, "the indexes are not ready");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn put_fields_are_typed_and_get_prints_them() {
+        let fixture = Fixture::start();
+        fixture.run_expecting(
+            0,
+            &[
+                "put",
+                "user:1",
+                "ada",
+                "--field",
+                "age=36",
+                "--field",
+                "city=Oslo",
+                "--field",
+                "score=2.5",
+                "--field",
+                "active=true",
+                "--field",
+                "seen=@2026-01-01",
+                "--field",
+                r#"zip="0150""#,
+            ],
+        );
+        let entry = fixture.client().get("user:1").unwrap().unwrap();
+        let expected = vec![
+            Field::new("active", FieldValue::Bool(true)),
+            Field::new("age", FieldValue::I64(36)),
+            Field::new("city", FieldValue::Str("Oslo".to_owned())),
+            Field::new(
+                "score",
+                FieldValue::F64(tessera_protocol::query::F64::new(2.5).unwrap()),
+            ),
+            Field::new("seen", FieldValue::Timestamp(1_767_225_600_000)),
+            Field::new("zip", FieldValue::Str("0150".to_owned())),
+        ];
+        assert_eq!(entry.fields, expected);
+
+        // The value, then one line per field in the form --field takes.
+        let get = fixture.run_expecting(0, &["get", "user:1"]);
+        assert_eq!(
+            get.stdout,
+            "ada\nactive=true\nage=36\ncity=Oslo\nscore=2.5\n\
+             seen=@2026-01-01T00:00:00.000Z\nzip=\"0150\"\n"
+        );
+        let get = parse_json(&fixture.run_expecting(0, &["-o", "json", "get", "user:1"]));
+        assert_eq!(
+            get["fields"],
+            json!({
+                "active": {"type": "bool", "value": true},
+                "age": {"type": "i64", "value": 36},
+                "city": {"type": "string", "value": "Oslo"},
+                "score": {"type": "f64", "value": 2.5},
+                "seen": {"type": "timestamp", "value": 1_767_225_600_000_i64},
+                "zip": {"type": "string", "value": "0150"},
+            })
+        );
+        // What get prints, put takes back.
+        let mut again = vec!["put", "user:2", "ada"];
+        let text = fixture.run_expecting(0, &["get", "user:1"]).stdout;
+        let lines: Vec<&str> = text.lines().collect();
+        for line in &lines[1..] {
+            again.extend(["--field", line]);
+        }
+        fixture.run_expecting(0, &again);
+        assert_eq!(
+            fixture.client().get("user:2").unwrap().unwrap().fields,
+            expected
+        );
+
+        // A put without fields clears them, and get prints the value alone.
+        fixture.run_expecting(0, &["put", "user:1", "plain"]);
+        assert_eq!(
+            fixture.run_expecting(0, &["get", "user:1"]).stdout,
+            "plain\n"
+        );
+
+        // Malformed fields are usage errors; too many are refused before sending.
+        for bad in ["novalue", "=1", "t=@yesterday", r#"s="open"#] {
+            let run = fixture.run_expecting(2, &["put", "k", "v", "--field", bad]);
+            assert!(run.stderr.contains("--field"), "{bad}: {run:?}");
+        }
+        let many: Vec<String> = (0..17).map(|index| format!("f{index}=1")).collect();
+        let mut arguments = vec!["put", "k", "v"];
+        for field in &many {
+            arguments.extend(["--field", field.as_str()]);
+        }
+        let run = fixture.run_expecting(2, &arguments);
+        assert!(run.stderr.contains("17 fields"), "{run:?}");
+        let run = fixture.run_expecting(2, &["put", "k", "v", "--field", "a=1", "--field", "a=2"]);
+        assert!(run.stderr.contains("given twice"), "{run:?}");
+        assert_eq!(fixture.client().get("k").unwrap(), None);
+        fixture.stop();
+    }
+
+    #[test]
+    fn index_create_list_and_drop() {
+        let fixture = Fixture::start();
+        let client = fixture.client();
+        let people = write_people(&client);
+        let created = fixture.run_expecting(0, &["index", "create", "person:", "age", "range"]);
+        assert_eq!(created.stdout, "created person:age_range\n");
+        let again = fixture.run_expecting(0, &["index", "create", "person:", "age", "range"]);
+        assert_eq!(
+            again.stdout,
+            "exists person:age_range (the same definition)\n"
+        );
+        let named = fixture.run_expecting(
+            0,
+            &[
+                "index", "create", "person:", "city", "eq", "--name", "city_eq",
+            ],
+        );
+        assert_eq!(named.stdout, "created city_eq\n");
+        let json_again = parse_json(&fixture.run_expecting(
+            0,
+            &[
+                "-o", "json", "index", "create", "person:", "city", "eq", "--name", "city_eq",
+            ],
+        ));
+        assert_eq!(json_again["name"], "city_eq");
+        assert_eq!(json_again["created"], false);
+        let cores = json_again["cores"].as_array().unwrap();
+        assert_eq!(cores.len(), CORE_COUNT);
+        assert!(cores.iter().all(|core| core["created"] == false));
+        wait_until_ready(&client);
+
+        let list = fixture.run_expecting(0, &["index", "list"]);
+        let lines: Vec<&str> = list.stdout.lines().collect();
+        assert_eq!(lines.len(), 3, "{list:?}");
+        assert!(lines[0].starts_with("name "), "{list:?}");
+        let city: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(city[..4], ["city_eq", "person:", "city", "eq"], "{list:?}");
+        assert_eq!(city[4], people.len().to_string());
+        assert_eq!(city.last(), Some(&"ready"));
+        assert!(lines[2].starts_with("person:age_range "), "{list:?}");
+
+        let list = parse_json(&fixture.run_expecting(0, &["-o", "json", "index", "list"]));
+        let indexes = list["indexes"].as_array().unwrap();
+        assert_eq!(indexes.len(), 2);
+        let age = &indexes[1];
+        assert_eq!(age["name"], "person:age_range");
+        assert_eq!(age["prefix"], "person:");
+        assert_eq!(age["field"], "age");
+        assert_eq!(age["kind"], "range");
+        assert_eq!(age["ready"], true);
+        assert_eq!(age["entries"].as_u64(), Some(people.len() as u64));
+        assert_eq!(age["missing"], json!([]));
+        let cores = age["cores"].as_array().unwrap();
+        assert_eq!(cores.len(), CORE_COUNT);
+        let per_core: u64 = cores
+            .iter()
+            .map(|core| {
+                assert_eq!(core["state"], "ready");
+                assert_eq!(core["keys_done"], Value::Null);
+                core["entries"].as_u64().unwrap()
+            })
+            .sum();
+        assert_eq!(per_core, people.len() as u64);
+
+        // Another definition under a taken name: each core refuses, naming itself.
+        let node_id = client.topology().nodes[0].node_id;
+        let taken = fixture.run_expecting(
+            2,
+            &[
+                "index", "create", "person:", "age", "eq", "--name", "city_eq",
+            ],
+        );
+        assert!(
+            taken.stderr.contains(&format!("node {node_id} core 0")),
+            "{taken:?}"
+        );
+        fixture.run_expecting(2, &["index", "create", "person:", "age", "hash"]);
+
+        let dropped = fixture.run_expecting(0, &["index", "drop", "city_eq"]);
+        assert_eq!(dropped.stdout, "dropped city_eq\n");
+        let missing = fixture.run_expecting(0, &["index", "drop", "city_eq"]);
+        assert_eq!(missing.stdout, "not found\n");
+        let dropped = parse_json(
+            &fixture.run_expecting(0, &["-o", "json", "index", "drop", "person:age_range"]),
+        );
+        assert_eq!(dropped["dropped"], true);
+        assert_eq!(dropped["cores"].as_array().map(Vec::len), Some(CORE_COUNT));
+        let list = parse_json(&fixture.run_expecting(0, &["-o", "json", "index", "list"]));
+        assert_eq!(list, json!({ "indexes": [] }));
+        fixture.stop();
+    }
+
+    /// A server holding [`people`] and a ready range index `age` on their ages; the people
+    /// aged 30 or more, in key order.
+    fn indexed_people() -> (Fixture, BlockingClient, Vec<(String, i64, &'static str)>) {
+        let fixture = Fixture::start();
+        let client = fixture.client();
+        let people = write_people(&client);
+        client
+            .create_index(&IndexSpec::new("age", "person:", "age", IndexKind::Range))
+            .unwrap();
+        wait_until_ready(&client);
+        let thirty: Vec<(String, i64, &str)> = people
+            .into_iter()
+            .filter(|(_, age, _)| *age >= 30)
+            .collect();
+        (fixture, client, thirty)
+    }
+
+    fn keys_of(people: &[(String, i64, &str)]) -> Vec<String> {
+        people.iter().map(|(key, _, _)| key.clone()).collect()
+    }
+
+    #[test]
+    fn query_prints_one_line_per_match() {
+        let (fixture, _client, expected) = indexed_people();
+        let keys = keys_of(&expected);
+        let run = fixture.run_expecting(
+            0,
+            &["query", "age >= 30", "--prefix", "person:", "--keys-only"],
+        );
+        assert_eq!(run.stdout.lines().collect::<Vec<_>>(), keys, "{run:?}");
+        assert!(!run.stderr.contains("more"), "{run:?}");
+        let (key, age, city) = &expected[0];
+        let run = fixture.run_expecting(0, &["query", "age >= 30", "--prefix", "person:"]);
+        assert_eq!(
+            run.stdout.lines().next(),
+            Some(format!("{key}\tv{key}\tage={age} city={city}").as_str())
+        );
+        let run = fixture.run_expecting(
+            0,
+            &["query", "age >= 30", "--prefix", "person:", "--fields"],
+        );
+        assert_eq!(
+            run.stdout.lines().next(),
+            Some(format!("{key}\tage={age} city={city}").as_str())
+        );
+        fixture.stop();
+    }
+
+    #[test]
+    fn query_json_has_whole_items_and_every_plan() {
+        let (fixture, client, expected) = indexed_people();
+        let keys = keys_of(&expected);
+        // JSON: whole items, the count, no cursor, every core's revision.
+        let filter = r#"age >= 30 and city = "Oslo""#;
+        let run = fixture.run_expecting(0, &["-o", "json", "query", filter, "--prefix", "person:"]);
+        let result = parse_json(&run);
+        let oslo: Vec<&(String, i64, &str)> = expected
+            .iter()
+            .filter(|(_, _, city)| *city == "Oslo")
+            .collect();
+        let items = result["items"].as_array().unwrap();
+        assert_eq!(items.len(), oslo.len());
+        let entry = client.get(&oslo[0].0).unwrap().unwrap();
+        assert_eq!(
+            items[0],
+            json!({
+                "key": oslo[0].0,
+                "value": format!("v{}", oslo[0].0),
+                "create_revision": entry.create_revision,
+                "mod_revision": entry.mod_revision,
+                "version": 1,
+                "expires_at_ms": null,
+                "fields": {
+                    "age": {"type": "i64", "value": oslo[0].1},
+                    "city": {"type": "string", "value": "Oslo"},
+                },
+            })
+        );
+        assert_eq!(result["count"].as_u64(), Some(oslo.len() as u64));
+        assert_eq!(result["more"], false);
+        assert_eq!(result["cursor"], Value::Null);
+        assert_eq!(
+            result["revisions"].as_array().map(Vec::len),
+            Some(CORE_COUNT)
+        );
+        assert!(result.get("plans").is_none(), "plans only with --explain");
+
+        // --explain: every core's plan.
+        let run = fixture.run_expecting(
+            0,
+            &[
+                "-o",
+                "json",
+                "query",
+                "age >= 30",
+                "--prefix",
+                "person:",
+                "--explain",
+            ],
+        );
+        let plans = parse_json(&run)["plans"].as_array().unwrap().clone();
+        assert_eq!(plans.len(), CORE_COUNT);
+        let mut matched = 0;
+        for plan in &plans {
+            assert_eq!(plan["access"], "index", "{plan}");
+            assert_eq!(plan["index"], "age");
+            assert_eq!(plan["field"], "age");
+            assert_eq!(plan["lookup"], "age >= 30");
+            assert_eq!(plan["building"], json!([]));
+            assert_eq!(plan["examined"], plan["matched"]);
+            matched += plan["matched"].as_u64().unwrap();
+        }
+        assert_eq!(matched, keys.len() as u64);
+        let run = fixture.run_expecting(
+            0,
+            &[
+                "query",
+                r#"city = "Oslo""#,
+                "--prefix",
+                "person:",
+                "--explain",
+                "--keys-only",
+            ],
+        );
+        let explained: Vec<&str> = run
+            .stdout
+            .lines()
+            .filter(|line| line.starts_with("explain node "))
+            .collect();
+        assert_eq!(explained.len(), CORE_COUNT, "{run:?}");
+        for line in explained {
+            assert!(line.contains(": scan of the prefix; examined "), "{line}");
+        }
+
+        fixture.stop();
+    }
+
+    #[test]
+    fn query_counts() {
+        let (fixture, _client, expected) = indexed_people();
+        let keys = keys_of(&expected);
+        // --count.
+        let run =
+            fixture.run_expecting(0, &["query", "age >= 30", "--prefix", "person:", "--count"]);
+        assert_eq!(run.stdout, format!("{}\n", keys.len()));
+        let count = parse_json(&fixture.run_expecting(
+            0,
+            &[
+                "-o",
+                "json",
+                "query",
+                "age >= 30",
+                "--prefix",
+                "person:",
+                "--count",
+            ],
+        ));
+        assert_eq!(count["count"].as_u64(), Some(keys.len() as u64));
+        assert_eq!(
+            count["revisions"].as_array().map(Vec::len),
+            Some(CORE_COUNT)
+        );
+        assert!(count.get("items").is_none());
+
+        fixture.stop();
+    }
+
+    #[test]
+    fn query_pages_continue_with_the_printed_cursor() {
+        let (fixture, _client, mut expected) = indexed_people();
+        let keys = keys_of(&expected);
+        // Pages of four, largest age first, each continued with the cursor the last printed.
+        expected.sort_by_key(|(key, age, _)| (Reverse(*age), key.clone()));
+        let descending: Vec<String> = expected.iter().map(|(key, _, _)| key.clone()).collect();
+        let mut printed: Vec<String> = Vec::new();
+        let mut after: Option<String> = None;
+        for _ in 0..100 {
+            let mut arguments = vec![
+                "-o",
+                "json",
+                "query",
+                "age >= 30",
+                "--prefix",
+                "person:",
+                "--keys-only",
+                "--limit",
+                "4",
+                "--order-by",
+                "age:desc",
+            ];
+            if let Some(cursor) = &after {
+                arguments.extend(["--after", cursor.as_str()]);
+            }
+            let page = parse_json(&fixture.run_expecting(0, &arguments));
+            let items = page["items"].as_array().unwrap();
+            assert!(items.len() <= 4);
+            printed.extend(
+                items
+                    .iter()
+                    .map(|item| item["key"].as_str().unwrap().to_owned()),
+            );
+            match page["cursor"].as_str() {
+                Some(cursor) => {
+                    assert_eq!(page["more"], true);
+                    after = Some(cursor.to_owned());
+                }
+                None => break,
+            }
+        }
+        assert_eq!(printed, descending);
+        // In text, the continuation goes to stderr.
+        let run = fixture.run_expecting(
+            0,
+            &[
+                "query",
+                "age >= 30",
+                "--prefix",
+                "person:",
+                "--keys-only",
+                "--limit",
+                "2",
+            ],
+        );
+        assert_eq!(run.stdout.lines().collect::<Vec<_>>(), keys[..2]);
+        let token = run
+            .stderr
+            .trim()
+            .strip_prefix("more: continue with --after ")
+            .unwrap_or_else(|| panic!("{run:?}"));
+        let run = fixture.run_expecting(
+            0,
+            &[
+                "query",
+                "age >= 30",
+                "--prefix",
+                "person:",
+                "--keys-only",
+                "--limit",
+                "2",
+                "--after",
+                token,
+            ],
+        );
+        assert_eq!(run.stdout.lines().collect::<Vec<_>>(), keys[2..4]);
+
+        fixture.stop();
+    }
+
+    #[test]
+    fn query_errors_exit_2() {
+        let (fixture, _client, _) = indexed_people();
+        // Errors: the filter's, the cursor's, the limit's.
+        let run = fixture.run_expecting(2, &["query", "age >=", "--prefix", "person:"]);
+        assert!(run.stderr.contains("at byte 6"), "{run:?}");
+        let run = fixture.run_expecting(2, &["-o", "json", "query", "age >="]);
+        assert!(
+            parse_json(&run)["error"]
+                .as_str()
+                .unwrap()
+                .contains("query"),
+            "{run:?}"
+        );
+        let run = fixture.run_expecting(2, &["query", "age >= 1", "--after", "xyz"]);
+        assert!(run.stderr.contains("not a cursor"), "{run:?}");
+        fixture.run_expecting(2, &["query", "age >= 1", "--limit", "0"]);
+        fixture.run_expecting(2, &["query", "age >= 1", "--count", "--keys-only"]);
+        fixture.stop();
+    }
 }

@@ -12,6 +12,11 @@
 //! and checked before the client connects, so a malformed one fails the same way whether or
 //! not a server is reachable.
 //!
+//! `query` prints one page of matches (`--limit`, default 100) and, when more follow, the
+//! cursor to continue from on stderr (`more: continue with --after <cursor>`), so stdout
+//! holds only matches; `put --field` takes field values in the form `get` prints them
+//! (`tessera/query.rs`).
+//!
 //! `watch` prints one line per event and flushes it at once, so a pipe sees each event when it
 //! happens. When it stops, for whatever reason, it prints on stderr the positions to resume
 //! from (`resume with: --from <node>:<core>:<revision>...`): what it printed in full, so a
@@ -22,6 +27,10 @@
 //! renews a lease in the background here: that runtime only runs while a command does, so
 //! `lease grant` grants a lease nothing renews, and `lease keepalive --every-ms` is the
 //! renewing process.
+
+// In a directory of its own: a file beside this one would be a binary of its own.
+#[path = "tessera/query.rs"]
+mod query;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -104,13 +113,19 @@ enum ClusterCommand {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Print a key's value (exit 1 if it does not exist).
+    /// Print a key's value (exit 1 if it does not exist), then its fields, one
+    /// `name=value` line each in the form `put --field` takes.
+    ///
+    /// With `-o json`: `{"found", "value", "create_revision", "mod_revision", "version",
+    /// "expires_at_ms"}`, and `"fields": {"name": {"type", "value"}}` when the entry has
+    /// fields.
     Get { key: String },
     /// Write a key.
     ///
     /// A conditional put whose condition fails writes nothing, prints `not applied
     /// (condition failed, current version N)` (`-o json`: `"applied": false` and the
     /// `version`) and exits 0.
+    #[command(after_help = query::FIELD_VALUE_HELP)]
     Put(PutArguments),
     /// Remove a key.
     ///
@@ -173,6 +188,13 @@ enum Command {
     /// printed.
     #[command(after_help = WATCH_AFTER_HELP)]
     Watch(WatchArguments),
+    /// Secondary indexes on the entries' fields: create, drop, list.
+    #[command(subcommand)]
+    Index(query::IndexCommand),
+    /// Find the entries whose fields match a filter, on every core, in key order or by
+    /// `--order-by`; `--limit` at a time, continued with `--after`.
+    #[command(after_help = query::QUERY_AFTER_HELP)]
+    Query(query::QueryArguments),
     /// Ping every core of every node.
     Ping,
     /// Show nodes, cores, addresses and slot ranges.
@@ -247,6 +269,9 @@ struct PutArguments {
     /// the lease ends. Fails with `lease_not_found` if the lease does not live.
     #[arg(long, value_name = "ID", value_parser = parse_lease_id)]
     lease: Option<u64>,
+    /// Give the entry an indexed field, typed by its value (see below); repeatable.
+    #[arg(long = "field", value_name = "NAME=VALUE", value_parser = query::parse_field)]
+    fields: Vec<tessera_client::Field>,
 }
 
 /// The arguments of `tessera del`.
@@ -603,6 +628,8 @@ fn run(cli: &Cli) -> Result<ExitCode, Failure> {
         Command::Lease(_) => unreachable!("`lease` is run above, with a client of its own"),
         Command::Lock { .. } => unreachable!("`lock` is run above, with a client of its own"),
         Command::Watch(arguments) => return Ok(watch(&client, arguments, json)?),
+        Command::Index(command) => return query::run_index(&client, command, json),
+        Command::Query(arguments) => return query::run_query(&client, arguments, json),
         Command::Ping => print_pongs(&client.ping()?, json),
         Command::Topology => print_topology(&client.topology(), json),
         Command::Cluster(ClusterCommand::Status) => {
@@ -640,6 +667,14 @@ fn get(client: &BlockingClient, key: &str, json: bool) -> Result<ExitCode, Clien
         let mut stdout = std::io::stdout().lock();
         let _ = stdout.write_all(&entry.value);
         let _ = stdout.write_all(b"\n");
+        for field in &entry.fields {
+            let _ = writeln!(
+                stdout,
+                "{}={}",
+                field.name,
+                query::field_value_text(&field.value)
+            );
+        }
     } else {
         eprintln!("(not found)");
     }
@@ -2183,6 +2218,7 @@ fn put(client: &BlockingClient, arguments: &PutArguments, json: bool) -> Result<
     if let Some(lease) = arguments.lease {
         options = options.lease(lease);
     }
+    options = options.fields(arguments.fields.iter().cloned());
     let outcome = client.put_with(&arguments.key, &arguments.value, options)?;
     print_put(json, outcome.applied, outcome.mod_revision, outcome.version);
     Ok(())
@@ -2641,15 +2677,21 @@ fn print_topology(topology: &tessera_client::Topology, json: bool) {
     }
 }
 
+/// An entry as `get`, `scan`, `txn` and `watch` print it in JSON; `fields` only when it has
+/// some, so entries without fields print as they always have.
 fn entry_json(entry: &Entry) -> Value {
-    json!({
+    let mut value = json!({
         "found": true,
         "value": String::from_utf8_lossy(&entry.value),
         "create_revision": entry.create_revision,
         "mod_revision": entry.mod_revision,
         "version": entry.version,
         "expires_at_ms": entry.expires_at_ms,
-    })
+    });
+    if !entry.fields.is_empty() {
+        value["fields"] = query::fields_json(&entry.fields);
+    }
+    value
 }
 
 fn ttl_json(state: TtlState) -> Value {
