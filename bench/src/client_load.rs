@@ -56,7 +56,7 @@ impl Caller for Client {
             Op::Incr => self.add(key, 1).await.map(drop),
             // The lease and lock workloads call through `lease_load` and `lock_load`, never
             // through a session.
-            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair => return Err(()),
+            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair | Op::Query => return Err(()),
         };
         outcome.map_err(|error| tracing::debug!(%error, "call failed"))
     }

@@ -82,7 +82,9 @@ impl Caller for EtcdCaller {
                 // `check_workload` refuses the only workload that issues increments.
                 // The lease and lock workloads call through `lease_load` and `lock_load`,
                 // never through a session.
-                Op::Incr | Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair => return Err(()),
+                Op::Incr | Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair | Op::Query => {
+                    return Err(())
+                }
             };
             outcome.map_err(|error| tracing::debug!(%error, "etcd call failed"))
         }

@@ -29,8 +29,10 @@ mod client_load;
 mod cpu;
 #[cfg(feature = "etcd")]
 mod etcd_load;
+mod index_setup;
 mod lease_load;
 mod lock_load;
+mod query_load;
 mod report;
 mod setup;
 mod uring;
@@ -49,7 +51,8 @@ use tessera_protocol::{slot_for_key, RouteTable, Topology, SLOT_COUNT};
 use crate::lease_load::{LeasePlan, LeaseTarget};
 use crate::lock_load::{LockNames, LockPlan, LockTarget};
 use crate::report::{
-    CpuUsage, LeaseReport, LockReport, PeerWindow, Preload, Recorder, RunResult, WatchReport,
+    CpuUsage, IndexBuildReport, LeaseReport, LockReport, PeerWindow, Preload, Recorder, RunResult,
+    Summary, WatchReport,
 };
 use crate::uring::{Router, ThreadLoad};
 use crate::wire::{EchoWire, RedisWire, TesseraWire, Wire};
@@ -165,6 +168,34 @@ struct Flags {
     /// keys).
     #[arg(long)]
     fields: bool,
+    /// Before the measured window, make the benchmark's equality indexes on the first N of
+    /// `p10000`, `p100`, `p10` exist (and drop its others), and wait until every core has
+    /// built them. Unset: leave the indexes as they are.
+    #[arg(long)]
+    indexes: Option<usize>,
+    /// Measure a window with no index build first (the peer), then the same load while a
+    /// range index on `p10000` is built over the keys (created `--index-build-delay-secs`
+    /// into the window): the point operations' latency during a build, and its duration.
+    /// Needs `--fields` data (`--preload` with `--fields`, or keys written that way before).
+    #[arg(long)]
+    index_build: bool,
+    /// When, into the measured window, `--index-build` creates its index.
+    #[arg(long, default_value_t = 1.0)]
+    index_build_delay_secs: f64,
+    /// The field `--workload query` compares: `p10000`, `p100` or `p10` (0.01%, 1% or 10% of
+    /// the keys match each value).
+    #[arg(long, default_value = "p100")]
+    query_field: String,
+    /// What answers `--workload query`: an equality index on the field (built before the
+    /// window) or a scan of the key prefix (no index on it).
+    #[arg(long, value_enum, default_value_t = query_load::QueryAccessMode::Index)]
+    query_access: query_load::QueryAccessMode,
+    /// `--workload query` asks for counts (every match found) instead of pages.
+    #[arg(long)]
+    query_count: bool,
+    /// Items per page of `--workload query` (without `--query-count`).
+    #[arg(long, default_value_t = 100)]
+    query_limit: u32,
     /// Server processes to measure CPU time of (repeatable). Default: the local processes
     /// listening on the target's ports, if any.
     #[arg(long = "server-pid")]
@@ -418,6 +449,9 @@ fn run(flags: &Flags) -> Result<RunResult, String> {
     if spec.kind.is_watch() {
         return run_watch(&client_run(&target), config);
     }
+    if spec.kind == WorkloadKind::Query {
+        return run_query(flags, &target, &spec, preload, duration, config);
+    }
     match &target {
         Target::Embedded => run_client(&client_run(&target), config),
         Target::Tessera { .. } if flags.driver == Driver::Client => {
@@ -515,6 +549,19 @@ fn run_network(
         None
     };
     let server_pids = server_pids_of(flags, addresses);
+    let is_tessera = matches!(target, Target::Tessera { .. });
+    if let Some(count) = flags.indexes.filter(|_| is_tessera) {
+        index_setup::Cores::connect(addresses)?
+            .ensure_indexes(&index_setup::first_indexes(count)?, INDEX_WAIT_MAX)?;
+    }
+    if flags.index_build && is_tessera {
+        return run_index_build(flags, target, spec, duration, config, addresses, router).map(
+            |mut result| {
+                result.preload = preload_outcome;
+                result
+            },
+        );
+    }
     let window = measure_network(
         flags,
         target,
@@ -531,6 +578,160 @@ fn run_network(
         &server_pids,
         preload_outcome,
     ))
+}
+
+/// `--workload query`: the keys written with their fields (preload), the index the access
+/// mode asks for made to exist (or not), then `--connections` query sessions on one client.
+fn run_query(
+    flags: &Flags,
+    target: &Target,
+    spec: &WorkloadSpec,
+    preload: bool,
+    duration: Duration,
+    config: serde_json::Value,
+) -> Result<RunResult, String> {
+    let Target::Tessera { endpoints } = target else {
+        return Err("--workload query drives a Tessera cluster: give --endpoints".to_owned());
+    };
+    let topology = tessera_client::BlockingClient::connect(endpoints.clone())
+        .map_err(|error| format!("cannot fetch the topology: {error}"))?
+        .topology();
+    let addresses: Vec<String> = topology
+        .nodes
+        .iter()
+        .flat_map(|node| node.cores.iter().map(|core| core.address.clone()))
+        .collect();
+    let router = TopologyRouter::new(&topology)?;
+    // The keys carry the fields the queries compare.
+    let write_spec = WorkloadSpec {
+        kind: WorkloadKind::Set,
+        fields: true,
+        ..spec.clone()
+    };
+    let thread_count = flags.threads.min(flags.connections);
+    let preload_outcome = if preload {
+        Some(run_preload_network(
+            flags,
+            target,
+            &write_spec,
+            &addresses,
+            &router,
+            thread_count,
+        )?)
+    } else {
+        None
+    };
+    let plan = query_load::QueryPlanSpec::new(
+        &flags.query_field,
+        spec.key_count,
+        flags.query_count,
+        flags.query_limit,
+        flags.query_access,
+    )?;
+    let wanted = match flags.query_access {
+        query_load::QueryAccessMode::Index => vec![index_setup::bench_index(
+            plan.field,
+            tessera_protocol::IndexKind::Equality,
+        )],
+        query_load::QueryAccessMode::Scan => Vec::new(),
+    };
+    index_setup::Cores::connect(&addresses)?.ensure_indexes(&wanted, INDEX_WAIT_MAX)?;
+    let runtime = new_runtime(flags)?;
+    let client = runtime
+        .block_on(tessera_client::Client::connect(endpoints.clone()))
+        .map_err(|error| format!("cannot connect: {error}"))?;
+    let server_pids = server_pids_of(flags, &addresses);
+    let measured = Measured::start(&server_pids);
+    let (record, elapsed, report) = query_load::measure(
+        &runtime,
+        &client,
+        &plan,
+        flags.connections,
+        duration,
+        flags.seed,
+    )?;
+    let (server_cpu_time, client_cpu_time) = measured.finish();
+    client.shutdown();
+    let window = Window {
+        record,
+        elapsed,
+        server_cpu_time,
+        client_cpu_time,
+    };
+    let mut result = finish(target, config, &window, &server_pids, preload_outcome);
+    result.query = Some(report);
+    Ok(result)
+}
+
+/// Longest wait for an index to be built before a window.
+const INDEX_WAIT_MAX: Duration = Duration::from_secs(600);
+
+/// `--index-build`: a window of the load alone, then one during which an index is built.
+fn run_index_build(
+    flags: &Flags,
+    target: &Target,
+    spec: &WorkloadSpec,
+    duration: Duration,
+    config: serde_json::Value,
+    addresses: &[String],
+    router: &dyn Router,
+) -> Result<RunResult, String> {
+    let server_pids = server_pids_of(flags, addresses);
+    let idle = measure_network(
+        flags,
+        target,
+        spec,
+        duration,
+        addresses,
+        router,
+        &server_pids,
+    )?;
+    let index = index_setup::bench_index(
+        workload::FIELD_MODULI[0].0,
+        tessera_protocol::IndexKind::Range,
+    );
+    let delay = Duration::from_secs_f64(flags.index_build_delay_secs.max(0.0));
+    let (building, timing) = std::thread::scope(|scope| {
+        let builder = scope
+            .spawn(|| index_setup::build_while_measured(addresses, &index, delay, INDEX_WAIT_MAX));
+        let window = measure_network(
+            flags,
+            target,
+            spec,
+            duration,
+            addresses,
+            router,
+            &server_pids,
+        );
+        let timing = builder
+            .join()
+            .map_err(|_| "the index build thread panicked".to_owned());
+        (window, timing)
+    });
+    let (building, timing) = (building?, timing??);
+    let idle_total = Summary::of(
+        &idle.record.combined(),
+        idle.record.error_count(),
+        idle.elapsed,
+    );
+    let mut result = finish(target, config, &building, &server_pids, None);
+    let within_window = delay.as_secs_f64() + timing.build_secs <= building.elapsed.as_secs_f64();
+    result.index_build = Some(IndexBuildReport {
+        p99_ratio: ratio(result.total.p99_us, idle_total.p99_us),
+        p50_ratio: ratio(result.total.p50_us, idle_total.p50_us),
+        idle: idle_total,
+        timing,
+        finished_within_window: within_window,
+    });
+    Ok(result)
+}
+
+fn ratio(value: f64, base: f64) -> f64 {
+    if base > 0.0 {
+        value / base
+    } else {
+        0.0
+    }
 }
 
 /// One measured window of point operations, and the CPU each side spent in it.

@@ -318,6 +318,29 @@ pub struct RunResult {
     /// top-level fields for scripts.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub lock: Option<LockReport>,
+    /// The window without a build and the build's timing (`--index-build` only); the
+    /// top-level figures are the window during the build.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index_build: Option<IndexBuildReport>,
+    /// What the queries found (`--workload query` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<crate::query_load::QueryReport>,
+}
+
+/// What `--index-build` measured beside the window during the build.
+#[derive(Debug, Clone, Serialize)]
+pub struct IndexBuildReport {
+    /// The same load with no build.
+    pub idle: Summary,
+    /// The index and how long every core took to build it.
+    #[serde(flatten)]
+    pub timing: crate::index_setup::BuildTiming,
+    /// Whether the build ended inside the measured window.
+    pub finished_within_window: bool,
+    /// p99 during the build over p99 without.
+    pub p99_ratio: f64,
+    /// p50 during the build over p50 without.
+    pub p50_ratio: f64,
 }
 
 /// What `--workload lock` did. Its result counts completed lock/unlock pairs as the
@@ -491,6 +514,8 @@ impl RunResult {
             watch: None,
             lease: None,
             lock: None,
+            index_build: None,
+            query: None,
         }
     }
 
@@ -512,6 +537,40 @@ impl RunResult {
             Duration::from_secs_f64(self.duration_secs),
         );
         self.lease = Some(lease);
+    }
+
+    /// The query and index-build lines of [`RunResult::to_text`].
+    fn write_index_text(&self, text: &mut String) {
+        use std::fmt::Write as _;
+        if let Some(query) = &self.query {
+            let _ = writeln!(
+                text,
+                "query {} = v ({}% of the keys) by {}: {:.0} examined and {:.1} matched per \
+                 query{}; wrong answers {}",
+                query.field,
+                query.selectivity_pct,
+                query.access,
+                query.examined_per_query,
+                query.matches_per_query,
+                if query.count_only { " (counts)" } else { "" },
+                query.wrong_answers
+            );
+        }
+        if let Some(build) = &self.index_build {
+            let _ = writeln!(
+                text,
+                "index {} built in {:.2} s{}; p99 during the build / idle: {:.2}x, p50: {:.2}x",
+                build.timing.index,
+                build.timing.build_secs,
+                if build.finished_within_window {
+                    ""
+                } else {
+                    " (after the window ended)"
+                },
+                build.p99_ratio,
+                build.p50_ratio
+            );
+        }
     }
 
     /// The human-readable summary: one line per operation, then CPU and context.
@@ -550,6 +609,9 @@ impl RunResult {
             "all"
         };
         line(total_name, &self.total);
+        if let Some(build) = &self.index_build {
+            line("idle", &build.idle);
+        }
         if let Some(watch) = &self.watch {
             if let Some(latency) = &watch.latency {
                 line("event", latency);
@@ -558,6 +620,7 @@ impl RunResult {
                 line("peer", &peer.total);
             }
         }
+        self.write_index_text(&mut text);
         if let Some(server) = &self.server_cpu {
             let _ = writeln!(
                 text,

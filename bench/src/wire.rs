@@ -102,7 +102,7 @@ impl TesseraRequests {
             Op::Set => &mut self.put,
             Op::Delete => &mut self.delete,
             Op::Incr => &mut self.add,
-            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair => {
+            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair | Op::Query => {
                 return Err(NOT_KEYED.to_owned())
             }
         };
@@ -283,7 +283,7 @@ impl Wire for RedisWire {
             Op::Set => out.extend_from_slice(b"*3\r\n$3\r\nSET\r\n"),
             Op::Incr => out.extend_from_slice(b"*2\r\n$4\r\nINCR\r\n"),
             Op::Delete => out.extend_from_slice(b"*2\r\n$3\r\nDEL\r\n"),
-            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair => {
+            Op::Keepalive | Op::Lock | Op::Unlock | Op::LockPair | Op::Query => {
                 return Err(NOT_KEYED.to_owned())
             }
         }

@@ -30,11 +30,13 @@ pub enum Op {
     /// One lock and its unlock (`--workload lock`), from asking for the lock to the unlock's
     /// answer: the unit the lock workload counts.
     LockPair,
+    /// One query (`--workload query`), from the call to the merged answer of every core.
+    Query,
 }
 
 impl Op {
     /// Every operation, in report order.
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 9] = [
         Op::Get,
         Op::Set,
         Op::Incr,
@@ -43,6 +45,7 @@ impl Op {
         Op::Lock,
         Op::Unlock,
         Op::LockPair,
+        Op::Query,
     ];
 
     /// The name used in reports and JSON.
@@ -56,6 +59,7 @@ impl Op {
             Op::Lock => "lock",
             Op::Unlock => "unlock",
             Op::LockPair => "pair",
+            Op::Query => "query",
         }
     }
 
@@ -70,6 +74,7 @@ impl Op {
             Op::Lock => 5,
             Op::Unlock => 6,
             Op::LockPair => 7,
+            Op::Query => 8,
         }
     }
 }
@@ -108,6 +113,10 @@ pub enum WorkloadKind {
     /// lease, lock and unlock in a loop, all on one lock name or each on its own
     /// (`--lock-names`).
     Lock,
+    /// Queries per second and their latency: `--connections` sessions on the client library,
+    /// each asking `--query-field = v` for a random `v` over every key (written with
+    /// `--fields`), answered by an index or a scan (`--query-access`).
+    Query,
 }
 
 impl WorkloadKind {
@@ -116,7 +125,7 @@ impl WorkloadKind {
     pub fn wants_preload(self) -> bool {
         matches!(
             self,
-            Self::Get | Self::Mixed | Self::Delete | Self::WatchFanout
+            Self::Get | Self::Mixed | Self::Delete | Self::WatchFanout | Self::Query
         )
     }
 
@@ -289,6 +298,8 @@ impl OpStream {
             WorkloadKind::LeaseKeepalive => Op::Keepalive,
             // So does the lock workload (`lock_load`).
             WorkloadKind::Lock => Op::Lock,
+            // And the query workload (`query_load`).
+            WorkloadKind::Query => Op::Query,
             WorkloadKind::Mixed => {
                 if self.rng.random::<f64>() < self.spec.read_fraction {
                     Op::Get

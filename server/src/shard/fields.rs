@@ -164,13 +164,16 @@ pub fn encode_owned(fields: &[Field], out: &mut Vec<u8>) {
     );
 }
 
+/// A blob's fields, borrowed: on the stack for up to 8.
+pub type Decoded<'a> = smallvec::SmallVec<[(&'a str, ValueRef<'a>); 8]>;
+
 /// The fields of a blob, in name order, borrowed.
 ///
 /// # Errors
 /// The blob is cut short, has trailing bytes, an unknown tag, a name out of order or of a
 /// bad size, invalid UTF-8 or a NaN.
-pub fn decode(blob: &[u8]) -> Result<Vec<(&str, ValueRef<'_>)>, FieldsError> {
-    let mut fields = Vec::new();
+pub fn decode(blob: &[u8]) -> Result<Decoded<'_>, FieldsError> {
+    let mut fields = Decoded::new();
     if blob.is_empty() {
         return Ok(fields);
     }

@@ -287,7 +287,7 @@ impl Indexes {
     }
 }
 
-fn decoded(blob: &[u8]) -> Vec<(&str, ValueRef<'_>)> {
+fn decoded(blob: &[u8]) -> fields::Decoded<'_> {
     fields::decode(blob).unwrap_or_default()
 }
 

@@ -207,7 +207,8 @@ impl Shard {
         budget: &mut QueryBudget<'_>,
     ) -> Result<Found<'s>, Response> {
         let order_by = &query.order_by;
-        let after = query.after.as_ref();
+        // A count counts every match: a cursor has no meaning for it.
+        let after = query.after.as_ref().filter(|_| !query.count_only);
         let key_ordered = plan.keys.as_ref().is_none_or(|(_, ordered)| *ordered);
         let streams = order_by.is_empty() && key_ordered && !query.count_only;
         // Key order with a cursor: only keys after it.
