@@ -1021,6 +1021,48 @@ fn watch_prints_the_changes_of_a_key_in_order() {
     fixture.stop();
 }
 
+/// `watch --query` prints keys entering (`put`), changing in and leaving (`left`) the
+/// result set, with their fields, and nothing of keys outside it. One key, so one core:
+/// its lines come in order.
+#[test]
+fn watch_query_prints_the_result_set_changes() {
+    let fixture = Fixture::start();
+    let client = fixture.client();
+    let mut watcher = Watcher::start(
+        &fixture,
+        &[
+            "watch",
+            "people:",
+            "--query",
+            "age >= 20",
+            "--progress-ms",
+            PROGRESS_MS_NEVER,
+            "--count",
+            "3",
+        ],
+    );
+    assert_eq!(watcher.wait_until_watching(), Vec::<String>::new());
+    let put_age = |age: i64| {
+        let options = PutOptions::new().field("age", tessera_client::FieldValue::I64(age));
+        client.put_with("people:ada", "v", options).unwrap();
+    };
+    put_age(10); // outside
+    put_age(30); // enters
+    put_age(31); // changes in it
+    put_age(5); // leaves
+    let lines: Vec<String> = (0..3).map(|_| watcher.next_line()).collect();
+    let run = watcher.finish();
+    assert_eq!(run.status_code, 0, "{run:?}");
+    let kinds: Vec<&str> = lines
+        .iter()
+        .map(|line| line.split(' ').next().unwrap())
+        .collect();
+    assert_eq!(kinds, ["put", "put", "left"], "{lines:?}");
+    assert!(lines[0].ends_with("age=30"), "{lines:?}");
+    assert!(lines[2].ends_with("age=5"), "{lines:?}");
+    fixture.stop();
+}
+
 #[test]
 fn watch_snapshot_prints_the_keys_first() {
     let fixture = Fixture::start();

@@ -49,6 +49,7 @@ scenarios!(
     index_definitions_are_checked_on_every_core => default_config,
     dropping_an_index_falls_back_to_a_scan => default_config,
     an_index_over_existing_keys_builds_then_serves => slow_tick_config,
+    a_watch_on_a_query_follows_its_result_set => default_config,
 );
 
 /// Two cores, in memory.
@@ -919,6 +920,119 @@ async fn an_index_over_existing_keys_builds_then_serves(client: &Client) {
 
 // ---------------------------------------------------------------------------------------
 // Durability.
+
+/// Writes `key` with the field `age` (or no fields), value `v`.
+async fn put_age(client: &Client, key: &str, age: Option<i64>) {
+    let mut options = PutOptions::new();
+    if let Some(age) = age {
+        options = options.field("age", FieldValue::I64(age));
+    }
+    client.put_with(key, "v", options).await.unwrap();
+}
+
+/// A watch on `age >= 20` starts with a snapshot of the matching keys only, then sees keys
+/// enter the result set (puts), change in it (puts), leave it while they still exist
+/// (`Left`) and leave it by being deleted; changes outside the set are not delivered.
+async fn a_watch_on_a_query_follows_its_result_set(client: &Client) {
+    use futures_util::StreamExt;
+    use tessera_client::{EventKind, KeyRange, WatchMessage, WatchOptions};
+
+    put_age(client, "person:a", Some(30)).await;
+    put_age(client, "person:b", Some(40)).await;
+    put_age(client, "person:c", Some(10)).await;
+    put_age(client, "person:z", None).await;
+    let query = tessera_protocol::query::parse_query("age >= 20").unwrap();
+    let mut watch = client
+        .watch(
+            &KeyRange::prefix("person:"),
+            WatchOptions::new().snapshot().query(query),
+        )
+        .await
+        .unwrap();
+    let mut snapshot = Vec::new();
+    let mut events: std::collections::BTreeMap<String, Vec<(&'static str, Option<i64>)>> =
+        std::collections::BTreeMap::new();
+    let mut snapshots_seen = 0;
+    while snapshots_seen < CORE_COUNT {
+        match within(CALL_TIMEOUT, "a snapshot", watch.next()).await {
+            Some(Ok(WatchMessage::Snapshot { items, .. })) => {
+                snapshots_seen += 1;
+                snapshot.extend(
+                    items
+                        .into_iter()
+                        .map(|item| String::from_utf8(item.key).unwrap()),
+                );
+            }
+            other => panic!("expected snapshots first, got {other:?}"),
+        }
+    }
+    snapshot.sort();
+    assert_eq!(snapshot, ["person:a", "person:b"]);
+    put_age(client, "person:c", Some(25)).await; // enters
+    put_age(client, "person:a", Some(35)).await; // changes in it
+    put_age(client, "person:b", Some(5)).await; // leaves, still there
+    put_age(client, "person:c", Some(15)).await; // leaves again
+    put_age(client, "person:d", Some(1)).await; // never in it
+    put_age(client, "person:z", Some(3)).await; // never in it
+    client.delete("person:a").await.unwrap(); // leaves by a delete
+    client.delete("person:b").await.unwrap(); // not in it any more: nothing
+                                              // A marker on every core: a shard's events come in order, so once its marker arrived
+                                              // everything before it on that shard has too.
+    let topology = client.topology();
+    let markers: Vec<String> = (0..CORE_COUNT)
+        .map(|core| {
+            (0..)
+                .map(|number| format!("person:end{number}"))
+                .find(|key| core_of_key(&topology, key.as_bytes()) == core)
+                .unwrap()
+        })
+        .collect();
+    for marker in &markers {
+        put_age(client, marker, Some(99)).await;
+    }
+    while !markers.iter().all(|marker| events.contains_key(marker)) {
+        match within(CALL_TIMEOUT, "the events", watch.next()).await {
+            Some(Ok(WatchMessage::Events { events: batch, .. })) => {
+                for event in batch {
+                    let kind = match event.kind {
+                        EventKind::Put { .. } => "put",
+                        EventKind::Left { .. } => "left",
+                        EventKind::Deleted => "deleted",
+                        other => panic!("unexpected {other:?}"),
+                    };
+                    let age = event
+                        .fields
+                        .iter()
+                        .find(|field| field.name == "age")
+                        .map(|field| match field.value {
+                            FieldValue::I64(age) => age,
+                            ref other => panic!("age {other:?}"),
+                        });
+                    events
+                        .entry(String::from_utf8(event.key).unwrap())
+                        .or_default()
+                        .push((kind, age));
+                }
+            }
+            Some(Ok(WatchMessage::Progress(_))) => {}
+            other => panic!("expected events, got {other:?}"),
+        }
+    }
+    let expected: std::collections::BTreeMap<String, Vec<(&'static str, Option<i64>)>> = [
+        ("person:a", vec![("put", Some(35)), ("deleted", None)]),
+        ("person:b", vec![("left", Some(5))]),
+        ("person:c", vec![("put", Some(25)), ("left", Some(15))]),
+    ]
+    .into_iter()
+    .map(|(key, kinds)| (key.to_owned(), kinds))
+    .chain(
+        markers
+            .iter()
+            .map(|marker| (marker.clone(), vec![("put", Some(99))])),
+    )
+    .collect();
+    assert_eq!(events, expected);
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fields_and_indexes_survive_a_restart() {

@@ -466,6 +466,11 @@ struct WatchArguments {
     /// Stop after this many snapshot and event lines (progress lines do not count).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
+    /// Follow the result set of a query over the keys' fields (the syntax of `tessera
+    /// query`): keys entering or changing in it print as `put`, keys leaving it as `left`
+    /// (still there) or their delete; a snapshot holds only the keys that match.
+    #[arg(long, value_name = "EXPR")]
+    query: Option<String>,
 }
 
 const WATCH_AFTER_HELP: &str = "\
@@ -474,6 +479,7 @@ Examples:
   tessera watch user: --snapshot               the keys first, then the changes
   tessera watch user: --from 1:0:17 1:1:9      resume after these positions
   tessera -o json watch user: --count 10       ten events as NDJSON
+  tessera watch user: --query 'age >= 20'      keys entering and leaving that result set
 
 Positions are per core: <node>:<core>:<revision>, as the rev= of each line shows. A
 resume needs one for every core; `resume with:` on stderr lists them all. A revision that
@@ -1350,6 +1356,11 @@ fn watch(
     if let Some(progress_ms) = arguments.progress_ms {
         options = options.progress_every(Duration::from_millis(u64::from(progress_ms)));
     }
+    if let Some(text) = &arguments.query {
+        let query = tessera_protocol::query::parse_query(text)
+            .map_err(|error| ClientError::InvalidRequest(error.into()))?;
+        options = options.query(query);
+    }
     let mut positions = ResumePositions::new(&client.topology(), &arguments.from);
     let mut watch = match client.watch(&KeyRange::prefix(&arguments.prefix), options) {
         Ok(watch) => watch,
@@ -1738,6 +1749,9 @@ impl WatchFormat {
             if let EventKind::LeaseEnded { lease, .. } = event.kind {
                 value["lease"] = Value::from(lease);
             }
+            if !event.fields.is_empty() {
+                value["fields"] = query::fields_json(&event.fields);
+            }
             add_position(&mut value, shard);
             if self.previous {
                 value["previous"] = previous.map_or(Value::Null, Value::from);
@@ -1745,11 +1759,18 @@ impl WatchFormat {
             return value.to_string();
         }
         let mut line = match event.kind {
-            EventKind::Put { version, .. } | EventKind::Left { version, .. } => format!(
-                "{type_name} {key} {} rev={} version={version}",
-                String::from_utf8_lossy(&event.value),
-                format_position(shard)
-            ),
+            EventKind::Put { version, .. } | EventKind::Left { version, .. } => {
+                let mut line = format!(
+                    "{type_name} {key} {} rev={} version={version}",
+                    String::from_utf8_lossy(&event.value),
+                    format_position(shard)
+                );
+                if !event.fields.is_empty() {
+                    line.push(' ');
+                    line.push_str(&query::fields_text(&event.fields));
+                }
+                line
+            }
             EventKind::Deleted | EventKind::Expired => {
                 format!("{type_name} {key} rev={}", format_position(shard))
             }
