@@ -677,15 +677,18 @@ fn run_index_build(
     router: &dyn Router,
 ) -> Result<RunResult, String> {
     let server_pids = server_pids_of(flags, addresses);
-    let idle = measure_network(
-        flags,
-        target,
-        spec,
-        duration,
-        addresses,
-        router,
-        &server_pids,
-    )?;
+    let measure = || {
+        measure_network(
+            flags,
+            target,
+            spec,
+            duration,
+            addresses,
+            router,
+            &server_pids,
+        )
+    };
+    let idle = measure()?;
     let index = index_setup::bench_index(
         workload::FIELD_MODULI[0].0,
         tessera_protocol::IndexKind::Range,
@@ -694,15 +697,7 @@ fn run_index_build(
     let (building, timing) = std::thread::scope(|scope| {
         let builder = scope
             .spawn(|| index_setup::build_while_measured(addresses, &index, delay, INDEX_WAIT_MAX));
-        let window = measure_network(
-            flags,
-            target,
-            spec,
-            duration,
-            addresses,
-            router,
-            &server_pids,
-        );
+        let window = measure();
         let timing = builder
             .join()
             .map_err(|_| "the index build thread panicked".to_owned());

@@ -317,10 +317,7 @@ impl RecordWriter {
                 self.push_bytes_u16(name);
                 self.push_bytes_u16(prefix);
                 self.push_bytes_u16(field);
-                self.buffer.push(match kind {
-                    IndexKind::Equality => INDEX_KIND_EQUALITY,
-                    IndexKind::Range => INDEX_KIND_RANGE,
-                });
+                self.buffer.push(index_kind_byte(kind));
             }
             Effect::IndexDrop { name } => {
                 self.buffer.push(EFFECT_INDEX_DROP);
@@ -573,15 +570,7 @@ fn parse_index_create(bytes: &[u8]) -> Result<(Effect<'_>, &[u8]), DurabilityErr
     let Some((&kind, rest)) = rest.split_first() else {
         return Err(DurabilityError::corrupt("index effect cut short"));
     };
-    let kind = match kind {
-        INDEX_KIND_EQUALITY => IndexKind::Equality,
-        INDEX_KIND_RANGE => IndexKind::Range,
-        other => {
-            return Err(DurabilityError::corrupt(format!(
-                "unknown index kind {other}"
-            )))
-        }
-    };
+    let kind = index_kind_of(kind)?;
     Ok((
         Effect::IndexCreate {
             name,
@@ -591,6 +580,44 @@ fn parse_index_create(bytes: &[u8]) -> Result<(Effect<'_>, &[u8]), DurabilityErr
         },
         rest,
     ))
+}
+
+/// How the log and snapshots write an index's kind.
+pub(crate) fn index_kind_byte(kind: IndexKind) -> u8 {
+    match kind {
+        IndexKind::Equality => INDEX_KIND_EQUALITY,
+        IndexKind::Range => INDEX_KIND_RANGE,
+    }
+}
+
+/// The kind an index's kind byte names.
+pub(crate) fn index_kind_of(byte: u8) -> Result<IndexKind, DurabilityError> {
+    match byte {
+        INDEX_KIND_EQUALITY => Ok(IndexKind::Equality),
+        INDEX_KIND_RANGE => Ok(IndexKind::Range),
+        other => Err(DurabilityError::corrupt(format!(
+            "unknown index kind {other}"
+        ))),
+    }
+}
+
+/// An index definition read from disk: its name and field must be UTF-8.
+pub(crate) fn index_spec_of(
+    name: &[u8],
+    prefix: &[u8],
+    field: &[u8],
+    kind: IndexKind,
+) -> Result<tessera_protocol::IndexSpec, DurabilityError> {
+    let text = |bytes: &[u8]| {
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| DurabilityError::corrupt("index name or field not UTF-8"))
+    };
+    Ok(tessera_protocol::IndexSpec {
+        name: text(name)?,
+        prefix: prefix.to_vec(),
+        field: text(field)?,
+        kind,
+    })
 }
 
 fn take_u64(bytes: &[u8]) -> Result<(u64, &[u8]), DurabilityError> {

@@ -27,9 +27,9 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use crate::durability::format::{
-    check_file_header, push_u16_prefixed, push_u32_prefixed, read_record, seal_file_header,
-    seal_record, take_u16_prefixed, take_u32_prefixed, ReadOutcome, RECORD_HEADER_SIZE,
-    RECORD_PAYLOAD_SIZE_MAX,
+    check_file_header, index_kind_byte, index_kind_of, index_spec_of, push_u16_prefixed,
+    push_u32_prefixed, read_record, seal_file_header, seal_record, take_u16_prefixed,
+    take_u32_prefixed, ReadOutcome, RECORD_HEADER_SIZE, RECORD_PAYLOAD_SIZE_MAX,
 };
 use crate::durability::log::CoreLog;
 use crate::durability::recovery::{read_segment_header, segment_files};
@@ -40,7 +40,6 @@ use crate::shard::lease::Leases;
 use crate::shard::lock::Locks;
 use crate::shard::store::{KeyRevisions, PARTITION_COUNT};
 use crate::shard::Shard;
-use tessera_protocol::{IndexKind, IndexSpec};
 
 /// Identifies a snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"TSSN";
@@ -266,10 +265,7 @@ impl ChunkEncoder {
             push_u16_prefixed(&mut self.buffer, index.spec.name.as_bytes());
             push_u16_prefixed(&mut self.buffer, &index.spec.prefix);
             push_u16_prefixed(&mut self.buffer, index.spec.field.as_bytes());
-            self.buffer.push(match index.spec.kind {
-                IndexKind::Equality => 1,
-                IndexKind::Range => 2,
-            });
+            self.buffer.push(index_kind_byte(index.spec.kind));
             self.seal_if_full(start);
         }
     }
@@ -766,31 +762,13 @@ fn read_all(
 
 /// Restores one index definition into `shard`; returns the bytes after it.
 fn restore_index_item<'a>(bytes: &'a [u8], shard: &mut Shard) -> Result<&'a [u8], DurabilityError> {
-    let text = |bytes: &[u8]| {
-        String::from_utf8(bytes.to_vec())
-            .map_err(|_| DurabilityError::corrupt("index name or field not UTF-8"))
-    };
     let (name, rest) = take_u16_prefixed(bytes)?;
     let (prefix, rest) = take_u16_prefixed(rest)?;
     let (field, rest) = take_u16_prefixed(rest)?;
     let Some((&kind, rest)) = rest.split_first() else {
         return Err(DurabilityError::corrupt("snapshot index item cut short"));
     };
-    let kind = match kind {
-        1 => IndexKind::Equality,
-        2 => IndexKind::Range,
-        other => {
-            return Err(DurabilityError::corrupt(format!(
-                "unknown index kind {other}"
-            )))
-        }
-    };
-    shard.restore_index(IndexSpec {
-        name: text(name)?,
-        prefix: prefix.to_vec(),
-        field: text(field)?,
-        kind,
-    });
+    shard.restore_index(index_spec_of(name, prefix, field, index_kind_of(kind)?)?);
     Ok(rest)
 }
 

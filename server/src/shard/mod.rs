@@ -505,19 +505,9 @@ impl Shard {
                     prefix,
                     field,
                     kind,
-                } => {
-                    let text = |bytes: &[u8]| {
-                        String::from_utf8(bytes.to_vec())
-                            .map_err(|_| DurabilityError::corrupt("index name or field not UTF-8"))
-                    };
-                    let spec = tessera_protocol::IndexSpec {
-                        name: text(name)?,
-                        prefix: prefix.to_vec(),
-                        field: text(field)?,
-                        kind,
-                    };
-                    self.restore_index(spec);
-                }
+                } => self.restore_index(crate::durability::format::index_spec_of(
+                    name, prefix, field, kind,
+                )?),
                 Effect::IndexDrop { name } => {
                     self.indexes.drop_index(&String::from_utf8_lossy(name));
                 }
