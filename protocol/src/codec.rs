@@ -13,7 +13,7 @@ use rkyv::util::AlignedVec;
 
 use crate::error::{ProtocolError, RequestError};
 use crate::frame::{frame_size_for_body, FrameHeader, FrameKind, PROTOCOL_VERSION};
-use crate::index::ArchivedQueryRequest;
+use crate::index::{ArchivedIndexSpec, ArchivedQueryRequest};
 use crate::limits::{
     BATCH_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE, KEY_SIZE_MAX,
     SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
@@ -556,7 +556,8 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
         | ArchivedRequest::Stats
         | ArchivedRequest::Unwatch { .. }
         | ArchivedRequest::WatchProgress { .. }
-        | ArchivedRequest::LeaseList => Ok(()),
+        | ArchivedRequest::LeaseList
+        | ArchivedRequest::ListIndexes => Ok(()),
         ArchivedRequest::LeaseGrant { ttl_ms } => check_ttl(ttl_ms.to_native()),
         ArchivedRequest::LeaseKeepalive { ids } => {
             check_batch(ids.len())?;
@@ -590,23 +591,8 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             watch.progress_interval_ms.to_native(),
         ),
         ArchivedRequest::Scan(scan) => check_scan(scan),
-        ArchivedRequest::CreateIndex(spec) => {
-            check_index_name(spec.name.as_str())?;
-            check_bound_key(spec.prefix.as_slice())?;
-            let field = spec.field.as_str();
-            if field.is_empty() || field.len() > FIELD_NAME_SIZE_MAX {
-                return Err(RequestError::BadIndex {
-                    name: shown_name(spec.name.as_str()),
-                    reason: format!(
-                        "a field name has 1..={FIELD_NAME_SIZE_MAX} bytes, this one {}",
-                        field.len()
-                    ),
-                });
-            }
-            Ok(())
-        }
+        ArchivedRequest::CreateIndex(spec) => check_index_spec(spec),
         ArchivedRequest::DropIndex { name } => check_index_name(name.as_str()),
-        ArchivedRequest::ListIndexes => Ok(()),
         ArchivedRequest::Query(query) => check_query_request(query),
         ArchivedRequest::MultiPut { entries } => {
             check_batch(entries.len())?;
@@ -621,6 +607,24 @@ pub fn check_request(request: &ArchivedRequest) -> Result<(), RequestError> {
             })
         }
     }
+}
+
+/// Checks an index definition: its name, then its prefix (empty or a key), then its field's
+/// name (1..=`FIELD_NAME_SIZE_MAX` bytes).
+fn check_index_spec(spec: &ArchivedIndexSpec) -> Result<(), RequestError> {
+    check_index_name(spec.name.as_str())?;
+    check_bound_key(spec.prefix.as_slice())?;
+    let field = spec.field.as_str();
+    if field.is_empty() || field.len() > FIELD_NAME_SIZE_MAX {
+        return Err(RequestError::BadIndex {
+            name: shown_name(spec.name.as_str()),
+            reason: format!(
+                "a field name has 1..={FIELD_NAME_SIZE_MAX} bytes, this one {}",
+                field.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Checks an index's name: 1..=`INDEX_NAME_SIZE_MAX` bytes.

@@ -644,6 +644,56 @@ impl Config {
         Ok(())
     }
 
+    /// Checks the settings of the log: its batching, flushing, segments and directory.
+    fn validate_log_settings(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.group_commit_wait_us > 100_000 {
+            return invalid(
+                "group_commit_wait_us",
+                format!(
+                    "{} is over the maximum of 100000",
+                    self.group_commit_wait_us
+                ),
+            );
+        }
+        if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
+            return invalid(
+                "flush_interval_ms",
+                format!("{} is outside 1..=60000", self.flush_interval_ms),
+            );
+        }
+        if self.segment_bytes_max < 1024 * 1024 {
+            return invalid(
+                "segment_bytes_max",
+                format!("{} is below the minimum of 1 MiB", self.segment_bytes_max),
+            );
+        }
+        if self.durability != Durability::Memory && self.data_dir.as_os_str().is_empty() {
+            return invalid(
+                "data_dir",
+                format!("durability {} needs a data directory", self.durability),
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks the bounds of one core's answer to a query.
+    fn validate_query_limits(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.query_time_budget_ms == 0 || self.query_time_budget_ms > 60_000 {
+            return invalid(
+                "query_time_budget_ms",
+                format!("{} is outside 1..=60000", self.query_time_budget_ms),
+            );
+        }
+        if self.query_sort_items_max == 0 {
+            return invalid("query_sort_items_max", "must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+
     /// Checks every setting against its allowed range.
     ///
     /// # Errors
@@ -708,43 +758,9 @@ impl Config {
         if self.expired_per_tick_max == 0 {
             return invalid("expired_per_tick_max", "must be at least 1".to_owned());
         }
-        if self.query_time_budget_ms == 0 || self.query_time_budget_ms > 60_000 {
-            return invalid(
-                "query_time_budget_ms",
-                format!("{} is outside 1..=60000", self.query_time_budget_ms),
-            );
-        }
-        if self.query_sort_items_max == 0 {
-            return invalid("query_sort_items_max", "must be at least 1".to_owned());
-        }
+        self.validate_query_limits()?;
         self.validate_watch_limits()?;
-        if self.group_commit_wait_us > 100_000 {
-            return invalid(
-                "group_commit_wait_us",
-                format!(
-                    "{} is over the maximum of 100000",
-                    self.group_commit_wait_us
-                ),
-            );
-        }
-        if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
-            return invalid(
-                "flush_interval_ms",
-                format!("{} is outside 1..=60000", self.flush_interval_ms),
-            );
-        }
-        if self.segment_bytes_max < 1024 * 1024 {
-            return invalid(
-                "segment_bytes_max",
-                format!("{} is below the minimum of 1 MiB", self.segment_bytes_max),
-            );
-        }
-        if self.durability != Durability::Memory && self.data_dir.as_os_str().is_empty() {
-            return invalid(
-                "data_dir",
-                format!("durability {} needs a data directory", self.durability),
-            );
-        }
+        self.validate_log_settings()?;
         if self.io_memory_bytes < 512 * 1024 {
             return invalid(
                 "io_memory_bytes",

@@ -681,14 +681,15 @@ impl Shard {
 
     /// At most how many bytes of log `request` can write, or `None` if it writes none (a
     /// read). The core refuses a write that would not fit while the disk is full.
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one arm per request kind, so each kind's bound reads in one place"
+    )]
     pub fn journal_bound(&self, request: &ArchivedRequest) -> Option<u64> {
         // A record's header and revision, an effect's kind, sizes and deadline, and the
         // removal of an expired entry the write may reclaim first (its own record).
         const RECORD: u64 = 16;
         const EFFECT: u64 = 31;
-        let key_write = |key: &[u8], value_size: usize| {
-            2 * (RECORD + EFFECT + key.len() as u64) + value_size as u64
-        };
         // A `Fields` effect after the set, if the entry has fields.
         fn fields_write(key: &[u8], fields_size: usize) -> u64 {
             if fields_size == 0 {
@@ -703,6 +704,9 @@ impl Shard {
         ) -> u64 {
             fields_write(key, fields::encoded_size_archived(fields))
         }
+        let key_write = |key: &[u8], value_size: usize| {
+            2 * (RECORD + EFFECT + key.len() as u64) + value_size as u64
+        };
         match request {
             ArchivedRequest::Put(put) => Some(
                 key_write(&put.key, put.value.len())
@@ -1805,6 +1809,10 @@ impl Shard {
     /// Runs a transaction: the compares, then one branch's ops in order, every write at one
     /// revision (none if the branch writes nothing). Everything that can refuse (a counter
     /// out of range, the memory budget, the read bounds) is checked before anything applies.
+    #[allow(
+        clippy::too_many_lines,
+        reason = "one arm per op kind, each applying what `plan_txn` decided"
+    )]
     fn txn(&mut self, now_ms: u64, txn: &ArchivedTxn) -> Response {
         for key in txn_keys(txn) {
             self.reclaim_if_expired(now_ms, key);

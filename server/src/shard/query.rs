@@ -174,15 +174,7 @@ impl Shard {
         let prefix_end = prefix_end(&query.prefix);
         let key_ordered = plan.keys.as_ref().is_none_or(|(_, ordered)| *ordered);
         let streams = order_by.is_empty() && key_ordered && !query.count_only;
-        // Key order with a cursor: only keys after it.
-        let start = match after {
-            Some(after)
-                if order_by.is_empty() && after.key.as_slice() >= query.prefix.as_slice() =>
-            {
-                key_after(&after.key)
-            }
-            _ => query.prefix.clone(),
-        };
+        let start = first_key(query);
         let candidates: Box<dyn Iterator<Item = EntryRef<'_>>> = match &plan.keys {
             Some((keys, _)) => Box::new(
                 keys.iter()
@@ -203,21 +195,7 @@ impl Shard {
             }
             examined += 1;
             if examined % BUDGET_CHECK_EVERY == 0 && !(budget.time_left)() {
-                let building = if plan.building.is_empty() {
-                    String::new()
-                } else {
-                    format!(
-                        "; index {} is still building and was not used",
-                        plan.building.join(", ")
-                    )
-                };
-                return budget_refusal(format!(
-                    "query passed its time budget of {} ms on core {} after examining {examined} \
-                     entries by {}{building}",
-                    budget.time_budget_ms,
-                    self.config.shard_id,
-                    access_text(&plan.access),
-                ));
+                return self.time_refusal(&plan, examined, budget.time_budget_ms);
             }
             let entry_fields = fields::to_fields(entry.fields());
             let holds = query
@@ -252,13 +230,7 @@ impl Shard {
                 }
             }
             if sorting.len() >= budget.sort_items_max {
-                return budget_refusal(format!(
-                    "query matches more than {} entries on core {} to sort (by {}); narrow it, \
-                     or page through it with a smaller order",
-                    budget.sort_items_max,
-                    self.config.shard_id,
-                    access_text(&plan.access),
-                ));
+                return self.sort_refusal(&plan, budget.sort_items_max);
             }
             sorting.push(Match {
                 sort,
@@ -267,25 +239,7 @@ impl Shard {
         }
         let sorted = !streams && !query.count_only;
         if sorted {
-            sorting.sort_unstable_by(|left, right| {
-                cursor_cmp(order_by, &left.sort, left.key, &right.sort, right.key)
-            });
-            for found in sorting {
-                if items.len() == limit || bytes >= SCAN_PAGE_BYTES_MAX {
-                    more = true;
-                    break;
-                }
-                let Some(entry) = self.store.get(found.key) else {
-                    continue;
-                };
-                bytes += item_bytes(entry, query.projection);
-                let entry_fields = if query.projection == Projection::Fields {
-                    fields::to_fields(entry.fields())
-                } else {
-                    Vec::new()
-                };
-                items.push(item(entry, found.sort, entry_fields, query.projection));
-            }
+            (items, more) = self.sorted_items(sorting, query);
         }
         let count = if query.count_only {
             matched
@@ -307,6 +261,82 @@ impl Shard {
                 sorted,
             },
         }))
+    }
+}
+
+impl Shard {
+    fn time_refusal(&self, plan: &Plan<'_>, examined: u64, time_budget_ms: u64) -> Response {
+        let building = if plan.building.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; index {} is still building and was not used",
+                plan.building.join(", ")
+            )
+        };
+        budget_refusal(format!(
+            "query passed its time budget of {time_budget_ms} ms on core {} after examining \
+             {examined} entries by {}{building}",
+            self.config.shard_id,
+            access_text(&plan.access),
+        ))
+    }
+
+    fn sort_refusal(&self, plan: &Plan<'_>, sort_items_max: usize) -> Response {
+        budget_refusal(format!(
+            "query matches more than {sort_items_max} entries on core {} to sort (by {}); \
+             narrow it, or page through it with a smaller order",
+            self.config.shard_id,
+            access_text(&plan.access),
+        ))
+    }
+
+    /// The first page of `matches` in the query's order, and whether more follow it.
+    fn sorted_items(
+        &self,
+        mut matches: Vec<Match<'_>>,
+        query: &QueryRequest,
+    ) -> (Vec<QueryItem>, bool) {
+        matches.sort_unstable_by(|left, right| {
+            cursor_cmp(
+                &query.order_by,
+                &left.sort,
+                left.key,
+                &right.sort,
+                right.key,
+            )
+        });
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        for found in matches {
+            if items.len() == query.limit as usize || bytes >= SCAN_PAGE_BYTES_MAX {
+                return (items, true);
+            }
+            let Some(entry) = self.store.get(found.key) else {
+                continue;
+            };
+            bytes += item_bytes(entry, query.projection);
+            let entry_fields = if query.projection == Projection::Fields {
+                fields::to_fields(entry.fields())
+            } else {
+                Vec::new()
+            };
+            items.push(item(entry, found.sort, entry_fields, query.projection));
+        }
+        (items, false)
+    }
+}
+
+/// The first key a query can return: the prefix's first, or in key order with a cursor,
+/// the key after the cursor's.
+fn first_key(query: &QueryRequest) -> Vec<u8> {
+    match &query.after {
+        Some(after)
+            if query.order_by.is_empty() && after.key.as_slice() >= query.prefix.as_slice() =>
+        {
+            key_after(&after.key)
+        }
+        _ => query.prefix.clone(),
     }
 }
 
