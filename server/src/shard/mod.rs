@@ -2349,4 +2349,6 @@ fn into_entry(entry: &OwnedEntry) -> Entry {
 }
 
 #[cfg(test)]
+mod query_tests;
+#[cfg(test)]
 mod tests;
