@@ -205,11 +205,8 @@ impl Shard {
             if !holds {
                 continue;
             }
-            matched += 1;
-            if query.count_only {
-                continue;
-            }
             if streams {
+                matched += 1;
                 if items.len() == limit || bytes >= SCAN_PAGE_BYTES_MAX {
                     more = true;
                     break;
@@ -222,12 +219,18 @@ impl Shard {
                 .iter()
                 .map(|order| field_value(&entry_fields, &order.field).cloned())
                 .collect();
+            // Only what follows the cursor matches, counted or not, in any order (in key
+            // order the candidates start after it already).
             if let Some(after) = after {
                 if cursor_cmp(order_by, &sort, entry.key(), &after.sort, &after.key)
                     != Ordering::Greater
                 {
                     continue;
                 }
+            }
+            matched += 1;
+            if query.count_only {
+                continue;
             }
             if sorting.len() >= budget.sort_items_max {
                 return self.sort_refusal(&plan, budget.sort_items_max);

@@ -5,7 +5,7 @@ use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::query::{Bound, QueryNode};
 use tessera_protocol::{
     ErrorCode, Field, FieldValue, IndexKind, IndexSpec, OrderBy, Put, Query, QueryAccess,
-    QueryPage, QueryRequest, Request, Response, SlotRange, SLOT_COUNT,
+    QueryCursor, QueryPage, QueryRequest, Request, Response, SlotRange, SLOT_COUNT,
 };
 
 use super::lease::LeaseLimits;
@@ -342,4 +342,44 @@ fn sorting_more_than_sort_items_max_is_refused() {
     };
     assert_eq!(keys_of(&page), ["k000", "k001", "k002"]);
     assert!(page.more && !page.plan.sorted);
+}
+
+/// A count with a cursor counts the matches after it, whether they come in key order (the
+/// cursor is where the scan starts) or must be sorted (the cursor is compared with each).
+/// Before, a count in key order started after the cursor while a count in another order
+/// ignored it, so the same position gave two answers.
+#[test]
+fn a_count_after_a_cursor_counts_the_matches_after_it() {
+    let mut shard = people(10);
+    create_index(&mut shard, "age_range", "", "age", IndexKind::Range);
+    assert!(!shard.build_indexes(usize::MAX));
+    let by_key = QueryRequest {
+        after: Some(QueryCursor {
+            sort: Vec::new(),
+            key: b"k004".to_vec(),
+        }),
+        count_only: true,
+        ..QueryRequest::new("", None, 1)
+    };
+    let by_age = QueryRequest {
+        order_by: vec![OrderBy {
+            field: "age".to_owned(),
+            descending: false,
+        }],
+        after: Some(QueryCursor {
+            sort: vec![Some(FieldValue::I64(4))],
+            key: b"k004".to_vec(),
+        }),
+        ..by_key.clone()
+    };
+    // Through a range index, whose keys come in value order, too.
+    let ranged = QueryRequest {
+        filter: parsed("age >= 0").filter,
+        ..by_key.clone()
+    };
+    for query in [by_key, by_age, ranged] {
+        let page = query_page(&shard, START_MS, &query);
+        assert_eq!(page.count, 5, "{query:?}");
+        assert_eq!(page.plan.matched, 5, "{query:?}");
+    }
 }
