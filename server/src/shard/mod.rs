@@ -1150,7 +1150,8 @@ impl Shard {
         &self.config
     }
 
-    /// Checks the invariants that cost O(n): the memory charge and the timer count. For tests.
+    /// Checks the invariants that cost O(n): the memory charge, the key order, the lease and
+    /// lock tables, and every index against the store. For tests.
     pub fn check_invariants(&self) {
         self.leases.check_invariants();
         self.locks.check_invariants();
@@ -1159,6 +1160,7 @@ impl Shard {
             self.store.memory_bytes_recomputed()
         );
         self.store.check_order();
+        self.indexes.check(&self.store);
     }
 
     /// How many stored keys (expired ones included) are of slots this shard does not own,
