@@ -618,7 +618,8 @@ fn check_watch_request(watch: &ArchivedWatch) -> Result<(), RequestError> {
     }
 }
 
-/// Checks an index definition: its name, prefix and field.
+/// Checks an index definition: its name, then its prefix (empty or a key), then its field's
+/// name (1..=`FIELD_NAME_SIZE_MAX` bytes).
 fn check_index_spec(spec: &ArchivedIndexSpec) -> Result<(), RequestError> {
     check_index_name(spec.name.as_str())?;
     check_bound_key(spec.prefix.as_slice())?;

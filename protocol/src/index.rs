@@ -163,7 +163,7 @@ pub struct QueryRequest {
     pub after: Option<QueryCursor>,
     /// What to return of each match.
     pub projection: Projection,
-    /// Return no items, only how many entries match.
+    /// Return no items, only how many entries match (after the cursor, if there is one).
     pub count_only: bool,
 }
 
@@ -209,7 +209,7 @@ pub struct QueryPlan {
     pub access: QueryAccess,
     /// Entries looked at (candidates read and checked against the filter).
     pub examined: u64,
-    /// Entries that matched (before the limit).
+    /// Entries that matched after the cursor (before the limit).
     pub matched: u64,
     /// Indexes that would fit the query but are still building, so were not used.
     pub building: Vec<String>,

@@ -13,9 +13,12 @@
 //! - **Nothing panics.** Garbage frames, garbage bodies and mutated archives may be refused but
 //!   never crash the receiver, because a bad frame must close only its own connection.
 //!
-//! Generated messages are kept small (keys up to 64 bytes, values up to 256, batches up to 8) so
-//! the file runs in seconds in a debug build; the limits themselves are tested at their edges by
-//! the `check_request` properties.
+//! Generated messages are kept small (keys up to 64 bytes, values up to 256, batches up to 8,
+//! entries with up to 4 fields, queries of up to 4 comparisons under up to 4 operators) so the
+//! file runs in seconds in a debug build; the limits themselves are tested at their edges by the
+//! `check_request` properties. An `f64` a client sends can hold any bits on the wire, NaN and
+//! `-0.0` included, though an owned `F64` never does: those are written into the archive, and
+//! `check_request` must refuse them wherever a field, a query value or a cursor carries one.
 
 use std::collections::BTreeSet;
 
@@ -26,17 +29,23 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use tessera_protocol::codec::{self, FrameBuffer, FrameError};
 use tessera_protocol::limits::{
-    BATCH_COUNT_MAX, CORE_COUNT_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE,
-    KEY_SIZE_MAX, LOCK_WAIT_MS_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX, TXN_COMPARES_MAX,
-    TXN_OPS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX, WATCH_PROGRESS_INTERVAL_MS_MIN,
+    BATCH_COUNT_MAX, CORE_COUNT_MAX, FIELDS_PER_VALUE_MAX, FIELD_NAME_SIZE_MAX,
+    FIELD_STRING_SIZE_MAX, FRAME_ALIGNMENT, FRAME_BODY_SIZE_MAX, FRAME_HEADER_SIZE,
+    INDEX_NAME_SIZE_MAX, KEY_SIZE_MAX, LOCK_WAIT_MS_MAX, QUERY_IN_VALUES_MAX, QUERY_LIMIT_MAX,
+    QUERY_NODES_MAX, QUERY_ORDER_BY_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TTL_MS_MAX,
+    TXN_COMPARES_MAX, TXN_OPS_MAX, VALUE_SIZE_MAX, WATCH_PROGRESS_INTERVAL_MS_MAX,
+    WATCH_PROGRESS_INTERVAL_MS_MIN,
 };
+use tessera_protocol::query::{Bound, QueryError, QueryNode, F64};
 use tessera_protocol::{
     hash_tag, slot_for_key, split_slots, Check, Compare, CompareOp, CoreInfo, CoreStats,
     CounterAdd, Delete, DeleteCondition, Entry, ErrorCode, ErrorReply, EventBatch, EventKind,
-    FrameHeader, FrameKind, LeaseId, LeaseState, NodeHealth, NodeInfo, NodeState, ProtocolError,
-    Put, PutCondition, PutEntry, Request, RequestError, Response, RouteTable, Scan, ScanItem,
-    ScanPage, Topology, TtlState, Txn, TxnOp, TxnOutcome, TxnResult, Watch, WatchCancel,
-    WatchEvent, WatchEvents, WatchFrom, Watching, WrongShard, PROTOCOL_VERSION, SLOT_COUNT,
+    Field, FieldValue, FrameHeader, FrameKind, IndexInfo, IndexKind, IndexSpec, IndexState,
+    LeaseId, LeaseState, NodeHealth, NodeInfo, NodeState, OrderBy, Projection, ProtocolError, Put,
+    PutCondition, PutEntry, Query, QueryAccess, QueryCursor, QueryItem, QueryPage, QueryPlan,
+    QueryRequest, Request, RequestError, Response, RouteTable, Scan, ScanItem, ScanPage, Topology,
+    TtlState, Txn, TxnOp, TxnOutcome, TxnResult, Watch, WatchCancel, WatchEvent, WatchEvents,
+    WatchFrom, Watching, WrongShard, PROTOCOL_VERSION, SLOT_COUNT,
 };
 
 /// Longest generated key. Real keys may be up to `KEY_SIZE_MAX`; small ones keep cases fast.
@@ -55,6 +64,10 @@ const CORE_COUNT_GENERATED_MAX: usize = 4;
 const TXN_COUNT_GENERATED_MAX: usize = 4;
 /// Most frames in one generated stream.
 const FRAME_COUNT_GENERATED_MAX: usize = 8;
+/// Most fields on a generated entry; `FIELDS_PER_VALUE_MAX` itself is tested at its edge.
+const FIELD_COUNT_GENERATED_MAX: usize = 4;
+/// Most comparisons, and most operators over them, in a generated query.
+const QUERY_NODE_COUNT_GENERATED_MAX: usize = 4;
 /// Number of `Request` variants; `request_variant` fails to compile when one is added.
 const REQUEST_VARIANT_COUNT: usize = 30;
 /// Number of `Response` variants; `response_variant` fails to compile when one is added.
@@ -123,9 +136,10 @@ fn put() -> impl Strategy<Value = Put> {
         put_condition(),
         any::<bool>(),
         proptest::option::of(lease_id()),
+        fields(),
     )
         .prop_map(
-            |(key, value, ttl_ms, keep_ttl, condition, return_previous, lease)| Put {
+            |(key, value, ttl_ms, keep_ttl, condition, return_previous, lease, fields)| Put {
                 key,
                 value,
                 ttl_ms,
@@ -133,7 +147,7 @@ fn put() -> impl Strategy<Value = Put> {
                 condition,
                 return_previous,
                 lease,
-                fields: Vec::new(),
+                fields,
             },
         )
 }
@@ -223,26 +237,29 @@ fn txn_op() -> impl Strategy<Value = TxnOp> {
             proptest::option::of(ttl_ms()),
             any::<bool>(),
             any::<bool>(),
+            fields(),
         )
-            .prop_map(
-                |(key, value, ttl_ms, keep_ttl, return_previous)| TxnOp::Put {
+            .prop_map(|(key, value, ttl_ms, keep_ttl, return_previous, fields)| {
+                TxnOp::Put {
                     key,
                     value,
                     ttl_ms,
                     keep_ttl,
                     return_previous,
                     lease: None,
-                    fields: Vec::new(),
+                    fields,
                 }
-            ),
-        (key(), value(), 1..u64::MAX).prop_map(|(key, value, lease)| TxnOp::Put {
-            key,
-            value,
-            ttl_ms: None,
-            keep_ttl: false,
-            return_previous: false,
-            lease: Some(lease),
-            fields: Vec::new(),
+            }),
+        (key(), value(), 1..u64::MAX, fields()).prop_map(|(key, value, lease, fields)| {
+            TxnOp::Put {
+                key,
+                value,
+                ttl_ms: None,
+                keep_ttl: false,
+                return_previous: false,
+                lease: Some(lease),
+                fields,
+            }
         }),
         (key(), any::<bool>()).prop_map(|(key, return_previous)| TxnOp::Delete {
             key,
@@ -289,12 +306,186 @@ fn txn() -> impl Strategy<Value = Txn> {
 }
 
 fn put_entry() -> impl Strategy<Value = PutEntry> {
-    (key(), value(), proptest::option::of(ttl_ms())).prop_map(|(key, value, ttl_ms)| PutEntry {
-        key,
-        value,
-        ttl_ms,
-        fields: Vec::new(),
+    (key(), value(), proptest::option::of(ttl_ms()), fields()).prop_map(
+        |(key, value, ttl_ms, fields)| PutEntry {
+            key,
+            value,
+            ttl_ms,
+            fields,
+        },
+    )
+}
+
+// A generated name of TEXT_CHAR_COUNT_GENERATED_MAX characters of up to 4 bytes each is always
+// a name `check_request` accepts.
+const _: () = assert!(TEXT_CHAR_COUNT_GENERATED_MAX * 4 <= FIELD_NAME_SIZE_MAX);
+const _: () = assert!(TEXT_CHAR_COUNT_GENERATED_MAX * 4 <= INDEX_NAME_SIZE_MAX);
+
+/// A field or index name `check_request` accepts: 1..=16 characters, so 1..=64 bytes.
+fn name() -> impl Strategy<Value = String> {
+    vec(any::<char>(), 1..=TEXT_CHAR_COUNT_GENERATED_MAX)
+        .prop_map(|characters| characters.into_iter().collect())
+}
+
+/// An `f64` from any bits but NaN's (`-0.0` becomes `0.0`), so every class of float is drawn:
+/// subnormals, infinities, integral values and fractions.
+fn float() -> impl Strategy<Value = F64> {
+    prop_oneof![
+        any::<u64>().prop_filter_map("NaN", |bits| F64::new(f64::from_bits(bits))),
+        prop_oneof![Just(0.0), Just(-0.0), Just(2.0), Just(f64::INFINITY)]
+            .prop_map(|number| F64::new(number).expect("not NaN")),
+    ]
+}
+
+/// A field value `check_request` accepts: of every type, strings up to 64 bytes.
+fn field_value() -> impl Strategy<Value = FieldValue> {
+    prop_oneof![
+        text().prop_map(FieldValue::Str),
+        any::<i64>().prop_map(FieldValue::I64),
+        float().prop_map(FieldValue::F64),
+        any::<bool>().prop_map(FieldValue::Bool),
+        any::<i64>().prop_map(FieldValue::Timestamp),
+    ]
+}
+
+/// An entry's fields as `check_request` accepts them: each name once (a later field with a
+/// name already used is dropped), in no particular order.
+fn fields() -> impl Strategy<Value = Vec<Field>> {
+    vec((name(), field_value()), 0..=FIELD_COUNT_GENERATED_MAX).prop_map(|pairs| {
+        let mut named = BTreeSet::new();
+        pairs
+            .into_iter()
+            .filter(|(name, _)| named.insert(name.clone()))
+            .map(|(name, value)| Field::new(name, value))
+            .collect()
     })
+}
+
+fn index_kind() -> impl Strategy<Value = IndexKind> {
+    prop_oneof![Just(IndexKind::Equality), Just(IndexKind::Range)]
+}
+
+/// An index definition `check_request` accepts: names in size, the prefix empty or a key.
+fn index_spec() -> impl Strategy<Value = IndexSpec> {
+    (
+        name(),
+        prop_oneof![Just(Vec::new()), key()],
+        name(),
+        index_kind(),
+    )
+        .prop_map(|(name, prefix, field, kind)| IndexSpec {
+            name,
+            prefix,
+            field,
+            kind,
+        })
+}
+
+fn bound() -> impl Strategy<Value = Bound> {
+    prop_oneof![
+        Just(Bound::Unbounded),
+        field_value().prop_map(Bound::Included),
+        field_value().prop_map(Bound::Excluded),
+    ]
+}
+
+/// A comparison `check_query` accepts.
+fn comparison() -> impl Strategy<Value = QueryNode> {
+    prop_oneof![
+        (name(), field_value()).prop_map(|(field, value)| QueryNode::Equal { field, value }),
+        (name(), vec(field_value(), 1..=4))
+            .prop_map(|(field, values)| QueryNode::In { field, values }),
+        (name(), bound(), bound()).prop_map(|(field, lower, upper)| QueryNode::Range {
+            field,
+            lower,
+            upper
+        }),
+        (name(), text()).prop_map(|(field, prefix)| QueryNode::Prefix { field, prefix }),
+    ]
+}
+
+/// An operator over nodes before it, which `Index`es pick.
+#[derive(Debug, Clone)]
+enum Operator {
+    And(Vec<Index>),
+    Or(Vec<Index>),
+    Not(Index),
+}
+
+fn operator() -> impl Strategy<Value = Operator> {
+    prop_oneof![
+        vec(any::<Index>(), 1..=3).prop_map(Operator::And),
+        vec(any::<Index>(), 1..=3).prop_map(Operator::Or),
+        any::<Index>().prop_map(Operator::Not),
+    ]
+}
+
+/// A query `check_query` accepts: comparisons first, then operators over any nodes before
+/// them (a node may be the operand of several, which the checks allow).
+fn query() -> impl Strategy<Value = Query> {
+    (
+        vec(comparison(), 1..=QUERY_NODE_COUNT_GENERATED_MAX),
+        vec(operator(), 0..=QUERY_NODE_COUNT_GENERATED_MAX),
+    )
+        .prop_map(|(mut nodes, operators)| {
+            for operator in operators {
+                let count = nodes.len();
+                let pick = |index: &Index| u16::try_from(index.index(count)).unwrap();
+                nodes.push(match operator {
+                    Operator::And(operands) => QueryNode::And(operands.iter().map(pick).collect()),
+                    Operator::Or(operands) => QueryNode::Or(operands.iter().map(pick).collect()),
+                    Operator::Not(operand) => QueryNode::Not(pick(&operand)),
+                });
+            }
+            Query { nodes }
+        })
+}
+
+fn projection() -> impl Strategy<Value = Projection> {
+    prop_oneof![
+        Just(Projection::KeysOnly),
+        Just(Projection::Fields),
+        Just(Projection::Full),
+    ]
+}
+
+/// A query request `check_request` accepts: a prefix empty or a key, up to
+/// `QUERY_ORDER_BY_MAX` order fields, a limit in range (any limit with `count_only`), and a
+/// cursor with one sort value per order field.
+fn query_request() -> impl Strategy<Value = QueryRequest> {
+    (
+        prop_oneof![Just(Vec::new()), key()],
+        proptest::option::of(query()),
+        vec(
+            (name(), any::<bool>()).prop_map(|(field, descending)| OrderBy { field, descending }),
+            0..=QUERY_ORDER_BY_MAX,
+        ),
+        any::<u32>(),
+        proptest::option::of((
+            vec(proptest::option::of(field_value()), QUERY_ORDER_BY_MAX),
+            prop_oneof![Just(Vec::new()), key()],
+        )),
+        projection(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(prefix, filter, order_by, limit, after, projection, count_only)| QueryRequest {
+                limit: if count_only {
+                    limit
+                } else {
+                    1 + limit % QUERY_LIMIT_MAX
+                },
+                after: after.map(|(mut sort, key)| {
+                    sort.truncate(order_by.len());
+                    QueryCursor { sort, key }
+                }),
+                prefix,
+                filter,
+                order_by,
+                projection,
+                count_only,
+            },
+        )
 }
 
 /// Every request variant, with arguments that `check_request` accepts.
@@ -334,6 +525,10 @@ fn request() -> impl Strategy<Value = Request> {
             wait_ms,
         }),
         (key(), any::<u64>()).prop_map(|(name, token)| Request::Unlock { name, token }),
+        index_spec().prop_map(|spec| Request::CreateIndex(Box::new(spec))),
+        name().prop_map(|name| Request::DropIndex { name }),
+        Just(Request::ListIndexes),
+        query_request().prop_map(|query| Request::Query(Box::new(query))),
     ]
 }
 
@@ -514,15 +709,16 @@ fn entry() -> impl Strategy<Value = Entry> {
         any::<u64>(),
         any::<u64>(),
         any::<Option<u64>>(),
+        fields(),
     )
         .prop_map(
-            |(value, create_revision, mod_revision, version, expires_at_ms)| Entry {
+            |(value, create_revision, mod_revision, version, expires_at_ms, fields)| Entry {
                 value,
                 create_revision,
                 mod_revision,
                 version,
                 expires_at_ms,
-                fields: Vec::new(),
+                fields,
             },
         )
 }
@@ -609,6 +805,7 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::CrossShard),
         Just(ErrorCode::LeaseNotFound),
         Just(ErrorCode::TableFull),
+        Just(ErrorCode::BudgetExceeded),
     ]
 }
 
@@ -782,7 +979,96 @@ fn response() -> impl Strategy<Value = Response> {
         (any::<bool>(), any::<u64>())
             .prop_map(|(acquired, token)| Response::Locked { acquired, token }),
         any::<bool>().prop_map(|released| Response::Unlocked { released }),
+        any::<bool>().prop_map(|created| Response::IndexCreated { created }),
+        any::<bool>().prop_map(|dropped| Response::IndexDropped { dropped }),
+        vec(index_info(), 0..=BATCH_COUNT_GENERATED_MAX).prop_map(Response::Indexes),
+        query_page().prop_map(|page| Response::Query(Box::new(page))),
     ]
+}
+
+fn index_info() -> impl Strategy<Value = IndexInfo> {
+    (
+        index_spec(),
+        prop_oneof![
+            Just(IndexState::Ready),
+            (any::<u64>(), any::<u64>()).prop_map(|(keys_done, keys_total)| {
+                IndexState::Building {
+                    keys_done,
+                    keys_total,
+                }
+            }),
+        ],
+        any::<u64>(),
+        any::<u64>(),
+    )
+        .prop_map(|(spec, state, entries, memory_bytes)| IndexInfo {
+            spec,
+            state,
+            entries,
+            memory_bytes,
+        })
+}
+
+fn query_item() -> impl Strategy<Value = QueryItem> {
+    (
+        key(),
+        vec(proptest::option::of(field_value()), 0..=QUERY_ORDER_BY_MAX),
+        fields(),
+        proptest::option::of(entry()),
+    )
+        .prop_map(|(key, sort, fields, entry)| QueryItem {
+            key,
+            sort,
+            fields,
+            entry,
+        })
+}
+
+fn query_plan() -> impl Strategy<Value = QueryPlan> {
+    (
+        prop_oneof![
+            Just(QueryAccess::Scan),
+            (text(), text(), text()).prop_map(|(name, field, lookup)| QueryAccess::Index {
+                name,
+                field,
+                lookup
+            }),
+        ],
+        any::<u64>(),
+        any::<u64>(),
+        vec(text(), 0..=2),
+        any::<bool>(),
+    )
+        .prop_map(|(access, examined, matched, building, sorted)| QueryPlan {
+            access,
+            examined,
+            matched,
+            building,
+            sorted,
+        })
+}
+
+fn query_page() -> impl Strategy<Value = QueryPage> {
+    (
+        any::<u32>(),
+        any::<u16>(),
+        any::<u64>(),
+        vec(query_item(), 0..=BATCH_COUNT_GENERATED_MAX),
+        any::<u64>(),
+        any::<bool>(),
+        query_plan(),
+    )
+        .prop_map(
+            |(node_id, core_id, revision, items, count, more, plan)| QueryPage {
+                node_id,
+                core_id,
+                revision,
+                items,
+                count,
+                more,
+                plan,
+            },
+        )
 }
 
 fn lease_state() -> impl Strategy<Value = LeaseState> {
@@ -1286,10 +1572,10 @@ fn every_bit_of_small_frames_is_checked() {
         Message::Request(Request::Get {
             key: b"user:1".to_vec(),
         }),
-        // A value of nine bytes, so the body (the 104-byte root and the value, padded to 16)
-        // is not a multiple of 16 and the frame has padding.
+        // A value of five bytes, so the body (the value, padded to 8, and the 112-byte root)
+        // is 120 bytes, not a multiple of 16, and the frame has padding.
         Message::Response(Response::Value(Some(Entry {
-            value: b"ninebytes".to_vec(),
+            value: b"fives".to_vec(),
             create_revision: 1,
             mod_revision: 1,
             version: 1,
@@ -2419,6 +2705,600 @@ fn counter_bounds_and_refresh_are_checked() {
         let error = check(&request).unwrap_err();
         assert_eq!(error, RequestError::RefreshWithoutTtl, "{request:?}");
         assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// check_request: fields, indexes and queries.
+
+/// One request of every variant that carries an entry's fields, with `fields` in it.
+fn requests_with_fields(fields: &[Field]) -> Vec<Request> {
+    vec![
+        Request::Put(Box::new(Put {
+            fields: fields.to_vec(),
+            ..Put::new("k", "v")
+        })),
+        // A batch checks every entry's fields, not only the first's.
+        Request::MultiPut {
+            entries: vec![
+                PutEntry {
+                    key: b"fine".to_vec(),
+                    value: b"v".to_vec(),
+                    ttl_ms: None,
+                    fields: vec![Field::new("fine", FieldValue::Bool(true))],
+                },
+                PutEntry {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec(),
+                    ttl_ms: None,
+                    fields: fields.to_vec(),
+                },
+            ],
+        },
+        Request::Txn(Box::new(Txn::new().then([
+            TxnOp::get("fine"),
+            TxnOp::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                ttl_ms: None,
+                keep_ttl: false,
+                return_previous: false,
+                lease: None,
+                fields: fields.to_vec(),
+            },
+        ]))),
+    ]
+}
+
+/// `count` fields with distinct names.
+fn distinct_fields(count: usize) -> Vec<Field> {
+    (0..count)
+        .map(|index| {
+            Field::new(
+                format!("f{index}"),
+                FieldValue::I64(i64::try_from(index).unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that every request carrying `fields` is refused as a bad field named `name`.
+fn assert_bad_field(fields: &[Field], name: &str) {
+    for request in requests_with_fields(fields) {
+        let error = check(&request).unwrap_err();
+        assert!(
+            matches!(&error, RequestError::BadField { name: shown, .. } if shown == name),
+            "{error:?} for {request:?}"
+        );
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    #[test]
+    fn more_fields_than_the_limit_are_refused(
+        count in FIELDS_PER_VALUE_MAX + 1..=FIELDS_PER_VALUE_MAX + 8,
+    ) {
+        for request in requests_with_fields(&distinct_fields(count)) {
+            let error = check(&request).unwrap_err();
+            prop_assert_eq!(
+                &error,
+                &RequestError::TooManyFields { count, count_max: FIELDS_PER_VALUE_MAX }
+            );
+            prop_assert_eq!(error.code(), ErrorCode::TooLarge);
+        }
+    }
+
+    /// Wherever the second use of a name falls, and whatever either value is.
+    #[test]
+    fn a_field_name_given_twice_is_refused(
+        fields in fields().prop_filter("a name to repeat", |fields| !fields.is_empty()),
+        repeated in any::<Index>(),
+        position in any::<Index>(),
+        value in field_value(),
+    ) {
+        let name = fields[repeated.index(fields.len())].name.clone();
+        let mut twice = fields.clone();
+        // After the first use, so the first use is the one the message refers to.
+        let first = twice.iter().position(|field| field.name == name).unwrap();
+        let at = first + 1 + position.index(twice.len() - first);
+        twice.insert(at, Field::new(name.clone(), value));
+        assert_bad_field(&twice, &name);
+    }
+
+    #[test]
+    fn field_names_out_of_their_size_are_refused(
+        size in prop_oneof![Just(0), FIELD_NAME_SIZE_MAX + 1..=FIELD_NAME_SIZE_MAX + 64],
+        fine_count in 0..FIELDS_PER_VALUE_MAX,
+    ) {
+        let mut fields = distinct_fields(fine_count);
+        fields.push(Field::new("n".repeat(size), FieldValue::Bool(false)));
+        // The message shows the name cut to the limit.
+        assert_bad_field(&fields, &"n".repeat(size.min(FIELD_NAME_SIZE_MAX)));
+    }
+
+    #[test]
+    fn field_strings_over_their_limit_are_refused(size_over in 1..=64_usize) {
+        let text = "s".repeat(FIELD_STRING_SIZE_MAX + size_over);
+        assert_bad_field(&[Field::new("s", FieldValue::Str(text))], "s");
+    }
+}
+
+#[test]
+fn field_limits_themselves_are_accepted() {
+    let longest_name = "n".repeat(FIELD_NAME_SIZE_MAX);
+    let mut fields = distinct_fields(FIELDS_PER_VALUE_MAX - 2);
+    fields.push(Field::new(longest_name, FieldValue::Bool(true)));
+    fields.push(Field::new(
+        "s",
+        FieldValue::Str("s".repeat(FIELD_STRING_SIZE_MAX)),
+    ));
+    assert_eq!(fields.len(), FIELDS_PER_VALUE_MAX);
+    for request in requests_with_fields(&fields) {
+        assert_eq!(check(&request), Ok(()), "{request:?}");
+    }
+    // No fields, and every kind of value, are fine too.
+    for request in requests_with_fields(&[]) {
+        assert_eq!(check(&request), Ok(()), "{request:?}");
+    }
+    let every_type = [
+        Field::new("a", FieldValue::Str(String::new())),
+        Field::new("b", FieldValue::I64(i64::MIN)),
+        Field::new("c", FieldValue::F64(F64::new(f64::NEG_INFINITY).unwrap())),
+        Field::new("d", FieldValue::Bool(false)),
+        Field::new("e", FieldValue::Timestamp(i64::MAX)),
+    ];
+    for request in requests_with_fields(&every_type) {
+        assert_eq!(check(&request), Ok(()), "{request:?}");
+    }
+}
+
+/// Bits no generated request holds anywhere else, so finding them finds the one `f64`.
+const MARKER_BITS: u64 = 0x3FF1_2345_6789_ABCD;
+
+fn marker() -> FieldValue {
+    FieldValue::F64(F64::new(f64::from_bits(MARKER_BITS)).unwrap())
+}
+
+/// `request` archived, with the one `f64` whose bits are [`MARKER_BITS`] given `bits`
+/// instead. An `F64` cannot hold NaN or `-0.0`, but its archive is any eight bytes, so this
+/// is what a peer can send.
+fn with_float_bits(request: &Request, bits: u64) -> FrameBuffer {
+    let mut body = FrameBuffer::new();
+    codec::encode_request_body(&mut body, request).unwrap();
+    let marker = MARKER_BITS.to_le_bytes();
+    let offsets: Vec<usize> = body
+        .windows(marker.len())
+        .enumerate()
+        .filter(|(_, window)| *window == marker)
+        .map(|(offset, _)| offset)
+        .collect();
+    assert_eq!(offsets.len(), 1, "the marker is in {request:?} once");
+    body[offsets[0]..offsets[0] + marker.len()].copy_from_slice(&bits.to_le_bytes());
+    body
+}
+
+/// What `check_request` must answer for a request whose `f64` has the given bits.
+type FloatRefusal = fn(u64) -> RequestError;
+
+/// One request of every kind that carries an `f64` from the client, the marker in each, and
+/// what `check_request` must answer when its bits are NaN or `-0.0`.
+fn requests_with_marker() -> Vec<(Request, FloatRefusal)> {
+    let bad_field = |_: u64| RequestError::BadField {
+        name: "f".to_owned(),
+        reason: "an f64 is NaN or -0.0".to_owned(),
+    };
+    let mut requests: Vec<(Request, FloatRefusal)> =
+        requests_with_fields(&[Field::new("f", marker())])
+            .into_iter()
+            .map(|request| (request, bad_field as FloatRefusal))
+            .collect();
+    let filters = [
+        QueryNode::Equal {
+            field: "f".to_owned(),
+            value: marker(),
+        },
+        QueryNode::In {
+            field: "f".to_owned(),
+            values: vec![FieldValue::I64(1), marker()],
+        },
+        QueryNode::Range {
+            field: "f".to_owned(),
+            lower: Bound::Unbounded,
+            upper: Bound::Excluded(marker()),
+        },
+    ];
+    for node in filters {
+        let query = QueryRequest::new("", Some(Query { nodes: vec![node] }), 10);
+        requests.push((Request::Query(Box::new(query)), |bits| {
+            RequestError::BadQuery(QueryError::Float { bits })
+        }));
+    }
+    let after = QueryRequest {
+        order_by: vec![OrderBy {
+            field: "f".to_owned(),
+            descending: false,
+        }],
+        after: Some(QueryCursor {
+            sort: vec![Some(marker())],
+            key: b"k".to_vec(),
+        }),
+        ..QueryRequest::new("", None, 10)
+    };
+    requests.push((Request::Query(Box::new(after)), |_| {
+        RequestError::BadQueryRequest {
+            reason: "a cursor value is invalid".to_owned(),
+        }
+    }));
+    requests
+}
+
+/// Bits of a NaN: every exponent bit set and a payload that is not zero, either sign.
+fn nan_bits() -> impl Strategy<Value = u64> {
+    (any::<bool>(), 1..(1_u64 << 52))
+        .prop_map(|(negative, payload)| (u64::from(negative) << 63) | (0x7FF_u64 << 52) | payload)
+}
+
+proptest! {
+    /// An `f64` arriving as NaN or `-0.0` bits is refused wherever a client sends one: the
+    /// order of values and equality by bits both depend on it.
+    #[test]
+    fn floats_are_refused_exactly_when_nan_or_negative_zero(
+        bits in prop_oneof![nan_bits(), Just(0x8000_0000_0000_0000_u64), any::<u64>()],
+    ) {
+        let number = f64::from_bits(bits);
+        let is_refused = number.is_nan() || bits == (-0.0_f64).to_bits();
+        for (request, refusal) in requests_with_marker() {
+            let body = with_float_bits(&request, bits);
+            let archived = codec::access_request(&body).expect("any bits are an archived F64");
+            let result = codec::check_request(archived);
+            if is_refused {
+                let error = result.unwrap_err();
+                prop_assert_eq!(&error, &refusal(bits), "{:?}", request);
+                prop_assert_eq!(error.code(), ErrorCode::InvalidArgument);
+            } else {
+                prop_assert_eq!(result, Ok(()), "{:?} with bits {:#x}", request, bits);
+            }
+        }
+    }
+}
+
+fn create_index(name: &str, prefix: &[u8], field: &str) -> Request {
+    Request::CreateIndex(Box::new(IndexSpec {
+        name: name.to_owned(),
+        prefix: prefix.to_vec(),
+        field: field.to_owned(),
+        kind: IndexKind::Range,
+    }))
+}
+
+/// An index's name and field have 1..=64 bytes and its prefix is empty or a key; the name is
+/// checked first, then the prefix, then the field.
+#[test]
+fn index_definitions_are_checked() {
+    let longest = "n".repeat(INDEX_NAME_SIZE_MAX);
+    let too_long = "n".repeat(INDEX_NAME_SIZE_MAX + 1);
+    for request in [
+        create_index("i", b"", "f"),
+        create_index(
+            &longest,
+            &vec![b'k'; KEY_SIZE_MAX],
+            &"f".repeat(FIELD_NAME_SIZE_MAX),
+        ),
+        Request::DropIndex {
+            name: longest.clone(),
+        },
+        Request::DropIndex {
+            name: "i".to_owned(),
+        },
+    ] {
+        assert_eq!(check(&request), Ok(()), "{request:?}");
+    }
+    let bad_index = |error: &RequestError, expected: &str| matches!(error, RequestError::BadIndex { name, .. } if name == expected);
+    for name in [String::new(), too_long.clone()] {
+        for request in [
+            // The name comes first: the bad prefix and field are not what is reported.
+            create_index(&name, &vec![b'k'; KEY_SIZE_MAX + 1], ""),
+            Request::DropIndex { name: name.clone() },
+        ] {
+            let error = check(&request).unwrap_err();
+            assert!(
+                bad_index(&error, &longest[..name.len().min(INDEX_NAME_SIZE_MAX)]),
+                "{error:?}"
+            );
+            assert_eq!(error.code(), ErrorCode::InvalidArgument);
+        }
+    }
+    let error = check(&create_index("i", &vec![b'k'; KEY_SIZE_MAX + 1], "")).unwrap_err();
+    assert_eq!(
+        error,
+        RequestError::KeyTooLarge {
+            size: KEY_SIZE_MAX + 1,
+            size_max: KEY_SIZE_MAX
+        }
+    );
+    for field in [String::new(), "f".repeat(FIELD_NAME_SIZE_MAX + 1)] {
+        let error = check(&create_index("i", b"p", &field)).unwrap_err();
+        assert!(bad_index(&error, "i"), "{error:?}");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+}
+
+fn order_by(count: usize) -> Vec<OrderBy> {
+    (0..count)
+        .map(|index| OrderBy {
+            field: format!("f{index}"),
+            descending: index % 2 == 1,
+        })
+        .collect()
+}
+
+fn query_with(filter: Query) -> Request {
+    Request::Query(Box::new(QueryRequest::new("", Some(filter), 10)))
+}
+
+fn equal(field: &str, value: FieldValue) -> QueryNode {
+    QueryNode::Equal {
+        field: field.to_owned(),
+        value,
+    }
+}
+
+fn is_bad_query_request(result: &Result<(), RequestError>) -> bool {
+    matches!(result, Err(RequestError::BadQueryRequest { .. }))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// A limit outside `1..=QUERY_LIMIT_MAX` is refused, unless the query only counts.
+    #[test]
+    fn query_limits_outside_the_range_are_refused_unless_counting(
+        limit in prop_oneof![Just(0), QUERY_LIMIT_MAX + 1..=u32::MAX],
+    ) {
+        let query = QueryRequest::new("p", None, limit);
+        let result = check(&Request::Query(Box::new(query.clone())));
+        prop_assert!(is_bad_query_request(&result), "{:?}", result);
+        prop_assert_eq!(result.unwrap_err().code(), ErrorCode::InvalidArgument);
+        let counting = QueryRequest { count_only: true, ..query };
+        prop_assert_eq!(check(&Request::Query(Box::new(counting))), Ok(()));
+    }
+
+    /// A cursor holds one sort value per order field, no more, no fewer.
+    #[test]
+    fn a_cursor_has_one_sort_value_per_order_field(
+        order_count in 0..=QUERY_ORDER_BY_MAX,
+        sort_count in 0..=QUERY_ORDER_BY_MAX + 2,
+    ) {
+        let query = QueryRequest {
+            order_by: order_by(order_count),
+            after: Some(QueryCursor {
+                sort: vec![Some(FieldValue::I64(1)); sort_count],
+                key: b"k".to_vec(),
+            }),
+            ..QueryRequest::new("", None, 10)
+        };
+        let result = check(&Request::Query(Box::new(query)));
+        if order_count == sort_count {
+            prop_assert_eq!(result, Ok(()));
+        } else {
+            prop_assert!(is_bad_query_request(&result), "{:?}", result);
+        }
+    }
+}
+
+/// The prefix and cursor key are empty or a key; at most `QUERY_ORDER_BY_MAX` order fields,
+/// each named in 1..=64 bytes; the limits of the query are accepted.
+#[test]
+fn query_requests_are_checked() {
+    let accepted = [
+        QueryRequest::new(vec![b'k'; KEY_SIZE_MAX], None, QUERY_LIMIT_MAX),
+        QueryRequest {
+            order_by: order_by(QUERY_ORDER_BY_MAX),
+            after: Some(QueryCursor {
+                sort: vec![None, Some(FieldValue::Str(String::new())), None, None],
+                key: vec![b'k'; KEY_SIZE_MAX],
+            }),
+            projection: Projection::KeysOnly,
+            ..QueryRequest::new("", None, 1)
+        },
+        QueryRequest {
+            after: Some(QueryCursor {
+                sort: Vec::new(),
+                key: Vec::new(),
+            }),
+            ..QueryRequest::new("", None, 1)
+        },
+    ];
+    for query in accepted {
+        assert_eq!(
+            check(&Request::Query(Box::new(query.clone()))),
+            Ok(()),
+            "{query:?}"
+        );
+    }
+    let too_long = vec![b'k'; KEY_SIZE_MAX + 1];
+    let key_too_large = RequestError::KeyTooLarge {
+        size: too_long.len(),
+        size_max: KEY_SIZE_MAX,
+    };
+    let with_cursor_key = QueryRequest {
+        after: Some(QueryCursor {
+            sort: Vec::new(),
+            key: too_long.clone(),
+        }),
+        ..QueryRequest::new("", None, 1)
+    };
+    for query in [QueryRequest::new(too_long, None, 1), with_cursor_key] {
+        assert_eq!(
+            check(&Request::Query(Box::new(query))),
+            Err(key_too_large.clone())
+        );
+    }
+    let refused = [
+        QueryRequest {
+            order_by: order_by(QUERY_ORDER_BY_MAX + 1),
+            ..QueryRequest::new("", None, 1)
+        },
+        QueryRequest {
+            order_by: vec![OrderBy {
+                field: String::new(),
+                descending: false,
+            }],
+            ..QueryRequest::new("", None, 1)
+        },
+        QueryRequest {
+            order_by: vec![OrderBy {
+                field: "f".repeat(FIELD_NAME_SIZE_MAX + 1),
+                descending: true,
+            }],
+            ..QueryRequest::new("", None, 1)
+        },
+    ];
+    for query in refused {
+        let result = check(&Request::Query(Box::new(query.clone())));
+        assert!(is_bad_query_request(&result), "{query:?}: {result:?}");
+    }
+}
+
+fn one() -> QueryNode {
+    equal("f", FieldValue::I64(1))
+}
+
+/// Filters that break one rule of `check_query` each, and the rule.
+fn refused_filters() -> Vec<(Query, QueryError)> {
+    vec![
+        (
+            Query { nodes: Vec::new() },
+            QueryError::NodeCount { count: 0 },
+        ),
+        (
+            Query {
+                nodes: vec![one(); QUERY_NODES_MAX + 1],
+            },
+            QueryError::NodeCount {
+                count: QUERY_NODES_MAX + 1,
+            },
+        ),
+        (
+            Query {
+                nodes: vec![QueryNode::Not(0)],
+            },
+            QueryError::Operand {
+                node: 0,
+                operand: 0,
+            },
+        ),
+        (
+            Query {
+                nodes: vec![one(), QueryNode::And(vec![0, 2])],
+            },
+            QueryError::Operand {
+                node: 1,
+                operand: 2,
+            },
+        ),
+        (
+            Query {
+                nodes: vec![one(), QueryNode::Or(Vec::new())],
+            },
+            QueryError::Operand {
+                node: 1,
+                operand: u16::MAX,
+            },
+        ),
+        (
+            Query {
+                nodes: vec![QueryNode::In {
+                    field: "f".to_owned(),
+                    values: Vec::new(),
+                }],
+            },
+            QueryError::InCount { count: 0 },
+        ),
+        (
+            Query {
+                nodes: vec![QueryNode::In {
+                    field: "f".to_owned(),
+                    values: vec![FieldValue::Bool(true); QUERY_IN_VALUES_MAX + 1],
+                }],
+            },
+            QueryError::InCount {
+                count: QUERY_IN_VALUES_MAX + 1,
+            },
+        ),
+        (
+            Query {
+                nodes: vec![equal("", FieldValue::I64(1))],
+            },
+            QueryError::FieldName { size: 0 },
+        ),
+        (
+            Query {
+                nodes: vec![QueryNode::Prefix {
+                    field: "f".repeat(FIELD_NAME_SIZE_MAX + 1),
+                    prefix: String::new(),
+                }],
+            },
+            QueryError::FieldName {
+                size: FIELD_NAME_SIZE_MAX + 1,
+            },
+        ),
+        (
+            Query {
+                nodes: vec![equal(
+                    "f",
+                    FieldValue::Str("s".repeat(FIELD_STRING_SIZE_MAX + 1)),
+                )],
+            },
+            QueryError::StringSize {
+                size: FIELD_STRING_SIZE_MAX + 1,
+            },
+        ),
+        (
+            Query {
+                nodes: vec![QueryNode::Prefix {
+                    field: "f".to_owned(),
+                    prefix: "p".repeat(FIELD_STRING_SIZE_MAX + 1),
+                }],
+            },
+            QueryError::StringSize {
+                size: FIELD_STRING_SIZE_MAX + 1,
+            },
+        ),
+    ]
+}
+
+/// The filter must pass `check_query`: the refusal names the rule.
+#[test]
+fn query_filters_are_checked() {
+    for (filter, expected) in refused_filters() {
+        let error = check(&query_with(filter.clone())).unwrap_err();
+        assert_eq!(error, RequestError::BadQuery(expected), "{filter:?}");
+        assert_eq!(error.code(), ErrorCode::InvalidArgument);
+    }
+}
+
+#[test]
+fn query_filter_limits_are_accepted() {
+    let widest = Query {
+        nodes: vec![QueryNode::In {
+            field: "f".repeat(FIELD_NAME_SIZE_MAX),
+            values: vec![FieldValue::Str("s".repeat(FIELD_STRING_SIZE_MAX)); QUERY_IN_VALUES_MAX],
+        }],
+    };
+    let longest = Query {
+        nodes: (0..QUERY_NODES_MAX)
+            .map(|index| match index {
+                0 => one(),
+                _ => QueryNode::Not(u16::try_from(index - 1).unwrap()),
+            })
+            .collect(),
+    };
+    for filter in [widest, longest] {
+        assert_eq!(check(&query_with(filter)), Ok(()));
     }
 }
 

@@ -664,6 +664,42 @@ impl Config {
         Ok(())
     }
 
+    /// Checks the settings of the log: its batching, flushing, segments and directory.
+    fn validate_log_settings(&self) -> Result<(), ConfigError> {
+        let invalid =
+            |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.group_commit_wait_us > 100_000 {
+            return invalid(
+                "group_commit_wait_us",
+                format!(
+                    "{} is over the maximum of 100000",
+                    self.group_commit_wait_us
+                ),
+            );
+        }
+        if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
+            return invalid(
+                "flush_interval_ms",
+                format!("{} is outside 1..=60000", self.flush_interval_ms),
+            );
+        }
+        if self.segment_bytes_max < 1024 * 1024 {
+            return invalid(
+                "segment_bytes_max",
+                format!("{} is below the minimum of 1 MiB", self.segment_bytes_max),
+            );
+        }
+        if self.durability != Durability::Memory && self.data_dir.as_os_str().is_empty() {
+            return invalid(
+                "data_dir",
+                format!("durability {} needs a data directory", self.durability),
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks the bounds of one core's answer to a query.
+
     /// Checks every setting against its allowed range.
     ///
     /// # Errors
@@ -724,33 +760,7 @@ impl Config {
         }
         self.validate_query_limits()?;
         self.validate_watch_limits()?;
-        if self.group_commit_wait_us > 100_000 {
-            return invalid(
-                "group_commit_wait_us",
-                format!(
-                    "{} is over the maximum of 100000",
-                    self.group_commit_wait_us
-                ),
-            );
-        }
-        if self.flush_interval_ms == 0 || self.flush_interval_ms > 60_000 {
-            return invalid(
-                "flush_interval_ms",
-                format!("{} is outside 1..=60000", self.flush_interval_ms),
-            );
-        }
-        if self.segment_bytes_max < 1024 * 1024 {
-            return invalid(
-                "segment_bytes_max",
-                format!("{} is below the minimum of 1 MiB", self.segment_bytes_max),
-            );
-        }
-        if self.durability != Durability::Memory && self.data_dir.as_os_str().is_empty() {
-            return invalid(
-                "data_dir",
-                format!("durability {} needs a data directory", self.durability),
-            );
-        }
+        self.validate_log_settings()?;
         if self.io_memory_bytes < 512 * 1024 {
             return invalid(
                 "io_memory_bytes",

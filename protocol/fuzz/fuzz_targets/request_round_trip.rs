@@ -13,6 +13,15 @@
 //! too, in puts, in every lease request and in locks. Lock waits reach one past
 //! `LOCK_WAIT_MS_MAX` as often as not (and sometimes any `u32`); fenced compares and unlocks
 //! take any token, which no check refuses.
+//!
+//! Entries carry up to one field past `FIELDS_PER_VALUE_MAX`, with names and strings up to one
+//! byte past their limits, drawn from four short names as often as not so that a name given
+//! twice is common. Index definitions and queries reach one byte past each name's limit, one
+//! node past `QUERY_NODES_MAX`, one value past `QUERY_IN_VALUES_MAX`, one order field past
+//! `QUERY_ORDER_BY_MAX`, both ends of the limit, and cursors with any number of sort values;
+//! operators name earlier nodes as often as not, and any node otherwise. An owned `f64` is
+//! never NaN or `-0.0`, so those bits are left to the property tests, which write them into the
+//! archive.
 
 #![no_main]
 
@@ -20,12 +29,16 @@ use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use tessera_protocol::codec::{self, FrameBuffer};
 use tessera_protocol::limits::{
-    BATCH_COUNT_MAX, KEY_SIZE_MAX, LOCK_WAIT_MS_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX,
-    TXN_COMPARES_MAX, TXN_OPS_MAX,
+    BATCH_COUNT_MAX, FIELDS_PER_VALUE_MAX, FIELD_NAME_SIZE_MAX, FIELD_STRING_SIZE_MAX,
+    INDEX_NAME_SIZE_MAX, KEY_SIZE_MAX, LOCK_WAIT_MS_MAX, QUERY_IN_VALUES_MAX, QUERY_LIMIT_MAX,
+    QUERY_NODES_MAX, QUERY_ORDER_BY_MAX, SCAN_LIMIT_MAX, TEXT_SIZE_MAX, TXN_COMPARES_MAX,
+    TXN_OPS_MAX,
 };
+use tessera_protocol::query::{check_query, shown_name, Bound, QueryNode, F64};
 use tessera_protocol::{
-    Check, Compare, CompareOp, CounterAdd, Delete, DeleteCondition, FrameKind, Put, PutCondition,
-    PutEntry, Request, RequestError, Scan, Txn, TxnOp, Watch, WatchFrom,
+    Check, Compare, CompareOp, CounterAdd, Delete, DeleteCondition, Field, FieldValue, FrameKind,
+    IndexKind, IndexSpec, OrderBy, Projection, Put, PutCondition, PutEntry, Query, QueryCursor,
+    QueryRequest, Request, RequestError, Scan, Txn, TxnOp, Watch, WatchFrom,
 };
 
 /// Longest value the builder makes; `VALUE_SIZE_MAX` itself is covered by the property tests.
@@ -107,6 +120,160 @@ fn txn_key(input: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     }
 }
 
+/// Text of up to `size_max` bytes of input (lossy UTF-8, so a little longer at times).
+fn text(input: &mut Unstructured<'_>, size_max: usize) -> Result<String> {
+    Ok(String::from_utf8_lossy(&bytes(input, size_max)?).into_owned())
+}
+
+/// A field or index name: as often as not one of four short ones, so names repeat, else up to
+/// one byte past `size_max`.
+fn name(input: &mut Unstructured<'_>, size_max: usize) -> Result<String> {
+    if input.arbitrary()? {
+        Ok(format!("n{}", input.int_in_range(0_u8..=3)?))
+    } else {
+        text(input, size_max + 1)
+    }
+}
+
+/// A value of any type; strings up to one byte past their limit.
+fn field_value(input: &mut Unstructured<'_>) -> Result<FieldValue> {
+    Ok(match input.int_in_range(0_u8..=4)? {
+        0 => FieldValue::Str(text(input, FIELD_STRING_SIZE_MAX + 1)?),
+        1 => FieldValue::I64(input.arbitrary()?),
+        2 => F64::new(input.arbitrary()?).map_or(FieldValue::Bool(false), FieldValue::F64),
+        3 => FieldValue::Bool(input.arbitrary()?),
+        _ => FieldValue::Timestamp(input.arbitrary()?),
+    })
+}
+
+/// Up to one field past the limit.
+fn fields(input: &mut Unstructured<'_>) -> Result<Vec<Field>> {
+    let count = input.int_in_range(0..=FIELDS_PER_VALUE_MAX + 1)?;
+    (0..count)
+        .map(|_| {
+            Ok(Field::new(
+                name(input, FIELD_NAME_SIZE_MAX)?,
+                field_value(input)?,
+            ))
+        })
+        .collect()
+}
+
+fn bound(input: &mut Unstructured<'_>) -> Result<Bound> {
+    Ok(match input.int_in_range(0_u8..=2)? {
+        0 => Bound::Unbounded,
+        1 => Bound::Included(field_value(input)?),
+        _ => Bound::Excluded(field_value(input)?),
+    })
+}
+
+/// An operand of node `index`: a node before it as often as not, else any.
+fn operand(input: &mut Unstructured<'_>, index: usize) -> Result<u16> {
+    if index > 0 && input.arbitrary()? {
+        Ok(u16::try_from(input.int_in_range(0..=index - 1)?).unwrap_or(u16::MAX))
+    } else {
+        input.arbitrary()
+    }
+}
+
+fn operands(input: &mut Unstructured<'_>, index: usize) -> Result<Vec<u16>> {
+    let count = input.int_in_range(0_usize..=3)?;
+    (0..count).map(|_| operand(input, index)).collect()
+}
+
+/// Node `index` of a query.
+fn query_node(input: &mut Unstructured<'_>, index: usize) -> Result<QueryNode> {
+    Ok(match input.int_in_range(0_u8..=6)? {
+        0 => QueryNode::Equal {
+            field: name(input, FIELD_NAME_SIZE_MAX)?,
+            value: field_value(input)?,
+        },
+        1 => QueryNode::In {
+            field: name(input, FIELD_NAME_SIZE_MAX)?,
+            // One past the limit copies a small value, so the frame stays small.
+            values: if input.ratio(1_u8, 8_u8)? {
+                vec![FieldValue::Bool(true); QUERY_IN_VALUES_MAX + 1]
+            } else {
+                let count = input.int_in_range(0_usize..=4)?;
+                (0..count)
+                    .map(|_| field_value(input))
+                    .collect::<Result<_>>()?
+            },
+        },
+        2 => QueryNode::Range {
+            field: name(input, FIELD_NAME_SIZE_MAX)?,
+            lower: bound(input)?,
+            upper: bound(input)?,
+        },
+        3 => QueryNode::Prefix {
+            field: name(input, FIELD_NAME_SIZE_MAX)?,
+            prefix: text(input, FIELD_STRING_SIZE_MAX + 1)?,
+        },
+        4 => QueryNode::And(operands(input, index)?),
+        5 => QueryNode::Or(operands(input, index)?),
+        _ => QueryNode::Not(operand(input, index)?),
+    })
+}
+
+fn query(input: &mut Unstructured<'_>) -> Result<Query> {
+    let count = input.int_in_range(0..=QUERY_NODES_MAX + 1)?;
+    Ok(Query {
+        nodes: (0..count)
+            .map(|index| query_node(input, index))
+            .collect::<Result<_>>()?,
+    })
+}
+
+fn query_request(input: &mut Unstructured<'_>) -> Result<QueryRequest> {
+    let order_count = input.int_in_range(0..=QUERY_ORDER_BY_MAX + 1)?;
+    let order_by = (0..order_count)
+        .map(|_| {
+            Ok(OrderBy {
+                field: name(input, FIELD_NAME_SIZE_MAX)?,
+                descending: input.arbitrary()?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok(QueryRequest {
+        prefix: key(input)?,
+        filter: if input.arbitrary()? {
+            Some(query(input)?)
+        } else {
+            None
+        },
+        order_by,
+        limit: match input.int_in_range(0_u8..=3)? {
+            0 => 0,
+            1 => QUERY_LIMIT_MAX,
+            2 => QUERY_LIMIT_MAX + 1,
+            _ => input.arbitrary()?,
+        },
+        after: if input.arbitrary()? {
+            let sort_count = input.int_in_range(0..=QUERY_ORDER_BY_MAX + 1)?;
+            Some(QueryCursor {
+                sort: (0..sort_count)
+                    .map(|_| {
+                        Ok(if input.arbitrary()? {
+                            Some(field_value(input)?)
+                        } else {
+                            None
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+                key: key(input)?,
+            })
+        } else {
+            None
+        },
+        projection: match input.int_in_range(0_u8..=2)? {
+            0 => Projection::KeysOnly,
+            1 => Projection::Fields,
+            _ => Projection::Full,
+        },
+        count_only: input.arbitrary()?,
+    })
+}
+
 fn scan(input: &mut Unstructured<'_>) -> Result<Scan> {
     Ok(Scan {
         start: key(input)?,
@@ -175,6 +342,7 @@ fn txn_op(input: &mut Unstructured<'_>) -> Result<TxnOp> {
             } else {
                 None
             },
+            fields: fields(input)?,
         },
         2 => TxnOp::Delete {
             key: txn_key(input)?,
@@ -205,7 +373,7 @@ fn txn(input: &mut Unstructured<'_>) -> Result<Txn> {
 }
 
 fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
-    let request = match input.int_in_range(0_u8..=25)? {
+    let request = match input.int_in_range(0_u8..=29)? {
         0 => Request::Hello {
             protocol_version: input.arbitrary()?,
             client_name: String::from_utf8_lossy(&bytes(input, TEXT_SIZE_MAX + 1)?).into_owned(),
@@ -231,6 +399,7 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
             } else {
                 None
             },
+            fields: fields(input)?,
         })),
         5 => Request::Delete(Box::new(Delete {
             key: key(input)?,
@@ -260,6 +429,7 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
                         key: key(input)?,
                         value: value(input)?,
                         ttl_ms: ttl_ms(input)?,
+                        fields: fields(input)?,
                     })
                 })
                 .collect::<Result<_>>()?,
@@ -321,6 +491,21 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
             name: key(input)?,
             token: input.arbitrary()?,
         },
+        26 => Request::CreateIndex(Box::new(IndexSpec {
+            name: name(input, INDEX_NAME_SIZE_MAX)?,
+            prefix: key(input)?,
+            field: name(input, FIELD_NAME_SIZE_MAX)?,
+            kind: if input.arbitrary()? {
+                IndexKind::Equality
+            } else {
+                IndexKind::Range
+            },
+        })),
+        27 => Request::DropIndex {
+            name: name(input, INDEX_NAME_SIZE_MAX)?,
+        },
+        28 => Request::ListIndexes,
+        29 => Request::Query(Box::new(query_request(input)?)),
         _ => Request::Scan(scan(input)?),
     };
     Ok(request)
@@ -336,7 +521,24 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
         | Request::Stats
         | Request::Unwatch { .. }
         | Request::WatchProgress { .. }
-        | Request::LeaseList => Ok(()),
+        | Request::LeaseList
+        | Request::ListIndexes => Ok(()),
+        Request::CreateIndex(spec) => {
+            check_owned_index_name(&spec.name)?;
+            check_owned_bound_key(&spec.prefix)?;
+            if spec.field.is_empty() || spec.field.len() > FIELD_NAME_SIZE_MAX {
+                return Err(RequestError::BadIndex {
+                    name: shown_name(&spec.name),
+                    reason: format!(
+                        "a field name has 1..={FIELD_NAME_SIZE_MAX} bytes, this one {}",
+                        spec.field.len()
+                    ),
+                });
+            }
+            Ok(())
+        }
+        Request::DropIndex { name } => check_owned_index_name(name),
+        Request::Query(query) => check_owned_query(query),
         Request::LeaseGrant { ttl_ms } => codec::check_ttl(*ttl_ms),
         Request::LeaseKeepalive { ids } => {
             codec::check_batch(ids.len())?;
@@ -382,6 +584,7 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
         Request::Put(put) => {
             codec::check_key(&put.key)?;
             codec::check_value(&put.value)?;
+            check_owned_fields(&put.fields)?;
             if let PutCondition::IfValue(expected) = &put.condition {
                 codec::check_value(expected)?;
             }
@@ -403,11 +606,116 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
             entries.iter().try_for_each(|entry| {
                 codec::check_key(&entry.key)?;
                 codec::check_value(&entry.value)?;
+                check_owned_fields(&entry.fields)?;
                 check_optional_ttl(entry.ttl_ms)
             })
         }
         Request::Scan(scan) => check_owned_scan(scan),
     }
+}
+
+/// At most `FIELDS_PER_VALUE_MAX` fields; then each in order: its name's size, a name given
+/// before, a string's size.
+fn check_owned_fields(fields: &[Field]) -> std::result::Result<(), RequestError> {
+    if fields.len() > FIELDS_PER_VALUE_MAX {
+        return Err(RequestError::TooManyFields {
+            count: fields.len(),
+            count_max: FIELDS_PER_VALUE_MAX,
+        });
+    }
+    for (index, field) in fields.iter().enumerate() {
+        let bad = |reason: String| RequestError::BadField {
+            name: shown_name(&field.name),
+            reason,
+        };
+        if field.name.is_empty() || field.name.len() > FIELD_NAME_SIZE_MAX {
+            return Err(bad(format!(
+                "a name has 1..={FIELD_NAME_SIZE_MAX} bytes, this one {}",
+                field.name.len()
+            )));
+        }
+        if fields[..index]
+            .iter()
+            .any(|earlier| earlier.name == field.name)
+        {
+            return Err(bad("the name is given twice".to_owned()));
+        }
+        if let FieldValue::Str(text) = &field.value {
+            if text.len() > FIELD_STRING_SIZE_MAX {
+                return Err(bad(format!(
+                    "a string of {} bytes is over the limit of {FIELD_STRING_SIZE_MAX}",
+                    text.len()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_owned_index_name(name: &str) -> std::result::Result<(), RequestError> {
+    if name.is_empty() || name.len() > INDEX_NAME_SIZE_MAX {
+        return Err(RequestError::BadIndex {
+            name: shown_name(name),
+            reason: format!(
+                "a name has 1..={INDEX_NAME_SIZE_MAX} bytes, this one {}",
+                name.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A prefix or cursor key: empty, or a key.
+fn check_owned_bound_key(key: &[u8]) -> std::result::Result<(), RequestError> {
+    if key.is_empty() {
+        Ok(())
+    } else {
+        codec::check_key(key)
+    }
+}
+
+/// The prefix, the filter, the order's count and names, the limit, then the cursor's key,
+/// sort count and values.
+fn check_owned_query(query: &QueryRequest) -> std::result::Result<(), RequestError> {
+    check_owned_bound_key(&query.prefix)?;
+    if let Some(filter) = &query.filter {
+        check_query(filter)?;
+    }
+    let bad = |reason: String| RequestError::BadQueryRequest { reason };
+    if query.order_by.len() > QUERY_ORDER_BY_MAX {
+        return Err(bad(format!(
+            "order_by has {} fields, over the limit of {QUERY_ORDER_BY_MAX}",
+            query.order_by.len()
+        )));
+    }
+    for order in &query.order_by {
+        if order.field.is_empty() || order.field.len() > FIELD_NAME_SIZE_MAX {
+            return Err(bad(format!(
+                "an order_by field name has 1..={FIELD_NAME_SIZE_MAX} bytes, this one {}",
+                order.field.len()
+            )));
+        }
+    }
+    if !query.count_only && !(1..=QUERY_LIMIT_MAX).contains(&query.limit) {
+        return Err(bad(format!(
+            "limit {} is outside 1..={QUERY_LIMIT_MAX}",
+            query.limit
+        )));
+    }
+    if let Some(after) = &query.after {
+        check_owned_bound_key(&after.key)?;
+        if after.sort.len() != query.order_by.len() {
+            return Err(bad(format!(
+                "the cursor has {} sort values for {} order_by fields",
+                after.sort.len(),
+                query.order_by.len()
+            )));
+        }
+        if after.sort.iter().flatten().any(|value| !value.is_valid()) {
+            return Err(bad("a cursor value is invalid".to_owned()));
+        }
+    }
+    Ok(())
 }
 
 fn check_owned_scan(scan: &Scan) -> std::result::Result<(), RequestError> {
@@ -486,10 +794,12 @@ fn check_owned_txn(txn: &Txn) -> std::result::Result<(), RequestError> {
                     value,
                     ttl_ms,
                     lease,
+                    fields,
                     ..
                 } => {
                     codec::check_key(key)?;
                     codec::check_value(value)?;
+                    check_owned_fields(fields)?;
                     if let Some(ttl_ms) = ttl_ms {
                         codec::check_ttl(*ttl_ms)?;
                     }

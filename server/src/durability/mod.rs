@@ -30,7 +30,7 @@ mod crash_tests;
 #[cfg(test)]
 mod snapshot_tests;
 #[cfg(test)]
-mod test_support;
+pub(crate) mod test_support;
 
 /// How a server instance keeps its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

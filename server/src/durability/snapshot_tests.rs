@@ -9,6 +9,8 @@
 //! zeroed snapshot file is refused, never loaded as other data; a snapshot interrupted before
 //! its rename is removed and never loaded; and a batch of the log writer that spans segments
 //! leaves headers exact enough for recovery to replay every record after a snapshot's base.
+//! Entries carry fields and the shard holds indexes: a snapshot brings both back, and the
+//! indexes it rebuilds answer queries as the live shard's did.
 //!
 //! The shard is driven with the wall clock (`clock::now_unix_ms`), not a made-up time:
 //! `write_snapshot` reads the wall clock to leave out expired keys, so a shard driven with
@@ -25,8 +27,10 @@ use std::time::Duration;
 
 use futures_lite::future::yield_now;
 use tessera_protocol::codec::{self, FrameBuffer};
+use tessera_protocol::query::parse_query;
 use tessera_protocol::{
-    Compare, CounterAdd, Delete, Put, PutCondition, PutEntry, Request, Response, Txn, TxnOp,
+    Compare, CounterAdd, Delete, Field, FieldValue, IndexKind, IndexSpec, IndexState, Put,
+    PutCondition, PutEntry, QueryAccess, QueryPage, QueryRequest, Request, Response, Txn, TxnOp,
 };
 
 use crate::clock::now_unix_ms;
@@ -46,6 +50,7 @@ use crate::durability::storage::{GlommioFile, GlommioStorage, Storage, StorageFi
 use crate::durability::test_support::{shard_config, TestDir};
 use crate::durability::{Durability, DurabilityError};
 use crate::runtime::LocalSignal;
+use crate::shard::query::QueryBudget;
 use crate::shard::store::{KeyRevisions, PARTITION_COUNT};
 use crate::shard::{LockStep, Shard};
 
@@ -102,6 +107,8 @@ fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, ttl_ms: Option<u64>) 
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct StoredEntry {
     value: Vec<u8>,
+    /// The fields blob (`shard::fields`).
+    fields: Vec<u8>,
     revisions: KeyRevisions,
     deadline_ms: Option<u64>,
 }
@@ -119,6 +126,7 @@ fn contents(shard: &Shard, now_ms: u64) -> Contents {
                 entry.key().to_vec(),
                 StoredEntry {
                     value: entry.value().to_vec(),
+                    fields: entry.fields().to_vec(),
                     revisions: entry.revisions(),
                     deadline_ms: entry.deadline_ms(),
                 },
@@ -338,7 +346,25 @@ fn assert_recovers_live_state(directory: &Path, core: &TestCore, context: &str) 
     shard.check_invariants();
     assert_same_contents(&contents(&shard, now_ms), &core.contents(now_ms), context);
     assert_eq!(shard.revision(), core.revision(), "{context}: revision");
+    assert_eq!(
+        index_specs(&shard),
+        index_specs(&core.shard.borrow()),
+        "{context}: indexes"
+    );
+    assert!(
+        !shard.indexes().is_building(),
+        "{context}: a recovered index is ready"
+    );
     recovered
+}
+
+/// A shard's index definitions, in creation order.
+fn index_specs(shard: &Shard) -> Vec<IndexSpec> {
+    shard
+        .indexes()
+        .iter()
+        .map(|index| index.spec.clone())
+        .collect()
 }
 
 /// The byte offsets of a snapshot file's chunks, checked to tile the file after its header.
@@ -512,8 +538,47 @@ fn random_value(rng: &mut TestRng) -> Vec<u8> {
     rng.bytes(size)
 }
 
+/// Fields for a random put: none half the time, else up to three of `f0`..`f3` with small
+/// numbers or strings.
+fn random_fields(rng: &mut TestRng) -> Vec<Field> {
+    if rng.below(2) == 0 {
+        return Vec::new();
+    }
+    let mut fields: Vec<Field> = Vec::new();
+    for _ in 0..=rng.below(3) {
+        let name = format!("f{}", rng.below(4));
+        let value = if rng.below(2) == 0 {
+            FieldValue::I64(i64::try_from(rng.below(5)).unwrap())
+        } else {
+            FieldValue::Str(format!("s{}", rng.below(3)))
+        };
+        if fields.iter().all(|field| field.name != name) {
+            fields.push(Field::new(name, value));
+        }
+    }
+    fields
+}
+
+/// An index on one of a few prefixes and fields, under one of three names (a name may be
+/// taken by another definition, which the shard refuses).
+fn random_index(rng: &mut TestRng) -> IndexSpec {
+    IndexSpec {
+        name: format!("index-{}", rng.below(3)),
+        prefix: ["", "key-1", "key-2"][usize_of(rng.below(3))]
+            .as_bytes()
+            .to_vec(),
+        field: format!("f{}", rng.below(4)),
+        kind: if rng.below(2) == 0 {
+            IndexKind::Equality
+        } else {
+            IndexKind::Range
+        },
+    }
+}
+
 /// A random request of every kind that mutates: puts (conditional, with and without TTLs,
-/// keeping TTLs), deletes, batches, expire, persist and counters.
+/// keeping TTLs, with and without fields), deletes, batches, expire, persist, counters, and
+/// index definitions created and dropped.
 fn random_request(rng: &mut TestRng) -> Request {
     match rng.below(100) {
         0..=39 => {
@@ -527,6 +592,7 @@ fn random_request(rng: &mut TestRng) -> Request {
                 ttl_ms,
                 keep_ttl: ttl_ms.is_none() && rng.below(4) == 0,
                 condition,
+                fields: random_fields(rng),
                 ..Put::new(random_key(rng), random_value(rng))
             }))
         }
@@ -537,7 +603,7 @@ fn random_request(rng: &mut TestRng) -> Request {
                     key: random_key(rng),
                     value: random_value(rng),
                     ttl_ms: random_ttl(rng),
-                    fields: Vec::new(),
+                    fields: random_fields(rng),
                 })
                 .collect(),
         },
@@ -554,6 +620,10 @@ fn random_request(rng: &mut TestRng) -> Request {
         },
         80..=85 => Request::Persist {
             key: random_key(rng),
+        },
+        86 => Request::CreateIndex(Box::new(random_index(rng))),
+        87 => Request::DropIndex {
+            name: format!("index-{}", rng.below(3)),
         },
         _ => Request::Add(Box::new(CounterAdd::new(
             format!("counter-{}", rng.below(COUNTER_KEY_COUNT)),
@@ -1562,5 +1632,143 @@ fn a_snapshot_brings_back_locks_with_their_leases() {
         let next = take_lock(&mut loaded, "y", second);
         assert_eq!(next, loaded.revision(), "a grant's token is its revision");
         assert!(next > x_token, "token {next} after {x_token}");
+    });
+}
+
+// 8. Fields and indexes -------------------------------------------------------------------------
+
+/// The page `query` gets from `shard`, with a budget that never runs out.
+fn query_page(shard: &Shard, now_ms: u64, query: &QueryRequest) -> QueryPage {
+    let mut time_left = || true;
+    let mut budget = QueryBudget {
+        time_left: &mut time_left,
+        time_budget_ms: 1_000,
+        sort_items_max: 10_000,
+    };
+    match shard.query(now_ms, query, &mut budget) {
+        Response::Query(page) => *page,
+        other => panic!("{query:?} was answered {other:?}"),
+    }
+}
+
+fn create_index(shard: &mut Shard, now_ms: u64, name: &str, prefix: &str, field: &str) {
+    let spec = IndexSpec {
+        name: name.to_owned(),
+        prefix: prefix.as_bytes().to_vec(),
+        field: field.to_owned(),
+        kind: IndexKind::Range,
+    };
+    let response = apply(shard, now_ms, &Request::CreateIndex(Box::new(spec)));
+    assert_eq!(response, Response::IndexCreated { created: true });
+}
+
+/// A snapshot holds each entry's fields and every index definition. Loading it files the
+/// loaded entries in each index, a built one and one whose build had not finished alike, so
+/// every index is ready and answers queries exactly as the live shard did (once its own
+/// build finished).
+#[test]
+fn a_snapshot_brings_back_fields_and_indexes_that_answer_queries_as_before() {
+    let directory = TestDir::new("indexes");
+    run_on_executor(async {
+        let now_ms = now_unix_ms();
+        let mut live = new_shard(now_ms);
+        for index in 0..300_u64 {
+            let mut fields = vec![Field::new(
+                "age",
+                FieldValue::I64(i64::try_from(index % 50).unwrap()),
+            )];
+            if index % 3 == 0 {
+                fields.push(Field::new(
+                    "city",
+                    FieldValue::Str(format!("city-{}", index % 7)),
+                ));
+            }
+            // Some expire before the snapshot: neither they nor their fields come back.
+            let ttl_ms = (index % 10 == 0).then_some(1);
+            let request = Request::Put(Box::new(Put {
+                ttl_ms,
+                fields,
+                ..Put::new(format!("key-{index:03}"), "v")
+            }));
+            apply(&mut live, now_ms - 1_000, &request);
+        }
+        create_index(&mut live, now_ms, "age", "", "age");
+        while live.build_indexes(64) {}
+        create_index(&mut live, now_ms, "city", "key-1", "city");
+        assert!(live.build_indexes(10), "the city index is still building");
+        live.check_invariants();
+        let at_snapshot = contents(&live, now_ms);
+        assert!(at_snapshot.len() < live.key_count(), "some expired");
+        let revision = live.revision();
+        let shard = RefCell::new(live);
+        let log = CoreLog::new(Durability::Sync, revision);
+        let written = write_snapshot(&GlommioStorage, directory.path(), CORE_ID, &shard, &log)
+            .await
+            .unwrap();
+
+        let mut loaded = new_shard(now_ms);
+        load_snapshot(&written.path, CORE_ID, &mut loaded, now_ms).unwrap();
+        loaded.restore_revision(written.end_revision);
+        loaded.check_invariants();
+        assert_same_contents(&contents(&loaded, now_ms), &at_snapshot, "loaded");
+        let mut live = shard.into_inner();
+        assert_eq!(index_specs(&loaded), index_specs(&live));
+        let states: Vec<IndexState> = loaded
+            .indexes()
+            .iter()
+            .map(|index| index.info().state)
+            .collect();
+        assert_eq!(states, [IndexState::Ready, IndexState::Ready]);
+        while live.build_indexes(64) {}
+        let entries = |shard: &Shard| -> Vec<u64> {
+            shard
+                .indexes()
+                .iter()
+                .map(|index| index.info().entries)
+                .collect()
+        };
+        // The live shard's index still files the expired entries its tick has not reclaimed.
+        live.tick(now_ms);
+        assert_eq!(entries(&loaded), entries(&live));
+
+        for text in [
+            "age = 7",
+            "age >= 10 and age < 13",
+            r#"city = "city-3""#,
+            r#"city prefix "city-" and age > 40"#,
+            "not age exists",
+        ] {
+            for prefix in ["", "key-1", "key-10"] {
+                let query = QueryRequest::new(prefix, Some(parse_query(text).unwrap()), 1_000);
+                let from_live = query_page(&live, now_ms, &query);
+                let from_loaded = query_page(&loaded, now_ms, &query);
+                assert_eq!(
+                    from_loaded.items, from_live.items,
+                    "{text} under {prefix:?}"
+                );
+                assert_eq!(
+                    from_loaded.plan.access, from_live.plan.access,
+                    "{text} under {prefix:?}"
+                );
+            }
+        }
+        // The loaded indexes are used.
+        let by_city = QueryRequest::new(
+            "key-1",
+            Some(parse_query(r#"city = "city-3""#).unwrap()),
+            1_000,
+        );
+        let page = query_page(&loaded, now_ms, &by_city);
+        assert!(
+            matches!(&page.plan.access, QueryAccess::Index { name, .. } if name == "city"),
+            "{:?}",
+            page.plan
+        );
+        assert!(!page.items.is_empty());
+        assert!(page.items.iter().all(|item| {
+            item.entry
+                .as_ref()
+                .is_some_and(|entry| entry.fields.iter().any(|field| field.name == "city"))
+        }));
     });
 }

@@ -207,8 +207,7 @@ impl Shard {
         budget: &mut QueryBudget<'_>,
     ) -> Result<Found<'s>, Response> {
         let order_by = &query.order_by;
-        // A count counts every match: a cursor has no meaning for it.
-        let after = query.after.as_ref().filter(|_| !query.count_only);
+        let after = query.after.as_ref();
         let key_ordered = plan.keys.as_ref().is_none_or(|(_, ordered)| *ordered);
         let streams = order_by.is_empty() && key_ordered && !query.count_only;
         // Key order with a cursor: only keys after it.
@@ -259,11 +258,8 @@ impl Shard {
             if !holds {
                 continue;
             }
-            found.matched += 1;
-            if query.count_only {
-                continue;
-            }
             if streams {
+                found.matched += 1;
                 if found.is_full(query) {
                     found.more = true;
                     break;
@@ -276,10 +272,16 @@ impl Shard {
                 .iter()
                 .map(|order| fields::value_in(&values, &order.field).cloned())
                 .collect();
+            // Only what follows the cursor matches, counted or not, in any order (in key
+            // order the candidates start after it already).
             if after.is_some_and(|after| {
                 cursor_cmp(order_by, &sort, entry.key(), &after.sort, &after.key)
                     != Ordering::Greater
             }) {
+                continue;
+            }
+            found.matched += 1;
+            if query.count_only {
                 continue;
             }
             if found.to_sort.len() >= budget.sort_items_max {
