@@ -5,27 +5,32 @@
 #   2. the write throughput cost of keeping 1 and 3 indexes, against none in the same
 #      rounds (the peer);
 #   3. point-operation latency while an index is built over every key, against the same
-#      load without a build just before.
+#      load without a build just before (an open loop at BUILD_RATE, so the core has room
+#      and the figure is the build's interference, not queueing at saturation).
 #
 #   scripts/bench-query.sh             (about 6 minutes once built)
 #
 # Settings come from the environment:
-#   KEYS (1000000)  CORES (1)  DURATION_SECS (5)  ROUNDS (3)  QUERY_SESSIONS (4)
-#   DURABILITY (memory)  RESULTS_DIR (target/bench-query)
+#   KEYS (1000000)  CORES (1)  DURATION_SECS (5)  ROUNDS (3)  QUERY_SESSIONS (1: the
+#   latency of one query at a time; more sessions queue on the core)
+#   DURABILITY (memory)  BUILD_RATE (10000 gets/s, open loop, during and before the build)
+#   RESULTS_DIR (target/bench-query)
 #
 # The server runs on SERVER_CPU with CORES cores, the load generator on LOAD_CPU. Every
 # key carries the fields p10000, p100 and p10 (its index modulo 10000, 100, 10). Results:
 # one JSON per run in RESULTS_DIR, and RESULTS_DIR/summary.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Before bench-common.sh, which would set its own default.
+KEYS="${KEYS:-1000000}"
 # shellcheck source=scripts/bench-common.sh
 source scripts/bench-common.sh
 
-KEYS="${KEYS:-1000000}"
 CORES="${CORES:-1}"
 ROUNDS="${ROUNDS:-3}"
-QUERY_SESSIONS="${QUERY_SESSIONS:-4}"
+QUERY_SESSIONS="${QUERY_SESSIONS:-1}"
 DURABILITY="${DURABILITY:-memory}"
+BUILD_RATE="${BUILD_RATE:-10000}"
 RESULTS_DIR="${RESULTS_DIR:-target/bench-query}"
 
 build_release
@@ -76,7 +81,7 @@ done
 
 say "gets while an index is built over $KEYS keys"
 bench build --workload get --preload no --indexes 0 --index-build --connections 16 \
-  --duration-secs "$((DURATION_SECS * 2))"
+  --rate "$BUILD_RATE" --duration-secs "$((DURATION_SECS * 4))"
 
 python3 - "$RESULTS_DIR" "$KEYS" "$ROUNDS" <<'EOF' | tee "$RESULTS_DIR/summary.txt"
 import json, statistics, sys

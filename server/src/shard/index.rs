@@ -198,6 +198,36 @@ impl Index {
         }
     }
 
+    /// The keys filed under a value equal to `value` from `from` on, in key order, read as
+    /// they are asked for: a page that stops early reads no further.
+    pub fn equal_from<'a>(
+        &'a self,
+        value: &FieldValue,
+        from: &[u8],
+    ) -> Box<dyn Iterator<Item = &'a [u8]> + 'a> {
+        let from = StdBound::Included(from.to_vec());
+        match &self.pairs {
+            Pairs::Equality(map) => Box::new(
+                map.get(&EqualityKey::of(value))
+                    .into_iter()
+                    .flat_map(move |keys| keys.range((from.clone(), StdBound::Unbounded)))
+                    .map(Vec::as_slice),
+            ),
+            Pairs::Range(set) => {
+                let value = Ordered(value.clone());
+                let start = match from {
+                    StdBound::Included(key) => (value.clone(), key),
+                    _ => (value.clone(), Vec::new()),
+                };
+                Box::new(
+                    set.range((StdBound::Included(start), StdBound::Unbounded))
+                        .take_while(move |(filed, _)| *filed == value)
+                        .map(|(_, key)| key.as_slice()),
+                )
+            }
+        }
+    }
+
     /// The keys filed under a value within the bounds, in value order then key order; an
     /// equality index has no order and answers nothing (the planner does not ask it).
     pub fn range(&self, lower: &Bound, upper: &Bound) -> Vec<&[u8]> {

@@ -42,11 +42,14 @@ pub struct QueryBudget<'a> {
     pub sort_items_max: usize,
 }
 
+/// Keys read from an index, as they are asked for.
+type Keys<'a> = Box<dyn Iterator<Item = &'a [u8]> + 'a>;
+
 /// Where the candidates come from.
 struct Plan<'a> {
     access: QueryAccess,
     /// The index's keys (`None`: scan the prefix), and whether they are in key order.
-    keys: Option<(Vec<&'a [u8]>, bool)>,
+    keys: Option<(Keys<'a>, bool)>,
     building: Vec<String>,
 }
 
@@ -67,11 +70,13 @@ fn rank(node: &QueryNode, kind: IndexKind) -> Option<u8> {
     }
 }
 
-/// An index's keys for a comparison, and whether they come in key order.
-fn lookup<'a>(index: &'a ShardIndex, node: &QueryNode) -> (Vec<&'a [u8]>, bool) {
+/// An index's keys for a comparison from `start` on (in key order, when they come in it),
+/// and whether they come in key order.
+fn lookup<'a>(index: &'a ShardIndex, node: &QueryNode, start: &[u8]) -> (Keys<'a>, bool) {
     match node {
-        // One value's keys are held in key order (`2` and `2.0` are one value).
-        QueryNode::Equal { value, .. } => (index.index.equal(value), true),
+        // One value's keys are held in key order (`2` and `2.0` are one value), and read
+        // only as far as the page goes.
+        QueryNode::Equal { value, .. } => (index.index.equal_from(value, start), true),
         QueryNode::In { values, .. } => {
             let mut keys: Vec<&[u8]> = values
                 .iter()
@@ -80,11 +85,17 @@ fn lookup<'a>(index: &'a ShardIndex, node: &QueryNode) -> (Vec<&'a [u8]>, bool) 
             // Two listed values may be one (`2`, `2.0`).
             keys.sort_unstable();
             keys.dedup();
-            (keys, true)
+            (Box::new(keys.into_iter()), true)
         }
-        QueryNode::Prefix { prefix, .. } => (index.index.prefix(prefix), false),
-        QueryNode::Range { lower, upper, .. } => (index.index.range(lower, upper), false),
-        QueryNode::And(_) | QueryNode::Or(_) | QueryNode::Not(_) => (Vec::new(), false),
+        QueryNode::Prefix { prefix, .. } => {
+            (Box::new(index.index.prefix(prefix).into_iter()), false)
+        }
+        QueryNode::Range { lower, upper, .. } => {
+            (Box::new(index.index.range(lower, upper).into_iter()), false)
+        }
+        QueryNode::And(_) | QueryNode::Or(_) | QueryNode::Not(_) => {
+            (Box::new(std::iter::empty()), false)
+        }
     }
 }
 
@@ -111,7 +122,7 @@ struct Match<'a> {
 }
 
 impl Shard {
-    fn plan(&self, query: &QueryRequest) -> Plan<'_> {
+    fn plan(&self, query: &QueryRequest, start: &[u8]) -> Plan<'_> {
         let mut plan = Plan {
             access: QueryAccess::Scan,
             keys: None,
@@ -152,7 +163,7 @@ impl Shard {
                 }
                 .to_text(),
             };
-            plan.keys = Some(lookup(index, node));
+            plan.keys = Some(lookup(index, node, start));
         }
         plan
     }
@@ -167,8 +178,10 @@ impl Shard {
         query: &QueryRequest,
         budget: &mut QueryBudget<'_>,
     ) -> Response {
-        let plan = self.plan(query);
-        let mut found = match self.collect(now_ms, query, &plan, budget) {
+        let start = key_order_start(query);
+        let mut plan = self.plan(query, &start);
+        let keys = plan.keys.take();
+        let mut found = match self.collect(now_ms, query, keys, &start, &plan, budget) {
             Ok(found) => found,
             Err(refusal) => return refusal,
         };
@@ -199,39 +212,30 @@ impl Shard {
 
     /// Reads the plan's candidates and checks each against the filter: the page itself when
     /// matches come in the page's order, else the matches after the cursor to sort.
-    fn collect<'s: 'p, 'p>(
+    fn collect<'s>(
         &'s self,
         now_ms: u64,
         query: &QueryRequest,
-        plan: &'p Plan<'s>,
+        keys: Option<(Keys<'s>, bool)>,
+        start: &[u8],
+        plan: &Plan<'s>,
         budget: &mut QueryBudget<'_>,
     ) -> Result<Found<'s>, Response> {
         let order_by = &query.order_by;
         let after = query.after.as_ref();
-        let key_ordered = plan.keys.as_ref().is_none_or(|(_, ordered)| *ordered);
+        let key_ordered = keys.as_ref().is_none_or(|(_, ordered)| *ordered);
         let streams = order_by.is_empty() && key_ordered && !query.count_only;
-        // Key order with a cursor: only keys after it.
-        let start = match after {
-            Some(after)
-                if order_by.is_empty() && after.key.as_slice() >= query.prefix.as_slice() =>
-            {
-                key_after(&after.key)
-            }
-            _ => query.prefix.clone(),
-        };
         let prefix_end = prefix_end(&query.prefix);
-        let candidates: Box<dyn Iterator<Item = EntryRef<'s>> + 'p> = match &plan.keys {
+        let candidates: Box<dyn Iterator<Item = EntryRef<'s>> + 's> = match keys {
             Some((keys, _)) => {
                 let prefix = query.prefix.clone();
-                let start = start.clone();
+                let start = start.to_vec();
                 Box::new(
-                    keys.iter()
-                        .copied()
-                        .filter(move |key| key.starts_with(&prefix) && *key >= start.as_slice())
+                    keys.filter(move |key| key.starts_with(&prefix) && *key >= start.as_slice())
                         .filter_map(|key| self.store.get(key)),
                 )
             }
-            None => Box::new(self.store.range(&start, prefix_end.as_deref())),
+            None => Box::new(self.store.range(start, prefix_end.as_deref())),
         };
         let mut found = Found {
             examined: 0,
@@ -339,6 +343,19 @@ impl Shard {
             self.config.shard_id,
             access_text(&plan.access),
         ))
+    }
+}
+
+/// Where candidates in key order start: the prefix, or right after the cursor's key when
+/// the order is the key's (a cursor before the prefix starts at the prefix).
+fn key_order_start(query: &QueryRequest) -> Vec<u8> {
+    match &query.after {
+        Some(after)
+            if query.order_by.is_empty() && after.key.as_slice() >= query.prefix.as_slice() =>
+        {
+            key_after(&after.key)
+        }
+        _ => query.prefix.clone(),
     }
 }
 
