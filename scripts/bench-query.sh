@@ -14,7 +14,7 @@
 #   KEYS (1000000)  CORES (1)  DURATION_SECS (5)  ROUNDS (3)  QUERY_SESSIONS (1: the
 #   latency of one query at a time; more sessions queue on the core)
 #   DURABILITY (memory)  BUILD_RATE (10000 gets/s, open loop, during and before the build)
-#   RESULTS_DIR (target/bench-query)
+#   PARTS ("query write build")  RESULTS_DIR (target/bench-query)
 #
 # The server runs on SERVER_CPU with CORES cores, the load generator on LOAD_CPU. Every
 # key carries the fields p10000, p100 and p10 (its index modulo 10000, 100, 10). Results:
@@ -31,10 +31,13 @@ ROUNDS="${ROUNDS:-3}"
 QUERY_SESSIONS="${QUERY_SESSIONS:-1}"
 DURABILITY="${DURABILITY:-memory}"
 BUILD_RATE="${BUILD_RATE:-10000}"
+# Which parts to run: any of query, write, build (the summary reads what the runs left).
+PARTS="${PARTS:-query write build}"
+has_part() { [[ " $PARTS " == *" $1 "* ]]; }
 RESULTS_DIR="${RESULTS_DIR:-target/bench-query}"
 
 build_release
-rm -f "$RESULTS_DIR"/*.json
+for part in $PARTS; do rm -f "$RESULTS_DIR/$part"-*.json; done
 DATA_DIR=$(mktemp -d)
 cleanup_extra() { rm -rf "$DATA_DIR"; }
 stop_on_exit
@@ -58,7 +61,8 @@ say "loading $KEYS keys with fields"
 bench preload --workload set --fields --preload yes --duration-secs 0.5 --connections 16 \
   --pipeline 16 --indexes 0
 
-for count in --query-count ""; do
+for count in $(has_part query && echo --query-count page); do
+  [ "$count" = page ] && count=""
   mode=${count:+count}
   mode=${mode:-page}
   for field in p10000 p100 p10; do
@@ -71,7 +75,7 @@ for count in --query-count ""; do
   done
 done
 
-for round in $(seq 1 "$ROUNDS"); do
+for round in $(has_part write && seq 1 "$ROUNDS"); do
   for indexes in 0 1 3; do
     say "round $round: writes keeping $indexes indexes"
     bench "write-$round-$indexes" --workload set --fields --preload no --indexes "$indexes" \
@@ -79,7 +83,7 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-for round in $(seq 1 "$ROUNDS"); do
+for round in $(has_part build && seq 1 "$ROUNDS"); do
   say "round $round: gets while an index is built over $KEYS keys"
   bench "build-$round" --workload get --preload no --indexes 0 --index-build --connections 16 \
     --rate "$BUILD_RATE" --duration-secs "$((DURATION_SECS * 4))"

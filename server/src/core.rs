@@ -1310,7 +1310,7 @@ pub const INDEX_BUILD_SLICE_KEYS: usize = 64;
 
 /// How long an index build runs before it lets the core's connections in: short beside a
 /// point request's latency.
-pub const INDEX_BUILD_SLICE: Duration = Duration::from_micros(50);
+pub const INDEX_BUILD_SLICE: Duration = Duration::from_micros(25);
 
 /// The pause between two slices of a build. A task that only yields stays runnable, and
 /// glommio runs a task queue's runnable tasks before it polls the ring again, so the build
