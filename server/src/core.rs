@@ -1316,8 +1316,9 @@ pub const INDEX_BUILD_SLICE: Duration = Duration::from_micros(25);
 /// glommio runs a task queue's runnable tasks before it polls the ring again, so the build
 /// sleeps on a timer instead: the ring is polled and the connections served before it goes
 /// on. Measured with gets at 10 000/s during a build over 1M keys (`scripts/bench-query.sh`):
-/// a 20 µs pause put the gets' p99 at 4.5-4.8x the p99 without a build, 200 µs at 0.8-1.4x,
-/// for a build about 5 times slower than with no pause (11 s instead of about 2).
+/// 50 µs slices with 20 µs pauses put the gets' p99 at 4.5-4.8x their p99 without a build;
+/// 25 µs slices with 200 µs pauses at 1.2-2.5x (median 1.6x over three rounds), the build
+/// taking about 11 s.
 pub const INDEX_BUILD_PAUSE: Duration = Duration::from_micros(200);
 
 /// Files the keys of indexes being built, a time slice at a time, letting the core's other
