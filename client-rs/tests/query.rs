@@ -981,7 +981,7 @@ async fn a_watch_on_a_query_follows_its_result_set(client: &Client) {
     let topology = client.topology();
     let markers: Vec<String> = (0..CORE_COUNT)
         .map(|core| {
-            (0..)
+            (0..10_000)
                 .map(|number| format!("person:end{number}"))
                 .find(|key| core_of_key(&topology, key.as_bytes()) == core)
                 .unwrap()

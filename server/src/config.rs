@@ -606,6 +606,7 @@ impl Config {
         Ok(())
     }
 
+    /// Checks the bounds of one core's answer to a query.
     fn validate_query_limits(&self) -> Result<(), ConfigError> {
         if self.query_time_budget_ms == 0 || self.query_time_budget_ms > 60_000 {
             return Err(ConfigError::Invalid {
@@ -697,8 +698,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// Checks the bounds of one core's answer to a query.
 
     /// Checks every setting against its allowed range.
     ///
