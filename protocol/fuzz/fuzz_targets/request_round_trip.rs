@@ -459,6 +459,11 @@ fn build_request(input: &mut Unstructured<'_>) -> Result<Request> {
             deletes: input.arbitrary()?,
             previous: input.arbitrary()?,
             progress_interval_ms: input.arbitrary()?,
+            query: if input.arbitrary()? {
+                Some(query(input)?)
+            } else {
+                None
+            },
         })),
         16 => Request::Unwatch {
             watch_id: input.arbitrary()?,
@@ -561,13 +566,19 @@ fn check_owned(request: &Request) -> std::result::Result<(), RequestError> {
             Ok(())
         }
         Request::Unlock { name, .. } => codec::check_key(name),
-        Request::Watch(watch) => codec::check_watch(
-            &watch.start,
-            watch.end.as_deref(),
-            watch.puts,
-            watch.deletes,
-            watch.progress_interval_ms,
-        ),
+        Request::Watch(watch) => {
+            codec::check_watch(
+                &watch.start,
+                watch.end.as_deref(),
+                watch.puts,
+                watch.deletes,
+                watch.progress_interval_ms,
+            )?;
+            match &watch.query {
+                Some(filter) => check_query(filter).map_err(RequestError::from),
+                None => Ok(()),
+            }
+        }
         Request::Get { key }
         | Request::Exists { key }
         | Request::Persist { key }
