@@ -230,6 +230,9 @@ pub fn decode(blob: &[u8]) -> Result<Decoded<'_>, FieldsError> {
 /// The fields of a blob the shard wrote, owned (a blob that does not decode, which the
 /// shard never stores, gives none).
 pub fn to_fields(blob: &[u8]) -> Vec<Field> {
+    if blob.is_empty() {
+        return Vec::new();
+    }
     decode(blob)
         .unwrap_or_default()
         .into_iter()

@@ -199,10 +199,28 @@ impl<'a> EntryRef<'a> {
         }
     }
 
+    /// Where the key starts: after the header, the expiry and the fields size, whichever
+    /// the flags say are there (read without the fields size itself: lookups compare keys
+    /// of every entry they probe).
+    fn data_start(self) -> usize {
+        let flags = self.bytes[FLAGS_AT];
+        HEADER_SIZE
+            + if flags & FLAG_EXPIRY == 0 {
+                0
+            } else {
+                EXPIRY_SIZE
+            }
+            + if flags & FLAG_FIELDS == 0 {
+                0
+            } else {
+                FIELDS_SIZE_SIZE
+            }
+    }
+
     /// The key.
     pub fn key(self) -> &'a [u8] {
-        let layout = self.layout();
-        &self.bytes[layout.data_start()..layout.fields_start()]
+        let start = self.data_start();
+        &self.bytes[start..start + self.key_size()]
     }
 
     /// The fields blob (`fields`); empty without fields.
@@ -213,7 +231,11 @@ impl<'a> EntryRef<'a> {
 
     /// The value.
     pub fn value(self) -> &'a [u8] {
-        &self.bytes[self.layout().value_start()..]
+        if self.bytes[FLAGS_AT] & FLAG_FIELDS == 0 {
+            &self.bytes[self.data_start() + self.key_size()..]
+        } else {
+            &self.bytes[self.layout().value_start()..]
+        }
     }
 
     /// The shard revision of the entry's last modification.
