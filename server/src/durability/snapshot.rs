@@ -231,22 +231,6 @@ impl ChunkEncoder {
         self.seal_if_full(start);
     }
 
-    /// Adds the live entries of store partition `partition` of `shard` at `now_ms`.
-    pub fn push_partition(&mut self, shard: &Shard, partition: usize, now_ms: u64) {
-        for entry in shard.partition_entries(partition) {
-            if entry.is_expired(now_ms) {
-                continue;
-            }
-            self.push(&SnapshotEntry {
-                key: entry.key(),
-                value: entry.value(),
-                fields: entry.fields(),
-                revisions: entry.revisions(),
-                deadline_ms: entry.deadline_ms(),
-            });
-        }
-    }
-
     /// Adds the shard's leases: the last lease sequence granted, every lease homed on it
     /// with its TTL, and every attachment of a key to a lease. Like entries, they may be
     /// copied at any moment after the base: the log's lease effects set or remove one
@@ -470,7 +454,18 @@ async fn write_contents<F: StorageFile>(
         {
             let shard = shard.borrow();
             let now_ms = crate::clock::now_unix_ms();
-            encoder.push_partition(&shard, partition, now_ms);
+            for entry in shard.partition_entries(partition) {
+                if entry.is_expired(now_ms) {
+                    continue;
+                }
+                encoder.push(&SnapshotEntry {
+                    key: entry.key(),
+                    value: entry.value(),
+                    fields: entry.fields(),
+                    revisions: entry.revisions(),
+                    deadline_ms: entry.deadline_ms(),
+                });
+            }
         }
         longest_pause = longest_pause.max(started.elapsed());
         if let Some(bytes) = encoder.take_sealed(WRITE_BYTES) {

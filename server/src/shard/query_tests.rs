@@ -47,7 +47,8 @@ use super::watch::WatchLimits;
 use super::{Shard, ShardConfig, ShardId};
 use crate::durability::format::{read_record, ReadOutcome, RecordWriter};
 use crate::durability::snapshot::{
-    load_snapshot, snapshot_file_name, ChunkEncoder, SnapshotHeader, SNAPSHOT_FORMAT_VERSION,
+    load_snapshot, snapshot_file_name, ChunkEncoder, SnapshotEntry, SnapshotHeader,
+    SNAPSHOT_FORMAT_VERSION,
 };
 use crate::durability::test_support::TestDir;
 
@@ -1319,7 +1320,18 @@ impl Snapshot {
         .to_vec();
         let mut encoder = ChunkEncoder::new();
         for partition in 0..PARTITION_COUNT {
-            encoder.push_partition(shard, partition, now_ms);
+            for entry in shard.partition_entries(partition) {
+                if entry.is_expired(now_ms) {
+                    continue;
+                }
+                encoder.push(&SnapshotEntry {
+                    key: entry.key(),
+                    value: entry.value(),
+                    fields: entry.fields(),
+                    revisions: entry.revisions(),
+                    deadline_ms: entry.deadline_ms(),
+                });
+            }
         }
         encoder.push_leases(shard.leases());
         encoder.push_locks(shard.locks());

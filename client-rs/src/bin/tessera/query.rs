@@ -515,7 +515,17 @@ pub fn run_index(
             ))?;
             let created = change.is_applied_anywhere();
             if json {
-                let cores = cores_json(&change, "created");
+                let cores: Vec<Value> = change
+                    .cores
+                    .iter()
+                    .map(|core| {
+                        json!({
+                            "node_id": core.node_id,
+                            "core_id": core.core_id,
+                            "created": core.applied,
+                        })
+                    })
+                    .collect();
                 print_json(&json!({ "name": name, "created": created, "cores": cores }));
             } else if change.is_applied_everywhere() {
                 println!("created {name}");
@@ -533,7 +543,17 @@ pub fn run_index(
             let change = client.drop_index(name)?;
             let dropped = change.is_applied_anywhere();
             if json {
-                let cores = cores_json(&change, "dropped");
+                let cores: Vec<Value> = change
+                    .cores
+                    .iter()
+                    .map(|core| {
+                        json!({
+                            "node_id": core.node_id,
+                            "core_id": core.core_id,
+                            "dropped": core.applied,
+                        })
+                    })
+                    .collect();
                 print_json(&json!({ "name": name, "dropped": dropped, "cores": cores }));
             } else if dropped {
                 println!("dropped {name}");
@@ -986,18 +1006,4 @@ mod tests {
         assert!(parse_order_by("age:up").is_err());
         assert!(parse_order_by(":desc").is_err());
     }
-}
-
-/// Each core's part of an index change in JSON, `applied` named `word` (`created`,
-/// `dropped`).
-fn cores_json(change: &tessera_client::IndexChange, word: &str) -> Vec<Value> {
-    change
-        .cores
-        .iter()
-        .map(|core| {
-            let mut value = json!({ "node_id": core.node_id, "core_id": core.core_id });
-            value[word] = Value::from(core.applied);
-            value
-        })
-        .collect()
 }
